@@ -1,0 +1,43 @@
+# The whole set-up is `make demo` or `make test`: each creates .venv when missing and installs into it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    ?= runs/demo
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export WANDB_MODE ?= offline
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test lock bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the CPU wheel: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cbt-llm synth template --config configs/demo-cpu.yaml
+	$(BIN)/cbt-llm tokenizer train --config configs/demo-cpu.yaml
+	$(BIN)/cbt-llm prepare --config configs/demo-cpu.yaml
+	@echo "demo done: corpus, tokenizer and packed shards are under $(RUN)/"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/synth_bench.py
+	$(BIN)/python bench/prepare_bench.py
+
+# Regenerate constraints.txt from the current venv (after changing dependencies in pyproject.toml).
+lock: $(STAMP)
+	{ echo "# Pinned versions for a reproducible install: pip install -c constraints.txt ..."; \
+	  echo "# torch is installed first from the CPU wheel (torch==2.13.0); regenerate with: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^torch==' ; echo "torch==2.13.0"; } > constraints.txt
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,141 @@
+"""`cbt-llm`: one command, one subcommand per stage.
+
+Every subcommand takes `--config FILE`, its own flags (which are shorthands for config fields), dotted
+overrides (`data.seq_len=1024`) and `--dry-run` (print the resolved config and exit). Flags win over the
+YAML; overrides win over flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from cbt_llm.config import Config, ConfigError, load_config
+
+# flag dest -> dotted config key, per subcommand
+_FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
+    "synth template": [
+        ("--num-records", "synth.num_records", int, "records to generate"),
+        ("--seed", "synth.seed", int, "random seed"),
+        ("--out", "synth.out_dir", str, "output folder"),
+        ("--num-shards", "synth.num_shards", int, "number of output shards"),
+        ("--compress", "synth.compress", str, "none or zstd"),
+    ],
+    "synth api": [
+        ("--input", "api.input", str, "PsyQA JSON or our JSONL"),
+        ("--out", "api.out_dir", str, "output folder"),
+        ("--base-url", "api.base_url", str, "OpenAI-compatible base URL, e.g. http://host:8000/v1"),
+        ("--model", "api.model", str, "model name"),
+        ("--api-key-env", "api.api_key_env", str, "environment variable that holds the API key"),
+        ("--concurrency", "api.concurrency", int, "requests in flight"),
+        ("--timeout", "api.timeout_s", float, "per-request timeout, seconds"),
+        ("--max-retries", "api.max_retries", int, "retries per question"),
+        ("--limit", "api.limit", int, "process at most N questions"),
+    ],
+    "tokenizer train": [
+        ("--input", "tokenizer.input", str, "glob of corpus shards"),
+        ("--vocab-size", "tokenizer.vocab_size", int, "vocabulary size"),
+        ("--out", "tokenizer.out_dir", str, "tokenizer folder"),
+    ],
+    "prepare": [
+        ("--out", "data.out_dir", str, "output folder"),
+        ("--tokenizer", "data.tokenizer", str, "tokenizer folder or HF id"),
+    ],
+}
+
+
+def _add_common(p: argparse.ArgumentParser, key: str) -> None:
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    for flag, dotted, typ, help_ in _FLAGS.get(key, []):
+        p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, help=f"{help_} ({dotted})")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=1024")
+
+
+def _resolve(args: argparse.Namespace) -> Config:
+    extra: dict = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("flag:") and value is not None:
+            node = extra
+            parts = dest[5:].split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+    return load_config(args.config, args.overrides, extra)
+
+
+def _cmd_synth_template(cfg: Config, args) -> int:
+    from data_pipeline.synth_template import run_synth_template
+
+    run_synth_template(cfg.synth)
+    return 0
+
+
+def _cmd_synth_api(cfg: Config, args) -> int:
+    from data_pipeline.synth_api import run_synth_api
+
+    summary = run_synth_api(cfg.api)
+    return 0 if summary.get("ok", 0) + summary.get("skipped", 0) > 0 or summary.get("total", 0) == 0 else 1
+
+
+def _cmd_tokenizer_train(cfg: Config, args) -> int:
+    from data_pipeline.tokenizer import train_tokenizer
+
+    train_tokenizer(cfg.tokenizer)
+    return 0
+
+
+def _cmd_prepare(cfg: Config, args) -> int:
+    from data_pipeline.prepare import run_prepare
+
+    run_prepare(cfg, strict=args.strict, ray_address=args.ray_address)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbt-llm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="build the CBT corpus").add_subparsers(dest="source", required=True)
+    p = synth.add_parser("template", help="offline synthetic corpus generator")
+    _add_common(p, "synth template")
+    p.set_defaults(func=_cmd_synth_template)
+    p = synth.add_parser("api", help="CBT prompt to an OpenAI-compatible endpoint (the paper's method)")
+    _add_common(p, "synth api")
+    p.set_defaults(func=_cmd_synth_api)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer on the corpus")
+    _add_common(p, "tokenizer train")
+    p.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("prepare", help="validate, split, tokenize, mask and pack the corpus with Ray Data")
+    _add_common(p, "prepare")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record")
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: $RAY_ADDRESS or local)")
+    p.set_defaults(func=_cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = _resolve(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(cfg.to_yaml(), end="")
+        return 0
+    func: Callable = args.func
+    try:
+        return func(cfg, args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

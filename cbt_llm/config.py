@@ -1,0 +1,199 @@
+"""The one typed config tree, loaded from YAML with dotted CLI overrides.
+
+Every default lives here, in the type. A shipped YAML only states what differs from these defaults.
+Unknown keys are errors that name the nearest valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Section):
+    """`cbt-llm synth template`: the offline generator of a synthetic CBT corpus."""
+
+    num_records: int = Field(20_000, ge=1, description="How many records to generate.")
+    seed: int = Field(0, description="Seed: the same seed gives byte-identical output on any shard count.")
+    out_dir: str = Field("runs/demo/corpus", description="Folder the JSONL shards are written to.")
+    num_shards: int = Field(4, ge=1, description="Number of output shards; shard k holds a contiguous range of records, so concatenating the shards gives the 1-shard output.")
+    compress: Literal["none", "zstd"] = Field("none", description="Write .jsonl or .jsonl.zst shards.")
+    crisis_fraction: float = Field(
+        0.02, ge=0.0, le=0.5, description="Fraction of questions that mention suicide or self-harm (crisis flagged)."
+    )
+
+
+class ApiSynthConfig(_Section):
+    """`cbt-llm synth api`: the paper's method, CBT prompt sent to an OpenAI-compatible endpoint."""
+
+    input: str = Field("", description="PsyQA JSON file or our JSONL (glob allowed).")
+    out_dir: str = Field("runs/api/corpus", description="Folder for records.jsonl, rejects.jsonl and summary.json.")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL (ends in /v1).")
+    model: str = Field("", description="Model name sent in the request body.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Name of the environment variable holding the API key (never the key itself)."
+    )
+    prompt_version: str = Field("v1", description="Version of the CBT prompt (see data_pipeline/prompts.py).")
+    concurrency: int = Field(8, ge=1, le=1024, description="Maximum requests in flight.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(4, ge=0, description="Retries per question on 429/5xx/timeouts/invalid replies.")
+    backoff_s: float = Field(1.0, ge=0, description="Base of the exponential backoff between retries, seconds.")
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(2048, ge=16)
+    limit: int = Field(0, ge=0, description="Process at most this many questions (0: all).")
+
+
+class TokenizerConfig(_Section):
+    """`cbt-llm tokenizer train`: byte-level BPE trained on the corpus for the embedded demo."""
+
+    input: str = Field("runs/demo/corpus/*.jsonl*", description="Glob of corpus JSONL shards.")
+    vocab_size: int = Field(8000, ge=300, description="Vocabulary size including special tokens.")
+    min_frequency: int = Field(2, ge=1)
+    max_records: int = Field(200_000, ge=0, description="Train on at most this many records (0: all).")
+    out_dir: str = Field("runs/demo/tokenizer", description="Hugging Face tokenizer folder to write.")
+
+
+class DataConfig(_Section):
+    """`cbt-llm prepare`: Ray Data validates, splits, templates, tokenizes, masks, packs and writes shards."""
+
+    inputs: list[str] = Field(default_factory=lambda: ["runs/demo/corpus/*.jsonl*"], description="Globs or URIs.")
+    format: Literal["cbt", "psyqa", "alpaca", "sharegpt"] = Field("cbt", description="Declared input format.")
+    out_dir: str = Field("runs/demo/data", description="Output folder (train/, validation/, rejects/, manifest.json).")
+    tokenizer: str = Field("runs/demo/tokenizer", description="Tokenizer folder or Hugging Face id.")
+    system_prompt: str = Field(
+        "你是一名经验丰富的心理咨询师,专长于认知行为疗法,以心理咨询师的身份回答以下问题",
+        description="System prompt put in front of every conversation.",
+    )
+    seq_len: int = Field(1024, ge=16, description="Packed row length in tokens.")
+    packing: bool = Field(True, description="Pack examples into rows (false: one padded example per row).")
+    pack_window: int = Field(20_000, ge=1, description="Examples per best-fit-decreasing packing window.")
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Fraction of questions held out (by hash).")
+    overlong: Literal["truncate", "reject"] = Field("truncate", description="Policy for examples over seq_len.")
+    max_chars: int = Field(20_000, ge=1, description="Records with more characters than this are rejected.")
+    num_shards: int = Field(0, ge=0, description="Train shards to write (0: a multiple of world_size).")
+    world_size: int = Field(2, ge=1, description="Training ranks the shards are sized for.")
+    seed: int = 0
+
+
+class Config(_Section):
+    """The root of the tree. Each command reads its own section."""
+
+    run_name: str = Field("demo", description="Name of the run, used in folder names and W&B.")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    api: ApiSynthConfig = Field(default_factory=ApiSynthConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def hash(self, section: str | None = None) -> str:
+        """Content hash of the resolved config (or one section of it)."""
+        obj = self.model_dump(mode="json") if section is None else getattr(self, section).model_dump(mode="json")
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, full + "."))
+    return keys
+
+
+def _suggest(bad: str) -> str:
+    close = difflib.get_close_matches(bad, _valid_keys(Config), n=1, cutoff=0.5)
+    if not close:  # try matching the last component only
+        leaf = bad.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in _valid_keys(Config)}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[m[0]]] if m else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['data.seq_len=1024', 'synth.compress=zstd'] into a nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. data.seq_len=1024)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _first_error_line(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{loc}'{_suggest(loc)}"
+    return f"{source}: config field '{loc}': {e['msg']} (got {e.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, extra: dict | None = None) -> Config:
+    """Load YAML (optional), merge `extra` (from CLI flags) and dotted overrides, validate.
+
+    Raises ConfigError with one line naming the field and the fix.
+    """
+    tree: dict = {}
+    source = "config"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file '{path}' not found; pass an existing YAML (see configs/)")
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections (synth:, data:, ...)")
+        tree = loaded
+    if extra:
+        tree = _merge(tree, extra)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_first_error_line(err, source)) from None

@@ -1,0 +1,1 @@
+"""Corpus building (synth) and preparation (prepare): corpus in, tokenized packed shards out."""

@@ -1,0 +1,177 @@
+"""Corpus record schema v1: the contract between corpus building and everything downstream.
+
+A record (one JSON object per line):
+
+    id            str, unique within a corpus
+    question      str, Chinese
+    description   str, Chinese (may be empty only when the source had none)
+    keywords      list[str]
+    cbt           {empathy, key_thought, challenge, strategy, encouragement}: five non-empty Chinese texts
+    answer        str, the five parts joined into fluent prose, in order
+    distortions   list[str], labels from DISTORTIONS
+    source        str, e.g. "synth-template", "api:<model>", "psyqa"
+    meta          {generator, prompt_version, seed | model, crisis: bool, schema_version, ...}
+
+Records whose question or description mention suicide or self-harm (CRISIS_KEYWORDS) carry
+meta.crisis = true, and their answer must contain a crisis-support sentence (has_crisis_support).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+# The five CBT parts, in the order an answer must follow.
+CBT_PARTS: tuple[str, ...] = ("empathy", "key_thought", "challenge", "strategy", "encouragement")
+CBT_PART_TITLES_ZH: dict[str, str] = {
+    "empathy": "验证和共情",
+    "key_thought": "识别关键思维或信念",
+    "challenge": "提出挑战或反思",
+    "strategy": "提供策略或见解",
+    "encouragement": "鼓励与前瞻",
+}
+
+# Cognitive distortion labels (Beck / Burns).
+DISTORTIONS: tuple[str, ...] = (
+    "all_or_nothing",
+    "overgeneralization",
+    "catastrophizing",
+    "mind_reading",
+    "should_statements",
+    "labeling",
+    "emotional_reasoning",
+    "personalization",
+)
+
+# Words that flag a question as a possible crisis (suicide or self-harm). Matching is a plain substring
+# test on question + description: over-flagging costs one extra support sentence, under-flagging can cost
+# far more. Documented in README ("Safety in the data").
+CRISIS_KEYWORDS: tuple[str, ...] = (
+    "自杀",
+    "轻生",
+    "自尽",
+    "寻死",
+    "想死",
+    "不想活",
+    "活不下去",
+    "结束生命",
+    "结束自己",
+    "了结自己",
+    "自残",
+    "自伤",
+    "割腕",
+    "伤害自己",
+    "跳楼",
+    "安眠药",
+    "遗书",
+    "死了算了",
+)
+
+# The sentence our generators add to every crisis-flagged answer.
+CRISIS_SUPPORT_SENTENCE = (
+    "如果你现在有伤害自己或结束生命的想法,请立刻联系身边信任的人,"
+    "拨打心理援助热线(如全国心理援助热线 400-161-9995、北京心理危机研究与干预中心 010-82951332)"
+    "或前往最近的医院急诊,你不必独自面对这些。"
+)
+# Any of these markers counts as a crisis-support sentence in an answer from another source (e.g. an LLM).
+CRISIS_SUPPORT_MARKERS: tuple[str, ...] = ("热线", "急诊", "120", "110", "危机干预", "心理援助")
+
+# Encouragement must also say that more professional support may be needed.
+PROFESSIONAL_HELP_MARKERS: tuple[str, ...] = ("专业", "心理咨询师", "医生", "精神科", "咨询")
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def has_chinese(text: str) -> bool:
+    return bool(_CJK.search(text))
+
+
+def is_crisis(*texts: str) -> bool:
+    """True when any text mentions suicide or self-harm."""
+    joined = "".join(t for t in texts if t)
+    return any(k in joined for k in CRISIS_KEYWORDS)
+
+
+def has_crisis_support(answer: str) -> bool:
+    return any(m in answer for m in CRISIS_SUPPORT_MARKERS)
+
+
+def join_answer(cbt: dict[str, str]) -> str:
+    """Join the five parts into one answer, in CBT order, as paragraphs of prose (no headings)."""
+    return "\n\n".join(cbt[p].strip() for p in CBT_PARTS)
+
+
+class CBTParts(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    empathy: str
+    key_thought: str
+    challenge: str
+    strategy: str
+    encouragement: str
+
+    @model_validator(mode="after")
+    def _non_empty_chinese(self) -> "CBTParts":
+        for part in CBT_PARTS:
+            text = getattr(self, part)
+            if not text:
+                raise ValueError(f"cbt.{part} is empty")
+            if not has_chinese(text):
+                raise ValueError(f"cbt.{part} has no Chinese text")
+        return self
+
+
+class CorpusRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str = Field(min_length=1)
+    question: str = Field(min_length=1)
+    description: str = ""
+    keywords: list[str] = Field(default_factory=list)
+    cbt: CBTParts
+    answer: str = Field(min_length=1)
+    distortions: list[str] = Field(default_factory=list)
+    source: str = Field(min_length=1)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("question")
+    @classmethod
+    def _question_chinese(cls, v: str) -> str:
+        if not has_chinese(v):
+            raise ValueError("question has no Chinese text")
+        return v
+
+    @field_validator("distortions")
+    @classmethod
+    def _known_distortions(cls, v: list[str]) -> list[str]:
+        unknown = [d for d in v if d not in DISTORTIONS]
+        if unknown:
+            raise ValueError(f"unknown distortion labels {unknown}; valid: {', '.join(DISTORTIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _crisis_rules(self) -> "CorpusRecord":
+        crisis = is_crisis(self.question, self.description)
+        if crisis and not self.meta.get("crisis"):
+            raise ValueError("question mentions suicide or self-harm but meta.crisis is not true")
+        if self.meta.get("crisis") and not has_crisis_support(self.answer):
+            raise ValueError("crisis-flagged record has no crisis-support sentence in its answer")
+        return self
+
+
+def validate_record(obj: Any) -> tuple[dict | None, str | None]:
+    """Validate one parsed JSON object. Returns (record dict, None) or (None, one-line reason)."""
+    if not isinstance(obj, dict):
+        return None, f"not a JSON object ({type(obj).__name__})"
+    try:
+        rec = CorpusRecord.model_validate(obj)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        return None, f"{loc}: {msg}" if loc else msg
+    return rec.model_dump(), None

@@ -1,0 +1,1 @@
+"""Launch: how a run reaches machines (deepspeed launcher, Slurm, Ray)."""

@@ -1,0 +1,1 @@
+"""Training: packed shards in, checkpoints and metrics out."""
