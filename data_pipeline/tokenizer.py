@@ -1,0 +1,158 @@
+"""Tokenizer: train a byte-level BPE on the corpus for the embedded demo, load any tokenizer, hash it.
+
+Real runs use the base model's own tokenizer and chat template (`data.tokenizer: Qwen/Qwen2.5-7B-Instruct`).
+The demo trains one here so nothing needs a download. It uses ChatML, the same template family as Qwen2.5, so
+prompt masking behaves the same way on the demo and on real models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+from cbt_llm.config import TokenizerConfig
+from cbt_llm.report import print_summary, write_metrics
+from data_pipeline.io import expand_inputs, iter_lines
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
+
+# ChatML. The assistant turn ends with <|im_end|>, which is the token the model learns to stop on.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_user_message(question: str, description: str = "") -> str:
+    """The user turn: the question, then the asker's description when there is one."""
+    question = question.strip()
+    description = (description or "").strip()
+    if description and description != question:
+        return f"{question}\n{description}"
+    return question
+
+
+def _corpus_texts(files: list[str], max_records: int, counts: dict) -> Iterator[str]:
+    """Yield training texts from corpus shards; lines that are not JSON objects are counted, not fatal."""
+    seen = 0
+    bar = tqdm(total=max_records or None, desc="tokenizer: reading", unit="rec", mininterval=1.0)
+    for path in files:
+        for _, raw in iter_lines(path):
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict):
+                    raise ValueError
+            except ValueError:
+                counts["bad_lines"] += 1
+                continue
+            for key in ("question", "description", "answer"):
+                text = rec.get(key)
+                if isinstance(text, str) and text:
+                    yield text
+            seen += 1
+            counts["records"] = seen
+            bar.update(1)
+            if max_records and seen >= max_records:
+                bar.close()
+                return
+    bar.close()
+
+
+def train_tokenizer_from_texts(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> Path:
+    """Train a byte-level BPE on `texts` and save a Hugging Face tokenizer folder with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        bos_token=None,
+        unk_token=None,
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer(name_or_path: str):
+    """Load a tokenizer folder or Hugging Face id. Fails with one line when it is missing or has no template."""
+    from transformers import AutoTokenizer
+
+    p = Path(name_or_path)
+    if not p.exists() and (name_or_path.startswith((".", "/", "runs")) or name_or_path.count("/") != 1):
+        raise FileNotFoundError(
+            f"tokenizer '{name_or_path}' not found; run `cbt-llm tokenizer train` or give a Hugging Face id"
+        )
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"tokenizer '{name_or_path}' has no chat template; use an instruct/chat model's tokenizer")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_hash(tok) -> str:
+    """Content hash of what decides token ids: vocabulary, merges, special tokens and the chat template."""
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    payload = {
+        "model": backend.get("model"),
+        "added_tokens": backend.get("added_tokens"),
+        "pre_tokenizer": backend.get("pre_tokenizer"),
+        "normalizer": backend.get("normalizer"),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "chat_template": tok.chat_template,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def train_tokenizer(cfg: TokenizerConfig) -> dict:
+    """`cbt-llm tokenizer train`: train on the corpus shards matched by cfg.input, save to cfg.out_dir."""
+    files = expand_inputs(cfg.input)
+    counts = {"records": 0, "bad_lines": 0}
+    t0 = time.perf_counter()
+    out = train_tokenizer_from_texts(
+        _corpus_texts(files, cfg.max_records, counts), cfg.vocab_size, cfg.out_dir, cfg.min_frequency
+    )
+    seconds = time.perf_counter() - t0
+    tok = load_tokenizer(str(out))
+    sample = "我最近总是失眠,觉得自己什么都做不好。"
+    summary = {
+        "files": len(files),
+        "records": counts["records"],
+        "bad_lines": counts["bad_lines"],
+        "vocab_size": len(tok),
+        "tokens_per_char(sample)": round(len(tok(sample)["input_ids"]) / len(sample), 3),
+        "seconds": round(seconds, 2),
+        "hash": tokenizer_hash(tok),
+        "out_dir": str(out),
+    }
+    write_metrics(Path(out) / "train_summary.json", summary)
+    print_summary("tokenizer train", summary)
+    return summary
