@@ -35,6 +35,9 @@ class SynthConfig(_Section):
     crisis_fraction: float = Field(
         0.02, ge=0.0, le=0.5, description="Fraction of questions that mention suicide or self-harm (crisis flagged)."
     )
+    workers: int = Field(
+        0, ge=0, description="Processes writing shards in parallel (one shard each at a time); 0: one per CPU, 1: single process."
+    )
 
 
 class ApiSynthConfig(_Section):
@@ -52,6 +55,9 @@ class ApiSynthConfig(_Section):
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(4, ge=0, description="Retries per question on 429/5xx/timeouts/invalid replies.")
     backoff_s: float = Field(1.0, ge=0, description="Base of the exponential backoff between retries, seconds.")
+    max_backoff_s: float = Field(
+        60.0, ge=0, description="Cap on one wait between retries, seconds (also caps a server's Retry-After)."
+    )
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(2048, ge=16)
     limit: int = Field(0, ge=0, description="Process at most this many questions (0: all).")
@@ -89,6 +95,90 @@ class DataConfig(_Section):
     seed: int = 0
 
 
+class LoraConfig(_Section):
+    """LoRA adapters (peft) on the model; off means full fine-tuning."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Adapter scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head)."
+    )
+
+
+class ModelConfig(_Section):
+    """`cbt-llm train`: which causal LM to train and how it is built."""
+
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="'pretrained': load name_or_path; 'random': a small model from the fields below."
+    )
+    name_or_path: str = Field("", description="Hugging Face id or local folder (init=pretrained).")
+    trust_remote_code: bool = Field(False, description="Allow the model repo's own code (Baichuan2 needs it).")
+    arch: str = Field("qwen2", description="model_type of the random model (init=random).")
+    hidden_size: int = Field(64, ge=8, description="Random model: hidden size.")
+    num_layers: int = Field(2, ge=1, description="Random model: transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Random model: attention heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Random model: key/value heads (GQA).")
+    intermediate_size: int = Field(128, ge=8, description="Random model: MLP width.")
+    vocab_size: int = Field(0, ge=0, description="Random model: vocabulary (0: the tokenizer's length).")
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel; auto = flash_attention_2 when importable on CUDA, else sdpa."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TrainConfig(_Section):
+    """`cbt-llm train`: the DeepSpeed training loop (the DeepSpeed JSON is derived from these fields)."""
+
+    data_dir: str = Field("runs/demo/data", description="Folder written by `cbt-llm prepare` (has manifest.json).")
+    run_dir: str = Field("runs/demo/train", description="Checkpoints, metrics.jsonl, loss.png, W&B files.")
+    seed: int = Field(0, description="Seeds the model init, the data order (per epoch and rank) and dropout.")
+    epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps > 0).")
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0: epochs x steps per epoch).")
+    micro_batch_size: int = Field(1, ge=1, description="Packed rows per rank per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global grad norm to this (0: off).")
+    zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU memory.")
+    offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+    deepspeed_config: str = Field(
+        "", description="Optional user DeepSpeed JSON; checked against these fields, 'auto' values filled in."
+    )
+    log_every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
+    eval_max_rows: int = Field(0, ge=0, description="Evaluate on at most this many validation rows (0: all).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+    resume: str = Field("auto", description="'auto' (latest checkpoint in run_dir if any), 'never', or a checkpoint folder.")
+    collective_timeout_s: int = Field(
+        600, ge=10, description="A collective waiting longer than this fails the job (a dead rank cannot hang it)."
+    )
+    requeue_exit_code: int = Field(85, ge=1, le=255, description="Exit code after a SIGTERM/SIGUSR1 checkpoint.")
+    record_order: bool = Field(False, description="Write the rows each rank saw per step to run_dir/order/ (tests).")
+
+
+class WandbConfig(_Section):
+    """Weights & Biases logging from rank 0 (the same numbers go to run_dir/metrics.jsonl)."""
+
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="W&B mode; the WANDB_MODE environment variable wins when set."
+    )
+    project: str = Field("cbt-llm", description="W&B project.")
+    entity: str = Field("", description="W&B team or user (empty: your default).")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
 class Config(_Section):
     """The root of the tree. Each command reads its own section."""
 
@@ -97,6 +187,9 @@ class Config(_Section):
     api: ApiSynthConfig = Field(default_factory=ApiSynthConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

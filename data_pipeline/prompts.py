@@ -1,0 +1,85 @@
+"""Versioned CBT prompts for `cbt-llm synth api` (the paper's method).
+
+A prompt version is frozen once records have been generated with it: every record stores
+`meta.prompt_version`, so a corpus can always be traced back to the exact wording that produced it.
+To change the wording, add a new version ("v2") instead of editing "v1".
+
+The model is asked for one JSON object with exactly the five CBT parts of data_pipeline.schema.CBT_PARTS
+(plus an optional list of cognitive-distortion labels), so replies can be validated field by field instead of
+being split out of free prose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cbt_llm.config import ConfigError
+from data_pipeline.schema import CBT_PART_TITLES_ZH, CBT_PARTS, DISTORTIONS
+
+
+@dataclass(frozen=True)
+class CBTPrompt:
+    """One frozen prompt version: the system prompt and the templates of the user message."""
+
+    version: str
+    system: str
+    user_template: str
+    crisis_instruction: str
+
+
+_PARTS_SPEC = "\n".join(f'- "{p}":{CBT_PART_TITLES_ZH[p]}' for p in CBT_PARTS)
+
+_V1_SYSTEM = f"""你是一名经验丰富的心理咨询师,专长于认知行为疗法(CBT)。请以心理咨询师的身份,用温暖、专业、通俗的中文回答来访者的问题。
+
+回答必须严格遵循认知行为疗法的五个步骤,依次为:
+1. 验证和共情:理解并接纳来访者的感受,让对方感到被倾听。
+2. 识别关键思维或信念:指出问题背后可能存在的自动化思维、核心信念或认知扭曲。
+3. 提出挑战或反思:用温和的苏格拉底式提问,引导来访者检验这些想法是否符合事实。
+4. 提供策略或见解:给出具体、可操作的方法(如思维记录、行为实验、放松练习等)。
+5. 鼓励与前瞻:给予鼓励和希望,并说明如果困扰持续或加重,可能需要寻求更专业的支持(如心理咨询师或精神科医生)。
+
+只输出一个 JSON 对象,不要输出任何其他文字,不要使用 Markdown。JSON 对象恰好包含以下五个字段,每个字段的值都是一段非空的中文文本(不要写小标题或序号):
+{_PARTS_SPEC}
+
+另外可以包含一个可选字段 "distortions":一个字符串列表,列出你在问题中识别到的认知扭曲,只能使用以下标签:{", ".join(DISTORTIONS)}。没有识别到时给出空列表。"""
+
+_V1_USER = """来访者的问题:{question}
+问题描述:{description}
+关键词:{keywords}
+
+请按照要求输出 JSON 对象。"""
+
+_V1_CRISIS = (
+    "注意:来访者提到了自杀、自伤或类似的危机念头。请在回答中认真对待这一风险,"
+    "并在 \"encouragement\" 字段中明确提供危机支持信息:建议立刻联系身边信任的人、"
+    "拨打心理援助热线(如全国心理援助热线 400-161-9995)或前往最近的医院急诊。"
+)
+
+PROMPTS: dict[str, CBTPrompt] = {
+    "v1": CBTPrompt(version="v1", system=_V1_SYSTEM, user_template=_V1_USER, crisis_instruction=_V1_CRISIS),
+}
+
+
+def get_prompt(version: str) -> CBTPrompt:
+    """Return the frozen prompt `version`; raises ConfigError naming the valid versions."""
+    try:
+        return PROMPTS[version]
+    except KeyError:
+        raise ConfigError(
+            f"api.prompt_version: unknown prompt version '{version}'; valid: {', '.join(sorted(PROMPTS))}"
+        ) from None
+
+
+def build_messages(
+    question: str, description: str, keywords: list[str], *, crisis: bool, version: str = "v1"
+) -> list[dict[str, str]]:
+    """Chat messages (system + user) for one question. `crisis` adds the crisis-support instruction."""
+    prompt = get_prompt(version)
+    user = prompt.user_template.format(
+        question=question.strip(),
+        description=description.strip() or "(无)",
+        keywords=",".join(keywords) if keywords else "(无)",
+    )
+    if crisis:
+        user = f"{user}\n\n{prompt.crisis_instruction}"
+    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]

@@ -1,0 +1,170 @@
+"""Question ingest for `cbt-llm synth api`: PsyQA JSON or our JSONL, normalised to one question shape.
+
+A normalised question is `{id, question, description, keywords: list[str]}`.
+
+- PsyQA (thu-coai/PsyQA, e.g. PsyQA_example.json): one JSON list of objects with `question`, `description`,
+  `keywords` (a comma-separated string), `questionID` and `answers`. The id becomes "psyqa-<questionID>";
+  the human answers are not used here (the API writes CBT answers).
+- Our JSONL ((zstd) one object per line): schema v1 records or plain lines with question/description/keywords/id;
+  any existing `cbt`/`answer` is ignored.
+
+Bad entries never stop the ingest: each one comes back as a reject `{id, stage: "input", source, reason}`.
+PsyQA needs a signed user agreement, so no PsyQA data ships in this repository.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.io import expand_inputs, iter_lines, open_binary_read
+from data_pipeline.schema import has_chinese
+
+# PsyQA separates keywords with an ASCII comma; full-width commas and 、 appear in hand-written inputs.
+_KEYWORD_SPLIT = re.compile(r"[,\uff0c\u3001;\uff1b]")
+
+
+def split_keywords(value: Any) -> list[str]:
+    """Keywords as a list: split a comma-separated string, keep a list of strings, drop empties and repeats."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = _KEYWORD_SPLIT.split(value)
+    elif isinstance(value, list) and all(isinstance(k, str) for k in value):
+        items = value
+    else:
+        raise ValueError(f"keywords must be a string or a list of strings (got {type(value).__name__})")
+    return list(dict.fromkeys(k.strip() for k in items if k.strip()))
+
+
+def _normalise(obj: Any, raw_id: Any, id_prefix: str) -> dict:
+    """Shared checks for one entry. Raises ValueError with a one-line reason."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"entry is not a JSON object ({type(obj).__name__})")
+    question = obj.get("question")
+    if question is None:
+        raise ValueError("missing 'question'")
+    if not isinstance(question, str):
+        raise ValueError(f"'question' must be a string (got {type(question).__name__})")
+    question = question.strip()
+    if not question:
+        raise ValueError("'question' is empty")
+    if not has_chinese(question):
+        raise ValueError("'question' has no Chinese text")
+    description = obj.get("description")
+    if description is None:
+        description = ""
+    if not isinstance(description, str):
+        raise ValueError(f"'description' must be a string (got {type(description).__name__})")
+    keywords = split_keywords(obj.get("keywords"))
+    # bool is an int subclass: True would silently become id "psyqa-True"
+    if raw_id is None or isinstance(raw_id, bool) or not isinstance(raw_id, (int, str)) or str(raw_id).strip() == "":
+        raise ValueError(f"missing or invalid id (got {raw_id!r})")
+    return {
+        "id": f"{id_prefix}{str(raw_id).strip()}",
+        "question": question,
+        "description": description.strip(),
+        "keywords": keywords,
+    }
+
+
+def normalise_psyqa_entry(obj: Any) -> dict:
+    """One PsyQA object -> normalised question. Raises ValueError with a one-line reason."""
+    raw_id = obj.get("questionID") if isinstance(obj, dict) else None
+    return _normalise(obj, raw_id, "psyqa-")
+
+
+def normalise_jsonl_entry(obj: Any) -> dict:
+    """One line of our JSONL (schema v1 record or question/description/keywords/id) -> normalised question."""
+    raw_id = obj.get("id") if isinstance(obj, dict) else None
+    return _normalise(obj, raw_id, "")
+
+
+def _reject(rid: Any, source: str, reason: str) -> dict:
+    return {"id": rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None,
+            "stage": "input", "source": source, "reason": reason}
+
+
+def load_psyqa(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """Load a PsyQA JSON list. Returns (questions, rejects); duplicate ids after the first are rejects.
+
+    Raises ValueError (one line) when the file as a whole is not a JSON list.
+    """
+    with open_binary_read(path) as fh:
+        raw = fh.read()
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid PsyQA JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: PsyQA JSON must be a list of question objects (got {type(data).__name__})")
+    questions, rejects, seen = [], [], set()
+    for i, obj in enumerate(data):
+        src = f"{path}#{i}"
+        try:
+            q = normalise_psyqa_entry(obj)
+        except ValueError as exc:
+            rid = obj.get("questionID") if isinstance(obj, dict) else None
+            rejects.append(_reject(f"psyqa-{rid}" if rid is not None else None, src, str(exc)))
+            continue
+        if q["id"] in seen:
+            rejects.append(_reject(q["id"], src, f"duplicate id {q['id']}"))
+            continue
+        seen.add(q["id"])
+        questions.append(q)
+    return questions, rejects
+
+
+def load_question_jsonl(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """Load our (zstd) JSONL of questions or records. Returns (questions, rejects)."""
+    questions, rejects, seen = [], [], set()
+    for n, line in iter_lines(path):
+        src = f"{path}:{n}"
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            rejects.append(_reject(None, src, "line is not valid UTF-8"))
+            continue
+        except json.JSONDecodeError as exc:
+            rejects.append(_reject(None, src, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        try:
+            q = normalise_jsonl_entry(obj)
+        except ValueError as exc:
+            rejects.append(_reject(obj.get("id") if isinstance(obj, dict) else None, src, str(exc)))
+            continue
+        if q["id"] in seen:
+            rejects.append(_reject(q["id"], src, f"duplicate id {q['id']}"))
+            continue
+        seen.add(q["id"])
+        questions.append(q)
+    return questions, rejects
+
+
+def _looks_like_json_list(path: str) -> bool:
+    if path.endswith(".json") or path.endswith(".json.zst"):
+        return True
+    with open_binary_read(path) as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def load_questions(pattern: str | list[str]) -> tuple[list[dict], list[dict]]:
+    """Load every file the glob(s) match, PsyQA JSON or our JSONL (detected per file), in file order.
+
+    Ids must be unique across files: a later duplicate is a reject. Raises FileNotFoundError when a pattern
+    matches nothing and ValueError when a .json file is not a JSON list.
+    """
+    questions, rejects, seen = [], [], set()
+    for path in expand_inputs(pattern):
+        qs, rj = load_psyqa(path) if _looks_like_json_list(path) else load_question_jsonl(path)
+        rejects.extend(rj)
+        for q in qs:
+            if q["id"] in seen:
+                rejects.append(_reject(q["id"], path, f"duplicate id {q['id']} (already in an earlier input file)"))
+                continue
+            seen.add(q["id"])
+            questions.append(q)
+    return questions, rejects

@@ -1,0 +1,601 @@
+"""`cbt-llm synth api`: the paper's method. A versioned CBT prompt goes to any OpenAI-compatible endpoint
+(POST {base_url}/chat/completions) and every reply that validates becomes a schema v1 record.
+
+Outputs, all in `out_dir`:
+
+- records.jsonl: one validated record per line, appended and flushed per record by a single writer task.
+- rejects.jsonl: this run's rejects, one `{id, stage, reason, ...}` per line. `stage` is "input" (a bad entry
+  in the input file) or "api" (no valid reply after all retries, or a non-retryable HTTP error). A re-run
+  first rotates the previous rejects.jsonl to rejects.<N>.jsonl (N = 1, 2, ...), so rejects.jsonl always
+  matches the summary of the latest run and no earlier reject is lost.
+- summary.json: counts, tokens, timing and the resolved config (which holds the NAME of the key variable only).
+
+Resume: a re-run reads the ids already in records.jsonl and skips them, so a record is never written twice;
+rejected ids are tried again. A last line cut short by a crash is dropped (the file is rewritten without it)
+and that question is asked again.
+
+The API key is read from the environment variable named by `api.api_key_env` and only ever placed in the
+Authorization header; reasons quoted from server replies are scrubbed of it before they reach any file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from cbt_llm.config import ApiSynthConfig, ConfigError
+from cbt_llm.report import print_summary, write_metrics
+from data_pipeline.io import atomic_write_text, dumps, expand_inputs
+from data_pipeline.prompts import build_messages, get_prompt
+from data_pipeline.psyqa import load_questions
+from data_pipeline.schema import (
+    CBT_PARTS,
+    CRISIS_SUPPORT_SENTENCE,
+    DISTORTIONS,
+    PROFESSIONAL_HELP_MARKERS,
+    SCHEMA_VERSION,
+    has_chinese,
+    has_crisis_support,
+    is_crisis,
+    join_answer,
+    validate_record,
+)
+
+RECORDS_FILE = "records.jsonl"
+REJECTS_FILE = "rejects.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# Appended when a model's encouragement forgets that more help may be needed: the corpus must never teach a
+# model to present itself as a replacement for a professional.
+PROFESSIONAL_HELP_SENTENCE = "如果这些困扰持续存在或不断加重,建议寻求专业心理咨询师或精神科医生的帮助。"
+
+# Statuses that mean the endpoint, model or credentials are wrong rather than this one question: when they
+# arrive before any success, the run stops with one clear line instead of rejecting every question.
+_FATAL_STATUSES = frozenset({401, 403, 404})
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.S)
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+class ReplyError(ValueError):
+    """A reply that arrived but cannot become a record (not JSON, missing or empty part, no Chinese)."""
+
+
+class _Retryable(Exception):
+    def __init__(self, kind: str, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.kind, self.reason, self.retry_after = kind, reason, retry_after
+
+
+class _Fatal(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+# ----------------------------------------------------------------------------------------------- replies
+
+
+def parse_reply(content: Any) -> tuple[dict[str, str], list[str], list[str]]:
+    """Parse a model's message content into (cbt parts, known distortions, unknown distortion labels).
+
+    Tolerates a ```json fence and prose around the object. Raises ReplyError with a one-line reason.
+    """
+    if not isinstance(content, str) or not content.strip():
+        raise ReplyError("reply content is empty")
+    text = content.strip()
+    m = _FENCE.search(text)
+    if m:
+        text = m.group(1).strip()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        # Some models put a sentence before or after the object: take the outermost braces.
+        start, end = text.find("{"), text.rfind("}")
+        if start == -1 or end <= start:
+            raise ReplyError("reply content is not JSON") from None
+        try:
+            obj = json.loads(text[start : end + 1])
+        except json.JSONDecodeError as exc:
+            raise ReplyError(f"reply content is not JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise ReplyError(f"reply JSON is not an object ({type(obj).__name__})")
+    missing = [p for p in CBT_PARTS if p not in obj]
+    if missing:
+        raise ReplyError(f"reply JSON lacks part(s): {', '.join(missing)}")
+    cbt: dict[str, str] = {}
+    for part in CBT_PARTS:
+        value = obj[part]
+        if not isinstance(value, str):
+            raise ReplyError(f"part '{part}' is not a string ({type(value).__name__})")
+        value = value.strip()
+        if not value:
+            raise ReplyError(f"part '{part}' is empty")
+        if not has_chinese(value):
+            raise ReplyError(f"part '{part}' has no Chinese text")
+        cbt[part] = value
+    raw = obj.get("distortions") or []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raw = []
+    # Labels are optional metadata: an unknown one is dropped (and noted in meta), not a reason to retry.
+    known = list(dict.fromkeys(d for d in raw if isinstance(d, str) and d in DISTORTIONS))
+    unknown = [str(d) for d in raw if not (isinstance(d, str) and d in DISTORTIONS)]
+    return cbt, known, unknown
+
+
+def _end_sentence(text: str) -> str:
+    return text if text.endswith(("\u3002", "\uff01", "\uff1f", "!", "?", ".", "\u2026")) else text + "\u3002"
+
+
+def build_record(
+    q: dict, cbt: dict[str, str], distortions: list[str], *, model: str, prompt_version: str,
+    usage: dict[str, int], attempts: int, dropped_distortions: list[str] | None = None,
+) -> tuple[dict | None, str | None]:
+    """Turn a parsed reply into a validated schema v1 record. Returns (record, None) or (None, reason).
+
+    Enforces the safety rules whatever the model wrote: a crisis-flagged question gets
+    CRISIS_SUPPORT_SENTENCE when the reply has no crisis support, and every encouragement says that more
+    professional help may be needed.
+    """
+    cbt = dict(cbt)
+    crisis = is_crisis(q["question"], q["description"])
+    meta: dict[str, Any] = {
+        "generator": "api",
+        "prompt_version": prompt_version,
+        "model": model,
+        "usage": usage,
+        "attempts": attempts,
+        "crisis": crisis,
+        "crisis_support_added": False,
+        "professional_help_added": False,
+        "schema_version": SCHEMA_VERSION,
+    }
+    if dropped_distortions:
+        meta["dropped_distortions"] = dropped_distortions
+    if not any(m in cbt["encouragement"] for m in PROFESSIONAL_HELP_MARKERS):
+        cbt["encouragement"] = _end_sentence(cbt["encouragement"]) + PROFESSIONAL_HELP_SENTENCE
+        meta["professional_help_added"] = True
+    if crisis and not has_crisis_support(join_answer(cbt)):
+        cbt["encouragement"] = _end_sentence(cbt["encouragement"]) + CRISIS_SUPPORT_SENTENCE
+        meta["crisis_support_added"] = True
+    record = {
+        "id": q["id"],
+        "question": q["question"],
+        "description": q["description"],
+        "keywords": q["keywords"],
+        "cbt": cbt,
+        "answer": join_answer(cbt),
+        "distortions": distortions,
+        "source": f"api:{model}",
+        "meta": meta,
+    }
+    return validate_record(record)
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def recover_done_ids(path: Path) -> tuple[set[str], int]:
+    """Ids already in records.jsonl, and how many crash-truncated last lines were dropped (0 or 1).
+
+    Only the last line may be bad (a crash mid-write); the file is then rewritten without it. A bad line
+    anywhere else means the file was edited or corrupted otherwise, and raises ConfigError naming the line.
+    """
+    if not path.exists():
+        return set(), 0
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    nonempty = [i for i, line in enumerate(lines) if line.strip()]
+    ids: set[str] = set()
+    dropped = 0
+    for i in nonempty:
+        try:
+            rid = json.loads(lines[i].decode("utf-8"))["id"]
+            if not isinstance(rid, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            if i == nonempty[-1]:
+                dropped = 1
+                keep = b"\n".join(line for line in lines[:i] if line.strip())
+                atomic_write_text(path, keep.decode("utf-8") + ("\n" if keep else ""))
+                print(f"warning: {path}: dropped a truncated last line (a crash mid-write); that question "
+                      "will be asked again", file=sys.stderr)
+                break
+            raise ConfigError(
+                f"{path}:{i + 1}: not a valid record line (only a truncated last line is repaired); "
+                "fix the line or move the file away"
+            ) from None
+        ids.add(rid)
+    if not dropped and raw and not raw.endswith(b"\n"):
+        # A complete last object without its newline: the next append must not glue onto it.
+        with open(path, "ab") as fh:
+            fh.write(b"\n")
+    return ids, dropped
+
+
+def rotate_rejects(path: Path) -> Path | None:
+    """Move a non-empty previous rejects.jsonl to rejects.<N>.jsonl (next free N). Returns the new path."""
+    if not path.exists():
+        return None
+    if path.stat().st_size == 0:
+        path.unlink()
+        return None
+    taken = [int(m.group(1)) for p in path.parent.glob("rejects.*.jsonl")
+             if (m := re.fullmatch(r"rejects\.(\d+)\.jsonl", p.name))]
+    dest = path.with_name(f"rejects.{max(taken, default=0) + 1}.jsonl")
+    os.replace(path, dest)
+    return dest
+
+
+# -------------------------------------------------------------------------------------------------- http
+
+
+def _safe_url(url: str) -> str:
+    return _USERINFO.sub("//***@", url)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None, rng: random.Random) -> float:
+    """Seconds to wait before retry number `attempt + 1`.
+
+    A server's Retry-After wins (capped). Otherwise exponential with "equal jitter": half the step is fixed,
+    half random, so many workers hit by the same 429 do not come back in lock-step.
+    """
+    if retry_after is not None:
+        return min(retry_after, cap)
+    step = min(cap, base * (2**attempt))
+    return step / 2 + rng.uniform(0, step / 2)
+
+
+@dataclass
+class _Stats:
+    ok: int = 0
+    rejected: int = 0
+    retried: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    not_attempted: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _Ctx:
+    cfg: ApiSynthConfig
+    url: str
+    headers: dict[str, str]
+    key: str | None
+    client: httpx.AsyncClient
+    sem: asyncio.Semaphore
+    queue: asyncio.Queue
+    stats: _Stats
+    rng: random.Random
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    abort_reason: str | None = None
+    any_success: bool = False
+
+    def redact(self, text: str) -> str:
+        # A server may quote the key back in an error body (OpenAI does, partly): never let it reach a file.
+        text = " ".join(str(text).split())
+        return text.replace(self.key, "***") if self.key else text
+
+
+async def _post(ctx: _Ctx, body: dict) -> dict:
+    """One request. Returns the parsed response JSON; raises _Retryable or _Fatal."""
+    ctx.stats.requests += 1
+    timeout_s = ctx.cfg.timeout_s
+    try:
+        # httpx's timeout is per phase (connect, each read); this bounds the whole request.
+        async with asyncio.timeout(timeout_s):
+            resp = await ctx.client.post(ctx.url, json=body, headers=ctx.headers)
+    except (TimeoutError, httpx.TimeoutException):
+        raise _Retryable("timeout", f"no reply within {timeout_s:g} s") from None
+    except httpx.TransportError as exc:
+        raise _Retryable("connection", ctx.redact(f"connection error ({type(exc).__name__}: {exc})")) from None
+    except httpx.RequestError as exc:  # e.g. a body that fails to decode
+        raise _Retryable("request_error", ctx.redact(f"request failed ({type(exc).__name__}: {exc})")) from None
+    if resp.status_code != 200:
+        snippet = ctx.redact(resp.text[:200])
+        reason = f"HTTP {resp.status_code}: {snippet}" if snippet else f"HTTP {resp.status_code}"
+        retry_after = _parse_retry_after(resp.headers.get("retry-after"))
+        if resp.status_code == 429:
+            raise _Retryable("http_429", reason, retry_after)
+        if resp.status_code >= 500 or resp.status_code == 408:
+            raise _Retryable(f"http_{resp.status_code}", reason, retry_after)
+        raise _Fatal(resp.status_code, reason)
+    try:
+        data = resp.json()
+    except (ValueError, UnicodeDecodeError):
+        raise _Retryable("malformed_body", "response body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _Retryable("malformed_body", "response body is not a JSON object")
+    usage = _usage_of(data)
+    ctx.stats.prompt_tokens += usage["prompt_tokens"]
+    ctx.stats.completion_tokens += usage["completion_tokens"]
+    return data
+
+
+def _usage_of(data: dict) -> dict[str, int]:
+    """Token usage as reported by the server; a missing or odd field counts as 0 rather than failing."""
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    out = {}
+    for k in ("prompt_tokens", "completion_tokens"):
+        try:
+            out[k] = max(0, int(usage.get(k) or 0))
+        except (TypeError, ValueError):
+            out[k] = 0
+    return out
+
+
+def _content_of(data: dict) -> tuple[Any, str | None]:
+    try:
+        choice = data["choices"][0]
+        return choice["message"]["content"], choice.get("finish_reason")
+    except (KeyError, IndexError, TypeError):
+        raise _Retryable("invalid_reply", "response has no choices[0].message.content") from None
+
+
+async def _process(ctx: _Ctx, q: dict) -> None:
+    """Ask for one question until a valid record comes back or the retries run out; queue the outcome."""
+    cfg = ctx.cfg
+    crisis = is_crisis(q["question"], q["description"])
+    body = {
+        "model": cfg.model,
+        "messages": build_messages(q["question"], q["description"], q["keywords"], crisis=crisis,
+                                   version=cfg.prompt_version),
+        "temperature": cfg.temperature,
+        "max_tokens": cfg.max_tokens,
+    }
+    kinds: list[str] = []
+    last: _Retryable | None = None
+    for attempt in range(cfg.max_retries + 1):
+        if attempt:
+            ctx.stats.retried += 1
+            # Sleep outside the semaphore: a backing-off question must not hold a slot others could use.
+            await asyncio.sleep(backoff_delay(attempt - 1, cfg.backoff_s, cfg.max_backoff_s,
+                                              last.retry_after if last else None, ctx.rng))
+        try:
+            async with ctx.sem:
+                # Checked after the wait for a slot: that wait is where the other requests' 401s arrive.
+                if ctx.abort.is_set():
+                    ctx.stats.not_attempted += 1
+                    await ctx.queue.put(("progress", None))
+                    return
+                data = await _post(ctx, body)
+            content, finish = _content_of(data)
+            try:
+                cbt, distortions, unknown = parse_reply(content)
+            except ReplyError as exc:
+                hint = " (finish_reason=length: raise api.max_tokens)" if finish == "length" else ""
+                raise _Retryable("invalid_reply", ctx.redact(f"{exc}{hint}")) from None
+            record, reason = build_record(
+                q, cbt, distortions, model=cfg.model, prompt_version=cfg.prompt_version, usage=_usage_of(data),
+                attempts=attempt + 1, dropped_distortions=unknown,
+            )
+            if reason:
+                raise _Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
+        except _Retryable as exc:
+            last = exc
+            kinds.append(exc.kind)
+            ctx.stats.errors[exc.kind] += 1
+            continue
+        except _Fatal as exc:
+            kinds.append(f"http_{exc.status}")
+            ctx.stats.errors[f"http_{exc.status}"] += 1
+            if exc.status in _FATAL_STATUSES and not ctx.any_success and not ctx.abort.is_set():
+                ctx.abort_reason = _fatal_message(ctx, exc)
+                ctx.abort.set()
+            await ctx.queue.put(("reject", {"id": q["id"], "stage": "api", "reason": exc.reason,
+                                            "attempts": attempt + 1, "errors": kinds}))
+            return
+        ctx.any_success = True
+        await ctx.queue.put(("record", record))
+        return
+    if last and all(k == "connection" for k in kinds) and not ctx.any_success and not ctx.abort.is_set():
+        # Nothing ever connected: the server is down or base_url is wrong; say so once, do not reject them all.
+        ctx.abort_reason = (f"api: cannot connect to {_safe_url(ctx.url)} ({last.reason}); is the server "
+                            "running? check api.base_url")
+        ctx.abort.set()
+    await ctx.queue.put(("reject", {"id": q["id"], "stage": "api",
+                                    "reason": f"{last.reason if last else 'unknown error'} "
+                                              f"(gave up after {cfg.max_retries + 1} attempts)",
+                                    "attempts": cfg.max_retries + 1, "errors": kinds}))
+
+
+def _fatal_message(ctx: _Ctx, exc: _Fatal) -> str:
+    cfg = ctx.cfg
+    if exc.status in (401, 403):
+        key_state = (f"${cfg.api_key_env} is set" if ctx.key
+                     else f"${cfg.api_key_env} is not set, so no key was sent")
+        fix = f"check the key in ${cfg.api_key_env} (api.api_key_env) and api.base_url"
+        return f"api: {_safe_url(ctx.url)} refused the request with HTTP {exc.status} ({key_state}); {fix}"
+    return (f"api: {_safe_url(ctx.url)} answered HTTP {exc.status} before any success; check api.base_url "
+            f"(it usually ends in /v1) and api.model ('{cfg.model}')")
+
+
+async def _writer(queue: asyncio.Queue, records_path: Path, rejects_path: Path, stats: _Stats, pbar: tqdm) -> None:
+    """The only task that touches the output files, so lines never interleave; flushes after every line."""
+    with open(records_path, "a", encoding="utf-8", newline="\n") as rec_fh, \
+         open(rejects_path, "a", encoding="utf-8", newline="\n") as rej_fh:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            kind, obj = item
+            if kind == "record":
+                rec_fh.write(dumps(obj) + "\n")
+                rec_fh.flush()
+                stats.ok += 1
+            elif kind == "reject":
+                rej_fh.write(dumps(obj) + "\n")
+                rej_fh.flush()
+                stats.rejected += 1
+            pbar.update(1)
+            pbar.set_postfix(ok=stats.ok, rejected=stats.rejected, retried=stats.retried, refresh=False)
+
+
+async def _run_async(cfg: ApiSynthConfig, todo: list[dict], key: str | None, records_path: Path,
+                     rejects_path: Path, stats: _Stats) -> str | None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
+        ctx = _Ctx(cfg=cfg, url=cfg.base_url.rstrip("/") + "/chat/completions", headers=headers, key=key,
+                   client=client, sem=asyncio.Semaphore(cfg.concurrency), queue=asyncio.Queue(maxsize=1024),
+                   stats=stats, rng=random.Random())
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for q in pending:  # a shared iterator: each question goes to exactly one worker
+                await _process(ctx, q)
+
+        with tqdm(total=len(todo), desc="synth api", unit="q", file=sys.stderr, mininterval=0.5) as pbar:
+            writer = asyncio.create_task(_writer(ctx.queue, records_path, rejects_path, stats, pbar))
+            # Twice the concurrency in workers: the semaphore bounds requests in flight, the extra workers keep
+            # slots busy while others sleep in backoff.
+            n_workers = min(len(todo), 2 * cfg.concurrency)
+            workers = asyncio.gather(*(worker() for _ in range(n_workers)))
+            try:
+                await asyncio.wait({writer, workers}, return_when=asyncio.FIRST_COMPLETED)
+                if writer.done():
+                    # The writer only stops early on an error (e.g. disk full): stop the workers, who would
+                    # otherwise block forever on a full queue, and raise the writer's error.
+                    workers.cancel()
+                    await asyncio.gather(workers, return_exceptions=True)
+                    writer.result()
+                await workers
+            finally:
+                if not writer.done():
+                    await ctx.queue.put(None)
+                    await writer
+        return ctx.abort_reason
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def check_config(cfg: ApiSynthConfig) -> None:
+    """Fail early, with one line naming the field and the fix, before any file or network work."""
+    if not cfg.model.strip():
+        raise ConfigError("api.model is empty; pass --model NAME (the model name the endpoint serves)")
+    if not cfg.input.strip():
+        raise ConfigError("api.input is empty; pass --input PATH (PsyQA JSON or our JSONL)")
+    try:
+        expand_inputs(cfg.input)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"api.input: {exc}") from None
+    try:
+        url = httpx.URL(cfg.base_url)
+        ok_url = url.scheme in ("http", "https") and bool(url.host)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        ok_url = False
+    if not ok_url:
+        raise ConfigError(f"api.base_url '{_safe_url(cfg.base_url)}' is not an http(s) URL; pass e.g. "
+                          "--base-url http://127.0.0.1:8000/v1")
+    if not _ENV_NAME.match(cfg.api_key_env):
+        # Never echo the value: the usual mistake here is pasting the key itself.
+        raise ConfigError("api.api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+                          "not the key itself")
+    get_prompt(cfg.prompt_version)
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"api.out_dir '{cfg.out_dir}' exists and is not a folder; pass another --out")
+
+
+def run_synth_api(cfg: ApiSynthConfig) -> dict:
+    """Generate CBT records for every question of `cfg.input` through the endpoint; resumable.
+
+    Returns the summary dict (total, ok, skipped, retried, rejected, input_rejected, not_attempted,
+    prompt_tokens, completion_tokens, ...), also written to out_dir/summary.json. Raises ConfigError for a
+    bad config, or when the endpoint refuses the very first requests (HTTP 401/403/404).
+    """
+    check_config(cfg)
+    t0 = time.perf_counter()
+    try:
+        questions, input_rejects = load_questions(cfg.input)
+    except ValueError as exc:
+        raise ConfigError(f"api.input: {exc}") from None
+    # limit takes the first N questions of the input, so repeating a limited run resumes the same N.
+    selected = questions[: cfg.limit] if cfg.limit else questions
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records_path, rejects_path = out / RECORDS_FILE, out / REJECTS_FILE
+    done, truncated = recover_done_ids(records_path)
+    rotated = rotate_rejects(rejects_path)
+    with open(rejects_path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.writelines(dumps(r) + "\n" for r in input_rejects)
+    if not questions:
+        raise ConfigError(f"api.input: no valid question in '{cfg.input}' ({len(input_rejects)} entries rejected, "
+                          f"reasons in {rejects_path}); pass PsyQA JSON or JSONL with id and question")
+    todo = [q for q in selected if q["id"] not in done]
+
+    key = os.environ.get(cfg.api_key_env) or None
+    if key is None:
+        print(f"warning: ${cfg.api_key_env} is not set; sending requests without an Authorization header "
+              "(fine for a local server)", file=sys.stderr)
+
+    stats = _Stats()
+    abort_reason = None
+    t_api = time.perf_counter()
+    if todo:
+        abort_reason = asyncio.run(_run_async(cfg, todo, key, records_path, rejects_path, stats))
+    api_seconds = time.perf_counter() - t_api
+
+    summary: dict[str, Any] = {
+        "total": len(selected),
+        "ok": stats.ok,
+        "skipped": len(selected) - len(todo),
+        "retried": stats.retried,
+        "rejected": stats.rejected,
+        "input_rejected": len(input_rejects),
+        "not_attempted": stats.not_attempted,
+        "requests": stats.requests,
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "req_per_s": round(stats.requests / api_seconds, 3) if api_seconds > 0 and stats.requests else 0.0,
+        "errors": dict(sorted(stats.errors.items())),
+        "truncated_lines_dropped": truncated,
+        "aborted": abort_reason,
+        "records": str(records_path),
+        "rejects": str(rejects_path),
+        "previous_rejects": str(rotated) if rotated else None,
+        "model": cfg.model,
+        "prompt_version": cfg.prompt_version,
+        "config": {**cfg.model_dump(mode="json"), "base_url": _safe_url(cfg.base_url)},
+    }
+    write_metrics(out / SUMMARY_FILE, summary)
+    rows = {k: summary[k] for k in ("total", "ok", "skipped", "retried", "rejected", "input_rejected",
+                                    "requests", "prompt_tokens", "completion_tokens", "seconds", "req_per_s")}
+    if stats.not_attempted:
+        rows["not_attempted"] = stats.not_attempted
+    print_summary(f"synth api: {cfg.model} ({cfg.prompt_version})", rows)
+    if abort_reason:
+        raise ConfigError(abort_reason)
+    return summary

@@ -1,0 +1,235 @@
+"""A real, local OpenAI-compatible HTTP server for tests, with a scripted fault plan.
+
+It listens on 127.0.0.1 with an ephemeral port (ThreadingHTTPServer in a daemon thread, so requests are served
+concurrently, like a real endpoint) and implements POST /v1/chat/completions.
+
+What each request gets is decided, in order, by:
+1. `by_count`: {global request number (1-based): fault};
+2. `plan`: {substring of the user message (e.g. the question): fault script}. A script is a list of faults
+   for that question's 1st, 2nd, ... request, after which `default` applies; or a string "always:<fault>";
+3. `default` (normally "good").
+
+Faults: good, good_fenced, good_crisis, good_chatty, no_professional, unknown_distortion (valid replies);
+429 (with Retry-After: 0), 500, 503, 400, 401, 404 (HTTP errors); malformed_body (HTTP 200, body not JSON);
+no_choices, not_json, missing_part, empty_part, english_part (HTTP 200, reply unusable); slow (sleeps
+`slow_s`, longer than the client timeout, then answers well).
+
+Every request is recorded (headers, parsed body, fault) for assertions; `max_in_flight` is the largest number
+of requests the server was handling at once. Every HTTP 200 JSON reply reports usage
+{prompt_tokens: 100, completion_tokens: 50}; `usage_sent` sums what was reported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+PROMPT_TOKENS, COMPLETION_TOKENS = 100, 50
+_QUESTION = re.compile(r"来访者的问题:(.*)")
+
+
+def good_parts(question: str) -> dict[str, str]:
+    """Five Chinese CBT parts built from the question text (deterministic)."""
+    topic = question.strip()[:30]
+    return {
+        "empathy": f"我能感受到你在“{topic}”这件事上的困扰和压力,这样的感受是可以理解的。",
+        "key_thought": "你可能有一个想法:如果事情不完美,就说明自己很失败。",
+        "challenge": "我们可以一起想一想:有哪些证据支持这个想法,又有哪些证据并不支持它?",
+        "strategy": "你可以尝试写思维记录,把自动出现的想法、情绪和替代想法分别记下来。",
+        "encouragement": "改变需要时间,你已经迈出了第一步。如果困扰持续,可以寻求专业心理咨询师的帮助。",
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    # The stdlib default listen backlog is 5: a burst of connections from a high-concurrency client would be
+    # refused by the kernel and show up as connection errors that no real endpoint would cause.
+    request_queue_size = 256
+    daemon_threads = True
+
+
+class FakeOpenAIServer:
+    """Start with `with FakeOpenAIServer(...) as srv:`; `srv.base_url` ends in /v1."""
+
+    def __init__(
+        self,
+        *,
+        plan: dict[str, Any] | None = None,
+        by_count: dict[int, str] | None = None,
+        default: str = "good",
+        delay_s: float = 0.0,
+        slow_s: float = 2.0,
+        expected_key: str | None = None,
+    ):
+        self.plan = dict(plan or {})
+        self.by_count = dict(by_count or {})
+        self.default = default
+        self.delay_s = delay_s
+        self.slow_s = slow_s
+        self.expected_key = expected_key
+        self.requests: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.usage_sent = {"prompt_tokens": 0, "completion_tokens": 0}
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+    def start(self) -> "FakeOpenAIServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                server._handle(self)
+
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    # -- helpers for assertions
+    def faults(self) -> list[str]:
+        return [r["fault"] for r in self.requests]
+
+    def requests_for(self, needle: str) -> list[dict]:
+        return [r for r in self.requests if needle in r["user"]]
+
+    # -- request handling
+    def _choose(self, n: int, user: str) -> str:
+        if n in self.by_count:
+            return self.by_count[n]
+        for needle, script in self.plan.items():
+            if needle in user:
+                if isinstance(script, str) and script.startswith("always:"):
+                    return script.split(":", 1)[1]
+                k = self._attempts.get(needle, 0)
+                self._attempts[needle] = k + 1
+                return script[k] if k < len(script) else self.default
+        return self.default
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {}
+        messages = body.get("messages") or []
+        user = next((m.get("content", "") for m in messages if m.get("role") == "user"), "")
+        with self._lock:
+            n = len(self.requests) + 1
+            fault = self._choose(n, user)
+            if self.expected_key is not None and h.headers.get("Authorization") != f"Bearer {self.expected_key}":
+                fault = "401"
+            self.requests.append({"n": n, "path": h.path, "headers": dict(h.headers.items()), "body": body,
+                                  "user": user, "fault": fault})
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if h.path.rstrip("/") != "/v1/chat/completions":
+                self._send(h, 404, {"error": {"message": f"no route {h.path}"}})
+            else:
+                self._reply(h, fault, user, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (e.g. its timeout fired during a slow reply)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _send(self, h, status: int, payload: Any, headers: dict | None = None, raw: bytes | None = None) -> None:
+        data = raw if raw is not None else json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _completion(self, h, content: str, finish_reason: str = "stop") -> None:
+        with self._lock:
+            self.usage_sent["prompt_tokens"] += PROMPT_TOKENS
+            self.usage_sent["completion_tokens"] += COMPLETION_TOKENS
+        self._send(h, 200, {
+            "id": "chatcmpl-fake", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
+                      "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS},
+        })
+
+    def _reply(self, h, fault: str, user: str, body: dict) -> None:
+        m = _QUESTION.search(user)
+        parts = good_parts(m.group(1) if m else user)
+        obj: dict[str, Any] = {**parts, "distortions": ["all_or_nothing"]}
+        dump = lambda o: json.dumps(o, ensure_ascii=False)  # noqa: E731
+        if fault == "slow":
+            time.sleep(self.slow_s)
+            fault = "good"
+        if fault == "good":
+            self._completion(h, dump(obj))
+        elif fault == "good_fenced":
+            self._completion(h, "```json\n" + dump(obj) + "\n```")
+        elif fault == "good_chatty":
+            self._completion(h, "好的,以下是我的回答:\n" + dump(obj) + "\n希望对你有帮助。")
+        elif fault == "good_crisis":
+            obj["encouragement"] += "如果你有伤害自己的念头,请立即拨打心理援助热线。"
+            self._completion(h, dump(obj))
+        elif fault == "no_professional":
+            obj["encouragement"] = "相信你一定可以慢慢好起来。"
+            self._completion(h, dump(obj))
+        elif fault == "unknown_distortion":
+            obj["distortions"] = ["all_or_nothing", "not_a_label"]
+            self._completion(h, dump(obj))
+        elif fault == "429":
+            self._send(h, 429, {"error": {"message": "rate limited"}}, headers={"Retry-After": "0"})
+        elif fault in ("500", "503", "400", "404"):
+            self._send(h, int(fault), {"error": {"message": f"scripted {fault}"}})
+        elif fault == "401":
+            # Real providers quote (part of) the key back; the client must scrub it.
+            sent = h.headers.get("Authorization", "").removeprefix("Bearer ")
+            self._send(h, 401, {"error": {"message": f"Incorrect API key provided: {sent}"}})
+        elif fault == "malformed_body":
+            self._send(h, 200, None, raw=b'{"choices": [{"message": ')
+        elif fault == "no_choices":
+            self._send(h, 200, {"id": "chatcmpl-fake", "object": "chat.completion"})
+        elif fault == "not_json":
+            self._completion(h, "我觉得你应该多休息,慢慢就会好起来的。")
+        elif fault == "missing_part":
+            obj.pop("challenge")
+            self._completion(h, dump(obj))
+        elif fault == "empty_part":
+            obj["strategy"] = "   "
+            self._completion(h, dump(obj))
+        elif fault == "english_part":
+            obj["key_thought"] = "You might think you are a failure."
+            self._completion(h, dump(obj))
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
