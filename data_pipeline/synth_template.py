@@ -1,0 +1,451 @@
+"""`cbt-llm synth template`: an offline generator of a large, varied synthetic CBT corpus (schema v1).
+
+Each record is composed from the phrase banks in `data_pipeline.synth_content`: a persona, a situation and
+its feelings, and an automatic thought showing one of the eight cognitive distortions; the five-part answer
+quotes that thought back, names the distortion and challenges it with a question aimed at that distortion.
+A `crisis_fraction` of questions mention suicide or self-harm; they are flagged (meta.crisis) and their
+answer carries schema.CRISIS_SUPPORT_SENTENCE. Every answer says more professional help may be needed.
+
+Determinism: record i is a pure function of (seed, i, crisis_fraction). All of its choices come from one
+512-bit BLAKE2b digest of (seed, i), read as a mixed-radix number (each choice takes `digest mod n` and
+divides it out), so there is no per-record PRNG to build and nothing depends on which process or shard
+produced the record. Shard k of n holds the contiguous index range [k*N//n, (k+1)*N//n), so concatenating
+the (uncompressed) shards in order gives exactly the one-shard file, byte for byte.
+
+Streaming: records are encoded and written in small batches; memory stays flat whatever num_records is.
+Records are not validated with pydantic here (that would cost more than generating them);
+tests/test_synth_template.py validates thousands of them against schema v1 instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import zstandard
+from tqdm import tqdm
+
+from cbt_llm.config import ConfigError, SynthConfig
+from cbt_llm.report import print_summary, write_metrics
+from data_pipeline import synth_content as C
+from data_pipeline.schema import CRISIS_SUPPORT_SENTENCE, DISTORTIONS, SCHEMA_VERSION
+
+PROMPT_VERSION = "template-v1"
+SOURCE = "synth-template"
+SUMMARY_NAME = "synth_summary.json"
+SUCCESS_NAME = "_SUCCESS"
+_BATCH = 2048  # records per write; bounds memory to a few MB
+_ZSTD_LEVEL = 3
+
+# Same bytes as data_pipeline.io.dumps, without building a new JSONEncoder on every call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _topic_table() -> tuple[tuple, ...]:
+    """Flatten the topic banks into tuples once, so the hot loop does index lookups only."""
+    rows = []
+    for key, t in C.TOPICS.items():
+        personas = tuple(p for g in t["groups"] for p in C.PERSONA_GROUPS[g])
+        thoughts = tuple(t["thoughts"][d] for d in DISTORTIONS)
+        rows.append(
+            (
+                key,
+                personas,
+                t["keywords"],
+                t["cores"],
+                t["situations"],
+                tuple(t["feelings"]) + C.GENERAL_FEELINGS,
+                t["burden"],
+                t["area"],
+                t["others"],
+                t["strategies"],
+                thoughts,
+            )
+        )
+    return tuple(rows)
+
+
+_TOPICS = _topic_table()
+_N_TOPICS = len(_TOPICS)
+_N_DIST = len(DISTORTIONS)
+_KEY_THOUGHT = tuple(C.KEY_THOUGHT_TEMPLATES[d] for d in DISTORTIONS)
+_CHALLENGE = tuple(C.CHALLENGE_TEMPLATES[d] for d in DISTORTIONS)
+_TOOLS = tuple(C.DISTORTION_TOOLS[d] for d in DISTORTIONS)
+_QUESTION_ENDS = C.QUESTION_ENDINGS + C.QUESTION_DOUBTS
+_PPM = 1_000_000
+
+
+def _digest(prefix: bytes, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(prefix + index.to_bytes(8, "little"), digest_size=64).digest(), "little")
+
+
+def _seed_prefix(seed: int) -> bytes:
+    return f"cbt-llm/synth-template/v1/{seed}/".encode()
+
+
+def _crisis_ppm(crisis_fraction: float) -> int:
+    return round(crisis_fraction * _PPM)
+
+
+def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]:
+    """Build record `index` from the random integer h; returns (record, the unused part of h).
+
+    Every `h, r = divmod(h, n)` draws a uniform choice among n and consumes it from h.
+    """
+    h, r = divmod(h, _PPM)
+    crisis = r < crisis_ppm
+    h, r = divmod(h, _N_TOPICS)
+    key, personas, keywords, cores, situations, feelings, burden, area, others, strategies, thoughts = _TOPICS[r]
+    h, d = divmod(h, _N_DIST)
+
+    # persona
+    h, r = divmod(h, len(personas))
+    full, bare, lo, hi = personas[r]
+    h, r = divmod(h, hi - lo + 1)
+    age = lo + r
+    h, r = divmod(h, len(C.DURATIONS))
+    dur = C.DURATIONS[r]
+    # two different feelings
+    n = len(feelings)
+    h, i = divmod(h, n)
+    h, j = divmod(h, n - 1)
+    f1, f2 = feelings[i], feelings[j + (j >= i)]
+    h, r = divmod(h, 2)
+    thought = thoughts[d][r]
+
+    # question
+    h, r = divmod(h, len(C.QUESTION_PREFIXES))
+    prefix = C.QUESTION_PREFIXES[r]
+    if "{" in prefix:
+        prefix = prefix.format(age=age, bare=bare, dur=dur)
+    h, r = divmod(h, len(cores))
+    core = cores[r]
+    if crisis:
+        h, r = divmod(h, len(C.CRISIS_QUESTION_PHRASES))
+        middle = C.CRISIS_QUESTION_PHRASES[r]
+        h, r = divmod(h, len(C.QUESTION_ENDINGS))
+        ending = C.QUESTION_ENDINGS[r]
+        question = f"{prefix}{core}，{middle}，{ending}"
+    else:
+        h, r = divmod(h, len(_QUESTION_ENDS))
+        ending = _QUESTION_ENDS[r]
+        h, r = divmod(h, 2)
+        question = f"{prefix}{core}，{f1}，{ending}" if r else f"{prefix}{core}，{ending}"
+
+    # description
+    h, r = divmod(h, len(C.INTRO_TEMPLATES))
+    intro = C.INTRO_TEMPLATES[r].format(age=age, full=full, bare=bare)
+    h, r = divmod(h, len(C.STORY_OPENERS))
+    opener = C.STORY_OPENERS[r]
+    h, r = divmod(h, len(situations))
+    situation = situations[r]
+    h, r = divmod(h, len(C.THOUGHT_OPENERS))
+    t_open = C.THOUGHT_OPENERS[r]
+    h, r = divmod(h, len(C.CLOSINGS))
+    closing = C.CLOSINGS[r]
+    crisis_d = ""
+    if crisis:
+        h, r = divmod(h, len(C.CRISIS_DESCRIPTION_SENTENCES))
+        crisis_d = C.CRISIS_DESCRIPTION_SENTENCES[r]
+    description = (
+        f"{intro}{opener}{situation}。{dur}，我{f1}，{f2}。{t_open}“{thought}。”{crisis_d}{closing}"
+    )
+
+    # keywords: three different topic keywords, in drawn order
+    kw = list(keywords)
+    picked = []
+    for _ in range(3):
+        h, r = divmod(h, len(kw))
+        picked.append(kw.pop(r))
+    if crisis:
+        picked.extend(C.CRISIS_KEYWORDS_EXTRA)
+
+    # answer
+    h, r = divmod(h, len(C.EMPATHY_TEMPLATES))
+    empathy = C.EMPATHY_TEMPLATES[r].format(burden=burden, dur=dur, f1=f1, f2=f2)
+    if crisis:
+        h, r = divmod(h, len(C.CRISIS_EMPATHY))
+        empathy = f"{empathy}{C.CRISIS_EMPATHY[r]}{CRISIS_SUPPORT_SENTENCE}"
+    h, r = divmod(h, 2)
+    key_thought = _KEY_THOUGHT[d][r].format(thought=thought, others=others)
+    h, r = divmod(h, 2)
+    challenge = _CHALLENGE[d][r].format(area=area, others=others)
+    n = len(strategies)
+    h, i = divmod(h, n)
+    h, j = divmod(h, n - 1)
+    s1, s2 = strategies[i], strategies[j + (j >= i)]
+    h, r = divmod(h, 2)
+    tool = _TOOLS[d][r]
+    h, r = divmod(h, len(C.STRATEGY_TEMPLATES))
+    strategy = C.STRATEGY_TEMPLATES[r].format(s1=s1, s2=s2, tool=tool)
+    if crisis:
+        h, r = divmod(h, len(C.CRISIS_PROFESSIONAL))
+        pro = C.CRISIS_PROFESSIONAL[r]
+    else:
+        h, r = divmod(h, len(C.PROFESSIONAL_HELP))
+        pro = C.PROFESSIONAL_HELP[r]
+    h, r = divmod(h, len(C.ENCOURAGEMENT_TEMPLATES))
+    encouragement = C.ENCOURAGEMENT_TEMPLATES[r].format(pro=pro)
+
+    cbt = {
+        "empathy": empathy,
+        "key_thought": key_thought,
+        "challenge": challenge,
+        "strategy": strategy,
+        "encouragement": encouragement,
+    }
+    record = {
+        "id": f"synth-{seed}-{index:09d}",
+        "question": question,
+        "description": description,
+        "keywords": picked,
+        "cbt": cbt,
+        # == schema.join_answer(cbt): the parts carry no surrounding whitespace to strip
+        "answer": f"{empathy}\n\n{key_thought}\n\n{challenge}\n\n{strategy}\n\n{encouragement}",
+        "distortions": [DISTORTIONS[d]],
+        "source": SOURCE,
+        "meta": {
+            "generator": "template",
+            "prompt_version": PROMPT_VERSION,
+            "seed": seed,
+            "topic": key,
+            "crisis": crisis,
+            "schema_version": SCHEMA_VERSION,
+        },
+    }
+    return record, h
+
+
+def record_at(seed: int, index: int, crisis_fraction: float = 0.02) -> dict:
+    """The record at `index` for `seed`: a pure function of its arguments."""
+    return _compose(_digest(_seed_prefix(seed), index), seed, index, _crisis_ppm(crisis_fraction))[0]
+
+
+def iter_records(seed: int, start: int, stop: int, crisis_fraction: float = 0.02):
+    """Yield records start..stop-1 one at a time (nothing is accumulated)."""
+    prefix, ppm = _seed_prefix(seed), _crisis_ppm(crisis_fraction)
+    for i in range(start, stop):
+        yield _compose(_digest(prefix, i), seed, i, ppm)[0]
+
+
+def shard_ranges(num_records: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) index ranges, one per shard, sizes differing by at most one."""
+    return [(k * num_records // num_shards, (k + 1) * num_records // num_shards) for k in range(num_shards)]
+
+
+def shard_name(k: int, num_shards: int, compress: str) -> str:
+    """File name of shard k of num_shards, e.g. part-00000-of-00004.jsonl(.zst)."""
+    return f"part-{k:05d}-of-{num_shards:05d}.jsonl" + (".zst" if compress == "zstd" else "")
+
+
+def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> dict:
+    """Generate records [start, stop) into one shard; written under a hidden temp name, renamed when complete."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    seed, start, stop = job["seed"], job["start"], job["stop"]
+    prefix, ppm = _seed_prefix(seed), _crisis_ppm(job["crisis_fraction"])
+    final = Path(job["path"])
+    # leading dot + suffix: a downstream glob such as *.jsonl* never picks up a half-written shard
+    tmp = final.with_name(f".{final.name}.inprogress")
+    sha = hashlib.sha256()
+    topics: dict[str, int] = {}
+    dists: dict[str, int] = {}
+    crisis = 0
+    raw = open(tmp, "wb")
+    out = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=True) if job["compress"] == "zstd" else raw
+    try:
+        batch: list[str] = []
+        for i in range(start, stop):
+            rec = _compose(_digest(prefix, i), seed, i, ppm)[0]
+            batch.append(_encode(rec))
+            meta = rec["meta"]
+            t = meta["topic"]
+            topics[t] = topics.get(t, 0) + 1
+            dd = rec["distortions"][0]
+            dists[dd] = dists.get(dd, 0) + 1
+            crisis += meta["crisis"]
+            if len(batch) == _BATCH:
+                data = ("\n".join(batch) + "\n").encode()
+                sha.update(data)
+                out.write(data)
+                batch.clear()
+                if progress:
+                    progress(_BATCH)
+        if batch:
+            data = ("\n".join(batch) + "\n").encode()
+            sha.update(data)
+            out.write(data)
+            if progress:
+                progress(len(batch))
+    finally:
+        out.close()
+    os.replace(tmp, final)
+    return {
+        "shard": job["shard"],
+        "file": final.name,
+        "first_index": start,
+        "records": stop - start,
+        "bytes": final.stat().st_size,
+        "content_sha256": sha.hexdigest(),  # of the uncompressed JSONL, so none and zstd runs compare
+        "crisis": crisis,
+        "topics": topics,
+        "distortions": dists,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
+
+
+# Worker-process side of the parallel mode: one shared counter slot per shard, polled by the parent.
+_PROGRESS = None
+
+
+def _init_worker(progress_array) -> None:
+    global _PROGRESS
+    _PROGRESS = progress_array
+
+
+def _worker_job(job: dict) -> dict:
+    slot = job["shard"]
+
+    def bump(n: int) -> None:
+        _PROGRESS[slot] += n  # only this process writes this slot
+
+    return _write_shard(job, bump)
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check(cfg: SynthConfig) -> Path:
+    out = Path(cfg.out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"synth.out_dir: '{out}' is a file; pass a folder for the shards")
+    if cfg.num_shards > cfg.num_records:
+        raise ConfigError(
+            f"synth.num_shards ({cfg.num_shards}) is larger than synth.num_records ({cfg.num_records}); "
+            "lower num_shards so no shard is empty"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"synth.out_dir: cannot create '{out}' ({exc.strerror}); pass a writable folder") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"synth.out_dir: '{out}' is not writable; pass a writable folder")
+    return out
+
+
+def _remove_stale(out: Path) -> int:
+    """Remove shards, markers and temp files of an earlier run, so a glob never mixes two runs."""
+    stale = [out / SUCCESS_NAME] + list(out.glob("part-*-of-*.jsonl")) + list(out.glob("part-*-of-*.jsonl.zst"))
+    stale += list(out.glob(".part-*-of-*.inprogress"))
+    n = 0
+    for p in stale:
+        if p.is_file():
+            p.unlink()
+            n += 1
+    return n
+
+
+def run_synth_template(cfg: SynthConfig) -> dict:
+    """Generate cfg.num_records records into cfg.num_shards shards under cfg.out_dir; return the summary.
+
+    Writes the shards, `synth_summary.json` (counts, records/s, topic and distortion histograms, per-shard
+    sizes and content hashes) and an empty `_SUCCESS` marker last. Raises ConfigError on a bad out_dir or
+    shard count before any work.
+    """
+    out = _check(cfg)
+    removed = _remove_stale(out)
+    if removed:
+        print(f"synth: removed {removed} file(s) of an earlier run in {out}", file=sys.stderr)
+
+    ranges = shard_ranges(cfg.num_records, cfg.num_shards)
+    jobs = [
+        {
+            "shard": k,
+            "start": a,
+            "stop": b,
+            "path": str(out / shard_name(k, cfg.num_shards, cfg.compress)),
+            "seed": cfg.seed,
+            "crisis_fraction": cfg.crisis_fraction,
+            "compress": cfg.compress,
+        }
+        for k, (a, b) in enumerate(ranges)
+    ]
+    workers = cfg.workers or _available_cpus()
+    workers = max(1, min(workers, cfg.num_shards))
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.num_records, unit="rec", unit_scale=True, desc="synth template", file=sys.stderr, mininterval=0.5)
+    if workers == 1:
+        results = [_write_shard(job, bar.update) for job in jobs]
+    else:
+        # spawn: workers start clean (no inherited threads or locks from the parent)
+        ctx = mp.get_context("spawn")
+        progress = ctx.Array("q", cfg.num_shards, lock=False)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
+            pending = pool.map_async(_worker_job, jobs, chunksize=1)
+            while not pending.ready():
+                pending.wait(0.25)
+                bar.update(sum(progress) - bar.n)
+            results = pending.get()  # re-raises a worker's exception here
+        bar.update(sum(progress) - bar.n)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    topics = {k: 0 for k in C.TOPICS}
+    dists = {d: 0 for d in DISTORTIONS}
+    for r in results:
+        for k, v in r.pop("topics").items():
+            topics[k] += v
+        for k, v in r.pop("distortions").items():
+            dists[k] += v
+    records = sum(r["records"] for r in results)
+    crisis = sum(r["crisis"] for r in results)
+    total_bytes = sum(r["bytes"] for r in results)
+    cpu_seconds = sum(r["cpu_seconds"] for r in results)
+    summary = {
+        "records": records,
+        "seconds": round(seconds, 3),
+        "records_per_s": round(records / seconds, 1) if seconds > 0 else None,
+        "records_per_cpu_s": round(records / cpu_seconds, 1) if cpu_seconds > 0 else None,
+        "workers": workers,
+        "shards": cfg.num_shards,
+        "compress": cfg.compress,
+        "bytes": total_bytes,
+        "crisis": crisis,
+        "crisis_fraction": cfg.crisis_fraction,
+        "seed": cfg.seed,
+        "source": SOURCE,
+        "prompt_version": PROMPT_VERSION,
+        "schema_version": SCHEMA_VERSION,
+        "topics": topics,
+        "distortions": dists,
+        "files": sorted(results, key=lambda r: r["shard"]),
+    }
+    write_metrics(out / SUMMARY_NAME, summary)
+    (out / SUCCESS_NAME).write_text("")
+    print_summary(
+        "synth template",
+        {
+            "records": records,
+            "seconds": round(seconds, 2),
+            "records/s": round(records / seconds) if seconds > 0 else 0,
+            "records/s per CPU": round(records / cpu_seconds) if cpu_seconds > 0 else 0,
+            "workers": workers,
+            "shards": cfg.num_shards,
+            "bytes": total_bytes,
+            "crisis records": crisis,
+            "topics": len([t for t in topics.values() if t]),
+            "out_dir": str(out),
+        },
+    )
+    return summary

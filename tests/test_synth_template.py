@@ -1,0 +1,312 @@
+"""`cbt-llm synth template`: schema-valid, varied, safe and byte-for-byte deterministic on any shard count."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from cbt_llm.cli import main
+from cbt_llm.config import SynthConfig
+from data_pipeline import synth_content as C
+from data_pipeline.io import dumps
+from data_pipeline.schema import (
+    CBT_PARTS,
+    CRISIS_KEYWORDS,
+    CRISIS_SUPPORT_SENTENCE,
+    DISTORTIONS,
+    SCHEMA_VERSION,
+    is_crisis,
+    join_answer,
+    validate_record,
+)
+from data_pipeline.synth_template import (
+    SUMMARY_NAME,
+    _compose,
+    _digest,
+    _seed_prefix,
+    iter_records,
+    record_at,
+    run_synth_template,
+    shard_name,
+    shard_ranges,
+)
+
+ISSUE_TOPICS = {
+    "anxiety",
+    "low_mood",
+    "sleep",
+    "study_stress",
+    "work_stress",
+    "relationships",
+    "family_conflict",
+    "loneliness",
+    "self_esteem",
+    "grief",
+    "health_worry",
+    "social_anxiety",
+}
+N = 3000
+CRISIS_FRACTION = 0.1
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    return list(iter_records(seed=7, start=0, stop=N, crisis_fraction=CRISIS_FRACTION))
+
+
+def _quoted_thought(description: str) -> str:
+    m = re.search(r"“([^“”]+)。”", description)
+    assert m, description
+    return m.group(1)
+
+
+def _run(tmp: Path, n: int, shards: int, seed: int = 3, compress: str = "none", workers: int = 1, **kw) -> dict:
+    cfg = SynthConfig(
+        num_records=n, seed=seed, out_dir=str(tmp), num_shards=shards, compress=compress, workers=workers, **kw
+    )
+    return run_synth_template(cfg)
+
+
+def _concat(folder: Path, shards: int, compress: str = "none") -> bytes:
+    out = b""
+    for k in range(shards):
+        data = (folder / shard_name(k, shards, compress)).read_bytes()
+        out += zstandard.ZstdDecompressor().decompressobj().decompress(data) if compress == "zstd" else data
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- content
+
+
+def test_every_record_validates_unchanged_against_schema_v1(records):
+    for i, rec in enumerate(records):
+        valid, reason = validate_record(rec)
+        assert reason is None, (rec["id"], reason)
+        assert valid == rec  # nothing to strip or coerce: the generator writes schema-normal records
+        assert rec["id"] == f"synth-7-{i:09d}"
+        assert rec["answer"] == join_answer(rec["cbt"])
+        assert list(rec["cbt"]) == list(CBT_PARTS)
+        assert rec["source"] == "synth-template"
+        assert rec["meta"] == {
+            "generator": "template",
+            "prompt_version": "template-v1",
+            "seed": 7,
+            "topic": rec["meta"]["topic"],
+            "crisis": rec["meta"]["crisis"],
+            "schema_version": SCHEMA_VERSION,
+        }
+        assert 3 <= len(rec["keywords"]) == len(set(rec["keywords"]))
+        assert rec["distortions"] and rec["distortions"][0] in DISTORTIONS
+
+
+def test_all_twelve_topics_and_eight_distortions_appear_roughly_evenly(records):
+    topics: dict[str, int] = {}
+    dists: dict[str, int] = {}
+    for rec in records:
+        topics[rec["meta"]["topic"]] = topics.get(rec["meta"]["topic"], 0) + 1
+        dists[rec["distortions"][0]] = dists.get(rec["distortions"][0], 0) + 1
+    assert set(topics) == ISSUE_TOPICS
+    assert set(dists) == set(DISTORTIONS)
+    # uniform draws: 3000/12 = 250 and 3000/8 = 375 expected; allow wide statistical slack
+    assert min(topics.values()) > 150 and max(topics.values()) < 350
+    assert min(dists.values()) > 250 and max(dists.values()) < 500
+
+
+def test_key_thought_and_challenge_address_the_distortion_in_the_description(records):
+    for rec in records:
+        d = rec["distortions"][0]
+        topic = C.TOPICS[rec["meta"]["topic"]]
+        thought = _quoted_thought(rec["description"])
+        assert thought in topic["thoughts"][d], (rec["id"], d, thought)  # the description shows distortion d
+        key, challenge = rec["cbt"]["key_thought"], rec["cbt"]["challenge"]
+        assert f"“{thought}”" in key  # the answer quotes the very thought back
+        assert C.DISTORTION_NAMES_ZH[d] in key
+        for other in DISTORTIONS:
+            if other != d:
+                assert C.DISTORTION_NAMES_ZH[other] not in key, (rec["id"], d, other)
+        assert C.CHALLENGE_MARKERS[d] in challenge, (rec["id"], d)
+
+
+def test_every_marker_bank_is_consistent():
+    for d in DISTORTIONS:
+        assert all(C.DISTORTION_NAMES_ZH[d] in t for t in C.KEY_THOUGHT_TEMPLATES[d])
+        assert all(C.CHALLENGE_MARKERS[d] in t for t in C.CHALLENGE_TEMPLATES[d])
+        for topic in C.TOPICS.values():
+            assert len(topic["thoughts"][d]) == 2
+
+
+def test_encouragement_always_points_to_professional_help(records):
+    for rec in records:
+        enc = rec["cbt"]["encouragement"]
+        assert "专业" in enc and ("心理咨询师" in enc or "医生" in enc), rec["id"]
+
+
+def test_questions_and_descriptions_are_varied(records):
+    first = records[:2000]
+    assert len({r["question"] for r in first}) >= 0.95 * 2000
+    assert len({r["description"] for r in first}) >= 0.99 * 2000
+    assert len({r["answer"] for r in first}) >= 0.99 * 2000
+
+
+def test_each_record_has_spare_entropy():
+    # all choices come from one 512-bit digest; >= 64 unused bits left means no choice was starved
+    prefix = _seed_prefix(11)
+    for i in range(2000):
+        _, left = _compose(_digest(prefix, i), 11, i, 500_000)  # crisis path draws the most
+        assert left.bit_length() > 64
+
+
+# ---------------------------------------------------------------------------------------------- safety
+
+
+def test_crisis_records_are_flagged_and_carry_the_support_sentence(records):
+    crisis = [r for r in records if r["meta"]["crisis"]]
+    calm = [r for r in records if not r["meta"]["crisis"]]
+    assert 0.08 * N < len(crisis) < 0.12 * N
+    for r in crisis:
+        assert is_crisis(r["question"]) and is_crisis(r["description"]), r["id"]
+        assert CRISIS_SUPPORT_SENTENCE in r["answer"]
+        assert "心理危机" in r["keywords"]
+    for r in calm:
+        assert not is_crisis(r["question"], r["description"]), r["id"]
+        assert CRISIS_SUPPORT_SENTENCE not in r["answer"]
+
+
+def test_crisis_fraction_zero_gives_no_crisis_records():
+    assert not any(r["meta"]["crisis"] for r in iter_records(1, 0, 1000, crisis_fraction=0.0))
+
+
+def test_only_the_crisis_banks_contain_crisis_words():
+    def strings(obj):
+        if isinstance(obj, str):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from strings(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from strings(v)
+
+    crisis_banks = {"CRISIS_QUESTION_PHRASES", "CRISIS_DESCRIPTION_SENTENCES", "CRISIS_EMPATHY", "CRISIS_PROFESSIONAL"}
+    for name in dir(C):
+        if name.isupper() and name not in crisis_banks:
+            for s in strings(getattr(C, name)):
+                assert not any(k in s for k in CRISIS_KEYWORDS), (name, s)
+    for s in C.CRISIS_QUESTION_PHRASES + C.CRISIS_DESCRIPTION_SENTENCES:
+        assert is_crisis(s), s
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_shard_ranges_are_contiguous_and_cover_everything():
+    for n, k in [(10, 3), (7, 7), (1_000_003, 4)]:
+        ranges = shard_ranges(n, k)
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_same_seed_is_byte_identical_on_1_3_and_7_shards_and_records_are_pure(tmp_path):
+    n = 1500
+    s1 = _run(tmp_path / "a", n, 1)
+    one = _concat(tmp_path / "a", 1)
+    _run(tmp_path / "again", n, 1)
+    assert _concat(tmp_path / "again", 1) == one
+    for shards in (3, 7):
+        _run(tmp_path / f"s{shards}", n, shards)
+        assert _concat(tmp_path / f"s{shards}", shards) == one
+    lines = one.decode().splitlines()
+    assert len(lines) == n == s1["records"]
+    # each line is the project's one JSON encoding, and record i does not depend on its neighbours
+    assert lines[1234] == dumps(record_at(3, 1234))
+    assert all(line == dumps(json.loads(line)) for line in lines[:200])
+
+
+def test_parallel_workers_write_the_same_bytes(tmp_path):
+    _run(tmp_path / "one", 900, 1)
+    summary = _run(tmp_path / "par", 900, 3, workers=2)
+    assert summary["workers"] == 2
+    assert _concat(tmp_path / "par", 3) == _concat(tmp_path / "one", 1)
+
+
+def test_zstd_shards_decompress_to_the_same_bytes(tmp_path):
+    _run(tmp_path / "plain", 800, 2)
+    s = _run(tmp_path / "z", 800, 2, compress="zstd")
+    assert (tmp_path / "z" / "part-00000-of-00002.jsonl.zst").is_file()
+    plain = _concat(tmp_path / "plain", 2)
+    assert _concat(tmp_path / "z", 2, "zstd") == plain
+    assert s["bytes"] < len(plain) / 3  # templated text compresses well
+
+
+def test_different_seeds_differ(tmp_path):
+    _run(tmp_path / "a", 300, 1, seed=1)
+    _run(tmp_path / "b", 300, 1, seed=2)
+    a = _concat(tmp_path / "a", 1).decode().splitlines()
+    b = _concat(tmp_path / "b", 1).decode().splitlines()
+    qa = [json.loads(x)["question"] for x in a]
+    qb = [json.loads(x)["question"] for x in b]
+    assert sum(x != y for x, y in zip(qa, qb)) > 0.9 * 300
+
+
+def test_summary_counts_match_the_files(tmp_path):
+    out = tmp_path / "c"
+    s = _run(out, 1200, 3, crisis_fraction=0.2)
+    recs = [json.loads(x) for x in _concat(out, 3).decode().splitlines()]
+    on_disk = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert on_disk == s
+    assert (out / "_SUCCESS").is_file()
+    assert not list(out.glob(".*inprogress"))
+    assert s["records"] == len(recs) == 1200
+    assert s["crisis"] == sum(r["meta"]["crisis"] for r in recs)
+    for t in ISSUE_TOPICS:
+        assert s["topics"][t] == sum(r["meta"]["topic"] == t for r in recs)
+    assert sum(s["distortions"].values()) == 1200
+    assert s["records_per_s"] > 0 and s["shards"] == 3
+    for f in s["files"]:
+        data = (out / f["file"]).read_bytes()
+        assert f["bytes"] == len(data) and f["content_sha256"] == hashlib.sha256(data).hexdigest()
+        assert f["records"] == len(data.splitlines())
+    assert s["bytes"] == sum(f["bytes"] for f in s["files"])
+
+
+def test_rerun_with_fewer_shards_removes_the_old_shards(tmp_path):
+    _run(tmp_path, 400, 4)
+    _run(tmp_path, 400, 2, compress="zstd")
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [
+        "part-00000-of-00002.jsonl.zst",
+        "part-00001-of-00002.jsonl.zst",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_shards_and_prints_summary(tmp_path, capsys):
+    out = tmp_path / "corpus"
+    rc = main(["synth", "template", "--num-records", "300", "--num-shards", "2", "--seed", "5", "--workers", "1",
+               "--out", str(out), "synth.crisis_fraction=0.05"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "records/s" in printed and "crisis records" in printed
+    summary = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert summary["records"] == 300 and summary["seed"] == 5 and summary["crisis_fraction"] == 0.05
+    lines = _concat(out, 2).decode().splitlines()
+    assert len(lines) == 300 and json.loads(lines[0])["id"] == "synth-5-000000000"
+
+
+def test_cli_rejects_bad_settings_with_one_clear_line(tmp_path, capsys):
+    assert main(["synth", "template", "--num-records", "3", "--num-shards", "4", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "synth.num_shards" in err and "lower num_shards" in err
+    afile = tmp_path / "f.txt"
+    afile.write_text("x")
+    assert main(["synth", "template", "--num-records", "3", "--num-shards", "1", "--out", str(afile)]) == 2
+    assert "synth.out_dir" in capsys.readouterr().err
+    assert main(["synth", "template", "--compress", "gzip", "--out", str(tmp_path / "y")]) == 2
+    assert "synth.compress" in capsys.readouterr().err
