@@ -1,0 +1,248 @@
+"""Input formats for `cbt-llm prepare`: one parsed record -> conversations (system / user / assistant turns).
+
+Declared with `data.format`:
+
+- cbt       our corpus schema v1 (data_pipeline.schema): user = question + description, assistant = answer.
+- psyqa     PsyQA JSON (a list of {question, description, keywords, questionID, answers[{answer_text}]}),
+            one example per answer; a bad answer is rejected alone, its siblings survive.
+- alpaca    {instruction, input?, output}: user = instruction (+ blank line + input), assistant = output.
+- sharegpt  {conversations: [{from: system|human|gpt, value}]}: human/gpt alternate, the last turn is gpt;
+            every gpt turn is learned.
+
+Every problem is a RecordError with a short reason code (counted in the manifest) and a one-line detail
+(written to rejects/). The reason codes are the keys of REASONS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from data_pipeline.schema import CorpusRecord, validate_record
+from data_pipeline.tokenizer import build_user_message
+
+# reason code -> what it means (README and the summary table use these words)
+REASONS: dict[str, str] = {
+    "invalid_utf8": "line is not valid UTF-8",
+    "malformed_json": "line is not valid JSON",
+    "not_object": "record is not a JSON object",
+    "missing_field": "a required field is missing",
+    "empty_field": "a required field is empty",
+    "wrong_type": "a field has the wrong type",
+    "invalid_value": "a field breaks a schema rule (no Chinese text, unknown label, crisis rules, turn order)",
+    "unknown_field": "a field the schema does not define",
+    "too_long": "more characters than data.max_chars",
+    "duplicate": "exact duplicate of an earlier conversation",
+    "overlong": "more tokens than data.seq_len (data.overlong=reject)",
+    "prompt_overlong": "the prompt alone fills data.seq_len, nothing left to learn",
+}
+
+FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt")
+
+
+class RecordError(ValueError):
+    """A bad record: `reason` is a code from REASONS, `detail` one line for the rejects file."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Example:
+    """One training conversation taken from a record."""
+
+    example_id: str
+    question: str  # the text the train/validation split is keyed on
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def chars(self, system_prompt: str) -> int:
+        """Characters of content, not counting the shared default system prompt."""
+        return sum(len(m["content"]) for m in self.messages if not (m["role"] == "system" and m["content"] == system_prompt))
+
+    def content_hash(self) -> int:
+        """64-bit hash of the exact conversation: equal conversations are duplicates."""
+        blob = json.dumps(self.messages, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_question(text: str) -> str:
+    """Key for the split: NFKC (full/half-width alike), case-folded, whitespace removed."""
+    return _SPACE.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+def split_of(question: str, val_fraction: float, seed: int = 0) -> str:
+    """'train' or 'validation', by a hash of the normalised question: every answer to one question lands on
+    the same side, whatever file or order it comes in."""
+    if val_fraction <= 0:
+        return "train"
+    h = hashlib.sha256(f"{seed}\x00{normalise_question(question)}".encode("utf-8")).digest()
+    return "validation" if int.from_bytes(h[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _get_str(obj: dict, key: str, *, required: bool = True, allow_empty: bool = False, where: str = "") -> str:
+    name = f"{where}{key}"
+    if key not in obj or (obj[key] is None and not required):
+        if required:
+            raise RecordError("missing_field", f"missing '{name}'")
+        return ""
+    v = obj[key]
+    if not isinstance(v, str):
+        raise RecordError("wrong_type", f"'{name}' must be a string (got {_type_name(v)})")
+    v = v.strip()
+    if not v and not allow_empty:
+        raise RecordError("empty_field", f"'{name}' is empty")
+    return v
+
+
+def _cbt_reason(obj: dict) -> str:
+    """Map the first pydantic error of the schema to a reason code."""
+    try:
+        CorpusRecord.model_validate(obj)
+    except ValidationError as err:
+        e = err.errors()[0]
+        t = e["type"]
+        if t == "missing":
+            return "missing_field"
+        if t == "extra_forbidden":
+            return "unknown_field"
+        if t in ("string_too_short", "too_short"):
+            return "empty_field"
+        if t.endswith("_type") or t.endswith("_parsing"):
+            return "wrong_type"
+        if "is empty" in str(e.get("msg", "")):
+            return "empty_field"
+    return "invalid_value"
+
+
+def _cbt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
+    rec, reason = validate_record(obj)
+    if reason is not None:
+        return [RecordError(_cbt_reason(obj), reason)]
+    user = build_user_message(rec["question"], rec["description"])
+    msgs = [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": rec["answer"]},
+    ]
+    return [Example(rec["id"], rec["question"], msgs)]
+
+
+def _psyqa(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
+    question = _get_str(obj, "question")
+    description = _get_str(obj, "description", required=False, allow_empty=True)
+    kw = obj.get("keywords")
+    if kw is not None and not isinstance(kw, (str, list)):
+        raise RecordError("wrong_type", f"'keywords' must be a comma-separated string (got {_type_name(kw)})")
+    qid = obj.get("questionID")
+    if qid is None:
+        raise RecordError("missing_field", "missing 'questionID'")
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)) or not str(qid).strip():
+        raise RecordError("wrong_type", f"'questionID' must be an integer or string (got {qid!r})")
+    if "answers" not in obj:
+        raise RecordError("missing_field", "missing 'answers'")
+    answers = obj["answers"]
+    if not isinstance(answers, list):
+        raise RecordError("wrong_type", f"'answers' must be a list (got {_type_name(answers)})")
+    if not answers:
+        raise RecordError("empty_field", "'answers' is empty")
+    user = build_user_message(question, description)
+    out: list[Example | RecordError] = []
+    for k, ans in enumerate(answers):
+        try:
+            if not isinstance(ans, dict):
+                raise RecordError("wrong_type", f"answers[{k}] must be an object (got {_type_name(ans)})")
+            text = _get_str(ans, "answer_text", where=f"answers[{k}].")
+        except RecordError as exc:
+            out.append(exc)
+            continue
+        msgs = [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": text},
+        ]
+        out.append(Example(f"psyqa-{str(qid).strip()}-{k}", question, msgs))
+    return out
+
+
+def _record_id(obj: dict, fallback_id: str) -> str:
+    rid = obj.get("id")
+    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip():
+        return str(rid).strip()
+    return fallback_id
+
+
+def _alpaca(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
+    instruction = _get_str(obj, "instruction")
+    extra = _get_str(obj, "input", required=False, allow_empty=True)
+    output = _get_str(obj, "output")
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    msgs = [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": output},
+    ]
+    return [Example(_record_id(obj, fallback_id), user, msgs)]
+
+
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _sharegpt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
+    if "conversations" not in obj:
+        raise RecordError("missing_field", "missing 'conversations'")
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise RecordError("wrong_type", f"'conversations' must be a list (got {_type_name(turns)})")
+    if not turns:
+        raise RecordError("empty_field", "'conversations' is empty")
+    msgs: list[dict[str, str]] = []
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RecordError("wrong_type", f"conversations[{k}] must be an object (got {_type_name(t)})")
+        who = _get_str(t, "from", where=f"conversations[{k}].")
+        if who not in _SHAREGPT_ROLES:
+            raise RecordError("invalid_value", f"conversations[{k}].from is '{who}', expected human, gpt or system")
+        role = _SHAREGPT_ROLES[who]
+        value = _get_str(t, "value", where=f"conversations[{k}].")
+        if role == "system" and k != 0:
+            raise RecordError("invalid_value", f"conversations[{k}]: a system turn may only come first")
+        msgs.append({"role": role, "content": value})
+    if msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    body = msgs[1:]
+    for k, m in enumerate(body):
+        want = "user" if k % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise RecordError("invalid_value", "turns must alternate human, gpt, human, gpt ... after an optional system turn")
+    if not body or body[-1]["role"] != "assistant":
+        raise RecordError("invalid_value", "the last turn must be gpt (an answer to learn)")
+    return [Example(_record_id(obj, fallback_id), body[0]["content"], msgs)]
+
+
+_CONVERTERS = {"cbt": _cbt, "psyqa": _psyqa, "alpaca": _alpaca, "sharegpt": _sharegpt}
+
+
+def to_examples(obj: Any, fmt: str, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
+    """One parsed record -> its examples. A RecordError in the list rejects one example (a PsyQA answer);
+    a RecordError raised rejects the whole record."""
+    if fmt not in _CONVERTERS:
+        raise ValueError(f"data.format '{fmt}' unknown; use one of {', '.join(FORMATS)}")
+    if not isinstance(obj, dict):
+        raise RecordError("not_object", f"record is a JSON {_type_name(obj)}, not an object")
+    return _CONVERTERS[fmt](obj, system_prompt, fallback_id)

@@ -1,0 +1,411 @@
+"""`cbt-llm prepare` end to end on small corpora, with one embedded Ray session for the whole module.
+
+What must hold: packed rows decode back to the conversations, labels cover exactly the answers and their
+end token, no question crosses the split, every kind of bad record is quarantined with its reason while every
+good one survives, a re-run is byte-identical, the other input formats prepare, a packed row's loss equals
+the sum of its examples' losses, and shards refuse a tokenizer they were not made with.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from cbt_llm.config import Config, ConfigError
+from data_pipeline.formats import normalise_question
+from data_pipeline.packing import IGNORE_INDEX, split_by_position_ids
+from data_pipeline.prepare import ManifestError, PrepareError, init_ray, load_manifest, run_prepare
+from data_pipeline.schema import join_answer
+from data_pipeline.tokenizer import IM_END, build_user_message, load_tokenizer, train_tokenizer_from_texts
+
+PSYQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "psyqa_example.json"
+SYSTEM = "你是一名心理咨询师,请用认知行为疗法回答。"
+SEQ_LEN = 384
+MAX_CHARS = 3000
+
+_TOPICS = ["失眠", "考试焦虑", "同事关系", "父母争吵", "工作压力", "分手以后", "社交恐惧", "拖延", "自卑", "孤独"]
+_PARTS = {
+    "empathy": ["你的感受是可以理解的。", "听起来你最近真的很辛苦。", "谢谢你愿意说出来。"],
+    "key_thought": ["你似乎认为一次失败就代表全部。", "你好像觉得别人都在评价你。", "你可能在想事情只会越来越糟。"],
+    "challenge": ["有没有证据说明事情并非如此?", "如果朋友这样想,你会怎么对他说?", "最坏的结果真的会发生吗?"],
+    "strategy": ["可以试着把担心写下来,每天安排放松时间。", "试试每天做十分钟的深呼吸练习。", "把大任务拆成小步骤。"],
+    "encouragement": ["相信你能慢慢好起来,必要时请寻求专业心理咨询师的帮助。", "你已经迈出了第一步,也可以找专业咨询师聊聊。"],
+}
+
+
+def make_record(i: int, rng: random.Random, n_questions: int = 60) -> dict:
+    """A valid schema-v1 record; questions repeat (several answers per question) so the split is tested."""
+    q = f"关于{_TOPICS[i % n_questions % len(_TOPICS)]}的问题{i % n_questions}:我该怎么办?"
+    cbt = {k: "".join(rng.choice(v) for _ in range(rng.randint(1, 3))) for k, v in _PARTS.items()}
+    return {
+        "id": f"rec-{i:05d}",
+        "question": q,
+        "description": "我最近" + "很难受" * rng.randint(0, 8),
+        "keywords": ["压力"],
+        "cbt": cbt,
+        "answer": join_answer(cbt),
+        "distortions": ["catastrophizing"],
+        "source": "synth-test",
+        "meta": {"crisis": False},
+    }
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def conversation(rec: dict, system: str = SYSTEM) -> list[dict]:
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": build_user_message(rec["question"], rec["description"])},
+        {"role": "assistant", "content": rec["answer"]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Corpus files, a tiny tokenizer and one Ray session shared by every test here."""
+    d = tmp_path_factory.mktemp("prep")
+    rng = random.Random(0)
+    good = [make_record(i, rng) for i in range(240)]
+    # a long answer (under max_chars, over seq_len tokens): kept, truncated
+    long_cbt = dict(good[0]["cbt"], strategy="把大任务拆成小步骤,每天完成一点。" * 90)
+    good.append(dict(good[1], id="rec-long", cbt=long_cbt, answer=join_answer(long_cbt)))
+    # good records in two files, one zstd-compressed, to cover both readers
+    (d / "a.jsonl").write_text("".join(dumps(r) + "\n" for r in good[:120]), encoding="utf-8")
+    (d / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(dumps(r) + "\n" for r in good[120:]).encode()))
+
+    bad_lines: list[tuple[bytes, str]] = []
+
+    def bad(obj, reason):
+        bad_lines.append((obj if isinstance(obj, bytes) else dumps(obj).encode(), reason))
+
+    base = make_record(9000, rng)
+    bad('{"id": "broken", "question": "你好",'.encode(), "malformed_json")
+    bad(b'{"id": "bad-utf8", "question": "\xff\xfe\xfd"}', "invalid_utf8")
+    bad([1, 2, 3], "not_object")
+    bad(dict(base, id="wrong-type", question=12345), "wrong_type")
+    bad({k: v for k, v in dict(base, id="no-answer").items() if k != "answer"}, "missing_field")
+    bad(dict(base, id="empty-q", question="   "), "empty_field")
+    bad(dict(base, id="empty-part", cbt=dict(base["cbt"], empathy="")), "empty_field")
+    bad(dict(base, id="no-chinese", question="how are you?"), "invalid_value")
+    bad(dict(base, id="extra", mood="sad"), "unknown_field")
+    bad(dict(base, id="huge", description="很" * (MAX_CHARS + 10)), "too_long")
+    bad(good[5], "duplicate")  # exact copy of a good record in an earlier file
+    with (d / "c_bad.jsonl").open("wb") as fh:
+        fh.write(b"\n")  # blank lines are not records
+        for raw, _ in bad_lines:
+            fh.write(raw + b"\n")
+
+    texts = [t for r in good for t in (r["question"], r["description"], r["answer"])] + [SYSTEM]
+    tok_dir = train_tokenizer_from_texts(texts, 700, d / "tok")
+    started, _ = init_ray(None, Path("/tmp") / f"cbtr-{d.name[-12:]}")
+    yield {"dir": d, "good": good, "bad": bad_lines, "tok": str(tok_dir)}
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def make_cfg(env, out: str, inputs=None, **data) -> Config:
+    base = {
+        "inputs": inputs or [str(env["dir"] / "*.jsonl*")],
+        "out_dir": str(env["dir"] / out),
+        "tokenizer": env["tok"],
+        "system_prompt": SYSTEM,
+        "seq_len": SEQ_LEN,
+        "pack_window": 100,
+        "val_fraction": 0.2,
+        "max_chars": MAX_CHARS,
+        "world_size": 2,
+    }
+    base.update(data)
+    return Config.model_validate({"data": base})
+
+
+def read_split(out: Path, manifest: dict, split: str) -> list[dict]:
+    rows = []
+    for sh in manifest["splits"][split]["shards"]:
+        rows.extend(pq.read_table(out / sh["path"]).to_pylist())
+    return rows
+
+
+def segments(rows: list[dict]):
+    """(example_id, input_ids, labels) of every example in packed rows, split at position_ids restarts."""
+    for r in rows:
+        spans = split_by_position_ids(r["position_ids"])
+        assert len(spans) == r["num_examples"] == len(r["example_ids"])
+        for eid, (s, e) in zip(r["example_ids"], spans):
+            assert r["position_ids"][s:e] == list(range(e - s))
+            yield eid, r["input_ids"][s:e], r["labels"][s:e]
+
+
+@pytest.fixture(scope="module")
+def prepared(env):
+    cfg = make_cfg(env, "out")
+    manifest = run_prepare(cfg)
+    return cfg, Path(cfg.data.out_dir), manifest
+
+
+def test_rows_decode_to_conversations_and_labels_to_answers(env, prepared):
+    cfg, out, man = prepared
+    tok = load_tokenizer(env["tok"])
+    by_id = {r["id"]: r for r in env["good"]}
+    seen = 0
+    for split in ("train", "validation"):
+        rows = read_split(out, man, split)
+        assert all(len(r["input_ids"]) <= SEQ_LEN for r in rows)
+        for eid, ids, labels in segments(rows):
+            rec = by_id[eid]
+            text = tok.apply_chat_template(conversation(rec), tokenize=False)
+            learned = [t for t in labels if t != IGNORE_INDEX]
+            if eid == "rec-long":  # truncated: a prefix of the conversation, answer cut short
+                assert len(ids) == SEQ_LEN and text.startswith(tok.decode(ids))
+                assert rec["answer"].startswith(tok.decode(learned))
+            else:
+                assert tok.decode(ids) == text
+                assert tok.decode(learned) == rec["answer"] + IM_END
+                # learned positions are one contiguous run ending on <|im_end|>, right after the prompt
+                pos = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
+                assert pos == list(range(pos[0], pos[-1] + 1))
+                assert ids[pos[-1]] == tok.convert_tokens_to_ids(IM_END)
+                assert tok.decode(ids[: pos[0]]).endswith("<|im_start|>assistant\n")
+                assert [ids[i] for i in pos] == learned
+            seen += 1
+    assert seen == len(env["good"]) == man["counts"]["kept"]
+    assert man["counts"]["truncated"] == 1
+
+
+def test_no_question_in_both_splits(env, prepared):
+    cfg, out, man = prepared
+    by_id = {r["id"]: r for r in env["good"]}
+    qs = {
+        split: {normalise_question(by_id[e]["question"]) for e, _, _ in segments(read_split(out, man, split))}
+        for split in ("train", "validation")
+    }
+    assert qs["train"] and qs["validation"]
+    assert not qs["train"] & qs["validation"]
+    n_val = man["counts"]["examples"]["validation"]
+    assert 0.08 < n_val / man["counts"]["kept"] < 0.35  # ~val_fraction 0.2, over 60 questions
+
+
+def test_bad_records_quarantined_with_reason_and_good_ones_survive(env, prepared):
+    cfg, out, man = prepared
+    rejects = [json.loads(l) for l in (out / "rejects" / "rejects-00000.jsonl").read_text(encoding="utf-8").splitlines()]
+    expected = [reason for _, reason in env["bad"]]
+    assert [r["reason"] for r in rejects] == expected
+    assert all(r["source_file"].endswith("c_bad.jsonl") for r in rejects)
+    assert [r["line"] for r in rejects] == list(range(2, 2 + len(expected)))  # line 1 is blank
+    assert "rec-00005" in rejects[-1]["detail"] and "a.jsonl:6" in rejects[-1]["detail"]
+    assert "question" in rejects[3]["detail"]  # wrong_type names the field
+    counts = man["counts"]
+    assert counts["read"] == len(env["good"]) + len(expected)
+    assert counts["rejected_total"] == len(expected)
+    assert counts["rejected"] == {r: expected.count(r) for r in set(expected)}
+    kept_ids = {e for s in ("train", "validation") for e, _, _ in segments(read_split(out, man, s))}
+    assert kept_ids == {r["id"] for r in env["good"]}
+
+
+def test_manifest_shards_and_balance(env, prepared):
+    cfg, out, man = prepared
+    train = man["splits"]["train"]["shards"]
+    assert len(train) % 2 == 0 and len(train) >= 2
+    assert [s["path"] for s in train] == [f"train/part-{k:05d}-of-{len(train):05d}.parquet" for k in range(len(train))]
+    assert max(man["rows_per_rank"]) - min(man["rows_per_rank"]) <= 1
+    assert sum(man["rows_per_rank"]) == man["counts"]["rows"]["train"] == sum(s["rows"] for s in train)
+    assert man["rows_uneven"] == man["counts"]["rows"]["train"] % 2
+    assert sum(s["tokens"] for s in train) == man["counts"]["tokens"]["train"]
+    assert sum(s["examples"] for s in train) == man["counts"]["examples"]["train"]
+    assert man["packing_efficiency"]["train"] == pytest.approx(
+        man["counts"]["tokens"]["train"] / (man["counts"]["rows"]["train"] * SEQ_LEN), abs=1e-6
+    )
+    # examples here are 100-300 tokens in 384: packing must put more than one in most rows
+    assert man["counts"]["examples"]["train"] / man["counts"]["rows"]["train"] > 1.5
+    assert man["packing_efficiency"]["train"] > 0.75
+    t = pq.read_table(out / train[0]["path"])
+    assert t.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert t.schema.field("num_examples").type == pa.int32()
+    assert load_manifest(out, verify_checksums=True)["config_hash"] == man["config_hash"]
+    metrics = json.loads((out / "prepare_metrics.json").read_text())
+    assert metrics["records_read"] == man["counts"]["read"] and metrics["tokens/s"] > 0
+    assert not list(out.glob(".staging-*"))
+
+
+def test_rerun_is_byte_identical(env, prepared):
+    cfg, out, man = prepared
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "prepare_metrics.json"}
+    again = run_prepare(cfg)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "prepare_metrics.json"}
+    assert again == man
+    assert before == after
+    # another folder, same inputs and config: same shards (config_hash leaves out_dir out)
+    other = run_prepare(make_cfg(env, "out2"))
+    assert other["splits"] == man["splits"] and other["config_hash"] == man["config_hash"]
+
+
+def test_strict_fails_on_first_bad_record(env, capsys):
+    from cbt_llm.cli import main
+
+    cfg = make_cfg(env, "strict")
+    with pytest.raises(PrepareError, match=r"c_bad.jsonl:2: malformed_json"):
+        run_prepare(cfg, strict=True)
+    assert not (Path(cfg.data.out_dir) / "manifest.json").exists()
+    rc = main(["prepare", f"data.inputs=[{env['dir'] / 'c_bad.jsonl'}]", f"data.tokenizer={env['tok']}",
+               f"data.out_dir={env['dir'] / 'strict2'}", "--strict"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("error: --strict: bad record at ") and "malformed_json" in err[-1]
+
+
+def test_tokenizer_hash_mismatch_refused(env, prepared):
+    cfg, out, man = prepared
+    assert load_manifest(out, tokenizer=env["tok"])["tokenizer"]["hash"] == man["tokenizer"]["hash"]
+    other = train_tokenizer_from_texts([r["answer"] for r in env["good"]], 500, env["dir"] / "tok_other")
+    with pytest.raises(ManifestError, match="tokenizer mismatch"):
+        load_manifest(out, tokenizer=str(other))
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        load_manifest(env["dir"] / "nowhere")
+
+
+def test_bad_sizes_fail_before_work(env):
+    with pytest.raises(ConfigError, match="num_shards=3 is not a multiple of data.world_size=2"):
+        run_prepare(make_cfg(env, "x", num_shards=3))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        run_prepare(make_cfg(env, "x", inputs=[str(env["dir"] / "nope*.jsonl")]))
+
+
+def test_padding_mode_and_overlong_reject(env):
+    man = run_prepare(make_cfg(env, "padded", packing=False, overlong="reject", val_fraction=0.0, num_shards=4))
+    out = Path(env["dir"] / "padded")
+    rows = read_split(out, man, "train")
+    assert len(man["splits"]["train"]["shards"]) == 4 and man["splits"]["validation"]["shards"] == []
+    assert man["counts"]["rejected"]["overlong"] == 1 and man["counts"]["truncated"] == 0
+    pad = man["pad_token_id"]
+    real = 0
+    for r in rows:
+        assert len(r["input_ids"]) == SEQ_LEN and r["num_examples"] == 1
+        n_pad = next(i for i, t in enumerate(reversed(r["input_ids"])) if t != pad)
+        assert n_pad > 0 and all(t == IGNORE_INDEX for t in r["labels"][SEQ_LEN - n_pad :])
+        assert r["position_ids"] == list(range(SEQ_LEN))
+        real += SEQ_LEN - n_pad
+    assert man["counts"]["tokens"]["train"] == real
+    assert man["packing_efficiency"]["train"] == pytest.approx(real / (len(rows) * SEQ_LEN), abs=1e-6)
+    assert man["counts"]["rows"]["train"] == man["counts"]["kept"] == len(env["good"]) - 1
+
+
+def test_alpaca_json_and_sharegpt_parquet(env):
+    d = env["dir"] / "fmt"
+    d.mkdir()
+    rng = random.Random(5)
+    alp = [{"instruction": f"请解释{t}的常见原因{i}", "input": "我是学生" if i % 2 else "", "output": r["answer"]}
+           for i, (t, r) in enumerate(zip(_TOPICS * 10, env["good"]))]
+    alp.append({"instruction": "", "output": "空指令"})
+    (d / "alpaca.json").write_text(dumps(alp), encoding="utf-8")
+    man = run_prepare(make_cfg(env, "alp", inputs=[str(d / "alpaca.json")], format="alpaca"))
+    assert man["counts"]["kept"] == len(alp) - 1 and man["counts"]["rejected"] == {"empty_field": 1}
+    out = env["dir"] / "alp"
+    tok = load_tokenizer(env["tok"])
+    outputs = {a["output"] for a in alp}
+    for _, ids, labels in segments(read_split(out, man, "train") + read_split(out, man, "validation")):
+        assert tok.decode([t for t in labels if t != IGNORE_INDEX]).removesuffix(IM_END) in outputs
+
+    convs = []
+    for i in range(40):
+        turns = [{"from": "human", "value": f"第{i}轮:{_TOPICS[i % 10]}怎么办?"}, {"from": "gpt", "value": env["good"][i]["answer"]}]
+        if i % 3 == 0:
+            turns += [{"from": "human", "value": "还有别的办法吗?"}, {"from": "gpt", "value": "可以每天散步二十分钟。"}]
+        if i % 4 == 0:
+            turns.insert(0, {"from": "system", "value": "你是一位温和的咨询师。"})
+        convs.append({"id": f"sg-{i}", "conversations": turns})
+    convs.append({"id": "sg-bad", "conversations": [{"from": "gpt", "value": "先回答"}, {"from": "human", "value": "再提问"}]})
+    pq.write_table(pa.Table.from_pylist(convs), d / "sharegpt.parquet")
+    man = run_prepare(make_cfg(env, "sg", inputs=[str(d / "sharegpt.parquet")], format="sharegpt", val_fraction=0.1))
+    assert man["counts"]["kept"] == 40 and man["counts"]["rejected"] == {"invalid_value": 1}
+    out = env["dir"] / "sg"
+    by_id = {c["id"]: c for c in convs}
+    n_multi = 0
+    for eid, ids, labels in segments(read_split(out, man, "train") + read_split(out, man, "validation")):
+        gpt = [t["value"] for t in by_id[eid]["conversations"] if t["from"] == "gpt"]
+        text = tok.decode(ids)
+        assert text.startswith("<|im_start|>system\n" + ("你是一位温和的咨询师。" if int(eid[3:]) % 4 == 0 else SYSTEM))
+        assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "".join(g + IM_END for g in gpt)
+        n_multi += len(gpt) == 2
+    assert n_multi == 14
+
+
+@pytest.mark.skipif(not PSYQA.is_file(), reason=f"PsyQA sample not found at {PSYQA} (not redistributable; optional)")
+def test_psyqa_sample_end_to_end(env):
+    data = json.loads(PSYQA.read_text(encoding="utf-8"))
+    n_answers = sum(len(q["answers"]) for q in data)
+    texts = [q["question"] + q["description"] for q in data] + [a["answer_text"] for q in data for a in q["answers"]]
+    tok_dir = train_tokenizer_from_texts(texts, 1500, env["dir"] / "tok_psyqa")
+    cfg = make_cfg(env, "psyqa", inputs=[str(PSYQA)], format="psyqa", tokenizer=str(tok_dir), seq_len=1024, pack_window=1000)
+    man = run_prepare(cfg)
+    c = man["counts"]
+    assert c["read"] == len(data) == 100
+    assert c["kept"] + c["rejected_total"] == n_answers == 268
+    assert set(c["rejected"]) <= {"duplicate", "too_long", "empty_field"}
+    out = Path(cfg.data.out_dir)
+    sides: dict[str, set] = {}
+    for split in ("train", "validation"):
+        for eid, _, _ in segments(read_split(out, man, split)):
+            sides.setdefault(eid.rsplit("-", 1)[0], set()).add(split)
+    assert all(len(s) == 1 for s in sides.values())  # all answers of a question on one side
+
+
+def test_packed_loss_equals_sum_of_separate_losses(env, prepared):
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg, out, man = prepared
+    tok = load_tokenizer(env["tok"])
+    rows = read_split(out, man, "train")
+    row = max(rows, key=lambda r: r["num_examples"])
+    assert row["num_examples"] >= 2
+    torch.manual_seed(0)
+    mcfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
+                       attn_implementation="sdpa", use_cache=False)
+    model = Qwen2ForCausalLM(mcfg).float().eval()
+
+    def summed_loss(ids, pos, labels):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos])).logits[0]
+        return torch.nn.functional.cross_entropy(
+            logits[:-1], torch.tensor(labels[1:]), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    packed = summed_loss(row["input_ids"], row["position_ids"], row["labels"])
+    separate = sum(
+        summed_loss(row["input_ids"][s:e], list(range(e - s)), row["labels"][s:e])
+        for s, e in split_by_position_ids(row["position_ids"])
+    )
+    assert packed.item() > 0
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+    # without position_ids the examples would see each other: the loss must differ (the test has teeth)
+    with torch.no_grad():
+        leaky = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+    leaky_loss = torch.nn.functional.cross_entropy(leaky[:-1], torch.tensor(row["labels"][1:]), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert abs(leaky_loss.item() - separate.item()) > 1e-3
+
+
+def test_mask_finds_the_answer_not_an_earlier_copy_of_it(env):
+    from data_pipeline.prepare import tokenize_conversation
+
+    tok = load_tokenizer(env["tok"])
+    answer = "试试每天做十分钟的深呼吸练习。"
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"别人说:{answer}有用吗?"},
+            {"role": "assistant", "content": answer}]
+    ids, labels = tokenize_conversation(tok, msgs, IM_END)
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
+    first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == answer + IM_END
