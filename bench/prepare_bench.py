@@ -132,6 +132,7 @@ def main() -> int:
     ap.add_argument("--num-proc", type=int, default=2, help="datasets.map num_proc for the baseline")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench-prepare"))
     ap.add_argument("--keep", action="store_true", help="keep the work files")
+    ap.add_argument("--ours-only", action="store_true", help="skip the baseline (memory-growth runs at 5M)")
     ap.add_argument("--baseline", nargs=4, metavar=("FILES_JSON", "TOK", "SEQ_LEN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline:
@@ -162,12 +163,15 @@ def main() -> int:
         ours_rows = c["rows"]["train"] + c["rows"]["validation"]
         ours_tokens = c["tokens"]["train"] + c["tokens"]["validation"]
 
-        print(f"baseline: datasets.map(num_proc={args.num_proc}) + padding ...", file=sys.stderr)
-        base_out = work / "baseline"
-        base_out.mkdir()
-        base = run_measured([sys.executable, __file__, "--num-proc", str(args.num_proc), "--baseline",
-                             json.dumps(files), str(tok_dir), str(args.seq_len), str(base_out)], env)
-        bstats = json.loads((base_out / "baseline_stats.json").read_text())
+        if args.ours_only:
+            base, bstats = {"wall_s": float("nan"), "peak_pss_mib": float("nan"), "max_processes": 0}, None
+        else:
+            print(f"baseline: datasets.map(num_proc={args.num_proc}) + padding ...", file=sys.stderr)
+            base_out = work / "baseline"
+            base_out.mkdir()
+            base = run_measured([sys.executable, __file__, "--num-proc", str(args.num_proc), "--baseline",
+                                 json.dumps(files), str(tok_dir), str(args.seq_len), str(base_out)], env)
+            bstats = json.loads((base_out / "baseline_stats.json").read_text())
 
         n = args.num_records
         result = {
@@ -190,7 +194,7 @@ def main() -> int:
                 "efficiency": round(ours_tokens / (ours_rows * args.seq_len), 4),
                 "rejected": c["rejected_total"],
             },
-            "baseline": {
+            "baseline": None if bstats is None else {
                 "wall_s": round(base["wall_s"], 2),
                 "records_per_s": round(n / base["wall_s"], 1),
                 "tokens_per_s": round(bstats["tokens"] / base["wall_s"], 1),
@@ -202,24 +206,29 @@ def main() -> int:
             },
         }
         o, b = result["ours"], result["baseline"]
-        result["ratio"] = {
+        result["ratio"] = None if b is None else {
             "speed(ours/baseline records/s)": round(o["records_per_s"] / b["records_per_s"], 3),
             "memory(ours/baseline peak)": round(o["peak_pss_mib"] / b["peak_pss_mib"], 3),
             "rows(ours/baseline)": round(o["rows"] / b["rows"], 4),
         }
-        out_path = ROOT / "bench" / "results" / "prepare.json"
+        tag = f"{n // 1000}k-seq{args.seq_len}" + ("-ours" if b is None else "")
+        out_path = ROOT / "bench" / "results" / f"prepare-{tag}.json"
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 
         print(f"\n### prepare: {n:,} records, seq_len {args.seq_len}, {os.cpu_count()} CPUs\n")
         print("| pipeline | wall s | records/s | tokens/s | peak PSS MiB (tree) | rows | efficiency |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for name, r in (("ours (Ray Data + BFD packing)", o), (f"datasets.map(num_proc={args.num_proc}) + padding", b)):
+        rows = [("ours (Ray Data + BFD packing)", o)]
+        if b is not None:
+            rows.append((f"datasets.map(num_proc={args.num_proc}) + padding", b))
+        for name, r in rows:
             print(f"| {name} | {r['wall_s']:,.1f} | {r['records_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
                   f"{r['peak_pss_mib']:,.0f} | {r['rows']:,} | {r['efficiency']:.3f} |")
-        print(f"\nratio ours/baseline: speed {result['ratio']['speed(ours/baseline records/s)']}x, "
-              f"memory {result['ratio']['memory(ours/baseline peak)']}x, rows {result['ratio']['rows(ours/baseline)']}x; "
-              f"Ray start-up {o['ray_startup_s']} s; wrote {out_path.relative_to(ROOT)}")
+        if b is not None:
+            print(f"\nratio ours/baseline: speed {result['ratio']['speed(ours/baseline records/s)']}x, "
+                  f"memory {result['ratio']['memory(ours/baseline peak)']}x, rows {result['ratio']['rows(ours/baseline)']}x")
+        print(f"Ray start-up {o['ray_startup_s']} s; wrote {out_path.relative_to(ROOT)}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
