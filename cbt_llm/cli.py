@@ -21,6 +21,8 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--out", "synth.out_dir", str, "output folder"),
         ("--num-shards", "synth.num_shards", int, "number of output shards"),
         ("--compress", "synth.compress", str, "none or zstd"),
+        ("--crisis-fraction", "synth.crisis_fraction", float, "fraction of crisis (suicide/self-harm) questions"),
+        ("--workers", "synth.workers", int, "parallel processes (1: single process, 0: one per CPU)"),
     ],
     "synth api": [
         ("--input", "api.input", str, "PsyQA JSON or our JSONL"),
@@ -41,6 +43,16 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
     "prepare": [
         ("--out", "data.out_dir", str, "output folder"),
         ("--tokenizer", "data.tokenizer", str, "tokenizer folder or HF id"),
+    ],
+    "train": [
+        ("--data", "train.data_dir", str, "folder written by `cbt-llm prepare`"),
+        ("--run-dir", "train.run_dir", str, "checkpoints, metrics and W&B files"),
+        ("--model", "model.name_or_path", str, "Hugging Face id or local folder"),
+        ("--max-steps", "train.max_steps", int, "optimizer steps (0: train.epochs)"),
+    ],
+    "launch": [
+        ("--nodes", "launch.nodes", int, "machines"),
+        ("--gpus-per-node", "launch.gpus_per_node", int, "GPUs per machine (processes per machine on CPU)"),
     ],
 }
 
@@ -87,10 +99,53 @@ def _cmd_tokenizer_train(cfg: Config, args) -> int:
 
 
 def _cmd_prepare(cfg: Config, args) -> int:
-    from data_pipeline.prepare import run_prepare
+    from data_pipeline.prepare import PrepareError, run_prepare
 
-    run_prepare(cfg, strict=args.strict, ray_address=args.ray_address)
+    try:
+        run_prepare(cfg, strict=args.strict, ray_address=args.ray_address)
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _cmd_train(cfg: Config, args) -> int:
+    from train.engine import run_train
+
+    return run_train(cfg)
+
+
+def _cmd_export(cfg: Config, args) -> int:
+    from train.export import run_export
+
+    run_export(args.run, args.out, merge_lora=args.merge_lora, tag=args.tag)
+    return 0
+
+
+def _cmd_launch(cfg: Config, args) -> int:
+    from launch.render import TrainCommand
+    from launch.submit import run_launch
+
+    cmd = TrainCommand(config=args.config, overrides=list(args.overrides))
+    return run_launch(args.launcher, cfg, cmd, dry_run=args.launch_dry_run, node_rank=args.node_rank, wait=args.wait)
+
+
+def _add_launch(sub) -> None:
+    launch = sub.add_parser("launch", help="render and run/submit the training job: deepspeed launcher, Slurm or Ray")
+    kinds = launch.add_subparsers(dest="launcher", required=True)
+    for name, help_ in (("deepspeed", "the deepspeed launcher: one node, a hostfile over ssh, or --no_ssh per node"),
+                        ("slurm", "an sbatch script: torchrun per node, c10d rendezvous, requeue on preemption"),
+                        ("ray", "a Ray job running Ray Train's TorchTrainer")):
+        p = kinds.add_parser(name, help=help_)
+        p.add_argument("--config", help="YAML config (see configs/)")
+        # its own --dry-run: print the rendered script rather than the resolved config
+        p.add_argument("--dry-run", dest="launch_dry_run", action="store_true", help="print the launcher script and exit")
+        for flag, dotted, typ, fhelp in _FLAGS["launch"]:
+            p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, help=f"{fhelp} ({dotted})")
+        p.add_argument("--node-rank", type=int, default=None, help="deepspeed --no_ssh multi-node: this machine's index")
+        p.add_argument("--wait", action="store_true", help="slurm: wait for the job to finish (sbatch --wait)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, passed on to `cbt-llm train` too")
+        p.set_defaults(func=_cmd_launch, dry_run=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on the first bad record")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: $RAY_ADDRESS or local)")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="DeepSpeed ZeRO training on the packed shards (run under torchrun/deepspeed)")
+    _add_common(p, "train")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face model or LoRA adapter")
+    _add_common(p, "export")
+    p.add_argument("--run", required=True, help="the run folder (train.run_dir)")
+    p.add_argument("--out", required=True, help="output folder (safetensors + tokenizer)")
+    p.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights")
+    p.add_argument("--tag", default=None, help="checkpoint folder name (default: latest)")
+    p.set_defaults(func=_cmd_export)
+
+    _add_launch(sub)
     return parser
 
 

@@ -1,0 +1,179 @@
+"""Per-rank reader of the packed shards written by `cbt-llm prepare` (contract: manifest.json + parquet).
+
+Each rank reads only its own train shards (shard i belongs to rank i % world_size), so no rank tokenizes or
+broadcasts data. The order inside an epoch is a permutation seeded by (seed, epoch, rank): the loader's whole
+position is (epoch, step_in_epoch), which is what goes into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from cbt_llm.config import ConfigError
+
+IGNORE = -100
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Read and sanity-check data_dir/manifest.json; one-line ConfigError when it is missing or foreign."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"train.data_dir: no manifest.json in '{data_dir}'; run `cbt-llm prepare` first or fix train.data_dir"
+        )
+    m = json.loads(path.read_text(encoding="utf-8"))
+    if m.get("schema_version") != 1:
+        raise ConfigError(f"{path}: schema_version {m.get('schema_version')!r} is not 1; re-run `cbt-llm prepare`")
+    if not m.get("splits", {}).get("train", {}).get("shards"):
+        raise ConfigError(f"{path}: no train shards listed; re-run `cbt-llm prepare`")
+    return m
+
+
+def rank_shards(manifest: dict, split: str, rank: int, world: int) -> list[dict]:
+    """The train shards this rank owns: shard i goes to rank i % world (prepare writes a multiple of world)."""
+    shards = manifest["splits"][split]["shards"]
+    if split == "train" and len(shards) % world:
+        raise ConfigError(
+            f"manifest has {len(shards)} train shards, not a multiple of world_size {world}; "
+            f"re-run `cbt-llm prepare data.world_size={world}`"
+        )
+    return [s for i, s in enumerate(shards) if i % world == rank]
+
+
+@dataclass
+class PackedRows:
+    """Rows kept as flat int32 arrays plus offsets: compact, and a row is a cheap slice."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    offsets: np.ndarray  # row i is [offsets[i], offsets[i+1])
+    real_len: np.ndarray  # non-padding tokens per row (= row length when packed)
+    keys: list[str]  # "shard_path:row" identifies a row across ranks and runs
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[a:b], self.labels[a:b], self.position_ids[a:b]
+
+
+def _flat(col) -> tuple[np.ndarray, np.ndarray]:
+    col = col.combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def read_rows(data_dir: str | Path, shards: list[dict], pad_token_id: int) -> PackedRows:
+    """Load the given shards into one PackedRows; a shard whose row count disagrees with the manifest fails."""
+    ids_l, lab_l, pos_l, offs, keys = [], [], [], [np.zeros(1, np.int64)], []
+    base = 0
+    for s in shards:
+        path = Path(data_dir) / s["path"]
+        if not path.is_file():
+            raise ConfigError(f"shard '{path}' listed in manifest.json is missing; re-run `cbt-llm prepare`")
+        t = pq.read_table(path, columns=["input_ids", "labels", "position_ids"])
+        if t.num_rows != s["rows"]:
+            raise ConfigError(f"shard '{path}' has {t.num_rows} rows, manifest says {s['rows']}; re-run prepare")
+        ids, off = _flat(t["input_ids"])
+        lab, off2 = _flat(t["labels"])
+        pos, off3 = _flat(t["position_ids"])
+        if not (np.array_equal(off, off2) and np.array_equal(off, off3)):
+            raise ConfigError(f"shard '{path}': input_ids/labels/position_ids row lengths differ")
+        ids_l.append(ids), lab_l.append(lab), pos_l.append(pos)
+        offs.append(off[1:] + base)
+        base += len(ids)
+        keys += [f"{s['path']}:{r}" for r in range(t.num_rows)]
+    input_ids = np.concatenate(ids_l) if ids_l else np.zeros(0, np.int64)
+    labels = np.concatenate(lab_l) if lab_l else np.zeros(0, np.int64)
+    offsets = np.concatenate(offs)
+    # padding = trailing pad tokens that carry no label; only padded (packing=false) rows have any
+    real = np.empty(len(offsets) - 1, np.int64)
+    for i in range(len(real)):
+        a, b = offsets[i], offsets[i + 1]
+        useful = np.nonzero((input_ids[a:b] != pad_token_id) | (labels[a:b] != IGNORE))[0]
+        real[i] = useful[-1] + 1 if len(useful) else 0
+    return PackedRows(input_ids, labels, np.concatenate(pos_l) if pos_l else labels.copy(), offsets, real, keys)
+
+
+def collate(rows: PackedRows, idx: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack rows, padding at the end to the longest. No attention mask: position_ids mark the examples.
+
+    Padding sits after every real token, so under causal attention no real token can see it; its labels are
+    -100 and its positions restart at 0, so it forms its own tiny 'example'.
+    """
+    parts = [rows.row(i) for i in idx]
+    width = max(len(p[0]) for p in parts)
+    ids = np.full((len(idx), width), pad_token_id, np.int64)
+    lab = np.full((len(idx), width), IGNORE, np.int64)
+    pos = np.tile(np.arange(width, dtype=np.int64), (len(idx), 1))
+    for j, (a, b, c) in enumerate(parts):
+        n = len(a)
+        ids[j, :n], lab[j, :n], pos[j, :n] = a, b, c
+        pos[j, n:] = np.arange(width - n)
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(lab),
+        "position_ids": torch.from_numpy(pos),
+        "real_tokens": int(rows.real_len[idx].sum()),
+    }
+
+
+class RankLoader:
+    """Deterministic, resumable stream of optimizer steps for one rank.
+
+    Every rank runs the same number of steps per epoch (the smallest rank's rows // rows per step, computed
+    from the manifest alone, so no collective is needed); a rank's extra rows are left out and counted.
+    """
+
+    def __init__(self, rows: PackedRows, *, micro_batch_size: int, grad_accum: int, seed: int, rank: int,
+                 steps_per_epoch: int, pad_token_id: int):
+        self.rows, self.mb, self.ga, self.seed, self.rank = rows, micro_batch_size, grad_accum, seed, rank
+        self.steps_per_epoch, self.pad = steps_per_epoch, pad_token_id
+        self.epoch, self.step_in_epoch = 0, 0
+        self._order: np.ndarray | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row indices of this rank for `epoch`, in training order (a pure function of seed, epoch, rank)."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        return rng.permutation(len(self.rows))[: self.steps_per_epoch * self.mb * self.ga]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self._order = None
+
+    def next_step(self) -> tuple[list[dict], list[str]]:
+        """The micro-batches of the next optimizer step and the keys of the rows in them; advances the position."""
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self.order(self.epoch)
+        per_step = self.mb * self.ga
+        chunk = self._order[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step].tolist()
+        self.step_in_epoch += 1
+        micro = [collate(self.rows, chunk[k * self.mb:(k + 1) * self.mb], self.pad) for k in range(self.ga)]
+        return micro, [self.rows.keys[i] for i in chunk]
+
+
+def steps_per_epoch(manifest: dict, world: int, micro_batch_size: int, grad_accum: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, train rows left out per epoch), from the manifest's row counts."""
+    per_rank = [sum(s["rows"] for s in rank_shards(manifest, "train", r, world)) for r in range(world)]
+    per_step = micro_batch_size * grad_accum
+    steps = min(per_rank) // per_step
+    if steps == 0:
+        raise ConfigError(
+            f"rank rows {per_rank} < micro_batch_size*grad_accum = {per_step}: lower train.micro_batch_size "
+            "or train.grad_accum, or prepare more data"
+        )
+    return steps, sum(per_rank) - steps * per_step * world

@@ -1,0 +1,82 @@
+"""`cbt-llm export`: a run's ZeRO checkpoint -> a Hugging Face folder (safetensors + tokenizer).
+
+Three outputs: a full fine-tune becomes a consolidated model; a LoRA run becomes a peft adapter (loadable with
+PeftModel.from_pretrained on the base), or with --merge-lora a merged model loadable by transformers alone.
+Runs in one process without a process group: DeepSpeed's zero_to_fp32 reads every rank's shard files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from cbt_llm.config import ConfigError, load_config
+from cbt_llm.report import print_summary, write_metrics
+from train import checkpoint as ckpt
+
+
+def _gather_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ds_logger.setLevel(logging.WARNING)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, tag: str | None = None) -> dict:
+    """Write the exported model/adapter to `out`; returns a summary dict (also written to out/export.json)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, out = Path(run), Path(out)
+    ckpt_dir = run / "checkpoints"
+    tag = tag or ckpt.latest_tag(ckpt_dir)
+    if not tag or not (ckpt_dir / tag / ckpt.STATE_FILE).is_file():
+        raise ConfigError(f"--run: no complete checkpoint in '{ckpt_dir}'; train first or pass --tag of a saved step")
+    state = json.loads((ckpt_dir / tag / ckpt.STATE_FILE).read_text())
+    cfg = load_config(run / "config.yaml")
+    lora = bool(state["lora"])
+    if merge_lora and not lora:
+        raise ConfigError("--merge-lora: this run trained all weights (model.lora.enabled=false); drop --merge-lora")
+    dtype = torch.bfloat16 if state.get("dtype") == "bfloat16" else torch.float32
+    base = state["base_model"]
+    if Path(base).exists():
+        base = str(Path(base).resolve())
+
+    sd = _gather_state_dict(ckpt_dir, tag)
+    if lora:
+        lora_keys = [k for k in sd if ".lora_" in k]
+        if not lora_keys:
+            raise ConfigError(f"checkpoint {tag} holds no LoRA weights; was it trained with model.lora.enabled=true?")
+        # lora_B starts at zero: if it still is, the adapter changes nothing
+        if all(float(sd[k].detach().abs().max()) == 0.0 for k in lora_keys if ".lora_B." in k):
+            raise ConfigError(f"checkpoint {tag}: every lora_B is zero, the adapter is a no-op; train longer before exporting")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+    if lora:
+        from train.model import apply_lora
+
+        model = apply_lora(model, cfg.model.lora)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k or not lora]:
+        raise RuntimeError(f"checkpoint {tag} does not match the model: missing={missing[:3]} unexpected={unexpected[:3]}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if lora and merge_lora:
+        model = model.merge_and_unload()
+        kind = "merged"
+    elif lora:
+        model.peft_config["default"].base_model_name_or_path = base
+        kind = "adapter"
+    else:
+        kind = "full"
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code).save_pretrained(out)
+    summary = {"kind": kind, "run": str(run), "checkpoint": tag, "step": state["step"], "base_model": base,
+               "dtype": str(dtype).replace("torch.", ""), "tensors": len(sd), "out": str(out)}
+    write_metrics(out / "export.json", summary)
+    print_summary("cbt-llm export", summary, file=sys.stderr)
+    return summary

@@ -1,0 +1,139 @@
+"""Honest training metrics: real-token throughput, MFU from a peak-FLOPs table, W&B + metrics.jsonl on rank 0.
+
+FLOPs per token (the PaLM / nanoGPT convention, forward + backward, no recomputation counted):
+    full fine-tuning:  6 N + 12 L H d_head T
+    LoRA:              4 N_frozen + 6 N_trainable + 12 L H d_head T
+LoRA still runs the forward (2 N) and the backward through every frozen weight to reach earlier adapters
+(2 N), but skips the frozen weights' own gradient matmuls (the third 2 N). T is the packed row length
+(seq_len), L layers, H heads. Embedding parameters are included in N (a small overcount at 7B).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+# dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, no sparsity)
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "H800": 989e12,
+    "H20": 148e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "A6000": 155e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """Peak FLOP/s of a device by name (longest table key contained in the name); None when unknown or CPU."""
+    if not device_name:
+        return None
+    hits = [k for k in PEAK_BF16_FLOPS if k.lower() in device_name.lower()]
+    return PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
+
+
+def flops_per_token(n_total: int, n_trainable: int, lora: bool, layers: int, heads: int, head_dim: int,
+                    seq_len: int) -> float:
+    """Training FLOPs per token (see module docstring for the convention)."""
+    attn = 12 * layers * heads * head_dim * seq_len
+    if lora:
+        return 4 * (n_total - n_trainable) + 6 * n_trainable + attn
+    return 6 * n_total + attn
+
+
+def mfu(tokens_per_s_per_device: float, fpt: float, peak: float | None) -> float | None:
+    return None if not peak else tokens_per_s_per_device * fpt / peak
+
+
+class MetricsLogger:
+    """Rank 0 writes metrics.jsonl and W&B; every other rank gets the same object doing nothing."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg=None, run_name: str = "", config: dict | None = None,
+                 resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run = None
+        self.wandb_id: str | None = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            # a resumed run replays the steps after its checkpoint: drop their old lines so the file is one history
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        mode = os.environ.get("WANDB_MODE") or (wandb_cfg.mode if wandb_cfg else "disabled")
+        if mode != "disabled":
+            import wandb
+
+            id_file = Path(run_dir) / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+            self.run = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity or None, name=run_name or None,
+                tags=wandb_cfg.tags or None, id=run_id, resume="allow", dir=str(run_dir), mode=mode,
+                config=config,
+            )
+            self.wandb_id = run_id
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """One line of metrics for `step` (None values mean 'not measurable here', e.g. MFU on CPU)."""
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            # W&B ignores steps at or below one it already has (after a resume); metrics.jsonl is the full record
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> None:
+    """train/loss and eval/loss against step, as a PNG (Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("train/loss", "eval/loss"):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key == "eval/loss" else None, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / label token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""Model build: a Hugging Face causal LM (or a small random one), its attention kernel, precision and LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from cbt_llm.config import ConfigError, LoraConfig, ModelConfig
+from train.data import IGNORE
+
+
+def resolve_dtype(mcfg: ModelConfig, device_type: str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless the config says otherwise (fp16 is not offered: bf16 needs no loss scaling)."""
+    if mcfg.precision == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return torch.bfloat16 if mcfg.precision == "bf16" else torch.float32
+
+
+def select_attn(mcfg: ModelConfig, device_type: str) -> str:
+    """flash_attention_2 when asked for (or auto) and usable, else sdpa; never a silent downgrade of an explicit ask."""
+    have_fa = device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if mcfg.attn == "flash_attention_2" and not have_fa:
+        raise ConfigError("model.attn=flash_attention_2 needs CUDA and the flash-attn package; use model.attn=sdpa")
+    if mcfg.attn == "auto":
+        return "flash_attention_2" if have_fa else "sdpa"
+    return mcfg.attn
+
+
+def random_model_config(mcfg: ModelConfig, vocab_size: int, seq_len: int, pad_token_id: int, eos_token_id: int):
+    """The transformers config of `model.init: random` (Qwen2 architecture by default)."""
+    from transformers import AutoConfig
+
+    if mcfg.hidden_size % mcfg.num_heads or mcfg.num_heads % mcfg.num_kv_heads:
+        raise ConfigError("model.hidden_size must divide by model.num_heads, and num_heads by model.num_kv_heads")
+    return AutoConfig.for_model(
+        mcfg.arch,
+        vocab_size=mcfg.vocab_size or vocab_size,
+        hidden_size=mcfg.hidden_size,
+        intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_layers,
+        num_attention_heads=mcfg.num_heads,
+        num_key_value_heads=mcfg.num_kv_heads,
+        max_position_embeddings=max(seq_len, 128),
+        tie_word_embeddings=False,  # ZeRO-3 consolidation and export stay simple without shared tensors
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=eos_token_id,
+    )
+
+
+def write_random_base(mcfg: ModelConfig, out_dir: Path, *, vocab_size: int, seq_len: int, pad_token_id: int,
+                      eos_token_id: int, seed: int) -> Path:
+    """Build the seeded random model once and save it: every rank then loads the same weights the same way a
+    pretrained model is loaded, and LoRA export has a real base folder to point at."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = random_model_config(mcfg, vocab_size, seq_len, pad_token_id, eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def load_model(path: str, mcfg: ModelConfig, dtype: torch.dtype, attn: str):
+    """from_pretrained; under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive so weights load partitioned."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, trust_remote_code=mcfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path '{path}': cannot load ({str(exc).splitlines()[0]})") from None
+
+
+def lora_peft_config(lcfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules,
+        task_type="CAUSAL_LM", bias="none",
+    )
+
+
+def apply_lora(model, lcfg: LoraConfig):
+    """Wrap in peft LoRA; only adapter weights stay trainable."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_peft_config(lcfg))
+
+
+def count_params(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts; ZeRO-3 partitioned params report their full size via ds_numel."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over label tokens, and their count.
+
+    Token t predicts label t+1. A target that starts a new packed example (position 0) is never a label, even if
+    a shard marked it so: it belongs to another conversation.
+    """
+    target = labels[:, 1:].clone()
+    target[position_ids[:, 1:] == 0] = IGNORE
+    logits = logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((target != IGNORE).sum())
+
+
+def label_count(labels: torch.Tensor, position_ids: torch.Tensor) -> int:
+    """How many targets masked_ce_sum will count for this batch (known before the forward pass)."""
+    target = labels[:, 1:]
+    return int(((target != IGNORE) & (position_ids[:, 1:] != 0)).sum())
+
+
+@torch.no_grad()
+def packing_isolation(forward, ids: torch.Tensor, split: int) -> tuple[float, float]:
+    """How much a packed row leaks across examples: (packed vs alone, plain-causal vs alone) max logit gaps
+    for the second example of `ids` split at `split`.
+
+    Packing relies on the model turning restarted position_ids into a block-diagonal mask (transformers'
+    masking utils and flash-attn varlen do; a model with its own attention code may not). `forward(input_ids,
+    position_ids)` returns logits; the first number must be far below the second.
+    """
+    n = ids.shape[1]
+    second = ids[:, split:]
+    packed = forward(ids, torch.cat([torch.arange(split), torch.arange(n - split)])[None])[:, split:].float()
+    alone = forward(second, torch.arange(n - split)[None]).float()
+    causal = forward(ids, torch.arange(n)[None])[:, split:].float()
+    return float((packed - alone).abs().max()), float((causal - alone).abs().max())
