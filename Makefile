@@ -24,7 +24,16 @@ demo: $(STAMP)
 	$(BIN)/cbt-llm synth template --config configs/demo-cpu.yaml
 	$(BIN)/cbt-llm tokenizer train --config configs/demo-cpu.yaml
 	$(BIN)/cbt-llm prepare --config configs/demo-cpu.yaml
-	@echo "demo done: corpus, tokenizer and packed shards are under $(RUN)/"
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-cpu.yaml
+	$(BIN)/cbt-llm export --run $(RUN)/train --out $(RUN)/export --merge-lora
+	@echo ""
+	@echo "demo done (synth -> prepare -> train (ZeRO-3, LoRA, 2 CPU ranks) -> export):"
+	@echo "  corpus:          $(RUN)/corpus/"
+	@echo "  packed shards:   $(RUN)/data/ (manifest.json, rejects/)"
+	@echo "  model (merged):  $(RUN)/export/"
+	@echo "  metrics:         $(RUN)/train/metrics.jsonl, $(RUN)/train/train_summary.json"
+	@echo "  loss curves:     $(RUN)/train/loss.png"
+	@echo "  W&B offline run: $(RUN)/train/wandb/ (wandb sync to upload)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
@@ -32,6 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py
 	$(BIN)/python bench/prepare_bench.py
+	$(BIN)/python bench/train_bench.py
 
 # Regenerate constraints.txt from the current venv (after changing dependencies in pyproject.toml).
 lock: $(STAMP)
