@@ -92,6 +92,9 @@ class DataConfig(_Section):
     max_chars: int = Field(20_000, ge=1, description="Records with more characters than this are rejected.")
     num_shards: int = Field(0, ge=0, description="Train shards to write (0: a multiple of world_size).")
     world_size: int = Field(2, ge=1, description="Training ranks the shards are sized for.")
+    ray_object_store_mb: int = Field(
+        1024, ge=100, description="Object store size of the embedded local Ray (bounds prepare's memory; not used on a cluster)."
+    )
     seed: int = 0
 
 
@@ -186,7 +189,7 @@ class SlurmConfig(_Section):
     account: str = Field("", description="#SBATCH --account (empty: your default).")
     time: str = Field("24:00:00", description="#SBATCH --time wall-clock limit (D-HH:MM:SS or HH:MM:SS).")
     cpus_per_task: int = Field(0, ge=0, description="#SBATCH --cpus-per-task for each node's torchrun (0: omit).")
-    mem: str = Field("", description="#SBATCH --mem per node, e.g. 480G (empty: omit; 0 = all of it).")
+    mem: str | int = Field("", description="#SBATCH --mem per node, e.g. 480G (empty: omit; 0 = all of it).")
     grace_s: int = Field(
         120, ge=10, description="#SBATCH --signal=B:USR1@grace: seconds before the time limit that training gets to checkpoint."
     )

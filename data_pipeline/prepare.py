@@ -54,7 +54,7 @@ MANIFEST_SCHEMA_VERSION = 1
 SPLITS = ("train", "validation")
 RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
 _READ_CHUNK = 2048  # lines per block out of the file reader
-_ROWS_PER_SHARD = 65_536  # default shard size when data.num_shards is 0
+_ROWS_PER_SHARD = 16_384  # default shard size when data.num_shards is 0
 _AF_UNIX_BUDGET = 40  # Ray appends ~65 chars of session/socket path to _temp_dir; sockets max out at 107
 
 ROW_SCHEMA = pa.schema(
@@ -379,7 +379,7 @@ def _short_ray_dir(out_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"cbtray-{tag}"
 
 
-def init_ray(address: str | None, temp_dir: Path | None = None) -> tuple[bool, float]:
+def init_ray(address: str | None, temp_dir: Path | None = None, object_store_mb: int = 1024) -> tuple[bool, float]:
     """Start an embedded local Ray (no dashboard, quiet workers) or connect to `address` / $RAY_ADDRESS.
 
     Returns (started_here, seconds). A session that is already up (tests, notebooks) is reused as is.
@@ -406,6 +406,9 @@ def init_ray(address: str | None, temp_dir: Path | None = None) -> tuple[bool, f
             kw["_temp_dir"] = str(temp_dir)
         ray.init(
             num_cpus=os.cpu_count() or 1,
+            # Ray's default store is 30% of RAM, and a streaming read fills whatever it is given: a fixed
+            # store keeps prepare's footprint independent of corpus size
+            object_store_memory=object_store_mb * 2**20,
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.WARNING,
@@ -542,9 +545,11 @@ def _write_shards(spool: Path, out: Path, split: str, num_shards: int, pad_token
 
 
 def _data_config_hash(dc: DataConfig) -> str:
-    """Hash of everything in data: that changes the shards (out_dir is where they go, not what they hold)."""
+    """Hash of everything in data: that changes the shards (out_dir is where they go and the object store size
+    is how much memory Ray gets, not what the shards hold)."""
     obj = dc.model_dump(mode="json")
     obj.pop("out_dir", None)
+    obj.pop("ray_object_store_mb", None)
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -592,7 +597,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     (staging / "rejects").mkdir(parents=True)
     ray_dir = _short_ray_dir(out)
 
-    started, ray_s = init_ray(ray_address, ray_dir)
+    started, ray_s = init_ray(ray_address, ray_dir, dc.ray_object_store_mb)
     t_ray_ready = time.perf_counter()
     import ray
 
