@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test lock bench clean
+.PHONY: install ops demo test lock bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) ops
 	$(BIN)/cbt-llm synth template --config configs/demo-cpu.yaml
 	$(BIN)/cbt-llm tokenizer train --config configs/demo-cpu.yaml
 	$(BIN)/cbt-llm prepare --config configs/demo-cpu.yaml
@@ -35,7 +35,11 @@ demo: $(STAMP)
 	@echo "  loss curves:     $(RUN)/train/loss.png"
 	@echo "  W&B offline run: $(RUN)/train/wandb/ (wandb sync to upload)"
 
-test: $(STAMP)
+# DeepSpeed JIT-compiles a shared-memory comm op for CPU ranks; build it once here, not in parallel tests
+ops: $(STAMP)
+	$(BIN)/python -c "from train.engine import prebuild_ops; prebuild_ops()"
+
+test: $(STAMP) ops
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)

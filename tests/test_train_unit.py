@@ -214,3 +214,22 @@ def test_padded_shards_count_only_real_tokens(tmp_path):
         ids, labels, _ = rows.row(i)
         real = int(rows.real_len[i])
         assert 0 < real < 64 and labels[real - 1] == 2 and (labels[real:] == -100).all() and (ids[real:] == 0).all()
+
+
+def test_training_refuses_shards_made_with_another_tokenizer(tmp_path):
+    """The manifest records the tokenizer's content hash; a tokenizer that changed since prepare is refused."""
+    import json as _json
+
+    from cbt_llm.config import ConfigError
+    from tests.train_fixtures import make_shards
+
+    data = make_shards(tmp_path / "data", rows_per_shard=2, train_shards=2, val_rows=1, seq_len=32)
+    tok = load_manifest(data)["tokenizer"]["name_or_path"]
+    from transformers import AutoTokenizer
+
+    assert load_manifest(data, tokenizer=AutoTokenizer.from_pretrained(tok))["seq_len"] == 32
+    m = _json.loads((data / "manifest.json").read_text())
+    m["tokenizer"]["hash"] = "0" * 16
+    (data / "manifest.json").write_text(_json.dumps(m))
+    with pytest.raises(ConfigError, match="tokenizer mismatch"):
+        load_manifest(data, tokenizer=AutoTokenizer.from_pretrained(tok))

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from transformers import AutoTokenizer
+
+from data_pipeline.tokenizer import tokenizer_hash
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 96
@@ -115,7 +118,7 @@ def make_shards(out: Path, *, rows_per_shard: int = 4, train_shards: int = 4, va
             counts[key][split] = sum(s[key] for s in shards)
     manifest = {
         "schema_version": 1, "seq_len": seq_len, "packing": packing, "pad_token_id": 0,
-        "tokenizer": {"name_or_path": str(tok_dir), "hash": "fixture"},
+        "tokenizer": {"name_or_path": str(tok_dir), "hash": tokenizer_hash(AutoTokenizer.from_pretrained(tok_dir))},
         "config_hash": "fixture", "system_prompt": "", "format": "cbt",
         "counts": {"read": 0, "kept": 0, "rejected": {}, "rejected_total": 0, "truncated": 0, **counts},
         "packing_efficiency": {s: counts["tokens"][s] / (counts["rows"][s] * seq_len) for s in splits},

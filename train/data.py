@@ -7,7 +7,6 @@ position is (epoch, step_in_epoch), which is what goes into a checkpoint.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,18 +19,18 @@ from cbt_llm.config import ConfigError
 IGNORE = -100
 
 
-def load_manifest(data_dir: str | Path) -> dict:
-    """Read and sanity-check data_dir/manifest.json; one-line ConfigError when it is missing or foreign."""
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
+def load_manifest(data_dir: str | Path, tokenizer=None) -> dict:
+    """Read data_dir/manifest.json through prepare's reader (schema version, every shard present, and with
+    `tokenizer`, the same tokenizer content hash the shards were made with); one-line ConfigError otherwise."""
+    from data_pipeline.prepare import load_manifest as read_manifest
+
+    if not (Path(data_dir) / "manifest.json").is_file():
         raise ConfigError(
             f"train.data_dir: no manifest.json in '{data_dir}'; run `cbt-llm prepare` first or fix train.data_dir"
         )
-    m = json.loads(path.read_text(encoding="utf-8"))
-    if m.get("schema_version") != 1:
-        raise ConfigError(f"{path}: schema_version {m.get('schema_version')!r} is not 1; re-run `cbt-llm prepare`")
+    m = read_manifest(data_dir, tokenizer=tokenizer)
     if not m.get("splits", {}).get("train", {}).get("shards"):
-        raise ConfigError(f"{path}: no train shards listed; re-run `cbt-llm prepare`")
+        raise ConfigError(f"{Path(data_dir) / 'manifest.json'}: no train shards listed; re-run `cbt-llm prepare`")
     return m
 
 

@@ -145,9 +145,38 @@ def _check_packing_isolation(engine, rows, what: str, say) -> None:
     say(f"packing isolation ok: packed-vs-alone logit gap {leak:.2e} (a leaking model would show {contrast:.2e})")
 
 
+_STALE_LOCK_S = 300  # the shared-memory comm op compiles in ~30 s; a lock this old was left by a killed build
+
+
+def _clear_stale_extension_lock() -> None:
+    """DeepSpeed JIT-compiles its CPU shared-memory comm op under a lock file; a build killed midway (a
+    preempted or timed-out job) leaves the file behind and every later run waits on it forever."""
+    lock = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_S:
+        print(f"removing stale DeepSpeed build lock {lock} ({age:.0f} s old, left by an interrupted build)",
+              file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+
+
+def prebuild_ops() -> None:
+    """Compile DeepSpeed's CPU comm op once, serially, before parallel jobs (make test, CI) need it."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
+    _clear_stale_extension_lock()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+
+
 def run_train(cfg: Config) -> int:
     """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
+    _clear_stale_extension_lock()
     tc, mc = cfg.train, cfg.model
     rank, world, local_rank = _dist_env()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,6 +194,7 @@ def run_train(cfg: Config) -> int:
 
     tok_path = manifest["tokenizer"]["name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=mc.trust_remote_code)
+    load_manifest(tc.data_dir, tokenizer=tokenizer)  # refuses shards made with a different tokenizer
     pad_id = manifest.get("pad_token_id", tokenizer.pad_token_id)
 
     # ---- distributed ------------------------------------------------------------------------------------
