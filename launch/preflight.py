@@ -1,0 +1,68 @@
+"""Checks run before a launcher script is started or submitted, so a bad run fails in seconds on the login
+node rather than after hours in a queue: shards and tokenizer present and matching, run folder writable,
+world size dividing the shards, at least one optimizer step per epoch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from cbt_llm.config import Config, ConfigError
+from launch.render import procs_per_node, slurm_log_dir, world_size
+
+
+def _writable(folder: str, field: str) -> None:
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".preflight-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{field}: folder '{folder}' is not writable ({exc.strerror}); choose another folder") from None
+
+
+def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> dict:
+    """Validate the launch; returns facts for the summary. Raises ConfigError (one line: field and fix)."""
+    from data_pipeline.prepare import load_manifest
+
+    tc = cfg.train
+    g = procs_per_node(cfg)
+    world = world_size(cfg)
+    if cfg.model.init == "pretrained" and not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path is empty; set it (e.g. Qwen/Qwen2.5-7B-Instruct) or model.init=random")
+    if launcher == "deepspeed" and cfg.launch.nodes > 1 and cfg.launch.hostfile and not Path(cfg.launch.hostfile).is_file():
+        raise ConfigError(f"launch.hostfile: '{cfg.launch.hostfile}' not found; write one 'host slots={g}' line per node")
+
+    # every shard present (load_manifest), then the tokenizer the shards were made with, by content hash
+    manifest = load_manifest(tc.data_dir)
+    tok_path = manifest["tokenizer"]["name_or_path"]
+    if check_tokenizer:
+        looks_local = tok_path.startswith(("/", ".")) or tok_path.count("/") > 1  # a hub id is "org/name"
+        if looks_local and not Path(tok_path).exists():
+            raise ConfigError(f"tokenizer '{tok_path}' named in {tc.data_dir}/manifest.json is missing; re-run `cbt-llm prepare`")
+        try:
+            load_manifest(tc.data_dir, tokenizer=tok_path)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"tokenizer '{tok_path}' of {tc.data_dir}/manifest.json cannot be loaded: {str(exc).splitlines()[0]}") from None
+    shards = manifest["splits"]["train"]["shards"]
+    if len(shards) % world:
+        raise ConfigError(
+            f"world size {world} ({cfg.launch.nodes} nodes x {g}) does not divide the {len(shards)} train shards in "
+            f"{tc.data_dir}; launch with a world size that does, or re-run `cbt-llm prepare data.world_size={world}`"
+        )
+    from train.data import steps_per_epoch
+
+    spe, _ = steps_per_epoch(manifest, world, tc.micro_batch_size, tc.grad_accum)
+    if spe < 1:
+        raise ConfigError(
+            f"train: {manifest['counts']['rows']['train']} train rows give no full optimizer step for world size {world} x "
+            f"micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum}; lower them or prepare more data"
+        )
+    _writable(tc.run_dir, "train.run_dir")
+    if launcher == "slurm":
+        _writable(slurm_log_dir(cfg), "launch.slurm.log_dir")
+    return {"world_size": world, "nodes": cfg.launch.nodes, "procs_per_node": g, "train_shards": len(shards),
+            "steps_per_epoch": spe, "tokenizer": tok_path, "data_dir": tc.data_dir, "run_dir": tc.run_dir}

@@ -1,0 +1,88 @@
+"""`cbt-llm launch {deepspeed,slurm,ray}`: render the script, check, then run or submit it.
+
+The script is written to <train.run_dir>/launch/ before it runs, so what ran can always be read back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cbt_llm.config import Config, ConfigError
+from cbt_llm.report import print_summary, write_metrics
+from launch.preflight import preflight
+from launch.render import TrainCommand, render
+
+_SCRIPT_NAMES = {"deepspeed": "deepspeed.sh", "slurm": "slurm.sbatch", "ray": "ray_job.sh"}
+
+
+def _env() -> dict:
+    """The launch environment: this Python's bin folder first on PATH so `cbt-llm`, `deepspeed`, `torchrun`
+    and `ray` resolve to the same install (sbatch passes the environment on to the job)."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
+    return env
+
+
+def write_script(launcher: str, cfg: Config, text: str) -> Path:
+    """Write the rendered script under <run_dir>/launch/ (executable) and return its path."""
+    out = Path(cfg.train.run_dir) / "launch" / _SCRIPT_NAMES[launcher]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    out.chmod(0o755)
+    return out
+
+
+def _need(tool: str, hint: str) -> None:
+    from shutil import which
+
+    if not which(tool, path=_env()["PATH"]):
+        raise ConfigError(f"`{tool}` not found on PATH; {hint}")
+
+
+def run_launch(launcher: str, cfg: Config, cmd: TrainCommand, *, dry_run: bool = False,
+               node_rank: int | None = None, wait: bool = False) -> int:
+    """Render, preflight, then run (deepspeed), submit (slurm) or submit-and-follow (ray). Returns an exit code."""
+    text = render(launcher, cfg, cmd)
+    if dry_run:
+        print(text, end="")
+        return 0
+    if launcher == "ray":
+        # the Ray Train worker (launch/ray_job.py, TorchTrainer V2) is not written yet: say so, don't half-run
+        raise ConfigError("`cbt-llm launch ray` can only --dry-run for now (launch/ray_job.py is not implemented); "
+                          "use `cbt-llm launch deepspeed` or `slurm`")
+    facts = preflight(cfg, launcher)
+    script = write_script(launcher, cfg, text)
+    t0 = time.time()
+    summary: dict = {"launcher": launcher, **facts, "script": str(script)}
+    env = _env()
+    if launcher == "deepspeed":
+        _need("deepspeed", "install deepspeed (pip install -c constraints.txt deepspeed)")
+        if cfg.launch.nodes > 1 and not cfg.launch.hostfile:
+            if node_rank is None:
+                raise ConfigError("--node-rank is required for a multi-node launch without launch.hostfile (0 on launch.master_addr)")
+            env["NODE_RANK"] = str(node_rank)
+            summary["node_rank"] = node_rank
+        rc = subprocess.call(["bash", str(script)], env=env)
+    elif launcher == "slurm":
+        _need("sbatch", "run this on a Slurm login node, or use `--dry-run` to print the script")
+        args = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(script)]
+        proc = subprocess.run(args, env=env, capture_output=True, text=True)
+        m = re.match(r"\s*(\d+)", proc.stdout)
+        summary["job_id"] = m.group(1) if m else None
+        if proc.returncode and not m:
+            print(proc.stderr.strip(), file=sys.stderr)
+        rc = proc.returncode
+        print(f"submitted Slurm job {summary['job_id']}; logs in {facts.get('slurm_log_dir', '')}", file=sys.stderr)
+    else:  # unreachable until launch/ray_job.py exists (see above)
+        raise ConfigError("ray launcher not implemented")
+    summary.update(exit_code=rc, seconds=round(time.time() - t0, 1))
+    print_summary(f"cbt-llm launch {launcher}", summary, file=sys.stderr)
+    write_metrics(Path(cfg.train.run_dir) / "launch" / f"{launcher}.json", summary)
+    return rc

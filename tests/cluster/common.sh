@@ -1,0 +1,60 @@
+# Shared by the tests/cluster scripts: where state lives and how daemons are started and stopped by PID.
+# Everything lives under $CBT_CLUSTER_DIR (default /tmp/cbt-llm-cluster); nothing is installed system-wide.
+CLUSTER_DIR=${CBT_CLUSTER_DIR:-/tmp/cbt-llm-cluster}
+SLURMCTLD_PORT=${CBT_SLURMCTLD_PORT:-16817}
+SLURMD_PORT=${CBT_SLURMD_PORT:-16818}
+
+die() { echo "cluster: $*" >&2; exit 1; }
+
+need_root_tools() {
+  [ "$(id -u)" = 0 ] || die "needs root (run tests as root, or skip the Slurm tests)"
+  for t in "$@"; do command -v "$t" >/dev/null 2>&1 || die "'$t' not installed; run tests/ci_setup.sh"; done
+}
+
+# start_daemon NAME CMD...: run CMD in the background, its PID in $CLUSTER_DIR/pids/NAME.pid, its output in logs/
+start_daemon() {
+  local name=$1; shift
+  mkdir -p "$CLUSTER_DIR/pids" "$CLUSTER_DIR/logs"
+  if pid_alive "$name"; then return 0; fi
+  setsid "$@" >"$CLUSTER_DIR/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$CLUSTER_DIR/pids/$name.pid"
+}
+
+pid_alive() {
+  local f="$CLUSTER_DIR/pids/$1.pid"
+  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+# stop_daemon NAME: TERM the recorded PID (and its process group: setsid made it a leader), KILL after 5 s
+stop_daemon() {
+  local f="$CLUSTER_DIR/pids/$1.pid" pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
+# wait_for SECONDS CMD...: poll CMD every 0.2 s
+wait_for() {
+  local t=$1; shift
+  local n=$((t * 5))
+  for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  return 1
+}
+
+start_munge() {
+  local m="$CLUSTER_DIR/munge"
+  mkdir -p "$m"
+  if [ ! -f "$m/munge.key" ]; then
+    dd if=/dev/urandom of="$m/munge.key" bs=1 count=1024 status=none
+  fi
+  chown -R munge:munge "$m"; chmod 0700 "$m"; chmod 0400 "$m/munge.key"
+  # --force: the state folder sits under /tmp, which munged would otherwise refuse as world-writable
+  start_daemon munged runuser -u munge -- munged --foreground --force --key-file="$m/munge.key" \
+    --socket="$m/munge.socket" --pid-file="$m/munged.pid" --seed-file="$m/munged.seed" --log-file="$m/munged.log"
+  wait_for 10 test -S "$m/munge.socket" || die "munged did not start; see $m/munged.log"
+}

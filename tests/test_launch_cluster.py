@@ -1,0 +1,199 @@
+"""`cbt-llm launch` end to end on CPU: the demo through the deepspeed launcher, and on a real single-node Slurm
+cluster (tests/cluster/slurm_up.sh) with preemption -> checkpoint -> requeue -> automatic resume -> completion.
+
+Slow (each test trains a tiny model with 2 gloo ranks). The Slurm tests need root and Debian's slurm-wlm and
+munge (tests/ci_setup.sh installs them) and skip with the reason otherwise; the cluster is torn down by a
+fixture finalizer even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLUSTER = ROOT / "tests" / "cluster"
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    env.pop("WANDB_MODE", None)  # the test's config decides
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "cbt-llm"), *args], cwd=ROOT, env=env or _env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The demo's own path at small size: synth template -> tokenizer train -> prepare (2 train shards)."""
+    d = tmp_path_factory.mktemp("launch_demo")
+    cfg = "configs/demo-cpu.yaml"
+    steps = [
+        ["synth", "template", "--config", cfg, "--num-records", "300", "--num-shards", "1", "--workers", "1",
+         "--out", str(d / "corpus")],
+        ["tokenizer", "train", "--config", cfg, "--input", str(d / "corpus" / "*.jsonl*"), "--vocab-size", "3000",
+         "--out", str(d / "tokenizer")],
+        ["prepare", "--config", cfg, "--out", str(d / "data"), "--tokenizer", str(d / "tokenizer"),
+         f"data.inputs=[{d / 'corpus'}/*.jsonl*]", "data.seq_len=512", "data.val_fraction=0.05"],
+    ]
+    for s in steps:
+        r = _cli(*s, env=_env(RAY_AUTH_MODE="disabled"))
+        assert r.returncode == 0, f"{s[:2]} failed:\n{r.stderr[-3000:]}"
+    man = json.loads((d / "data" / "manifest.json").read_text())
+    assert len(man["splits"]["train"]["shards"]) == 2
+    return d / "data"
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def test_demo_through_deepspeed_launcher_single_node(demo_data, tmp_path):
+    run = tmp_path / "run"
+    r = _cli("launch", "deepspeed", "--config", "configs/demo-cpu.yaml", "--gpus-per-node", "2",
+             "launch.cpu=true", f"launch.master_port={_free_port()}", f"train.data_dir={demo_data}",
+             f"train.run_dir={run}", "train.max_steps=8", "train.log_every=2", "train.eval_every=0",
+             "train.save_every=4", "wandb.mode=disabled")
+    assert r.returncode == 0, r.stderr[-4000:]
+    launched = json.loads((run / "launch" / "deepspeed.json").read_text())
+    assert launched["exit_code"] == 0 and launched["world_size"] == 2 and launched["launcher"] == "deepspeed"
+    assert "--num_gpus 2" in (run / "launch" / "deepspeed.sh").read_text()
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8
+    losses = [m["train/loss"] for m in _metrics(run) if "train/loss" in m]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000008"
+
+
+# ---- Slurm -------------------------------------------------------------------------------------------------
+
+def _slurm_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to run munged/slurmctld/slurmd"
+    missing = [t for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "runuser") if not shutil.which(t)]
+    return f"not installed: {', '.join(missing)} (run tests/ci_setup.sh)" if missing else None
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A single-node Slurm cluster for this module; stopped (by PID) when the module ends, pass or fail."""
+    why = _slurm_missing()
+    if why:
+        pytest.skip(f"Slurm tests skipped: {why}")
+    import tempfile
+
+    # not under pytest's 0700 tmp folder: munged runs as user `munge` and must reach its key and socket
+    state = Path(tempfile.mkdtemp(prefix="cbt-llm-slurm-"))
+    state.chmod(0o755)
+    env = _env(CBT_CLUSTER_DIR=str(state), SLURM_CONF=str(state / "slurm.conf"))
+    try:
+        up = subprocess.run(["bash", str(CLUSTER / "slurm_up.sh")], env=env, capture_output=True, text=True, timeout=60)
+        assert up.returncode == 0, f"slurm_up.sh failed:\n{up.stdout}\n{up.stderr}"
+        yield env
+    finally:
+        subprocess.run(["bash", str(CLUSTER / "slurm_down.sh")], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _job(env: dict, job: str) -> dict:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.5):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _submit(env: dict, run: Path, data: Path, *overrides: str) -> str:
+    r = _cli("launch", "slurm", "--config", "configs/demo-cpu.yaml", "launch.cpu=true",
+             f"launch.slurm.rdzv_port={_free_port()}", f"train.data_dir={data}", f"train.run_dir={run}", *overrides,
+             env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = json.loads((run / "launch" / "slurm.json").read_text())["job_id"]
+    assert job and job.isdigit()
+    return job
+
+
+def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
+    """USR1 to the batch script mid-training -> checkpoint -> requeue -> resume -> completion; each row once."""
+    run = tmp_path / "run"
+    job = _submit(slurm, run, demo_data, "train.max_steps=0", "train.epochs=1", "train.record_order=true",
+                  "train.log_every=5", "train.eval_every=0", "train.save_every=0", "wandb.mode=offline")
+    order0 = run / "order" / "rank0.jsonl"
+    lines = lambda: order0.read_text().count("\n") if order0.exists() else 0  # noqa: E731
+    _wait(lambda: lines() >= 6, 240, "6 training steps of the first run")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    # Slurm holds a requeued job until BeginTime (~2 min); start it now instead of waiting that out
+    info = _wait(lambda: (lambda j: j if j.get("Restarts") == "1" and j.get("JobState") == "PENDING" else None)(
+        _job(slurm, job)), 120, "the job to be requeued")
+    assert info["Requeue"] == "1"
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    final = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(
+        _job(slurm, job)), 300, "the requeued job to finish")
+    log = (run / "slurm" / f"cbt-llm-demo-{job}.out").read_text()
+    assert final["JobState"] == "COMPLETED", log[-3000:]
+    assert "got SIGUSR1" in log and "requeueing job" in log and f"job {job} restart 1" in log
+    # logs per job, restart and node
+    assert (run / "slurm" / f"cbt-llm-demo-{job}-r0-node0.log").is_file()
+    assert (run / "slurm" / f"cbt-llm-demo-{job}-r1-node0.log").is_file()
+
+    summary = json.loads((run / "train_summary.json").read_text())
+    man = json.loads((demo_data / "manifest.json").read_text())
+    rows_per_rank = min(sum(s["rows"] for s in man["splits"]["train"]["shards"][r::2]) for r in range(2))
+    total = rows_per_rank // 2  # micro_batch_size 1 x grad_accum 2 in the demo config
+    assert summary["steps"] == total
+    resumed_at = int(summary["resumed_from"].split("-")[-1])
+    assert 6 <= resumed_at < total
+    # every step exactly once across both runs, and every row of the epoch exactly once per rank
+    for rank in range(2):
+        recs = [json.loads(ln) for ln in (run / "order" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert sorted(r["step"] for r in recs) == list(range(1, total + 1))
+        rows = [k for r in recs for k in r["rows"]]
+        assert len(rows) == len(set(rows)) == total * 2
+    # one W&B run: the id kept in the run folder, both offline segments carry it
+    run_id = (run / "wandb_run_id").read_text().strip()
+    segments = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(s.endswith(run_id) for s in segments)
+    losses = [m["train/loss"] for m in _metrics(run) if "train/loss" in m]
+    assert losses[-1] < losses[0]
+
+
+def test_slurm_dead_rank_fails_job_without_hang(slurm, demo_data, tmp_path):
+    """SIGKILL of one training process: the job ends FAILED (no requeue) within a bounded time, no hang."""
+    run = tmp_path / "run"
+    env = dict(slurm, CBT_LLM_FAULT="after_step@3:1")  # rank 1 SIGKILLs itself after step 3
+    job = _submit(env, run, demo_data, "train.max_steps=30", "train.eval_every=0", "wandb.mode=disabled",
+                  "train.collective_timeout_s=30")
+    final = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(
+        _job(slurm, job)), 240, "the job to fail")
+    assert final["JobState"] == "FAILED" and final["Restarts"] == "0"
+    assert not (run / "requeue.json").exists()
+    assert "requeueing" not in (run / "slurm" / f"cbt-llm-demo-{job}.out").read_text()
