@@ -96,6 +96,38 @@ def hf_worker(args) -> None:
                                                          "steps": trainer.state.global_step}))
 
 
+def gpu_mode(out: Path, make_shards, print_summary, write_metrics) -> None:
+    """One GPU, full fine-tuning of a ~1.2B random Qwen2 (hidden 2048, 20 layers, vocab 32k) on packed 4096-token
+    rows, bf16, flash-attn when installed: reports tokens/s/device and MFU from our own metrics.jsonl."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device here")
+    data = make_shards(out / "data-gpu", rows_per_shard=64, train_shards=1, val_rows=2, seq_len=4096,
+                       lengths=(64, 400, 200, 1500))
+    run_dir = out / "ours-gpu"
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "cbt_llm.cli", "train",
+           "model.init=random", "model.hidden_size=2048", "model.num_layers=20", "model.num_heads=16",
+           "model.num_kv_heads=16", "model.intermediate_size=5632", "model.vocab_size=32000", "model.precision=bf16",
+           f"train.data_dir={data}", f"train.run_dir={run_dir}", "train.max_steps=30", "train.grad_accum=1",
+           "train.log_every=5", "train.eval_every=1000", "train.save_every=0", "train.resume=never", "train.lr=1e-4",
+           "train.zero_stage=2"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "perf/tokens_per_s_per_device" in r][1:]  # the first window holds warm-up
+    result = {
+        "device": torch.cuda.get_device_name(), "model": "qwen2 random, hidden 2048, 20 layers, vocab 32000 (~1.2B)",
+        "seq_len": 4096, "precision": "bf16", "attn": json.loads((run_dir / "train_summary.json").read_text()).get("attn"),
+        "tokens_per_s_per_device": sum(r["perf/tokens_per_s_per_device"] for r in steps) / len(steps),
+        "mfu": sum(r["perf/mfu"] for r in steps) / len(steps) if all(r.get("perf/mfu") is not None for r in steps) else None,
+        "packing_efficiency": sum(r["perf/packing_efficiency"] for r in steps) / len(steps),
+    }
+    name = result["device"].replace(" ", "-").lower()
+    write_metrics(ROOT / "bench" / "results" / f"train-gpu-{name}.json", result)
+    print_summary("train bench, GPU mode (ours)", result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench/train")
@@ -104,6 +136,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--gpu", action="store_true",
+                    help="GPU mode: our loop alone on one GPU, a ~1B random Qwen2 at seq 4096, bf16; tokens/s/device and MFU")
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -117,6 +151,9 @@ def main() -> None:
     from tests.train_fixtures import make_shards
 
     out = (ROOT / args.out).resolve()
+    if args.gpu:
+        gpu_mode(out, make_shards, print_summary, write_metrics)
+        return
     data = make_shards(out / "data", rows_per_shard=args.rows_per_shard, train_shards=4, val_rows=4,
                        seq_len=args.seq_len, lengths=(20, 120, 30, 400))
     manifest = json.loads((data / "manifest.json").read_text())

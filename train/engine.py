@@ -175,6 +175,9 @@ def prebuild_ops() -> None:
 
 def run_train(cfg: Config) -> int:
     """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal)."""
+    # first thing: a preemption signal during the (long) start-up must set the flag, not kill the process
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, _on_signal)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
     _clear_stale_extension_lock()
     tc, mc = cfg.train, cfg.model
@@ -288,8 +291,6 @@ def run_train(cfg: Config) -> int:
                            config=cfg.model_dump(mode="json"), resume_step=start_step if resumed_from else None)
     if tc.record_order:
         (run_dir / "order").mkdir(parents=True, exist_ok=True)
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, _on_signal)
 
     def state_at(step: int, stopped: str | None) -> dict:
         return {"step": step, "epoch": loader.epoch, "loader": loader.state_dict(), "world_size": world,
