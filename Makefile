@@ -51,7 +51,9 @@ bench: $(STAMP)
 lock: $(STAMP)
 	{ echo "# Pinned versions for a reproducible install: pip install -c constraints.txt ..."; \
 	  echo "# torch is installed first from the CPU wheel (torch==2.13.0); regenerate with: make lock"; \
-	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^torch==' ; echo "torch==2.13.0"; } > constraints.txt
+	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^torch==' ; echo "torch==2.13.0"; \
+	  grep '^flash-attn==' constraints.txt; } > constraints.txt.new  # flash-attn: GPU extra, not installed here
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf runs .pytest_cache
