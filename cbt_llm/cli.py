@@ -61,7 +61,7 @@ def _add_common(p: argparse.ArgumentParser, key: str) -> None:
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     for flag, dotted, typ, help_ in _FLAGS.get(key, []):
-        p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, help=f"{help_} ({dotted})")
+        p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, metavar=dotted.rsplit(".", 1)[-1].upper(), help=f"{help_} ({dotted})")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=1024")
 
 
@@ -141,7 +141,7 @@ def _add_launch(sub) -> None:
         # its own --dry-run: print the rendered script rather than the resolved config
         p.add_argument("--dry-run", dest="launch_dry_run", action="store_true", help="print the launcher script and exit")
         for flag, dotted, typ, fhelp in _FLAGS["launch"]:
-            p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, help=f"{fhelp} ({dotted})")
+            p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, metavar=dotted.rsplit(".", 1)[-1].upper(), help=f"{fhelp} ({dotted})")
         p.add_argument("--node-rank", type=int, default=None, help="deepspeed --no_ssh multi-node: this machine's index")
         p.add_argument("--wait", action="store_true", help="slurm: wait for the job to finish (sbatch --wait)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, passed on to `cbt-llm train` too")
