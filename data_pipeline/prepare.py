@@ -669,7 +669,9 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
                     counts["kept"] += 1
                     counts["truncated"] += int(d["truncated"][i])
                     s, e = offs[i], offs[i + 1]
-                    packers[d["split"][i]].add(ids_vals[s:e], lab_vals[s:e], d["example_id"][i])
+                    # copies, not views: a view keeps the whole batch alive until its window is packed, and
+                    # the validation window (2% of examples) would pin every batch it has seen
+                    packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i])
                 counts["read"] += new_records
                 bar.update(new_records)
                 bar.set_postfix(kept=counts["kept"], rejected=sum(rejected.values()), refresh=False)
