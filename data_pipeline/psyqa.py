@@ -109,12 +109,17 @@ def load_psyqa(path: str | Path) -> tuple[list[dict], list[dict]]:
             rid = obj.get("questionID") if isinstance(obj, dict) else None
             rejects.append(_reject(f"psyqa-{rid}" if rid is not None else None, src, str(exc)))
             continue
-        if q["id"] in seen:
-            rejects.append(_reject(q["id"], src, f"duplicate id {q['id']}"))
-            continue
-        seen.add(q["id"])
-        questions.append(q)
+        _keep_unique(q, src, seen, questions, rejects)
     return questions, rejects
+
+
+def _keep_unique(q: dict, src: str, seen: set, questions: list[dict], rejects: list[dict]) -> None:
+    """Keep the first question with each id; a repeated id is a reject, never a second record."""
+    if q["id"] in seen:
+        rejects.append(_reject(q["id"], src, f"duplicate id {q['id']}"))
+        return
+    seen.add(q["id"])
+    questions.append(q)
 
 
 def load_question_jsonl(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -135,11 +140,7 @@ def load_question_jsonl(path: str | Path) -> tuple[list[dict], list[dict]]:
         except ValueError as exc:
             rejects.append(_reject(obj.get("id") if isinstance(obj, dict) else None, src, str(exc)))
             continue
-        if q["id"] in seen:
-            rejects.append(_reject(q["id"], src, f"duplicate id {q['id']}"))
-            continue
-        seen.add(q["id"])
-        questions.append(q)
+        _keep_unique(q, src, seen, questions, rejects)
     return questions, rejects
 
 
