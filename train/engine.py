@@ -173,8 +173,28 @@ def prebuild_ops() -> None:
         builder.load(verbose=False)
 
 
+def _shm_buffers() -> list[Path]:
+    """This rank's DeepSpeed CPU all-reduce buffers in /dev/shm (named by master address, port and local rank)."""
+    addr, port, local = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("LOCAL_RANK", "0")
+    if not addr or not port:
+        return []
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"))
+
+
 def run_train(cfg: Config) -> int:
     """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal)."""
+    # DeepSpeed never unlinks its shared-memory buffers (~66 MB of RAM per rank per run, in tmpfs), and a stale
+    # one under the same name can confuse a later run on the same port: drop ours before and after.
+    for p in _shm_buffers():
+        p.unlink(missing_ok=True)
+    try:
+        return _run_train(cfg)
+    finally:
+        for p in _shm_buffers():
+            p.unlink(missing_ok=True)
+
+
+def _run_train(cfg: Config) -> int:
     # first thing: a preemption signal during the (long) start-up must set the flag, not kill the process
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, _on_signal)
