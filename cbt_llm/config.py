@@ -132,6 +132,11 @@ class ModelConfig(_Section):
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    liger: bool = Field(
+        False,
+        description="Liger kernels (RoPE, RMSNorm, SwiGLU; not its loss: ours masks packed rows) when liger_kernel "
+        "is installed and the device is CUDA; otherwise logged and ignored.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 

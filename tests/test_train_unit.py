@@ -233,3 +233,9 @@ def test_training_refuses_shards_made_with_another_tokenizer(tmp_path):
     (data / "manifest.json").write_text(_json.dumps(m))
     with pytest.raises(ConfigError, match="tokenizer mismatch"):
         load_manifest(data, tokenizer=AutoTokenizer.from_pretrained(tok))
+
+
+def test_liger_is_logged_and_ignored_without_cuda():
+    from train.model import apply_liger
+
+    assert apply_liger("qwen2", "cpu") == "liger: off (needs CUDA)"

@@ -34,7 +34,7 @@ from train import checkpoint as ckpt
 from train.data import RankLoader, load_manifest, rank_shards, read_rows, steps_per_epoch
 from train.ds_config import resolve_ds_config
 from train.metrics import MetricsLogger, flops_per_token, mfu, peak_flops, plot_loss
-from train.model import (apply_lora, count_params, label_count, load_model, masked_ce_sum, packing_isolation,
+from train.model import (apply_liger, apply_lora, count_params, label_count, load_model, masked_ce_sum, packing_isolation,
                          resolve_dtype, select_attn, write_random_base)
 
 _STOP = {"signum": 0}
@@ -256,6 +256,11 @@ def _run_train(cfg: Config) -> int:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (alive => from_pretrained loads straight into ZeRO-3 shards)
+    if mc.liger:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(base_path, trust_remote_code=mc.trust_remote_code).model_type
+        say(apply_liger(model_type, device_type))
     model = load_model(base_path, mc, dtype, attn)
     emb = model.get_input_embeddings().weight
     vocab = emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]  # ZeRO-3 leaves an empty local tensor

@@ -64,6 +64,22 @@ def write_random_base(mcfg: ModelConfig, out_dir: Path, *, vocab_size: int, seq_
     return out_dir
 
 
+def apply_liger(model_type: str, device_type: str) -> str:
+    """Patch the model family's modules with Liger kernels before the model is built. Returns what was done, for
+    the log. The loss kernels stay off: the loop computes its own masked sum over packed rows."""
+    if device_type != "cuda":
+        return "liger: off (needs CUDA)"
+    try:
+        import liger_kernel.transformers as lk
+    except ImportError:
+        return "liger: off (liger_kernel not installed: pip install liger-kernel)"
+    patch = getattr(lk, f"apply_liger_kernel_to_{model_type}", None)
+    if patch is None:
+        return f"liger: off (no Liger patch for model_type '{model_type}')"
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    return f"liger: on ({model_type}: rope, rms_norm, swiglu)"
+
+
 def load_model(path: str, mcfg: ModelConfig, dtype: torch.dtype, attn: str):
     """from_pretrained; under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive so weights load partitioned."""
     from transformers import AutoModelForCausalLM
