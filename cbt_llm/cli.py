@@ -148,6 +148,31 @@ def _add_launch(sub) -> None:
         p.set_defaults(func=_cmd_launch, dry_run=False)
 
 
+def _batch_arithmetic(cfg: Config) -> str:
+    """`train --dry-run`: tokens per optimizer step and steps per epoch, from the shards' manifest when present."""
+    import os
+
+    tc = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", cfg.data.world_size))
+    rows_per_step = world * tc.micro_batch_size * tc.grad_accum
+    lines = [f"# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} "
+             f"= {rows_per_step} packed rows per optimizer step"]
+    try:
+        from train.data import load_manifest, steps_per_epoch
+
+        m = load_manifest(tc.data_dir)
+        spe, left_out = steps_per_epoch(m, world, tc.micro_batch_size, tc.grad_accum)
+    except ConfigError as exc:
+        lines.append(f"# steps per epoch: unknown ({exc})")
+    else:
+        eff = m["packing_efficiency"]["train"]
+        total = tc.max_steps or tc.epochs * spe
+        lines.append(f"# tokens per step: <= {rows_per_step * m['seq_len']:,} (about {rows_per_step * m['seq_len'] * eff:,.0f} "
+                     f"real at packing efficiency {eff:.3f}); steps per epoch: {spe} ({left_out} rows left out); "
+                     f"total steps: {total}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbt-llm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         print(cfg.to_yaml(), end="")
+        if args.command == "train":
+            print(_batch_arithmetic(cfg))
         return 0
     func: Callable = args.func
     try:

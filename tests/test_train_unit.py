@@ -239,3 +239,13 @@ def test_liger_is_logged_and_ignored_without_cuda():
     from train.model import apply_liger
 
     assert apply_liger("qwen2", "cpu") == "liger: off (needs CUDA)"
+
+
+def test_train_dry_run_prints_batch_arithmetic(tmp_path, capsys):
+    from cbt_llm.cli import main
+
+    data = make_shards(tmp_path / "data", rows_per_shard=6, train_shards=2, val_rows=1, seq_len=64)
+    assert main(["train", "--dry-run", f"train.data_dir={data}", "data.world_size=2", "train.grad_accum=3"]) == 0
+    out = capsys.readouterr().out
+    assert "world_size 2 x micro_batch_size 1 x grad_accum 3 = 6 packed rows per optimizer step" in out
+    assert "tokens per step: <= 384" in out and "steps per epoch: 2 (0 rows left out)" in out  # 6 rows per rank, 3 per step
