@@ -150,10 +150,8 @@ def _add_launch(sub) -> None:
 
 def _batch_arithmetic(cfg: Config) -> str:
     """`train --dry-run`: tokens per optimizer step and steps per epoch, from the shards' manifest when present."""
-    import os
-
     tc = cfg.train
-    world = int(os.environ.get("WORLD_SIZE", cfg.data.world_size))
+    world = cfg.data.world_size  # the ranks the shards were sized for
     rows_per_step = world * tc.micro_batch_size * tc.grad_accum
     lines = [f"# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} "
              f"= {rows_per_step} packed rows per optimizer step"]
