@@ -53,10 +53,6 @@ def run_launch(launcher: str, cfg: Config, cmd: TrainCommand, *, dry_run: bool =
     if dry_run:
         print(text, end="")
         return 0
-    if launcher == "ray":
-        # the Ray Train worker (launch/ray_job.py, TorchTrainer V2) is not written yet: say so, don't half-run
-        raise ConfigError("`cbt-llm launch ray` can only --dry-run for now (launch/ray_job.py is not implemented); "
-                          "use `cbt-llm launch deepspeed` or `slurm`")
     facts = preflight(cfg, launcher)
     script = write_script(launcher, cfg, text)
     t0 = time.time()
@@ -80,8 +76,13 @@ def run_launch(launcher: str, cfg: Config, cmd: TrainCommand, *, dry_run: bool =
             print(proc.stderr.strip(), file=sys.stderr)
         rc = proc.returncode
         print(f"submitted Slurm job {summary['job_id']}; logs in {facts.get('slurm_log_dir', '')}", file=sys.stderr)
-    else:  # unreachable until launch/ray_job.py exists (see above)
-        raise ConfigError("ray launcher not implemented")
+    else:
+        _need("ray", "install ray (pip install -c constraints.txt 'ray[default]')")
+        if not (cfg.launch.ray.address or env.get("RAY_ADDRESS")):
+            raise ConfigError("no Ray cluster: set launch.ray.address (or RAY_ADDRESS) to the dashboard, e.g. http://head:8265")
+        # `ray job submit` follows the job's log and exits 1 when the job failed (launch.ray_job exits non-zero)
+        rc = subprocess.call(["bash", str(script)], env=env)
+        summary["ray_address"] = cfg.launch.ray.address or env.get("RAY_ADDRESS")
     summary.update(exit_code=rc, seconds=round(time.time() - t0, 1))
     print_summary(f"cbt-llm launch {launcher}", summary, file=sys.stderr)
     write_metrics(Path(cfg.train.run_dir) / "launch" / f"{launcher}.json", summary)

@@ -22,6 +22,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -195,9 +196,12 @@ def run_train(cfg: Config) -> int:
 
 
 def _run_train(cfg: Config) -> int:
-    # first thing: a preemption signal during the (long) start-up must set the flag, not kill the process
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, _on_signal)
+    # first thing: a preemption signal during the (long) start-up must set the flag, not kill the process.
+    # Only the main thread may install handlers; Ray Train runs this loop in a worker thread, where a lost
+    # or preempted node is handled by Ray restarting the group from the last checkpoint instead.
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, _on_signal)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
     _clear_stale_extension_lock()
     tc, mc = cfg.train, cfg.model
