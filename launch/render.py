@@ -93,12 +93,17 @@ def render_deepspeed(cfg: Config, cmd: TrainCommand) -> str:
         ds += [f"--hostfile {shlex.quote(lc.hostfile)}", f"--num_nodes {lc.nodes}", f"--num_gpus {g}",
                f"--master_addr {shlex.quote(lc.master_addr)}", f"--master_port {lc.master_port}"]
     else:
+        # deepspeed still reads every node's slot count from a hostfile under --no_ssh (the names are only
+        # labels there); without one it stops with "Num nodes is >1 but no extra nodes available via hostfile"
+        slots = " ".join(f"node{i}" for i in range(lc.nodes))
         lines += [
             f"# no ssh: run this same script on each of the {lc.nodes} nodes, NODE_RANK=0 on {lc.master_addr}",
             f'NODE_RANK="${{NODE_RANK:?set NODE_RANK to the index of this node, 0..{lc.nodes - 1}}}"',
+            'HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/cbt-llm-hostfile.XXXXXX")',
+            f"for h in {slots}; do echo \"$h slots={g}\"; done > \"$HOSTFILE\"",
         ]
-        ds += ["--no_ssh", f"--num_nodes {lc.nodes}", '--node_rank "$NODE_RANK"', f"--num_gpus {g}",
-               f"--master_addr {shlex.quote(lc.master_addr)}", f"--master_port {lc.master_port}"]
+        ds += ["--no_ssh", '--hostfile "$HOSTFILE"', f"--num_nodes {lc.nodes}", '--node_rank "$NODE_RANK"',
+               f"--num_gpus {g}", f"--master_addr {shlex.quote(lc.master_addr)}", f"--master_port {lc.master_port}"]
     # --no_local_rank: otherwise the launcher puts --local_rank=N before the subcommand; ranks come from env
     ds += ["--no_local_rank", '"$(command -v cbt-llm)"', "train", cmd.args()]
     lines.append("exec " + " \\\n  ".join(ds))

@@ -34,8 +34,11 @@ def write_script(launcher: str, cfg: Config, text: str) -> Path:
     """Write the rendered script under <run_dir>/launch/ (executable) and return its path."""
     out = Path(cfg.train.run_dir) / "launch" / _SCRIPT_NAMES[launcher]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    out.chmod(0o755)
+    # atomically: under --no_ssh every node writes this same file while another node's bash may be reading it
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(0o755)
+    os.replace(tmp, out)
     return out
 
 

@@ -149,6 +149,15 @@ def _check_packing_isolation(engine, rows, what: str, say) -> None:
 _STALE_LOCK_S = 300  # the shared-memory comm op compiles in ~30 s; a lock this old was left by a killed build
 
 
+def _prefer_this_environments_tools() -> None:
+    """Put this interpreter's bin/ first on PATH. torch builds DeepSpeed's op with whichever `ninja` PATH finds;
+    the venv's and the system's differ in version and build-log format, so processes that found different
+    ones kept rebuilding the op in the shared extensions folder (60-95 s each time)."""
+    bindir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
 def _clear_stale_extension_lock() -> None:
     """DeepSpeed JIT-compiles its CPU shared-memory comm op under a lock file; a build killed midway (a
     preempted or timed-out job) leaves the file behind and every later run waits on it forever."""
@@ -166,6 +175,7 @@ def _clear_stale_extension_lock() -> None:
 def prebuild_ops() -> None:
     """Compile DeepSpeed's CPU comm op once, serially, before parallel jobs (make test, CI) need it."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
+    _prefer_this_environments_tools()
     _clear_stale_extension_lock()
     from deepspeed.accelerator import get_accelerator
 
@@ -203,6 +213,7 @@ def _run_train(cfg: Config) -> int:
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, _on_signal)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
+    _prefer_this_environments_tools()
     _clear_stale_extension_lock()
     tc, mc = cfg.train, cfg.model
     rank, world, local_rank = _dist_env()

@@ -5,8 +5,11 @@
 set -euo pipefail
 # no ssh: run this same script on each of the 2 nodes, NODE_RANK=0 on 10.0.0.1
 NODE_RANK="${NODE_RANK:?set NODE_RANK to the index of this node, 0..1}"
+HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/cbt-llm-hostfile.XXXXXX")
+for h in node0 node1; do echo "$h slots=8"; done > "$HOSTFILE"
 exec deepspeed \
   --no_ssh \
+  --hostfile "$HOSTFILE" \
   --num_nodes 2 \
   --node_rank "$NODE_RANK" \
   --num_gpus 8 \

@@ -58,3 +58,25 @@ start_munge() {
     --socket="$m/munge.socket" --pid-file="$m/munged.pid" --seed-file="$m/munged.seed" --log-file="$m/munged.log"
   wait_for 10 test -S "$m/munge.socket" || die "munged did not start; see $m/munged.log"
 }
+
+# ---- two simulated hosts (netns_up.sh / netns_down.sh) ----------------------------------------------------
+# Hosts h0..h(N-1) are network namespaces cbt-h<i> at $NETNS_NET.(10+i), joined by a bridge at $NETNS_NET.1.
+NETNS_NET=${CBT_NETNS_NET:-10.123.45}
+NETNS_HOSTS=${CBT_NETNS_HOSTS:-2}
+NETNS_BRIDGE=${CBT_NETNS_BRIDGE:-cbt-br0}
+NETNS_DIR="$CLUSTER_DIR/netns"
+
+netns_addr() { echo "$NETNS_NET.$((10 + $1))"; }
+
+# on_host I CMD...: run CMD "on" host h<I>: its network namespace, its own host name and hosts file. Not
+# `ip netns exec`: that remounts /sys, and slurmd then cannot find its cgroups.
+on_host() {
+  on_host_argv "$1"; shift
+  "${ON_HOST[@]}" "$@"
+}
+
+# on_host_argv I: set the array ON_HOST to the command prefix on_host uses, for start_daemon NAME "${ON_HOST[@]}" CMD...
+on_host_argv() {
+  ON_HOST=(nsenter --net="/var/run/netns/cbt-h$1" unshare --mount --uts
+    sh -c 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"' "$NETNS_DIR/hosts.h$1" "h$1")
+}
