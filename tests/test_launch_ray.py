@@ -96,6 +96,8 @@ def test_run_train_off_the_main_thread_installs_no_signal_handlers(tmp_path):
     assert isinstance(seen["exc"], ConfigError) and "manifest.json" in str(seen["exc"])
     assert signal.getsignal(signal.SIGUSR1) == before
 
+
+@pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on 127.0.0.1 (2 CPUs, no dashboard unless ray[default] is installed); yields (gcs, dashboard)."""
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix socket paths must stay short

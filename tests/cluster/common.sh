@@ -80,3 +80,37 @@ on_host_argv() {
   ON_HOST=(nsenter --net="/var/run/netns/cbt-h$1" unshare --mount --uts
     sh -c 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"' "$NETNS_DIR/hosts.h$1" "h$1")
 }
+
+# The slurm.conf settings both CI clusters share (single-node and two-namespace); each script adds its own
+# ClusterName, SlurmctldHost, memory default and node lines around them.
+slurm_conf_common() {
+  cat <<CONF
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=$SLURMCTLD_PORT
+SlurmdPort=$SLURMD_PORT
+CommunicationParameters=NoCtldInAddrAny
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$CLUSTER_DIR/munge/munge.socket
+StateSaveLocation=$CLUSTER_DIR/ctld
+SlurmdSpoolDir=$CLUSTER_DIR/spool/%n
+SlurmctldPidFile=$CLUSTER_DIR/slurmctld.pid
+SlurmdPidFile=$CLUSTER_DIR/slurmd-%n.pid
+SlurmctldLogFile=$CLUSTER_DIR/logs/slurmctld.file.log
+SlurmdLogFile=$CLUSTER_DIR/logs/slurmd-%n.file.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+MpiDefault=none
+ReturnToService=2
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=10
+MinJobAge=300
+SchedulerType=sched/builtin
+CONF
+}

@@ -65,33 +65,7 @@ nodes=$(for i in $(seq 0 $last); do printf 'h%s,' "$i"; done); nodes=${nodes%,}
 # two-node CI cluster on network namespaces, written by tests/cluster/netns_up.sh --slurm
 ClusterName=cbtci2
 SlurmctldHost=$CTL($NETNS_NET.1)
-SlurmUser=root
-SlurmdUser=root
-SlurmctldPort=$SLURMCTLD_PORT
-SlurmdPort=$SLURMD_PORT
-CommunicationParameters=NoCtldInAddrAny
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$CLUSTER_DIR/munge/munge.socket
-StateSaveLocation=$CLUSTER_DIR/ctld
-SlurmdSpoolDir=$CLUSTER_DIR/spool/%n
-SlurmctldPidFile=$CLUSTER_DIR/slurmctld.pid
-SlurmdPidFile=$CLUSTER_DIR/slurmd-%n.pid
-SlurmctldLogFile=$CLUSTER_DIR/logs/slurmctld.file.log
-SlurmdLogFile=$CLUSTER_DIR/logs/slurmd-%n.file.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-MpiDefault=none
-ReturnToService=2
-SlurmdTimeout=30
-InactiveLimit=0
-KillWait=10
-MinJobAge=300
-SchedulerType=sched/builtin
+$(slurm_conf_common)
 DefMemPerCPU=$NODE_MEM
 CONF
   # one CPU per simulated host: both share this machine's cores

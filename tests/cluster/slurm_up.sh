@@ -14,33 +14,7 @@ cat > "$CONF.new" <<CONF
 # single-node CI cluster written by tests/cluster/slurm_up.sh
 ClusterName=cbtci
 SlurmctldHost=$HOST(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-SlurmctldPort=$SLURMCTLD_PORT
-SlurmdPort=$SLURMD_PORT
-CommunicationParameters=NoCtldInAddrAny
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$CLUSTER_DIR/munge/munge.socket
-StateSaveLocation=$CLUSTER_DIR/ctld
-SlurmdSpoolDir=$CLUSTER_DIR/spool/%n
-SlurmctldPidFile=$CLUSTER_DIR/slurmctld.pid
-SlurmdPidFile=$CLUSTER_DIR/slurmd-%n.pid
-SlurmctldLogFile=$CLUSTER_DIR/logs/slurmctld.file.log
-SlurmdLogFile=$CLUSTER_DIR/logs/slurmd-%n.file.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-MpiDefault=none
-ReturnToService=2
-SlurmdTimeout=30
-InactiveLimit=0
-KillWait=10
-MinJobAge=300
-SchedulerType=sched/builtin
+$(slurm_conf_common)
 DefMemPerCPU=$((MEM / CPUS))
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=ci Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
