@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch_fixtures import build_demo_data
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLUSTER = ROOT / "tests" / "cluster"
@@ -48,23 +50,7 @@ def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The demo's own path at small size: synth template -> tokenizer train -> prepare (2 train shards)."""
-    d = tmp_path_factory.mktemp("launch_demo")
-    cfg = "configs/demo-cpu.yaml"
-    steps = [
-        ["synth", "template", "--config", cfg, "--num-records", "300", "--num-shards", "1", "--workers", "1",
-         "--out", str(d / "corpus")],
-        ["tokenizer", "train", "--config", cfg, "--input", str(d / "corpus" / "*.jsonl*"), "--vocab-size", "3000",
-         "--out", str(d / "tokenizer")],
-        ["prepare", "--config", cfg, "--out", str(d / "data"), "--tokenizer", str(d / "tokenizer"),
-         f"data.inputs=[{d / 'corpus'}/*.jsonl*]", "data.seq_len=512", "data.val_fraction=0.05"],
-    ]
-    for s in steps:
-        r = _cli(*s, env=_env(RAY_AUTH_MODE="disabled"))
-        assert r.returncode == 0, f"{s[:2]} failed:\n{r.stderr[-3000:]}"
-    man = json.loads((d / "data" / "manifest.json").read_text())
-    assert len(man["splits"]["train"]["shards"]) == 2
-    return d / "data"
-
+    return build_demo_data(tmp_path_factory.mktemp("launch_demo"), _cli, _env(RAY_AUTH_MODE="disabled"), seq_len=512)
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch_fixtures import build_demo_data
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLUSTER = ROOT / "tests" / "cluster"
@@ -119,22 +121,7 @@ def hosts():
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     """The demo's path at small size: synth template -> tokenizer train -> prepare (2 shards, seq_len 256)."""
-    d = tmp_path_factory.mktemp("multinode_demo")
-    steps = [
-        ["synth", "template", "--config", CFG, "--num-records", "300", "--num-shards", "1", "--workers", "1",
-         "--out", str(d / "corpus")],
-        ["tokenizer", "train", "--config", CFG, "--input", str(d / "corpus" / "*.jsonl*"), "--vocab-size", "3000",
-         "--out", str(d / "tokenizer")],
-        ["prepare", "--config", CFG, "--out", str(d / "data"), "--tokenizer", str(d / "tokenizer"),
-         f"data.inputs=[{d / 'corpus'}/*.jsonl*]", "data.seq_len=256", "data.world_size=2", "data.val_fraction=0.05"],
-    ]
-    for s in steps:
-        r = _cli(*s, env=_env(RAY_AUTH_MODE="disabled"))
-        assert r.returncode == 0, f"{s[:2]} failed:\n{r.stderr[-3000:]}"
-    man = json.loads((d / "data" / "manifest.json").read_text())
-    assert len(man["splits"]["train"]["shards"]) == 2
-    return d / "data"
-
+    return build_demo_data(tmp_path_factory.mktemp("multinode_demo"), _cli, _env(RAY_AUTH_MODE="disabled"), seq_len=256)
 
 def _train_overrides(data: Path, run: Path, *more: str) -> list[str]:
     return [f"train.data_dir={data}", f"train.run_dir={run}", "train.log_every=1", "train.eval_every=0",

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch_fixtures import build_demo_data
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,20 +48,7 @@ def _env(**extra: str) -> dict:
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     """The demo's path at its smallest: 300 template records -> tokenizer -> 2 train shards of seq_len 256."""
-    d = tmp_path_factory.mktemp("ray_demo")
-    cfg = "configs/demo-cpu.yaml"
-    for s in (["synth", "template", "--config", cfg, "--num-records", "300", "--num-shards", "1", "--workers", "1",
-               "--out", str(d / "corpus")],
-              ["tokenizer", "train", "--config", cfg, "--input", str(d / "corpus" / "*.jsonl*"), "--vocab-size",
-               "3000", "--out", str(d / "tokenizer")],
-              ["prepare", "--config", cfg, "--out", str(d / "data"), "--tokenizer", str(d / "tokenizer"),
-               f"data.inputs=[{d / 'corpus'}/*.jsonl*]", "data.seq_len=256", "data.world_size=2",
-               "data.val_fraction=0.05"]):
-        r = _cli(*s, env=_env())
-        assert r.returncode == 0, f"{s[:2]} failed:\n{r.stderr[-3000:]}"
-    assert len(json.loads((d / "data" / "manifest.json").read_text())["splits"]["train"]["shards"]) == 2
-    return d / "data"
-
+    return build_demo_data(tmp_path_factory.mktemp("ray_demo"), _cli, _env(), seq_len=256)
 
 # ---- fast ----------------------------------------------------------------------------------------------------
 
