@@ -172,11 +172,16 @@ def _clear_stale_extension_lock() -> None:
         lock.unlink(missing_ok=True)
 
 
-def prebuild_ops() -> None:
-    """Compile DeepSpeed's CPU comm op once, serially, before parallel jobs (make test, CI) need it."""
+def _extension_build_env() -> None:
+    """Where and with which tools DeepSpeed JIT-builds its CPU op; drops a lock left by a killed build."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
     _prefer_this_environments_tools()
     _clear_stale_extension_lock()
+
+
+def prebuild_ops() -> None:
+    """Compile DeepSpeed's CPU comm op once, serially, before parallel jobs (make test, CI) need it."""
+    _extension_build_env()
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
@@ -212,9 +217,7 @@ def _run_train(cfg: Config) -> int:
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, _on_signal)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".torch_extensions").resolve()))
-    _prefer_this_environments_tools()
-    _clear_stale_extension_lock()
+    _extension_build_env()
     tc, mc = cfg.train, cfg.model
     rank, world, local_rank = _dist_env()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
