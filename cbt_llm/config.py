@@ -125,8 +125,11 @@ class ModelConfig(_Section):
     num_kv_heads: int = Field(2, ge=1, description="Random model: key/value heads (GQA).")
     intermediate_size: int = Field(128, ge=8, description="Random model: MLP width.")
     vocab_size: int = Field(0, ge=0, description="Random model: vocabulary (0: the tokenizer's length).")
-    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
-        "auto", description="Attention kernel; auto = flash_attention_2 when importable on CUDA, else sdpa."
+    attn: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = Field(
+        "auto",
+        description="Attention kernel; auto = flash_attention_2 when importable on CUDA, else sdpa_varlen (torch SDPA "
+        "kernels cut at packed-example boundaries: torch's varlen flash kernel on CUDA, one SDPA call per example "
+        "on CPU); sdpa = transformers' SDPA with a block-diagonal mask per packed row; remote-code models: sdpa.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
@@ -159,6 +162,13 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global grad norm to this (0: off).")
     zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU memory.")
+    optimizer: Literal["auto", "torch", "deepspeed"] = Field(
+        "auto",
+        description="AdamW implementation: deepspeed = DeepSpeed's fused CUDA Adam (compiled; the Dockerfile "
+        "prebuilds it, elsewhere the first run JIT-compiles it with nvcc); torch = torch.optim.AdamW (foreach, "
+        "nothing to compile); auto = deepspeed on CUDA, torch on CPU. With offload_optimizer DeepSpeed's CPU Adam "
+        "is always used.",
+    )
     offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
     deepspeed_config: str = Field(
         "", description="Optional user DeepSpeed JSON; checked against these fields, 'auto' values filled in."
@@ -168,11 +178,15 @@ class TrainConfig(_Section):
     eval_max_rows: int = Field(0, ge=0, description="Evaluate on at most this many validation rows (0: all).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+    save_final: bool = Field(True, description="Checkpoint at the end of training (false: benchmarks).")
     resume: str = Field("auto", description="'auto' (latest checkpoint in run_dir if any), 'never', or a checkpoint folder.")
     collective_timeout_s: int = Field(
         600, ge=10, description="A collective waiting longer than this fails the job (a dead rank cannot hang it)."
     )
     requeue_exit_code: int = Field(85, ge=1, le=255, description="Exit code after a SIGTERM/SIGUSR1 checkpoint.")
+    profile_steps: int = Field(
+        0, ge=0, description="Profile this many optimizer steps (after 2 warm-up steps) with torch.profiler; "
+        "rank 0 writes the top operators to run_dir/profile.txt.")
     record_order: bool = Field(False, description="Write the rows each rank saw per step to run_dir/order/ (tests).")
 
 

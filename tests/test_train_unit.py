@@ -125,6 +125,10 @@ def test_ds_config_is_derived_from_the_typed_config():
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["torch_adam"] is False
     cpu = build_ds_config(TrainConfig(zero_stage=2, offload_optimizer=False), torch.float32, "cpu", 2)
     assert cpu["optimizer"]["params"]["torch_adam"] is True and not cpu["bf16"]["enabled"]
+    gpu_torch = build_ds_config(TrainConfig(optimizer="torch"), torch.bfloat16, "cuda", 1)
+    assert gpu_torch["optimizer"]["params"]["torch_adam"] is True
+    offload = build_ds_config(TrainConfig(optimizer="torch", offload_optimizer=True), torch.bfloat16, "cuda", 1)
+    assert offload["optimizer"]["params"]["torch_adam"] is False  # offload needs DeepSpeed's CPU Adam
     with pytest.raises(ConfigError, match="train.offload_params needs train.zero_stage=3"):
         build_ds_config(TrainConfig(zero_stage=2, offload_params=True), torch.float32, "cpu", 2)
 

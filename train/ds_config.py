@@ -42,7 +42,8 @@ def build_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, wor
                 "eps": tcfg.adam_eps,
                 "weight_decay": tcfg.weight_decay,
                 # DeepSpeed's fused/CPU Adam must be compiled; torch's is exact and enough on CPU
-                "torch_adam": device_type != "cuda" and not tcfg.offload_optimizer,
+                "torch_adam": not tcfg.offload_optimizer and (
+                    tcfg.optimizer == "torch" or (tcfg.optimizer == "auto" and device_type != "cuda")),
             },
         },
         "steps_per_print": 10**9,

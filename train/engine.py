@@ -31,6 +31,7 @@ import torch
 
 from cbt_llm.config import Config, ConfigError
 from cbt_llm.report import print_summary, write_metrics
+from train import attention
 from train import checkpoint as ckpt
 from train.data import RankLoader, load_manifest, rank_shards, read_rows, steps_per_epoch
 from train.ds_config import resolve_ds_config
@@ -110,20 +111,53 @@ def evaluate(engine, rows, *, rank: int, world: int, micro_batch_size: int, pad_
     n = min(len(rows), max_rows) if max_rows else len(rows)
     mine = list(range(rank, n, world))
     batches = math.ceil(math.ceil(n / world) / micro_batch_size)
-    total = torch.zeros(2, dtype=torch.float64)
+    loss, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     engine.eval()
     for b in range(batches):
         idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
-        keep = bool(idx)
         batch = collate(rows, idx or [0], pad_token_id)
-        out = engine(input_ids=batch["input_ids"].to(engine.device),
-                     position_ids=batch["position_ids"].to(engine.device), use_cache=False)
-        s, c = masked_ce_sum(out.logits, batch["labels"].to(engine.device), batch["position_ids"].to(engine.device))
-        if keep:
-            total += torch.tensor([s.item(), c], dtype=torch.float64)
+        out = _forward(engine, batch)
+        s, _ = masked_ce_sum(out.logits, batch["labels"].to(engine.device), batch["position_ids"].to(engine.device),
+                             count=False)
+        if idx:
+            loss += s.detach().double()
+            count += label_count(batch["labels"], batch["position_ids"])
     engine.train()
+    total = torch.cat([loss.view(1), torch.tensor([float(count)], dtype=torch.float64).to(engine.device)])
     dist.all_reduce(total)
     return float(total[0] / max(total[1], 1))
+
+
+def _forward(engine, batch: dict):
+    """One forward pass of a collated batch (host tensors). With sdpa_varlen the example boundaries are found
+    here, on the host, once per batch, instead of in every layer (which would wait for the GPU each time)."""
+    dev = engine.device
+    extra = {}
+    if getattr(engine.module.config, "_attn_implementation", None) == attention.NAME:
+        extra = attention.boundaries(batch["position_ids"])
+        extra["cu_seq_lens_q"] = extra["cu_seq_lens_k"] = extra["cu_seq_lens_q"].to(dev, non_blocking=True)
+    return engine(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev), use_cache=False,
+                  **extra)
+
+
+def _start_profiler(device_type: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    prof = profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
+def _stop_profiler(prof, device_type: str, out: Path | None, steps: int) -> None:
+    """Stop and, on rank 0, write the top operators by self time (device time on CUDA) for the profiled steps."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
+    if out is not None:
+        key = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+        out.write_text(f"torch.profiler over {steps} optimizer steps, sorted by {key}\n{table}\n", encoding="utf-8")
 
 
 def _check_packing_isolation(engine, rows, what: str, say) -> None:
@@ -304,6 +338,8 @@ def _run_train(cfg: Config) -> int:
 
     if manifest.get("packing", True):
         _check_packing_isolation(engine, rows, f"{base_path} (attn={attn})", say)
+    attn_kernel = attention.kernel_in_use(device_type) if attn == attention.NAME else attn
+    say(f"attention: {attn} ({attn_kernel})")
 
     # ---- resume -----------------------------------------------------------------------------------------
     start_step, resumed_from = 0, None
@@ -353,9 +389,14 @@ def _run_train(cfg: Config) -> int:
     say(f"steps: {total_steps} ({spe}/epoch; {dropped_rows} rows/epoch left out to keep ranks even) | "
         f"tokens/step <= {world * tc.micro_batch_size * tc.grad_accum * manifest['seq_len']:,}")
     bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train", file=sys.stderr)
-    window = torch.zeros(4, dtype=torch.float64)  # loss sum, label tokens, real tokens, rows (this rank)
+    # small collectives go on the device the backend serves (nccl: GPU tensors only); the loss is summed on the
+    # device and the counts on the host, so nothing waits for the GPU between log points
+    cdev = engine.device
+    loss_acc = torch.zeros((), dtype=torch.float64, device=cdev)
+    host_acc = [0.0, 0.0, 0.0]  # label tokens, real tokens, rows (this rank, this log window)
     t_window, last_eval, last_saved, eval_loss, step = time.perf_counter(), None, None, None, start_step
-    stop = torch.zeros(1)
+    stop = torch.zeros(1, device=cdev)
+    prof = None
     for step in range(start_step + 1, total_steps + 1):
         stop[0] = float(_STOP["signum"])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at this boundary, whoever got the signal
@@ -370,30 +411,39 @@ def _run_train(cfg: Config) -> int:
             dist.barrier()
             dist.destroy_process_group()
             return tc.requeue_exit_code
+        if tc.profile_steps and step == start_step + 3:
+            prof = _start_profiler(device_type)
         t0 = time.perf_counter()
         micro, keys = loader.next_step()
         if tc.record_order:
             with (run_dir / "order" / f"rank{rank}.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, "epoch": loader.epoch, "rows": keys}) + "\n")
-        count = torch.tensor([float(sum(label_count(m["labels"], m["position_ids"]) for m in micro))])
+        counts = [label_count(m["labels"], m["position_ids"]) for m in micro]
+        count = torch.tensor([float(sum(counts))]).to(cdev)
         dist.all_reduce(count)
         # DeepSpeed averages gradients over ranks; multiplying by world makes the result sum / global count
         scale = world / max(count.item(), 1.0)
         lr = engine.get_lr()[0]
-        for m in micro:
-            out = engine(input_ids=m["input_ids"].to(engine.device), position_ids=m["position_ids"].to(engine.device),
-                         use_cache=False)
-            loss_sum, n = masked_ce_sum(out.logits, m["labels"].to(engine.device), m["position_ids"].to(engine.device))
+        for m, n in zip(micro, counts):
+            out = _forward(engine, m)
+            loss_sum, _ = masked_ce_sum(out.logits, m["labels"].to(cdev), m["position_ids"].to(cdev), count=False)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
-            window += torch.tensor([loss_sum.item(), n, m["real_tokens"], m["input_ids"].shape[0]], dtype=torch.float64)
+            loss_acc += loss_sum.detach().double()
+            for j, v in enumerate((n, m["real_tokens"], m["input_ids"].shape[0])):
+                host_acc[j] += v
         step_s = time.perf_counter() - t0
+        if prof is not None and step == start_step + 2 + tc.profile_steps:
+            _stop_profiler(prof, device_type, run_dir / "profile.txt" if is_main else None, tc.profile_steps)
+            prof = None
         bar.update(1)
         if fault:
             fault("after_step", step)
 
         if step % tc.log_every == 0 or step == total_steps:
+            window = torch.cat([loss_acc.view(1), torch.tensor(host_acc, dtype=torch.float64).to(cdev)])
             dist.all_reduce(window)
+            window = window.cpu()
             elapsed = time.perf_counter() - t_window
             tps = window[2].item() / elapsed
             gn = engine.get_global_grad_norm()
@@ -411,7 +461,8 @@ def _run_train(cfg: Config) -> int:
                 metrics["eval/loss"], last_eval = eval_loss, step
             logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-            window.zero_()
+            loss_acc.zero_()
+            host_acc = [0.0, 0.0, 0.0]
             t_window = time.perf_counter()
         elif tc.eval_every and len(val_rows) and step % tc.eval_every == 0:
             eval_loss = evaluate(engine, val_rows, rank=rank, world=world, micro_batch_size=tc.micro_batch_size,
@@ -428,8 +479,9 @@ def _run_train(cfg: Config) -> int:
         eval_loss = evaluate(engine, val_rows, rank=rank, world=world, micro_batch_size=tc.micro_batch_size,
                              pad_token_id=pad_id, max_rows=tc.eval_max_rows)
         logger.log(step, {"eval/loss": eval_loss})
-    if last_saved != step:
+    if last_saved != step and tc.save_final:
         save(step)
+        last_saved = step
     if is_main:
         from train.metrics import read_metrics
 
@@ -439,11 +491,12 @@ def _run_train(cfg: Config) -> int:
         summary = {
             "steps": step, "epochs_seen": round(step / spe, 3), "world_size": world, "lora": mc.lora.enabled,
             "params_total": n_total, "params_trainable": n_trainable, "attn": attn,
+            "attn_kernel": attn_kernel,
             "dtype": str(dtype).replace("torch.", ""), "first_train_loss": losses[0] if losses else None,
             "last_train_loss": losses[-1] if losses else None, "eval_loss": eval_loss,
             "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
             "mfu": mfu(sum(tps) / len(tps) / world, fpt, peak) if tps else None,
-            "peak_mem_gib": _peak_mem_gib(device_type), "checkpoint": str(ckpt_dir / ckpt.tag_for(step)),
+            "peak_mem_gib": _peak_mem_gib(device_type), "checkpoint": str(ckpt_dir / ckpt.tag_for(last_saved)) if last_saved is not None else None,
             "resumed_from": resumed_from, "rows_left_out_per_epoch": dropped_rows,
         }
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})

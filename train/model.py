@@ -19,12 +19,18 @@ def resolve_dtype(mcfg: ModelConfig, device_type: str) -> torch.dtype:
 
 
 def select_attn(mcfg: ModelConfig, device_type: str) -> str:
-    """flash_attention_2 when asked for (or auto) and usable, else sdpa; never a silent downgrade of an explicit ask."""
+    """flash_attention_2 when asked for (or auto) and usable, else SDPA cut at example boundaries (sdpa_varlen, see
+    train/attention.py); never a silent downgrade of an explicit ask. Models with their own attention code
+    (trust_remote_code) cannot take a registered kernel, so auto gives them transformers' sdpa."""
     have_fa = device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if mcfg.attn == "flash_attention_2" and not have_fa:
-        raise ConfigError("model.attn=flash_attention_2 needs CUDA and the flash-attn package; use model.attn=sdpa")
+        raise ConfigError("model.attn=flash_attention_2 needs CUDA and the flash-attn package; use model.attn=sdpa_varlen")
+    if mcfg.attn == "sdpa_varlen" and mcfg.trust_remote_code:
+        raise ConfigError("model.attn=sdpa_varlen cannot reach a remote-code model's own attention; use model.attn=sdpa")
     if mcfg.attn == "auto":
-        return "flash_attention_2" if have_fa else "sdpa"
+        if have_fa:
+            return "flash_attention_2"
+        return "sdpa" if mcfg.trust_remote_code else "sdpa_varlen"
     return mcfg.attn
 
 
@@ -84,6 +90,10 @@ def load_model(path: str, mcfg: ModelConfig, dtype: torch.dtype, attn: str):
     """from_pretrained; under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive so weights load partitioned."""
     from transformers import AutoModelForCausalLM
 
+    if attn == "sdpa_varlen":
+        from train.attention import register
+
+        register()
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn, trust_remote_code=mcfg.trust_remote_code
@@ -118,8 +128,10 @@ def count_params(model) -> tuple[int, int]:
     return total, trainable
 
 
-def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over label tokens, and their count.
+def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, *,
+                  count: bool = True) -> tuple[torch.Tensor, int | None]:
+    """Sum of next-token cross-entropy over label tokens, and their count (None with count=False: on a GPU the
+    count would wait for the device; the training loop takes it from label_count on the host instead).
 
     Token t predicts label t+1. A target that starts a new packed example (position 0) is never a label, even if
     a shard marked it so: it belongs to another conversation.
@@ -130,7 +142,7 @@ def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torc
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-    return loss, int((target != IGNORE).sum())
+    return loss, (int((target != IGNORE).sum()) if count else None)
 
 
 def label_count(labels: torch.Tensor, position_ids: torch.Tensor) -> int:
