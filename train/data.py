@@ -2,11 +2,14 @@
 
 Each rank reads only its own train shards (shard i belongs to rank i % world_size), so no rank tokenizes or
 broadcasts data. The order inside an epoch is a permutation seeded by (seed, epoch, rank): the loader's whole
-position is (epoch, step_in_epoch), which is what goes into a checkpoint.
+position is (epoch, step_in_epoch), which is what goes into a checkpoint. The rows come from the Parquet files
+(read_rows) or, under Ray Train, from this worker's Ray Data stream of the same files (rows_from_batches):
+both give the same PackedRows, so the order and the resume state are the same under every launcher.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,9 @@ class PackedRows:
         return self.input_ids[a:b], self.labels[a:b], self.position_ids[a:b]
 
 
+TOKEN_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
 def _flat(col) -> tuple[np.ndarray, np.ndarray]:
     col = col.combine_chunks()
     offsets = col.offsets.to_numpy().astype(np.int64)
@@ -71,36 +77,88 @@ def _flat(col) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
-def read_rows(data_dir: str | Path, shards: list[dict], pad_token_id: int) -> PackedRows:
-    """Load the given shards into one PackedRows; a shard whose row count disagrees with the manifest fails."""
-    ids_l, lab_l, pos_l, offs, keys = [], [], [], [np.zeros(1, np.int64)], []
-    base = 0
-    for s in shards:
-        path = Path(data_dir) / s["path"]
-        if not path.is_file():
-            raise ConfigError(f"shard '{path}' listed in manifest.json is missing; re-run `cbt-llm prepare`")
-        t = pq.read_table(path, columns=["input_ids", "labels", "position_ids"])
-        if t.num_rows != s["rows"]:
-            raise ConfigError(f"shard '{path}' has {t.num_rows} rows, manifest says {s['rows']}; re-run prepare")
+class _RowsBuilder:
+    """Appends Arrow tables of the token columns, shard after shard, and assembles one PackedRows."""
+
+    def __init__(self):
+        self.ids, self.lab, self.pos, self.offs, self.keys, self.base = [], [], [], [np.zeros(1, np.int64)], [], 0
+
+    def add(self, t, shard_path: str, first_row: int) -> None:
         ids, off = _flat(t["input_ids"])
         lab, off2 = _flat(t["labels"])
         pos, off3 = _flat(t["position_ids"])
         if not (np.array_equal(off, off2) and np.array_equal(off, off3)):
-            raise ConfigError(f"shard '{path}': input_ids/labels/position_ids row lengths differ")
-        ids_l.append(ids), lab_l.append(lab), pos_l.append(pos)
-        offs.append(off[1:] + base)
-        base += len(ids)
-        keys += [f"{s['path']}:{r}" for r in range(t.num_rows)]
-    input_ids = np.concatenate(ids_l) if ids_l else np.zeros(0, np.int64)
-    labels = np.concatenate(lab_l) if lab_l else np.zeros(0, np.int64)
-    offsets = np.concatenate(offs)
-    # padding = trailing pad tokens that carry no label; only padded (packing=false) rows have any
-    real = np.empty(len(offsets) - 1, np.int64)
-    for i in range(len(real)):
-        a, b = offsets[i], offsets[i + 1]
-        useful = np.nonzero((input_ids[a:b] != pad_token_id) | (labels[a:b] != IGNORE))[0]
-        real[i] = useful[-1] + 1 if len(useful) else 0
-    return PackedRows(input_ids, labels, np.concatenate(pos_l) if pos_l else labels.copy(), offsets, real, keys)
+            raise ConfigError(f"shard '{shard_path}': input_ids/labels/position_ids row lengths differ")
+        self.ids.append(ids), self.lab.append(lab), self.pos.append(pos)
+        self.offs.append(off[1:] + self.base)
+        self.base += len(ids)
+        self.keys += [f"{shard_path}:{r}" for r in range(first_row, first_row + t.num_rows)]
+
+    def build(self, pad_token_id: int) -> PackedRows:
+        input_ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+        labels = np.concatenate(self.lab) if self.lab else np.zeros(0, np.int64)
+        offsets = np.concatenate(self.offs)
+        # padding = trailing pad tokens that carry no label; only padded (packing=false) rows have any
+        real = np.empty(len(offsets) - 1, np.int64)
+        for i in range(len(real)):
+            a, b = offsets[i], offsets[i + 1]
+            useful = np.nonzero((input_ids[a:b] != pad_token_id) | (labels[a:b] != IGNORE))[0]
+            real[i] = useful[-1] + 1 if len(useful) else 0
+        pos = np.concatenate(self.pos) if self.pos else labels.copy()
+        return PackedRows(input_ids, labels, pos, offsets, real, self.keys)
+
+
+def read_rows(data_dir: str | Path, shards: list[dict], pad_token_id: int) -> PackedRows:
+    """Load the given shards into one PackedRows; a shard whose row count disagrees with the manifest fails."""
+    b = _RowsBuilder()
+    for s in shards:
+        path = Path(data_dir) / s["path"]
+        if not path.is_file():
+            raise ConfigError(f"shard '{path}' listed in manifest.json is missing; re-run `cbt-llm prepare`")
+        t = pq.read_table(path, columns=list(TOKEN_COLUMNS))
+        if t.num_rows != s["rows"]:
+            raise ConfigError(f"shard '{path}' has {t.num_rows} rows, manifest says {s['rows']}; re-run prepare")
+        b.add(t, s["path"], 0)
+    return b.build(pad_token_id)
+
+
+def rows_from_batches(batches: Iterable, shards: list[dict], pad_token_id: int) -> PackedRows:
+    """PackedRows from a stream of Arrow tables: the token columns plus `path`, the shard file each row came from
+    (Ray Data's `include_paths`). The stream must deliver exactly `shards`, each whole and in that order, with
+    the manifest's row counts: then rows, order and keys are those of read_rows, so the loader's order and its
+    resume state do not depend on how the rows arrived. Anything else is a one-line ConfigError."""
+    want = [s["path"] for s in shards]
+    of_file: dict[str, str] = {}  # path as the stream names it -> manifest path (resolved once per file)
+
+    def shard_of(p: str) -> str:
+        if p not in of_file:
+            hits = [w for w in want if p == w or p.endswith("/" + w)]
+            if not hits:
+                raise ConfigError(f"got rows of '{p}', which is not one of this rank's shards {want}")
+            of_file[p] = max(hits, key=len)
+        return of_file[p]
+
+    b, seen, current = _RowsBuilder(), {}, None
+    for t in batches:
+        paths = t.column("path").to_pylist()
+        start = 0
+        while start < len(paths):
+            end = start
+            while end < len(paths) and paths[end] == paths[start]:
+                end += 1
+            shard = shard_of(paths[start])
+            if shard != current and shard in seen:
+                raise ConfigError(f"rows of shard '{shard}' arrived after another shard began: the stream is not in "
+                                  "file order (Ray Data needs preserve_order)")
+            current = shard
+            b.add(t.slice(start, end - start), shard, seen.get(shard, 0))
+            seen[shard] = seen.get(shard, 0) + end - start
+            start = end
+    got = [(p, n) for p, n in seen.items()]
+    if got != [(s["path"], s["rows"]) for s in shards]:
+        raise ConfigError(f"the stream delivered shards (path, rows) {got}, expected "
+                          f"{[(s['path'], s['rows']) for s in shards]}; re-run `cbt-llm prepare`")
+    return b.build(pad_token_id)
 
 
 def collate(rows: PackedRows, idx: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:

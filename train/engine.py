@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from cbt_llm.config import Config, ConfigError
 from cbt_llm.report import print_summary, write_metrics
 from train import attention
 from train import checkpoint as ckpt
-from train.data import RankLoader, load_manifest, rank_shards, read_rows, steps_per_epoch
+from train.data import PackedRows, RankLoader, load_manifest, rank_shards, read_rows, steps_per_epoch
 from train.ds_config import resolve_ds_config
 from train.metrics import MetricsLogger, flops_per_token, mfu, peak_flops, plot_loss
 from train.model import (apply_liger, apply_lora, count_params, label_count, load_model, masked_ce_sum, packing_isolation,
@@ -231,20 +232,27 @@ def _shm_buffers() -> list[Path]:
     return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"))
 
 
-def run_train(cfg: Config) -> int:
-    """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal)."""
+def run_train(cfg: Config, *, train_rows: Callable[[list[dict], int], PackedRows] | None = None,
+              on_checkpoint: Callable[[Path, dict], None] | None = None) -> int:
+    """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal).
+
+    Two hooks for launchers that own data and checkpoint storage (launch/ray_job.py), both None for the rest:
+    train_rows(shards, pad_token_id) gives this rank's train rows instead of read_rows from train.data_dir (it
+    must return what read_rows would); on_checkpoint(folder, trainer_state) runs on every rank after each
+    checkpoint is complete on disk.
+    """
     # DeepSpeed never unlinks its shared-memory buffers (~66 MB of RAM per rank per run, in tmpfs), and a stale
     # one under the same name can confuse a later run on the same port: drop ours before and after.
     for p in _shm_buffers():
         p.unlink(missing_ok=True)
     try:
-        return _run_train(cfg)
+        return _run_train(cfg, train_rows, on_checkpoint)
     finally:
         for p in _shm_buffers():
             p.unlink(missing_ok=True)
 
 
-def _run_train(cfg: Config) -> int:
+def _run_train(cfg: Config, train_rows, on_checkpoint) -> int:
     # first thing: a preemption signal during the (long) start-up must set the flag, not kill the process.
     # Only the main thread may install handlers; Ray Train runs this loop in a worker thread, where a lost
     # or preempted node is handled by Ray restarting the group from the last checkpoint instead.
@@ -287,7 +295,8 @@ def _run_train(cfg: Config) -> int:
     torch.manual_seed(tc.seed)
 
     # ---- data: this rank's own shards -------------------------------------------------------------------
-    rows = read_rows(tc.data_dir, rank_shards(manifest, "train", rank, world), pad_id)
+    read_train = train_rows or (lambda shards, pad: read_rows(tc.data_dir, shards, pad))
+    rows = read_train(rank_shards(manifest, "train", rank, world), pad_id)
     val_rows = read_rows(tc.data_dir, manifest["splits"].get("validation", {}).get("shards", []), pad_id)
     loader = RankLoader(rows, micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum, seed=tc.seed,
                         rank=rank, steps_per_epoch=spe, pad_token_id=pad_id)
@@ -380,8 +389,11 @@ def _run_train(cfg: Config) -> int:
 
     def save(step: int, stopped: str | None = None) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save(engine, ckpt_dir, step, state_at(step, stopped), rank=rank, keep_last=tc.keep_last,
-                  barrier=dist.barrier, fault=fault)
+        state = state_at(step, stopped)
+        tag = ckpt.save(engine, ckpt_dir, step, state, rank=rank, keep_last=tc.keep_last, barrier=dist.barrier,
+                        fault=fault)
+        if on_checkpoint:
+            on_checkpoint(ckpt_dir / tag, state)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     from tqdm import tqdm
