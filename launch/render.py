@@ -224,6 +224,7 @@ def render_ray(cfg: Config, cmd: TrainCommand) -> str:
     L += [
         'export RAY_ADDRESS="${RAY_ADDRESS:?set RAY_ADDRESS to the cluster, e.g. http://head:8265}"',
         "# the entrypoint runs on the head node in this folder (a shared file system, as for Slurm);",
+        f"# every checkpoint is reported to {ray_storage_path(cfg)} and restored workers load from there;",
         "# the job's exit code is the trainer's: non-zero when training failed after launch.ray.max_failures restarts",
         'exec ray job submit --submission-id "cbt-llm-' + cfg.run_name + '-$(date +%s)" -- \\',
         f'  bash -c "cd $PWD && python -m launch.ray_job {train_args_escaped(cmd)}"',
@@ -260,7 +261,8 @@ EXAMPLES = [
       "launch.slurm.cpus_per_task=64", "launch.slurm.mem=0"]),
     ("slurm-2node-apptainer.sbatch", "slurm", "configs/train/baichuan2-7b-lora.yaml",
      ["launch.nodes=2", "launch.gpus_per_node=8", "launch.slurm.container=cbt-llm.sif"]),
-    ("ray-job-8gpu.sh", "ray", "configs/train/qwen2.5-7b-lora.yaml", ["launch.gpus_per_node=8"]),
+    ("ray-job-8gpu.sh", "ray", "configs/train/qwen2.5-7b-lora.yaml",
+     ["launch.gpus_per_node=8", "launch.ray.storage_path=/shared/ray-results"]),
     ("slurm-demo-cpu.sbatch", "slurm", "configs/demo-cpu.yaml", ["launch.cpu=true"]),
 ]
 
