@@ -169,9 +169,11 @@ def ray_head(tmp_path_factory):
     try:
         deadline = time.time() + 120
         while True:
-            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
-                               env=_env(), capture_output=True, text=True, timeout=60)
-            if r.returncode == 0:  # the job server answers: GCS, raylet and dashboard are all up
+            # a job that runs: GCS, raylet, the job server and the node's agent that starts jobs are all up
+            # (`ray job list` answers earlier, while submissions still fail with "No available agent")
+            r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+                                "true"], env=_env(), capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
                 break
             if head.poll() is not None or time.time() > deadline:
                 pytest.fail(f"Ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}")
