@@ -4,7 +4,7 @@ The flow, one way:
 
     Ray Data                                            driver (ordered stream, bounded memory)
     read files -> parse + validate -> tokenize + mask -> dedup -> window of pack_window examples
-    (tasks, one per file)  (tasks)    (actor pool)         -> best-fit-decreasing -> spool
+    (tasks, one per file)  (tasks)    (actor pool)         -> pack (data.packer)  -> spool
                                                         end: spool -> shards (multiple of world_size),
                                                              rejects/, manifest.json, metrics
 
@@ -46,7 +46,7 @@ from data_pipeline.packing import (
     Rows,
     build_packed_rows,
     build_padded_rows,
-    pack_bfd,
+    pack,
     packing_efficiency,
 )
 
@@ -459,6 +459,7 @@ class _SplitPacker:
         self.labels: list[np.ndarray] = []
         self.eids: list[str] = []
         self.examples = self.rows = self.tokens = self.label_tokens = 0
+        self.pack_s = 0.0  # driver time spent choosing bins (prepare_metrics.json: pack_s)
 
     def add(self, ids: np.ndarray, labels: np.ndarray, eid: str) -> None:
         self.ids.append(ids)
@@ -471,7 +472,10 @@ class _SplitPacker:
         if not self.ids:
             return
         if self.dc.packing:
-            rows = build_packed_rows(self.ids, self.labels, self.eids, pack_bfd([len(a) for a in self.ids], self.dc.seq_len))
+            t0 = time.perf_counter()
+            bins = pack([len(a) for a in self.ids], self.dc.seq_len, self.dc.packer)
+            self.pack_s += time.perf_counter() - t0
+            rows = build_packed_rows(self.ids, self.labels, self.eids, bins)
         else:
             rows = build_padded_rows(self.ids, self.labels, self.eids, self.dc.seq_len, self.pad)
         if self.writer is None:
@@ -704,6 +708,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
             "schema_version": MANIFEST_SCHEMA_VERSION,
             "seq_len": dc.seq_len,
             "packing": dc.packing,
+            "packer": dc.packer if dc.packing else None,
             "pad_token_id": pad_id,
             "tokenizer": {"name_or_path": dc.tokenizer, "hash": tok_hash},
             "config_hash": _data_config_hash(dc),
@@ -756,6 +761,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
         "records/s": counts["read"] / stream_s,
         "tokens/s": total_tokens / stream_s,
         "ray_startup_s": round(ray_s, 3),
+        "pack_s": round(sum(p.pack_s for p in packers.values()), 3),
         "seconds": round(t_end - t_start, 3),
         "out_dir": str(out),
     }
