@@ -44,6 +44,7 @@ test: $(STAMP) ops
 
 bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py
+	$(BIN)/python bench/packing_bench.py
 	$(BIN)/python bench/prepare_bench.py
 	$(BIN)/python bench/train_bench.py
 

@@ -7,7 +7,7 @@ Corpus: `cbt-llm synth template` (schema v1 records). Tokenizer: `cbt-llm tokeni
 50k records (the tokenizer is an input here, not what is measured).
 
 - ours:     `cbt-llm prepare` in a fresh subprocess: validate, dedup, split, chat template, tokenize + mask in
-            a Ray actor pool, best-fit-decreasing packing, Parquet shards + manifest.
+            a Ray actor pool, packing (data.packer, --packer), Parquet shards + manifest.
 - baseline: `datasets.load_dataset("json")` + `Dataset.map(batched=True, num_proc=2)` doing the same chat
             template, tokenization and prompt masking, then naive padding of every example to seq_len, written
             to Parquet. No validation, no dedup, no split, no packing: strictly less work than ours.
@@ -133,6 +133,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench-prepare"))
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     ap.add_argument("--ours-only", action="store_true", help="skip the baseline (memory-growth runs at 5M)")
+    ap.add_argument("--packer", choices=["best", "bfd"], default="best", help="data.packer for ours")
     ap.add_argument("--baseline", nargs=4, metavar=("FILES_JSON", "TOK", "SEQ_LEN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline:
@@ -156,7 +157,8 @@ def main() -> int:
         print("ours: cbt-llm prepare ...", file=sys.stderr)
         ours_out = work / "ours"
         ours = run_measured(_cli("prepare", f"data.inputs=[{corpus}/*.jsonl]", f"data.tokenizer={tok_dir}",
-                                 f"data.out_dir={ours_out}", f"data.seq_len={args.seq_len}"), env)
+                                 f"data.out_dir={ours_out}", f"data.seq_len={args.seq_len}",
+                                 f"data.packer={args.packer}"), env)
         man = json.loads((ours_out / "manifest.json").read_text())
         met = json.loads((ours_out / "prepare_metrics.json").read_text())
         c = man["counts"]
@@ -187,11 +189,13 @@ def main() -> int:
                 "tokens_per_s": round(ours_tokens / ours["wall_s"], 1),
                 "records_per_s_excl_startup": round(met["records/s"], 1),
                 "ray_startup_s": met["ray_startup_s"],
+                "pack_s": met.get("pack_s"),
                 "peak_pss_mib": round(ours["peak_pss_mib"], 1),
                 "max_processes": ours["max_processes"],
                 "rows": ours_rows,
                 "tokens": ours_tokens,
                 "efficiency": round(ours_tokens / (ours_rows * args.seq_len), 4),
+                "packer": args.packer,
                 "rejected": c["rejected_total"],
             },
             "baseline": None if bstats is None else {
@@ -211,7 +215,7 @@ def main() -> int:
             "memory(ours/baseline peak)": round(o["peak_pss_mib"] / b["peak_pss_mib"], 3),
             "rows(ours/baseline)": round(o["rows"] / b["rows"], 4),
         }
-        tag = f"{n // 1000}k-seq{args.seq_len}" + ("-ours" if b is None else "")
+        tag = f"{n // 1000}k-seq{args.seq_len}" + ("-ours" if b is None else "") + ("-bfd" if args.packer == "bfd" else "")
         out_path = ROOT / "bench" / "results" / f"prepare-{tag}.json"
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -219,7 +223,7 @@ def main() -> int:
         print(f"\n### prepare: {n:,} records, seq_len {args.seq_len}, {os.cpu_count()} CPUs\n")
         print("| pipeline | wall s | records/s | tokens/s | peak PSS MiB (tree) | rows | efficiency |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        rows = [("ours (Ray Data + BFD packing)", o)]
+        rows = [(f"ours (Ray Data + {args.packer} packing)", o)]
         if b is not None:
             rows.append((f"datasets.map(num_proc={args.num_proc}) + padding", b))
         for name, r in rows:
