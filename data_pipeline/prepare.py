@@ -55,6 +55,8 @@ SPLITS = ("train", "validation")
 RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
 _READ_CHUNK = 2048  # lines per block out of the file reader
 _ROWS_PER_SHARD = 16_384  # default shard size when data.num_shards is 0
+_RAY_BLOCK_BYTES = 8 << 20  # Ray Data's target block size (see _configure_ray_data)
+_SHARD_ROW_GROUP = 1024  # rows per Parquet row group in a shard, and per read of the spool when writing one
 _AF_UNIX_BUDGET = 40  # Ray appends ~65 chars of session/socket path to _temp_dir; sockets max out at 107
 
 ROW_SCHEMA = pa.schema(
@@ -422,6 +424,12 @@ def _configure_ray_data() -> None:
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # determinism: the driver sees (file, line) order
+    # Ray's default 128 MiB blocks hold a whole input file's parsed records at 25k records per file, and an
+    # ordered stream releases a block only when the task that makes it ends: with them the driver saw its
+    # first record after every record was parsed and tokenized, the whole corpus waiting in the object
+    # store (spilled to disk past 1 GiB, with spill/restore workers of ~700 MiB). Small blocks keep the
+    # stream flowing; what the driver sees, in order, is the same.
+    ctx.target_max_block_size = _RAY_BLOCK_BYTES
     ctx.enable_progress_bars = False  # our own tqdm counts records; Ray's bars interleave badly in logs
     from ray.util.debug import log_once
 
@@ -432,6 +440,59 @@ def _configure_ray_data() -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # driver side: dedup, windows, packing, spool, shards
+
+
+class _FirstSeen:
+    """Exact-duplicate index: content hash -> where the kept (first) copy came from, (file_idx << 40) | line.
+
+    16 bytes per kept example in two sorted NumPy arrays, where a dict of Python ints costs ~115 (84 for the
+    dict and its value, measured, plus the key's int): at 5M examples 80 MB instead of ~575 MB. New entries go to a small dict first and are merged into the arrays
+    every `chunk` entries (a linear merge, so the cost stays proportional to the examples added). An entry is
+    never replaced, so a hash always answers with its first copy.
+    """
+
+    def __init__(self, chunk: int = 1 << 16):
+        self.chunk = chunk
+        self.keys = np.zeros(0, np.int64)
+        self.vals = np.zeros(0, np.int64)
+        self.recent: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.recent)
+
+    def lookup_merged(self, hashes: np.ndarray) -> np.ndarray:
+        """The first-copy location of each hash among the merged entries, -1 where absent (one batch at a time:
+        a vectorised search instead of one per example)."""
+        hashes = np.asarray(hashes, np.int64)
+        found = np.full(len(hashes), -1, np.int64)
+        if len(self.keys) and len(hashes):
+            pos = np.minimum(np.searchsorted(self.keys, hashes), len(self.keys) - 1)
+            hit = self.keys[pos] == hashes
+            found[hit] = self.vals[pos[hit]]
+        return found
+
+    def get(self, h: int, merged: int = -1) -> int | None:
+        """Where the first copy of h is; `merged` is lookup_merged's answer for h, when the caller has it."""
+        if merged >= 0:
+            return merged
+        return self.recent.get(h)
+
+    def add(self, h: int, where: int) -> None:
+        self.recent[h] = where
+
+    def merge_if_full(self) -> None:
+        """Merge the recent entries into the sorted arrays once there are `chunk` of them; call it between
+        batches only (lookup_merged answers for the arrays as they were when it ran)."""
+        if len(self.recent) < self.chunk:
+            return
+        keys = np.fromiter(self.recent.keys(), np.int64, len(self.recent))
+        vals = np.fromiter(self.recent.values(), np.int64, len(self.recent))
+        order = np.argsort(keys)
+        keys, vals = keys[order], vals[order]
+        at = np.searchsorted(self.keys, keys)
+        self.keys = np.insert(self.keys, at, keys)
+        self.vals = np.insert(self.vals, at, vals)
+        self.recent = {}
 
 
 def _rows_table(rows: Rows) -> pa.Table:
@@ -509,42 +570,59 @@ def _sha256(path: Path) -> str:
 
 
 def _write_shards(spool: Path, out: Path, split: str, num_shards: int, pad_token_id: int, packing: bool) -> list[dict]:
-    """Cut the spool into num_shards contiguous shards; returns their manifest entries."""
+    """Cut the spool into num_shards contiguous shards; returns their manifest entries.
+
+    Streams: the spool is read and each shard written one row group (_SHARD_ROW_GROUP rows) at a time, so
+    memory is one row group whatever the split's size (the validation split is one shard of 2% of the
+    corpus). Each row group is written as its own table of exactly that many rows, which gives the same
+    bytes as one write_table(shard, row_group_size=_SHARD_ROW_GROUP).
+    """
     (out / split).mkdir(parents=True, exist_ok=True)
-    total = pq.ParquetFile(str(spool)).metadata.num_rows if spool.exists() else 0
+    # pre_buffer off: with it (pyarrow's default) iter_batches reads the whole spool into memory before the
+    # first batch, ~800 MB for a 750 MB spool (1M records make ~2 GB)
+    spool_file = pq.ParquetFile(str(spool), pre_buffer=False) if spool.exists() else None
+    total = spool_file.metadata.num_rows if spool_file else 0
+    # the spool's schema as read back (lists of "element"), not ROW_SCHEMA ("item"): shards have always
+    # carried the read-back one, and it is part of their bytes
+    schema = spool_file.schema_arrow if spool_file else ROW_SCHEMA
     sizes = _shard_sizes(total, num_shards)
     entries = []
-    batches = pq.ParquetFile(str(spool)).iter_batches(batch_size=1024) if total else iter(())
+    batches = spool_file.iter_batches(batch_size=_SHARD_ROW_GROUP) if total else iter(())
     pending: pa.Table | None = None
-    for k, size in enumerate(sizes):
-        rel = f"{split}/part-{k:05d}-of-{num_shards:05d}.parquet"
+
+    def take(n: int) -> pa.Table:
+        """The next n rows of the spool as one contiguous table."""
+        nonlocal pending
         parts: list[pa.Table] = []
-        need = size
-        while need > 0:
+        while n > 0:
             if pending is None or pending.num_rows == 0:
                 pending = pa.Table.from_batches([next(batches)])
-            take = min(need, pending.num_rows)
-            parts.append(pending.slice(0, take))
-            pending = pending.slice(take)
-            need -= take
-        table = pa.concat_tables(parts).combine_chunks() if parts else ROW_SCHEMA.empty_table()
-        pq.write_table(table, str(out / rel), row_group_size=1024, **_PARQUET_KW)
-        id_values = pa.compute.list_flatten(table.column("input_ids")).to_numpy()
-        lab_np = pa.compute.list_flatten(table.column("labels")).to_numpy()
-        pads = 0
-        if not packing:
-            # padding is pad_token_id with label -100; a chat-template prompt never contains the pad token
-            pads = int(((id_values == pad_token_id) & (lab_np == IGNORE_INDEX)).sum())
-        entries.append(
-            {
-                "path": rel,
-                "rows": table.num_rows,
-                "examples": int(pa.compute.sum(table.column("num_examples")).as_py() or 0),
-                "tokens": int(len(id_values) - pads),
-                "label_tokens": int((lab_np != IGNORE_INDEX).sum()),
-                "sha256": _sha256(out / rel),
-            }
-        )
+            k = min(n, pending.num_rows)
+            parts.append(pending.slice(0, k))
+            pending = pending.slice(k)
+            n -= k
+        return pa.concat_tables(parts).combine_chunks()
+
+    for k, size in enumerate(sizes):
+        rel = f"{split}/part-{k:05d}-of-{num_shards:05d}.parquet"
+        stats = {"rows": 0, "examples": 0, "tokens": 0, "label_tokens": 0}
+        with pq.ParquetWriter(str(out / rel), schema if size else ROW_SCHEMA, **_PARQUET_KW) as writer:
+            if size == 0:
+                writer.write_table(ROW_SCHEMA.empty_table(), row_group_size=_SHARD_ROW_GROUP)
+            for start in range(0, size, _SHARD_ROW_GROUP):
+                table = take(min(_SHARD_ROW_GROUP, size - start))
+                writer.write_table(table, row_group_size=_SHARD_ROW_GROUP)
+                id_values = pa.compute.list_flatten(table.column("input_ids")).to_numpy()
+                lab_np = pa.compute.list_flatten(table.column("labels")).to_numpy()
+                pads = 0
+                if not packing:
+                    # padding is pad_token_id with label -100; a chat-template prompt never contains the pad token
+                    pads = int(((id_values == pad_token_id) & (lab_np == IGNORE_INDEX)).sum())
+                stats["rows"] += table.num_rows
+                stats["examples"] += int(pa.compute.sum(table.column("num_examples")).as_py() or 0)
+                stats["tokens"] += int(len(id_values) - pads)
+                stats["label_tokens"] += int((lab_np != IGNORE_INDEX).sum())
+        entries.append({"path": rel, **stats, "sha256": _sha256(out / rel)})
     return entries
 
 
@@ -632,7 +710,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
             )
 
         packers = {s: _SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
-        seen: dict[int, int] = {}  # content hash -> (file_idx << 40 | line) of the copy that was kept
+        seen = _FirstSeen()  # content hash -> (file_idx << 40 | line) of the copy that was kept
         counts: dict[str, Any] = {"read": 0, "kept": 0, "truncated": 0}
         rejected: dict[str, int] = {}
         rejects_fh = open(staging / "rejects" / "rejects-00000.jsonl", "w", encoding="utf-8", newline="\n")
@@ -656,6 +734,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
                 lab_col = batch.column("labels").combine_chunks()
                 ids_vals, lab_vals = ids_col.values.to_numpy(), lab_col.values.to_numpy()
                 offs = ids_col.offsets.to_numpy()
+                merged = seen.lookup_merged(batch.column("chash").to_numpy(zero_copy_only=False))
                 new_records = 0
                 for i in range(batch.num_rows):
                     fidx, line, sub = d["file_idx"][i], d["line"][i], d["sub"][i]
@@ -665,17 +744,18 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
                         reject(fidx, line, sub, d["reason"][i], d["detail"][i], d["raw"][i])
                         continue
                     h = d["chash"][i]
-                    first = seen.get(h)
+                    first = seen.get(h, int(merged[i]))
                     if first is not None:
                         reject(fidx, line, sub, "duplicate", f"{d['example_id'][i]}: same conversation as {files[first >> 40]}:{first & ((1 << 40) - 1)}", "")
                         continue
-                    seen[h] = (fidx << 40) | line
+                    seen.add(h, (fidx << 40) | line)
                     counts["kept"] += 1
                     counts["truncated"] += int(d["truncated"][i])
                     s, e = offs[i], offs[i + 1]
                     # copies, not views: a view keeps the whole batch alive until its window is packed, and
                     # the validation window (2% of examples) would pin every batch it has seen
                     packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i])
+                seen.merge_if_full()
                 counts["read"] += new_records
                 bar.update(new_records)
                 bar.set_postfix(kept=counts["kept"], rejected=sum(rejected.values()), refresh=False)

@@ -409,3 +409,62 @@ def test_mask_finds_the_answer_not_an_earlier_copy_of_it(env):
     first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
     assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == answer + IM_END
+
+
+def test_dedup_index_keeps_first_copy_across_merges():
+    """The compact duplicate index answers like a dict that never overwrites, including for copies that
+    arrive after their first copy was merged into the sorted arrays, and within one batch."""
+    from data_pipeline.prepare import _FirstSeen
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(-(2**63), 2**63 - 1, size=300, dtype=np.int64)
+    stream = rng.choice(hashes, size=2000)  # every hash repeats, across and within batches
+    seen, ref = _FirstSeen(chunk=16), {}
+    for b in range(0, len(stream), 37):
+        batch = stream[b : b + 37]
+        merged = seen.lookup_merged(batch)
+        for i, h in enumerate(batch.tolist()):
+            where = b + i
+            assert seen.get(h, int(merged[i])) == ref.get(h)
+            if h not in ref:
+                ref[h] = where
+                seen.add(h, where)
+        seen.merge_if_full()
+    assert len(seen.keys) > 0 and len(seen) == len(ref)
+    assert dict(zip(seen.keys.tolist(), seen.vals.tolist())) | seen.recent == ref
+
+
+def test_shard_writer_streams_the_spool(tmp_path, monkeypatch):
+    """Shards are written one row group at a time from the spool, never the spool or a whole shard at once,
+    and the bytes equal one write_table of the whole shard."""
+    from data_pipeline import prepare as P
+
+    n = 50
+    rows = {
+        "input_ids": [[i] * (1 + i % 7) for i in range(n)],
+        "labels": [[-100] + [i] * (i % 7) for i in range(n)],
+        "position_ids": [list(range(1 + i % 7)) for i in range(n)],
+        "num_examples": [1] * n,
+        "example_ids": [[f"e{i}"] for i in range(n)],
+    }
+    spool = tmp_path / "spool.parquet"
+    pq.write_table(pa.table(rows, schema=P.ROW_SCHEMA), spool, row_group_size=9, compression="none")
+    monkeypatch.setattr(P, "_SHARD_ROW_GROUP", 4)
+    written: list[int] = []
+    real = pq.ParquetWriter.write_table
+
+    def spy(self, table, row_group_size=None):
+        written.append(table.num_rows)
+        return real(self, table, row_group_size=row_group_size)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", spy)
+    entries = P._write_shards(spool, tmp_path / "out", "train", 3, 0, True)
+    assert max(written) <= 4 and sum(written) == n
+    assert [e["rows"] for e in entries] == P._shard_sizes(n, 3)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
+    start = 0
+    for e in entries:
+        whole = pq.read_table(spool).slice(start, e["rows"]).combine_chunks()
+        start += e["rows"]
+        pq.write_table(whole, tmp_path / "ref.parquet", row_group_size=4, **P._PARQUET_KW)
+        assert (tmp_path / "out" / e["path"]).read_bytes() == (tmp_path / "ref.parquet").read_bytes()
