@@ -116,6 +116,8 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, scaling=None,
         try:
             out = _cuda_varlen(q, k, v, cu, longest, scaling)
             return out.reshape(rows, seq, heads, dim), None
+        except torch.OutOfMemoryError:  # a RuntimeError too, but not the kernel refusing: never hide it
+            raise
         except (RuntimeError, NotImplementedError) as exc:  # e.g. a head size or dtype the kernel lacks
             _cuda_kernel_broken = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     q = query.transpose(0, 1).reshape(heads, rows * seq, dim)

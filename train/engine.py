@@ -117,9 +117,7 @@ def evaluate(engine, rows, *, rank: int, world: int, micro_batch_size: int, pad_
     for b in range(batches):
         idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
         batch = collate(rows, idx or [0], pad_token_id)
-        out = _forward(engine, batch)
-        s, _ = masked_ce_sum(out.logits, batch["labels"].to(engine.device), batch["position_ids"].to(engine.device),
-                             count=False)
+        s = _loss_sum(engine, batch)
         if idx:
             loss += s.detach().double()
             count += label_count(batch["labels"], batch["position_ids"])
@@ -129,16 +127,18 @@ def evaluate(engine, rows, *, rank: int, world: int, micro_batch_size: int, pad_
     return float(total[0] / max(total[1], 1))
 
 
-def _forward(engine, batch: dict):
-    """One forward pass of a collated batch (host tensors). With sdpa_varlen the example boundaries are found
-    here, on the host, once per batch, instead of in every layer (which would wait for the GPU each time)."""
+def _loss_sum(engine, batch: dict) -> torch.Tensor:
+    """Forward a collated batch (host tensors) and return its label-token cross-entropy sum, on the device (its
+    count comes from label_count on the host). With sdpa_varlen the example boundaries are found here, on the
+    host, once per batch, instead of in every layer (which would wait for the GPU each time)."""
     dev = engine.device
+    pos = batch["position_ids"].to(dev)
     extra = {}
     if getattr(engine.module.config, "_attn_implementation", None) == attention.NAME:
         extra = attention.boundaries(batch["position_ids"])
         extra["cu_seq_lens_q"] = extra["cu_seq_lens_k"] = extra["cu_seq_lens_q"].to(dev, non_blocking=True)
-    return engine(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev), use_cache=False,
-                  **extra)
+    out = engine(input_ids=batch["input_ids"].to(dev), position_ids=pos, use_cache=False, **extra)
+    return masked_ce_sum(out.logits, batch["labels"].to(dev), pos, count=False)[0]
 
 
 def _start_profiler(device_type: str):
@@ -437,8 +437,7 @@ def _run_train(cfg: Config, train_rows, on_checkpoint) -> int:
         scale = world / max(count.item(), 1.0)
         lr = engine.get_lr()[0]
         for m, n in zip(micro, counts):
-            out = _forward(engine, m)
-            loss_sum, _ = masked_ce_sum(out.logits, m["labels"].to(cdev), m["position_ids"].to(cdev), count=False)
+            loss_sum = _loss_sum(engine, m)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
             loss_acc += loss_sum.detach().double()
@@ -508,7 +507,8 @@ def _run_train(cfg: Config, train_rows, on_checkpoint) -> int:
             "last_train_loss": losses[-1] if losses else None, "eval_loss": eval_loss,
             "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
             "mfu": mfu(sum(tps) / len(tps) / world, fpt, peak) if tps else None,
-            "peak_mem_gib": _peak_mem_gib(device_type), "checkpoint": str(ckpt_dir / ckpt.tag_for(last_saved)) if last_saved is not None else None,
+            "peak_mem_gib": _peak_mem_gib(device_type),
+            "checkpoint": str(ckpt_dir / ckpt.tag_for(last_saved)) if last_saved is not None else None,
             "resumed_from": resumed_from, "rows_left_out_per_epoch": dropped_rows,
         }
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
