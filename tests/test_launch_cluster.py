@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch_fixtures import build_demo_data
+from tests.train_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,10 +36,6 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -59,7 +55,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_demo_through_deepspeed_launcher_single_node(demo_data, tmp_path):
     run = tmp_path / "run"
     r = _cli("launch", "deepspeed", "--config", "configs/demo-cpu.yaml", "--gpus-per-node", "2",
-             "launch.cpu=true", f"launch.master_port={_free_port()}", f"train.data_dir={demo_data}",
+             "launch.cpu=true", f"launch.master_port={free_port()}", f"train.data_dir={demo_data}",
              f"train.run_dir={run}", "train.max_steps=8", "train.log_every=2", "train.eval_every=0",
              "train.save_every=4", "wandb.mode=disabled")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -120,7 +116,7 @@ def _wait(pred, timeout: float, what: str, step: float = 0.5):
 
 def _submit(env: dict, run: Path, data: Path, *overrides: str) -> str:
     r = _cli("launch", "slurm", "--config", "configs/demo-cpu.yaml", "launch.cpu=true",
-             f"launch.slurm.rdzv_port={_free_port()}", f"train.data_dir={data}", f"train.run_dir={run}", *overrides,
+             f"launch.slurm.rdzv_port={free_port()}", f"train.data_dir={data}", f"train.run_dir={run}", *overrides,
              env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     job = json.loads((run / "launch" / "slurm.json").read_text())["job_id"]

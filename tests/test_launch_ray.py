@@ -14,7 +14,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch_fixtures import build_demo_data
+from tests.train_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,10 +32,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_launch_cluster import _cli, _metrics  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -159,7 +155,7 @@ def ray_head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")  # Ray's unix socket paths must stay short (under ~107 characters)
     if len(str(tmp)) > 40:
         tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     log = open(tmp / "head.log", "w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from tests.train_fixtures import make_shards
+from tests.train_fixtures import free_port, make_shards
 from train.data import collate, load_manifest, read_rows
 from train.model import masked_ce_sum
 
@@ -40,12 +40,6 @@ def _env(**extra) -> dict:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(args: list[str]) -> list[str]:
@@ -54,7 +48,7 @@ def torchrun_cmd(args: list[str]) -> list[str]:
 
 def deepspeed_cmd(args: list[str]) -> list[str]:
     """The documented form: `deepspeed --num_gpus N --no_local_rank $(which cbt-llm) train ...` (CPU: gloo)."""
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--no_local_rank",
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
             str(BIN / "cbt-llm"), "train", *args]
 
 

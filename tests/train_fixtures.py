@@ -22,6 +22,15 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 96
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for torchrun/deepspeed masters and Ray heads in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_tiny_tokenizer(out_dir: Path) -> Path:
     """A word-level tokenizer over 'w3'..'w95' plus the ChatML specials; loadable by AutoTokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
