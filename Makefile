@@ -37,7 +37,7 @@ demo: $(STAMP) ops
 
 # DeepSpeed JIT-compiles a shared-memory comm op for CPU ranks; build it once here, not in parallel tests
 ops: $(STAMP)
-	$(BIN)/python -c "from train.engine import prebuild_ops; prebuild_ops()"
+	$(BIN)/python -c "from train.runtime import prebuild_ops; prebuild_ops()"
 
 test: $(STAMP) ops
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -110,7 +110,7 @@ def _cmd_prepare(cfg: Config, args) -> int:
 
 
 def _cmd_train(cfg: Config, args) -> int:
-    from train.engine import run_train
+    from train.recipe import run_train
 
     return run_train(cfg)
 
@@ -149,26 +149,31 @@ def _add_launch(sub) -> None:
 
 
 def _batch_arithmetic(cfg: Config) -> str:
-    """`train --dry-run`: tokens per optimizer step and steps per epoch, from the shards' manifest when present."""
+    """`train --dry-run`: rows and tokens per optimizer step and steps per epoch, from the shards' manifest when
+    present (train.tokens_per_micro_batch needs its seq_len to become rows)."""
     tc = cfg.train
     world = cfg.data.world_size  # the ranks the shards were sized for
-    rows_per_step = world * tc.micro_batch_size * tc.grad_accum
-    lines = [f"# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} "
-             f"= {rows_per_step} packed rows per optimizer step"]
     try:
-        from train.data import load_manifest, steps_per_epoch
+        from train.data import load_manifest, rows_per_micro_batch, steps_per_epoch
 
         m = load_manifest(tc.data_dir)
-        spe, left_out = steps_per_epoch(m, world, tc.micro_batch_size, tc.grad_accum)
+        mb = rows_per_micro_batch(tc, m["seq_len"])
+        spe, left_out = steps_per_epoch(m, world, mb, tc.grad_accum)
     except ConfigError as exc:
-        lines.append(f"# steps per epoch: unknown ({exc})")
-    else:
-        eff = m["packing_efficiency"]["train"]
-        total = tc.max_steps or tc.epochs * spe
-        lines.append(f"# tokens per step: <= {rows_per_step * m['seq_len']:,} (about {rows_per_step * m['seq_len'] * eff:,.0f} "
-                     f"real at packing efficiency {eff:.3f}); steps per epoch: {spe} ({left_out} rows left out); "
-                     f"total steps: {total}")
-    return "\n".join(lines)
+        return f"# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum}\n" \
+               f"# steps per epoch: unknown ({exc})"
+    rows_per_step = world * mb * tc.grad_accum
+    budget = f" (train.tokens_per_micro_batch {tc.tokens_per_micro_batch} // seq_len {m['seq_len']})" \
+        if tc.tokens_per_micro_batch else ""
+    eff = m["packing_efficiency"]["train"]
+    total = tc.max_steps or tc.epochs * spe
+    return "\n".join([
+        f"# batch: world_size {world} x micro_batch_size {mb}{budget} x grad_accum {tc.grad_accum} "
+        f"= {rows_per_step} packed rows per optimizer step",
+        f"# tokens per micro-batch: <= {mb * m['seq_len']:,} per rank",
+        f"# tokens per step: <= {rows_per_step * m['seq_len']:,} (about {rows_per_step * m['seq_len'] * eff:,.0f} "
+        f"real at packing efficiency {eff:.3f}); steps per epoch: {spe} ({left_out} rows left out); "
+        f"total steps: {total}"])
 
 
 def build_parser() -> argparse.ArgumentParser:

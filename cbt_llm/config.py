@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -140,13 +140,52 @@ class ModelConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    activation_checkpointing: Literal["off", "full", "every_k"] = Field(
+        "off",
+        description="Recompute activations in backward to save memory: off; full = every decoder layer; every_k = "
+        "every k-th layer (model.checkpoint_every_k), a middle ground that recomputes 1/k of the layers.",
+    )
+    checkpoint_every_k: int = Field(
+        2, ge=1, description="activation_checkpointing=every_k: checkpoint layers 0, k, 2k, ... (1 = full)."
+    )
     liger: bool = Field(
         False,
         description="Liger kernels (RoPE, RMSNorm, SwiGLU; not its loss: ours masks packed rows) when liger_kernel "
         "is installed and the device is CUDA; otherwise logged and ignored.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_checkpointing_name(cls, data: Any) -> Any:
+        """`gradient_checkpointing: true` (the earlier field) still means activation_checkpointing: full."""
+        if isinstance(data, dict) and "gradient_checkpointing" in data:
+            data = dict(data)
+            on = data.pop("gradient_checkpointing") in (True, 1, "true", "True")
+            data.setdefault("activation_checkpointing", "full" if on else "off")
+        return data
+
+
+class DeepSpeedTuning(_Section):
+    """DeepSpeed ZeRO communication knobs (zero_optimization keys); null / 0 leaves DeepSpeed's own default."""
+
+    overlap_comm: bool | None = Field(
+        None, description="Overlap gradient reduction with backward (DeepSpeed's default: on for ZeRO-3, off for 2)."
+    )
+    contiguous_gradients: bool | None = Field(
+        None, description="Copy gradients into one contiguous buffer as they are produced (less fragmentation)."
+    )
+    reduce_bucket_size: int = Field(
+        0, ge=0, description="Elements reduced at a time (DeepSpeed's default 5e8); larger = fewer, bigger calls."
+    )
+    allgather_bucket_size: int = Field(0, ge=0, description="ZeRO-2: elements all-gathered at a time (default 5e8).")
+    prefetch_bucket_size: int = Field(
+        0, ge=0, description="ZeRO-3: elements of upcoming layers' weights fetched ahead (default 5e7)."
+    )
+    param_persistence_threshold: int = Field(
+        0, ge=0, description="ZeRO-3: parameters smaller than this stay whole on every rank (default 1e5)."
+    )
+    max_live_parameters: int = Field(0, ge=0, description="ZeRO-3: gathered elements kept at once (default 1e9).")
 
 
 class TrainConfig(_Section):
@@ -158,6 +197,16 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps > 0).")
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0: epochs x steps per epoch).")
     micro_batch_size: int = Field(1, ge=1, description="Packed rows per rank per forward pass.")
+    tokens_per_micro_batch: int = Field(
+        0, ge=0,
+        description="Token budget per rank per forward pass; sets micro_batch_size = tokens_per_micro_batch // "
+        "the shards' seq_len (0: use micro_batch_size). Set one of the two. `train --dry-run` shows the result.",
+    )
+    loss_chunk_tokens: int = Field(
+        1024, ge=0,
+        description="Cross-entropy from the last hidden state in chunks of this many tokens, each chunk's logits "
+        "recomputed in backward, so the full (tokens x vocab) fp32 logits never exist (0: one full-logits pass).",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
@@ -171,11 +220,13 @@ class TrainConfig(_Section):
     optimizer: Literal["auto", "torch", "deepspeed"] = Field(
         "auto",
         description="AdamW implementation: deepspeed = DeepSpeed's fused CUDA Adam (compiled; the Dockerfile "
-        "prebuilds it, elsewhere the first run JIT-compiles it with nvcc); torch = torch.optim.AdamW (foreach, "
-        "nothing to compile); auto = deepspeed on CUDA, torch on CPU. With offload_optimizer DeepSpeed's CPU Adam "
-        "is always used.",
+        "prebuilds it, elsewhere the first run JIT-compiles it with nvcc); torch = torch.optim.AdamW handed to "
+        "DeepSpeed (fused=True on CUDA, foreach on CPU; nothing to compile); auto = deepspeed on CUDA when its op "
+        "is prebuilt, else torch. With offload_optimizer DeepSpeed's CPU Adam is always used. The choice is logged "
+        "and kept in train_summary.json.",
     )
     offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+    ds: DeepSpeedTuning = Field(default_factory=lambda: DeepSpeedTuning())
     deepspeed_config: str = Field(
         "", description="Optional user DeepSpeed JSON; checked against these fields, 'auto' values filled in."
     )

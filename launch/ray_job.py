@@ -187,7 +187,7 @@ def _train_worker(loop: dict) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             marker.write_text(fault)
 
-    import train.engine as engine
+    import train.recipe as recipe
 
     checkpoint = ray.train.get_checkpoint()  # the last one registered in storage, on every rank alike
     if rank == 0:
@@ -195,13 +195,13 @@ def _train_worker(loop: dict) -> None:
         with (run_dir / "launch" / _ATTEMPTS).open("a") as f:
             f.write(json.dumps({"time": time.time(), "restored_from": checkpoint.path if checkpoint else None}) + "\n")
     if checkpoint is None:
-        rc = engine.run_train(Config.model_validate(config), train_rows=_train_rows,
+        rc = recipe.run_train(Config.model_validate(config), train_rows=_train_rows,
                               on_checkpoint=_report_checkpoint(rank, run_dir))
     else:
         # a local or shared storage path is used in place; a remote one (s3://...) is downloaded first
         with checkpoint.as_directory() as folder:
             cfg = Config.model_validate({**config, "train": {**config["train"], "resume": str(folder)}})
-            rc = engine.run_train(cfg, train_rows=_train_rows, on_checkpoint=_report_checkpoint(rank, run_dir))
+            rc = recipe.run_train(cfg, train_rows=_train_rows, on_checkpoint=_report_checkpoint(rank, run_dir))
     if rc != 0:
         raise RuntimeError(f"rank {rank}: training exited with code {rc}")
 

@@ -66,7 +66,7 @@ def test_run_train_off_the_main_thread_installs_no_signal_handlers(tmp_path):
     import signal
 
     from cbt_llm.config import ConfigError, load_config
-    from train.engine import run_train
+    from train.recipe import run_train
 
     cfg = load_config(None, [f"train.data_dir={tmp_path / 'none'}", f"train.run_dir={tmp_path / 'run'}"])
     before = signal.getsignal(signal.SIGUSR1)

@@ -335,3 +335,13 @@ def test_step_loss_and_grad_norm_are_global_sum_over_global_label_count(full_run
     step1 = [r for r in metrics(full_run) if r["step"] == 1][0]
     assert step1["train/loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert step1["train/grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)  # before clipping
+
+
+def test_run_names_its_optimizer_and_zero3_keeps_partitioned_fp32_master_weights(full_run):
+    """ZeRO-3 with the torch AdamW handed in as a client optimizer: the optimizer steps this rank's fp32
+    partition (about half of the weights on each of 2 ranks), not a full copy; the summary says what ran."""
+    s = json.loads((full_run / "train_summary.json").read_text())
+    assert s["optimizer"].startswith("torch AdamW (foreach)") and s["master_weights_dtype"] == "float32"
+    half = s["params_trainable"] / 2
+    assert half <= s["master_weights_numel_rank0"] < half * 1.05  # partitions are padded to the world size
+    assert s["loss_chunk_tokens"] == 1024 and s["activation_checkpointing"] == "off"

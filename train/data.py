@@ -181,7 +181,18 @@ def collate(rows: PackedRows, idx: list[int], pad_token_id: int) -> dict[str, to
         "labels": torch.from_numpy(lab),
         "position_ids": torch.from_numpy(pos),
         "real_tokens": int(rows.real_len[idx].sum()),
+        "attn_len_sq": sum(example_len_sq(c, int(rows.real_len[i])) for (_, _, c), i in zip(parts, idx)),
     }
+
+
+def example_len_sq(position_ids: np.ndarray, real_len: int) -> int:
+    """Sum of squared lengths of the examples in one row's first `real_len` tokens (each starts where its
+    position restarts at 0): what attention costs when every example attends only to itself."""
+    starts = np.flatnonzero(position_ids[:real_len] == 0)
+    if real_len and (not len(starts) or starts[0] != 0):
+        starts = np.concatenate([[0], starts])
+    lengths = np.diff(np.append(starts, real_len))
+    return int((lengths.astype(np.int64) ** 2).sum())
 
 
 class RankLoader:
@@ -234,3 +245,16 @@ def steps_per_epoch(manifest: dict, world: int, micro_batch_size: int, grad_accu
             "or train.grad_accum, or prepare more data"
         )
     return steps, sum(per_rank) - steps * per_step * world
+
+
+def rows_per_micro_batch(tc, seq_len: int) -> int:
+    """train.micro_batch_size, or train.tokens_per_micro_batch // seq_len when that token budget is set."""
+    if not tc.tokens_per_micro_batch:
+        return tc.micro_batch_size
+    if tc.micro_batch_size != 1:
+        raise ConfigError("set train.tokens_per_micro_batch or train.micro_batch_size, not both; "
+                          "set train.micro_batch_size=1 to use the token budget")
+    if tc.tokens_per_micro_batch < seq_len:
+        raise ConfigError(f"train.tokens_per_micro_batch={tc.tokens_per_micro_batch} holds no whole row of the "
+                          f"shards' seq_len {seq_len}; set it to a multiple of {seq_len}")
+    return tc.tokens_per_micro_batch // seq_len

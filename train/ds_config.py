@@ -15,8 +15,8 @@ from cbt_llm.config import ConfigError, TrainConfig
 
 
 def build_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, world_size: int) -> dict:
-    """The DeepSpeed config for this run. On CPU the optimizer is torch's AdamW (no compiled DeepSpeed op)."""
-    zero: dict = {"stage": tcfg.zero_stage}
+    """The DeepSpeed config for this run (its optimizer section is DeepSpeed's own Adam: see resolve_ds_config)."""
+    zero: dict = {"stage": tcfg.zero_stage, **_zero_tuning(tcfg)}
     if tcfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if tcfg.offload_params:
@@ -49,6 +49,19 @@ def build_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, wor
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def _zero_tuning(tcfg: TrainConfig) -> dict:
+    """train.ds as DeepSpeed zero_optimization keys; a field left at its default (None / 0) is not written, so
+    DeepSpeed's own default applies."""
+    t = tcfg.ds
+    keys = {"overlap_comm": t.overlap_comm, "contiguous_gradients": t.contiguous_gradients,
+            "reduce_bucket_size": t.reduce_bucket_size, "allgather_bucket_size": t.allgather_bucket_size}
+    if tcfg.zero_stage == 3:
+        keys.update(stage3_prefetch_bucket_size=t.prefetch_bucket_size,
+                    stage3_param_persistence_threshold=t.param_persistence_threshold,
+                    stage3_max_live_parameters=t.max_live_parameters)
+    return {k: v for k, v in keys.items() if v not in (None, 0)}
 
 
 # (path in the DeepSpeed JSON, config field that owns it)
@@ -104,10 +117,15 @@ def merge_user_ds_config(user: dict, derived: dict, source: str = "train.deepspe
     return out
 
 
-def resolve_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, world_size: int) -> dict:
-    """The derived config, or the user's JSON validated and completed against it."""
+def resolve_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, world_size: int, *,
+                      client_optimizer: bool = False) -> dict:
+    """The derived config, or the user's JSON validated and completed against it. With client_optimizer (a torch
+    AdamW from train.optim handed to deepspeed.initialize) the optimizer section is dropped: DeepSpeed would
+    silently prefer the client's, so none is shown that does not run."""
     derived = build_ds_config(tcfg, dtype, device_type, world_size)
     if not tcfg.deepspeed_config:
+        if client_optimizer:
+            derived.pop("optimizer")
         return derived
     path = Path(tcfg.deepspeed_config)
     if not path.is_file():
@@ -116,4 +134,7 @@ def resolve_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, w
         user = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"train.deepspeed_config: '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    return merge_user_ds_config(user, derived, f"train.deepspeed_config ({path})")
+    merged = merge_user_ds_config(user, derived, f"train.deepspeed_config ({path})")
+    if client_optimizer:
+        merged.pop("optimizer", None)
+    return merged

@@ -1,18 +1,26 @@
 """Honest training metrics: real-token throughput, MFU from a peak-FLOPs table, W&B + metrics.jsonl on rank 0.
 
-FLOPs per token (the PaLM / nanoGPT convention, forward + backward, no recomputation counted):
-    full fine-tuning:  6 N + 12 L H d_head T
-    LoRA:              4 N_frozen + 6 N_trainable + 12 L H d_head T
+FLOPs (the PaLM / nanoGPT convention, forward + backward, no recomputation counted), for a step whose real
+(non-padding) tokens form examples of lengths l_i:
+    full fine-tuning:  6 N x sum(l_i) + 12 L H d_head x sum(l_i^2)
+    LoRA:              (4 N_frozen + 6 N_trainable) x sum(l_i) + 12 L H d_head x sum(l_i^2)
 LoRA still runs the forward (2 N) and the backward through every frozen weight to reach earlier adapters
-(2 N), but skips the frozen weights' own gradient matmuls (the third 2 N). T is the packed row length
-(seq_len), L layers, H heads. Embedding parameters are included in N (a small overcount at 7B).
+(2 N), but skips the frozen weights' own gradient matmuls (the third 2 N). L layers, H query heads. Attention
+is counted per example: a packed row of short examples does attention work proportional to the sum of their
+squared lengths (each attends only to itself), not to seq_len^2, so the common `12 L H d_head T` per token with
+T = seq_len would overstate the FLOPs (and MFU) of packed rows. The same count is used whatever the kernel
+does (a block-masked kernel that computes the whole row still only does sum(l_i^2) of useful work); causal
+masking is not halved, as in the convention. Padding tokens count nothing. Embedding parameters are included
+in N (a small overcount at 7B).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +57,72 @@ def peak_flops(device_name: str | None) -> float | None:
 
 def flops_per_token(n_total: int, n_trainable: int, lora: bool, layers: int, heads: int, head_dim: int,
                     seq_len: int) -> float:
-    """Training FLOPs per token (see module docstring for the convention)."""
+    """Training FLOPs per token of an unpacked sequence of seq_len tokens (see the module docstring); with
+    seq_len=0, the dense (matmul with weights) part alone."""
     attn = 12 * layers * heads * head_dim * seq_len
     if lora:
         return 4 * (n_total - n_trainable) + 6 * n_trainable + attn
     return 6 * n_total + attn
 
 
+@dataclass(frozen=True)
+class FlopsCount:
+    """FLOPs of real work from what a step actually held: real tokens and the sum of squared example lengths."""
+
+    dense_per_token: float  # flops_per_token(..., seq_len=0)
+    attn_per_len_sq: float  # 12 L H d_head
+
+    @classmethod
+    def for_model(cls, n_total: int, n_trainable: int, lora: bool, layers: int, heads: int, head_dim: int):
+        return cls(flops_per_token(n_total, n_trainable, lora, layers, heads, head_dim, 0),
+                   12.0 * layers * heads * head_dim)
+
+    def flops(self, real_tokens: float, len_sq: float) -> float:
+        return self.dense_per_token * real_tokens + self.attn_per_len_sq * len_sq
+
+
 def mfu(tokens_per_s_per_device: float, fpt: float, peak: float | None) -> float | None:
     return None if not peak else tokens_per_s_per_device * fpt / peak
+
+
+class LogWindow:
+    """This rank's sums over one logging window (the loss on the device, counts on the host, so nothing waits for
+    the GPU between log points); `metrics` all-reduces them into the window's numbers."""
+
+    def __init__(self, device):
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        import torch
+
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.host = [0.0, 0.0, 0.0, 0.0]  # label tokens, real tokens, rows, sum of squared example lengths
+        self.t0 = time.perf_counter()
+
+    def add(self, step) -> None:
+        """Add one train.step.StepResult."""
+        self.loss += step.loss_sum
+        for j, v in enumerate((step.label_tokens, step.real_tokens, step.rows, step.attn_len_sq)):
+            self.host[j] += v
+
+    def metrics(self, *, world: int, seq_len: int, flops: FlopsCount, peak: float | None) -> dict[str, Any]:
+        """Loss, real tokens/s, MFU (FLOPs from the window's own example lengths) and packing efficiency; a
+        collective: every rank calls it at the same step."""
+        import torch
+        import torch.distributed as dist
+
+        window = torch.cat([self.loss.view(1), torch.tensor(self.host, dtype=torch.float64).to(self.device)])
+        dist.all_reduce(window)
+        loss, labels, real, rows, len_sq = window.cpu().tolist()
+        elapsed = time.perf_counter() - self.t0
+        flops_per_s_per_device = flops.flops(real, len_sq) / elapsed / world
+        return {
+            "train/loss": loss / max(labels, 1), "perf/tokens": int(real), "perf/tokens_per_s": real / elapsed,
+            "perf/tokens_per_s_per_device": real / elapsed / world,
+            "perf/mfu": flops_per_s_per_device / peak if peak else None,
+            "perf/packing_efficiency": real / max(rows * seq_len, 1),
+        }
 
 
 class MetricsLogger:

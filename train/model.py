@@ -102,6 +102,23 @@ def load_model(path: str, mcfg: ModelConfig, dtype: torch.dtype, attn: str):
         raise ConfigError(f"model.name_or_path '{path}': cannot load ({str(exc).splitlines()[0]})") from None
 
 
+def apply_activation_checkpointing(model, mcfg: ModelConfig) -> str:
+    """model.activation_checkpointing on the decoder layers (non-reentrant, so ZeRO-3 and LoRA work); returns
+    what was done, for the log. every_k keeps the flag on layers 0, k, 2k, ...: transformers' own switch sets it
+    on every layer, so the others are turned back off here (one way for every transformers version)."""
+    if mcfg.activation_checkpointing == "off":
+        return "off"
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    k = 1 if mcfg.activation_checkpointing == "full" else mcfg.checkpoint_every_k
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % k == 0
+    on = sum(layer.gradient_checkpointing for layer in layers)
+    return f"{mcfg.activation_checkpointing} ({on} of {len(layers)} layers recomputed)"
+
+
 def lora_peft_config(lcfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 

@@ -1,0 +1,437 @@
+"""`cbt-llm train`: the training recipe. Reads top to bottom: set up -> resume -> loop -> final save and summary.
+
+Any launcher works because the recipe only reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT:
+    torchrun --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-cpu.yaml
+    deepspeed --num_gpus 2 --no_local_rank $(which cbt-llm) train --config configs/demo-cpu.yaml   (CPU too)
+    cbt-llm train --config ...                                                                   (one process)
+(--no_local_rank: the deepspeed launcher would otherwise put --local_rank=N in front of the subcommand.)
+On SIGTERM or SIGUSR1 every rank agrees at the next step boundary, a checkpoint is written and the process
+exits with train.requeue_exit_code (85) so a scheduler can requeue it; `train.resume: auto` continues it.
+The deepspeed launcher passes 85 on as its own exit code; torchrun forwards SIGTERM to the workers but then
+exits 1 itself, so a job script under torchrun should look for run_dir/requeue.json instead.
+
+What each step does lives elsewhere: train.step (loss, optimizer step, validation loss), train.optim
+(optimizer, schedule), train.model (model, attention, LoRA), train.data (rows, loader), train.checkpoint,
+train.metrics, train.runtime (process housekeeping), train.faults (test-only fault injection).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cbt_llm.config import Config, ConfigError
+from cbt_llm.report import print_summary, write_metrics
+from train import attention, runtime
+from train import checkpoint as ckpt
+from train.data import (PackedRows, RankLoader, load_manifest, rank_shards, read_rows, rows_per_micro_batch,
+                        steps_per_epoch)
+from train.ds_config import resolve_ds_config
+from train.faults import fault_hook
+from train.metrics import FlopsCount, LogWindow, MetricsLogger, peak_flops, plot_loss, read_metrics
+from train.model import (apply_activation_checkpointing, apply_liger, apply_lora, count_params, load_model,
+                         packing_isolation, resolve_dtype, select_attn, write_random_base)
+from train.optim import OptimizerChoice, build_client_optimizer, choose_optimizer, lr_lambda, master_weights
+from train.step import chunked_lm_loss_supported, train_step, validation_loss
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, made once by _set_up."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device_type: str
+    manifest: dict
+    steps_per_epoch: int
+    rows_left_out: int
+    total_steps: int
+    pad_id: int
+    tok_path: str
+    dtype: torch.dtype
+    attn: str
+    optimizer: OptimizerChoice
+    run_dir: Path = field(init=False)
+    on_checkpoint: Callable[[Path, dict], None] | None = None
+    facts: dict[str, Any] = field(default_factory=dict)  # what was resolved at start-up, for the summary
+    start_step: int = 0
+    resumed_from: str | None = None
+    eval_loss: float | None = None
+    logger: MetricsLogger | None = None
+
+    def __post_init__(self):
+        self.run_dir = Path(self.cfg.train.run_dir)
+        self.is_main = self.rank == 0
+        self.fault = fault_hook(self.rank)
+
+    def say(self, *parts) -> None:
+        if self.is_main:
+            print(*parts, file=sys.stderr, flush=True)
+
+
+def run_train(cfg: Config, *, train_rows: Callable[[list[dict], int], PackedRows] | None = None,
+              on_checkpoint: Callable[[Path, dict], None] | None = None) -> int:
+    """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal).
+
+    Two hooks for launchers that own data and checkpoint storage (launch/ray_job.py), both None for the rest:
+    train_rows(shards, pad_token_id) gives this rank's train rows instead of read_rows from train.data_dir (it
+    must return what read_rows would); on_checkpoint(folder, trainer_state) runs on every rank after each
+    checkpoint is complete on disk.
+    """
+    runtime.install_stop_signals()
+    runtime.extension_build_env()
+    with runtime.shm_buffers_removed():
+        run = _check_config(cfg, on_checkpoint)
+        engine, rows, val_rows = _set_up(run, train_rows)
+        loader = _resume(run, engine, rows)
+        code = _loop(run, engine, loader, val_rows)
+        _tear_down(run)
+        return code
+
+
+# ---- set up ---------------------------------------------------------------------------------------------------
+
+def _check_config(cfg: Config, on_checkpoint) -> Run:
+    """Everything cheap, before any expensive work: shards, batch arithmetic, model source, precision, kernel."""
+    rank, world, _ = runtime.dist_env()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    manifest = load_manifest(cfg.train.data_dir)
+    mb = rows_per_micro_batch(cfg.train, manifest["seq_len"])
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb})})
+    tc, mc = cfg.train, cfg.model
+    spe, left_out = steps_per_epoch(manifest, world, mb, tc.grad_accum)
+    if mc.init == "pretrained" and not mc.name_or_path:
+        raise ConfigError("model.name_or_path is empty; set it (e.g. Qwen/Qwen2.5-7B-Instruct) or model.init=random")
+    from transformers import AutoTokenizer
+
+    tok_path = manifest["tokenizer"]["name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=mc.trust_remote_code)
+    load_manifest(tc.data_dir, tokenizer=tokenizer)  # refuses shards made with a different tokenizer
+    run = Run(cfg=cfg, rank=rank, world=world, device_type=device_type, manifest=manifest, steps_per_epoch=spe,
+              rows_left_out=left_out, total_steps=tc.max_steps or tc.epochs * spe,
+              pad_id=manifest.get("pad_token_id", tokenizer.pad_token_id), tok_path=tok_path,
+              dtype=resolve_dtype(mc, device_type), attn=select_attn(mc, device_type),
+              optimizer=choose_optimizer(tc, device_type), on_checkpoint=on_checkpoint)
+    run.facts.update(vocab=len(tokenizer), eos=tokenizer.eos_token_id, micro_batch_size=mb)
+    return run
+
+
+def _set_up(run: Run, train_rows) -> tuple[Any, PackedRows, PackedRows]:
+    """Process group, this rank's rows, the model, the DeepSpeed engine and the start-up checks."""
+    import deepspeed
+
+    tc = run.cfg.train
+    runtime.quiet_libraries()
+    if run.device_type == "cuda":
+        torch.cuda.set_device(int(runtime.dist_env()[2]))
+    deepspeed.init_distributed(dist_backend="nccl" if run.device_type == "cuda" else "gloo",
+                               timeout=datetime.timedelta(seconds=tc.collective_timeout_s), verbose=False)
+    torch.manual_seed(tc.seed)
+    read_train = train_rows or (lambda shards, pad: read_rows(tc.data_dir, shards, pad))
+    rows = read_train(rank_shards(run.manifest, "train", run.rank, run.world), run.pad_id)
+    val_rows = read_rows(tc.data_dir, run.manifest["splits"].get("validation", {}).get("shards", []), run.pad_id)
+    model = _build_model(run, rows, val_rows)
+    engine = _build_engine(run, model)
+    if run.manifest.get("packing", True):
+        _check_packing_isolation(engine, rows, f"{run.facts['base_model']} (attn={run.attn})", run.say)
+    run.facts["attn_kernel"] = attention.kernel_in_use(run.device_type) if run.attn == attention.NAME else run.attn
+    run.say(f"attention: {run.attn} ({run.facts['attn_kernel']})")
+    return engine, rows, val_rows
+
+
+def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
+    """The Hugging Face model (a seeded random one written once by rank 0 for model.init=random), with its
+    activation checkpointing and LoRA; refuses data whose token ids the vocabulary does not cover."""
+    import torch.distributed as dist
+
+    mc, tc = run.cfg.model, run.cfg.train
+    if run.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(run.cfg.to_yaml(), encoding="utf-8")
+    base_path = mc.name_or_path
+    if mc.init == "random":
+        base_path = str(run.run_dir / "base_model")
+        if run.is_main and not (Path(base_path) / "config.json").exists():
+            write_random_base(mc, Path(base_path), vocab_size=run.facts["vocab"], seq_len=run.manifest["seq_len"],
+                              pad_token_id=run.pad_id, eos_token_id=run.facts["eos"] or run.pad_id, seed=tc.seed)
+    dist.barrier()
+    run.facts["base_model"] = base_path
+    if tc.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # kept alive on the run: while it exists, from_pretrained loads straight into ZeRO-3 shards
+        run.facts["_hf_ds"] = HfDeepSpeedConfig(_ds_config(run))
+    if mc.liger:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(base_path, trust_remote_code=mc.trust_remote_code).model_type
+        run.say(apply_liger(model_type, run.device_type))
+    model = load_model(base_path, mc, run.dtype, run.attn)
+    emb = model.get_input_embeddings().weight
+    vocab = emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]  # ZeRO-3 leaves an empty local tensor
+    max_id = max(int(rows.input_ids.max(initial=0)), int(val_rows.input_ids.max(initial=0)))
+    if max_id >= vocab:
+        raise ConfigError(f"data has token id {max_id} but the model's vocabulary is {vocab}: tokenizer and model differ")
+    model.config.use_cache = False
+    run.facts["activation_checkpointing"] = apply_activation_checkpointing(model, mc)
+    if mc.lora.enabled:
+        model = apply_lora(model, mc.lora)
+    return model
+
+
+def _ds_config(run: Run) -> dict:
+    return resolve_ds_config(run.cfg.train, run.dtype, run.device_type, run.world,
+                             client_optimizer=run.optimizer.client)
+
+
+def _build_engine(run: Run, model):
+    """deepspeed.initialize with the resolved optimizer and the LR schedule; logs what was chosen."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    tc, mc = run.cfg.train, run.cfg.model
+    n_total, n_trainable = count_params(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=_ds_config(run),
+        optimizer=build_client_optimizer(run.optimizer, params, tc),
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(run.total_steps, tc.warmup_steps, tc.min_lr_ratio)),
+    )
+    chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens and chunked_lm_loss_supported(engine.module) else 0
+    cfg_l = engine.module.config if not mc.lora.enabled else engine.module.base_model.model.config
+    head_dim = getattr(cfg_l, "head_dim", None) or cfg_l.hidden_size // cfg_l.num_attention_heads
+    master = master_weights(engine)
+    run.facts.update(
+        params_total=n_total, params_trainable=n_trainable, loss_chunk_tokens=chunk,
+        flops=FlopsCount.for_model(n_total, n_trainable, mc.lora.enabled, cfg_l.num_hidden_layers,
+                                   cfg_l.num_attention_heads, head_dim),
+        peak=peak_flops(torch.cuda.get_device_name() if run.device_type == "cuda" else None),
+        optimizer=run.optimizer.describe(), master_dtype=master["dtype"], master_numel_this_rank=master["numel_this_rank"])
+    run.say(f"model: {run.facts['base_model']} | attn={run.attn} | dtype={str(run.dtype).replace('torch.', '')} | "
+            f"params={n_total:,} trainable={n_trainable:,} | lora={mc.lora.enabled} | "
+            f"activation checkpointing: {run.facts['activation_checkpointing']} | zero={tc.zero_stage} | "
+            f"world={run.world}")
+    run.say(f"optimizer: {run.optimizer.describe()} | master weights {master['dtype']}, "
+            f"{master['numel_this_rank']} elements on rank 0 | loss: "
+            f"{f'chunked ({chunk} tokens)' if chunk else 'full logits'}")
+    return engine
+
+
+def _check_packing_isolation(engine, rows, what: str, say) -> None:
+    """Fail fast if the model lets packed examples see each other (see train.model.packing_isolation).
+
+    Every rank runs the same probe on the start of its first row: under ZeRO-3 a forward pass is collective.
+    """
+    n = min(int(rows.offsets[1]), 32) if len(rows) else 0
+    if n < 8:
+        return
+    probe = torch.from_numpy(rows.input_ids[:n].copy())[None].to(engine.device)
+    engine.eval()
+    leak, contrast = packing_isolation(
+        lambda i, p: engine(input_ids=i, position_ids=p.to(engine.device), use_cache=False).logits, probe, n // 2)
+    engine.train()
+    if contrast > 0 and leak > 0.1 * contrast:
+        raise ConfigError(
+            f"{what}: packed examples attend to each other (logit gap {leak:.3g} vs {contrast:.3g}); "
+            "use model.attn=sdpa or flash_attention_2, or prepare with data.packing=false")
+    say(f"packing isolation ok: packed-vs-alone logit gap {leak:.2e} (a leaking model would show {contrast:.2e})")
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------
+
+def _resume(run: Run, engine, rows: PackedRows) -> RankLoader:
+    """The data loader, at the position of the checkpoint train.resume names (auto: the latest in run_dir)."""
+    tc = run.cfg.train
+    loader = RankLoader(rows, micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum, seed=tc.seed,
+                        rank=run.rank, steps_per_epoch=run.steps_per_epoch, pad_token_id=run.pad_id)
+    tag = None
+    if tc.resume == "auto":
+        src_dir = run.run_dir / "checkpoints"
+        tag = ckpt.latest_tag(src_dir)
+    elif tc.resume != "never":
+        src_dir, tag = Path(tc.resume).parent, Path(tc.resume).name
+        if not (Path(tc.resume) / ckpt.STATE_FILE).is_file():
+            raise ConfigError(f"train.resume: '{tc.resume}' is not a complete checkpoint folder (no trainer_state.json)")
+    if tag:
+        state = ckpt.load(engine, src_dir, tag, run.rank)
+        if state["world_size"] != run.world:
+            raise ConfigError(f"checkpoint {tag} was written by {state['world_size']} ranks; relaunch with that many")
+        if state["config_hash"] != run.cfg.hash("model"):
+            raise ConfigError(f"checkpoint {tag} is for a different model config; use a new train.run_dir")
+        loader.load_state_dict(state["loader"])
+        run.start_step, run.resumed_from = state["step"], tag
+        run.say(f"resumed from {src_dir / tag} at step {run.start_step}")
+    run.logger = MetricsLogger(run.run_dir, enabled=run.is_main, wandb_cfg=run.cfg.wandb, run_name=run.cfg.run_name,
+                               config=run.cfg.model_dump(mode="json"),
+                               resume_step=run.start_step if run.resumed_from else None)
+    return loader
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+
+def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
+    """Optimizer steps until total_steps, or until a stop signal (then save and return the requeue code)."""
+    from tqdm import tqdm
+
+    tc, seq_len = run.cfg.train, run.manifest["seq_len"]
+    run.say(f"steps: {run.total_steps} ({run.steps_per_epoch}/epoch; {run.rows_left_out} rows/epoch left out to "
+            f"keep ranks even) | tokens/step <= {run.world * tc.micro_batch_size * tc.grad_accum * seq_len:,}")
+    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not run.is_main, desc="train", file=sys.stderr)
+    profiler = runtime.StepProfiler(tc.profile_steps, run.start_step + 3, run.device_type,
+                                    run.run_dir / "profile.txt" if run.is_main else None)
+    window, step, last_eval, last_saved = LogWindow(engine.device), run.start_step, None, None
+    stop_flag = torch.zeros(1, device=engine.device)  # collectives live on the device the backend serves
+    for step in range(run.start_step + 1, run.total_steps + 1):
+        sig = _agreed_stop(stop_flag)
+        if sig:
+            return _save_and_requeue(run, engine, loader, step - 1, sig)
+        profiler.before_step(step)
+        t0 = time.perf_counter()
+        micro, keys = loader.next_step()
+        _record_order(run, step, loader.epoch, keys)
+        lr = engine.get_lr()[0]
+        window.add(train_step(engine, micro, world=run.world, **_chunking(run)))
+        step_s = time.perf_counter() - t0
+        profiler.after_step(step)
+        bar.update(1)
+        if run.fault:
+            run.fault("after_step", step)
+        metrics = {}
+        if step % tc.log_every == 0 or step == run.total_steps:
+            metrics = _window_metrics(run, engine, window, lr, step_s, loader.epoch)
+        if tc.eval_every and len(val_rows) and step % tc.eval_every == 0:
+            metrics["eval/loss"], last_eval = _validate(run, engine, val_rows), step
+        if metrics:
+            run.logger.log(step, metrics)
+            if "train/loss" in metrics:
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                window.restart()
+        if tc.save_every and step % tc.save_every == 0 and step != run.total_steps:
+            _save(run, engine, loader, step)
+            last_saved = step
+    bar.close()
+    _finish(run, engine, loader, val_rows, step, last_eval, last_saved)
+    return 0
+
+
+def _agreed_stop(flag: torch.Tensor) -> str | None:
+    """The name of a stop signal any rank received, agreed by all ranks at this step boundary; None if none."""
+    import torch.distributed as dist
+
+    flag[0] = float(runtime.stop_signal())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return signal.Signals(int(flag.item())).name if flag.item() > 0 else None
+
+
+def _record_order(run: Run, step: int, epoch: int, keys: list[str]) -> None:
+    if run.cfg.train.record_order:
+        (run.run_dir / "order").mkdir(parents=True, exist_ok=True)
+        with (run.run_dir / "order" / f"rank{run.rank}.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "rows": keys}) + "\n")
+
+
+def _window_metrics(run: Run, engine, window: LogWindow, lr: float, step_s: float, epoch: int) -> dict:
+    gn = engine.get_global_grad_norm()
+    m = window.metrics(world=run.world, seq_len=run.manifest["seq_len"], flops=run.facts["flops"],
+                       peak=run.facts["peak"])
+    return {"train/loss": m.pop("train/loss"), "train/lr": lr, "train/grad_norm": float(gn) if gn is not None else None,
+            "train/epoch": epoch, **m, "perf/step_s": step_s, "mem/peak_gib": runtime.peak_mem_gib(run.device_type)}
+
+
+def _chunking(run: Run) -> dict:
+    return {"chunk_tokens": run.facts["loss_chunk_tokens"],
+            "chunk_positions": run.cfg.train.micro_batch_size * run.manifest["seq_len"]}
+
+
+def _validate(run: Run, engine, val_rows: PackedRows) -> float:
+    tc = run.cfg.train
+    run.eval_loss = validation_loss(engine, val_rows, rank=run.rank, world=run.world,
+                                    micro_batch_size=tc.micro_batch_size, pad_token_id=run.pad_id,
+                                    max_rows=tc.eval_max_rows, **_chunking(run))
+    return run.eval_loss
+
+
+# ---- save, stop, finish -----------------------------------------------------------------------------------------
+
+def _save(run: Run, engine, loader: RankLoader, step: int, stopped: str | None = None) -> str:
+    """The one save path: every rank writes its part, rank 0 marks the folder complete; then the launcher hook."""
+    import torch.distributed as dist
+
+    tc = run.cfg.train
+    state = {"step": step, "epoch": loader.epoch, "loader": loader.state_dict(), "world_size": run.world,
+             "total_steps": run.total_steps, "config_hash": run.cfg.hash("model"), "train_hash": run.cfg.hash("train"),
+             "wandb_run_id": run.logger.wandb_id, "stopped_by_signal": stopped, "lora": run.cfg.model.lora.enabled,
+             "base_model": run.facts["base_model"], "tokenizer": run.tok_path,
+             "dtype": str(run.dtype).replace("torch.", ""), "time": time.time()}
+    ckpt_dir = run.run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tag = ckpt.save(engine, ckpt_dir, step, state, rank=run.rank, keep_last=tc.keep_last, barrier=dist.barrier,
+                    fault=run.fault)
+    if run.on_checkpoint:
+        run.on_checkpoint(ckpt_dir / tag, state)
+    return tag
+
+
+def _save_and_requeue(run: Run, engine, loader: RankLoader, step: int, sig: str) -> int:
+    code = run.cfg.train.requeue_exit_code
+    run.say(f"{sig}: saving step {step} and exiting {code} so the job can be requeued")
+    _save(run, engine, loader, step, sig)
+    if run.is_main:
+        write_metrics(run.run_dir / "requeue.json", {"step": step, "exit_code": code, "signal": sig})
+    return code
+
+
+def _finish(run: Run, engine, loader, val_rows, step: int, last_eval: int | None, last_saved: int | None) -> None:
+    """Validation loss at the last step (unless just done), the final checkpoint, and rank 0's summary."""
+    tc = run.cfg.train
+    if len(val_rows) and last_eval != step and step > run.start_step:
+        run.logger.log(step, {"eval/loss": _validate(run, engine, val_rows)})
+    if last_saved != step and tc.save_final:
+        _save(run, engine, loader, step)
+        last_saved = step
+    if run.is_main:
+        _write_summary(run, step, last_saved)
+
+
+def _write_summary(run: Run, step: int, last_saved: int | None) -> None:
+    hist = read_metrics(run.run_dir / "metrics.jsonl")
+    losses = [r["train/loss"] for r in hist if "train/loss" in r]
+    tps = [r["perf/tokens_per_s"] for r in hist if "perf/tokens_per_s" in r]
+    mfus = [r["perf/mfu"] for r in hist if r.get("perf/mfu") is not None]
+    f = run.facts
+    summary = {
+        "steps": step, "epochs_seen": round(step / run.steps_per_epoch, 3), "world_size": run.world,
+        "lora": run.cfg.model.lora.enabled, "params_total": f["params_total"], "params_trainable": f["params_trainable"],
+        "attn": run.attn, "attn_kernel": f["attn_kernel"], "dtype": str(run.dtype).replace("torch.", ""),
+        "optimizer": f["optimizer"], "master_weights_dtype": f["master_dtype"],
+        "master_weights_numel_rank0": f["master_numel_this_rank"], "loss_chunk_tokens": f["loss_chunk_tokens"],
+        "micro_batch_size": f["micro_batch_size"], "activation_checkpointing": f["activation_checkpointing"],
+        "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+        "eval_loss": run.eval_loss, "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
+        "mfu": sum(mfus) / len(mfus) if mfus else None, "peak_mem_gib": runtime.peak_mem_gib(run.device_type),
+        "checkpoint": str(run.run_dir / "checkpoints" / ckpt.tag_for(last_saved)) if last_saved is not None else None,
+        "resumed_from": run.resumed_from, "rows_left_out_per_epoch": run.rows_left_out,
+    }
+    run.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    write_metrics(run.run_dir / "train_summary.json", summary)
+    plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+    print_summary("cbt-llm train", {k: ("-" if v is None else v) for k, v in summary.items()}, file=sys.stderr)
+
+
+def _tear_down(run: Run) -> None:
+    """The one teardown: close W&B, wait for every rank, leave the process group."""
+    import torch.distributed as dist
+
+    run.logger.finish()
+    dist.barrier()
+    dist.destroy_process_group()
