@@ -153,7 +153,10 @@ def _batch_arithmetic(cfg: Config) -> str:
     tc = cfg.train
     world = cfg.data.world_size  # the ranks the shards were sized for
     rows_per_step = world * tc.micro_batch_size * tc.grad_accum
-    lines = [f"# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} "
+    where = ("data.out_dir" if tc.data_dir == cfg.data.out_dir
+             else f"train.data_dir, set apart from data.out_dir {cfg.data.out_dir}")
+    lines = [f"# data: reads the shards in {tc.data_dir} ({where})",
+             f"# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} "
              f"= {rows_per_step} packed rows per optimizer step"]
     try:
         from train.data import load_manifest, steps_per_epoch

@@ -2,6 +2,18 @@
 
 Every default lives here, in the type. A shipped YAML only states what differs from these defaults.
 Unknown keys are errors that name the nearest valid key, so a typo never silently falls back to a default.
+
+Paths: one run folder, `runs/<run_name>/`. A path field left empty is derived in one place
+(`Config._derive_paths`), each from the stage that writes what it reads, so the stages agree by construction:
+
+    synth.out_dir     runs/<run_name>/corpus           api.out_dir       runs/<run_name>/corpus-api
+    tokenizer.input   <synth.out_dir>/*.jsonl*         tokenizer.out_dir runs/<run_name>/tokenizer
+    data.inputs       [<synth.out_dir>/*.jsonl*]       data.out_dir      runs/<run_name>/data
+    data.tokenizer    <tokenizer.out_dir>              train.data_dir    <data.out_dir>
+    train.run_dir     runs/<run_name>/train
+
+A path that is set wins. So train.data_dir differs from data.out_dir only when it is set on purpose (train
+reads shards prepared elsewhere), and `cbt-llm train --dry-run` says which folder it reads.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -29,7 +41,7 @@ class SynthConfig(_Section):
 
     num_records: int = Field(20_000, ge=1, description="How many records to generate.")
     seed: int = Field(0, description="Seed: the same seed gives byte-identical output on any shard count.")
-    out_dir: str = Field("runs/demo/corpus", description="Folder the JSONL shards are written to.")
+    out_dir: str = Field("", description="Folder the JSONL shards are written to (empty: runs/<run_name>/corpus).")
     num_shards: int = Field(4, ge=1, description="Number of output shards; shard k holds a contiguous range of records, so concatenating the shards gives the 1-shard output.")
     compress: Literal["none", "zstd"] = Field("none", description="Write .jsonl or .jsonl.zst shards.")
     crisis_fraction: float = Field(
@@ -44,7 +56,11 @@ class ApiSynthConfig(_Section):
     """`cbt-llm synth api`: the paper's method, CBT prompt sent to an OpenAI-compatible endpoint."""
 
     input: str = Field("", description="PsyQA JSON file or our JSONL (glob allowed).")
-    out_dir: str = Field("runs/api/corpus", description="Folder for records.jsonl, rejects.jsonl and summary.json.")
+    out_dir: str = Field(
+        "",
+        description="Folder for records.jsonl, rejects.jsonl and summary.json (empty: runs/<run_name>/corpus-api; not "
+        "the template's corpus folder, whose *.jsonl* glob would also read rejects.jsonl).",
+    )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL (ends in /v1).")
     model: str = Field("", description="Model name sent in the request body.")
     api_key_env: str = Field(
@@ -66,20 +82,22 @@ class ApiSynthConfig(_Section):
 class TokenizerConfig(_Section):
     """`cbt-llm tokenizer train`: byte-level BPE trained on the corpus for the embedded demo."""
 
-    input: str = Field("runs/demo/corpus/*.jsonl*", description="Glob of corpus JSONL shards.")
+    input: str = Field("", description="Glob of corpus JSONL shards (empty: <synth.out_dir>/*.jsonl*).")
     vocab_size: int = Field(8000, ge=300, description="Vocabulary size including special tokens.")
     min_frequency: int = Field(2, ge=1)
     max_records: int = Field(200_000, ge=0, description="Train on at most this many records (0: all).")
-    out_dir: str = Field("runs/demo/tokenizer", description="Hugging Face tokenizer folder to write.")
+    out_dir: str = Field("", description="Hugging Face tokenizer folder to write (empty: runs/<run_name>/tokenizer).")
 
 
 class DataConfig(_Section):
     """`cbt-llm prepare`: Ray Data validates, splits, templates, tokenizes, masks, packs and writes shards."""
 
-    inputs: list[str] = Field(default_factory=lambda: ["runs/demo/corpus/*.jsonl*"], description="Globs or URIs.")
+    inputs: list[str] = Field(default_factory=list, description="Globs or URIs (empty: [<synth.out_dir>/*.jsonl*]).")
     format: Literal["cbt", "psyqa", "alpaca", "sharegpt"] = Field("cbt", description="Declared input format.")
-    out_dir: str = Field("runs/demo/data", description="Output folder (train/, validation/, rejects/, manifest.json).")
-    tokenizer: str = Field("runs/demo/tokenizer", description="Tokenizer folder or Hugging Face id.")
+    out_dir: str = Field(
+        "", description="Output folder (train/, validation/, rejects/, manifest.json; empty: runs/<run_name>/data)."
+    )
+    tokenizer: str = Field("", description="Tokenizer folder or Hugging Face id (empty: <tokenizer.out_dir>).")
     system_prompt: str = Field(
         "你是一名经验丰富的心理咨询师,专长于认知行为疗法,以心理咨询师的身份回答以下问题",
         description="System prompt put in front of every conversation.",
@@ -152,8 +170,14 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """`cbt-llm train`: the DeepSpeed training loop (the DeepSpeed JSON is derived from these fields)."""
 
-    data_dir: str = Field("runs/demo/data", description="Folder written by `cbt-llm prepare` (has manifest.json).")
-    run_dir: str = Field("runs/demo/train", description="Checkpoints, metrics.jsonl, loss.png, W&B files.")
+    data_dir: str = Field(
+        "",
+        description="Folder written by `cbt-llm prepare` (has manifest.json; empty: data.out_dir). Set it only to "
+        "train on shards prepared elsewhere.",
+    )
+    run_dir: str = Field(
+        "", description="Checkpoints, metrics.jsonl, loss.png, W&B files (empty: runs/<run_name>/train)."
+    )
     seed: int = Field(0, description="Seeds the model init, the data order (per epoch and rank) and dropout.")
     epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps > 0).")
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0: epochs x steps per epoch).")
@@ -264,7 +288,9 @@ class LaunchConfig(_Section):
 class Config(_Section):
     """The root of the tree. Each command reads its own section."""
 
-    run_name: str = Field("demo", description="Name of the run, used in folder names and W&B.")
+    run_name: str = Field(
+        "run", description="Name of the run: its folder runs/<run_name>/ holds every path left empty; also W&B's name."
+    )
     synth: SynthConfig = Field(default_factory=SynthConfig)
     api: ApiSynthConfig = Field(default_factory=ApiSynthConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -273,6 +299,29 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_folder_name(cls, v: str) -> str:
+        if not v.strip() or "/" in v or "\n" in v or v in (".", ".."):
+            raise ValueError("run_name names one folder under runs/: non-empty, no '/' or newline")
+        return v
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Config:
+        """Fill every empty path from run_name, each from the stage that writes it (see the module docstring)."""
+        run = f"runs/{self.run_name}"
+        s, t, d, tr = self.synth, self.tokenizer, self.data, self.train
+        s.out_dir = s.out_dir or f"{run}/corpus"
+        self.api.out_dir = self.api.out_dir or f"{run}/corpus-api"
+        t.input = t.input or f"{s.out_dir}/*.jsonl*"
+        t.out_dir = t.out_dir or f"{run}/tokenizer"
+        d.inputs = d.inputs or [f"{s.out_dir}/*.jsonl*"]
+        d.out_dir = d.out_dir or f"{run}/data"
+        d.tokenizer = d.tokenizer or t.out_dir
+        tr.data_dir = tr.data_dir or d.out_dir
+        tr.run_dir = tr.run_dir or f"{run}/train"
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
