@@ -115,7 +115,12 @@ class DataConfig(_Section):
     overlong: Literal["truncate", "reject"] = Field("truncate", description="Policy for examples over seq_len.")
     max_chars: int = Field(20_000, ge=1, description="Records with more characters than this are rejected.")
     num_shards: int = Field(0, ge=0, description="Train shards to write (0: a multiple of world_size).")
-    world_size: int = Field(2, ge=1, description="Training ranks the shards are sized for.")
+    world_size: int = Field(
+        8,
+        ge=1,
+        description="Training ranks the shards are sized for (their count is a multiple of it, so 8 also serves 1, 2 "
+        "or 4 ranks); `cbt-llm launch` starts this many unless launch.gpus_per_node says otherwise.",
+    )
     ray_object_store_mb: int = Field(
         1024, ge=100, description="Object store size of the embedded local Ray (bounds prepare's memory; not used on a cluster)."
     )
@@ -204,9 +209,11 @@ class TrainConfig(_Section):
         "", description="Optional user DeepSpeed JSON; checked against these fields, 'auto' values filled in."
     )
     log_every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
-    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
+    eval_every: int = Field(500, ge=0, description="Validation loss every N steps (0: only at the end).")
     eval_max_rows: int = Field(0, ge=0, description="Evaluate on at most this many validation rows (0: all).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    save_every: int = Field(
+        500, ge=0, description="Checkpoint every N steps (0: only at the end and on SIGTERM/SIGUSR1)."
+    )
     keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
     save_final: bool = Field(True, description="Checkpoint at the end of training (false: benchmarks).")
     resume: str = Field("auto", description="'auto' (latest checkpoint in run_dir if any), 'never', or a checkpoint folder.")
