@@ -125,6 +125,26 @@ class DataConfig(_Section):
         1024, ge=100, description="Object store size of the embedded local Ray (bounds prepare's memory; not used on a cluster)."
     )
     seed: int = 0
+    rows_per_shard: int = Field(
+        16_384,
+        ge=1,
+        description="Train rows per shard when num_shards is 0: the shard count is the smallest multiple of world_size "
+        "that keeps shards at or under this many rows.",
+    )
+    # Ray Data execution (ray_*): speed and memory of prepare, never the content of the shards
+    ray_block_mb: int = Field(
+        8,
+        ge=1,
+        description="Ray Data's target block size, MiB. Ray's default (128) holds a whole input file's records in one "
+        "block and stalls the ordered stream until the corpus is in the object store; small blocks keep it flowing.",
+    )
+    ray_read_lines: int = Field(
+        2048, ge=1, description="Input lines (or Parquet rows) per block out of the file reader."
+    )
+    ray_parse_batch: int = Field(512, ge=1, description="Records per Ray Data batch in the parse/validate/split step.")
+    ray_tokenize_batch: int = Field(
+        256, ge=1, description="Examples per Ray Data batch sent to a tokenizer actor (one actor per CPU at most)."
+    )
 
 
 class LoraConfig(_Section):
