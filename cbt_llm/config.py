@@ -14,6 +14,10 @@ Paths: one run folder, `runs/<run_name>/`. A path field left empty is derived in
 
 A path that is set wins. So train.data_dir differs from data.out_dir only when it is set on purpose (train
 reads shards prepared elsewhere), and `cbt-llm train --dry-run` says which folder it reads.
+
+World size: data.world_size is what prepare sizes the shards for (a multiple of it) and what `cbt-llm launch`
+starts by default; the launcher's WORLD_SIZE is the truth at run time. `check_world_size` is the one rule
+both apply: the launcher's world size must divide the train shards.
 """
 
 from __future__ import annotations
@@ -357,6 +361,36 @@ class Config(_Section):
         """Content hash of the resolved config (or one section of it)."""
         obj = self.model_dump(mode="json") if section is None else getattr(self, section).model_dump(mode="json")
         return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_world_size(launcher_world: int, train_shards: int, *, prepared_for: int, data_dir: str,
+                     origin: str = "WORLD_SIZE") -> str:
+    """The one world-size rule, applied by `cbt-llm launch` (preflight) and by the train recipe at start-up.
+
+    The launcher's world size is the truth at run time (`origin` says where it came from: WORLD_SIZE, or
+    launch.nodes x launch.gpus_per_node); `prepared_for` is the world size the shards were sized for (the
+    manifest's world_size, else data.world_size). Rank r reads train shards r, r+W, r+2W, ..., so W must
+    divide the shard count; it may differ from `prepared_for` when it does (e.g. 4 ranks on shards prepared
+    for 8), and then the global batch differs from what `--dry-run` computed from data.world_size.
+
+    Raises ConfigError (one line: both numbers, the world sizes that would work, the fix) when W does not
+    divide the shards. Returns a one-line note for rank 0 to print when W differs from `prepared_for`, else "".
+    """
+    if launcher_world < 1:
+        raise ConfigError(f"world size {launcher_world} ({origin}) must be at least 1")
+    if train_shards % launcher_world:
+        fits = [w for w in range(1, train_shards + 1) if train_shards % w == 0]
+        ok = ", ".join(map(str, fits[:-1])) + (" or " if len(fits) > 1 else "") + str(fits[-1])
+        raise ConfigError(
+            f"world size {launcher_world} ({origin}) does not divide the {train_shards} train shards in {data_dir} "
+            f"(prepared for data.world_size={prepared_for}; the shard count must be a multiple of world_size "
+            f"{launcher_world}): run {ok} ranks, or re-run `cbt-llm prepare data.world_size={launcher_world}`"
+        )
+    if launcher_world != prepared_for:
+        return (f"note: world size {launcher_world} ({origin}) differs from data.world_size={prepared_for} the shards "
+                f"in {data_dir} were prepared for; each rank reads {train_shards // launcher_world} of "
+                f"{train_shards} train shards and the global batch is {launcher_world} x micro_batch_size x grad_accum")
+    return ""
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

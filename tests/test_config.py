@@ -131,6 +131,19 @@ def test_run_name_is_one_folder(bad):
         load_config(None, [f"run_name={bad}"])
 
 
+def test_check_world_size():
+    from cbt_llm.config import check_world_size
+
+    assert check_world_size(2, 4, prepared_for=2, data_dir="d") == ""
+    note = check_world_size(4, 8, prepared_for=8, data_dir="d")  # 4 ranks on shards for 8: allowed, and said
+    assert "world size 4" in note and "data.world_size=8" in note and "2 of 8 train shards" in note and "\n" not in note
+    with pytest.raises(ConfigError) as exc:
+        check_world_size(3, 4, prepared_for=2, data_dir="runs/x/data", origin="WORLD_SIZE")
+    msg = str(exc.value)
+    assert "world size 3 (WORLD_SIZE) does not divide the 4 train shards in runs/x/data" in msg
+    assert "data.world_size=2" in msg and "run 1, 2 or 4 ranks" in msg and "\n" not in msg
+
+
 def test_cli_dry_run_prints_resolved_config(capsys):
     assert main(["synth", "template", "--num-records", "7", "--dry-run", "synth.seed=9"]) == 0
     out = capsys.readouterr().out
