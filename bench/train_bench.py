@@ -237,8 +237,8 @@ def main() -> None:
         hf_worker(args)
         return
 
+    from bench.fixtures import make_shards
     from cbt_llm.report import print_summary, write_metrics
-    from tests.train_fixtures import make_shards
 
     out = (ROOT / args.out).resolve()
     if args.gpu:
