@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install ops demo test lock bench clean
+.PHONY: install ops demo test lint lock bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ ops: $(STAMP)
 
 test: $(STAMP) ops
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# ruff (pinned in constraints.txt, configured in pyproject.toml): both checks run, either failing fails
+lint: $(STAMP)
+	$(BIN)/ruff check . ; rc=$$?; $(BIN)/ruff format --check . || rc=1; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py

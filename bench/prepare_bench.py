@@ -158,7 +158,7 @@ def main() -> int:
         ours_out = work / "ours"
         ours = run_measured(_cli("prepare", f"data.inputs=[{corpus}/*.jsonl]", f"data.tokenizer={tok_dir}",
                                  f"data.out_dir={ours_out}", f"data.seq_len={args.seq_len}",
-                                 f"data.packer={args.packer}"), env)
+                                 f"data.packer={args.packer}", "data.world_size=2"), env)
         man = json.loads((ours_out / "manifest.json").read_text())
         met = json.loads((ours_out / "prepare_metrics.json").read_text())
         c = man["counts"]

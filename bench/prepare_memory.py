@@ -103,7 +103,7 @@ def main() -> int:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false", CBT_MEM_SIDE=str(side),
                CBT_MEM_INTERVAL=str(args.interval))
     cmd = [sys.executable, "-c", _DRIVER_HOOK, "prepare", f"data.inputs=[{args.corpus}]", f"data.tokenizer={args.tokenizer}",
-           f"data.out_dir={args.out}", "data.seq_len=1024", *args.overrides]
+           f"data.out_dir={args.out}", "data.seq_len=1024", "data.world_size=2", *args.overrides]
     t0 = time.time()
     log = open(Path(args.csv).with_suffix(".log"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

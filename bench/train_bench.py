@@ -237,8 +237,8 @@ def main() -> None:
         hf_worker(args)
         return
 
+    from bench.fixtures import make_shards
     from cbt_llm.report import print_summary, write_metrics
-    from tests.train_fixtures import make_shards
 
     out = (ROOT / args.out).resolve()
     if args.gpu:
@@ -254,7 +254,7 @@ def main() -> None:
                 "model.init=random", f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
                 f"model.intermediate_size={args.hidden * 2}", f"train.data_dir={data}", f"train.run_dir={run_dir}",
                 "train.epochs=1", f"train.grad_accum={args.grad_accum}", "train.log_every=1", "train.lr=3e-3",
-                "train.resume=never", "train.eval_max_rows=1"]
+                "train.resume=never", "train.eval_max_rows=1", "train.eval_every=0", "train.save_every=0"]
     subprocess.run(ours_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "perf/tokens" in r]

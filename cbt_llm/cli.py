@@ -153,6 +153,9 @@ def _batch_arithmetic(cfg: Config) -> str:
     present (train.tokens_per_micro_batch needs its seq_len to become rows)."""
     tc = cfg.train
     world = cfg.data.world_size  # the ranks the shards were sized for
+    where = ("data.out_dir" if tc.data_dir == cfg.data.out_dir
+             else f"train.data_dir, set apart from data.out_dir {cfg.data.out_dir}")
+    reads = f"# data: reads the shards in {tc.data_dir} ({where})"
     try:
         from train.data import load_manifest, rows_per_micro_batch, steps_per_epoch
 
@@ -160,14 +163,15 @@ def _batch_arithmetic(cfg: Config) -> str:
         mb = rows_per_micro_batch(tc, m["seq_len"])
         spe, left_out = steps_per_epoch(m, world, mb, tc.grad_accum)
     except ConfigError as exc:
-        return f"# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum}\n" \
-               f"# steps per epoch: unknown ({exc})"
+        return f"{reads}\n# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum " \
+               f"{tc.grad_accum}\n# steps per epoch: unknown ({exc})"
     rows_per_step = world * mb * tc.grad_accum
     budget = f" (train.tokens_per_micro_batch {tc.tokens_per_micro_batch} // seq_len {m['seq_len']})" \
         if tc.tokens_per_micro_batch else ""
     eff = m["packing_efficiency"]["train"]
     total = tc.max_steps or tc.epochs * spe
     return "\n".join([
+        reads,
         f"# batch: world_size {world} x micro_batch_size {mb}{budget} x grad_accum {tc.grad_accum} "
         f"= {rows_per_step} packed rows per optimizer step",
         f"# tokens per micro-batch: <= {mb * m['seq_len']:,} per rank",

@@ -2,6 +2,22 @@
 
 Every default lives here, in the type. A shipped YAML only states what differs from these defaults.
 Unknown keys are errors that name the nearest valid key, so a typo never silently falls back to a default.
+
+Paths: one run folder, `runs/<run_name>/`. A path field left empty is derived in one place
+(`Config._derive_paths`), each from the stage that writes what it reads, so the stages agree by construction:
+
+    synth.out_dir     runs/<run_name>/corpus           api.out_dir       runs/<run_name>/corpus-api
+    tokenizer.input   <synth.out_dir>/*.jsonl*         tokenizer.out_dir runs/<run_name>/tokenizer
+    data.inputs       [<synth.out_dir>/*.jsonl*]       data.out_dir      runs/<run_name>/data
+    data.tokenizer    <tokenizer.out_dir>              train.data_dir    <data.out_dir>
+    train.run_dir     runs/<run_name>/train
+
+A path that is set wins. So train.data_dir differs from data.out_dir only when it is set on purpose (train
+reads shards prepared elsewhere), and `cbt-llm train --dry-run` says which folder it reads.
+
+World size: data.world_size is what prepare sizes the shards for (a multiple of it) and what `cbt-llm launch`
+starts by default; the launcher's WORLD_SIZE is the truth at run time. `check_world_size` is the one rule
+both apply: the launcher's world size must divide the train shards.
 """
 
 from __future__ import annotations
@@ -13,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -29,7 +45,7 @@ class SynthConfig(_Section):
 
     num_records: int = Field(20_000, ge=1, description="How many records to generate.")
     seed: int = Field(0, description="Seed: the same seed gives byte-identical output on any shard count.")
-    out_dir: str = Field("runs/demo/corpus", description="Folder the JSONL shards are written to.")
+    out_dir: str = Field("", description="Folder the JSONL shards are written to (empty: runs/<run_name>/corpus).")
     num_shards: int = Field(4, ge=1, description="Number of output shards; shard k holds a contiguous range of records, so concatenating the shards gives the 1-shard output.")
     compress: Literal["none", "zstd"] = Field("none", description="Write .jsonl or .jsonl.zst shards.")
     crisis_fraction: float = Field(
@@ -44,7 +60,11 @@ class ApiSynthConfig(_Section):
     """`cbt-llm synth api`: the paper's method, CBT prompt sent to an OpenAI-compatible endpoint."""
 
     input: str = Field("", description="PsyQA JSON file or our JSONL (glob allowed).")
-    out_dir: str = Field("runs/api/corpus", description="Folder for records.jsonl, rejects.jsonl and summary.json.")
+    out_dir: str = Field(
+        "",
+        description="Folder for records.jsonl, rejects.jsonl and summary.json (empty: runs/<run_name>/corpus-api; not "
+        "the template's corpus folder, whose *.jsonl* glob would also read rejects.jsonl).",
+    )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL (ends in /v1).")
     model: str = Field("", description="Model name sent in the request body.")
     api_key_env: str = Field(
@@ -66,20 +86,22 @@ class ApiSynthConfig(_Section):
 class TokenizerConfig(_Section):
     """`cbt-llm tokenizer train`: byte-level BPE trained on the corpus for the embedded demo."""
 
-    input: str = Field("runs/demo/corpus/*.jsonl*", description="Glob of corpus JSONL shards.")
+    input: str = Field("", description="Glob of corpus JSONL shards (empty: <synth.out_dir>/*.jsonl*).")
     vocab_size: int = Field(8000, ge=300, description="Vocabulary size including special tokens.")
     min_frequency: int = Field(2, ge=1)
     max_records: int = Field(200_000, ge=0, description="Train on at most this many records (0: all).")
-    out_dir: str = Field("runs/demo/tokenizer", description="Hugging Face tokenizer folder to write.")
+    out_dir: str = Field("", description="Hugging Face tokenizer folder to write (empty: runs/<run_name>/tokenizer).")
 
 
 class DataConfig(_Section):
     """`cbt-llm prepare`: Ray Data validates, splits, templates, tokenizes, masks, packs and writes shards."""
 
-    inputs: list[str] = Field(default_factory=lambda: ["runs/demo/corpus/*.jsonl*"], description="Globs or URIs.")
+    inputs: list[str] = Field(default_factory=list, description="Globs or URIs (empty: [<synth.out_dir>/*.jsonl*]).")
     format: Literal["cbt", "psyqa", "alpaca", "sharegpt"] = Field("cbt", description="Declared input format.")
-    out_dir: str = Field("runs/demo/data", description="Output folder (train/, validation/, rejects/, manifest.json).")
-    tokenizer: str = Field("runs/demo/tokenizer", description="Tokenizer folder or Hugging Face id.")
+    out_dir: str = Field(
+        "", description="Output folder (train/, validation/, rejects/, manifest.json; empty: runs/<run_name>/data)."
+    )
+    tokenizer: str = Field("", description="Tokenizer folder or Hugging Face id (empty: <tokenizer.out_dir>).")
     system_prompt: str = Field(
         "你是一名经验丰富的心理咨询师,专长于认知行为疗法,以心理咨询师的身份回答以下问题",
         description="System prompt put in front of every conversation.",
@@ -97,11 +119,36 @@ class DataConfig(_Section):
     overlong: Literal["truncate", "reject"] = Field("truncate", description="Policy for examples over seq_len.")
     max_chars: int = Field(20_000, ge=1, description="Records with more characters than this are rejected.")
     num_shards: int = Field(0, ge=0, description="Train shards to write (0: a multiple of world_size).")
-    world_size: int = Field(2, ge=1, description="Training ranks the shards are sized for.")
+    world_size: int = Field(
+        8,
+        ge=1,
+        description="Training ranks the shards are sized for (their count is a multiple of it, so 8 also serves 1, 2 "
+        "or 4 ranks); `cbt-llm launch` starts this many unless launch.gpus_per_node says otherwise.",
+    )
     ray_object_store_mb: int = Field(
         1024, ge=100, description="Object store size of the embedded local Ray (bounds prepare's memory; not used on a cluster)."
     )
     seed: int = 0
+    rows_per_shard: int = Field(
+        16_384,
+        ge=1,
+        description="Train rows per shard when num_shards is 0: the shard count is the smallest multiple of world_size "
+        "that keeps shards at or under this many rows.",
+    )
+    # Ray Data execution (ray_*): speed and memory of prepare, never the content of the shards
+    ray_block_mb: int = Field(
+        8,
+        ge=1,
+        description="Ray Data's target block size, MiB. Ray's default (128) holds a whole input file's records in one "
+        "block and stalls the ordered stream until the corpus is in the object store; small blocks keep it flowing.",
+    )
+    ray_read_lines: int = Field(
+        2048, ge=1, description="Input lines (or Parquet rows) per block out of the file reader."
+    )
+    ray_parse_batch: int = Field(512, ge=1, description="Records per Ray Data batch in the parse/validate/split step.")
+    ray_tokenize_batch: int = Field(
+        256, ge=1, description="Examples per Ray Data batch sent to a tokenizer actor (one actor per CPU at most)."
+    )
 
 
 class LoraConfig(_Section):
@@ -191,8 +238,14 @@ class DeepSpeedTuning(_Section):
 class TrainConfig(_Section):
     """`cbt-llm train`: the DeepSpeed training loop (the DeepSpeed JSON is derived from these fields)."""
 
-    data_dir: str = Field("runs/demo/data", description="Folder written by `cbt-llm prepare` (has manifest.json).")
-    run_dir: str = Field("runs/demo/train", description="Checkpoints, metrics.jsonl, loss.png, W&B files.")
+    data_dir: str = Field(
+        "",
+        description="Folder written by `cbt-llm prepare` (has manifest.json; empty: data.out_dir). Set it only to "
+        "train on shards prepared elsewhere.",
+    )
+    run_dir: str = Field(
+        "", description="Checkpoints, metrics.jsonl, loss.png, W&B files (empty: runs/<run_name>/train)."
+    )
     seed: int = Field(0, description="Seeds the model init, the data order (per epoch and rank) and dropout.")
     epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps > 0).")
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0: epochs x steps per epoch).")
@@ -231,9 +284,11 @@ class TrainConfig(_Section):
         "", description="Optional user DeepSpeed JSON; checked against these fields, 'auto' values filled in."
     )
     log_every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
-    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
+    eval_every: int = Field(500, ge=0, description="Validation loss every N steps (0: only at the end).")
     eval_max_rows: int = Field(0, ge=0, description="Evaluate on at most this many validation rows (0: all).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    save_every: int = Field(
+        500, ge=0, description="Checkpoint every N steps (0: only at the end and on SIGTERM/SIGUSR1)."
+    )
     keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
     save_final: bool = Field(True, description="Checkpoint at the end of training (false: benchmarks).")
     resume: str = Field("auto", description="'auto' (latest checkpoint in run_dir if any), 'never', or a checkpoint folder.")
@@ -315,7 +370,9 @@ class LaunchConfig(_Section):
 class Config(_Section):
     """The root of the tree. Each command reads its own section."""
 
-    run_name: str = Field("demo", description="Name of the run, used in folder names and W&B.")
+    run_name: str = Field(
+        "run", description="Name of the run: its folder runs/<run_name>/ holds every path left empty; also W&B's name."
+    )
     synth: SynthConfig = Field(default_factory=SynthConfig)
     api: ApiSynthConfig = Field(default_factory=ApiSynthConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -325,6 +382,29 @@ class Config(_Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
+    @field_validator("run_name")
+    @classmethod
+    def _one_folder_name(cls, v: str) -> str:
+        if not v.strip() or "/" in v or "\n" in v or v in (".", ".."):
+            raise ValueError("run_name names one folder under runs/: non-empty, no '/' or newline")
+        return v
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Config:
+        """Fill every empty path from run_name, each from the stage that writes it (see the module docstring)."""
+        run = f"runs/{self.run_name}"
+        s, t, d, tr = self.synth, self.tokenizer, self.data, self.train
+        s.out_dir = s.out_dir or f"{run}/corpus"
+        self.api.out_dir = self.api.out_dir or f"{run}/corpus-api"
+        t.input = t.input or f"{s.out_dir}/*.jsonl*"
+        t.out_dir = t.out_dir or f"{run}/tokenizer"
+        d.inputs = d.inputs or [f"{s.out_dir}/*.jsonl*"]
+        d.out_dir = d.out_dir or f"{run}/data"
+        d.tokenizer = d.tokenizer or t.out_dir
+        tr.data_dir = tr.data_dir or d.out_dir
+        tr.run_dir = tr.run_dir or f"{run}/train"
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
@@ -332,6 +412,36 @@ class Config(_Section):
         """Content hash of the resolved config (or one section of it)."""
         obj = self.model_dump(mode="json") if section is None else getattr(self, section).model_dump(mode="json")
         return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_world_size(launcher_world: int, train_shards: int, *, prepared_for: int, data_dir: str,
+                     origin: str = "WORLD_SIZE") -> str:
+    """The one world-size rule, applied by `cbt-llm launch` (preflight) and by the train recipe at start-up.
+
+    The launcher's world size is the truth at run time (`origin` says where it came from: WORLD_SIZE, or
+    launch.nodes x launch.gpus_per_node); `prepared_for` is the world size the shards were sized for (the
+    manifest's world_size, else data.world_size). Rank r reads train shards r, r+W, r+2W, ..., so W must
+    divide the shard count; it may differ from `prepared_for` when it does (e.g. 4 ranks on shards prepared
+    for 8), and then the global batch differs from what `--dry-run` computed from data.world_size.
+
+    Raises ConfigError (one line: both numbers, the world sizes that would work, the fix) when W does not
+    divide the shards. Returns a one-line note for rank 0 to print when W differs from `prepared_for`, else "".
+    """
+    if launcher_world < 1:
+        raise ConfigError(f"world size {launcher_world} ({origin}) must be at least 1")
+    if train_shards % launcher_world:
+        fits = [w for w in range(1, train_shards + 1) if train_shards % w == 0]
+        ok = ", ".join(map(str, fits[:-1])) + (" or " if len(fits) > 1 else "") + str(fits[-1])
+        raise ConfigError(
+            f"world size {launcher_world} ({origin}) does not divide the {train_shards} train shards in {data_dir} "
+            f"(prepared for data.world_size={prepared_for}; the shard count must be a multiple of world_size "
+            f"{launcher_world}): run {ok} ranks, or re-run `cbt-llm prepare data.world_size={launcher_world}`"
+        )
+    if launcher_world != prepared_for:
+        return (f"note: world size {launcher_world} ({origin}) differs from data.world_size={prepared_for} the shards "
+                f"in {data_dir} were prepared for; each rank reads {train_shards // launcher_world} of "
+                f"{train_shards} train shards and the global batch is {launcher_world} x micro_batch_size x grad_accum")
+    return ""
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError
+from cbt_llm.config import Config, ConfigError, check_world_size
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
 
@@ -48,11 +48,8 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
                 raise
             raise ConfigError(f"tokenizer '{tok_path}' of {tc.data_dir}/manifest.json cannot be loaded: {str(exc).splitlines()[0]}") from None
     shards = manifest["splits"]["train"]["shards"]
-    if len(shards) % world:
-        raise ConfigError(
-            f"world size {world} ({cfg.launch.nodes} nodes x {g}) does not divide the {len(shards)} train shards in "
-            f"{tc.data_dir}; launch with a world size that does, or re-run `cbt-llm prepare data.world_size={world}`"
-        )
+    note = check_world_size(world, len(shards), prepared_for=manifest.get("world_size", cfg.data.world_size),
+                            data_dir=tc.data_dir, origin=f"launch.nodes {cfg.launch.nodes} x {g} per node")
     from train.data import steps_per_epoch
 
     spe, _ = steps_per_epoch(manifest, world, tc.micro_batch_size, tc.grad_accum)
@@ -64,5 +61,8 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
     _writable(tc.run_dir, "train.run_dir")
     if launcher == "slurm":
         _writable(slurm_log_dir(cfg), "launch.slurm.log_dir")
-    return {"world_size": world, "nodes": cfg.launch.nodes, "procs_per_node": g, "train_shards": len(shards),
-            "steps_per_epoch": spe, "tokenizer": tok_path, "data_dir": tc.data_dir, "run_dir": tc.run_dir}
+    facts = {"world_size": world, "nodes": cfg.launch.nodes, "procs_per_node": g, "train_shards": len(shards),
+             "steps_per_epoch": spe, "tokenizer": tok_path, "data_dir": tc.data_dir, "run_dir": tc.run_dir}
+    if note:
+        facts["note"] = note
+    return facts

@@ -166,10 +166,12 @@ def _train_worker(loop: dict) -> None:
     """One Ray Train worker: run `run_train` with this worker's rank; raise when it does not finish."""
     import ray.train
 
-    # the config's relative paths (data_dir, run_dir) are relative to the submit folder, a shared file system
+    # the config's relative paths (data_dir, run_dir) are relative to the submit folder, a shared file system.
+    # Imports need no sys.path edit: to unpickle this function the worker already imported launch.ray_job (or,
+    # under `python -m launch.ray_job`, cbt_llm.config for Config), so this checkout's packages, train among
+    # them, are importable there: from the install, or from the folder the driver ran in, which Ray puts on
+    # every worker's sys.path (the job's py_driver_sys_path).
     os.chdir(loop["cwd"])
-    if loop["cwd"] not in sys.path:
-        sys.path.insert(0, loop["cwd"])
     os.environ.update(loop["env"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

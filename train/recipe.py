@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from cbt_llm.config import Config, ConfigError
+from cbt_llm.config import Config, ConfigError, check_world_size
 from cbt_llm.report import print_summary, write_metrics
 from train import attention, runtime
 from train import checkpoint as ckpt
@@ -106,6 +106,8 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
     rank, world, _ = runtime.dist_env()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = load_manifest(cfg.train.data_dir)
+    world_note = check_world_size(world, len(manifest["splits"]["train"]["shards"]), data_dir=cfg.train.data_dir,
+                                  prepared_for=manifest.get("world_size", cfg.data.world_size))
     mb = rows_per_micro_batch(cfg.train, manifest["seq_len"])
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb})})
     tc, mc = cfg.train, cfg.model
@@ -123,6 +125,8 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
               dtype=resolve_dtype(mc, device_type), attn=select_attn(mc, device_type),
               optimizer=choose_optimizer(tc, device_type), on_checkpoint=on_checkpoint)
     run.facts.update(vocab=len(tokenizer), eos=tokenizer.eos_token_id, micro_batch_size=mb)
+    if world_note:
+        run.say(world_note)
     return run
 
 
