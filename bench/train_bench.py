@@ -10,9 +10,7 @@ spread like chat turns (short prompts, longer answers), which is where padding w
 
 Writes runs/bench/train_bench.json and prints a summary table.
 
-GPU mode (`--gpu`, one CUDA device, run by bench/gpu_checks.sh): a ~1.2B random Qwen2 at seq 4096, bf16, ZeRO-2,
-torch AdamW on every side; ours with sdpa_varlen (what `model.attn: auto` picks without flash-attn), ours with
-transformers' block-masked sdpa, and HF Trainer + padding collator (sdpa), same examples; tokens/s and MFU.
+The GPU comparison (one GPU, ~1.2B full and a 7B-shaped LoRA) is bench/gpu_train_bench.py.
 """
 
 from __future__ import annotations
@@ -61,7 +59,8 @@ def hf_worker(args) -> None:
     gpu = args.gpu
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "gradient_clipping": "auto", "zero_optimization": {"stage": 2 if gpu else 3}, "bf16": {"enabled": gpu},
+        "gradient_clipping": "auto", "zero_optimization": {"stage": args.zero_stage or (2 if gpu else 3)},
+        "bf16": {"enabled": gpu},
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                    "weight_decay": "auto", "torch_adam": True}},
     }
@@ -70,6 +69,11 @@ def hf_worker(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if gpu else torch.float32,
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
+    if args.lora_r:  # the same adapters as ours: every linear layer, alpha = 2 r, no dropout
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
     targs = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=args.hf_batch, gradient_accumulation_steps=args.grad_accum,
         learning_rate=1e-4 if gpu else 3e-3, num_train_epochs=1, logging_steps=10**6, save_strategy="no", report_to=[],
@@ -118,104 +122,6 @@ def hf_worker(args) -> None:
                                                                           if gpu else None)}))
 
 
-GPU_MODEL = ["model.hidden_size=2048", "model.num_layers=20", "model.num_heads=16", "model.num_kv_heads=16",
-             "model.intermediate_size=5632", "model.vocab_size=32000", "model.precision=bf16"]
-
-
-def _ours_gpu(run_dir: Path, data: Path, model: list[str], extra: list[str], timeout: int, grad_accum: int = 1) -> dict:
-    """One `cbt-llm train` on one GPU; tokens/s, MFU, packing efficiency averaged over the log windows after the
-    first (which holds start-up and warm-up)."""
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=_pythonpath())
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "cbt_llm.cli", "train", *model,
-           f"train.data_dir={data}", f"train.run_dir={run_dir}", "train.epochs=1", f"train.grad_accum={grad_accum}",
-           "train.log_every=4", "train.eval_every=0", "train.save_every=0", "train.resume=never", "train.lr=1e-4",
-           "train.zero_stage=2", "train.optimizer=torch", "train.warmup_steps=2", "train.save_final=false", *extra]
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "perf/tokens_per_s_per_device" in r][1:]
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    tokens = sum(r["perf/tokens"] for r in steps)
-    secs = sum(r["perf/tokens"] / r["perf/tokens_per_s"] for r in steps)
-    mfus = [r["perf/mfu"] for r in steps]
-    return {"attn": summary.get("attn"), "attn_kernel": summary.get("attn_kernel"), "steps": summary["steps"],
-            "real_tokens_timed": tokens, "train_s": secs, "tokens_per_s": tokens / secs,
-            "mfu": sum(mfus) / len(mfus) if all(m is not None for m in mfus) else None,
-            "packing_efficiency": sum(r["perf/packing_efficiency"] for r in steps) / len(steps),
-            "peak_mem_gib": summary.get("peak_mem_gib"), "first_loss": summary.get("first_train_loss"),
-            "last_loss": summary.get("last_train_loss")}
-
-
-def gpu_mode(out: Path, args, make_shards, print_summary, write_metrics) -> dict:
-    """One GPU: ours (sdpa_varlen), ours (masked sdpa) and HF Trainer + padding on the same ~1.2B random Qwen2,
-    seq 4096, bf16, ZeRO-2, torch AdamW; the same examples on every side."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu: no CUDA device here")
-    data = make_shards(out / "data-gpu", rows_per_shard=args.rows_per_shard, train_shards=1, val_rows=2, seq_len=4096,
-                       lengths=(64, 400, 200, 1500))
-    manifest = json.loads((data / "manifest.json").read_text())
-    device = torch.cuda.get_device_name()
-    result: dict = {"device": device, "model": "qwen2 random, hidden 2048, 20 layers, 16 heads, vocab 32000 (~1.2B)",
-                    "seq_len": 4096, "precision": "bf16", "zero_stage": 2, "optimizer": "torch AdamW (foreach)",
-                    "train_rows": manifest["counts"]["rows"]["train"],
-                    "train_examples": manifest["counts"]["examples"]["train"]}
-    base = out / "gpu-varlen" / "base_model"
-    runs = [("varlen", ["model.init=random", *GPU_MODEL, "model.attn=sdpa_varlen"]),
-            ("masked", ["model.init=pretrained", f"model.name_or_path={base}", "model.precision=bf16", "model.attn=sdpa"])]
-    sides = set(args.gpu_sides.split(","))
-    result["grad_accum"] = args.grad_accum
-    for name, model in runs:
-        if name not in sides:
-            result[f"ours_{name}"] = {}
-            continue
-        try:
-            result[f"ours_{name}"] = _ours_gpu(out / f"gpu-{name}", data, model, [], args.timeout, args.grad_accum)
-        except Exception as exc:  # keep going: the other sides still measure
-            result[f"ours_{name}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    per_row = manifest["counts"]["examples"]["train"] / manifest["counts"]["rows"]["train"]
-    hf_batch = max(1, round(per_row))
-    hf_cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", str(Path(__file__).resolve()),
-              "--hf-worker", "--gpu", "--data", str(data), "--model", str(base), "--out", str(out / "hf-gpu"),
-              "--hf-batch", str(hf_batch), "--grad-accum", str(args.grad_accum)]
-    try:
-        if "hf" not in sides:
-            raise RuntimeError("not run (--gpu-sides)")
-        with open(out / "hf-gpu.log", "w") as log:
-            subprocess.run(hf_cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=_pythonpath()), check=True, stdout=log,
-                           stderr=subprocess.STDOUT, timeout=args.timeout)
-        hf = json.loads((out / "hf-gpu" / "hf.json").read_text())
-        hf.update(batch_examples=hf_batch, tokens_per_s=hf["real_tokens"] / hf["train_s"],
-                  token_efficiency=hf["real_tokens"] / hf["padded_tokens"])
-        result["hf"] = hf
-    except Exception as exc:
-        result["hf"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    if "profile" in sides:  # where the time of a step goes: a short extra run with the profiler on (not part of the timings above)
-        try:
-            _ours_gpu(out / "gpu-profile", data, runs[1][1][:2] + ["model.precision=bf16", "model.attn=sdpa_varlen"],
-                      ["train.max_steps=9", "train.profile_steps=3"], args.timeout, args.grad_accum)
-            result["profile"] = str(out / "gpu-profile" / "profile.txt")
-        except Exception as exc:
-            result["profile"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-    ours, masked, hf = result["ours_varlen"], result["ours_masked"], result["hf"]
-    if "tokens_per_s" in ours and "tokens_per_s" in hf:
-        result["speedup_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
-        if ours.get("mfu") is not None:
-            result["hf"]["mfu"] = ours["mfu"] * hf["tokens_per_s"] / ours["tokens_per_s"]  # same FLOPs per real token
-    if "tokens_per_s" in ours and "tokens_per_s" in masked:
-        result["varlen_vs_masked"] = ours["tokens_per_s"] / masked["tokens_per_s"]
-    name = device.replace(" ", "-").lower()
-    write_metrics(ROOT / "bench" / "results" / f"train-gpu-{name}-ga{args.grad_accum}.json", result)
-    flat = {"device": device, "ours tokens/s (sdpa_varlen)": ours.get("tokens_per_s"), "ours MFU": ours.get("mfu"),
-            "ours kernel": ours.get("attn_kernel"), "ours masked-sdpa tokens/s": masked.get("tokens_per_s"),
-            "HF Trainer+padding tokens/s": hf.get("tokens_per_s"), "HF token efficiency": hf.get("token_efficiency"),
-            "speed-up vs HF": result.get("speedup_vs_hf"), "varlen vs masked": result.get("varlen_vs_masked"),
-            "errors": "; ".join(f"{k}: {v['error']}" for k, v in result.items() if isinstance(v, dict) and "error" in v) or "-"}
-    print_summary("train bench, GPU mode", {k: ("-" if v is None else v) for k, v in flat.items()})
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench/train")
@@ -224,14 +130,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=2)
-    ap.add_argument("--gpu", action="store_true",
-                    help="GPU mode: our loop alone on one GPU, a ~1B random Qwen2 at seq 4096, bf16; tokens/s/device and MFU")
-    ap.add_argument("--timeout", type=int, default=240, help="GPU mode: seconds per training run")
-    ap.add_argument("--gpu-sides", default="varlen,masked,hf,profile", help="GPU mode: which runs (comma list)")
+    ap.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # HF worker on CUDA (bench/gpu_train_bench.py)
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--hf-batch", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--zero-stage", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--lora-r", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_worker:
         hf_worker(args)
@@ -241,9 +146,6 @@ def main() -> None:
     from cbt_llm.report import print_summary, write_metrics
 
     out = (ROOT / args.out).resolve()
-    if args.gpu:
-        gpu_mode(out, args, make_shards, print_summary, write_metrics)
-        return
     data = make_shards(out / "data", rows_per_shard=args.rows_per_shard, train_shards=4, val_rows=4,
                        seq_len=args.seq_len, lengths=(20, 120, 30, 400))
     manifest = json.loads((data / "manifest.json").read_text())
