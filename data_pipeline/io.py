@@ -1,4 +1,4 @@
-"""Small file helpers shared by the corpus stages: (zstd) JSONL reading and writing, globs, atomic writes."""
+"""Small file helpers shared by the corpus stages: the one (zstd) line reader, JSONL writing, globs, atomic writes."""
 
 from __future__ import annotations
 
@@ -36,22 +36,39 @@ def open_text_write(path: str | Path, level: int = 3) -> IO[str]:
     return open(path, "w", encoding="utf-8", newline="\n")
 
 
+def is_zstd(path: str | Path) -> bool:
+    return str(path).lower().endswith(".zst")
+
+
 def open_binary_read(path: str | Path) -> IO[bytes]:
+    """Open a local file or a URI (s3://, gs://, hdfs://, ... through fsspec) for reading bytes. A name ending
+    in .zst is decompressed on the fly, behind a 1 MiB buffer: zstd's stream reader has no line iteration of
+    its own, and the buffer gives it one."""
     path = str(path)
-    raw = open(path, "rb")
-    if path.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    if "://" in path:
+        import fsspec
+
+        raw = fsspec.open(path, "rb").open()
+    else:
+        raw = open(path, "rb")
+    if is_zstd(path):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
     return raw
 
 
+def numbered_lines(fh: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line without its newline) for every non-blank line of a binary stream. Bytes, not
+    text, so invalid UTF-8 can be reported per line."""
+    for n, line in enumerate(fh, 1):
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            yield n, line
+
+
 def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw line bytes without newline). Bytes, so invalid UTF-8 can be reported."""
+    """numbered_lines of a (zstd) file: the one line reader of the corpus stages (prepare reads through it too)."""
     with open_binary_read(path) as fh:
-        buffered = io.BufferedReader(fh, buffer_size=1 << 20) if str(path).endswith(".zst") else fh
-        for n, line in enumerate(buffered, 1):
-            line = line.rstrip(b"\r\n")
-            if line.strip():
-                yield n, line
+        yield from numbered_lines(fh)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError
+from data_pipeline.shards import load_manifest
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
 
@@ -24,8 +25,6 @@ def _writable(folder: str, field: str) -> None:
 
 def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> dict:
     """Validate the launch; returns facts for the summary. Raises ConfigError (one line: field and fix)."""
-    from data_pipeline.prepare import load_manifest
-
     tc = cfg.train
     g = procs_per_node(cfg)
     world = world_size(cfg)

@@ -1,4 +1,4 @@
-"""Tiny packed shards + manifest in the prepare -> train contract (notes: shards.md), for the trainer tests.
+"""Tiny packed shards + manifest in the prepare -> train contract (data_pipeline/shards.py), for the trainer tests.
 
 The data is synthetic but learnable: each example is a random prompt (labels -100) followed by an answer
 drawn from a small slice of the vocabulary in a pattern set by the prompt's first token, so a 2-layer model's
