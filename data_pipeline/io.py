@@ -1,4 +1,4 @@
-"""Small file helpers shared by the corpus stages: the one (zstd) line reader, JSONL writing, globs, atomic writes."""
+"""Small file helpers shared by the corpus stages: the one (zstd) line reader, JSONL writing, globs."""
 
 from __future__ import annotations
 
@@ -81,9 +81,3 @@ def dumps(obj: dict) -> str:
     """The one JSON encoding of a record: compact, UTF-8 Chinese, stable key order as given."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
