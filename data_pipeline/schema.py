@@ -175,3 +175,31 @@ def validate_record(obj: Any) -> tuple[dict | None, str | None]:
         msg = e["msg"].removeprefix("Value error, ")
         return None, f"{loc}: {msg}" if loc else msg
     return rec.model_dump(), None
+
+
+# Why a record is rejected: reason code -> what it means (prepare's manifest counts rejects by these codes;
+# README and the summary table use these words).
+REASONS: dict[str, str] = {
+    "invalid_utf8": "line is not valid UTF-8",
+    "malformed_json": "line is not valid JSON",
+    "not_object": "record is not a JSON object",
+    "missing_field": "a required field is missing",
+    "empty_field": "a required field is empty",
+    "wrong_type": "a field has the wrong type",
+    "invalid_value": "a field breaks a schema rule (no Chinese text, unknown label, crisis rules, turn order)",
+    "unknown_field": "a field the schema does not define",
+    "too_long": "more characters than data.max_chars",
+    "duplicate": "exact duplicate of an earlier conversation",
+    "overlong": "more tokens than data.seq_len (data.overlong=reject)",
+    "prompt_overlong": "the prompt alone fills data.seq_len, nothing left to learn",
+}
+
+
+class RecordError(ValueError):
+    """A bad record: `reason` is a code from REASONS, `detail` one line for the rejects file."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -11,7 +11,8 @@ import json
 
 import pyarrow as pa
 
-from data_pipeline.formats import Example, RecordError, split_of, to_examples
+from data_pipeline.formats import Example, split_of, to_examples
+from data_pipeline.schema import RecordError
 
 RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
 
