@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError
+from data_pipeline.io import is_local_path
 from data_pipeline.shards import load_manifest
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
@@ -37,8 +38,7 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
     manifest = load_manifest(tc.data_dir)
     tok_path = manifest["tokenizer"]["name_or_path"]
     if check_tokenizer:
-        looks_local = tok_path.startswith(("/", ".")) or tok_path.count("/") > 1  # a hub id is "org/name"
-        if looks_local and not Path(tok_path).exists():
+        if is_local_path(tok_path) and not Path(tok_path).exists():
             raise ConfigError(f"tokenizer '{tok_path}' named in {tc.data_dir}/manifest.json is missing; re-run `cbt-llm prepare`")
         try:
             load_manifest(tc.data_dir, tokenizer=tok_path)

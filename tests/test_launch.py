@@ -199,6 +199,11 @@ def test_preflight_tokenizer_mismatch_and_missing(shards, tmp_path):
     (other / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ConfigError, match="gone-tokenizer.*missing"):
         preflight(_cfg(other, tmp_path / "run"), "deepspeed")
+    # one '/', but under runs/: a local folder by the same rule load_tokenizer uses, so missing, not a hub id
+    man["tokenizer"]["name_or_path"] = "runs/gone-tokenizer"
+    (other / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ConfigError, match="runs/gone-tokenizer.*missing"):
+        preflight(_cfg(other, tmp_path / "run"), "deepspeed")
 
 
 def test_preflight_unwritable_run_dir(shards, tmp_path):
