@@ -71,10 +71,16 @@ CRISIS_KEYWORDS: tuple[str, ...] = (
     "死了算了",
 )
 
+# The crisis hotlines, named here only: every crisis-support text (this sentence, the synth api prompt's crisis
+# instruction in data_pipeline/prompts.py) takes them from here. Prompt v1 quotes the national one, so a new
+# number there is a new prompt version.
+NATIONAL_CRISIS_HOTLINE = "全国心理援助热线 400-161-9995"
+BEIJING_CRISIS_HOTLINE = "北京心理危机研究与干预中心 010-82951332"
+
 # The sentence our generators add to every crisis-flagged answer.
 CRISIS_SUPPORT_SENTENCE = (
     "如果你现在有伤害自己或结束生命的想法,请立刻联系身边信任的人,"
-    "拨打心理援助热线(如全国心理援助热线 400-161-9995、北京心理危机研究与干预中心 010-82951332)"
+    f"拨打心理援助热线(如{NATIONAL_CRISIS_HOTLINE}、{BEIJING_CRISIS_HOTLINE})"
     "或前往最近的医院急诊,你不必独自面对这些。"
 )
 # Any of these markers counts as a crisis-support sentence in an answer from another source (e.g. an LLM).
