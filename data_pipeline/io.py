@@ -1,4 +1,4 @@
-"""Small file helpers shared by the corpus stages: the one (zstd) line reader, JSONL writing, globs."""
+"""Small file helpers shared by the corpus stages: globs, the one (zstd) line reader, JSON lines, local paths."""
 
 from __future__ import annotations
 
@@ -24,16 +24,6 @@ def expand_inputs(patterns: str | list[str]) -> list[str]:
             raise FileNotFoundError(f"input '{pat}' matches no file; check the path or glob")
         files.extend(hits)
     return list(dict.fromkeys(files))
-
-
-def open_text_write(path: str | Path, level: int = 3) -> IO[str]:
-    """Open a text file for writing; a name ending in .zst is zstd-compressed."""
-    path = str(path)
-    if path.endswith(".zst"):
-        raw = open(path, "wb")
-        stream = zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=True)
-        return io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
-    return open(path, "w", encoding="utf-8", newline="\n")
 
 
 def is_local_path(name: str | Path) -> bool:
@@ -79,13 +69,6 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
         yield from numbered_lines(fh)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield parsed objects from a (zstd) JSONL file; raises on a bad line (use iter_lines to tolerate them)."""
-    for _, line in iter_lines(path):
-        yield json.loads(line)
-
-
 def dumps(obj: dict) -> str:
     """The one JSON encoding of a record: compact, UTF-8 Chinese, stable key order as given."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-

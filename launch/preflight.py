@@ -54,12 +54,7 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
         )
     from train.data import steps_per_epoch
 
-    spe, _ = steps_per_epoch(manifest, world, tc.micro_batch_size, tc.grad_accum)
-    if spe < 1:
-        raise ConfigError(
-            f"train: {manifest['counts']['rows']['train']} train rows give no full optimizer step for world size {world} x "
-            f"micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum}; lower them or prepare more data"
-        )
+    spe, _ = steps_per_epoch(manifest, world, tc.micro_batch_size, tc.grad_accum)  # raises when it is 0
     _writable(tc.run_dir, "train.run_dir")
     if launcher == "slurm":
         _writable(slurm_log_dir(cfg), "launch.slurm.log_dir")
