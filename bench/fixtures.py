@@ -1,4 +1,4 @@
-"""Tiny packed shards + manifest in the prepare -> train contract, for the trainer tests and bench/train_bench.py.
+"""Tiny packed shards + manifest in the prepare -> train contract (data_pipeline/shards.py), for the trainer tests and bench/train_bench.py.
 
 Here rather than under tests/ because bench/ may not import tests/ (tests/test_layers.py holds that rule);
 tests/train_fixtures.py re-exports it.

@@ -50,6 +50,10 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--model", "model.name_or_path", str, "Hugging Face id or local folder"),
         ("--max-steps", "train.max_steps", int, "optimizer steps (0: train.epochs)"),
     ],
+    # the run to export; the model is rebuilt from that run's own saved config.yaml, not from --config
+    "export": [
+        ("--run", "train.run_dir", str, "the run folder to export"),
+    ],
     "launch": [
         ("--nodes", "launch.nodes", int, "machines"),
         ("--gpus-per-node", "launch.gpus_per_node", int, "GPUs per machine (processes per machine on CPU)"),
@@ -118,7 +122,7 @@ def _cmd_train(cfg: Config, args) -> int:
 def _cmd_export(cfg: Config, args) -> int:
     from train.export import run_export
 
-    run_export(args.run, args.out, merge_lora=args.merge_lora, tag=args.tag)
+    run_export(cfg.train.run_dir, args.out, merge_lora=args.merge_lora, tag=args.tag)
     return 0
 
 
@@ -211,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face model or LoRA adapter")
     _add_common(p, "export")
-    p.add_argument("--run", required=True, help="the run folder (train.run_dir)")
     p.add_argument("--out", required=True, help="output folder (safetensors + tokenizer)")
     p.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights")
     p.add_argument("--tag", default=None, help="checkpoint folder name (default: latest)")

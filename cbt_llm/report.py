@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cbt_llm.fileio import write_text_atomic
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -36,8 +38,4 @@ def print_summary(title: str, rows: dict[str, Any], file=None) -> None:
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Write a run's final metrics as JSON next to its outputs (a local copy of what W&B gets)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(metrics, ensure_ascii=False, indent=2, sort_keys=True) + "\n")

@@ -4,13 +4,14 @@ Declared with `data.format`:
 
 - cbt       our corpus schema v1 (data_pipeline.schema): user = question + description, assistant = answer.
 - psyqa     PsyQA JSON (a list of {question, description, keywords, questionID, answers[{answer_text}]}),
-            one example per answer; a bad answer is rejected alone, its siblings survive.
+            one example per answer; a bad answer is rejected alone, its siblings survive. The question
+            fields are read by data_pipeline.psyqa.parse_psyqa_question, as `synth api` reads them.
 - alpaca    {instruction, input?, output}: user = instruction (+ blank line + input), assistant = output.
 - sharegpt  {conversations: [{from: system|human|gpt, value}]}: human/gpt alternate, the last turn is gpt;
             every gpt turn is learned.
 
 Every problem is a RecordError with a short reason code (counted in the manifest) and a one-line detail
-(written to rejects/). The reason codes are the keys of REASONS.
+(written to rejects/). The reason codes are the keys of REASONS (data_pipeline.schema).
 """
 
 from __future__ import annotations
@@ -24,36 +25,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from data_pipeline.schema import CorpusRecord, validate_record
+from data_pipeline.psyqa import parse_psyqa_question
+from data_pipeline.schema import CorpusRecord, RecordError, validate_record
 from data_pipeline.tokenizer import build_user_message
 
-# reason code -> what it means (README and the summary table use these words)
-REASONS: dict[str, str] = {
-    "invalid_utf8": "line is not valid UTF-8",
-    "malformed_json": "line is not valid JSON",
-    "not_object": "record is not a JSON object",
-    "missing_field": "a required field is missing",
-    "empty_field": "a required field is empty",
-    "wrong_type": "a field has the wrong type",
-    "invalid_value": "a field breaks a schema rule (no Chinese text, unknown label, crisis rules, turn order)",
-    "unknown_field": "a field the schema does not define",
-    "too_long": "more characters than data.max_chars",
-    "duplicate": "exact duplicate of an earlier conversation",
-    "overlong": "more tokens than data.seq_len (data.overlong=reject)",
-    "prompt_overlong": "the prompt alone fills data.seq_len, nothing left to learn",
-}
-
 FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt")
-
-
-class RecordError(ValueError):
-    """A bad record: `reason` is a code from REASONS, `detail` one line for the rejects file."""
-
-    def __init__(self, reason: str, detail: str):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -110,6 +86,18 @@ def _get_str(obj: dict, key: str, *, required: bool = True, allow_empty: bool = 
     return v
 
 
+def _get_list(obj: dict, key: str) -> list:
+    """A required, non-empty list field."""
+    if key not in obj:
+        raise RecordError("missing_field", f"missing '{key}'")
+    v = obj[key]
+    if not isinstance(v, list):
+        raise RecordError("wrong_type", f"'{key}' must be a list (got {_type_name(v)})")
+    if not v:
+        raise RecordError("empty_field", f"'{key}' is empty")
+    return v
+
+
 def _cbt_reason(obj: dict) -> str:
     """Map the first pydantic error of the schema to a reason code."""
     try:
@@ -144,24 +132,9 @@ def _cbt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | Reco
 
 
 def _psyqa(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
-    question = _get_str(obj, "question")
-    description = _get_str(obj, "description", required=False, allow_empty=True)
-    kw = obj.get("keywords")
-    if kw is not None and not isinstance(kw, (str, list)):
-        raise RecordError("wrong_type", f"'keywords' must be a comma-separated string (got {_type_name(kw)})")
-    qid = obj.get("questionID")
-    if qid is None:
-        raise RecordError("missing_field", "missing 'questionID'")
-    if isinstance(qid, bool) or not isinstance(qid, (int, str)) or not str(qid).strip():
-        raise RecordError("wrong_type", f"'questionID' must be an integer or string (got {qid!r})")
-    if "answers" not in obj:
-        raise RecordError("missing_field", "missing 'answers'")
-    answers = obj["answers"]
-    if not isinstance(answers, list):
-        raise RecordError("wrong_type", f"'answers' must be a list (got {_type_name(answers)})")
-    if not answers:
-        raise RecordError("empty_field", "'answers' is empty")
-    user = build_user_message(question, description)
+    q = parse_psyqa_question(obj)
+    answers = _get_list(obj, "answers")
+    user = build_user_message(q["question"], q["description"])
     out: list[Example | RecordError] = []
     for k, ans in enumerate(answers):
         try:
@@ -176,7 +149,7 @@ def _psyqa(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | Re
             {"role": "user", "content": user},
             {"role": "assistant", "content": text},
         ]
-        out.append(Example(f"psyqa-{str(qid).strip()}-{k}", question, msgs))
+        out.append(Example(f"{q['id']}-{k}", q["question"], msgs))
     return out
 
 
@@ -204,13 +177,7 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
 
 
 def _sharegpt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
-    if "conversations" not in obj:
-        raise RecordError("missing_field", "missing 'conversations'")
-    turns = obj["conversations"]
-    if not isinstance(turns, list):
-        raise RecordError("wrong_type", f"'conversations' must be a list (got {_type_name(turns)})")
-    if not turns:
-        raise RecordError("empty_field", "'conversations' is empty")
+    turns = _get_list(obj, "conversations")
     msgs: list[dict[str, str]] = []
     for k, t in enumerate(turns):
         if not isinstance(t, dict):

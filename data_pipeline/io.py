@@ -1,4 +1,4 @@
-"""Small file helpers shared by the corpus stages: (zstd) JSONL reading and writing, globs, atomic writes."""
+"""Small file helpers shared by the corpus stages: globs, the one (zstd) line reader, JSON lines, local paths."""
 
 from __future__ import annotations
 
@@ -26,47 +26,49 @@ def expand_inputs(patterns: str | list[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def open_text_write(path: str | Path, level: int = 3) -> IO[str]:
-    """Open a text file for writing; a name ending in .zst is zstd-compressed."""
-    path = str(path)
-    if path.endswith(".zst"):
-        raw = open(path, "wb")
-        stream = zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=True)
-        return io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
-    return open(path, "w", encoding="utf-8", newline="\n")
+def is_local_path(name: str | Path) -> bool:
+    """Whether a tokenizer or model name can only mean a local folder, not a Hugging Face Hub id ("org/name"):
+    it starts with '.', '/' or this project's `runs` folder, or it has no '/' or more than one. A missing one is
+    then reported as missing instead of as a failed download."""
+    name = str(name)
+    return name.startswith((".", "/", "runs")) or name.count("/") != 1
+
+
+def is_zstd(path: str | Path) -> bool:
+    return str(path).lower().endswith(".zst")
 
 
 def open_binary_read(path: str | Path) -> IO[bytes]:
+    """Open a local file or a URI (s3://, gs://, hdfs://, ... through fsspec) for reading bytes. A name ending
+    in .zst is decompressed on the fly, behind a 1 MiB buffer: zstd's stream reader has no line iteration of
+    its own, and the buffer gives it one."""
     path = str(path)
-    raw = open(path, "rb")
-    if path.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    if "://" in path:
+        import fsspec
+
+        raw = fsspec.open(path, "rb").open()
+    else:
+        raw = open(path, "rb")
+    if is_zstd(path):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
     return raw
 
 
+def numbered_lines(fh: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line without its newline) for every non-blank line of a binary stream. Bytes, not
+    text, so invalid UTF-8 can be reported per line."""
+    for n, line in enumerate(fh, 1):
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            yield n, line
+
+
 def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw line bytes without newline). Bytes, so invalid UTF-8 can be reported."""
+    """numbered_lines of a (zstd) file: the one line reader of the corpus stages (prepare reads through it too)."""
     with open_binary_read(path) as fh:
-        buffered = io.BufferedReader(fh, buffer_size=1 << 20) if str(path).endswith(".zst") else fh
-        for n, line in enumerate(buffered, 1):
-            line = line.rstrip(b"\r\n")
-            if line.strip():
-                yield n, line
-
-
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield parsed objects from a (zstd) JSONL file; raises on a bad line (use iter_lines to tolerate them)."""
-    for _, line in iter_lines(path):
-        yield json.loads(line)
+        yield from numbered_lines(fh)
 
 
 def dumps(obj: dict) -> str:
     """The one JSON encoding of a record: compact, UTF-8 Chinese, stable key order as given."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

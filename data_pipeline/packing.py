@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from data_pipeline.shards import IGNORE
 
 
 def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -219,7 +219,7 @@ class Rows:
 
     @property
     def label_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        return int((self.labels != IGNORE).sum())
 
 
 def build_packed_rows(
@@ -259,7 +259,7 @@ def build_padded_rows(
     """
     n = len(input_ids)
     ids = np.full((n, seq_len), pad_token_id, dtype=np.int32)
-    lab = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int32)
+    lab = np.full((n, seq_len), IGNORE, dtype=np.int32)
     real = 0
     for k in range(n):
         m = len(input_ids[k])

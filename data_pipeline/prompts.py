@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cbt_llm.config import ConfigError
-from data_pipeline.schema import CBT_PART_TITLES_ZH, CBT_PARTS, DISTORTIONS
+from data_pipeline.schema import CBT_PART_TITLES_ZH, CBT_PARTS, DISTORTIONS, NATIONAL_CRISIS_HOTLINE
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ _V1_USER = """来访者的问题:{question}
 _V1_CRISIS = (
     "注意:来访者提到了自杀、自伤或类似的危机念头。请在回答中认真对待这一风险,"
     "并在 \"encouragement\" 字段中明确提供危机支持信息:建议立刻联系身边信任的人、"
-    "拨打心理援助热线(如全国心理援助热线 400-161-9995)或前往最近的医院急诊。"
+    f"拨打心理援助热线(如{NATIONAL_CRISIS_HOTLINE})或前往最近的医院急诊。"
 )
 
 PROMPTS: dict[str, CBTPrompt] = {

@@ -1,6 +1,7 @@
 """Question ingest for `cbt-llm synth api`: PsyQA JSON or our JSONL, normalised to one question shape.
 
-A normalised question is `{id, question, description, keywords: list[str]}`.
+A normalised question is `{id, question, description, keywords: list[str]}`. parse_question is the one
+reader of these fields: prepare's `psyqa` format (data_pipeline.formats) reads a PsyQA entry through it too.
 
 - PsyQA (thu-coai/PsyQA, e.g. PsyQA_example.json): one JSON list of objects with `question`, `description`,
   `keywords` (a comma-separated string), `questionID` and `answers`. The id becomes "psyqa-<questionID>";
@@ -20,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.io import expand_inputs, iter_lines, open_binary_read
-from data_pipeline.schema import has_chinese
+from data_pipeline.schema import RecordError, has_chinese
 
 # PsyQA separates keywords with an ASCII comma; full-width commas and 、 appear in hand-written inputs.
 _KEYWORD_SPLIT = re.compile(r"[,\uff0c\u3001;\uff1b]")
 
 
 def split_keywords(value: Any) -> list[str]:
-    """Keywords as a list: split a comma-separated string, keep a list of strings, drop empties and repeats."""
+    """Keywords as a list: split a comma-separated string, keep a list of strings, drop empties and repeats.
+    Raises RecordError (a ValueError) for any other type."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -35,33 +37,40 @@ def split_keywords(value: Any) -> list[str]:
     elif isinstance(value, list) and all(isinstance(k, str) for k in value):
         items = value
     else:
-        raise ValueError(f"keywords must be a string or a list of strings (got {type(value).__name__})")
+        raise RecordError("wrong_type", f"keywords must be a string or a list of strings (got {type(value).__name__})")
     return list(dict.fromkeys(k.strip() for k in items if k.strip()))
 
 
-def _normalise(obj: Any, raw_id: Any, id_prefix: str) -> dict:
-    """Shared checks for one entry. Raises ValueError with a one-line reason."""
+def parse_question(obj: Any, id_key: str, id_prefix: str, *, chinese: bool = True) -> dict:
+    """One question entry -> {id: id_prefix + obj[id_key], question, description, keywords: list[str]}.
+
+    The one reader of a question's fields: `synth api`'s ingest (PsyQA and our JSONL) and prepare's `psyqa`
+    format both go through it. `chinese` also refuses a question with no Chinese text (the CBT prompt is
+    Chinese). Raises RecordError with a reason code and a one-line detail.
+    """
     if not isinstance(obj, dict):
-        raise ValueError(f"entry is not a JSON object ({type(obj).__name__})")
+        raise RecordError("not_object", f"entry is not a JSON object ({type(obj).__name__})")
     question = obj.get("question")
     if question is None:
-        raise ValueError("missing 'question'")
+        raise RecordError("missing_field", "missing 'question'")
     if not isinstance(question, str):
-        raise ValueError(f"'question' must be a string (got {type(question).__name__})")
+        raise RecordError("wrong_type", f"'question' must be a string (got {type(question).__name__})")
     question = question.strip()
     if not question:
-        raise ValueError("'question' is empty")
-    if not has_chinese(question):
-        raise ValueError("'question' has no Chinese text")
+        raise RecordError("empty_field", "'question' is empty")
+    if chinese and not has_chinese(question):
+        raise RecordError("invalid_value", "'question' has no Chinese text")
     description = obj.get("description")
     if description is None:
         description = ""
     if not isinstance(description, str):
-        raise ValueError(f"'description' must be a string (got {type(description).__name__})")
+        raise RecordError("wrong_type", f"'description' must be a string (got {type(description).__name__})")
     keywords = split_keywords(obj.get("keywords"))
+    raw_id = obj.get(id_key)
     # bool is an int subclass: True would silently become id "psyqa-True"
     if raw_id is None or isinstance(raw_id, bool) or not isinstance(raw_id, (int, str)) or str(raw_id).strip() == "":
-        raise ValueError(f"missing or invalid id (got {raw_id!r})")
+        reason = "missing_field" if raw_id is None else "wrong_type"
+        raise RecordError(reason, f"missing or invalid id (got {raw_id!r})")
     return {
         "id": f"{id_prefix}{str(raw_id).strip()}",
         "question": question,
@@ -70,16 +79,9 @@ def _normalise(obj: Any, raw_id: Any, id_prefix: str) -> dict:
     }
 
 
-def normalise_psyqa_entry(obj: Any) -> dict:
-    """One PsyQA object -> normalised question. Raises ValueError with a one-line reason."""
-    raw_id = obj.get("questionID") if isinstance(obj, dict) else None
-    return _normalise(obj, raw_id, "psyqa-")
-
-
-def normalise_jsonl_entry(obj: Any) -> dict:
-    """One line of our JSONL (schema v1 record or question/description/keywords/id) -> normalised question."""
-    raw_id = obj.get("id") if isinstance(obj, dict) else None
-    return _normalise(obj, raw_id, "")
+def parse_psyqa_question(obj: Any, *, chinese: bool = False) -> dict:
+    """The question fields of one PsyQA entry; its id is "psyqa-<questionID>". Raises RecordError."""
+    return parse_question(obj, "questionID", "psyqa-", chinese=chinese)
 
 
 def _reject(rid: Any, source: str, reason: str) -> dict:
@@ -104,19 +106,19 @@ def load_psyqa(path: str | Path) -> tuple[list[dict], list[dict]]:
     for i, obj in enumerate(data):
         src = f"{path}#{i}"
         try:
-            q = normalise_psyqa_entry(obj)
-        except ValueError as exc:
+            q = parse_psyqa_question(obj, chinese=True)
+        except RecordError as exc:
             rid = obj.get("questionID") if isinstance(obj, dict) else None
-            rejects.append(_reject(f"psyqa-{rid}" if rid is not None else None, src, str(exc)))
+            rejects.append(_reject(f"psyqa-{rid}" if rid is not None else None, src, exc.detail))
             continue
         _keep_unique(q, src, seen, questions, rejects)
     return questions, rejects
 
 
-def _keep_unique(q: dict, src: str, seen: set, questions: list[dict], rejects: list[dict]) -> None:
+def _keep_unique(q: dict, src: str, seen: set, questions: list[dict], rejects: list[dict], note: str = "") -> None:
     """Keep the first question with each id; a repeated id is a reject, never a second record."""
     if q["id"] in seen:
-        rejects.append(_reject(q["id"], src, f"duplicate id {q['id']}"))
+        rejects.append(_reject(q["id"], src, f"duplicate id {q['id']}{note}"))
         return
     seen.add(q["id"])
     questions.append(q)
@@ -136,9 +138,9 @@ def load_question_jsonl(path: str | Path) -> tuple[list[dict], list[dict]]:
             rejects.append(_reject(None, src, f"not valid JSON ({exc.msg} at column {exc.colno})"))
             continue
         try:
-            q = normalise_jsonl_entry(obj)
-        except ValueError as exc:
-            rejects.append(_reject(obj.get("id") if isinstance(obj, dict) else None, src, str(exc)))
+            q = parse_question(obj, "id", "")
+        except RecordError as exc:
+            rejects.append(_reject(obj.get("id") if isinstance(obj, dict) else None, src, exc.detail))
             continue
         _keep_unique(q, src, seen, questions, rejects)
     return questions, rejects
@@ -163,9 +165,5 @@ def load_questions(pattern: str | list[str]) -> tuple[list[dict], list[dict]]:
         qs, rj = load_psyqa(path) if _looks_like_json_list(path) else load_question_jsonl(path)
         rejects.extend(rj)
         for q in qs:
-            if q["id"] in seen:
-                rejects.append(_reject(q["id"], path, f"duplicate id {q['id']} (already in an earlier input file)"))
-                continue
-            seen.add(q["id"])
-            questions.append(q)
+            _keep_unique(q, path, seen, questions, rejects, " (already in an earlier input file)")
     return questions, rejects

@@ -71,10 +71,16 @@ CRISIS_KEYWORDS: tuple[str, ...] = (
     "死了算了",
 )
 
+# The crisis hotlines, named here only: every crisis-support text (this sentence, the synth api prompt's crisis
+# instruction in data_pipeline/prompts.py) takes them from here. Prompt v1 quotes the national one, so a new
+# number there is a new prompt version.
+NATIONAL_CRISIS_HOTLINE = "全国心理援助热线 400-161-9995"
+BEIJING_CRISIS_HOTLINE = "北京心理危机研究与干预中心 010-82951332"
+
 # The sentence our generators add to every crisis-flagged answer.
 CRISIS_SUPPORT_SENTENCE = (
     "如果你现在有伤害自己或结束生命的想法,请立刻联系身边信任的人,"
-    "拨打心理援助热线(如全国心理援助热线 400-161-9995、北京心理危机研究与干预中心 010-82951332)"
+    f"拨打心理援助热线(如{NATIONAL_CRISIS_HOTLINE}、{BEIJING_CRISIS_HOTLINE})"
     "或前往最近的医院急诊,你不必独自面对这些。"
 )
 # Any of these markers counts as a crisis-support sentence in an answer from another source (e.g. an LLM).
@@ -175,3 +181,31 @@ def validate_record(obj: Any) -> tuple[dict | None, str | None]:
         msg = e["msg"].removeprefix("Value error, ")
         return None, f"{loc}: {msg}" if loc else msg
     return rec.model_dump(), None
+
+
+# Why a record is rejected: reason code -> what it means (prepare's manifest counts rejects by these codes;
+# README and the summary table use these words).
+REASONS: dict[str, str] = {
+    "invalid_utf8": "line is not valid UTF-8",
+    "malformed_json": "line is not valid JSON",
+    "not_object": "record is not a JSON object",
+    "missing_field": "a required field is missing",
+    "empty_field": "a required field is empty",
+    "wrong_type": "a field has the wrong type",
+    "invalid_value": "a field breaks a schema rule (no Chinese text, unknown label, crisis rules, turn order)",
+    "unknown_field": "a field the schema does not define",
+    "too_long": "more characters than data.max_chars",
+    "duplicate": "exact duplicate of an earlier conversation",
+    "overlong": "more tokens than data.seq_len (data.overlong=reject)",
+    "prompt_overlong": "the prompt alone fills data.seq_len, nothing left to learn",
+}
+
+
+class RecordError(ValueError):
+    """A bad record: `reason` is a code from REASONS, `detail` one line for the rejects file."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -37,8 +37,9 @@ import httpx
 from tqdm import tqdm
 
 from cbt_llm.config import ApiSynthConfig, ConfigError
+from cbt_llm.fileio import write_text_atomic
 from cbt_llm.report import print_summary, write_metrics
-from data_pipeline.io import atomic_write_text, dumps, expand_inputs
+from data_pipeline.io import dumps, expand_inputs
 from data_pipeline.prompts import build_messages, get_prompt
 from data_pipeline.psyqa import load_questions
 from data_pipeline.schema import (
@@ -212,7 +213,7 @@ def recover_done_ids(path: Path) -> tuple[set[str], int]:
             if i == nonempty[-1]:
                 dropped = 1
                 keep = b"\n".join(line for line in lines[:i] if line.strip())
-                atomic_write_text(path, keep.decode("utf-8") + ("\n" if keep else ""))
+                write_text_atomic(path, keep.decode("utf-8") + ("\n" if keep else ""))
                 print(f"warning: {path}: dropped a truncated last line (a crash mid-write); that question "
                       "will be asked again", file=sys.stderr)
                 break

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from cbt_llm.config import ConfigError, SynthConfig
 from cbt_llm.report import print_summary, write_metrics
 from data_pipeline import synth_content as C
-from data_pipeline.schema import CRISIS_SUPPORT_SENTENCE, DISTORTIONS, SCHEMA_VERSION
+from data_pipeline.schema import CBT_PARTS, CRISIS_SUPPORT_SENTENCE, DISTORTIONS, SCHEMA_VERSION
 
 PROMPT_VERSION = "template-v1"
 SOURCE = "synth-template"
@@ -200,26 +200,31 @@ def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]
         "strategy": strategy,
         "encouragement": encouragement,
     }
-    record = {
+    return _record(seed, index, key, crisis, d, question, description, picked, cbt), h
+
+
+def _record(seed: int, index: int, topic: str, crisis: bool, d: int, question: str, description: str,
+            keywords: list[str], cbt: dict[str, str]) -> dict:
+    """The schema v1 record of _compose's drawn parts."""
+    return {
         "id": f"synth-{seed}-{index:09d}",
         "question": question,
         "description": description,
-        "keywords": picked,
+        "keywords": keywords,
         "cbt": cbt,
         # == schema.join_answer(cbt): the parts carry no surrounding whitespace to strip
-        "answer": f"{empathy}\n\n{key_thought}\n\n{challenge}\n\n{strategy}\n\n{encouragement}",
+        "answer": "\n\n".join(cbt[p] for p in CBT_PARTS),
         "distortions": [DISTORTIONS[d]],
         "source": SOURCE,
         "meta": {
             "generator": "template",
             "prompt_version": PROMPT_VERSION,
             "seed": seed,
-            "topic": key,
+            "topic": topic,
             "crisis": crisis,
             "schema_version": SCHEMA_VERSION,
         },
     }
-    return record, h
 
 
 def record_at(seed: int, index: int, crisis_fraction: float = 0.02) -> dict:

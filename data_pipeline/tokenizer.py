@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from cbt_llm.config import TokenizerConfig
 from cbt_llm.report import print_summary, write_metrics
-from data_pipeline.io import expand_inputs, iter_lines
+from data_pipeline.io import expand_inputs, is_local_path, iter_lines
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -104,8 +104,7 @@ def load_tokenizer(name_or_path: str):
     """Load a tokenizer folder or Hugging Face id. Fails with one line when it is missing or has no template."""
     from transformers import AutoTokenizer
 
-    p = Path(name_or_path)
-    if not p.exists() and (name_or_path.startswith((".", "/", "runs")) or name_or_path.count("/") != 1):
+    if is_local_path(name_or_path) and not Path(name_or_path).exists():
         raise FileNotFoundError(
             f"tokenizer '{name_or_path}' not found; run `cbt-llm tokenizer train` or give a Hugging Face id"
         )

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError, check_world_size
+from data_pipeline.io import is_local_path
+from data_pipeline.shards import load_manifest
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
 
@@ -24,8 +26,6 @@ def _writable(folder: str, field: str) -> None:
 
 def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> dict:
     """Validate the launch; returns facts for the summary. Raises ConfigError (one line: field and fix)."""
-    from data_pipeline.prepare import load_manifest
-
     tc = cfg.train
     g = procs_per_node(cfg)
     world = world_size(cfg)
@@ -38,8 +38,7 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
     manifest = load_manifest(tc.data_dir)
     tok_path = manifest["tokenizer"]["name_or_path"]
     if check_tokenizer:
-        looks_local = tok_path.startswith(("/", ".")) or tok_path.count("/") > 1  # a hub id is "org/name"
-        if looks_local and not Path(tok_path).exists():
+        if is_local_path(tok_path) and not Path(tok_path).exists():
             raise ConfigError(f"tokenizer '{tok_path}' named in {tc.data_dir}/manifest.json is missing; re-run `cbt-llm prepare`")
         try:
             load_manifest(tc.data_dir, tokenizer=tok_path)
@@ -50,14 +49,10 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
     shards = manifest["splits"]["train"]["shards"]
     note = check_world_size(world, len(shards), prepared_for=manifest.get("world_size", cfg.data.world_size),
                             data_dir=tc.data_dir, origin=f"launch.nodes {cfg.launch.nodes} x {g} per node")
-    from train.data import steps_per_epoch
+    from train.data import rows_per_micro_batch, steps_per_epoch
 
-    spe, _ = steps_per_epoch(manifest, world, tc.micro_batch_size, tc.grad_accum)
-    if spe < 1:
-        raise ConfigError(
-            f"train: {manifest['counts']['rows']['train']} train rows give no full optimizer step for world size {world} x "
-            f"micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum}; lower them or prepare more data"
-        )
+    mb = rows_per_micro_batch(tc, manifest["seq_len"])
+    spe, _ = steps_per_epoch(manifest, world, mb, tc.grad_accum)  # raises when it is 0
     _writable(tc.run_dir, "train.run_dir")
     if launcher == "slurm":
         _writable(slurm_log_dir(cfg), "launch.slurm.log_dir")

@@ -14,7 +14,7 @@ a failed group, or a resumed run would see some rows twice and skip others. Ray'
 has the fewest rows so far, so the assignment follows block boundaries, which depend on the read parallelism
 (derived from the cluster's CPUs) and on block-size splitting; it also cuts the split to equal row counts.
 So `RankShards`, our DataConfig, gives worker r a stream over exactly the shards that rank r reads under every
-other launcher (shard i -> rank i % world, train.data.rank_shards), read in file order (`preserve_order`);
+other launcher (shard i -> rank i % world, data_pipeline.shards.rank_shards), read in file order (`preserve_order`);
 the worker checks that it got exactly those shards with the manifest's row counts (train.data.rows_from_batches).
 The trade-off: the worker keeps its own part of the tokens in memory (1/world of the split, as under every
 launcher, never a full copy), because the loop's seeded per-epoch permutation and its (epoch, step) resume
@@ -221,7 +221,7 @@ def run_ray(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from train.data import load_manifest, rank_shards
+    from data_pipeline.shards import load_manifest, rank_shards
 
     rc = cfg.launch.ray
     world = world_size(cfg)

@@ -110,11 +110,6 @@ def render_deepspeed(cfg: Config, cmd: TrainCommand) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_hostfile(hosts: list[str], slots: int) -> str:
-    """A deepspeed hostfile: one 'host slots=N' line per host."""
-    return "".join(f"{h} slots={slots}\n" for h in hosts)
-
-
 def render_slurm(cfg: Config, cmd: TrainCommand) -> str:
     """An sbatch script: one torchrun per node under `srun --kill-on-bad-exit=1`, c10d rendezvous on the head
     node's address, USR1 before the time limit forwarded to training, requeue when training checkpointed.

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError
+from cbt_llm.fileio import write_text_atomic
 from cbt_llm.report import print_summary, write_metrics
 from launch.preflight import preflight
 from launch.render import TrainCommand, render
@@ -32,14 +33,8 @@ def _env() -> dict:
 
 def write_script(launcher: str, cfg: Config, text: str) -> Path:
     """Write the rendered script under <run_dir>/launch/ (executable) and return its path."""
-    out = Path(cfg.train.run_dir) / "launch" / _SCRIPT_NAMES[launcher]
-    out.parent.mkdir(parents=True, exist_ok=True)
     # atomically: under --no_ssh every node writes this same file while another node's bash may be reading it
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(0o755)
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(Path(cfg.train.run_dir) / "launch" / _SCRIPT_NAMES[launcher], text, mode=0o755)
 
 
 def _need(tool: str, hint: str) -> None:

@@ -156,6 +156,21 @@ def test_cli_config_error_is_one_line_exit_2(capsys):
     assert err.count("\n") == 0 and "data.seq_len" in err
 
 
+def test_cli_export_takes_the_run_from_config_and_run_overrides_it(tmp_path, monkeypatch):
+    """`cbt-llm export --config X` exports the run X trains (train.run_dir); --run, a flag, wins over the YAML."""
+    import train.export
+
+    calls = []
+    monkeypatch.setattr(train.export, "run_export", lambda run, out, **kw: calls.append((str(run), str(out), kw)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"train:\n  run_dir: {tmp_path / 'yaml-run'}\n", encoding="utf-8")
+    assert main(["export", "--config", str(cfg), "--out", str(tmp_path / "o"), "--merge-lora"]) == 0
+    assert main(["export", "--config", str(cfg), "--run", str(tmp_path / "flag-run"), "--out", str(tmp_path / "o")]) == 0
+    assert main(["export", "--config", str(cfg), "--out", str(tmp_path / "o"), f"train.run_dir={tmp_path / 'dotted'}"]) == 0
+    assert [c[0] for c in calls] == [str(tmp_path / "yaml-run"), str(tmp_path / "flag-run"), str(tmp_path / "dotted")]
+    assert calls[0][1] == str(tmp_path / "o") and calls[0][2] == {"merge_lora": True, "tag": None}
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
 def test_every_shipped_config_loads_and_names_its_command(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]

@@ -199,6 +199,11 @@ def test_preflight_tokenizer_mismatch_and_missing(shards, tmp_path):
     (other / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ConfigError, match="gone-tokenizer.*missing"):
         preflight(_cfg(other, tmp_path / "run"), "deepspeed")
+    # one '/', but under runs/: a local folder by the same rule load_tokenizer uses, so missing, not a hub id
+    man["tokenizer"]["name_or_path"] = "runs/gone-tokenizer"
+    (other / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ConfigError, match="runs/gone-tokenizer.*missing"):
+        preflight(_cfg(other, tmp_path / "run"), "deepspeed")
 
 
 def test_preflight_unwritable_run_dir(shards, tmp_path):
@@ -245,3 +250,18 @@ def test_dockerfile_pins_match_lock_file():
     installs = [ln for ln in text.splitlines() if "pip install" in ln and (" . " in ln + " " or "deepspeed" in ln)]
     assert installs and all("-c constraints.txt" in ln for ln in installs)
     assert "FROM nvidia/cuda:" in text and "flash-attn" in text and "DS_BUILD_FUSED_ADAM=1" in text
+
+
+def test_script_is_written_whole_and_executable(tmp_path):
+    """write_script goes through the one atomic writer: the script replaces the old one, executable, and no
+    temporary file is left beside it."""
+    import os
+
+    from launch.submit import write_script
+
+    cfg = load_config("configs/demo-cpu.yaml", [f"train.run_dir={tmp_path / 'run'}"])
+    first = write_script("deepspeed", cfg, "echo old\n")
+    path = write_script("deepspeed", cfg, "echo new\n")
+    assert path == first == tmp_path / "run" / "launch" / "deepspeed.sh"
+    assert path.read_text() == "echo new\n" and os.access(path, os.X_OK)
+    assert [p.name for p in path.parent.iterdir()] == ["deepspeed.sh"]

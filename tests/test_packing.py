@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from data_pipeline.packing import (
-    IGNORE_INDEX,
     build_packed_rows,
     build_padded_rows,
     pack,
@@ -16,6 +15,7 @@ from data_pipeline.packing import (
     packing_efficiency,
     split_by_position_ids,
 )
+from data_pipeline.shards import IGNORE as IGNORE_INDEX
 
 
 def _first_fit_in_order(lengths, cap):

@@ -21,9 +21,12 @@ import zstandard
 
 from cbt_llm.config import Config, ConfigError
 from data_pipeline.formats import normalise_question
-from data_pipeline.packing import IGNORE_INDEX, split_by_position_ids
-from data_pipeline.prepare import ManifestError, PrepareError, init_ray, load_manifest, run_prepare
+from data_pipeline.packing import split_by_position_ids
+from data_pipeline.prepare import PrepareError, run_prepare
+from data_pipeline.prepare.ray_session import init_ray
 from data_pipeline.schema import join_answer
+from data_pipeline.shards import IGNORE as IGNORE_INDEX
+from data_pipeline.shards import ManifestError, load_manifest
 from data_pipeline.tokenizer import IM_END, build_user_message, load_tokenizer, train_tokenizer_from_texts
 
 PSYQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "psyqa_example.json"
@@ -398,7 +401,7 @@ def test_packed_loss_equals_sum_of_separate_losses(env, prepared):
 
 
 def test_mask_finds_the_answer_not_an_earlier_copy_of_it(env):
-    from data_pipeline.prepare import tokenize_conversation
+    from data_pipeline.prepare.tokens import tokenize_conversation
 
     tok = load_tokenizer(env["tok"])
     answer = "试试每天做十分钟的深呼吸练习。"
@@ -414,12 +417,12 @@ def test_mask_finds_the_answer_not_an_earlier_copy_of_it(env):
 def test_dedup_index_keeps_first_copy_across_merges():
     """The compact duplicate index answers like a dict that never overwrites, including for copies that
     arrive after their first copy was merged into the sorted arrays, and within one batch."""
-    from data_pipeline.prepare import _FirstSeen
+    from data_pipeline.prepare.dedup import FirstSeen
 
     rng = np.random.default_rng(0)
     hashes = rng.integers(-(2**63), 2**63 - 1, size=300, dtype=np.int64)
     stream = rng.choice(hashes, size=2000)  # every hash repeats, across and within batches
-    seen, ref = _FirstSeen(chunk=16), {}
+    seen, ref = FirstSeen(chunk=16), {}
     for b in range(0, len(stream), 37):
         batch = stream[b : b + 37]
         merged = seen.lookup_merged(batch)
@@ -437,7 +440,7 @@ def test_dedup_index_keeps_first_copy_across_merges():
 def test_shard_writer_streams_the_spool(tmp_path, monkeypatch):
     """Shards are written one row group at a time from the spool, never the spool or a whole shard at once,
     and the bytes equal one write_table of the whole shard."""
-    from data_pipeline import prepare as P
+    from data_pipeline.prepare import write as P
 
     n = 50
     rows = {
@@ -458,9 +461,9 @@ def test_shard_writer_streams_the_spool(tmp_path, monkeypatch):
         return real(self, table, row_group_size=row_group_size)
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", spy)
-    entries = P._write_shards(spool, tmp_path / "out", "train", 3, 0, True)
+    entries = P.write_shards(spool, tmp_path / "out", "train", 3, 0, True)
     assert max(written) <= 4 and sum(written) == n
-    assert [e["rows"] for e in entries] == P._shard_sizes(n, 3)
+    assert [e["rows"] for e in entries] == P.shard_sizes(n, 3)
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
     start = 0
     for e in entries:

@@ -126,3 +126,28 @@ def test_split_keywords():
     assert split_keywords(None) == []
     with pytest.raises(ValueError):
         split_keywords([1, 2])
+
+
+def test_prepare_reads_psyqa_entries_through_the_same_parser(tmp_path):
+    """prepare's `psyqa` format and the synth api ingest share parse_question: same checks, same details; only
+    the ingest also asks for Chinese text (its prompt is Chinese)."""
+    from data_pipeline.formats import to_examples
+    from data_pipeline.schema import RecordError
+
+    ans = [{"answer_text": "先试着把担心写下来。"}]
+    for entry, reason, detail in [
+        ({"description": "", "questionID": 2, "answers": ans}, "missing_field", "missing 'question'"),
+        ({"question": "为什么?", "keywords": 5, "questionID": 5, "answers": ans}, "wrong_type", "keywords must be a string"),
+        ({"question": "为什么?", "answers": ans}, "missing_field", "missing or invalid id"),
+    ]:
+        with pytest.raises(RecordError, match=detail) as err:
+            to_examples(entry, "psyqa", "system", "f:1")
+        assert err.value.reason == reason
+    (ex,) = to_examples({"question": " 睡不着? ", "description": None, "keywords": "睡眠", "questionID": 7, "answers": ans},
+                        "psyqa", "system", "f:1")
+    assert ex.example_id == "psyqa-7-0" and ex.question == "睡不着?"
+    english = {"question": "Why can't I sleep?", "questionID": 8, "answers": ans}
+    assert to_examples(english, "psyqa", "system", "f:1")[0].example_id == "psyqa-8-0"
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([english]), encoding="utf-8")
+    assert "no Chinese" in load_psyqa(path)[1][0]["reason"]

@@ -89,6 +89,17 @@ def test_missing_tokenizer_is_clear(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("name, local", [
+    ("Qwen/Qwen2.5-7B-Instruct", False), ("baichuan-inc/Baichuan2-7B-Chat", False),
+    ("runs/demo/tokenizer", True), ("runs/tok", True), ("./tok", True), ("/abs/tok", True), ("tok", True),
+])
+def test_is_local_path_tells_folders_from_hub_ids(name, local):
+    """The one test of "is this a local path" (load_tokenizer and launch preflight both use it)."""
+    from data_pipeline.io import is_local_path
+
+    assert is_local_path(name) is local
+
+
 def test_build_user_message():
     assert build_user_message("问题", "") == "问题"
     assert build_user_message("问题", "问题") == "问题"

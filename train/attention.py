@@ -95,7 +95,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, scaling=None,
     if attention_mask is not None:
         raise ValueError(f"{NAME}: an attention mask was passed; packed rows carry position_ids only")
     if kwargs.get("sliding_window"):
-        raise ValueError(f"{NAME}: sliding-window attention is not supported; use model.attn=sdpa_masked")
+        raise ValueError(f"{NAME}: sliding-window attention is not supported; use model.attn=sdpa (masked SDPA)")
     if dropout and module.training:
         raise ValueError(f"{NAME}: attention dropout is not supported; set the model's attention_dropout to 0")
     rows, heads, seq, dim = query.shape

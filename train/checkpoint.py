@@ -9,7 +9,6 @@ ranks have written it and trainer_state.json (the completion marker) is on disk.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -17,20 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cbt_llm.fileio import write_text_atomic
+
 STATE_FILE = "trainer_state.json"
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:07d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -73,8 +65,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, *, rank: int, keep_last
         fault("in_save", step)
     barrier()  # every rank's shards are on disk before the folder is declared complete
     if rank == 0:
-        _write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=2))
-        _write_atomic(ckpt_dir / "latest", tag)
+        write_text_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=2))
+        write_text_atomic(ckpt_dir / "latest", tag)
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
         # folders without a state file are leftovers of a crashed save; they never become `latest`

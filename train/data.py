@@ -1,4 +1,4 @@
-"""Per-rank reader of the packed shards written by `cbt-llm prepare` (contract: manifest.json + parquet).
+"""Per-rank reader of the packed shards written by `cbt-llm prepare` (contract: data_pipeline/shards.py).
 
 Each rank reads only its own train shards (shard i belongs to rank i % world_size), so no rank tokenizes or
 broadcasts data. The order inside an epoch is a permutation seeded by (seed, epoch, rank): the loader's whole
@@ -18,34 +18,8 @@ import pyarrow.parquet as pq
 import torch
 
 from cbt_llm.config import ConfigError
-
-IGNORE = -100
-
-
-def load_manifest(data_dir: str | Path, tokenizer=None) -> dict:
-    """Read data_dir/manifest.json through prepare's reader (schema version, every shard present, and with
-    `tokenizer`, the same tokenizer content hash the shards were made with); one-line ConfigError otherwise."""
-    from data_pipeline.prepare import load_manifest as read_manifest
-
-    if not (Path(data_dir) / "manifest.json").is_file():
-        raise ConfigError(
-            f"train.data_dir: no manifest.json in '{data_dir}'; run `cbt-llm prepare` first or fix train.data_dir"
-        )
-    m = read_manifest(data_dir, tokenizer=tokenizer)
-    if not m.get("splits", {}).get("train", {}).get("shards"):
-        raise ConfigError(f"{Path(data_dir) / 'manifest.json'}: no train shards listed; re-run `cbt-llm prepare`")
-    return m
-
-
-def rank_shards(manifest: dict, split: str, rank: int, world: int) -> list[dict]:
-    """The train shards this rank owns: shard i goes to rank i % world (prepare writes a multiple of world)."""
-    shards = manifest["splits"][split]["shards"]
-    if split == "train" and len(shards) % world:
-        raise ConfigError(
-            f"manifest has {len(shards)} train shards, not a multiple of world_size {world}; "
-            f"re-run `cbt-llm prepare data.world_size={world}`"
-        )
-    return [s for i, s in enumerate(shards) if i % world == rank]
+# load_manifest is not used here: train's modules and tests import the contract's reader through this module
+from data_pipeline.shards import IGNORE, load_manifest, rank_shards  # noqa: F401
 
 
 @dataclass

@@ -24,7 +24,8 @@ def build_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, wor
             raise ConfigError("train.offload_params needs train.zero_stage=3; set train.offload_params=false")
         zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if tcfg.zero_stage == 3:
-        # gather full weights on save so export can also work from the 16-bit copy
+        # no gather on save: export consolidates from every rank's ZeRO shard files (zero_to_fp32), so a 16-bit
+        # full copy would only cost an all-gather of the whole model into rank 0's memory at every save
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,

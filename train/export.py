@@ -36,7 +36,9 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
     ckpt_dir = run / "checkpoints"
     tag = tag or ckpt.latest_tag(ckpt_dir)
     if not tag or not (ckpt_dir / tag / ckpt.STATE_FILE).is_file():
-        raise ConfigError(f"--run: no complete checkpoint in '{ckpt_dir}'; train first or pass --tag of a saved step")
+        raise ConfigError(
+            f"--run (train.run_dir): no complete checkpoint in '{ckpt_dir}'; train first or pass --tag of a saved step"
+        )
     state = json.loads((ckpt_dir / tag / ckpt.STATE_FILE).read_text())
     cfg = load_config(run / "config.yaml")
     lora = bool(state["lora"])

@@ -1,0 +1,25 @@
+"""`cbt-llm prepare`: corpus files -> validated, split, templated, tokenized, masked, packed Parquet shards.
+
+The flow, one way, one module per job:
+
+    Ray Data                                            driver (ordered stream, bounded memory)
+    read files -> parse + validate -> tokenize + mask -> dedup -> window of pack_window examples
+    (read.py,     (parse.py,          (tokens.py,        (dedup.py)  -> pack (data.packer) -> spool
+     one task      tasks)              actor pool)                      (write.py)
+     per file)                                          end: spool -> shards (multiple of world_size),
+                                                             rejects/, manifest.json, metrics
+
+pipeline.py ties them together (run_prepare) in the Ray session of ray_session.py. Ray Data runs with
+preserve_order, so the driver sees records in (file, line) order whatever the parallelism: the first copy of a
+duplicate is the one kept, windows hold the same examples on every run and shards are byte-identical on a
+re-run. The heavy per-record work (JSON, schema, chat template, tokenizer) runs in Ray workers; the driver only
+does set look-ups, packing arithmetic and Parquet writes.
+
+The output folder (its format: data_pipeline/shards.py): train/ and validation/ Parquet shards, rejects/ and
+manifest.json. Shards are written to a staging folder and moved in; manifest.json is replaced last, so a
+reader that goes through data_pipeline.shards.load_manifest never sees a half-written set.
+"""
+
+from data_pipeline.prepare.pipeline import PrepareError, run_prepare
+
+__all__ = ["PrepareError", "run_prepare"]

@@ -1,0 +1,83 @@
+"""Parse and validate (Ray tasks): raw record bytes -> one row per example, or per bad record with its reason.
+
+A record may give several examples (a PsyQA question, one per answer) and a bad answer rejects only itself, so
+the rows are keyed (file_idx, line, sub). Each good example gets its split (a hash of its question) and the
+content hash that dedup compares.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from data_pipeline.formats import Example, split_of, to_examples
+from data_pipeline.schema import RecordError
+
+RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
+
+# the columns of a parsed block; tokens.Tokenize replaces `messages` with input_ids, labels and truncated
+PARSED_FIELDS = [
+    ("ok", pa.bool_()),
+    ("file_idx", pa.int32()),
+    ("line", pa.int64()),
+    ("sub", pa.int32()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("raw", pa.string()),
+    ("example_id", pa.string()),
+    ("split", pa.string()),
+    ("chash", pa.int64()),
+    ("messages", pa.string()),
+]
+
+
+class Parse:
+    """Raw bytes -> one row per example (ok) or per bad record / bad answer (not ok, with reason)."""
+
+    def __init__(self, fmt: str, system_prompt: str, max_chars: int, val_fraction: float, seed: int, stems: list[str]):
+        self.fmt, self.system_prompt, self.max_chars = fmt, system_prompt, max_chars
+        self.val_fraction, self.seed, self.stems = val_fraction, seed, stems
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        cols: dict[str, list] = {name: [] for name, _ in PARSED_FIELDS}
+
+        def add(ok, fidx, line, sub, reason="", detail="", raw="", ex: Example | None = None, split="", chash=0):
+            for k, v in (("ok", ok), ("file_idx", fidx), ("line", line), ("sub", sub), ("reason", reason), ("detail", detail), ("raw", raw)):
+                cols[k].append(v)
+            cols["example_id"].append(ex.example_id if ex else "")
+            cols["split"].append(split)
+            cols["chash"].append(chash)
+            cols["messages"].append(json.dumps(ex.messages, ensure_ascii=False) if ex else "")
+
+        d = table.to_pydict()
+        for fidx, line, raw, pre_r, pre_d in zip(d["file_idx"], d["line"], d["raw"], d["pre_reason"], d["pre_detail"]):
+            short = raw[: RAW_KEEP_CHARS * 4].decode("utf-8", errors="replace")[:RAW_KEEP_CHARS]
+            if pre_r:
+                add(False, fidx, line, 0, pre_r, pre_d, short)
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                add(False, fidx, line, 0, "invalid_utf8", f"{exc.reason} at byte {exc.start}", short)
+                continue
+            try:
+                obj = json.loads(text.lstrip("\ufeff"))
+            except json.JSONDecodeError as exc:
+                add(False, fidx, line, 0, "malformed_json", f"{exc.msg} at column {exc.colno}", short)
+                continue
+            try:
+                results = to_examples(obj, self.fmt, self.system_prompt, f"{self.stems[fidx]}:{line}")
+            except RecordError as err:
+                add(False, fidx, line, 0, err.reason, err.detail, short)
+                continue
+            for sub, res in enumerate(results):
+                if isinstance(res, RecordError):
+                    add(False, fidx, line, sub, res.reason, res.detail, short)
+                    continue
+                chars = res.chars(self.system_prompt)
+                if chars > self.max_chars:
+                    add(False, fidx, line, sub, "too_long", f"{chars} characters > data.max_chars {self.max_chars}", short)
+                    continue
+                add(True, fidx, line, sub, ex=res, split=split_of(res.question, self.val_fraction, self.seed), chash=res.content_hash())
+        return pa.table({name: pa.array(cols[name], typ) for name, typ in PARSED_FIELDS})

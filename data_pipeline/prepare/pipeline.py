@@ -1,0 +1,305 @@
+"""The Ray pipeline that ties prepare's steps together, and `run_prepare` (see the package docstring)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from cbt_llm.config import Config, ConfigError, DataConfig
+from cbt_llm.report import print_summary, write_metrics
+from data_pipeline.packing import packing_efficiency
+from data_pipeline.prepare.dedup import FirstSeen
+from data_pipeline.prepare.parse import Parse
+from data_pipeline.prepare.ray_session import configure_ray_data, init_ray, short_ray_dir
+from data_pipeline.prepare.read import read_files, resolve_inputs
+from data_pipeline.prepare.tokens import Tokenize
+from data_pipeline.prepare.write import SplitPacker, swap_into_place, write_shards
+from data_pipeline.shards import MANIFEST_SCHEMA_VERSION, SPLITS, write_manifest
+
+_ROWS_PER_SHARD = 16_384  # default shard size when data.num_shards is 0
+_LINE_BITS = 40  # the dedup index stores where a first copy came from as (file_idx << 40) | line
+
+
+class PrepareError(RuntimeError):
+    """A prepare run that must stop (bad record under --strict, empty output): one line for the user."""
+
+
+def _check_sizes(dc: DataConfig) -> None:
+    if dc.num_shards and dc.num_shards % dc.world_size:
+        raise ConfigError(
+            f"data.num_shards={dc.num_shards} is not a multiple of data.world_size={dc.world_size}; "
+            f"use {dc.world_size * max(1, dc.num_shards // dc.world_size)} or 0 (automatic)"
+        )
+
+
+def build_dataset(files: list[str], dc: DataConfig, end_token: str):
+    """The Ray Data graph: read -> parse + validate -> tokenize + mask, in (file, line) order."""
+    import ray
+
+    configure_ray_data()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    stems = [Path(f).name for f in files]
+    ds = ray.data.from_items([{"path": f, "file_idx": i} for i, f in enumerate(files)], override_num_blocks=len(files))
+    ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy")
+    # an instance, not a class: Ray runs it as tasks, fused with the file reads
+    ds = ds.map_batches(
+        Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, stems),
+        batch_size=512,
+        batch_format="pyarrow",
+    )
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # Ray fuses the read and parse steps into these actors, so the pool may use every core
+        ds = ds.map_batches(
+            Tokenize,
+            fn_constructor_args=(dc.tokenizer, dc.seq_len, dc.overlong, end_token),
+            batch_size=256,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+            # a restarted actor could not recover its fused constructor args anyway (ray-project/ray#53727),
+            # and a crash should fail the run loudly rather than retry forever
+            max_restarts=0,
+        )
+    return ds
+
+
+class _Rejects:
+    """rejects/rejects-00000.jsonl and the count per reason; under --strict the first reject stops the run."""
+
+    def __init__(self, path: Path, files: list[str], strict: bool):
+        self.fh = open(path, "w", encoding="utf-8", newline="\n")
+        self.files, self.strict = files, strict
+        self.counts: dict[str, int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def add(self, fidx: int, line: int, sub: int, reason: str, detail: str, raw: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        rec = {"source_file": self.files[fidx], "line": int(line), "sub": int(sub), "reason": reason,
+               "detail": detail, "raw": raw}
+        self.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        if self.strict:
+            where = f"{self.files[fidx]}:{line}" + (f" (answer {sub})" if sub else "")
+            raise PrepareError(f"--strict: bad record at {where}: {reason}: {detail}")
+
+
+_BATCH_COLUMNS = ["ok", "file_idx", "line", "sub", "reason", "detail", "raw", "example_id", "split", "chash",
+                  "truncated"]
+
+
+def _consume_batch(batch, seen: FirstSeen, packers: dict[str, SplitPacker], rejects: _Rejects, counts: dict) -> int:
+    """One tokenized batch: reject the bad rows, drop duplicates (the first copy is kept), hand the rest to its
+    split's packer. Returns how many records (not examples) the batch began."""
+    d = batch.select(_BATCH_COLUMNS).to_pydict()
+    ids_col = batch.column("input_ids").combine_chunks()
+    lab_col = batch.column("labels").combine_chunks()
+    ids_vals, lab_vals = ids_col.values.to_numpy(), lab_col.values.to_numpy()
+    offs = ids_col.offsets.to_numpy()
+    merged = seen.lookup_merged(batch.column("chash").to_numpy(zero_copy_only=False))
+    new_records = 0
+    for i in range(batch.num_rows):
+        fidx, line, sub = d["file_idx"][i], d["line"][i], d["sub"][i]
+        if sub == 0:
+            new_records += 1
+        if not d["ok"][i]:
+            rejects.add(fidx, line, sub, d["reason"][i], d["detail"][i], d["raw"][i])
+            continue
+        h = d["chash"][i]
+        first = seen.get(h, int(merged[i]))
+        if first is not None:
+            where = f"{rejects.files[first >> _LINE_BITS]}:{first & ((1 << _LINE_BITS) - 1)}"
+            rejects.add(fidx, line, sub, "duplicate", f"{d['example_id'][i]}: same conversation as {where}", "")
+            continue
+        seen.add(h, (fidx << _LINE_BITS) | line)
+        counts["kept"] += 1
+        counts["truncated"] += int(d["truncated"][i])
+        s, e = offs[i], offs[i + 1]
+        # copies, not views: a view keeps the whole batch alive until its window is packed, and
+        # the validation window (2% of examples) would pin every batch it has seen
+        packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i])
+    seen.merge_if_full()
+    return new_records
+
+
+def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects) -> dict[str, int]:
+    """Drive the ordered stream to its end; every split's rows are then in its spool. Returns the counts."""
+    from tqdm import tqdm
+
+    seen = FirstSeen()  # content hash -> (file_idx << 40 | line) of the copy that was kept
+    counts = {"read": 0, "kept": 0, "truncated": 0}
+    bar = tqdm(desc="prepare", unit="rec", mininterval=1.0, smoothing=0.1)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            new_records = _consume_batch(batch, seen, packers, rejects, counts)
+            counts["read"] += new_records
+            bar.update(new_records)
+            bar.set_postfix(kept=counts["kept"], rejected=rejects.total, refresh=False)
+    finally:
+        bar.close()
+        rejects.close()
+    for p in packers.values():
+        p.close()
+    return counts
+
+
+def _write_splits(packers: dict[str, SplitPacker], staging: Path, dc: DataConfig, pad_id: int, read: int,
+                  rejected: int, out: Path) -> dict[str, list[dict]]:
+    """Cut each split's spool into shards in `staging`; returns their manifest entries per split."""
+    train_rows = packers["train"].rows
+    if train_rows == 0:
+        raise PrepareError(f"no training rows: {read} records read, {rejected} rejected; see {out}/rejects/ after fixing the input")
+    if train_rows < dc.world_size:
+        raise PrepareError(f"only {train_rows} training rows for data.world_size={dc.world_size}: every rank needs at least one; add data or lower world_size")
+    num_shards = dc.num_shards or dc.world_size * max(1, -(-train_rows // (dc.world_size * _ROWS_PER_SHARD)))
+    if num_shards > train_rows:  # never write empty shards
+        asked, num_shards = num_shards, dc.world_size * (train_rows // dc.world_size)
+        print(f"note: data.num_shards={asked} > {train_rows} train rows; writing {num_shards} shards", flush=True)
+    shards = {"train": write_shards(packers["train"].spool_path, staging, "train", num_shards, pad_id, dc.packing)}
+    shards["validation"] = (
+        write_shards(packers["validation"].spool_path, staging, "validation", 1, pad_id, dc.packing) if packers["validation"].rows else []
+    )
+    for p in packers.values():
+        p.spool_path.unlink(missing_ok=True)
+    return shards
+
+
+def _data_config_hash(dc: DataConfig) -> str:
+    """Hash of everything in data: that changes the shards (out_dir is where they go and the object store size
+    is how much memory Ray gets, not what the shards hold)."""
+    obj = dc.model_dump(mode="json")
+    obj.pop("out_dir", None)
+    obj.pop("ray_object_store_mb", None)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _manifest(dc: DataConfig, files: list[str], tok_hash: str, pad_id: int, counts: dict[str, int],
+              rejected: dict[str, int], packers: dict[str, SplitPacker], shards: dict[str, list[dict]]) -> dict:
+    """manifest.json's content (its format: data_pipeline/shards.py)."""
+    train_rows = packers["train"].rows
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "seq_len": dc.seq_len,
+        "packing": dc.packing,
+        "packer": dc.packer if dc.packing else None,
+        "pad_token_id": pad_id,
+        "tokenizer": {"name_or_path": dc.tokenizer, "hash": tok_hash},
+        "config_hash": _data_config_hash(dc),
+        "system_prompt": dc.system_prompt,
+        "format": dc.format,
+        "inputs": [{"path": f, "bytes": os.path.getsize(f) if "://" not in f else None} for f in files],
+        "counts": {
+            "read": counts["read"],
+            "kept": counts["kept"],
+            "rejected": dict(sorted(rejected.items())),
+            "rejected_total": sum(rejected.values()),
+            "truncated": counts["truncated"],
+            "examples": {s: packers[s].examples for s in SPLITS},
+            "rows": {s: packers[s].rows for s in SPLITS},
+            "tokens": {s: packers[s].tokens for s in SPLITS},
+            "label_tokens": {s: packers[s].label_tokens for s in SPLITS},
+        },
+        "packing_efficiency": {
+            s: round(packing_efficiency(packers[s].tokens, packers[s].rows, dc.seq_len), 6) for s in SPLITS
+        },
+        "world_size": dc.world_size,
+        # rank r reads train shards r, r+W, r+2W, ...; rows per rank differ by at most one
+        "rows_per_rank": [sum(e["rows"] for e in shards["train"][r :: dc.world_size]) for r in range(dc.world_size)],
+        "rows_uneven": train_rows % dc.world_size,
+        "splits": {s: {"shards": shards[s]} for s in SPLITS},
+    }
+
+
+def _metrics(man: dict, pack_s: float, ray_s: float, stream_s: float, seconds: float, out: Path) -> dict:
+    """prepare_metrics.json and the summary table. Rates are over the stream only; Ray start-up is its own line."""
+    c = man["counts"]
+    total_tokens = sum(c["tokens"].values())
+    return {
+        "records_read": c["read"],
+        "examples_kept": c["kept"],
+        "rejected": c["rejected_total"],
+        **{f"rejected.{k}": v for k, v in c["rejected"].items()},
+        "truncated": c["truncated"],
+        "rows.train": c["rows"]["train"],
+        "rows.validation": c["rows"]["validation"],
+        "train_shards": len(man["splits"]["train"]["shards"]),
+        "rows_uneven(train % world_size)": man["rows_uneven"],
+        "tokens": total_tokens,
+        "label_tokens": sum(c["label_tokens"].values()),
+        "packing_efficiency.train": man["packing_efficiency"]["train"],
+        "packing_efficiency.validation": man["packing_efficiency"]["validation"],
+        "records/s": c["read"] / stream_s,
+        "tokens/s": total_tokens / stream_s,
+        "ray_startup_s": round(ray_s, 3),
+        "pack_s": round(pack_s, 3),
+        "seconds": round(seconds, 3),
+        "out_dir": str(out),
+    }
+
+
+def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = None) -> dict:
+    """`cbt-llm prepare`: see the package docstring. Returns the manifest dict.
+
+    Raises FileNotFoundError / ConfigError before starting Ray when inputs, tokenizer or sizes are wrong,
+    and PrepareError on the first bad record under `strict`.
+    """
+    from data_pipeline.tokenizer import IM_END, load_tokenizer, tokenizer_hash
+
+    dc = cfg.data
+    t_start = time.perf_counter()
+    # fail early, before any expensive work
+    _check_sizes(dc)
+    files = resolve_inputs(dc.inputs)
+    tok = load_tokenizer(dc.tokenizer)
+    tok_hash = tokenizer_hash(tok)
+    end_token = IM_END if IM_END in tok.get_vocab() else (tok.eos_token or "")
+    pad_id = int(tok.pad_token_id)
+
+    out = Path(dc.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "rejects").mkdir(parents=True)
+    ray_dir = short_ray_dir(out)
+
+    started, ray_s = init_ray(ray_address, ray_dir, dc.ray_object_store_mb)
+    t_ray_ready = time.perf_counter()
+    try:
+        ds = build_dataset(files, dc, end_token)
+        packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
+        rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
+        counts = _consume(ds, packers, rejects)
+        t_stream = time.perf_counter()
+        shards = _write_splits(packers, staging, dc, pad_id, counts["read"], rejects.total, out)
+        manifest = _manifest(dc, files, tok_hash, pad_id, counts, rejects.counts, packers, shards)
+        write_manifest(staging, manifest)
+        swap_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if started:
+            import ray
+
+            ray.shutdown()
+            shutil.rmtree(ray_dir, ignore_errors=True)
+
+    stream_s = max(1e-9, t_stream - t_ray_ready)  # processing only; Ray start-up is reported on its own
+    pack_s = sum(p.pack_s for p in packers.values())
+    metrics = _metrics(manifest, pack_s, ray_s, stream_s, time.perf_counter() - t_start, out)
+    write_metrics(out / "prepare_metrics.json", metrics)
+    print_summary("prepare", metrics)
+    if manifest["rows_uneven"]:
+        print(
+            f"note: {packers['train'].rows} train rows do not divide by world_size {dc.world_size}; rows per rank "
+            f"{manifest['rows_per_rank']} (nothing dropped; the trainer evens them out)",
+            flush=True,
+        )
+    return manifest

@@ -1,0 +1,159 @@
+"""The prepare -> train contract: packed Parquet shards and the manifest.json that lists them.
+
+`cbt-llm prepare` writes through this module and training and the launchers read through it; neither side
+imports the other. An output folder (data.out_dir = train.data_dir) holds:
+
+    manifest.json                             written last: a folder without it holds no usable data
+    train/part-00000-of-0000N.parquet ...     N train shards, N a multiple of data.world_size
+    validation/part-00000-of-00001.parquet    one shard (none when val_fraction is 0)
+    rejects/rejects-00000.jsonl               one line per bad record: source_file, line, sub, reason, detail, raw
+    prepare_metrics.json                      throughput and timings of the run (not part of the contract)
+
+A shard row (ROW_SCHEMA) is one training row of at most seq_len tokens:
+
+    input_ids      list<int32>   token ids; packed rows hold several examples back to back
+    labels         list<int32>   the id where the model learns it (answers and their end token), IGNORE elsewhere
+    position_ids   list<int32>   restart at 0 at every example: training keeps packed examples apart by them
+    num_examples   int32         examples in the row
+    example_ids    list<string>  the id of each example, in row order
+
+With data.packing=false every row is one example padded to seq_len with pad_token_id (labels IGNORE).
+
+manifest.json (MANIFEST_SCHEMA_VERSION 1), the keys readers rely on:
+
+    schema_version, seq_len, packing, packer, pad_token_id, world_size, format, system_prompt
+    tokenizer        {name_or_path, hash}: the content hash (data_pipeline.tokenizer.tokenizer_hash) the shards
+                     were made with; a reader given a tokenizer refuses any other
+    config_hash      hash of the data: config that shaped the shards
+    inputs           [{path, bytes}]
+    counts           read, kept, rejected {reason: n}, rejected_total, truncated, and per split: examples, rows,
+                     tokens (non-padding), label_tokens
+    packing_efficiency  {split: tokens / (rows x seq_len)}
+    rows_per_rank, rows_uneven   train rows each rank reads, and train rows % world_size
+    splits           {train|validation: {shards: [{path, rows, examples, tokens, label_tokens, sha256}]}}
+
+Rank r of W reads train shards r, r+W, r+2W, ... (rank_shards). Shard sizes differ by at most one row, so ranks
+do too. A re-run with the same inputs and config writes byte-identical shards and manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from cbt_llm.config import ConfigError
+
+MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "validation")
+IGNORE = -100  # the label of a token the loss skips (torch's cross_entropy ignore_index default)
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("position_ids", pa.list_(pa.int32())),
+        ("num_examples", pa.int32()),
+        ("example_ids", pa.list_(pa.string())),
+    ]
+)
+
+_REQUIRED = ("schema_version", "seq_len", "pad_token_id", "tokenizer", "splits", "counts")
+_RERUN = "re-run `cbt-llm prepare`"
+
+
+class ManifestError(ConfigError):
+    """Shards that cannot be used as given (missing, corrupt, or made with another tokenizer)."""
+
+
+def shard_path(split: str, index: int, count: int) -> str:
+    """A shard's path inside the output folder, as the manifest lists it."""
+    return f"{split}/part-{index:05d}-of-{count:05d}.parquet"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read 1 MiB at a time (the manifest's per-shard checksum)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    """Write folder/manifest.json in its one encoding (UTF-8, indented, keys in the order given)."""
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_manifest(data_dir: str | Path, tokenizer=None, verify_checksums: bool = False) -> dict:
+    """Read and check data_dir/manifest.json: schema version, train shards listed, every shard present; with
+    `tokenizer` (a tokenizer object or a path/id), refuse when its content hash or pad id differs from the ones
+    the shards were made with. `verify_checksums` re-hashes every shard (slow on big data).
+
+    Raises ManifestError (a ConfigError: one line naming the problem and the fix).
+    """
+    out = Path(data_dir)
+    path = out / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(
+            f"train.data_dir: no {MANIFEST_FILE} in '{out}'; run `cbt-llm prepare` first "
+            "or point train.data_dir at its data.out_dir"
+        )
+    try:
+        man = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc.msg}); {_RERUN}") from None
+    for key in _REQUIRED:
+        if key not in man:
+            raise ManifestError(f"{path}: missing '{key}'; {_RERUN}")
+    if man["schema_version"] != MANIFEST_SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema_version {man['schema_version']}, this code reads {MANIFEST_SCHEMA_VERSION}; {_RERUN}"
+        )
+    if not man["splits"].get("train", {}).get("shards"):
+        raise ManifestError(f"{path}: no train shards listed; {_RERUN}")
+    for info in man["splits"].values():
+        for sh in info.get("shards", []):
+            p = out / sh["path"]
+            if not p.is_file():
+                raise ManifestError(f"{path}: shard '{sh['path']}' is missing; {_RERUN}")
+            if verify_checksums and sha256_file(p) != sh["sha256"]:
+                raise ManifestError(
+                    f"shard '{p}' does not match its sha256 in the manifest (changed or corrupt); {_RERUN}"
+                )
+    if tokenizer is not None:
+        _check_tokenizer(man, out, tokenizer)
+    return man
+
+
+def _check_tokenizer(man: dict, out: Path, tokenizer) -> None:
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    got = tokenizer_hash(tok)
+    want = man["tokenizer"]["hash"]
+    if got != want:
+        raise ManifestError(
+            f"tokenizer mismatch: shards in '{out}' were made with '{man['tokenizer']['name_or_path']}' (hash {want}), "
+            f"the given tokenizer has hash {got}; use that tokenizer or {_RERUN} with this one"
+        )
+    if tok.pad_token_id is not None and int(tok.pad_token_id) != int(man["pad_token_id"]):
+        raise ManifestError(
+            f"pad_token_id {tok.pad_token_id} differs from the manifest's {man['pad_token_id']}; {_RERUN}"
+        )
+
+
+def rank_shards(manifest: dict, split: str, rank: int, world: int) -> list[dict]:
+    """The shards of `split` this rank owns: shard i goes to rank i % world (prepare writes a multiple of world)."""
+    shards = manifest["splits"][split]["shards"]
+    if split == "train" and len(shards) % world:
+        raise ManifestError(
+            f"manifest has {len(shards)} train shards, not a multiple of world_size {world}; "
+            f"re-run `cbt-llm prepare data.world_size={world}`"
+        )
+    return [s for i, s in enumerate(shards) if i % world == rank]
