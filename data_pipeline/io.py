@@ -26,14 +26,6 @@ def expand_inputs(patterns: str | list[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def is_local_path(name: str | Path) -> bool:
-    """Whether a tokenizer or model name can only mean a local folder, not a Hugging Face Hub id ("org/name"):
-    it starts with '.', '/' or this project's `runs` folder, or it has no '/' or more than one. A missing one is
-    then reported as missing instead of as a failed download."""
-    name = str(name)
-    return name.startswith((".", "/", "runs")) or name.count("/") != 1
-
-
 def is_zstd(path: str | Path) -> bool:
     return str(path).lower().endswith(".zst")
 

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from cbt_llm.config import TokenizerConfig
 from cbt_llm.report import print_summary, write_metrics
-from data_pipeline.io import expand_inputs, is_local_path, iter_lines
+from data_pipeline.io import expand_inputs, iter_lines
+from data_pipeline.shards import is_local_path
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"

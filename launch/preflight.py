@@ -9,8 +9,7 @@ import tempfile
 from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError, check_world_size
-from data_pipeline.io import is_local_path
-from data_pipeline.shards import load_manifest
+from data_pipeline.shards import is_local_path, load_manifest
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
 

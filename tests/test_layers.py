@@ -39,8 +39,7 @@ ALLOWED = {
 }
 # train and launch read the data stage's output through its contract module, never through its producer
 CONTRACT = "data_pipeline.shards"
-# Imports that break a rule on this branch and are being removed elsewhere (issue 9 part 1 moves the manifest
-# reader into data_pipeline/shards.py). Each entry must still be needed: drop it once its import is gone.
+# Imports that break a rule and are being removed on another branch; each entry must still be needed:
 PENDING: set[tuple[str, str]] = set()  # (file, module) imports known to break a rule while being fixed
 
 

@@ -95,7 +95,7 @@ def test_missing_tokenizer_is_clear(tmp_path):
 ])
 def test_is_local_path_tells_folders_from_hub_ids(name, local):
     """The one test of "is this a local path" (load_tokenizer and launch preflight both use it)."""
-    from data_pipeline.io import is_local_path
+    from data_pipeline.shards import is_local_path
 
     assert is_local_path(name) is local
 
