@@ -57,4 +57,7 @@ def test_train_on_one_gpu(data, tmp_path, mode):
         assert s["attn_kernel"] == "torch varlen flash kernel"
     assert s["last_train_loss"] < s["first_train_loss"] - 0.5, (s["first_train_loss"], s["last_train_loss"])
     assert s["mfu"] is not None and 0 < s["mfu"] < 1 and s["peak_mem_gib"] > 0
+    # torch's fused AdamW handed to DeepSpeed; ZeRO keeps an fp32 master copy of the bf16 weights for it
+    assert s["optimizer"].startswith("torch AdamW (fused)") and s["master_weights_dtype"] == "float32"
+    assert s["loss_chunk_tokens"] == 1024
     assert Path(s["checkpoint"]).is_dir()
