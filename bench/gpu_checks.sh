@@ -4,7 +4,7 @@
 # the rest with `pip download --only-binary=:all: --python-version 3.12 ...`). Results go to $OUT; record them in
 # bench/RESULTS.md with the card's name.
 #
-#   OUT=/tmp/gpu-out bash bench/gpu_checks.sh        (about 9 minutes on one H200)
+#   OUT=/tmp/gpu-out bash bench/gpu_checks.sh        (about 4 minutes on one H200)
 set -u
 OUT=${OUT:-runs/gpu-out}
 mkdir -p "$OUT"
@@ -14,6 +14,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export TORCH_EXTENSIONS_DIR=/tmp/torch_ext
+# the image's TORCH_CUDA_ARCH_LIST ("9.0a") makes DeepSpeed's op builder fail to parse it; name the card's own
+export TORCH_CUDA_ARCH_LIST=${CBT_CUDA_ARCH:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 t0=$(date +%s)
 # DeepSpeed's fused Adam is JIT-built with nvcc; build it in the background while the tests run, so the
 # optimizer comparison in the bench finds it ready (its build time is reported, not counted in any run)
@@ -37,7 +39,8 @@ echo "== GPU train bench ($(($(date +%s) - t0)) s)"
 timeout 420 python3 bench/gpu_train_bench.py --out /tmp/bench-gpu --timeout 200 ${BENCH_ARGS:-} > "$OUT/bench-gpu.log" 2>&1
 echo "bench rc=$?"
 cp "$(ls -t bench/results/train-gpu-*.json | head -1)" "$OUT/" 2>/dev/null
-for f in /tmp/bench-gpu/*.log; do echo "---- $f"; grep -E "optimizer:|attention:|model:|Error|error" "$f" | head -8; tail -n 5 "$f"; done \
+cp /tmp/bench-gpu*/*-ours-profile/profile.txt "$OUT/" 2>/dev/null
+for f in /tmp/bench-gpu*/*.log; do echo "---- $f"; grep -E "optimizer:|attention:|model:|Error|error" "$f" | head -8; tail -n 5 "$f"; done \
   > "$OUT/bench-runs-tail.log" 2>&1
 tail -n 40 "$OUT/bench-gpu.log"
 cat "$OUT/fusedadam-build.log" | tail -n 3

@@ -50,6 +50,10 @@ CASES = {
                 "LoRA r=16 all-linear, ZeRO-3",
     },
 }
+# optional extra sides (--extra-sides): Liger's RoPE/RMSNorm/SwiGLU kernels, and a short profiled run whose
+# operator table (profile.txt) shows where a step's time goes (its own tokens/s include the profiler's cost)
+EXTRA_SIDES = {"liger": ("ours-liger", ["model.liger=true"]),
+               "profile": ("ours-profile", ["train.max_steps=9", "train.profile_steps=3"])}
 SMOKE_MODEL = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128",
                "model.vocab_size=512"]
 
@@ -122,11 +126,16 @@ def run_case(name: str, out: Path, args, make_shards) -> dict:
     result = {"case": name, "what": case["what"].format(layers=layers), "seq_len": args.seq_len,
               "train_rows": manifest["counts"]["rows"]["train"], "train_examples": manifest["counts"]["examples"]["train"]}
     base = out / f"{name}-ours" / "base_model"
-    for i, (side, extra) in enumerate(case["sides"].items()):
+    sides = dict(case["sides"])
+    sides.update(EXTRA_SIDES[x] for x in args.extra_sides.split(",") if x)
+    sides = {k: v for k, v in sides.items() if k == "ours" or k not in args.skip_sides.split(",")}
+    for i, (side, extra) in enumerate(sides.items()):
         init = ["model.init=random", *model] if i == 0 else ["model.init=pretrained", f"model.name_or_path={base}"]
         result[side] = _guarded(run_ours, out / f"{name}-{side}", data, init + common + extra, args.timeout)
     per_row = manifest["counts"]["examples"]["train"] / manifest["counts"]["rows"]["train"]
     hf_batch = max(1, round(4 * per_row))  # as many examples as ours' 4-row micro-batch holds on average
+    if args.no_hf:
+        return result
     result["hf"] = _guarded(run_hf, out / f"{name}-hf", data, base, hf_batch, case["hf"], gpu, args.timeout)
     ours, hf = result["ours"], result["hf"]
     if "tokens_per_s" in ours and "tokens_per_s" in hf:
@@ -141,7 +150,7 @@ def run_case(name: str, out: Path, args, make_shards) -> dict:
 
 def _table(r: dict) -> dict:
     row = {"case": r["what"]}
-    for side in ("ours", "ours-ds-fusedadam", "hf"):
+    for side in ("ours", "ours-ds-fusedadam", *(v[0] for v in EXTRA_SIDES.values()), "hf"):
         v = r.get(side)
         if not v:
             continue
@@ -168,6 +177,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--lora-layers", type=int, default=4, help="lora-7b: decoder layers kept of 28")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per training run")
+    ap.add_argument("--extra-sides", default="", help="comma list of: " + ", ".join(EXTRA_SIDES))
+    ap.add_argument("--skip-sides", default="", help="comma list of sides not to run (ours always runs)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF Trainer side")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (plumbing check, no numbers)")
     args = ap.parse_args()
     import torch
