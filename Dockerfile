@@ -11,6 +11,7 @@ ARG PYTHON=python3.11
 # A100 (8.0) and H100 (9.0); add 8.6/8.9 for consumer/L40 cards. Used by flash-attn and DeepSpeed op builds.
 ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
 ARG FLASH_ATTN_VERSION=2.8.3
+ARG LIGER_VERSION=0.8.5
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
@@ -35,7 +36,7 @@ COPY data_pipeline data_pipeline
 COPY train train
 COPY launch launch
 COPY configs configs
-RUN pip install -c constraints.txt . && \
+RUN pip install -c constraints.txt . liger-kernel==${LIGER_VERSION} && \
     pip install --no-build-isolation flash-attn==${FLASH_ATTN_VERSION}
 # DeepSpeed's fused Adam, CPU Adam (offload) and async I/O compiled now for TORCH_CUDA_ARCH_LIST, not at first use
 RUN DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_AIO=1 DS_BUILD_UTILS=1 \

@@ -57,7 +57,7 @@ lock: $(STAMP)
 	{ echo "# Pinned versions for a reproducible install: pip install -c constraints.txt ..."; \
 	  echo "# torch is installed first from the CPU wheel (torch==2.13.0); regenerate with: make lock"; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^torch==' ; echo "torch==2.13.0"; \
-	  grep '^flash-attn==' constraints.txt; } > constraints.txt.new  # flash-attn: GPU extra, not installed here
+	  grep -e '^flash-attn==' -e '^liger-kernel==' constraints.txt; } > constraints.txt.new  # the GPU extra: not installed here
 	mv constraints.txt.new constraints.txt
 
 clean:

@@ -196,9 +196,10 @@ class ModelConfig(_Section):
         2, ge=1, description="activation_checkpointing=every_k: checkpoint layers 0, k, 2k, ... (1 = full)."
     )
     liger: bool = Field(
-        False,
+        True,
         description="Liger kernels (RoPE, RMSNorm, SwiGLU; not its loss: ours masks packed rows) when liger_kernel "
-        "is installed and the device is CUDA; otherwise logged and ignored.",
+        "is installed (the gpu extra and the Docker image have it) and the device is CUDA; otherwise logged and "
+        "ignored. On one H200 they made a ~1.2B full fine-tune 1.32x faster with 20% less peak memory.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
