@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/packing_bench.py
 	$(BIN)/python bench/prepare_bench.py
 	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/loss_memory_bench.py
 
 # Regenerate constraints.txt from the current venv (after changing dependencies in pyproject.toml).
 lock: $(STAMP)
