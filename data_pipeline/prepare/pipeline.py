@@ -21,7 +21,6 @@ from data_pipeline.prepare.tokens import Tokenize
 from data_pipeline.prepare.write import SplitPacker, swap_into_place, write_shards
 from data_pipeline.shards import MANIFEST_SCHEMA_VERSION, SPLITS, write_manifest
 
-_ROWS_PER_SHARD = 16_384  # default shard size when data.num_shards is 0
 _LINE_BITS = 40  # the dedup index stores where a first copy came from as (file_idx << 40) | line
 
 
@@ -41,15 +40,15 @@ def build_dataset(files: list[str], dc: DataConfig, end_token: str):
     """The Ray Data graph: read -> parse + validate -> tokenize + mask, in (file, line) order."""
     import ray
 
-    configure_ray_data()
+    configure_ray_data(dc.ray_block_mb)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stems = [Path(f).name for f in files]
     ds = ray.data.from_items([{"path": f, "file_idx": i} for i, f in enumerate(files)], override_num_blocks=len(files))
-    ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy")
+    ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", fn_kwargs={"lines": dc.ray_read_lines})
     # an instance, not a class: Ray runs it as tasks, fused with the file reads
     ds = ds.map_batches(
         Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, stems),
-        batch_size=512,
+        batch_size=dc.ray_parse_batch,
         batch_format="pyarrow",
     )
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
@@ -58,7 +57,7 @@ def build_dataset(files: list[str], dc: DataConfig, end_token: str):
         ds = ds.map_batches(
             Tokenize,
             fn_constructor_args=(dc.tokenizer, dc.seq_len, dc.overlong, end_token),
-            batch_size=256,
+            batch_size=dc.ray_tokenize_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
             # a restarted actor could not recover its fused constructor args anyway (ray-project/ray#53727),
@@ -160,7 +159,7 @@ def _write_splits(packers: dict[str, SplitPacker], staging: Path, dc: DataConfig
         raise PrepareError(f"no training rows: {read} records read, {rejected} rejected; see {out}/rejects/ after fixing the input")
     if train_rows < dc.world_size:
         raise PrepareError(f"only {train_rows} training rows for data.world_size={dc.world_size}: every rank needs at least one; add data or lower world_size")
-    num_shards = dc.num_shards or dc.world_size * max(1, -(-train_rows // (dc.world_size * _ROWS_PER_SHARD)))
+    num_shards = dc.num_shards or dc.world_size * max(1, -(-train_rows // (dc.world_size * dc.rows_per_shard)))
     if num_shards > train_rows:  # never write empty shards
         asked, num_shards = num_shards, dc.world_size * (train_rows // dc.world_size)
         print(f"note: data.num_shards={asked} > {train_rows} train rows; writing {num_shards} shards", flush=True)
@@ -174,11 +173,9 @@ def _write_splits(packers: dict[str, SplitPacker], staging: Path, dc: DataConfig
 
 
 def _data_config_hash(dc: DataConfig) -> str:
-    """Hash of everything in data: that changes the shards (out_dir is where they go and the object store size
-    is how much memory Ray gets, not what the shards hold)."""
-    obj = dc.model_dump(mode="json")
-    obj.pop("out_dir", None)
-    obj.pop("ray_object_store_mb", None)
+    """Hash of everything in data: that changes the shards (out_dir is where they go; the ray_* fields are how
+    Ray runs, never what the shards hold)."""
+    obj = {k: v for k, v in dc.model_dump(mode="json").items() if k != "out_dir" and not k.startswith("ray_")}
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 

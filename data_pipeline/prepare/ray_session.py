@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-_RAY_BLOCK_BYTES = 8 << 20  # Ray Data's target block size (see configure_ray_data)
 _AF_UNIX_BUDGET = 40  # Ray appends ~65 chars of session/socket path to _temp_dir; sockets max out at 107
 
 
@@ -61,7 +60,8 @@ def init_ray(address: str | None, temp_dir: Path | None = None, object_store_mb:
     return True, time.perf_counter() - t0
 
 
-def configure_ray_data() -> None:
+def configure_ray_data(block_mb: int) -> None:
+    """Ray Data's execution settings for prepare; block_mb is data.ray_block_mb."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -71,7 +71,7 @@ def configure_ray_data() -> None:
     # first record after every record was parsed and tokenized, the whole corpus waiting in the object
     # store (spilled to disk past 1 GiB, with spill/restore workers of ~700 MiB). Small blocks keep the
     # stream flowing; what the driver sees, in order, is the same.
-    ctx.target_max_block_size = _RAY_BLOCK_BYTES
+    ctx.target_max_block_size = block_mb << 20
     ctx.enable_progress_bars = False  # our own tqdm counts records; Ray's bars interleave badly in logs
     from ray.util.debug import log_once
 

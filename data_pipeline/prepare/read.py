@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from data_pipeline.io import expand_inputs, is_zstd, numbered_lines, open_binary_read
 from data_pipeline.prepare.parse import RAW_KEEP_CHARS
 
-_READ_CHUNK = 2048  # lines per block out of the file reader
+_READ_LINES = 2048  # records per block out of the file reader (data.ray_read_lines)
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
@@ -61,10 +61,10 @@ def _raw_table(file_idx: int, lines: list[int], raws: list[bytes], pre: list[tup
     )
 
 
-def _parquet_blocks(fh, file_idx: int) -> Iterator[pa.Table]:
+def _parquet_blocks(fh, file_idx: int, lines: int) -> Iterator[pa.Table]:
     pf = pq.ParquetFile(fh)
     row = 0
-    for batch in pf.iter_batches(batch_size=_READ_CHUNK):
+    for batch in pf.iter_batches(batch_size=lines):
         objs = batch.to_pylist()
         # a null column in Parquet means the field is absent, as in JSON
         raws = [json.dumps({k: v for k, v in o.items() if v is not None}, ensure_ascii=False).encode() for o in objs]
@@ -72,7 +72,7 @@ def _parquet_blocks(fh, file_idx: int) -> Iterator[pa.Table]:
         row += len(objs)
 
 
-def _json_array_blocks(data: bytes, file_idx: int) -> Iterator[pa.Table]:
+def _json_array_blocks(data: bytes, file_idx: int, lines: int) -> Iterator[pa.Table]:
     try:
         items = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
@@ -83,13 +83,13 @@ def _json_array_blocks(data: bytes, file_idx: int) -> Iterator[pa.Table]:
         return
     if not isinstance(items, list):
         items = [items]
-    for start in range(0, len(items), _READ_CHUNK):
-        chunk = items[start : start + _READ_CHUNK]
+    for start in range(0, len(items), lines):
+        chunk = items[start : start + lines]
         raws = [json.dumps(o, ensure_ascii=False).encode() for o in chunk]
         yield _raw_table(file_idx, list(range(start + 1, start + 1 + len(chunk))), raws)
 
 
-def iter_file(path: str, file_idx: int) -> Iterator[pa.Table]:
+def iter_file(path: str, file_idx: int, block_lines: int = _READ_LINES) -> Iterator[pa.Table]:
     """Yield blocks of raw records (bytes) with 1-based line numbers (element / row numbers for JSON arrays
     and Parquet). Bytes, not text, so invalid UTF-8 is reported per line instead of failing the file."""
     with open_binary_read(path) as fh:
@@ -97,23 +97,24 @@ def iter_file(path: str, file_idx: int) -> Iterator[pa.Table]:
         head = fh.peek(4096)[:4096] if not is_zstd(path) and hasattr(fh, "peek") else b""
         kind = _kind_of(path, head)
         if kind == "parquet":
-            yield from _parquet_blocks(fh, file_idx)
+            yield from _parquet_blocks(fh, file_idx, block_lines)
         elif kind == "json_array":
-            yield from _json_array_blocks(fh.read(), file_idx)
+            yield from _json_array_blocks(fh.read(), file_idx, block_lines)
         else:
             lines: list[int] = []
             raws: list[bytes] = []
             for n, line in numbered_lines(fh):
                 lines.append(n)
                 raws.append(line)
-                if len(lines) >= _READ_CHUNK:
+                if len(lines) >= block_lines:
                     yield _raw_table(file_idx, lines, raws)
                     lines, raws = [], []
             if lines:
                 yield _raw_table(file_idx, lines, raws)
 
 
-def read_files(batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
-    """Ray Data map_batches function: one row {path, file_idx} in, that file's raw record blocks out."""
+def read_files(batch: dict[str, np.ndarray], lines: int = _READ_LINES) -> Iterator[pa.Table]:
+    """Ray Data map_batches function: one row {path, file_idx} in, that file's raw record blocks of `lines`
+    records out."""
     for path, idx in zip(batch["path"], batch["file_idx"]):
-        yield from iter_file(str(path), int(idx))
+        yield from iter_file(str(path), int(idx), lines)
