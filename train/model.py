@@ -110,7 +110,11 @@ def apply_activation_checkpointing(model, mcfg: ModelConfig) -> str:
         return "off"
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.2x renamed the switch (the old name warns); the image's 5.17 has only the old one
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     k = 1 if mcfg.activation_checkpointing == "full" else mcfg.checkpoint_every_k
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for i, layer in enumerate(layers):
