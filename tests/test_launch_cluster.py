@@ -79,8 +79,9 @@ def _slurm_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A single-node Slurm cluster for this module; stopped (by PID) when the module ends, pass or fail."""
+def slurm(request, tmp_path_factory):
+    """A single-node Slurm cluster for this module; stopped (by PID) when the module ends, pass or fail. Its
+    state folder (daemon logs, spool) is kept when a test of the module failed, and its path printed."""
     why = _slurm_missing()
     if why:
         pytest.skip(f"Slurm tests skipped: {why}")
@@ -90,13 +91,29 @@ def slurm(tmp_path_factory):
     state = Path(tempfile.mkdtemp(prefix="cbt-llm-slurm-"))
     state.chmod(0o755)
     env = _env(CBT_CLUSTER_DIR=str(state), SLURM_CONF=str(state / "slurm.conf"))
+    failed_before = request.session.testsfailed
     try:
         up = subprocess.run(["bash", str(CLUSTER / "slurm_up.sh")], env=env, capture_output=True, text=True, timeout=60)
         assert up.returncode == 0, f"slurm_up.sh failed:\n{up.stdout}\n{up.stderr}"
         yield env
     finally:
         subprocess.run(["bash", str(CLUSTER / "slurm_down.sh")], env=env, capture_output=True, timeout=60)
-        shutil.rmtree(state, ignore_errors=True)
+        if request.session.testsfailed > failed_before:
+            print(f"\nSlurm tests failed: the cluster's logs are kept in {state / 'logs'}", file=sys.stderr)
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def _daemon_logs(env: dict, lines: int = 60) -> str:
+    """The last lines of slurmctld's and slurmd's logs, for a failed assertion: why a job ended as it did is
+    often only there (launch failures, requeue decisions), and the state folder is gone once the module ends."""
+    logs = Path(env["CBT_CLUSTER_DIR"]) / "logs"
+    parts = []
+    for p in sorted(logs.glob("*.file.log")):  # slurm.conf's log files (the daemons' stdout logs repeat them)
+        tail = p.read_text(errors="replace").splitlines()[-lines:]
+        if tail:
+            parts.append(f"--- {p.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def _job(env: dict, job: str) -> dict:
@@ -104,14 +121,15 @@ def _job(env: dict, job: str) -> dict:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-def _wait(pred, timeout: float, what: str, step: float = 0.5):
+def _wait(pred, timeout: float, what: str, step: float = 0.5, env: dict | None = None):
     t0 = time.time()
     while time.time() - t0 < timeout:
         v = pred()
         if v:
             return v
         time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    logs = f"\n{_daemon_logs(env)}" if env else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{logs}")
 
 
 def _submit(env: dict, run: Path, data: Path, *overrides: str) -> str:
@@ -131,19 +149,30 @@ def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
                   "train.log_every=5", "train.eval_every=0", "train.save_every=0", "wandb.mode=offline")
     order0 = run / "order" / "rank0.jsonl"
     lines = lambda: order0.read_text().count("\n") if order0.exists() else 0  # noqa: E731
-    _wait(lambda: lines() >= 6, 240, "6 training steps of the first run")
+    _wait(lambda: lines() >= 6, 240, "6 training steps of the first run", env=slurm)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     # Slurm holds a requeued job until BeginTime (~2 min); start it now instead of waiting that out
     # (seen as Restarts=1 in any state: under load the requeued job may already be running again)
     info = _wait(lambda: (lambda j: j if j.get("Restarts") == "1" else None)(_job(slurm, job)), 120,
-                 "the job to be requeued")
+                 "the job to be requeued", env=slurm)
     assert info["Requeue"] == "1"
     if info.get("JobState") == "PENDING":
+        # ...but not within the second of the requeue: the requeue revoked the job's credentials on slurmd
+        # as of that second (whole seconds), and slurmd refuses a launch credential that is not newer: "error:
+        # Job N already killed, do not launch batch job", then slurmctld "Killing non-startable batch JobId=N:
+        # Job credential revoked" and the job ends FAILED without its script running. Slurm's ~2 min BeginTime
+        # after a requeue is there to avoid this (job_mgr.c batch_requeue_fini), so only this shortcut can hit
+        # it, never the rendered script. It hit whenever the scheduler (a pass every ~3 s) came round in that
+        # same second: 11 of 40 bare requeues on an idle machine. `info` was read after the requeue, so from the
+        # next second on a launch credential is newer (0 of 40 failed with this wait).
+        after = int(time.time())
+        while int(time.time()) <= after:
+            time.sleep(0.05)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=False)
     final = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-        _job(slurm, job)), 300, "the requeued job to finish")
+        _job(slurm, job)), 300, "the requeued job to finish", env=slurm)
     log = (run / "slurm" / f"cbt-llm-demo-{job}.out").read_text()
-    assert final["JobState"] == "COMPLETED", log[-3000:]
+    assert final["JobState"] == "COMPLETED", f"{final}\n{log[-3000:]}\n{_daemon_logs(slurm)}"
     assert "got SIGUSR1" in log and "requeueing job" in log and f"job {job} restart 1" in log
     # logs per job, restart and node
     assert (run / "slurm" / f"cbt-llm-demo-{job}-r0-node0.log").is_file()
@@ -177,7 +206,7 @@ def test_slurm_dead_rank_fails_job_without_hang(slurm, demo_data, tmp_path):
     job = _submit(env, run, demo_data, "train.max_steps=30", "train.eval_every=0", "wandb.mode=disabled",
                   "train.collective_timeout_s=30")
     final = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-        _job(slurm, job)), 240, "the job to fail")
-    assert final["JobState"] == "FAILED" and final["Restarts"] == "0"
+        _job(slurm, job)), 240, "the job to fail", env=slurm)
+    assert final["JobState"] == "FAILED" and final["Restarts"] == "0", f"{final}\n{_daemon_logs(slurm)}"
     assert not (run / "requeue.json").exists()
     assert "requeueing" not in (run / "slurm" / f"cbt-llm-demo-{job}.out").read_text()
