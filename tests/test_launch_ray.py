@@ -163,7 +163,7 @@ def ray_head(tmp_path_factory):
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)],
         env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # under load (a parallel suite) the job agent has taken over 2 min to start
         while True:
             # a job that runs: GCS, raylet, the job server and the node's agent that starts jobs are all up
             # (`ray job list` answers earlier, while submissions still fail with "No available agent")
@@ -172,7 +172,8 @@ def ray_head(tmp_path_factory):
             if r.returncode == 0:
                 break
             if head.poll() is not None or time.time() > deadline:
-                pytest.fail(f"Ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}")
+                pytest.fail(f"Ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}\n"
+                            f"last `ray job submit`: rc {r.returncode}\n{(r.stdout + r.stderr)[-2000:]}")
             time.sleep(2)
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:
