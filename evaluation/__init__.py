@@ -1,0 +1,8 @@
+"""Evaluation: how good are a model's answers (issue 10's `cbt-llm eval` builds on these modules).
+
+    questions.py   the question sets: prepare's heldout.jsonl, and the refusal of a set that overlaps the train
+                   split (check_no_train_overlap)
+
+A layer of its own: it may import data_pipeline, train and the shared cbt_llm modules; only the CLI, bench/ and
+tests/ import it (tests/test_layers.py).
+"""
