@@ -2,6 +2,7 @@
 
     questions.py   the question sets: prepare's heldout.jsonl, and the refusal of a set that overlaps the train
                    split (check_no_train_overlap)
+    safety.py      the safety metrics of every answer, by the corpus's own crisis policy (data_pipeline.schema)
 
 A layer of its own: it may import data_pipeline, train and the shared cbt_llm modules; only the CLI, bench/ and
 tests/ import it (tests/test_layers.py).
