@@ -35,6 +35,7 @@ COPY cbt_llm cbt_llm
 COPY data_pipeline data_pipeline
 COPY train train
 COPY launch launch
+COPY evaluation evaluation
 COPY configs configs
 RUN pip install -c constraints.txt . liger-kernel==${LIGER_VERSION} && \
     pip install --no-build-isolation flash-attn==${FLASH_ATTN_VERSION}

@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/prepare_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/loss_memory_bench.py
+	$(BIN)/python bench/structure_bench.py
 
 # Regenerate constraints.txt from the current venv (after changing dependencies in pyproject.toml).
 lock: $(STAMP)

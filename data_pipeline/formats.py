@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from data_pipeline.psyqa import parse_psyqa_question
-from data_pipeline.schema import CorpusRecord, RecordError, validate_record
+from data_pipeline.schema import CorpusRecord, RecordError, is_crisis, validate_record
 from data_pipeline.tokenizer import build_user_message
 
 FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt")
@@ -39,6 +39,11 @@ class Example:
     example_id: str
     question: str  # the text the train/validation split is keyed on
     messages: list[dict[str, str]] = field(default_factory=list)
+    # the rest of the source record, for heldout.jsonl (a validation example's text, for evaluation)
+    description: str = ""
+    keywords: list[str] = field(default_factory=list)
+    distortions: list[str] = field(default_factory=list)
+    crisis: bool = False
 
     def chars(self, system_prompt: str) -> int:
         """Characters of content, not counting the shared default system prompt."""
@@ -48,6 +53,20 @@ class Example:
         """64-bit hash of the exact conversation: equal conversations are duplicates."""
         blob = json.dumps(self.messages, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
+
+    def heldout_record(self) -> dict:
+        """This example as a line of heldout.jsonl (data_pipeline/shards.py): the question and its context as
+        the asker wrote them, and the last assistant turn as the reference answer."""
+        reference = next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+        return {
+            "id": self.example_id,
+            "question": self.question,
+            "description": self.description,
+            "keywords": self.keywords,
+            "reference": reference,
+            "crisis": self.crisis,
+            "distortions": self.distortions,
+        }
 
 
 _SPACE = re.compile(r"\s+")
@@ -65,6 +84,13 @@ def split_of(question: str, val_fraction: float, seed: int = 0) -> str:
         return "train"
     h = hashlib.sha256(f"{seed}\x00{normalise_question(question)}".encode("utf-8")).digest()
     return "validation" if int.from_bytes(h[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def question_hash(question: str) -> int:
+    """64-bit fingerprint of the normalised question (signed, as Parquet's int64): prepare lists the train
+    split's in train_questions.u64, so a question set can be checked against it without the text."""
+    digest = hashlib.blake2b(normalise_question(question).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def _type_name(v: Any) -> str:
@@ -128,13 +154,15 @@ def _cbt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | Reco
         {"role": "user", "content": user},
         {"role": "assistant", "content": rec["answer"]},
     ]
-    return [Example(rec["id"], rec["question"], msgs)]
+    return [Example(rec["id"], rec["question"], msgs, rec["description"], rec["keywords"], rec["distortions"],
+                    bool(rec["meta"].get("crisis")))]
 
 
 def _psyqa(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
     q = parse_psyqa_question(obj)
     answers = _get_list(obj, "answers")
     user = build_user_message(q["question"], q["description"])
+    crisis = is_crisis(q["question"], q["description"])
     out: list[Example | RecordError] = []
     for k, ans in enumerate(answers):
         try:
@@ -149,7 +177,7 @@ def _psyqa(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | Re
             {"role": "user", "content": user},
             {"role": "assistant", "content": text},
         ]
-        out.append(Example(f"{q['id']}-{k}", q["question"], msgs))
+        out.append(Example(f"{q['id']}-{k}", q["question"], msgs, q["description"], q["keywords"], crisis=crisis))
     return out
 
 
@@ -170,7 +198,7 @@ def _alpaca(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | R
         {"role": "user", "content": user},
         {"role": "assistant", "content": output},
     ]
-    return [Example(_record_id(obj, fallback_id), user, msgs)]
+    return [Example(_record_id(obj, fallback_id), user, msgs, crisis=is_crisis(user))]
 
 
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -199,7 +227,7 @@ def _sharegpt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example |
             raise RecordError("invalid_value", "turns must alternate human, gpt, human, gpt ... after an optional system turn")
     if not body or body[-1]["role"] != "assistant":
         raise RecordError("invalid_value", "the last turn must be gpt (an answer to learn)")
-    return [Example(_record_id(obj, fallback_id), body[0]["content"], msgs)]
+    return [Example(_record_id(obj, fallback_id), body[0]["content"], msgs, crisis=is_crisis(body[0]["content"]))]
 
 
 _CONVERTERS = {"cbt": _cbt, "psyqa": _psyqa, "alpaca": _alpaca, "sharegpt": _sharegpt}

@@ -7,6 +7,8 @@ imports the other. An output folder (data.out_dir = train.data_dir) holds:
     train/part-00000-of-0000N.parquet ...     N train shards, N a multiple of data.world_size
     validation/part-00000-of-00001.parquet    one shard (none when val_fraction is 0)
     rejects/rejects-00000.jsonl               one line per bad record: source_file, line, sub, reason, detail, raw
+    heldout.jsonl                             the validation split as text, for evaluation (below)
+    train_questions.u64                       the train split's question fingerprints (below)
     prepare_metrics.json                      throughput and timings of the run (not part of the contract)
 
 A shard row (ROW_SCHEMA) is one training row of at most seq_len tokens:
@@ -31,6 +33,20 @@ manifest.json (MANIFEST_SCHEMA_VERSION 1), the keys readers rely on:
     packing_efficiency  {split: tokens / (rows x seq_len)}
     rows_per_rank, rows_uneven   train rows each rank reads, and train rows % world_size
     splits           {train|validation: {shards: [{path, rows, examples, tokens, label_tokens, sha256}]}}
+    split_rule       {key: "normalised question", val_fraction, seed}: an example is in validation when
+                     data_pipeline.formats.split_of(question, val_fraction, seed) says so
+    heldout          {path: "heldout.jsonl", records, sha256}
+    train_questions  {path: "train_questions.u64", questions, sha256}
+
+heldout.jsonl: one JSON object per kept validation example, in input order, its id the example id the shards
+carry: {id, question, description, keywords, reference, crisis, distortions}. `reference` is the example's
+(last) answer; `crisis` is meta.crisis for our corpus, schema.is_crisis(question, description) for other
+formats; formats without descriptions, keywords or distortion labels leave them empty. Empty when val_fraction
+is 0. Evaluation asks these questions of a model; they were never trained on.
+
+train_questions.u64: the distinct data_pipeline.formats.question_hash values (64-bit BLAKE2b of the normalised
+question) of the kept train examples, sorted, little-endian int64. Train questions are not written as text;
+these let evaluation refuse a question set that overlaps the train split (train_question_hashes).
 
 Rank r of W reads train shards r, r+W, r+2W, ... (rank_shards). Shard sizes differ by at most one row, so ranks
 do too. A re-run with the same inputs and config writes byte-identical shards and manifest.
@@ -42,12 +58,15 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from cbt_llm.config import ConfigError
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+HELDOUT_FILE = "heldout.jsonl"
+TRAIN_QUESTIONS_FILE = "train_questions.u64"
 SPLITS = ("train", "validation")
 IGNORE = -100  # the label of a token the loss skips (torch's cross_entropy ignore_index default)
 
@@ -133,6 +152,13 @@ def load_manifest(data_dir: str | Path, tokenizer=None, verify_checksums: bool =
                 raise ManifestError(
                     f"shard '{p}' does not match its sha256 in the manifest (changed or corrupt); {_RERUN}"
                 )
+    for key in ("heldout", "train_questions"):  # absent from manifests of older prepare runs
+        if key in man:
+            p = out / man[key]["path"]
+            if not p.is_file():
+                raise ManifestError(f"{path}: '{man[key]['path']}' is missing; {_RERUN}")
+            if verify_checksums and sha256_file(p) != man[key]["sha256"]:
+                raise ManifestError(f"'{p}' does not match its sha256 in the manifest (changed or corrupt); {_RERUN}")
     if tokenizer is not None:
         _check_tokenizer(man, out, tokenizer)
     return man
@@ -153,6 +179,22 @@ def _check_tokenizer(man: dict, out: Path, tokenizer) -> None:
         raise ManifestError(
             f"pad_token_id {tok.pad_token_id} differs from the manifest's {man['pad_token_id']}; {_RERUN}"
         )
+
+
+def train_question_hashes(data_dir: str | Path, manifest: dict) -> np.ndarray:
+    """The train split's question fingerprints (sorted int64, see train_questions.u64 above).
+
+    Raises ManifestError when the manifest predates them (a prepare run before heldout.jsonl) or the file's size
+    disagrees with the count the manifest gives.
+    """
+    entry = manifest.get("train_questions")
+    if entry is None:
+        raise ManifestError(f"'{data_dir}' lists no train question fingerprints (made by an older prepare); {_RERUN}")
+    path = Path(data_dir) / entry["path"]
+    hashes = np.fromfile(path, dtype="<i8")
+    if len(hashes) != entry["questions"]:
+        raise ManifestError(f"'{path}' holds {len(hashes)} hashes, the manifest says {entry['questions']}; {_RERUN}")
+    return hashes
 
 
 def rank_shards(manifest: dict, split: str, rank: int, world: int) -> list[dict]:

@@ -2,7 +2,9 @@
 
 Layers, top to bottom. A module may import its own layer and the layers listed after the arrow:
 
-    cli            cbt_llm/cli.py           -> launch, train, data_pipeline, shared   (one subcommand per stage)
+    cli            cbt_llm/cli.py           -> evaluation, launch, train, data_pipeline, shared   (one subcommand
+                                               per stage)
+    evaluation     evaluation/              -> train, data_pipeline, shared   (scores what the stages made)
     launch         launch/                  -> train, data_pipeline (its shards contract), shared
     train          train/                   -> data_pipeline (its shards contract), shared
     data_pipeline  data_pipeline/           -> shared
@@ -27,15 +29,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WALKED = ("cbt_llm", "data_pipeline", "train", "launch", "bench")
-PRODUCT = ("cli", "shared", "data_pipeline", "train", "launch")
+WALKED = ("cbt_llm", "data_pipeline", "train", "launch", "evaluation", "bench")
+PRODUCT = ("cli", "shared", "data_pipeline", "train", "launch", "evaluation")
 ALLOWED = {
-    "cli": {"cli", "launch", "train", "data_pipeline", "shared"},
+    "cli": {"cli", "evaluation", "launch", "train", "data_pipeline", "shared"},
+    "evaluation": {"evaluation", "train", "data_pipeline", "shared"},
     "launch": {"launch", "train", "data_pipeline", "shared"},
     "train": {"train", "data_pipeline", "shared"},
     "data_pipeline": {"data_pipeline", "shared"},
     "shared": {"shared"},
-    "bench": {"bench", "cli", "launch", "train", "data_pipeline", "shared"},
+    "bench": {"bench", "cli", "evaluation", "launch", "train", "data_pipeline", "shared"},
 }
 # train and launch read the data stage's output through its contract module, never through its producer
 CONTRACT = "data_pipeline.shards"
@@ -58,7 +61,7 @@ def layer_of_module(name: str) -> str | None:
     top = name.split(".", 1)[0]
     if top == "cbt_llm":
         return "shared"
-    return top if top in ("data_pipeline", "train", "launch", "bench", "tests") else None
+    return top if top in ("data_pipeline", "train", "launch", "evaluation", "bench", "tests") else None
 
 
 def _module_of(rel: str) -> str:
@@ -178,6 +181,13 @@ def test_walked_folders_exist_and_hold_the_cli():
         ("bench/train_bench.py", "from tests import train_fixtures\n", "bench imports tests"),
         ("launch/ray_job.py", "import sys\nsys.path.insert(0, '.')\n", "edits sys.path"),
         ("train/data.py", "import sys\nsys.path = ['.']\n", "edits sys.path"),
+        ("data_pipeline/prepare/pipeline.py", "from evaluation.questions import check_no_train_overlap\n",
+         "data_pipeline imports evaluation.questions (evaluation layer)"),
+        ("train/recipe.py", "def f():\n    import evaluation.structure\n", "train imports evaluation.structure"),
+        ("launch/submit.py", "from evaluation import questions\n", "launch imports evaluation.questions"),
+        ("evaluation/structure.py", "from launch.render import TrainCommand\n", "evaluation imports launch.render"),
+        ("evaluation/safety.py", "from cbt_llm.cli import main\n", "evaluation imports cbt_llm.cli"),
+        ("evaluation/questions.py", "import sys\nsys.path.append('..')\n", "edits sys.path"),
     ],
 )
 def test_a_planted_upstream_import_fails(rel, source, expected):
@@ -195,6 +205,10 @@ def test_a_planted_upstream_import_fails(rel, source, expected):
         ("train/data.py", "from data_pipeline.shards import IGNORE_INDEX\nfrom cbt_llm.config import ConfigError\n"),
         ("data_pipeline/prepare.py", "from cbt_llm.report import write_metrics\nimport pyarrow\n"),
         ("bench/train_bench.py", "from bench.fixtures import make_shards\nfrom cbt_llm.cli import main\n"),
+        ("evaluation/structure.py", "from data_pipeline.synth_template import record_at\n"
+         "from data_pipeline.schema import CBT_PARTS\nfrom cbt_llm.config import ConfigError\n"),
+        ("bench/structure_bench.py", "from evaluation.structure import train_scorer\n"),
+        ("cbt_llm/cli.py", "def f():\n    from evaluation.questions import check_no_train_overlap\n"),
     ],
 )
 def test_imports_down_the_layers_pass(rel, source):

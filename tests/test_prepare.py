@@ -3,7 +3,9 @@
 What must hold: packed rows decode back to the conversations, labels cover exactly the answers and their
 end token, no question crosses the split, every kind of bad record is quarantined with its reason while every
 good one survives, a re-run is byte-identical, the other input formats prepare, a packed row's loss equals
-the sum of its examples' losses, and shards refuse a tokenizer they were not made with.
+the sum of its examples' losses, and shards refuse a tokenizer they were not made with. The validation split is
+also written as text (heldout.jsonl) and the train split as question fingerprints, which evaluation checks a
+question set against.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import pytest
 import zstandard
 
 from cbt_llm.config import Config, ConfigError
-from data_pipeline.formats import normalise_question
+from data_pipeline.formats import normalise_question, question_hash
 from data_pipeline.packing import split_by_position_ids
 from data_pipeline.prepare import PrepareError, run_prepare
 from data_pipeline.prepare.ray_session import init_ray
 from data_pipeline.schema import join_answer
 from data_pipeline.shards import IGNORE as IGNORE_INDEX
-from data_pipeline.shards import ManifestError, load_manifest
+from data_pipeline.shards import ManifestError, load_manifest, sha256_file, train_question_hashes
 from data_pipeline.tokenizer import IM_END, build_user_message, load_tokenizer, train_tokenizer_from_texts
 
 PSYQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "psyqa_example.json"
@@ -198,6 +200,54 @@ def test_no_question_in_both_splits(env, prepared):
     assert not qs["train"] & qs["validation"]
     n_val = man["counts"]["examples"]["validation"]
     assert 0.08 < n_val / man["counts"]["kept"] < 0.35  # ~val_fraction 0.2, over 60 questions
+
+
+def test_heldout_is_the_validation_split_as_text(env, prepared):
+    cfg, out, man = prepared
+    by_id = {r["id"]: r for r in env["good"]}
+    val_ids = [e for e, _, _ in segments(read_split(out, man, "validation"))]
+    held = [json.loads(line) for line in (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(held) == len(val_ids) == man["counts"]["examples"]["validation"] > 0
+    assert {h["id"] for h in held} == set(val_ids)
+    for h in held:
+        rec = by_id[h["id"]]
+        assert h == {
+            "id": rec["id"],
+            "question": rec["question"],
+            "description": rec["description"],
+            "keywords": rec["keywords"],
+            "reference": rec["answer"],
+            "crisis": False,
+            "distortions": rec["distortions"],
+        }
+    assert man["heldout"] == {"path": "heldout.jsonl", "records": len(held), "sha256": sha256_file(out / "heldout.jsonl")}
+    assert man["split_rule"] == {"key": "normalised question", "val_fraction": 0.2, "seed": cfg.data.seed}
+    # the train split as fingerprints: one per distinct train question, none of a validation question
+    train_qs = {by_id[e]["question"] for e, _, _ in segments(read_split(out, man, "train"))}
+    hashes = train_question_hashes(out, man)
+    assert list(hashes) == sorted({question_hash(q) for q in train_qs})
+    assert man["train_questions"]["questions"] == len(hashes) == len({normalise_question(q) for q in train_qs})
+    assert not {question_hash(h["question"]) for h in held} & set(hashes.tolist())
+    assert man["train_questions"]["sha256"] == sha256_file(out / "train_questions.u64")
+
+
+def test_eval_question_set_overlapping_train_is_refused(env, prepared):
+    from evaluation.questions import TrainOverlapError, check_no_train_overlap, load_heldout
+
+    cfg, out, man = prepared
+    held = load_heldout(out)
+    check_no_train_overlap([h["question"] for h in held], out)  # the held-out set passes
+    check_no_train_overlap(["一个语料里从来没有的问题:我该怎么办?"], out)  # so does a question prepare never saw
+    train_q = next(by["question"] for by in env["good"] if by["id"] not in {h["id"] for h in held})
+    # the same question spelled differently (full-width punctuation, spaces, case) is still the train question
+    respelled = " " + train_q.replace(":", "\uff1a").replace("?", "\uff1f") + " \n"
+    assert respelled != train_q and normalise_question(respelled) == normalise_question(train_q)
+    with pytest.raises(TrainOverlapError) as exc:
+        check_no_train_overlap([held[0]["question"], respelled, held[1]["question"]], out, what="eval.questions")
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert msg.startswith("eval.questions: 1 of 3 questions are in the train split") and train_q[:6] in msg
+    assert "heldout.jsonl" in msg
 
 
 def test_bad_records_quarantined_with_reason_and_good_ones_survive(env, prepared):

@@ -15,9 +15,10 @@ duplicate is the one kept, windows hold the same examples on every run and shard
 re-run. The heavy per-record work (JSON, schema, chat template, tokenizer) runs in Ray workers; the driver only
 does set look-ups, packing arithmetic and Parquet writes.
 
-The output folder (its format: data_pipeline/shards.py): train/ and validation/ Parquet shards, rejects/ and
-manifest.json. Shards are written to a staging folder and moved in; manifest.json is replaced last, so a
-reader that goes through data_pipeline.shards.load_manifest never sees a half-written set.
+The output folder (its format: data_pipeline/shards.py): train/ and validation/ Parquet shards, rejects/,
+heldout.jsonl and train_questions.u64 (the questions as evaluation needs them) and manifest.json. Shards are
+written to a staging folder and moved in; manifest.json is replaced last, so a reader that goes through
+data_pipeline.shards.load_manifest never sees a half-written set.
 """
 
 from data_pipeline.prepare.pipeline import PrepareError, run_prepare

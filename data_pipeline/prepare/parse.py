@@ -1,8 +1,9 @@
 """Parse and validate (Ray tasks): raw record bytes -> one row per example, or per bad record with its reason.
 
 A record may give several examples (a PsyQA question, one per answer) and a bad answer rejects only itself, so
-the rows are keyed (file_idx, line, sub). Each good example gets its split (a hash of its question) and the
-content hash that dedup compares.
+the rows are keyed (file_idx, line, sub). Each good example gets its split (a hash of its question), the
+content hash that dedup compares, the fingerprint of its question (train_questions.u64) and, in the validation
+split, its source text as a heldout.jsonl line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 
 import pyarrow as pa
 
-from data_pipeline.formats import Example, split_of, to_examples
+from data_pipeline.formats import Example, question_hash, split_of, to_examples
 from data_pipeline.schema import RecordError
 
 RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
@@ -28,6 +29,8 @@ PARSED_FIELDS = [
     ("example_id", pa.string()),
     ("split", pa.string()),
     ("chash", pa.int64()),
+    ("qhash", pa.int64()),
+    ("heldout", pa.string()),  # the heldout.jsonl line of a validation example, "" otherwise
     ("messages", pa.string()),
 ]
 
@@ -48,6 +51,8 @@ class Parse:
             cols["example_id"].append(ex.example_id if ex else "")
             cols["split"].append(split)
             cols["chash"].append(chash)
+            cols["qhash"].append(question_hash(ex.question) if ex else 0)
+            cols["heldout"].append(json.dumps(ex.heldout_record(), ensure_ascii=False) if split == "validation" else "")
             cols["messages"].append(json.dumps(ex.messages, ensure_ascii=False) if ex else "")
 
         d = table.to_pydict()

@@ -18,7 +18,7 @@ from data_pipeline.prepare.parse import Parse
 from data_pipeline.prepare.ray_session import configure_ray_data, init_ray, short_ray_dir
 from data_pipeline.prepare.read import read_files, resolve_inputs
 from data_pipeline.prepare.tokens import Tokenize
-from data_pipeline.prepare.write import SplitPacker, swap_into_place, write_shards
+from data_pipeline.prepare.write import QuestionFiles, SplitPacker, swap_into_place, write_shards
 from data_pipeline.shards import MANIFEST_SCHEMA_VERSION, SPLITS, write_manifest
 
 _LINE_BITS = 40  # the dedup index stores where a first copy came from as (file_idx << 40) | line
@@ -93,12 +93,14 @@ class _Rejects:
 
 
 _BATCH_COLUMNS = ["ok", "file_idx", "line", "sub", "reason", "detail", "raw", "example_id", "split", "chash",
-                  "truncated"]
+                  "qhash", "heldout", "truncated"]
 
 
-def _consume_batch(batch, seen: FirstSeen, packers: dict[str, SplitPacker], rejects: _Rejects, counts: dict) -> int:
+def _consume_batch(batch, seen: FirstSeen, packers: dict[str, SplitPacker], rejects: _Rejects, counts: dict,
+                   questions: QuestionFiles) -> int:
     """One tokenized batch: reject the bad rows, drop duplicates (the first copy is kept), hand the rest to its
-    split's packer. Returns how many records (not examples) the batch began."""
+    split's packer and its question to the question files. Returns how many records (not examples) the batch
+    began."""
     d = batch.select(_BATCH_COLUMNS).to_pydict()
     ids_col = batch.column("input_ids").combine_chunks()
     lab_col = batch.column("labels").combine_chunks()
@@ -126,12 +128,17 @@ def _consume_batch(batch, seen: FirstSeen, packers: dict[str, SplitPacker], reje
         # copies, not views: a view keeps the whole batch alive until its window is packed, and
         # the validation window (2% of examples) would pin every batch it has seen
         packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i])
+        if d["split"][i] == "validation":
+            questions.add_heldout(d["heldout"][i])
+        else:
+            questions.add_train(d["qhash"][i])
     seen.merge_if_full()
     return new_records
 
 
-def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects) -> dict[str, int]:
-    """Drive the ordered stream to its end; every split's rows are then in its spool. Returns the counts."""
+def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects, questions: QuestionFiles) -> dict[str, int]:
+    """Drive the ordered stream to its end; every split's rows are then in its spool and the questions in their
+    files (not yet closed). Returns the counts."""
     from tqdm import tqdm
 
     seen = FirstSeen()  # content hash -> (file_idx << 40 | line) of the copy that was kept
@@ -139,7 +146,7 @@ def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects) -> dict[str
     bar = tqdm(desc="prepare", unit="rec", mininterval=1.0, smoothing=0.1)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            new_records = _consume_batch(batch, seen, packers, rejects, counts)
+            new_records = _consume_batch(batch, seen, packers, rejects, counts, questions)
             counts["read"] += new_records
             bar.update(new_records)
             bar.set_postfix(kept=counts["kept"], rejected=rejects.total, refresh=False)
@@ -180,7 +187,8 @@ def _data_config_hash(dc: DataConfig) -> str:
 
 
 def _manifest(dc: DataConfig, files: list[str], tok_hash: str, pad_id: int, counts: dict[str, int],
-              rejected: dict[str, int], packers: dict[str, SplitPacker], shards: dict[str, list[dict]]) -> dict:
+              rejected: dict[str, int], packers: dict[str, SplitPacker], shards: dict[str, list[dict]],
+              question_files: dict[str, dict]) -> dict:
     """manifest.json's content (its format: data_pipeline/shards.py)."""
     train_rows = packers["train"].rows
     return {
@@ -213,6 +221,9 @@ def _manifest(dc: DataConfig, files: list[str], tok_hash: str, pad_id: int, coun
         "rows_per_rank": [sum(e["rows"] for e in shards["train"][r :: dc.world_size]) for r in range(dc.world_size)],
         "rows_uneven": train_rows % dc.world_size,
         "splits": {s: {"shards": shards[s]} for s in SPLITS},
+        # how an example's split was chosen (data_pipeline.formats.split_of), and the questions as text / hashes
+        "split_rule": {"key": "normalised question", "val_fraction": dc.val_fraction, "seed": dc.seed},
+        **question_files,
     }
 
 
@@ -274,10 +285,14 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
         ds = build_dataset(files, dc, end_token)
         packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
         rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
-        counts = _consume(ds, packers, rejects)
+        questions = QuestionFiles(staging)
+        try:
+            counts = _consume(ds, packers, rejects, questions)
+        finally:
+            questions.heldout.close()
         t_stream = time.perf_counter()
         shards = _write_splits(packers, staging, dc, pad_id, counts["read"], rejects.total, out)
-        manifest = _manifest(dc, files, tok_hash, pad_id, counts, rejects.counts, packers, shards)
+        manifest = _manifest(dc, files, tok_hash, pad_id, counts, rejects.counts, packers, shards, questions.close())
         write_manifest(staging, manifest)
         swap_into_place(staging, out)
     finally:

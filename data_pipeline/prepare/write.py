@@ -1,6 +1,7 @@
 """Spool and write shards on the driver: windows of examples are packed (or padded) into rows, rows appended to a
 spool file per split, and at the end the spool is cut into shards (ROW_SCHEMA, data_pipeline/shards.py) in a
-staging folder that is then moved into place.
+staging folder that is then moved into place. Beside them, the questions as evaluation needs them (QuestionFiles):
+the validation split's source text and the train split's question fingerprints.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import pyarrow.parquet as pq
 
 from cbt_llm.config import DataConfig
 from data_pipeline.packing import Rows, build_packed_rows, build_padded_rows, pack
-from data_pipeline.shards import IGNORE, MANIFEST_FILE, ROW_SCHEMA, sha256_file, shard_path
+from data_pipeline.shards import (
+    HELDOUT_FILE,
+    IGNORE,
+    MANIFEST_FILE,
+    ROW_SCHEMA,
+    TRAIN_QUESTIONS_FILE,
+    sha256_file,
+    shard_path,
+)
 
 _SHARD_ROW_GROUP = 1024  # rows per Parquet row group in a shard, and per read of the spool when writing one
 # Fixed writer settings: part of what makes a re-run byte-identical.
@@ -80,6 +89,47 @@ class SplitPacker:
         self.flush()
         if self.writer is not None:
             self.writer.close()
+
+
+class QuestionFiles:
+    """heldout.jsonl (each kept validation example's source text, in input order) and train_questions.u64 (the
+    sorted, distinct fingerprints of the kept train examples' questions), as data_pipeline/shards.py describes.
+
+    The fingerprints are gathered in NumPy chunks and made distinct every `chunk` of them: 8 bytes per train
+    question on the driver, not a Python int each.
+    """
+
+    def __init__(self, folder: Path, chunk: int = 1 << 20):
+        self.folder, self.chunk = folder, chunk
+        self.heldout = open(folder / HELDOUT_FILE, "w", encoding="utf-8", newline="\n")
+        self.heldout_records = 0
+        self.pending: list[int] = []
+        self.hashes = np.zeros(0, np.int64)
+
+    def add_heldout(self, line: str) -> None:
+        self.heldout.write(line + "\n")
+        self.heldout_records += 1
+
+    def add_train(self, qhash: int) -> None:
+        self.pending.append(qhash)
+        if len(self.pending) >= self.chunk:
+            self._merge()
+
+    def _merge(self) -> None:
+        self.hashes = np.unique(np.concatenate([self.hashes, np.asarray(self.pending, np.int64)]))
+        self.pending = []
+
+    def close(self) -> dict[str, dict]:
+        """Write train_questions.u64; returns the manifest entries of both files."""
+        self.heldout.close()
+        self._merge()
+        self.hashes.astype("<i8").tofile(self.folder / TRAIN_QUESTIONS_FILE)
+        return {
+            "heldout": {"path": HELDOUT_FILE, "records": self.heldout_records,
+                        "sha256": sha256_file(self.folder / HELDOUT_FILE)},
+            "train_questions": {"path": TRAIN_QUESTIONS_FILE, "questions": int(len(self.hashes)),
+                                "sha256": sha256_file(self.folder / TRAIN_QUESTIONS_FILE)},
+        }
 
 
 def shard_sizes(rows: int, shards: int) -> list[int]:
@@ -147,11 +197,12 @@ def write_shards(spool: Path, out: Path, split: str, num_shards: int, pad_token_
 
 
 def swap_into_place(staging: Path, out: Path) -> None:
-    """Move staging's train/, validation/, rejects/ into out, then manifest.json last (the commit point)."""
+    """Move staging's train/, validation/, rejects/ and question files into out, then manifest.json last (the
+    commit point)."""
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # readers now see "no data" rather than a mix
     old = staging / "_old"
     old.mkdir(exist_ok=True)
-    for name in ("train", "validation", "rejects"):
+    for name in ("train", "validation", "rejects", HELDOUT_FILE, TRAIN_QUESTIONS_FILE):
         if (out / name).exists():
             os.replace(out / name, old / name)
         if (staging / name).exists():

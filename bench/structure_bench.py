@@ -1,0 +1,170 @@
+"""Build the CBT-structure scorer (evaluation/structure.py) and measure it on text it never trained on.
+
+    python bench/structure_bench.py                        # build runs/structure_scorer.npz, measure, report
+    python bench/structure_bench.py --out my_scorer.npz    # save the scorer elsewhere
+
+What it measures:
+
+- hand-written answers (tests/data/structure_handwritten.jsonl: 8 `dev` answers used in design, 32 `test`
+  answers, and 12 `fresh` answers written after the scorer was frozen): per-label segment accuracy (recall) and
+  precision; per part, whether "present" is called right over every variant of every answer
+  (as written, each part removed, shuffled, two removed and shuffled); coverage exact-match and error; order
+  agreement error. For the scorer we ship (corpus + seed bank) and, to show what the bank adds, one trained on
+  the template corpus alone.
+- PsyQA's human answers (../shared/data/psyqa_example.json, when present): they were not written to the CBT
+  structure, so this reports what the scorer says, not an accuracy: coverage, parts present, order, and how
+  the scorer's labels line up with PsyQA's own strategy labels (labels_sequence spans).
+
+Writes bench/results/structure.json and prints markdown tables for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline.schema import CBT_PARTS  # noqa: E402
+from evaluation.structure import LABELS, StructureScorer, evaluate_scorer, train_scorer  # noqa: E402
+
+ANSWERS = ROOT / "tests" / "data" / "structure_handwritten.jsonl"
+PSYQA = ROOT.parent / "shared" / "data" / "psyqa_example.json"
+OUT = ROOT / "bench" / "results" / "structure.json"
+SPLITS = ("test", "fresh", "dev")
+
+
+def _rel(path: Path) -> str:
+    """A path as the results file gives it: relative to the repository (../ for shared/), never a home path."""
+    path = Path(path).resolve()
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    return f"../{path.relative_to(ROOT.parent)}" if path.is_relative_to(ROOT.parent) else str(path)
+
+
+def _mean_se(xs: list[float]) -> dict:
+    n = len(xs)
+    return {
+        "n": n,
+        "mean": statistics.fmean(xs) if n else None,
+        "se": statistics.stdev(xs) / n**0.5 if n > 1 else None,
+    }
+
+
+def psyqa_report(scorer: StructureScorer, path: Path) -> dict:
+    """What the scorer says about PsyQA's human answers, and its labels against PsyQA's strategy labels."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    scores = [scorer.score(a["answer_text"]) for q in data for a in q["answers"] if a.get("answer_text", "").strip()]
+    cross: dict[str, Counter] = {}
+    for q in data:
+        for a in q["answers"]:
+            text = a.get("answer_text") or ""
+            spans = [s for s in a.get("labels_sequence") or [] if s and s.get("type")]
+            labels = scorer.label([text[s["start"] : s["end"]] for s in spans])
+            for s, lab in zip(spans, labels):
+                cross.setdefault(s["type"], Counter())[lab] += 1
+    orders = [s["order"] for s in scores if s["order"] is not None]
+    return {
+        "file": _rel(path),
+        "answers": len(scores),
+        "segments_per_answer": _mean_se([len(s["segments"]) for s in scores]),
+        "coverage": _mean_se([s["coverage"] for s in scores]),
+        "coverage_histogram": {k: sum(s["coverage"] == k for s in scores) for k in range(6)},
+        "part_present": {p: sum(p in s["parts"] for s in scores) / len(scores) for p in CBT_PARTS},
+        "order": _mean_se(orders),
+        "segment_labels": dict(Counter(seg["label"] for s in scores for seg in s["segments"])),
+        "psyqa_strategy_vs_ours": {t: dict(c) for t, c in sorted(cross.items())},
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _split_table(split: str, t: dict) -> None:
+    print(
+        f"\n{split}: {t['answers']} answers, {t['segments']['n']} segments, segment accuracy "
+        f"{_pct(t['segments']['accuracy'])}%; coverage exact {_pct(t['coverage']['exact'])}% "
+        f"(MAE {t['coverage']['mae']:.3f}, n={t['coverage']['n']} variants); order MAE "
+        f"{t['order']['mae']:.3f} (n={t['order']['n']})\n"
+    )
+    print("| label | segments n | accuracy (recall) % | precision % | presence n | presence accuracy % |")
+    print("|---|---|---|---|---|---|")
+    for lab in LABELS:
+        s = t["segments"]["per_label"].get(lab)
+        if not s or not s["n"]:
+            continue
+        pres = t["presence"].get(lab, {"n": "", "accuracy": None})
+        print(
+            f"| {lab} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['precision'])} | {pres['n']} | "
+            f"{_pct(pres['accuracy']) if lab != 'other' else ''} |"
+        )
+
+
+def print_tables(res: dict) -> None:
+    for name, r in res["handwritten"].items():
+        print(f"\n### {name}: {r['signature']}")
+        for split in SPLITS:
+            _split_table(split, r[split])
+    if res.get("psyqa"):
+        p = res["psyqa"]
+        print(f"\n### PsyQA human answers ({p['answers']})\n")
+        print(
+            f"coverage mean {p['coverage']['mean']:.2f} (se {p['coverage']['se']:.2f}), histogram "
+            f"{p['coverage_histogram']}; order mean {p['order']['mean']:.2f} (n={p['order']['n']}); parts present "
+            + ", ".join(f"{k} {_pct(v)}%" for k, v in p["part_present"].items())
+        )
+        print("\n| PsyQA strategy | " + " | ".join(LABELS) + " |")
+        print("|---|" + "---|" * len(LABELS))
+        for t, c in p["psyqa_strategy_vs_ours"].items():
+            print(f"| {t} | " + " | ".join(str(c.get(lab, 0)) for lab in LABELS) + " |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "structure_scorer.npz"), help="where to save the scorer")
+    ap.add_argument("--records", type=int, default=2000, help="generated corpus records to train on")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--answers", default=str(ANSWERS))
+    ap.add_argument("--psyqa", default=str(PSYQA))
+    ap.add_argument("--results", default=str(OUT))
+    args = ap.parse_args()
+
+    answers = [json.loads(line) for line in Path(args.answers).read_text(encoding="utf-8").splitlines() if line]
+    res: dict = {"host": platform.node(), "python": platform.python_version(), "handwritten": {}}
+    scorers = {}
+    for name, bank in (("corpus + seed bank (shipped)", True), ("template corpus only", False)):
+        t0 = time.perf_counter()
+        scorer = train_scorer(records=args.records, seed=args.seed, bank=bank)
+        train_s = time.perf_counter() - t0
+        scorers[name] = scorer
+        res["handwritten"][name] = {
+            "signature": scorer.signature,
+            "train_s": round(train_s, 2),
+            "examples": scorer.meta["examples"],
+            "features": scorer.meta["features"],
+            **{split: evaluate_scorer(scorer, [a for a in answers if a["split"] == split]) for split in SPLITS},
+        }
+    shipped = scorers["corpus + seed bank (shipped)"]
+    path = shipped.save(args.out)
+    res["artifact"] = {"path": _rel(path), "bytes": path.stat().st_size}
+    psyqa = Path(args.psyqa)
+    res["psyqa"] = psyqa_report(shipped, psyqa) if psyqa.is_file() else None
+    if res["psyqa"] is None:
+        print(f"note: no PsyQA sample at {psyqa}; its section is skipped")
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(res, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print(f"scorer: {path} ({res['artifact']['bytes']} bytes); results: {args.results}")
+    print_tables(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

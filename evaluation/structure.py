@@ -1,0 +1,369 @@
+"""The offline CBT-structure scorer: which of the five parts each paragraph or sentence of an answer is.
+
+An answer is cut into segments: its paragraphs when it has two or more, else its sentences. Each segment gets one
+label of LABELS (the five parts of data_pipeline.schema.CBT_PARTS, or "other") from a linear classifier over
+character n-grams; per answer that gives
+
+    parts        the parts present, in canonical order
+    coverage     how many of the five are present (0-5)
+    order        order agreement with the canonical order: over every pair of segments labelled with two different
+                 parts, the fraction in canonical order (1.0 in order, 0.0 reversed; None with fewer than two parts)
+
+Training (train_scorer): the five parts of generated corpus records (data_pipeline.synth_template, seeded) and
+the hand-written banks of evaluation/structure_seed.py; each part text and each of its sentences is one example.
+Features: NFKC + case-folded text, character 1..3-grams, sublinear TF-IDF (smooth idf) with n-grams seen in at
+least `min_df` examples, L2-normalised; model: scikit-learn's multinomial logistic regression, weighted so that
+every label weighs the same and, within a label, the corpus and the bank weigh half each (the corpus fills a few
+phrasings with thousands of slot values; unweighted, those phrasings are all a label learns). The scorer is
+saved as one small .npz (vocabulary, idf, weights; no pickle) and scoring needs NumPy only. Every score names
+how it was made (`signature`), and training is deterministic: the same arguments give the same weights.
+
+Use: `scorer = load_or_train("runs/structure_scorer.npz")` (trains and saves it the first time, ~10 s on one
+core, then loads it), `scorer.score(answer)`. `bench/structure_bench.py` builds it and measures it on
+hand-written answers it never trained on (tests/data/structure_handwritten.jsonl) and on PsyQA's human answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cbt_llm.config import ConfigError
+from data_pipeline.schema import CBT_PARTS
+
+VERSION = "structure:v1"
+LABELS: tuple[str, ...] = (*CBT_PARTS, "other")
+_RANK = {p: i for i, p in enumerate(CBT_PARTS)}
+
+_PARAGRAPH = re.compile(r"\s*\n\s*")
+# a sentence runs to its end mark, keeping closing quotes and brackets with it; ；and ，do not end one
+_SENTENCE = re.compile(r"[^。！？!?…]+(?:[。！？!?…]+[”’\"」』）)]*)?")
+_SPACE = re.compile(r"\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a paragraph, each with its end mark and any closing quote after it."""
+    return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+
+
+def split_segments(answer: str) -> list[str]:
+    """The units an answer is labelled in: its paragraphs (lines) when there are two or more, else its sentences."""
+    paragraphs = [p for p in _PARAGRAPH.split(answer.strip()) if p]
+    return paragraphs if len(paragraphs) >= 2 else split_sentences(answer)
+
+
+def normalise(text: str) -> str:
+    """NFKC (full- and half-width alike), case-folded, runs of whitespace as one space."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def char_ngrams(text: str, n_max: int = 3) -> Counter:
+    """Counts of the character 1..n_max-grams of the normalised text."""
+    t = normalise(text)
+    return Counter(t[i : i + n] for n in range(1, n_max + 1) for i in range(len(t) - n + 1))
+
+
+def order_agreement(labels: Sequence[str]) -> float | None:
+    """Over every pair of segments labelled with two different parts ("other" ignored), the fraction whose order
+    matches the canonical one (Kendall-style concordance). None when fewer than two distinct parts are present."""
+    ranks = [_RANK[label] for label in labels if label in _RANK]
+    pairs = agree = 0
+    for i, a in enumerate(ranks):
+        for b in ranks[i + 1 :]:
+            if a != b:
+                pairs += 1
+                agree += a < b
+    return agree / pairs if pairs else None
+
+
+def structure_of(labels: Sequence[str]) -> dict:
+    """parts (present, canonical order), coverage and order agreement of a sequence of segment labels."""
+    present = [p for p in CBT_PARTS if p in labels]
+    return {"parts": present, "coverage": len(present), "order": order_agreement(labels)}
+
+
+@dataclass
+class StructureScorer:
+    """A trained scorer: vocabulary (n-gram -> column), idf per column, weights per label (rows of `coef`)."""
+
+    vocab: dict[str, int]
+    idf: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    labels: tuple[str, ...]
+    n_max: int
+    meta: dict
+
+    @property
+    def signature(self) -> str:
+        return self.meta["signature"]
+
+    def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, values) of one text's L2-normalised sublinear TF-IDF vector."""
+        cols, vals = [], []
+        for gram, n in char_ngrams(text, self.n_max).items():
+            j = self.vocab.get(gram)
+            if j is not None:
+                cols.append(j)
+                vals.append((1.0 + math.log(n)) * self.idf[j])
+        cols_a, vals_a = np.asarray(cols, np.int64), np.asarray(vals, np.float64)
+        norm = np.linalg.norm(vals_a)
+        return cols_a, (vals_a / norm if norm else vals_a)
+
+    def probabilities(self, segments: Sequence[str]) -> np.ndarray:
+        """(len(segments), len(labels)) label probabilities."""
+        out = np.zeros((len(segments), len(self.labels)))
+        for i, text in enumerate(segments):
+            cols, vals = self._row(text)
+            z = self.coef[:, cols] @ vals + self.intercept
+            z = np.exp(z - z.max())
+            out[i] = z / z.sum()
+        return out
+
+    def label(self, segments: Sequence[str]) -> list[str]:
+        """The most probable label of each segment."""
+        if not segments:
+            return []
+        return [self.labels[k] for k in self.probabilities(segments).argmax(axis=1)]
+
+    def score(self, answer: str) -> dict:
+        """An answer's segments with their labels, the parts present, coverage (0-5) and order agreement."""
+        segments = split_segments(answer)
+        labels = self.label(segments)
+        return {"segments": [{"text": s, "label": lab} for s, lab in zip(segments, labels)], **structure_of(labels)}
+
+    def save(self, path: str | Path) -> Path:
+        """One .npz: arrays and a JSON header (no pickle), loadable by load_scorer."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        terms = sorted(self.vocab, key=self.vocab.get)
+        header = {"version": VERSION, "labels": list(self.labels), "n_max": self.n_max, "meta": self.meta}
+        with open(path, "wb") as fh:  # a file object: savez would otherwise append .npz to any other suffix
+            np.savez_compressed(
+                fh,
+                header=np.array(json.dumps(header, ensure_ascii=False)),
+                terms=np.array(terms),
+                idf=self.idf.astype(np.float32),
+                coef=self.coef.astype(np.float32),
+                intercept=self.intercept.astype(np.float32),
+            )
+        return path
+
+
+def load_scorer(path: str | Path) -> StructureScorer:
+    """Load a saved scorer. Raises ConfigError (one line) when the file is missing, unreadable or of another
+    version."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"structure scorer '{path}' not found; build it with bench/structure_bench.py or load_or_train"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            terms = [str(t) for t in z["terms"]]
+            arrays = {k: z[k].astype(np.float64) for k in ("idf", "coef", "intercept")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"structure scorer '{path}' is not a scorer file ({exc}); rebuild it") from None
+    if header.get("version") != VERSION:
+        raise ConfigError(
+            f"structure scorer '{path}' is {header.get('version')}, this code reads {VERSION}; rebuild it"
+        )
+    return StructureScorer(
+        vocab={t: i for i, t in enumerate(terms)},
+        labels=tuple(header["labels"]),
+        n_max=int(header["n_max"]),
+        meta=header["meta"],
+        **arrays,
+    )
+
+
+def seed_bank() -> dict[str, tuple[str, ...]]:
+    """The hand-written exemplars of evaluation/structure_seed.py, per label."""
+    from evaluation import structure_seed as bank
+
+    return {
+        "empathy": bank.EMPATHY,
+        "key_thought": bank.KEY_THOUGHT,
+        "challenge": bank.CHALLENGE,
+        "strategy": bank.STRATEGY,
+        "encouragement": bank.ENCOURAGEMENT,
+        "other": bank.OTHER,
+    }
+
+
+def training_examples(records: Iterable[dict], bank: bool = True) -> list[tuple[str, str, str]]:
+    """Distinct (text, label, source) examples, source "corpus" or "bank": each corpus part and each of its
+    sentences, plus the seed banks."""
+    seen: set[tuple[str, str, str]] = set()
+    for rec in records:
+        for part in CBT_PARTS:
+            text = rec["cbt"][part]
+            seen.add((text, part, "corpus"))
+            seen.update((s, part, "corpus") for s in split_sentences(text))
+    if bank:
+        seen.update((text, label, "bank") for label, texts in seed_bank().items() for text in texts)
+    return sorted(seen)  # sorted: the same examples in the same order give the same weights
+
+
+def example_weights(examples: Sequence[tuple[str, str, str]]) -> np.ndarray:
+    """Every label the same total weight; within a label, each source present an equal share of it."""
+    groups = Counter((label, source) for _, label, source in examples)
+    sources = Counter(label for label, _ in groups)
+    labels = len(sources)
+    n = len(examples)
+    return np.array([n / (labels * sources[lab] * groups[(lab, src)]) for _, lab, src in examples])
+
+
+def train_scorer(
+    records: int = 2000,
+    seed: int = 0,
+    corpus: Iterable[dict] | None = None,
+    bank: bool = True,
+    n_max: int = 3,
+    min_df: int = 2,
+    C: float = 10.0,
+) -> StructureScorer:
+    """Train a scorer on `corpus` (schema-v1 records; default: `records` generated template records of `seed`)
+    and, with `bank`, the hand-written seed banks. Needs scikit-learn (and SciPy); scoring does not."""
+    import scipy.sparse as sp
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    from data_pipeline.synth_template import SOURCE, iter_records
+
+    source = "corpus" if corpus is not None else f"{SOURCE} seed{seed} n{records}"
+    examples = training_examples(corpus if corpus is not None else iter_records(seed, 0, records), bank)
+    grams = [char_ngrams(t, n_max) for t, _, _ in examples]
+    df = Counter(g for counts in grams for g in counts)
+    terms = sorted(g for g, n in df.items() if n >= min_df)
+    vocab = {g: i for i, g in enumerate(terms)}
+    n = len(examples)
+    idf = np.array([math.log((1 + n) / (1 + df[g])) + 1.0 for g in terms])
+    labels = LABELS if bank else CBT_PARTS  # without the banks nothing teaches "other"
+    scorer = StructureScorer(vocab, idf, np.zeros((len(labels), len(terms))), np.zeros(len(labels)), labels, n_max, {})
+    rows, cols, vals = [], [], []
+    for i, (text, _, _) in enumerate(examples):
+        c, v = scorer._row(text)
+        rows += [i] * len(c)
+        cols += c.tolist()
+        vals += v.tolist()
+    X = sp.csr_matrix((vals, (rows, cols)), shape=(n, len(terms)))
+    y = np.array([labels.index(lab) for _, lab, _ in examples])
+    clf = LogisticRegression(C=C, max_iter=5000).fit(X, y, sample_weight=example_weights(examples))
+    scorer.coef, scorer.intercept = clf.coef_, clf.intercept_
+    counts = Counter(lab for _, lab, _ in examples)
+    scorer.meta = {
+        "signature": (
+            f"{VERSION}|seg:paragraphs,else sentences|feat:char1-{n_max} tfidf-sublinear min_df{min_df} nfkc|"
+            f"model:logreg C{C:g} label+source-balanced|train:{source}{' + seed-bank' if bank else ''}|"
+            f"sklearn {sklearn.__version__}"
+        ),
+        "examples": {lab: counts[lab] for lab in labels},
+        "features": len(terms),
+    }
+    return scorer
+
+
+def load_or_train(path: str | Path, **train_kw) -> StructureScorer:
+    """The scorer saved at `path`, trained (train_scorer(**train_kw)) and saved there first if it is missing."""
+    path = Path(path)
+    if path.is_file():
+        return load_scorer(path)
+    scorer = train_scorer(**train_kw)
+    scorer.save(path)
+    return scorer
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def variants(answer: dict, rng: random.Random) -> list[dict]:
+    """Labelled answers derived from one ({id, layout, segments: [{label, text}]}): as written, each part removed
+    in turn, shuffled, and two parts removed then shuffled. The shuffles never keep the original order."""
+
+    def make(kind: str, segs: list[dict]) -> dict:
+        return {"id": f"{answer['id']}/{kind}", "layout": answer["layout"], "segments": segs}
+
+    segs = answer["segments"]
+    out = [make("full", segs)]
+    for part in CBT_PARTS:
+        kept = [s for s in segs if s["label"] != part]
+        if len(kept) < len(segs):
+            out.append(make(f"no-{part}", kept))
+
+    def shuffled(items: list[dict]) -> list[dict]:
+        order = list(range(len(items)))
+        while len(items) > 1 and order == sorted(order):
+            rng.shuffle(order)
+        return [items[i] for i in order]
+
+    out.append(make("shuffled", shuffled(segs)))
+    drop = set(rng.sample(CBT_PARTS, 2))
+    out.append(make("two-removed-shuffled", shuffled([s for s in segs if s["label"] not in drop])))
+    return out
+
+
+def answer_text(answer: dict) -> str:
+    """The answer as a model would write it: paragraphs apart by a blank line, or one paragraph."""
+    texts = [s["text"] for s in answer["segments"]]
+    return "".join(texts) if answer["layout"] == "one_paragraph" else "\n\n".join(texts)
+
+
+def _ratio(hits: int, n: int) -> dict:
+    return {"n": n, "accuracy": hits / n if n else None}
+
+
+def evaluate_scorer(scorer: StructureScorer, answers: Sequence[dict], seed: int = 0) -> dict:
+    """Accuracy of the scorer on labelled answers ({id, layout, segments: [{label, text}]}):
+
+    segments   per label: recall (the accuracy on segments of that label) with its n, and precision
+    presence   per part, over every variant (variants()): how often "the part is present" is called right
+    coverage   over every variant: exact-match rate and mean absolute error of coverage
+    order      mean absolute error of order agreement, over variants where both are defined
+    """
+    gold = [s["label"] for a in answers for s in a["segments"]]
+    pred = scorer.label([s["text"] for a in answers for s in a["segments"]])
+    seg = {}
+    for lab in LABELS:
+        n = sum(g == lab for g in gold)
+        called = sum(p == lab for p in pred)
+        hit = sum(g == p == lab for g, p in zip(gold, pred))
+        seg[lab] = {**_ratio(hit, n), "precision": hit / called if called else None}
+    confusion = {g: dict(Counter(p for gg, p in zip(gold, pred) if gg == g)) for g in LABELS if g in gold}
+
+    rng = random.Random(seed)
+    presence = {p: [0, 0] for p in CBT_PARTS}
+    cov_hit = cov_err = 0
+    order_err: list[float] = []
+    n_var = 0
+    for a in answers:
+        for v in variants(a, rng):
+            truth = structure_of([s["label"] for s in v["segments"]])
+            got = scorer.score(answer_text(v))
+            n_var += 1
+            for p in CBT_PARTS:
+                presence[p][0] += (p in truth["parts"]) == (p in got["parts"])
+                presence[p][1] += 1
+            cov_hit += truth["coverage"] == got["coverage"]
+            cov_err += abs(truth["coverage"] - got["coverage"])
+            if truth["order"] is not None and got["order"] is not None:
+                order_err.append(abs(truth["order"] - got["order"]))
+    return {
+        "signature": scorer.signature,
+        "answers": len(answers),
+        "segments": {"n": len(gold), "accuracy": sum(g == p for g, p in zip(gold, pred)) / len(gold), "per_label": seg},
+        "confusion": confusion,
+        "presence": {p: _ratio(h, n) for p, (h, n) in presence.items()},
+        "coverage": {"n": n_var, "exact": cov_hit / n_var, "mae": cov_err / n_var},
+        "order": {"n": len(order_err), "mae": float(np.mean(order_err)) if order_err else None},
+    }
