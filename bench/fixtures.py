@@ -1,4 +1,5 @@
-"""Tiny packed shards + manifest in the prepare -> train contract (data_pipeline/shards.py), for the trainer tests and bench/train_bench.py.
+"""Tiny packed shards + manifest in the prepare -> train contract (data_pipeline/shards.py), for the trainer tests
+and bench/train_bench.py.
 
 Here rather than under tests/ because bench/ may not import tests/ (tests/test_layers.py holds that rule);
 tests/train_fixtures.py re-exports it.
@@ -35,7 +36,9 @@ def write_tiny_tokenizer(out_dir: Path) -> Path:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=SPECIALS[1:],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,28 +82,42 @@ def _write_split(out: Path, split: str, rows: list[dict], num_shards: int) -> li
     shards = []
     per = len(rows) // num_shards
     for k in range(num_shards):
-        part = rows[k * per:(k + 1) * per]
+        part = rows[k * per : (k + 1) * per]
         rel = f"{split}/part-{k:05d}-of-{num_shards:05d}.parquet"
-        table = pa.table({
-            "input_ids": pa.array([r["input_ids"] for r in part], pa.list_(pa.int32())),
-            "labels": pa.array([r["labels"] for r in part], pa.list_(pa.int32())),
-            "position_ids": pa.array([r["position_ids"] for r in part], pa.list_(pa.int32())),
-            "num_examples": pa.array([r["num_examples"] for r in part], pa.int32()),
-            "example_ids": pa.array([r["example_ids"] for r in part], pa.list_(pa.string())),
-        })
+        table = pa.table(
+            {
+                "input_ids": pa.array([r["input_ids"] for r in part], pa.list_(pa.int32())),
+                "labels": pa.array([r["labels"] for r in part], pa.list_(pa.int32())),
+                "position_ids": pa.array([r["position_ids"] for r in part], pa.list_(pa.int32())),
+                "num_examples": pa.array([r["num_examples"] for r in part], pa.int32()),
+                "example_ids": pa.array([r["example_ids"] for r in part], pa.list_(pa.string())),
+            }
+        )
         pq.write_table(table, out / rel)
-        shards.append({
-            "path": rel, "rows": len(part), "examples": sum(r["num_examples"] for r in part),
-            "tokens": sum(len(r["input_ids"]) for r in part),
-            "label_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in part),
-            "sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest(),
-        })
+        shards.append(
+            {
+                "path": rel,
+                "rows": len(part),
+                "examples": sum(r["num_examples"] for r in part),
+                "tokens": sum(len(r["input_ids"]) for r in part),
+                "label_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in part),
+                "sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest(),
+            }
+        )
     return shards
 
 
-def make_shards(out: Path, *, rows_per_shard: int = 4, train_shards: int = 4, val_rows: int = 6,
-                seq_len: int = 64, packing: bool = True, seed: int = 0,
-                lengths: tuple[int, int, int, int] = (3, 8, 4, 10)) -> Path:
+def make_shards(
+    out: Path,
+    *,
+    rows_per_shard: int = 4,
+    train_shards: int = 4,
+    val_rows: int = 6,
+    seq_len: int = 64,
+    packing: bool = True,
+    seed: int = 0,
+    lengths: tuple[int, int, int, int] = (3, 8, 4, 10),
+) -> Path:
     """Write tokenizer/, train/, validation/ and manifest.json under `out`; returns `out`."""
     out = Path(out)
     tok_dir = write_tiny_tokenizer(out / "tokenizer")
@@ -120,9 +137,14 @@ def make_shards(out: Path, *, rows_per_shard: int = 4, train_shards: int = 4, va
         for key in counts:
             counts[key][split] = sum(s[key] for s in shards)
     manifest = {
-        "schema_version": 1, "seq_len": seq_len, "packing": packing, "pad_token_id": 0,
+        "schema_version": 1,
+        "seq_len": seq_len,
+        "packing": packing,
+        "pad_token_id": 0,
         "tokenizer": {"name_or_path": str(tok_dir), "hash": tokenizer_hash(AutoTokenizer.from_pretrained(tok_dir))},
-        "config_hash": "fixture", "system_prompt": "", "format": "cbt",
+        "config_hash": "fixture",
+        "system_prompt": "",
+        "format": "cbt",
         "counts": {"read": 0, "kept": 0, "rejected": {}, "rejected_total": 0, "truncated": 0, **counts},
         "packing_efficiency": {s: counts["tokens"][s] / (counts["rows"][s] * seq_len) for s in splits},
         "splits": splits,

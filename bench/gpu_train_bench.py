@@ -32,30 +32,54 @@ BIN = Path(sys.executable).parent
 
 CASES = {
     "full-1.2b": {
-        "model": ["model.hidden_size=2048", "model.num_layers=20", "model.num_heads=16", "model.num_kv_heads=16",
-                  "model.intermediate_size=5632", "model.vocab_size=32000"],
+        "model": [
+            "model.hidden_size=2048",
+            "model.num_layers=20",
+            "model.num_heads=16",
+            "model.num_kv_heads=16",
+            "model.intermediate_size=5632",
+            "model.vocab_size=32000",
+        ],
         "train": ["train.zero_stage=2", "train.lr=1e-4"],
         "sides": {"ours": [], "ours-ds-fusedadam": ["train.optimizer=deepspeed"]},
         "hf": {"zero_stage": 2, "lora_r": 0},
         "what": "random Qwen2, hidden 2048, 20 layers, 16 heads, vocab 32000 (~1.2B), full fine-tuning, ZeRO-2",
     },
     "lora-7b": {
-        "model": ["model.hidden_size=3584", "model.num_heads=28", "model.num_kv_heads=4",
-                  "model.intermediate_size=18944", "model.vocab_size=152064"],
-        "train": ["train.zero_stage=3", "train.lr=1e-4", "model.lora.enabled=true", "model.lora.r=16",
-                  "model.lora.alpha=32", "model.lora.dropout=0.0"],
+        "model": [
+            "model.hidden_size=3584",
+            "model.num_heads=28",
+            "model.num_kv_heads=4",
+            "model.intermediate_size=18944",
+            "model.vocab_size=152064",
+        ],
+        "train": [
+            "train.zero_stage=3",
+            "train.lr=1e-4",
+            "model.lora.enabled=true",
+            "model.lora.r=16",
+            "model.lora.alpha=32",
+            "model.lora.dropout=0.0",
+        ],
         "sides": {"ours": []},
         "hf": {"zero_stage": 3, "lora_r": 16},
         "what": "Qwen2.5-7B shapes (hidden 3584, 28/4 heads, MLP 18944, vocab 152064), {layers} of 28 layers, "
-                "LoRA r=16 all-linear, ZeRO-3",
+        "LoRA r=16 all-linear, ZeRO-3",
     },
 }
 # optional extra sides (--extra-sides): Liger's RoPE/RMSNorm/SwiGLU kernels, and a short profiled run whose
 # operator table (profile.txt) shows where a step's time goes (its own tokens/s include the profiler's cost)
-EXTRA_SIDES = {"liger": ("ours-liger", ["model.liger=true"]),
-               "profile": ("ours-profile", ["train.max_steps=9", "train.profile_steps=3"])}
-SMOKE_MODEL = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128",
-               "model.vocab_size=512"]
+EXTRA_SIDES = {
+    "liger": ("ours-liger", ["model.liger=true"]),
+    "profile": ("ours-profile", ["train.max_steps=9", "train.profile_steps=3"]),
+}
+SMOKE_MODEL = [
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "model.vocab_size=512",
+]
 
 
 def _pythonpath() -> str:
@@ -72,10 +96,26 @@ def _log_windows(run_dir: Path) -> list[dict]:
 def run_ours(run_dir: Path, data: Path, overrides: list[str], timeout: int) -> dict:
     """One `cbt-llm train` through torchrun on one device; tokens/s, MFU over the log windows after the first."""
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=_pythonpath())
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "cbt_llm.cli", "train",
-           f"train.data_dir={data}", f"train.run_dir={run_dir}", "train.epochs=1", "train.log_every=4",
-           "train.eval_every=0", "train.save_every=0", "train.resume=never", "train.warmup_steps=2",
-           "train.save_final=false", "data.world_size=1", *overrides]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "cbt_llm.cli",
+        "train",
+        f"train.data_dir={data}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=1",
+        "train.log_every=4",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.resume=never",
+        "train.warmup_steps=2",
+        "train.save_final=false",
+        "data.world_size=1",
+        *overrides,
+    ]
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     steps = _log_windows(run_dir)
@@ -83,26 +123,66 @@ def run_ours(run_dir: Path, data: Path, overrides: list[str], timeout: int) -> d
     tokens = sum(r["perf/tokens"] for r in steps)
     secs = sum(r["perf/tokens"] / r["perf/tokens_per_s"] for r in steps)
     mfus = [r["perf/mfu"] for r in steps if r["perf/mfu"] is not None]
-    return {"tokens_per_s": tokens / secs, "mfu": sum(mfus) / len(mfus) if mfus else None,
-            "real_tokens_timed": tokens, "train_s": secs, "steps": s["steps"], "attn": s["attn"],
-            "attn_kernel": s["attn_kernel"], "optimizer": s["optimizer"], "master_weights": s["master_weights_dtype"],
-            "micro_batch_size": s["micro_batch_size"], "loss_chunk_tokens": s["loss_chunk_tokens"],
-            "packing_efficiency": sum(r["perf/packing_efficiency"] for r in steps) / len(steps),
-            "peak_mem_gib": s["peak_mem_gib"], "first_loss": s["first_train_loss"], "last_loss": s["last_train_loss"]}
+    return {
+        "tokens_per_s": tokens / secs,
+        "mfu": sum(mfus) / len(mfus) if mfus else None,
+        "real_tokens_timed": tokens,
+        "train_s": secs,
+        "steps": s["steps"],
+        "attn": s["attn"],
+        "attn_kernel": s["attn_kernel"],
+        "optimizer": s["optimizer"],
+        "master_weights": s["master_weights_dtype"],
+        "micro_batch_size": s["micro_batch_size"],
+        "loss_chunk_tokens": s["loss_chunk_tokens"],
+        "packing_efficiency": sum(r["perf/packing_efficiency"] for r in steps) / len(steps),
+        "peak_mem_gib": s["peak_mem_gib"],
+        "first_loss": s["first_train_loss"],
+        "last_loss": s["last_train_loss"],
+    }
 
 
 def run_hf(out: Path, data: Path, base: Path, hf_batch: int, hf: dict, gpu: bool, timeout: int) -> dict:
     """HF Trainer + padding collator (bench/train_bench.py's worker) on the same base model and examples."""
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", str(ROOT / "bench" / "train_bench.py"),
-           "--hf-worker", "--data", str(data), "--model", str(base), "--out", str(out), "--hf-batch", str(hf_batch),
-           "--grad-accum", "1", "--zero-stage", str(hf["zero_stage"]), "--lora-r", str(hf["lora_r"])]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        str(ROOT / "bench" / "train_bench.py"),
+        "--hf-worker",
+        "--data",
+        str(data),
+        "--model",
+        str(base),
+        "--out",
+        str(out),
+        "--hf-batch",
+        str(hf_batch),
+        "--grad-accum",
+        "1",
+        "--zero-stage",
+        str(hf["zero_stage"]),
+        "--lora-r",
+        str(hf["lora_r"]),
+    ]
     cmd += ["--gpu"] if gpu else []
     with open(out.parent / f"{out.name}.log", "w") as log:
-        subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=_pythonpath()), check=True, stdout=log,
-                       stderr=subprocess.STDOUT, timeout=timeout)
+        subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=_pythonpath()),
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     r = json.loads((out / "hf.json").read_text())
-    r.update(batch_examples=hf_batch, tokens_per_s=r["real_tokens"] / r["train_s"],
-             token_efficiency=r["real_tokens"] / r["padded_tokens"])
+    r.update(
+        batch_examples=hf_batch,
+        tokens_per_s=r["real_tokens"] / r["train_s"],
+        token_efficiency=r["real_tokens"] / r["padded_tokens"],
+    )
     return r
 
 
@@ -116,15 +196,29 @@ def _guarded(fn, *a, **kw) -> dict:
 
 def run_case(name: str, out: Path, args, make_shards) -> dict:
     case, gpu = CASES[name], not args.smoke
-    data = make_shards(out / f"data-{name}", rows_per_shard=args.rows, train_shards=1, val_rows=2,
-                       seq_len=args.seq_len, lengths=(64, 400, 200, 1500) if gpu else (8, 40, 20, 150))
+    data = make_shards(
+        out / f"data-{name}",
+        rows_per_shard=args.rows,
+        train_shards=1,
+        val_rows=2,
+        seq_len=args.seq_len,
+        lengths=(64, 400, 200, 1500) if gpu else (8, 40, 20, 150),
+    )
     manifest = json.loads((data / "manifest.json").read_text())
     layers = args.lora_layers if name == "lora-7b" else 20
     model = (case["model"] if gpu else SMOKE_MODEL) + [f"model.num_layers={layers if gpu else 2}"]
-    common = [*case["train"], f"train.tokens_per_micro_batch={4 * args.seq_len}",
-              *(["model.precision=bf16"] if gpu else ["model.precision=fp32"])]
-    result = {"case": name, "what": case["what"].format(layers=layers), "seq_len": args.seq_len,
-              "train_rows": manifest["counts"]["rows"]["train"], "train_examples": manifest["counts"]["examples"]["train"]}
+    common = [
+        *case["train"],
+        f"train.tokens_per_micro_batch={4 * args.seq_len}",
+        *(["model.precision=bf16"] if gpu else ["model.precision=fp32"]),
+    ]
+    result = {
+        "case": name,
+        "what": case["what"].format(layers=layers),
+        "seq_len": args.seq_len,
+        "train_rows": manifest["counts"]["rows"]["train"],
+        "train_examples": manifest["counts"]["examples"]["train"],
+    }
     base = out / f"{name}-ours" / "base_model"
     sides = dict(case["sides"])
     sides.update(EXTRA_SIDES[x] for x in args.extra_sides.split(",") if x)
@@ -164,8 +258,9 @@ def _table(r: dict) -> dict:
             row[k] = f"{r[k]:.3f}x"
     o = r.get("ours", {})
     if "optimizer" in o:
-        row["ours optimizer / kernel / rows per micro-batch"] = (f"{o['optimizer']} / {o['attn_kernel']} / "
-                                                                 f"{o['micro_batch_size']}")
+        row["ours optimizer / kernel / rows per micro-batch"] = (
+            f"{o['optimizer']} / {o['attn_kernel']} / {o['micro_batch_size']}"
+        )
     return row
 
 
@@ -195,7 +290,11 @@ def main() -> None:
     for name in args.cases.split(","):
         results["cases"][name] = r = run_case(name, out, args, make_shards)
         print_summary(f"{name} on {device}", {k: ("-" if v is None else v) for k, v in _table(r).items()})
-        dest = out / "results.json" if args.smoke else ROOT / "bench" / "results" / f"train-gpu-{device.replace(' ', '-').lower()}.json"
+        dest = (
+            out / "results.json"
+            if args.smoke
+            else ROOT / "bench" / "results" / f"train-gpu-{device.replace(' ', '-').lower()}.json"
+        )
         write_metrics(dest, results)
 
 

@@ -51,9 +51,17 @@ def worker(args) -> None:
     loss.backward()
     secs = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"chunk": args.chunk, "loss": loss.item(), "seconds": secs,
-                      "peak_above_inputs_mib": peak - max(base, peak_before),
-                      "grad_norm": float(head.weight.grad.norm())}))
+    print(
+        json.dumps(
+            {
+                "chunk": args.chunk,
+                "loss": loss.item(),
+                "seconds": secs,
+                "peak_above_inputs_mib": peak - max(base, peak_before),
+                "grad_norm": float(head.weight.grad.norm()),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -72,13 +80,25 @@ def main() -> None:
 
     rows = {}
     for chunk in [0] + [int(c) for c in args.chunks.split(",") if c]:
-        cmd = [sys.executable, __file__, "--worker", f"--vocab={args.vocab}", f"--seq={args.seq}",
-               f"--hidden={args.hidden}", f"--chunk={chunk}"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            f"--vocab={args.vocab}",
+            f"--seq={args.seq}",
+            f"--hidden={args.hidden}",
+            f"--chunk={chunk}",
+        ]
         out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
         rows[chunk] = json.loads(out.strip().splitlines()[-1])
     full = rows[0]
-    result = {"vocab": args.vocab, "seq": args.seq, "hidden": args.hidden, "device": "cpu, fp32, one thread",
-              "full_logits": full}
+    result = {
+        "vocab": args.vocab,
+        "seq": args.seq,
+        "hidden": args.hidden,
+        "device": "cpu, fp32, one thread",
+        "full_logits": full,
+    }
     for chunk, r in rows.items():
         if chunk:
             r["memory_ratio_vs_full"] = r["peak_above_inputs_mib"] / full["peak_above_inputs_mib"]
@@ -86,12 +106,15 @@ def main() -> None:
             r["grad_norm_rel_diff"] = abs(r["grad_norm"] - full["grad_norm"]) / full["grad_norm"]
             result[f"chunked_{chunk}"] = r
     write_metrics(ROOT / "bench" / "results" / "loss-memory.json", result)
-    table = {"full logits: peak MiB above inputs": round(full["peak_above_inputs_mib"]),
-             "full logits: seconds": round(full["seconds"], 2)}
+    table = {
+        "full logits: peak MiB above inputs": round(full["peak_above_inputs_mib"]),
+        "full logits: seconds": round(full["seconds"], 2),
+    }
     for chunk, r in rows.items():
         if chunk:
-            table[f"chunk {chunk}: peak MiB (ratio)"] = (f"{r['peak_above_inputs_mib']:.0f} "
-                                                        f"({r['memory_ratio_vs_full']:.3f}x)")
+            table[f"chunk {chunk}: peak MiB (ratio)"] = (
+                f"{r['peak_above_inputs_mib']:.0f} ({r['memory_ratio_vs_full']:.3f}x)"
+            )
             table[f"chunk {chunk}: seconds / loss rel diff"] = f"{r['seconds']:.2f} / {r['loss_rel_diff']:.1e}"
     print_summary(f"loss memory, vocab {args.vocab}, seq {args.seq}, hidden {args.hidden}", table)
 

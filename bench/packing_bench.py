@@ -109,8 +109,17 @@ def lower_bound(lengths: list[int], seq_len: int) -> int:
 
 def sweep(hist: dict[int, int], out: Path) -> None:
     """Windows where a target variant needs more rows than BFD (pack_best keeps BFD's bins there)."""
-    dists = ["corpus", "uniform", "longtail", "psyqa-like", "normal-200-10", "normal-220-20", "normal-300-30",
-             "uniform-50-400", "bimodal"]
+    dists = [
+        "corpus",
+        "uniform",
+        "longtail",
+        "psyqa-like",
+        "normal-200-10",
+        "normal-220-20",
+        "normal-300-30",
+        "uniform-50-400",
+        "bimodal",
+    ]
     windows, losses = 0, {"balanced": [], "extreme": []}
     for n, seeds in ((30, 5), (300, 5), (3000, 5), (20_000, 2)):
         for seed in range(1, seeds + 1):

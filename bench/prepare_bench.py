@@ -110,7 +110,12 @@ def baseline_main(files: list[str], tok_dir: str, seq_len: int, num_proc: int, o
             n = sum(mask)
             labels.append([-100] * min(p, n) + ids[p:n] + [-100] * (seq_len - max(p, n)))
             real.append(n)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels, "n_real": real}
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels,
+            "n_real": real,
+        }
 
     ds = ds.map(fn, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=ds.column_names)
     ds.to_parquet(str(Path(out) / "baseline.parquet"))
@@ -148,17 +153,40 @@ def main() -> int:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     try:
         print(f"generating {args.num_records:,} records ...", file=sys.stderr)
-        gen = run_measured(_cli("synth", "template", "--num-records", str(args.num_records), "--out", str(corpus),
-                                "--num-shards", "8"), env)
+        gen = run_measured(
+            _cli(
+                "synth", "template", "--num-records", str(args.num_records), "--out", str(corpus), "--num-shards", "8"
+            ),
+            env,
+        )
         files = sorted(str(p) for p in corpus.glob("*.jsonl"))
-        run_measured(_cli("tokenizer", "train", "--input", str(corpus / "*.jsonl"), "--out", str(tok_dir),
-                          "tokenizer.max_records=50000"), env)
+        run_measured(
+            _cli(
+                "tokenizer",
+                "train",
+                "--input",
+                str(corpus / "*.jsonl"),
+                "--out",
+                str(tok_dir),
+                "tokenizer.max_records=50000",
+            ),
+            env,
+        )
 
         print("ours: cbt-llm prepare ...", file=sys.stderr)
         ours_out = work / "ours"
-        ours = run_measured(_cli("prepare", f"data.inputs=[{corpus}/*.jsonl]", f"data.tokenizer={tok_dir}",
-                                 f"data.out_dir={ours_out}", f"data.seq_len={args.seq_len}",
-                                 f"data.packer={args.packer}", "data.world_size=2"), env)
+        ours = run_measured(
+            _cli(
+                "prepare",
+                f"data.inputs=[{corpus}/*.jsonl]",
+                f"data.tokenizer={tok_dir}",
+                f"data.out_dir={ours_out}",
+                f"data.seq_len={args.seq_len}",
+                f"data.packer={args.packer}",
+                "data.world_size=2",
+            ),
+            env,
+        )
         man = json.loads((ours_out / "manifest.json").read_text())
         met = json.loads((ours_out / "prepare_metrics.json").read_text())
         c = man["counts"]
@@ -171,16 +199,31 @@ def main() -> int:
             print(f"baseline: datasets.map(num_proc={args.num_proc}) + padding ...", file=sys.stderr)
             base_out = work / "baseline"
             base_out.mkdir()
-            base = run_measured([sys.executable, __file__, "--num-proc", str(args.num_proc), "--baseline",
-                                 json.dumps(files), str(tok_dir), str(args.seq_len), str(base_out)], env)
+            base = run_measured(
+                [
+                    sys.executable,
+                    __file__,
+                    "--num-proc",
+                    str(args.num_proc),
+                    "--baseline",
+                    json.dumps(files),
+                    str(tok_dir),
+                    str(args.seq_len),
+                    str(base_out),
+                ],
+                env,
+            )
             bstats = json.loads((base_out / "baseline_stats.json").read_text())
 
         n = args.num_records
         result = {
             "num_records": n,
             "seq_len": args.seq_len,
-            "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                        "python": platform.python_version()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "cpu": platform.processor() or platform.machine(),
+                "python": platform.python_version(),
+            },
             "corpus_bytes": sum(os.path.getsize(f) for f in files),
             "synth_wall_s": round(gen["wall_s"], 2),
             "ours": {
@@ -198,7 +241,9 @@ def main() -> int:
                 "packer": args.packer,
                 "rejected": c["rejected_total"],
             },
-            "baseline": None if bstats is None else {
+            "baseline": None
+            if bstats is None
+            else {
                 "wall_s": round(base["wall_s"], 2),
                 "records_per_s": round(n / base["wall_s"], 1),
                 "tokens_per_s": round(bstats["tokens"] / base["wall_s"], 1),
@@ -210,12 +255,20 @@ def main() -> int:
             },
         }
         o, b = result["ours"], result["baseline"]
-        result["ratio"] = None if b is None else {
-            "speed(ours/baseline records/s)": round(o["records_per_s"] / b["records_per_s"], 3),
-            "memory(ours/baseline peak)": round(o["peak_pss_mib"] / b["peak_pss_mib"], 3),
-            "rows(ours/baseline)": round(o["rows"] / b["rows"], 4),
-        }
-        tag = f"{n // 1000}k-seq{args.seq_len}" + ("-ours" if b is None else "") + ("-bfd" if args.packer == "bfd" else "")
+        result["ratio"] = (
+            None
+            if b is None
+            else {
+                "speed(ours/baseline records/s)": round(o["records_per_s"] / b["records_per_s"], 3),
+                "memory(ours/baseline peak)": round(o["peak_pss_mib"] / b["peak_pss_mib"], 3),
+                "rows(ours/baseline)": round(o["rows"] / b["rows"], 4),
+            }
+        )
+        tag = (
+            f"{n // 1000}k-seq{args.seq_len}"
+            + ("-ours" if b is None else "")
+            + ("-bfd" if args.packer == "bfd" else "")
+        )
         out_path = ROOT / "bench" / "results" / f"prepare-{tag}.json"
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -227,11 +280,16 @@ def main() -> int:
         if b is not None:
             rows.append((f"datasets.map(num_proc={args.num_proc}) + padding", b))
         for name, r in rows:
-            print(f"| {name} | {r['wall_s']:,.1f} | {r['records_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['peak_pss_mib']:,.0f} | {r['rows']:,} | {r['efficiency']:.3f} |")
+            print(
+                f"| {name} | {r['wall_s']:,.1f} | {r['records_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['peak_pss_mib']:,.0f} | {r['rows']:,} | {r['efficiency']:.3f} |"
+            )
         if b is not None:
-            print(f"\nratio ours/baseline: speed {result['ratio']['speed(ours/baseline records/s)']}x, "
-                  f"memory {result['ratio']['memory(ours/baseline peak)']}x, rows {result['ratio']['rows(ours/baseline)']}x")
+            print(
+                f"\nratio ours/baseline: speed {result['ratio']['speed(ours/baseline records/s)']}x, "
+                f"memory {result['ratio']['memory(ours/baseline peak)']}x, "
+                f"rows {result['ratio']['rows(ours/baseline)']}x"
+            )
         print(f"Ray start-up {o['ray_startup_s']} s; wrote {out_path.relative_to(ROOT)}")
     finally:
         if not args.keep:

@@ -100,10 +100,25 @@ def main() -> int:
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     side = Path(args.csv).with_suffix(".driver.jsonl")
     side.unlink(missing_ok=True)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false", CBT_MEM_SIDE=str(side),
-               CBT_MEM_INTERVAL=str(args.interval))
-    cmd = [sys.executable, "-c", _DRIVER_HOOK, "prepare", f"data.inputs=[{args.corpus}]", f"data.tokenizer={args.tokenizer}",
-           f"data.out_dir={args.out}", "data.seq_len=1024", "data.world_size=2", *args.overrides]
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        CBT_MEM_SIDE=str(side),
+        CBT_MEM_INTERVAL=str(args.interval),
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        _DRIVER_HOOK,
+        "prepare",
+        f"data.inputs=[{args.corpus}]",
+        f"data.tokenizer={args.tokenizer}",
+        f"data.out_dir={args.out}",
+        "data.seq_len=1024",
+        "data.world_size=2",
+        *args.overrides,
+    ]
     t0 = time.time()
     log = open(Path(args.csv).with_suffix(".log"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -118,10 +133,19 @@ def main() -> int:
                 drv = json.loads(lines[-1])
         total = sum(s.values())
         peak = max(peak, total)
-        rows.append({"t": round(time.time() - t0, 1), "total": total, **s, "driver_rss": drv.get("rss", 0),
-                     "driver_anon": drv.get("anon", 0), "driver_shmem": drv.get("shmem", 0),
-                     "arrow_pool": drv.get("arrow", 0), "py_blocks": drv.get("py_blocks", 0),
-                     "records_read": drv.get("read", 0)})
+        rows.append(
+            {
+                "t": round(time.time() - t0, 1),
+                "total": total,
+                **s,
+                "driver_rss": drv.get("rss", 0),
+                "driver_anon": drv.get("anon", 0),
+                "driver_shmem": drv.get("shmem", 0),
+                "arrow_pool": drv.get("arrow", 0),
+                "py_blocks": drv.get("py_blocks", 0),
+                "records_read": drv.get("read", 0),
+            }
+        )
         time.sleep(args.interval)
     keys: list[str] = []
     for r in rows:
@@ -131,8 +155,13 @@ def main() -> int:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (mib(r.get(k, 0)) if k not in ("t", "records_read", "py_blocks") else r.get(k, 0)) for k in keys})
-    print(f"exit {proc.returncode}, {time.time() - t0:.1f} s, peak tree PSS {peak / 2**20:.0f} MiB; wrote {args.csv} (MiB)")
+            w.writerow(
+                {k: (mib(r.get(k, 0)) if k not in ("t", "records_read", "py_blocks") else r.get(k, 0)) for k in keys}
+            )
+    print(
+        f"exit {proc.returncode}, {time.time() - t0:.1f} s, peak tree PSS {peak / 2**20:.0f} MiB; "
+        f"wrote {args.csv} (MiB)"
+    )
     return proc.returncode
 
 

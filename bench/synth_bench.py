@@ -75,9 +75,25 @@ def run_mode(name: str, num_records: int, num_shards: int, work: Path, seed: int
     shutil.rmtree(out, ignore_errors=True)
     rusage_file = work / f"{name}.rusage.json"
     log_file = work / f"{name}.log"
-    cmd = [sys.executable, "-c", _CHILD, "synth", "template", "--num-records", str(num_records),
-           "--num-shards", str(num_shards), "--workers", str(workers), "--compress", compress,
-           "--seed", str(seed), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        _CHILD,
+        "synth",
+        "template",
+        "--num-records",
+        str(num_records),
+        "--num-shards",
+        str(num_shards),
+        "--workers",
+        str(workers),
+        "--compress",
+        compress,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, SYNTH_BENCH_RUSAGE=str(rusage_file))
     cpu0 = sorted(os.sched_getaffinity(0))[0]
     preexec = (lambda: os.sched_setaffinity(0, {cpu0})) if pin else None
@@ -120,14 +136,36 @@ def run_mode(name: str, num_records: int, num_shards: int, work: Path, seed: int
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["mode", "records", "workers", "shards", "compress", "records/s", "records/s per CPU", "wall s",
-            "peak RSS main MB", "peak RSS largest worker MB", "peak RSS tree MB (sampled)", "output MB"]
+    head = [
+        "mode",
+        "records",
+        "workers",
+        "shards",
+        "compress",
+        "records/s",
+        "records/s per CPU",
+        "wall s",
+        "peak RSS main MB",
+        "peak RSS largest worker MB",
+        "peak RSS tree MB (sampled)",
+        "output MB",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["mode"], f"{r['records']:,}", r["workers"], r["shards"], r["compress"],
-                 f"{r['records_per_s']:,.0f}", f"{r['records_per_cpu_s']:,.0f}", f"{r['wall_s']:.1f}",
-                 r["peak_rss_main_mb"], r["peak_rss_largest_worker_mb"] or "-", r["peak_rss_tree_sampled_mb"],
-                 f"{r['bytes'] / 2**20:,.0f}"]
+        cells = [
+            r["mode"],
+            f"{r['records']:,}",
+            r["workers"],
+            r["shards"],
+            r["compress"],
+            f"{r['records_per_s']:,.0f}",
+            f"{r['records_per_cpu_s']:,.0f}",
+            f"{r['wall_s']:.1f}",
+            r["peak_rss_main_mb"],
+            r["peak_rss_largest_worker_mb"] or "-",
+            r["peak_rss_tree_sampled_mb"],
+            f"{r['bytes'] / 2**20:,.0f}",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -137,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-records", type=int, default=1_000_000)
     ap.add_argument("--num-shards", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modes", default="single-core,default,default-zstd",
-                    help=f"comma-separated, from {', '.join(MODES)}")
-    ap.add_argument("--rss-records", type=int, default=0,
-                    help="also run default-zstd at this many records (e.g. 5000000) to check memory stays flat")
+    ap.add_argument(
+        "--modes", default="single-core,default,default-zstd", help=f"comma-separated, from {', '.join(MODES)}"
+    )
+    ap.add_argument(
+        "--rss-records",
+        type=int,
+        default=0,
+        help="also run default-zstd at this many records (e.g. 5000000) to check memory stays flat",
+    )
     ap.add_argument("--work-dir", default=None, help="scratch folder for the shards (default: a temp folder)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "synth.json"))
     args = ap.parse_args(argv)

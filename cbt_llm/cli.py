@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from cbt_llm.config import Config, ConfigError, load_config
 
@@ -65,7 +65,14 @@ def _add_common(p: argparse.ArgumentParser, key: str) -> None:
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     for flag, dotted, typ, help_ in _FLAGS.get(key, []):
-        p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, metavar=dotted.rsplit(".", 1)[-1].upper(), help=f"{help_} ({dotted})")
+        p.add_argument(
+            flag,
+            dest="flag:" + dotted,
+            type=typ,
+            default=None,
+            metavar=dotted.rsplit(".", 1)[-1].upper(),
+            help=f"{help_} ({dotted})",
+        )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=1024")
 
 
@@ -137,16 +144,29 @@ def _cmd_launch(cfg: Config, args) -> int:
 def _add_launch(sub) -> None:
     launch = sub.add_parser("launch", help="render and run/submit the training job: deepspeed launcher, Slurm or Ray")
     kinds = launch.add_subparsers(dest="launcher", required=True)
-    for name, help_ in (("deepspeed", "the deepspeed launcher: one node, a hostfile over ssh, or --no_ssh per node"),
-                        ("slurm", "an sbatch script: torchrun per node, c10d rendezvous, requeue on preemption"),
-                        ("ray", "a Ray job running Ray Train's TorchTrainer")):
+    for name, help_ in (
+        ("deepspeed", "the deepspeed launcher: one node, a hostfile over ssh, or --no_ssh per node"),
+        ("slurm", "an sbatch script: torchrun per node, c10d rendezvous, requeue on preemption"),
+        ("ray", "a Ray job running Ray Train's TorchTrainer"),
+    ):
         p = kinds.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML config (see configs/)")
         # its own --dry-run: print the rendered script rather than the resolved config
-        p.add_argument("--dry-run", dest="launch_dry_run", action="store_true", help="print the launcher script and exit")
+        p.add_argument(
+            "--dry-run", dest="launch_dry_run", action="store_true", help="print the launcher script and exit"
+        )
         for flag, dotted, typ, fhelp in _FLAGS["launch"]:
-            p.add_argument(flag, dest="flag:" + dotted, type=typ, default=None, metavar=dotted.rsplit(".", 1)[-1].upper(), help=f"{fhelp} ({dotted})")
-        p.add_argument("--node-rank", type=int, default=None, help="deepspeed --no_ssh multi-node: this machine's index")
+            p.add_argument(
+                flag,
+                dest="flag:" + dotted,
+                type=typ,
+                default=None,
+                metavar=dotted.rsplit(".", 1)[-1].upper(),
+                help=f"{fhelp} ({dotted})",
+            )
+        p.add_argument(
+            "--node-rank", type=int, default=None, help="deepspeed --no_ssh multi-node: this machine's index"
+        )
         p.add_argument("--wait", action="store_true", help="slurm: wait for the job to finish (sbatch --wait)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, passed on to `cbt-llm train` too")
         p.set_defaults(func=_cmd_launch, dry_run=False)
@@ -157,8 +177,11 @@ def _batch_arithmetic(cfg: Config) -> str:
     present (train.tokens_per_micro_batch needs its seq_len to become rows)."""
     tc = cfg.train
     world = cfg.data.world_size  # the ranks the shards were sized for
-    where = ("data.out_dir" if tc.data_dir == cfg.data.out_dir
-             else f"train.data_dir, set apart from data.out_dir {cfg.data.out_dir}")
+    where = (
+        "data.out_dir"
+        if tc.data_dir == cfg.data.out_dir
+        else f"train.data_dir, set apart from data.out_dir {cfg.data.out_dir}"
+    )
     reads = f"# data: reads the shards in {tc.data_dir} ({where})"
     try:
         from train.data import load_manifest, rows_per_micro_batch, steps_per_epoch
@@ -167,21 +190,29 @@ def _batch_arithmetic(cfg: Config) -> str:
         mb = rows_per_micro_batch(tc, m["seq_len"])
         spe, left_out = steps_per_epoch(m, world, mb, tc.grad_accum)
     except ConfigError as exc:
-        return f"{reads}\n# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum " \
-               f"{tc.grad_accum}\n# steps per epoch: unknown ({exc})"
+        return (
+            f"{reads}\n# batch: world_size {world} x micro_batch_size {tc.micro_batch_size} x grad_accum "
+            f"{tc.grad_accum}\n# steps per epoch: unknown ({exc})"
+        )
     rows_per_step = world * mb * tc.grad_accum
-    budget = f" (train.tokens_per_micro_batch {tc.tokens_per_micro_batch} // seq_len {m['seq_len']})" \
-        if tc.tokens_per_micro_batch else ""
+    budget = (
+        f" (train.tokens_per_micro_batch {tc.tokens_per_micro_batch} // seq_len {m['seq_len']})"
+        if tc.tokens_per_micro_batch
+        else ""
+    )
     eff = m["packing_efficiency"]["train"]
     total = tc.max_steps or tc.epochs * spe
-    return "\n".join([
-        reads,
-        f"# batch: world_size {world} x micro_batch_size {mb}{budget} x grad_accum {tc.grad_accum} "
-        f"= {rows_per_step} packed rows per optimizer step",
-        f"# tokens per micro-batch: <= {mb * m['seq_len']:,} per rank",
-        f"# tokens per step: <= {rows_per_step * m['seq_len']:,} (about {rows_per_step * m['seq_len'] * eff:,.0f} "
-        f"real at packing efficiency {eff:.3f}); steps per epoch: {spe} ({left_out} rows left out); "
-        f"total steps: {total}"])
+    return "\n".join(
+        [
+            reads,
+            f"# batch: world_size {world} x micro_batch_size {mb}{budget} x grad_accum {tc.grad_accum} "
+            f"= {rows_per_step} packed rows per optimizer step",
+            f"# tokens per micro-batch: <= {mb * m['seq_len']:,} per rank",
+            f"# tokens per step: <= {rows_per_step * m['seq_len']:,} (about {rows_per_step * m['seq_len'] * eff:,.0f} "
+            f"real at packing efficiency {eff:.3f}); steps per epoch: {spe} ({left_out} rows left out); "
+            f"total steps: {total}",
+        ]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,13 +46,21 @@ class SynthConfig(_Section):
     num_records: int = Field(20_000, ge=1, description="How many records to generate.")
     seed: int = Field(0, description="Seed: the same seed gives byte-identical output on any shard count.")
     out_dir: str = Field("", description="Folder the JSONL shards are written to (empty: runs/<run_name>/corpus).")
-    num_shards: int = Field(4, ge=1, description="Number of output shards; shard k holds a contiguous range of records, so concatenating the shards gives the 1-shard output.")
+    num_shards: int = Field(
+        4,
+        ge=1,
+        description="Number of output shards; shard k holds a contiguous range of records, so concatenating the "
+        "shards gives the 1-shard output.",
+    )
     compress: Literal["none", "zstd"] = Field("none", description="Write .jsonl or .jsonl.zst shards.")
     crisis_fraction: float = Field(
         0.02, ge=0.0, le=0.5, description="Fraction of questions that mention suicide or self-harm (crisis flagged)."
     )
     workers: int = Field(
-        0, ge=0, description="Processes writing shards in parallel (one shard each at a time); 0: one per CPU, 1: single process."
+        0,
+        ge=0,
+        description="Processes writing shards in parallel (one shard each at a time); 0: one per CPU, "
+        "1: single process.",
     )
 
 
@@ -114,7 +122,9 @@ class DataConfig(_Section):
         "(data_pipeline/packing.py); bfd: best-fit-decreasing alone (about 4x faster, as full only on long-tailed "
         "lengths).",
     )
-    pack_window: int = Field(20_000, ge=1, description="Examples per packing window (the packer sees one window at a time).")
+    pack_window: int = Field(
+        20_000, ge=1, description="Examples per packing window (the packer sees one window at a time)."
+    )
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Fraction of questions held out (by hash).")
     overlong: Literal["truncate", "reject"] = Field("truncate", description="Policy for examples over seq_len.")
     max_chars: int = Field(20_000, ge=1, description="Records with more characters than this are rejected.")
@@ -126,7 +136,9 @@ class DataConfig(_Section):
         "or 4 ranks); `cbt-llm launch` starts this many unless launch.gpus_per_node says otherwise.",
     )
     ray_object_store_mb: int = Field(
-        1024, ge=100, description="Object store size of the embedded local Ray (bounds prepare's memory; not used on a cluster)."
+        1024,
+        ge=100,
+        description="Object store size of the embedded local Ray (bounds prepare's memory; not used on a cluster).",
     )
     seed: int = 0
     rows_per_shard: int = Field(
@@ -184,9 +196,7 @@ class ModelConfig(_Section):
         "kernels cut at packed-example boundaries: torch's varlen flash kernel on CUDA, one SDPA call per example "
         "on CPU); sdpa = transformers' SDPA with a block-diagonal mask per packed row; remote-code models: sdpa.",
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPU, fp32 on CPU."
-    )
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     activation_checkpointing: Literal["off", "full", "every_k"] = Field(
         "off",
         description="Recompute activations in backward to save memory: off; full = every decoder layer; every_k = "
@@ -252,12 +262,14 @@ class TrainConfig(_Section):
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0: epochs x steps per epoch).")
     micro_batch_size: int = Field(1, ge=1, description="Packed rows per rank per forward pass.")
     tokens_per_micro_batch: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Token budget per rank per forward pass; sets micro_batch_size = tokens_per_micro_batch // "
         "the shards' seq_len (0: use micro_batch_size). Set one of the two. `train --dry-run` shows the result.",
     )
     loss_chunk_tokens: int = Field(
-        1024, ge=0,
+        1024,
+        ge=0,
         description="Cross-entropy from the last hidden state in chunks of this many tokens, each chunk's logits "
         "recomputed in backward, so the full (tokens x vocab) fp32 logits never exist (0: one full-logits pass).",
     )
@@ -292,14 +304,19 @@ class TrainConfig(_Section):
     )
     keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
     save_final: bool = Field(True, description="Checkpoint at the end of training (false: benchmarks).")
-    resume: str = Field("auto", description="'auto' (latest checkpoint in run_dir if any), 'never', or a checkpoint folder.")
+    resume: str = Field(
+        "auto", description="'auto' (latest checkpoint in run_dir if any), 'never', or a checkpoint folder."
+    )
     collective_timeout_s: int = Field(
         600, ge=10, description="A collective waiting longer than this fails the job (a dead rank cannot hang it)."
     )
     requeue_exit_code: int = Field(85, ge=1, le=255, description="Exit code after a SIGTERM/SIGUSR1 checkpoint.")
     profile_steps: int = Field(
-        0, ge=0, description="Profile this many optimizer steps (after 2 warm-up steps) with torch.profiler; "
-        "rank 0 writes the top operators to run_dir/profile.txt.")
+        0,
+        ge=0,
+        description="Profile this many optimizer steps (after 2 warm-up steps) with torch.profiler; "
+        "rank 0 writes the top operators to run_dir/profile.txt.",
+    )
     record_order: bool = Field(False, description="Write the rows each rank saw per step to run_dir/order/ (tests).")
 
 
@@ -323,10 +340,14 @@ class SlurmConfig(_Section):
     cpus_per_task: int = Field(0, ge=0, description="#SBATCH --cpus-per-task for each node's torchrun (0: omit).")
     mem: str | int = Field("", description="#SBATCH --mem per node, e.g. 480G (empty: omit; 0 = all of it).")
     grace_s: int = Field(
-        120, ge=10, description="#SBATCH --signal=B:USR1@grace: seconds before the time limit that training gets to checkpoint."
+        120,
+        ge=10,
+        description="#SBATCH --signal=B:USR1@grace: seconds before the time limit that training gets to checkpoint.",
     )
     max_restarts: int = Field(
-        20, ge=0, description="Requeue the job at most this many times (SLURM_RESTART_COUNT) after a checkpoint-and-exit."
+        20,
+        ge=0,
+        description="Requeue the job at most this many times (SLURM_RESTART_COUNT) after a checkpoint-and-exit.",
     )
     rdzv_port: int = Field(29500, ge=1024, le=65535, description="TCP port of the c10d rendezvous on the head node.")
     log_dir: str = Field(
@@ -343,9 +364,13 @@ class SlurmConfig(_Section):
 class RayLaunchConfig(_Section):
     """`cbt-llm launch ray`: a Ray cluster job running Ray Train's TorchTrainer (V2 API)."""
 
-    address: str = Field("", description="Ray cluster address for `ray job submit` (empty: $RAY_ADDRESS, else a local cluster).")
+    address: str = Field(
+        "", description="Ray cluster address for `ray job submit` (empty: $RAY_ADDRESS, else a local cluster)."
+    )
     storage_path: str = Field("", description="Where Ray Train keeps checkpoints (empty: <train.run_dir>/ray).")
-    max_failures: int = Field(2, ge=0, description="FailureConfig(max_failures): restarts from the last checkpoint after a worker dies.")
+    max_failures: int = Field(
+        2, ge=0, description="FailureConfig(max_failures): restarts from the last checkpoint after a worker dies."
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
 
 
@@ -362,7 +387,9 @@ class LaunchConfig(_Section):
     )
     master_port: int = Field(29500, ge=1024, le=65535, description="TCP port of the rank-0 rendezvous.")
     hostfile: str = Field(
-        "", description="deepspeed multi-node over ssh/pdsh: hostfile ('host slots=N' per line); empty: --no_ssh, one command per node."
+        "",
+        description="deepspeed multi-node over ssh/pdsh: hostfile ('host slots=N' per line); empty: --no_ssh, "
+        "one command per node.",
     )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     ray: RayLaunchConfig = Field(default_factory=RayLaunchConfig)
@@ -415,8 +442,9 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def check_world_size(launcher_world: int, train_shards: int, *, prepared_for: int, data_dir: str,
-                     origin: str = "WORLD_SIZE") -> str:
+def check_world_size(
+    launcher_world: int, train_shards: int, *, prepared_for: int, data_dir: str, origin: str = "WORLD_SIZE"
+) -> str:
     """The one world-size rule, applied by `cbt-llm launch` (preflight) and by the train recipe at start-up.
 
     The launcher's world size is the truth at run time (`origin` says where it came from: WORLD_SIZE, or
@@ -439,9 +467,11 @@ def check_world_size(launcher_world: int, train_shards: int, *, prepared_for: in
             f"{launcher_world}): run {ok} ranks, or re-run `cbt-llm prepare data.world_size={launcher_world}`"
         )
     if launcher_world != prepared_for:
-        return (f"note: world size {launcher_world} ({origin}) differs from data.world_size={prepared_for} the shards "
-                f"in {data_dir} were prepared for; each rank reads {train_shards // launcher_world} of "
-                f"{train_shards} train shards and the global batch is {launcher_world} x micro_batch_size x grad_accum")
+        return (
+            f"note: world size {launcher_world} ({origin}) differs from data.world_size={prepared_for} the shards "
+            f"in {data_dir} were prepared for; each rank reads {train_shards // launcher_world} of "
+            f"{train_shards} train shards and the global batch is {launcher_world} x micro_batch_size x grad_accum"
+        )
     return ""
 
 
@@ -508,7 +538,9 @@ def _first_error_line(err: ValidationError, source: str) -> str:
     return f"{source}: config field '{loc}': {e['msg']} (got {e.get('input')!r})"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, extra: dict | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, extra: dict | None = None
+) -> Config:
     """Load YAML (optional), merge `extra` (from CLI flags) and dotted overrides, validate.
 
     Raises ConfigError with one line naming the field and the fix.

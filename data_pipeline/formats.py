@@ -47,7 +47,9 @@ class Example:
 
     def chars(self, system_prompt: str) -> int:
         """Characters of content, not counting the shared default system prompt."""
-        return sum(len(m["content"]) for m in self.messages if not (m["role"] == "system" and m["content"] == system_prompt))
+        return sum(
+            len(m["content"]) for m in self.messages if not (m["role"] == "system" and m["content"] == system_prompt)
+        )
 
     def content_hash(self) -> int:
         """64-bit hash of the exact conversation: equal conversations are duplicates."""
@@ -82,7 +84,7 @@ def split_of(question: str, val_fraction: float, seed: int = 0) -> str:
     the same side, whatever file or order it comes in."""
     if val_fraction <= 0:
         return "train"
-    h = hashlib.sha256(f"{seed}\x00{normalise_question(question)}".encode("utf-8")).digest()
+    h = hashlib.sha256(f"{seed}\x00{normalise_question(question)}".encode()).digest()
     return "validation" if int.from_bytes(h[:8], "big") / 2**64 < val_fraction else "train"
 
 
@@ -154,8 +156,17 @@ def _cbt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | Reco
         {"role": "user", "content": user},
         {"role": "assistant", "content": rec["answer"]},
     ]
-    return [Example(rec["id"], rec["question"], msgs, rec["description"], rec["keywords"], rec["distortions"],
-                    bool(rec["meta"].get("crisis")))]
+    return [
+        Example(
+            rec["id"],
+            rec["question"],
+            msgs,
+            rec["description"],
+            rec["keywords"],
+            rec["distortions"],
+            bool(rec["meta"].get("crisis")),
+        )
+    ]
 
 
 def _psyqa(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
@@ -224,7 +235,9 @@ def _sharegpt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example |
     for k, m in enumerate(body):
         want = "user" if k % 2 == 0 else "assistant"
         if m["role"] != want:
-            raise RecordError("invalid_value", "turns must alternate human, gpt, human, gpt ... after an optional system turn")
+            raise RecordError(
+                "invalid_value", "turns must alternate human, gpt, human, gpt ... after an optional system turn"
+            )
     if not body or body[-1]["role"] != "assistant":
         raise RecordError("invalid_value", "the last turn must be gpt (an answer to learn)")
     return [Example(_record_id(obj, fallback_id), body[0]["content"], msgs, crisis=is_crisis(body[0]["content"]))]

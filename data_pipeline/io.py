@@ -6,8 +6,9 @@ import glob
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import zstandard
 

@@ -28,8 +28,8 @@ Numbers are in bench/RESULTS.md ("Packing").
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -157,7 +157,7 @@ def pack_target(lengths: Sequence[int], capacity: int, pairs: str = "balanced") 
             top = avail[bisect.bisect_right(avail, room) - 1]  # largest length that fits
             if room <= 2 * top:
                 a, b = best_pair(room) if top < room else (0, 0)
-                for n in ((a, b) if a + b > top else (top,)):
+                for n in (a, b) if a + b > top else (top,):
                     row.append(take(n))
                     room -= n
                 continue
@@ -228,8 +228,12 @@ def build_packed_rows(
     """Concatenate each bin's examples into one row; position_ids restart at 0 at each example."""
     order = [i for b in bins for i in b]
     lens = np.fromiter((len(input_ids[i]) for i in order), dtype=np.int64, count=len(order))
-    flat_ids = np.concatenate([np.asarray(input_ids[i], dtype=np.int32) for i in order]) if order else np.zeros(0, np.int32)
-    flat_labels = np.concatenate([np.asarray(labels[i], dtype=np.int32) for i in order]) if order else np.zeros(0, np.int32)
+    flat_ids = (
+        np.concatenate([np.asarray(input_ids[i], dtype=np.int32) for i in order]) if order else np.zeros(0, np.int32)
+    )
+    flat_labels = (
+        np.concatenate([np.asarray(labels[i], dtype=np.int32) for i in order]) if order else np.zeros(0, np.int32)
+    )
     # position ids without a Python loop per token: a running arange reset at each example start
     total = int(lens.sum())
     starts = np.zeros(len(lens), dtype=np.int64)
@@ -250,7 +254,11 @@ def build_packed_rows(
 
 
 def build_padded_rows(
-    input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], example_ids: Sequence[str], seq_len: int, pad_token_id: int
+    input_ids: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    example_ids: Sequence[str],
+    seq_len: int,
+    pad_token_id: int,
 ) -> Rows:
     """One example per row, padded to seq_len with pad_token_id (labels -100 on padding).
 

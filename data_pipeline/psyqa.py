@@ -85,8 +85,12 @@ def parse_psyqa_question(obj: Any, *, chinese: bool = False) -> dict:
 
 
 def _reject(rid: Any, source: str, reason: str) -> dict:
-    return {"id": rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None,
-            "stage": "input", "source": source, "reason": reason}
+    return {
+        "id": rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None,
+        "stage": "input",
+        "source": source,
+        "reason": reason,
+    }
 
 
 def load_psyqa(path: str | Path) -> tuple[list[dict], list[dict]]:

@@ -121,7 +121,7 @@ class CBTParts(BaseModel):
     encouragement: str
 
     @model_validator(mode="after")
-    def _non_empty_chinese(self) -> "CBTParts":
+    def _non_empty_chinese(self) -> CBTParts:
         for part in CBT_PARTS:
             text = getattr(self, part)
             if not text:
@@ -160,7 +160,7 @@ class CorpusRecord(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _crisis_rules(self) -> "CorpusRecord":
+    def _crisis_rules(self) -> CorpusRecord:
         crisis = is_crisis(self.question, self.description)
         if crisis and not self.meta.get("crisis"):
             raise ValueError("question mentions suicide or self-harm but meta.crisis is not true")

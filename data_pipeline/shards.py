@@ -90,10 +90,11 @@ class ManifestError(ConfigError):
 
 def is_local_path(name: str | Path) -> bool:
     """Whether a tokenizer (as manifest.json names it) or model name can only mean a local folder, not a Hugging
-    Face Hub id ("org/name"): it starts with '.', '/' or this project's `runs` folder, or it has no '/' or more than one. A missing one is
-    then reported as missing instead of as a failed download."""
+    Face Hub id ("org/name"): it starts with '.', '/' or this project's `runs` folder, or it has no '/' or more
+    than one. A missing one is then reported as missing instead of as a failed download."""
     name = str(name)
     return name.startswith((".", "/", "runs")) or name.count("/") != 1
+
 
 def shard_path(split: str, index: int, count: int) -> str:
     """A shard's path inside the output folder, as the manifest lists it."""

@@ -144,8 +144,15 @@ def _end_sentence(text: str) -> str:
 
 
 def build_record(
-    q: dict, cbt: dict[str, str], distortions: list[str], *, model: str, prompt_version: str,
-    usage: dict[str, int], attempts: int, dropped_distortions: list[str] | None = None,
+    q: dict,
+    cbt: dict[str, str],
+    distortions: list[str],
+    *,
+    model: str,
+    prompt_version: str,
+    usage: dict[str, int],
+    attempts: int,
+    dropped_distortions: list[str] | None = None,
 ) -> tuple[dict | None, str | None]:
     """Turn a parsed reply into a validated schema v1 record. Returns (record, None) or (None, reason).
 
@@ -214,8 +221,11 @@ def recover_done_ids(path: Path) -> tuple[set[str], int]:
                 dropped = 1
                 keep = b"\n".join(line for line in lines[:i] if line.strip())
                 write_text_atomic(path, keep.decode("utf-8") + ("\n" if keep else ""))
-                print(f"warning: {path}: dropped a truncated last line (a crash mid-write); that question "
-                      "will be asked again", file=sys.stderr)
+                print(
+                    f"warning: {path}: dropped a truncated last line (a crash mid-write); that question "
+                    "will be asked again",
+                    file=sys.stderr,
+                )
                 break
             raise ConfigError(
                 f"{path}:{i + 1}: not a valid record line (only a truncated last line is repaired); "
@@ -236,8 +246,11 @@ def rotate_rejects(path: Path) -> Path | None:
     if path.stat().st_size == 0:
         path.unlink()
         return None
-    taken = [int(m.group(1)) for p in path.parent.glob("rejects.*.jsonl")
-             if (m := re.fullmatch(r"rejects\.(\d+)\.jsonl", p.name))]
+    taken = [
+        int(m.group(1))
+        for p in path.parent.glob("rejects.*.jsonl")
+        if (m := re.fullmatch(r"rejects\.(\d+)\.jsonl", p.name))
+    ]
     dest = path.with_name(f"rejects.{max(taken, default=0) + 1}.jsonl")
     os.replace(path, dest)
     return dest
@@ -369,8 +382,9 @@ async def _process(ctx: _Ctx, q: dict) -> None:
     crisis = is_crisis(q["question"], q["description"])
     body = {
         "model": cfg.model,
-        "messages": build_messages(q["question"], q["description"], q["keywords"], crisis=crisis,
-                                   version=cfg.prompt_version),
+        "messages": build_messages(
+            q["question"], q["description"], q["keywords"], crisis=crisis, version=cfg.prompt_version
+        ),
         "temperature": cfg.temperature,
         "max_tokens": cfg.max_tokens,
     }
@@ -380,8 +394,11 @@ async def _process(ctx: _Ctx, q: dict) -> None:
         if attempt:
             ctx.stats.retried += 1
             # Sleep outside the semaphore: a backing-off question must not hold a slot others could use.
-            await asyncio.sleep(backoff_delay(attempt - 1, cfg.backoff_s, cfg.max_backoff_s,
-                                              last.retry_after if last else None, ctx.rng))
+            await asyncio.sleep(
+                backoff_delay(
+                    attempt - 1, cfg.backoff_s, cfg.max_backoff_s, last.retry_after if last else None, ctx.rng
+                )
+            )
         try:
             async with ctx.sem:
                 # Checked after the wait for a slot: that wait is where the other requests' 401s arrive.
@@ -397,8 +414,14 @@ async def _process(ctx: _Ctx, q: dict) -> None:
                 hint = " (finish_reason=length: raise api.max_tokens)" if finish == "length" else ""
                 raise _Retryable("invalid_reply", ctx.redact(f"{exc}{hint}")) from None
             record, reason = build_record(
-                q, cbt, distortions, model=cfg.model, prompt_version=cfg.prompt_version, usage=_usage_of(data),
-                attempts=attempt + 1, dropped_distortions=unknown,
+                q,
+                cbt,
+                distortions,
+                model=cfg.model,
+                prompt_version=cfg.prompt_version,
+                usage=_usage_of(data),
+                attempts=attempt + 1,
+                dropped_distortions=unknown,
             )
             if reason:
                 raise _Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
@@ -413,38 +436,54 @@ async def _process(ctx: _Ctx, q: dict) -> None:
             if exc.status in _FATAL_STATUSES and not ctx.any_success and not ctx.abort.is_set():
                 ctx.abort_reason = _fatal_message(ctx, exc)
                 ctx.abort.set()
-            await ctx.queue.put(("reject", {"id": q["id"], "stage": "api", "reason": exc.reason,
-                                            "attempts": attempt + 1, "errors": kinds}))
+            await ctx.queue.put(
+                (
+                    "reject",
+                    {"id": q["id"], "stage": "api", "reason": exc.reason, "attempts": attempt + 1, "errors": kinds},
+                )
+            )
             return
         ctx.any_success = True
         await ctx.queue.put(("record", record))
         return
     if last and all(k == "connection" for k in kinds) and not ctx.any_success and not ctx.abort.is_set():
         # Nothing ever connected: the server is down or base_url is wrong; say so once, do not reject them all.
-        ctx.abort_reason = (f"api: cannot connect to {_safe_url(ctx.url)} ({last.reason}); is the server "
-                            "running? check api.base_url")
+        ctx.abort_reason = (
+            f"api: cannot connect to {_safe_url(ctx.url)} ({last.reason}); is the server running? check api.base_url"
+        )
         ctx.abort.set()
-    await ctx.queue.put(("reject", {"id": q["id"], "stage": "api",
-                                    "reason": f"{last.reason if last else 'unknown error'} "
-                                              f"(gave up after {cfg.max_retries + 1} attempts)",
-                                    "attempts": cfg.max_retries + 1, "errors": kinds}))
+    await ctx.queue.put(
+        (
+            "reject",
+            {
+                "id": q["id"],
+                "stage": "api",
+                "reason": f"{last.reason if last else 'unknown error'} (gave up after {cfg.max_retries + 1} attempts)",
+                "attempts": cfg.max_retries + 1,
+                "errors": kinds,
+            },
+        )
+    )
 
 
 def _fatal_message(ctx: _Ctx, exc: _Fatal) -> str:
     cfg = ctx.cfg
     if exc.status in (401, 403):
-        key_state = (f"${cfg.api_key_env} is set" if ctx.key
-                     else f"${cfg.api_key_env} is not set, so no key was sent")
+        key_state = f"${cfg.api_key_env} is set" if ctx.key else f"${cfg.api_key_env} is not set, so no key was sent"
         fix = f"check the key in ${cfg.api_key_env} (api.api_key_env) and api.base_url"
         return f"api: {_safe_url(ctx.url)} refused the request with HTTP {exc.status} ({key_state}); {fix}"
-    return (f"api: {_safe_url(ctx.url)} answered HTTP {exc.status} before any success; check api.base_url "
-            f"(it usually ends in /v1) and api.model ('{cfg.model}')")
+    return (
+        f"api: {_safe_url(ctx.url)} answered HTTP {exc.status} before any success; check api.base_url "
+        f"(it usually ends in /v1) and api.model ('{cfg.model}')"
+    )
 
 
 async def _writer(queue: asyncio.Queue, records_path: Path, rejects_path: Path, stats: _Stats, pbar: tqdm) -> None:
     """The only task that touches the output files, so lines never interleave; flushes after every line."""
-    with open(records_path, "a", encoding="utf-8", newline="\n") as rec_fh, \
-         open(rejects_path, "a", encoding="utf-8", newline="\n") as rej_fh:
+    with (
+        open(records_path, "a", encoding="utf-8", newline="\n") as rec_fh,
+        open(rejects_path, "a", encoding="utf-8", newline="\n") as rej_fh,
+    ):
         while True:
             item = await queue.get()
             if item is None:
@@ -462,14 +501,23 @@ async def _writer(queue: asyncio.Queue, records_path: Path, rejects_path: Path, 
             pbar.set_postfix(ok=stats.ok, rejected=stats.rejected, retried=stats.retried, refresh=False)
 
 
-async def _run_async(cfg: ApiSynthConfig, todo: list[dict], key: str | None, records_path: Path,
-                     rejects_path: Path, stats: _Stats) -> str | None:
+async def _run_async(
+    cfg: ApiSynthConfig, todo: list[dict], key: str | None, records_path: Path, rejects_path: Path, stats: _Stats
+) -> str | None:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
-        ctx = _Ctx(cfg=cfg, url=cfg.base_url.rstrip("/") + "/chat/completions", headers=headers, key=key,
-                   client=client, sem=asyncio.Semaphore(cfg.concurrency), queue=asyncio.Queue(maxsize=1024),
-                   stats=stats, rng=random.Random())
+        ctx = _Ctx(
+            cfg=cfg,
+            url=cfg.base_url.rstrip("/") + "/chat/completions",
+            headers=headers,
+            key=key,
+            client=client,
+            sem=asyncio.Semaphore(cfg.concurrency),
+            queue=asyncio.Queue(maxsize=1024),
+            stats=stats,
+            rng=random.Random(),
+        )
         pending = iter(todo)
 
         async def worker() -> None:
@@ -517,12 +565,15 @@ def check_config(cfg: ApiSynthConfig) -> None:
     except (httpx.InvalidURL, TypeError, ValueError):
         ok_url = False
     if not ok_url:
-        raise ConfigError(f"api.base_url '{_safe_url(cfg.base_url)}' is not an http(s) URL; pass e.g. "
-                          "--base-url http://127.0.0.1:8000/v1")
+        raise ConfigError(
+            f"api.base_url '{_safe_url(cfg.base_url)}' is not an http(s) URL; pass e.g. "
+            "--base-url http://127.0.0.1:8000/v1"
+        )
     if not _ENV_NAME.match(cfg.api_key_env):
         # Never echo the value: the usual mistake here is pasting the key itself.
-        raise ConfigError("api.api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
-                          "not the key itself")
+        raise ConfigError(
+            "api.api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not the key itself"
+        )
     get_prompt(cfg.prompt_version)
     if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
         raise ConfigError(f"api.out_dir '{cfg.out_dir}' exists and is not a folder; pass another --out")
@@ -552,14 +603,19 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
     with open(rejects_path, "w", encoding="utf-8", newline="\n") as fh:
         fh.writelines(dumps(r) + "\n" for r in input_rejects)
     if not questions:
-        raise ConfigError(f"api.input: no valid question in '{cfg.input}' ({len(input_rejects)} entries rejected, "
-                          f"reasons in {rejects_path}); pass PsyQA JSON or JSONL with id and question")
+        raise ConfigError(
+            f"api.input: no valid question in '{cfg.input}' ({len(input_rejects)} entries rejected, "
+            f"reasons in {rejects_path}); pass PsyQA JSON or JSONL with id and question"
+        )
     todo = [q for q in selected if q["id"] not in done]
 
     key = os.environ.get(cfg.api_key_env) or None
     if key is None:
-        print(f"warning: ${cfg.api_key_env} is not set; sending requests without an Authorization header "
-              "(fine for a local server)", file=sys.stderr)
+        print(
+            f"warning: ${cfg.api_key_env} is not set; sending requests without an Authorization header "
+            "(fine for a local server)",
+            file=sys.stderr,
+        )
 
     stats = _Stats()
     abort_reason = None
@@ -592,8 +648,22 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
         "config": {**cfg.model_dump(mode="json"), "base_url": _safe_url(cfg.base_url)},
     }
     write_metrics(out / SUMMARY_FILE, summary)
-    rows = {k: summary[k] for k in ("total", "ok", "skipped", "retried", "rejected", "input_rejected",
-                                    "requests", "prompt_tokens", "completion_tokens", "seconds", "req_per_s")}
+    rows = {
+        k: summary[k]
+        for k in (
+            "total",
+            "ok",
+            "skipped",
+            "retried",
+            "rejected",
+            "input_rejected",
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "seconds",
+            "req_per_s",
+        )
+    }
     if stats.not_attempted:
         rows["not_attempted"] = stats.not_attempted
     print_summary(f"synth api: {cfg.model} ({cfg.prompt_version})", rows)

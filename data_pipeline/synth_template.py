@@ -25,8 +25,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zstandard
 from tqdm import tqdm
@@ -153,9 +153,7 @@ def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]
     if crisis:
         h, r = divmod(h, len(C.CRISIS_DESCRIPTION_SENTENCES))
         crisis_d = C.CRISIS_DESCRIPTION_SENTENCES[r]
-    description = (
-        f"{intro}{opener}{situation}。{dur}，我{f1}，{f2}。{t_open}“{thought}。”{crisis_d}{closing}"
-    )
+    description = f"{intro}{opener}{situation}。{dur}，我{f1}，{f2}。{t_open}“{thought}。”{crisis_d}{closing}"
 
     # keywords: three different topic keywords, in drawn order
     kw = list(keywords)
@@ -203,8 +201,17 @@ def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]
     return _record(seed, index, key, crisis, d, question, description, picked, cbt), h
 
 
-def _record(seed: int, index: int, topic: str, crisis: bool, d: int, question: str, description: str,
-            keywords: list[str], cbt: dict[str, str]) -> dict:
+def _record(
+    seed: int,
+    index: int,
+    topic: str,
+    crisis: bool,
+    d: int,
+    question: str,
+    description: str,
+    keywords: list[str],
+    cbt: dict[str, str],
+) -> dict:
     """The schema v1 record of _compose's drawn parts."""
     return {
         "id": f"synth-{seed}-{index:09d}",
@@ -262,7 +269,11 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
     dists: dict[str, int] = {}
     crisis = 0
     raw = open(tmp, "wb")
-    out = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=True) if job["compress"] == "zstd" else raw
+    out = (
+        zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=True)
+        if job["compress"] == "zstd"
+        else raw
+    )
     try:
         batch: list[str] = []
         for i in range(start, stop):
@@ -389,7 +400,9 @@ def run_synth_template(cfg: SynthConfig) -> dict:
     workers = max(1, min(workers, cfg.num_shards))
 
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.num_records, unit="rec", unit_scale=True, desc="synth template", file=sys.stderr, mininterval=0.5)
+    bar = tqdm(
+        total=cfg.num_records, unit="rec", unit_scale=True, desc="synth template", file=sys.stderr, mininterval=0.5
+    )
     if workers == 1:
         results = [_write_shard(job, bar.update) for job in jobs]
     else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -69,7 +69,9 @@ def _corpus_texts(files: list[str], max_records: int, counts: dict) -> Iterator[
     bar.close()
 
 
-def train_tokenizer_from_texts(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> Path:
+def train_tokenizer_from_texts(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2
+) -> Path:
     """Train a byte-level BPE on `texts` and save a Hugging Face tokenizer folder with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -20,7 +20,9 @@ def _writable(folder: str, field: str) -> None:
         with tempfile.NamedTemporaryFile(dir=p, prefix=".preflight-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"{field}: folder '{folder}' is not writable ({exc.strerror}); choose another folder") from None
+        raise ConfigError(
+            f"{field}: folder '{folder}' is not writable ({exc.strerror}); choose another folder"
+        ) from None
 
 
 def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> dict:
@@ -30,24 +32,40 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
     world = world_size(cfg)
     if cfg.model.init == "pretrained" and not cfg.model.name_or_path:
         raise ConfigError("model.name_or_path is empty; set it (e.g. Qwen/Qwen2.5-7B-Instruct) or model.init=random")
-    if launcher == "deepspeed" and cfg.launch.nodes > 1 and cfg.launch.hostfile and not Path(cfg.launch.hostfile).is_file():
-        raise ConfigError(f"launch.hostfile: '{cfg.launch.hostfile}' not found; write one 'host slots={g}' line per node")
+    if (
+        launcher == "deepspeed"
+        and cfg.launch.nodes > 1
+        and cfg.launch.hostfile
+        and not Path(cfg.launch.hostfile).is_file()
+    ):
+        raise ConfigError(
+            f"launch.hostfile: '{cfg.launch.hostfile}' not found; write one 'host slots={g}' line per node"
+        )
 
     # every shard present (load_manifest), then the tokenizer the shards were made with, by content hash
     manifest = load_manifest(tc.data_dir)
     tok_path = manifest["tokenizer"]["name_or_path"]
     if check_tokenizer:
         if is_local_path(tok_path) and not Path(tok_path).exists():
-            raise ConfigError(f"tokenizer '{tok_path}' named in {tc.data_dir}/manifest.json is missing; re-run `cbt-llm prepare`")
+            raise ConfigError(
+                f"tokenizer '{tok_path}' named in {tc.data_dir}/manifest.json is missing; re-run `cbt-llm prepare`"
+            )
         try:
             load_manifest(tc.data_dir, tokenizer=tok_path)
         except (FileNotFoundError, ValueError, OSError) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"tokenizer '{tok_path}' of {tc.data_dir}/manifest.json cannot be loaded: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(
+                f"tokenizer '{tok_path}' of {tc.data_dir}/manifest.json cannot be loaded: {str(exc).splitlines()[0]}"
+            ) from None
     shards = manifest["splits"]["train"]["shards"]
-    note = check_world_size(world, len(shards), prepared_for=manifest.get("world_size", cfg.data.world_size),
-                            data_dir=tc.data_dir, origin=f"launch.nodes {cfg.launch.nodes} x {g} per node")
+    note = check_world_size(
+        world,
+        len(shards),
+        prepared_for=manifest.get("world_size", cfg.data.world_size),
+        data_dir=tc.data_dir,
+        origin=f"launch.nodes {cfg.launch.nodes} x {g} per node",
+    )
     from train.data import rows_per_micro_batch, steps_per_epoch
 
     mb = rows_per_micro_batch(tc, manifest["seq_len"])
@@ -55,8 +73,16 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
     _writable(tc.run_dir, "train.run_dir")
     if launcher == "slurm":
         _writable(slurm_log_dir(cfg), "launch.slurm.log_dir")
-    facts = {"world_size": world, "nodes": cfg.launch.nodes, "procs_per_node": g, "train_shards": len(shards),
-             "steps_per_epoch": spe, "tokenizer": tok_path, "data_dir": tc.data_dir, "run_dir": tc.run_dir}
+    facts = {
+        "world_size": world,
+        "nodes": cfg.launch.nodes,
+        "procs_per_node": g,
+        "train_shards": len(shards),
+        "steps_per_epoch": spe,
+        "tokenizer": tok_path,
+        "data_dir": tc.data_dir,
+        "run_dir": tc.run_dir,
+    }
     if note:
         facts["note"] = note
     return facts

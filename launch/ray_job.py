@@ -30,12 +30,12 @@ which Ray merges; it keeps the newest train.keep_last. Each rank then waits unti
 checkpoint (Ray collects reports when it polls the workers, and a report still queued in a worker that dies is
 lost). So the storage path is the source of truth and train.run_dir may be node-local (only the driver's
 summary reads it, on the head node). Ray Data's read tasks need a CPU each beyond the workers' reservation; the
-driver warns when the cluster has none to spare (the workers would wait for rows). When a worker dies, Ray tears the worker group down and starts a new one (up
-to launch.ray.max_failures times); each new worker loads `ray.train.get_checkpoint()`, the last checkpoint
-registered in storage. A job with no checkpoint in storage starts as `train.resume: auto` says (the latest
-checkpoint in train.run_dir, if any). A job submitted again with the same storage path and run name continues
-from storage too. The job exits 1 when training fails for good, so `ray job submit` (and
-`cbt-llm launch ray`) fail too.
+driver warns when the cluster has none to spare (the workers would wait for rows). When a worker dies, Ray tears
+the worker group down and starts a new one (up to launch.ray.max_failures times); each new worker loads
+`ray.train.get_checkpoint()`, the last checkpoint registered in storage. A job with no checkpoint in storage
+starts as `train.resume: auto` says (the latest checkpoint in train.run_dir, if any). A job submitted again with
+the same storage path and run name continues from storage too. The job exits 1 when training fails for good, so
+`ray job submit` (and `cbt-llm launch ray`) fail too.
 """
 
 from __future__ import annotations
@@ -58,8 +58,15 @@ from ray.train import DataConfig  # noqa: E402  (after the line above: it picks 
 
 # Environment a worker needs from the submitting side. Ray workers inherit the raylet's environment, not the
 # driver's, so these are carried in the train loop config and set in each worker.
-_FORWARD_ENV = ("TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "CBT_LLM_FAULT", "GLOO_SOCKET_IFNAME",
-                "NCCL_SOCKET_IFNAME", "HF_HOME", "HF_HUB_OFFLINE")
+_FORWARD_ENV = (
+    "TORCH_EXTENSIONS_DIR",
+    "OMP_NUM_THREADS",
+    "CBT_LLM_FAULT",
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+)
 _FAULT_USED = "ray_fault_used"  # marker in run_dir: the test fault fires on the first attempt only
 _ATTEMPTS = "ray_attempts.jsonl"  # in <run_dir>/launch: one line per worker-group start, what it resumed from
 # files of one rank in a DeepSpeed checkpoint folder ({bf16_}zero_pp_rank_<r>_mp_rank_00_*.pt) and ours
@@ -114,9 +121,13 @@ def _check_cpus(world: int, cpus_per_worker: float) -> None:
 
     have, need = ray.cluster_resources().get("CPU", 0), world * cpus_per_worker + 1
     if have < need:
-        print(f"warning: the Ray cluster has {have:g} CPUs; {world} workers x launch.ray.cpus_per_worker="
-              f"{cpus_per_worker:g} plus 1 for Ray Data's reads need {need:g}: the job waits until the cluster has "
-              "them (lower launch.ray.cpus_per_worker or add CPUs)", file=sys.stderr, flush=True)
+        print(
+            f"warning: the Ray cluster has {have:g} CPUs; {world} workers x launch.ray.cpus_per_worker="
+            f"{cpus_per_worker:g} plus 1 for Ray Data's reads need {need:g}: the job waits until the cluster has "
+            "them (lower launch.ray.cpus_per_worker or add CPUs)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _train_rows(shards: list[dict], pad_token_id: int):
@@ -152,9 +163,11 @@ def _report_checkpoint(rank: int, run_dir: Path):
                 except OSError:  # another file system, or no hard links there
                     shutil.copy2(f, staging / f.name)
         try:
-            ray.train.report({"step": state["step"], "epoch": state["epoch"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
-                             checkpoint_dir_name=folder.name)
+            ray.train.report(
+                {"step": state["step"], "epoch": state["epoch"]},
+                checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                checkpoint_dir_name=folder.name,
+            )
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -197,8 +210,9 @@ def _train_worker(loop: dict) -> None:
         with (run_dir / "launch" / _ATTEMPTS).open("a") as f:
             f.write(json.dumps({"time": time.time(), "restored_from": checkpoint.path if checkpoint else None}) + "\n")
     if checkpoint is None:
-        rc = recipe.run_train(Config.model_validate(config), train_rows=_train_rows,
-                              on_checkpoint=_report_checkpoint(rank, run_dir))
+        rc = recipe.run_train(
+            Config.model_validate(config), train_rows=_train_rows, on_checkpoint=_report_checkpoint(rank, run_dir)
+        )
     else:
         # a local or shared storage path is used in place; a remote one (s3://...) is downloaded first
         with checkpoint.as_directory() as folder:
@@ -228,25 +242,35 @@ def run_ray(cfg: Config) -> dict:
     storage = _storage(cfg)
     manifest = load_manifest(cfg.train.data_dir)
     data_dir = Path(cfg.train.data_dir).resolve()
-    files_per_rank = [[str(data_dir / s["path"]) for s in rank_shards(manifest, "train", r, world)]
-                      for r in range(world)]
+    files_per_rank = [
+        [str(data_dir / s["path"]) for s in rank_shards(manifest, "train", r, world)] for r in range(world)
+    ]
     train_ds = _read([str(data_dir / s["path"]) for s in manifest["splits"]["train"]["shards"]])
     _check_cpus(world, rc.cpus_per_worker)
-    loop = {"config": cfg.model_dump(mode="json"), "cwd": os.getcwd(),
-            "env": {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}}
+    loop = {
+        "config": cfg.model_dump(mode="json"),
+        "cwd": os.getcwd(),
+        "env": {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ},
+    }
     if cfg.launch.cpu:
         loop["env"].setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the cores: one thread each
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=loop,
-        torch_config=TorchConfig(backend="gloo" if cfg.launch.cpu else "nccl", timeout_s=cfg.train.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=not cfg.launch.cpu,
-                                     resources_per_worker={"CPU": rc.cpus_per_worker}),
+        torch_config=TorchConfig(
+            backend="gloo" if cfg.launch.cpu else "nccl", timeout_s=cfg.train.collective_timeout_s
+        ),
+        scaling_config=ScalingConfig(
+            num_workers=world, use_gpu=not cfg.launch.cpu, resources_per_worker={"CPU": rc.cpus_per_worker}
+        ),
         datasets={"train": train_ds},
         dataset_config=RankShards(files_per_rank),
-        run_config=RunConfig(name=f"cbt-llm-{cfg.run_name}", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=rc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)),
+        run_config=RunConfig(
+            name=f"cbt-llm-{cfg.run_name}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=rc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+        ),
     )
     attempts = Path(cfg.train.run_dir) / "launch" / _ATTEMPTS
     attempts.unlink(missing_ok=True)
@@ -255,17 +279,26 @@ def run_ray(cfg: Config) -> dict:
     except Exception as exc:  # TrainingFailedError: restarts exhausted, or a non-retryable error
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RuntimeError(f"Ray training failed after up to {rc.max_failures} restart(s): {first}") from exc
-    facts = {"world_size": world, "procs_per_node": procs_per_node(cfg), "max_failures": rc.max_failures,
-             "storage_path": storage, "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
-             "ray_checkpoints": [c.path for c, _ in result.best_checkpoints or []]}
+    facts = {
+        "world_size": world,
+        "procs_per_node": procs_per_node(cfg),
+        "max_failures": rc.max_failures,
+        "storage_path": storage,
+        "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "ray_checkpoints": [c.path for c, _ in result.best_checkpoints or []],
+    }
     if attempts.is_file():
         facts["restored_from"] = [json.loads(line)["restored_from"] for line in attempts.read_text().splitlines()]
     summary = Path(cfg.train.run_dir) / "train_summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
-        facts.update(steps=s.get("steps"), resumed_from=s.get("resumed_from"),
-                     first_train_loss=s.get("first_train_loss"), last_train_loss=s.get("last_train_loss"),
-                     rows_left_out_per_epoch=s.get("rows_left_out_per_epoch"))
+        facts.update(
+            steps=s.get("steps"),
+            resumed_from=s.get("resumed_from"),
+            first_train_loss=s.get("first_train_loss"),
+            last_train_loss=s.get("last_train_loss"),
+            rows_left_out_per_epoch=s.get("rows_left_out_per_epoch"),
+        )
     return facts
 
 
@@ -279,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.train.resume != "auto":
-            raise ConfigError(f"train.resume is '{cfg.train.resume}'; a Ray job starts from the last checkpoint in "
-                              "launch.ray.storage_path or, when there is none, train.run_dir's: set train.resume=auto")
+            raise ConfigError(
+                f"train.resume is '{cfg.train.resume}'; a Ray job starts from the last checkpoint in "
+                "launch.ray.storage_path or, when there is none, train.run_dir's: set train.resume=auto"
+            )
         from launch.preflight import preflight
 
         preflight(cfg, "ray")

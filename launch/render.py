@@ -61,7 +61,8 @@ def ray_storage_path(cfg: Config) -> str:
 
 def _header(cfg: Config, what: str, cmd: TrainCommand) -> list[str]:
     return [
-        f"# {what} for run '{cfg.run_name}', rendered by `cbt-llm launch` from the typed config; re-render, don't edit.",
+        f"# {what} for run '{cfg.run_name}', rendered by `cbt-llm launch` from the typed config; "
+        "re-render, don't edit.",
         f"# world size {world_size(cfg)} = {cfg.launch.nodes} node(s) x {procs_per_node(cfg)} process(es); "
         f"run folder {cfg.train.run_dir}",
         f"# trains: cbt-llm train {cmd.args()}",
@@ -89,9 +90,16 @@ def render_deepspeed(cfg: Config, cmd: TrainCommand) -> str:
     if lc.nodes == 1:
         ds += [f"--num_gpus {g}", f"--master_port {lc.master_port}"]
     elif lc.hostfile:
-        lines.append(f"# node 0 starts all {lc.nodes} nodes over ssh (pdsh); every host in the hostfile needs the same paths")
-        ds += [f"--hostfile {shlex.quote(lc.hostfile)}", f"--num_nodes {lc.nodes}", f"--num_gpus {g}",
-               f"--master_addr {shlex.quote(lc.master_addr)}", f"--master_port {lc.master_port}"]
+        lines.append(
+            f"# node 0 starts all {lc.nodes} nodes over ssh (pdsh); every host in the hostfile needs the same paths"
+        )
+        ds += [
+            f"--hostfile {shlex.quote(lc.hostfile)}",
+            f"--num_nodes {lc.nodes}",
+            f"--num_gpus {g}",
+            f"--master_addr {shlex.quote(lc.master_addr)}",
+            f"--master_port {lc.master_port}",
+        ]
     else:
         # deepspeed still reads every node's slot count from a hostfile under --no_ssh (the names are only
         # labels there); without one it stops with "Num nodes is >1 but no extra nodes available via hostfile"
@@ -100,10 +108,17 @@ def render_deepspeed(cfg: Config, cmd: TrainCommand) -> str:
             f"# no ssh: run this same script on each of the {lc.nodes} nodes, NODE_RANK=0 on {lc.master_addr}",
             f'NODE_RANK="${{NODE_RANK:?set NODE_RANK to the index of this node, 0..{lc.nodes - 1}}}"',
             'HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/cbt-llm-hostfile.XXXXXX")',
-            f"for h in {slots}; do echo \"$h slots={g}\"; done > \"$HOSTFILE\"",
+            f'for h in {slots}; do echo "$h slots={g}"; done > "$HOSTFILE"',
         ]
-        ds += ["--no_ssh", '--hostfile "$HOSTFILE"', f"--num_nodes {lc.nodes}", '--node_rank "$NODE_RANK"',
-               f"--num_gpus {g}", f"--master_addr {shlex.quote(lc.master_addr)}", f"--master_port {lc.master_port}"]
+        ds += [
+            "--no_ssh",
+            '--hostfile "$HOSTFILE"',
+            f"--num_nodes {lc.nodes}",
+            '--node_rank "$NODE_RANK"',
+            f"--num_gpus {g}",
+            f"--master_addr {shlex.quote(lc.master_addr)}",
+            f"--master_port {lc.master_port}",
+        ]
     # --no_local_rank: otherwise the launcher puts --local_rank=N before the subcommand; ranks come from env
     ds += ["--no_local_rank", '"$(command -v cbt-llm)"', "train", cmd.args()]
     lines.append("exec " + " \\\n  ".join(ds))
@@ -165,13 +180,13 @@ def render_slurm(cfg: Config, cmd: TrainCommand) -> str:
         "# The head node's address: its NodeAddr when the cluster sets one, else its host name.",
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "HEAD_ADDR=$(scontrol show node \"$HEAD_NODE\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p' | head -n 1)",
-        'HEAD_ADDR=${HEAD_ADDR:-$HEAD_NODE}',
+        "HEAD_ADDR=${HEAD_ADDR:-$HEAD_NODE}",
         f"RDZV_PORT={sc.rdzv_port}",
         "",
         'rm -f "$RUN_DIR/requeue.json"',
         'SIGNALED=""',
         "forward() {",
-        '  SIGNALED=$1',
+        "  SIGNALED=$1",
         '  echo "$(date -Is) got SIG$1: asking training to checkpoint and exit"',
         '  [ -n "${SRUN_PID:-}" ] && kill -s "$1" "$SRUN_PID" 2>/dev/null',
         "}",
@@ -182,7 +197,7 @@ def render_slurm(cfg: Config, cmd: TrainCommand) -> str:
         "# torchrun passes USR1 on to its workers and gives them time to save (USR1 is not in its default list).",
         'srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 \\',
         '  --output="$LOG_DIR/%x-%j-r${RESTART}-node%n.log" \\',
-        f"  {container}torchrun --nnodes \"$SLURM_NNODES\" --nproc_per_node {g} \\",
+        f'  {container}torchrun --nnodes "$SLURM_NNODES" --nproc_per_node {g} \\',
         '  --rdzv_backend c10d --rdzv_endpoint "$HEAD_ADDR:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \\',
         "  --max_restarts 0 --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \\",
         f"  -m cbt_llm.cli train {train_args} &",
@@ -197,7 +212,8 @@ def render_slurm(cfg: Config, cmd: TrainCommand) -> str:
         "# deepspeed passes the requeue code on; torchrun exits 1, so the run folder's requeue.json tells too",
         'if [ "$rc" -eq "$REQUEUE_EXIT" ] || [ -f "$RUN_DIR/requeue.json" ]; then',
         '  if [ "$RESTART" -ge "$MAX_RESTARTS" ]; then',
-        '    echo "$(date -Is) checkpointed, but restart $RESTART reached launch.slurm.max_restarts=$MAX_RESTARTS; not requeueing"',
+        '    echo "$(date -Is) checkpointed, but restart $RESTART reached '
+        'launch.slurm.max_restarts=$MAX_RESTARTS; not requeueing"',
         '    exit "$REQUEUE_EXIT"',
         "  fi",
         '  echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)))"',
@@ -247,17 +263,43 @@ def render(launcher: str, cfg: Config, cmd: TrainCommand) -> str:
 # and fails when they are stale; refresh with `python -m launch.render`.
 EXAMPLES = [
     ("deepspeed-1node-8gpu.sh", "deepspeed", "configs/train/qwen2.5-7b-lora.yaml", ["launch.gpus_per_node=8"]),
-    ("deepspeed-2node-no-ssh.sh", "deepspeed", "configs/train/qwen2.5-7b-lora.yaml",
-     ["launch.nodes=2", "launch.gpus_per_node=8", "launch.master_addr=10.0.0.1"]),
-    ("deepspeed-2node-hostfile.sh", "deepspeed", "configs/train/qwen2.5-7b-full.yaml",
-     ["launch.nodes=2", "launch.gpus_per_node=8", "launch.master_addr=node001", "launch.hostfile=hostfile"]),
-    ("slurm-4node-8gpu.sbatch", "slurm", "configs/train/qwen2.5-7b-lora.yaml",
-     ["launch.nodes=4", "launch.gpus_per_node=8", "launch.slurm.partition=gpu", "launch.slurm.time=2-00:00:00",
-      "launch.slurm.cpus_per_task=64", "launch.slurm.mem=0"]),
-    ("slurm-2node-apptainer.sbatch", "slurm", "configs/train/baichuan2-7b-lora.yaml",
-     ["launch.nodes=2", "launch.gpus_per_node=8", "launch.slurm.container=cbt-llm.sif"]),
-    ("ray-job-8gpu.sh", "ray", "configs/train/qwen2.5-7b-lora.yaml",
-     ["launch.gpus_per_node=8", "launch.ray.storage_path=/shared/ray-results"]),
+    (
+        "deepspeed-2node-no-ssh.sh",
+        "deepspeed",
+        "configs/train/qwen2.5-7b-lora.yaml",
+        ["launch.nodes=2", "launch.gpus_per_node=8", "launch.master_addr=10.0.0.1"],
+    ),
+    (
+        "deepspeed-2node-hostfile.sh",
+        "deepspeed",
+        "configs/train/qwen2.5-7b-full.yaml",
+        ["launch.nodes=2", "launch.gpus_per_node=8", "launch.master_addr=node001", "launch.hostfile=hostfile"],
+    ),
+    (
+        "slurm-4node-8gpu.sbatch",
+        "slurm",
+        "configs/train/qwen2.5-7b-lora.yaml",
+        [
+            "launch.nodes=4",
+            "launch.gpus_per_node=8",
+            "launch.slurm.partition=gpu",
+            "launch.slurm.time=2-00:00:00",
+            "launch.slurm.cpus_per_task=64",
+            "launch.slurm.mem=0",
+        ],
+    ),
+    (
+        "slurm-2node-apptainer.sbatch",
+        "slurm",
+        "configs/train/baichuan2-7b-lora.yaml",
+        ["launch.nodes=2", "launch.gpus_per_node=8", "launch.slurm.container=cbt-llm.sif"],
+    ),
+    (
+        "ray-job-8gpu.sh",
+        "ray",
+        "configs/train/qwen2.5-7b-lora.yaml",
+        ["launch.gpus_per_node=8", "launch.ray.storage_path=/shared/ray-results"],
+    ),
     ("slurm-demo-cpu.sbatch", "slurm", "configs/demo-cpu.yaml", ["launch.cpu=true"]),
 ]
 

@@ -44,8 +44,15 @@ def _need(tool: str, hint: str) -> None:
         raise ConfigError(f"`{tool}` not found on PATH; {hint}")
 
 
-def run_launch(launcher: str, cfg: Config, cmd: TrainCommand, *, dry_run: bool = False,
-               node_rank: int | None = None, wait: bool = False) -> int:
+def run_launch(
+    launcher: str,
+    cfg: Config,
+    cmd: TrainCommand,
+    *,
+    dry_run: bool = False,
+    node_rank: int | None = None,
+    wait: bool = False,
+) -> int:
     """Render, preflight, then run (deepspeed), submit (slurm) or submit-and-follow (ray). Returns an exit code."""
     text = render(launcher, cfg, cmd)
     if dry_run:
@@ -60,7 +67,9 @@ def run_launch(launcher: str, cfg: Config, cmd: TrainCommand, *, dry_run: bool =
         _need("deepspeed", "install deepspeed (pip install -c constraints.txt deepspeed)")
         if cfg.launch.nodes > 1 and not cfg.launch.hostfile:
             if node_rank is None:
-                raise ConfigError("--node-rank is required for a multi-node launch without launch.hostfile (0 on launch.master_addr)")
+                raise ConfigError(
+                    "--node-rank is required for a multi-node launch without launch.hostfile (0 on launch.master_addr)"
+                )
             env["NODE_RANK"] = str(node_rank)
             summary["node_rank"] = node_rank
         rc = subprocess.call(["bash", str(script)], env=env)
@@ -77,7 +86,9 @@ def run_launch(launcher: str, cfg: Config, cmd: TrainCommand, *, dry_run: bool =
     else:
         _need("ray", "install ray (pip install -c constraints.txt 'ray[default]')")
         if not (cfg.launch.ray.address or env.get("RAY_ADDRESS")):
-            raise ConfigError("no Ray cluster: set launch.ray.address (or RAY_ADDRESS) to the dashboard, e.g. http://head:8265")
+            raise ConfigError(
+                "no Ray cluster: set launch.ray.address (or RAY_ADDRESS) to the dashboard, e.g. http://head:8265"
+            )
         # `ray job submit` follows the job's log and exits 1 when the job failed (launch.ray_job exits non-zero)
         rc = subprocess.call(["bash", str(script)], env=env)
         summary["ray_address"] = cfg.launch.ray.address or env.get("RAY_ADDRESS")

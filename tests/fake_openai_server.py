@@ -80,7 +80,7 @@ class FakeOpenAIServer:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle
-    def start(self) -> "FakeOpenAIServer":
+    def start(self) -> FakeOpenAIServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -101,7 +101,7 @@ class FakeOpenAIServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "FakeOpenAIServer":
+    def __enter__(self) -> FakeOpenAIServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -146,8 +146,9 @@ class FakeOpenAIServer:
             fault = self._choose(n, user)
             if self.expected_key is not None and h.headers.get("Authorization") != f"Bearer {self.expected_key}":
                 fault = "401"
-            self.requests.append({"n": n, "path": h.path, "headers": dict(h.headers.items()), "body": body,
-                                  "user": user, "fault": fault})
+            self.requests.append(
+                {"n": n, "path": h.path, "headers": dict(h.headers.items()), "body": body, "user": user, "fault": fault}
+            )
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -177,13 +178,23 @@ class FakeOpenAIServer:
         with self._lock:
             self.usage_sent["prompt_tokens"] += PROMPT_TOKENS
             self.usage_sent["completion_tokens"] += COMPLETION_TOKENS
-        self._send(h, 200, {
-            "id": "chatcmpl-fake", "object": "chat.completion", "model": "fake",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
-                      "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS},
-        })
+        self._send(
+            h,
+            200,
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "model": "fake",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}
+                ],
+                "usage": {
+                    "prompt_tokens": PROMPT_TOKENS,
+                    "completion_tokens": COMPLETION_TOKENS,
+                    "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+                },
+            },
+        )
 
     def _reply(self, h, fault: str, user: str, body: dict) -> None:
         m = _QUESTION.search(user)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DEMO_CFG = "configs/demo-cpu.yaml"
 
@@ -14,13 +14,45 @@ def build_demo_data(d: Path, cli: Callable, env: dict, seq_len: int) -> Path:
 
     `cli(*args, env=...)` runs `cbt-llm` and returns a CompletedProcess (each test module has its own)."""
     steps = [
-        ["synth", "template", "--config", DEMO_CFG, "--num-records", "300", "--num-shards", "1", "--workers", "1",
-         "--out", str(d / "corpus")],
-        ["tokenizer", "train", "--config", DEMO_CFG, "--input", str(d / "corpus" / "*.jsonl*"), "--vocab-size", "3000",
-         "--out", str(d / "tokenizer")],
-        ["prepare", "--config", DEMO_CFG, "--out", str(d / "data"), "--tokenizer", str(d / "tokenizer"),
-         f"data.inputs=[{d / 'corpus'}/*.jsonl*]", f"data.seq_len={seq_len}", "data.world_size=2",
-         "data.val_fraction=0.05"],
+        [
+            "synth",
+            "template",
+            "--config",
+            DEMO_CFG,
+            "--num-records",
+            "300",
+            "--num-shards",
+            "1",
+            "--workers",
+            "1",
+            "--out",
+            str(d / "corpus"),
+        ],
+        [
+            "tokenizer",
+            "train",
+            "--config",
+            DEMO_CFG,
+            "--input",
+            str(d / "corpus" / "*.jsonl*"),
+            "--vocab-size",
+            "3000",
+            "--out",
+            str(d / "tokenizer"),
+        ],
+        [
+            "prepare",
+            "--config",
+            DEMO_CFG,
+            "--out",
+            str(d / "data"),
+            "--tokenizer",
+            str(d / "tokenizer"),
+            f"data.inputs=[{d / 'corpus'}/*.jsonl*]",
+            f"data.seq_len={seq_len}",
+            "data.world_size=2",
+            "data.val_fraction=0.05",
+        ],
     ]
     for s in steps:
         r = cli(*s, env=env)

@@ -107,8 +107,9 @@ def test_select_attn():
 def test_cuda_varlen_kernel_matches_masked_sdpa_bf16(kv_heads):
     """On CUDA: torch's varlen flash kernel is used (not the fallback) and agrees with the masked reference in
     bf16 (relative error of logits and of a gradient under 2e-2)."""
-    ref, ours = _pair("cuda", torch.bfloat16, hidden_size=256, num_heads=4, num_kv_heads=kv_heads,
-                      intermediate_size=512)
+    ref, ours = _pair(
+        "cuda", torch.bfloat16, hidden_size=256, num_heads=4, num_kv_heads=kv_heads, intermediate_size=512
+    )
     ids, pos = _packed([[100, 60, 90], [200, 40]], 256, "cuda")
     out_ref = ref(input_ids=ids, position_ids=pos).logits.float()
     out = ours(input_ids=ids, position_ids=pos, **attention.boundaries(pos.cpu())).logits.float()

@@ -65,8 +65,17 @@ def test_config_hash_stable_and_sensitive():
 
 # ---- paths derive from run_name, one run folder -------------------------------------------------------------
 
-_PATHS = ("synth.out_dir", "api.out_dir", "tokenizer.input", "tokenizer.out_dir", "data.inputs", "data.out_dir",
-          "data.tokenizer", "train.data_dir", "train.run_dir")
+_PATHS = (
+    "synth.out_dir",
+    "api.out_dir",
+    "tokenizer.input",
+    "tokenizer.out_dir",
+    "data.inputs",
+    "data.out_dir",
+    "data.tokenizer",
+    "train.data_dir",
+    "train.run_dir",
+)
 
 
 def _paths(cfg: Config) -> dict:
@@ -79,10 +88,15 @@ def _paths(cfg: Config) -> dict:
 
 def test_empty_paths_derive_from_run_name():
     assert _paths(load_config(None, ["run_name=x"])) == {
-        "synth.out_dir": "runs/x/corpus", "api.out_dir": "runs/x/corpus-api",
-        "tokenizer.input": "runs/x/corpus/*.jsonl*", "tokenizer.out_dir": "runs/x/tokenizer",
-        "data.inputs": ["runs/x/corpus/*.jsonl*"], "data.out_dir": "runs/x/data", "data.tokenizer": "runs/x/tokenizer",
-        "train.data_dir": "runs/x/data", "train.run_dir": "runs/x/train",
+        "synth.out_dir": "runs/x/corpus",
+        "api.out_dir": "runs/x/corpus-api",
+        "tokenizer.input": "runs/x/corpus/*.jsonl*",
+        "tokenizer.out_dir": "runs/x/tokenizer",
+        "data.inputs": ["runs/x/corpus/*.jsonl*"],
+        "data.out_dir": "runs/x/data",
+        "data.tokenizer": "runs/x/tokenizer",
+        "train.data_dir": "runs/x/data",
+        "train.run_dir": "runs/x/train",
     }
     assert Config().train.run_dir == f"runs/{Config().run_name}/train"  # constructed without load_config too
 
@@ -109,10 +123,15 @@ def test_train_dry_run_says_where_it_reads(capsys):
 def test_demo_config_keeps_its_paths():
     """`make demo` and its Makefile paths rely on these exact strings."""
     assert _paths(load_config(ROOT / "configs" / "demo-cpu.yaml")) == {
-        "synth.out_dir": "runs/demo/corpus", "api.out_dir": "runs/demo/corpus-api",
-        "tokenizer.input": "runs/demo/corpus/*.jsonl*", "tokenizer.out_dir": "runs/demo/tokenizer",
-        "data.inputs": ["runs/demo/corpus/*.jsonl*"], "data.out_dir": "runs/demo/data",
-        "data.tokenizer": "runs/demo/tokenizer", "train.data_dir": "runs/demo/data", "train.run_dir": "runs/demo/train",
+        "synth.out_dir": "runs/demo/corpus",
+        "api.out_dir": "runs/demo/corpus-api",
+        "tokenizer.input": "runs/demo/corpus/*.jsonl*",
+        "tokenizer.out_dir": "runs/demo/tokenizer",
+        "data.inputs": ["runs/demo/corpus/*.jsonl*"],
+        "data.out_dir": "runs/demo/data",
+        "data.tokenizer": "runs/demo/tokenizer",
+        "train.data_dir": "runs/demo/data",
+        "train.run_dir": "runs/demo/train",
     }
 
 
@@ -165,8 +184,13 @@ def test_cli_export_takes_the_run_from_config_and_run_overrides_it(tmp_path, mon
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"train:\n  run_dir: {tmp_path / 'yaml-run'}\n", encoding="utf-8")
     assert main(["export", "--config", str(cfg), "--out", str(tmp_path / "o"), "--merge-lora"]) == 0
-    assert main(["export", "--config", str(cfg), "--run", str(tmp_path / "flag-run"), "--out", str(tmp_path / "o")]) == 0
-    assert main(["export", "--config", str(cfg), "--out", str(tmp_path / "o"), f"train.run_dir={tmp_path / 'dotted'}"]) == 0
+    assert (
+        main(["export", "--config", str(cfg), "--run", str(tmp_path / "flag-run"), "--out", str(tmp_path / "o")]) == 0
+    )
+    assert (
+        main(["export", "--config", str(cfg), "--out", str(tmp_path / "o"), f"train.run_dir={tmp_path / 'dotted'}"])
+        == 0
+    )
     assert [c[0] for c in calls] == [str(tmp_path / "yaml-run"), str(tmp_path / "flag-run"), str(tmp_path / "dotted")]
     assert calls[0][1] == str(tmp_path / "o") and calls[0][2] == {"merge_lora": True, "tag": None}
 
@@ -174,7 +198,9 @@ def test_cli_export_takes_the_run_from_config_and_run_overrides_it(tmp_path, mon
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
 def test_every_shipped_config_loads_and_names_its_command(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]
-    assert first.startswith("# ") and any(c in first for c in ("cbt-llm", "make ", "deepspeed ", "torchrun ", "sbatch ")), f"{path}: first line must give the command"
+    assert first.startswith("# ") and any(
+        c in first for c in ("cbt-llm", "make ", "deepspeed ", "torchrun ", "sbatch ")
+    ), f"{path}: first line must give the command"
     load_config(path)
 
 

@@ -19,17 +19,41 @@ from tests.train_fixtures import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-              pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.timeout(600),
+]
 
 
 def _train(data: Path, run_dir: Path, *overrides: str) -> dict:
-    env = dict(os.environ, WANDB_MODE="disabled",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "cbt_llm.cli", "train",
-           "model.init=random", "model.hidden_size=256", "model.num_layers=2", "model.num_heads=4",
-           "model.num_kv_heads=2", "model.intermediate_size=512", f"train.data_dir={data}", f"train.run_dir={run_dir}",
-           "train.epochs=3", "train.log_every=2", "train.resume=never", "train.optimizer=torch", *overrides]
+    env = dict(
+        os.environ,
+        WANDB_MODE="disabled",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    )
+    cmd = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "cbt_llm.cli",
+        "train",
+        "model.init=random",
+        "model.hidden_size=256",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "model.intermediate_size=512",
+        f"train.data_dir={data}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=3",
+        "train.log_every=2",
+        "train.resume=never",
+        "train.optimizer=torch",
+        *overrides,
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
     assert "attention: " in p.stderr
@@ -38,15 +62,29 @@ def _train(data: Path, run_dir: Path, *overrides: str) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("gpu") / "data", rows_per_shard=8, train_shards=1, val_rows=2,
-                       seq_len=1024, lengths=(20, 120, 30, 400))
+    return make_shards(
+        tmp_path_factory.mktemp("gpu") / "data",
+        rows_per_shard=8,
+        train_shards=1,
+        val_rows=2,
+        seq_len=1024,
+        lengths=(20, 120, 30, 400),
+    )
 
 
 @pytest.mark.parametrize("mode", ["full-zero2", "lora-zero3"])
 def test_train_on_one_gpu(data, tmp_path, mode):
-    extra = (["train.zero_stage=2", "train.lr=1e-3"] if mode == "full-zero2"
-             else ["train.zero_stage=3", "model.lora.enabled=true", "model.lora.r=8", "model.lora.dropout=0.0",
-                   "train.lr=1e-2"])
+    extra = (
+        ["train.zero_stage=2", "train.lr=1e-3"]
+        if mode == "full-zero2"
+        else [
+            "train.zero_stage=3",
+            "model.lora.enabled=true",
+            "model.lora.r=8",
+            "model.lora.dropout=0.0",
+            "train.lr=1e-2",
+        ]
+    )
     s = _train(data, tmp_path / mode, *extra)
     assert s["dtype"] == "bfloat16" and s["steps"] == 24 and s["lora"] == (mode == "lora-zero3")
     import importlib.util

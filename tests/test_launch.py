@@ -35,8 +35,16 @@ def bash_syntax_ok(text: str, tmp_path: Path) -> None:
 
 
 def test_deepspeed_single_node_dry_run(capsys, tmp_path):
-    out = dry_run(capsys, "deepspeed", "--config", "configs/demo-cpu.yaml", "--gpus-per-node", "2",
-                  "train.max_steps=3", "launch.master_port=29777")
+    out = dry_run(
+        capsys,
+        "deepspeed",
+        "--config",
+        "configs/demo-cpu.yaml",
+        "--gpus-per-node",
+        "2",
+        "train.max_steps=3",
+        "launch.master_port=29777",
+    )
     assert "deepspeed \\\n  --num_gpus 2 \\\n  --master_port 29777" in out
     assert "--no_ssh" not in out and "--hostfile" not in out
     # the train command carries the same config file and every override through, quoted
@@ -47,10 +55,26 @@ def test_deepspeed_single_node_dry_run(capsys, tmp_path):
 
 
 def test_deepspeed_multi_node_no_ssh_and_hostfile(capsys, tmp_path):
-    out = dry_run(capsys, "deepspeed", "--config", "configs/demo-cpu.yaml", "--nodes", "2", "--gpus-per-node", "4",
-                  "launch.master_addr=10.9.0.1", "launch.master_port=29600")
-    for piece in ("--no_ssh", "--num_nodes 2", '--node_rank "$NODE_RANK"', "--num_gpus 4",
-                  "--master_addr 10.9.0.1", "--master_port 29600"):
+    out = dry_run(
+        capsys,
+        "deepspeed",
+        "--config",
+        "configs/demo-cpu.yaml",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "launch.master_addr=10.9.0.1",
+        "launch.master_port=29600",
+    )
+    for piece in (
+        "--no_ssh",
+        "--num_nodes 2",
+        '--node_rank "$NODE_RANK"',
+        "--num_gpus 4",
+        "--master_addr 10.9.0.1",
+        "--master_port 29600",
+    ):
         assert piece in out, piece
     assert 'NODE_RANK="${NODE_RANK:?' in out
     bash_syntax_ok(out, tmp_path)
@@ -60,16 +84,39 @@ def test_deepspeed_multi_node_no_ssh_and_hostfile(capsys, tmp_path):
     r = subprocess.run(["bash", str(p)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode != 0 and "set NODE_RANK" in r.stderr
 
-    out = dry_run(capsys, "deepspeed", "--config", "configs/demo-cpu.yaml", "--nodes", "3", "--gpus-per-node", "8",
-                  "launch.hostfile=/etc/cbt/hostfile", "launch.master_addr=n1")
+    out = dry_run(
+        capsys,
+        "deepspeed",
+        "--config",
+        "configs/demo-cpu.yaml",
+        "--nodes",
+        "3",
+        "--gpus-per-node",
+        "8",
+        "launch.hostfile=/etc/cbt/hostfile",
+        "launch.master_addr=n1",
+    )
     assert "--hostfile /etc/cbt/hostfile" in out and "--num_nodes 3" in out and "--no_ssh" not in out
     assert "NODE_RANK" not in out
 
 
 def test_slurm_dry_run(capsys, tmp_path):
-    out = dry_run(capsys, "slurm", "--config", "configs/demo-cpu.yaml", "--nodes", "4", "--gpus-per-node", "8",
-                  "launch.slurm.grace_s=300", "launch.slurm.partition=gpu", "launch.slurm.rdzv_port=29999",
-                  "train.run_dir=runs/x/train", "train.requeue_exit_code=86", "launch.slurm.max_restarts=3")
+    out = dry_run(
+        capsys,
+        "slurm",
+        "--config",
+        "configs/demo-cpu.yaml",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "launch.slurm.grace_s=300",
+        "launch.slurm.partition=gpu",
+        "launch.slurm.rdzv_port=29999",
+        "train.run_dir=runs/x/train",
+        "train.requeue_exit_code=86",
+        "launch.slurm.max_restarts=3",
+    )
     lines = out.splitlines()
     sbatch = [ln for ln in lines if ln.startswith("#SBATCH")]
     # numbers are expanded at render time: no `$NUM_NODES` left for sbatch to choke on
@@ -100,8 +147,14 @@ def test_slurm_dry_run(capsys, tmp_path):
 
 
 def test_ray_dry_run(capsys, tmp_path):
-    out = dry_run(capsys, "ray", "--config", "configs/demo-cpu.yaml", "launch.ray.address=http://127.0.0.1:8265",
-                  "launch.ray.max_failures=3")
+    out = dry_run(
+        capsys,
+        "ray",
+        "--config",
+        "configs/demo-cpu.yaml",
+        "launch.ray.address=http://127.0.0.1:8265",
+        "launch.ray.max_failures=3",
+    )
     assert "export RAY_ADDRESS=http://127.0.0.1:8265" in out
     assert "ray job submit" in out and "python -m launch.ray_job --config configs/demo-cpu.yaml" in out
     assert "launch.ray.max_failures=3" in out
@@ -122,8 +175,21 @@ def test_bad_launch_config_is_one_clear_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "launch.slurm.grace" in err and "grace_s" in err
     # world size 3 cannot come from 2 nodes when gpus_per_node is left on auto
-    assert main(["launch", "deepspeed", "--config", "configs/demo-cpu.yaml", "--dry-run", "--nodes", "2",
-                 "data.world_size=3"]) == 2
+    assert (
+        main(
+            [
+                "launch",
+                "deepspeed",
+                "--config",
+                "configs/demo-cpu.yaml",
+                "--dry-run",
+                "--nodes",
+                "2",
+                "data.world_size=3",
+            ]
+        )
+        == 2
+    )
     assert "--gpus-per-node" in capsys.readouterr().err
 
 
@@ -138,12 +204,13 @@ def test_examples_are_current():
 
 # ---- preflight ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Fixture shards (4 train shards) whose manifest carries the fixture tokenizer's real content hash."""
-    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
-
     from transformers import AutoTokenizer
+
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 
     out = make_shards(tmp_path_factory.mktemp("launch") / "data", rows_per_shard=4, train_shards=4)
     man = json.loads((out / "manifest.json").read_text())
@@ -215,13 +282,24 @@ def test_preflight_unwritable_run_dir(shards, tmp_path):
 
 def test_launch_without_dry_run_runs_preflight_first(shards, tmp_path, capsys):
     """A bad world size stops `cbt-llm launch` before anything is submitted (exit 2, no script written)."""
-    rc = main(["launch", "slurm", "--config", "configs/demo-cpu.yaml", "--gpus-per-node", "3",
-               f"train.data_dir={shards}", f"train.run_dir={tmp_path / 'run'}"])
+    rc = main(
+        [
+            "launch",
+            "slurm",
+            "--config",
+            "configs/demo-cpu.yaml",
+            "--gpus-per-node",
+            "3",
+            f"train.data_dir={shards}",
+            f"train.run_dir={tmp_path / 'run'}",
+        ]
+    )
     assert rc == 2 and "does not divide" in capsys.readouterr().err
     assert not (tmp_path / "run" / "launch").exists()
 
 
 # ---- Dockerfile (no container engine on CI: its pins are checked against the lock file instead) ------------
+
 
 def _lock() -> dict[str, str]:
     pins = {}
@@ -238,8 +316,10 @@ def test_dockerfile_pins_match_lock_file():
 
     text = (ROOT / "Dockerfile").read_text()
     lock = _lock()
-    pins = {m.group(1).lower().replace("_", "-"): m.group(2)
-            for m in re.finditer(r"(?<![\w.-])([A-Za-z][\w.-]*)==([\w.${}]+)", text)}
+    pins = {
+        m.group(1).lower().replace("_", "-"): m.group(2)
+        for m in re.finditer(r"(?<![\w.-])([A-Za-z][\w.-]*)==([\w.${}]+)", text)
+    }
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
     pins = {k: args.get(v.strip("${}"), v) if v.startswith("$") else v for k, v in pins.items()}
     assert pins.get("torch") == lock["torch"]

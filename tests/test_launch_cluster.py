@@ -36,11 +36,10 @@ def _env(**extra: str) -> dict:
     return env
 
 
-
-
 def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "cbt-llm"), *args], cwd=ROOT, env=env or _env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "cbt-llm"), *args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,16 +47,30 @@ def demo_data(tmp_path_factory) -> Path:
     """The demo's own path at small size: synth template -> tokenizer train -> prepare (2 train shards)."""
     return build_demo_data(tmp_path_factory.mktemp("launch_demo"), _cli, _env(RAY_AUTH_MODE="disabled"), seq_len=512)
 
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
 def test_demo_through_deepspeed_launcher_single_node(demo_data, tmp_path):
     run = tmp_path / "run"
-    r = _cli("launch", "deepspeed", "--config", "configs/demo-cpu.yaml", "--gpus-per-node", "2",
-             "launch.cpu=true", f"launch.master_port={free_port()}", f"train.data_dir={demo_data}",
-             f"train.run_dir={run}", "train.max_steps=8", "train.log_every=2", "train.eval_every=0",
-             "train.save_every=4", "wandb.mode=disabled")
+    r = _cli(
+        "launch",
+        "deepspeed",
+        "--config",
+        "configs/demo-cpu.yaml",
+        "--gpus-per-node",
+        "2",
+        "launch.cpu=true",
+        f"launch.master_port={free_port()}",
+        f"train.data_dir={demo_data}",
+        f"train.run_dir={run}",
+        "train.max_steps=8",
+        "train.log_every=2",
+        "train.eval_every=0",
+        "train.save_every=4",
+        "wandb.mode=disabled",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     launched = json.loads((run / "launch" / "deepspeed.json").read_text())
     assert launched["exit_code"] == 0 and launched["world_size"] == 2 and launched["launcher"] == "deepspeed"
@@ -70,6 +83,7 @@ def test_demo_through_deepspeed_launcher_single_node(demo_data, tmp_path):
 
 
 # ---- Slurm -------------------------------------------------------------------------------------------------
+
 
 def _slurm_missing() -> str | None:
     if os.geteuid() != 0:
@@ -133,9 +147,18 @@ def _wait(pred, timeout: float, what: str, step: float = 0.5, env: dict | None =
 
 
 def _submit(env: dict, run: Path, data: Path, *overrides: str) -> str:
-    r = _cli("launch", "slurm", "--config", "configs/demo-cpu.yaml", "launch.cpu=true",
-             f"launch.slurm.rdzv_port={free_port()}", f"train.data_dir={data}", f"train.run_dir={run}", *overrides,
-             env=env)
+    r = _cli(
+        "launch",
+        "slurm",
+        "--config",
+        "configs/demo-cpu.yaml",
+        "launch.cpu=true",
+        f"launch.slurm.rdzv_port={free_port()}",
+        f"train.data_dir={data}",
+        f"train.run_dir={run}",
+        *overrides,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     job = json.loads((run / "launch" / "slurm.json").read_text())["job_id"]
     assert job and job.isdigit()
@@ -145,16 +168,30 @@ def _submit(env: dict, run: Path, data: Path, *overrides: str) -> str:
 def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
     """USR1 to the batch script mid-training -> checkpoint -> requeue -> resume -> completion; each row once."""
     run = tmp_path / "run"
-    job = _submit(slurm, run, demo_data, "train.max_steps=0", "train.epochs=1", "train.record_order=true",
-                  "train.log_every=5", "train.eval_every=0", "train.save_every=0", "wandb.mode=offline")
+    job = _submit(
+        slurm,
+        run,
+        demo_data,
+        "train.max_steps=0",
+        "train.epochs=1",
+        "train.record_order=true",
+        "train.log_every=5",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "wandb.mode=offline",
+    )
     order0 = run / "order" / "rank0.jsonl"
     lines = lambda: order0.read_text().count("\n") if order0.exists() else 0  # noqa: E731
     _wait(lambda: lines() >= 6, 240, "6 training steps of the first run", env=slurm)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     # Slurm holds a requeued job until BeginTime (~2 min); start it now instead of waiting that out
     # (seen as Restarts=1 in any state: under load the requeued job may already be running again)
-    info = _wait(lambda: (lambda j: j if j.get("Restarts") == "1" else None)(_job(slurm, job)), 120,
-                 "the job to be requeued", env=slurm)
+    info = _wait(
+        lambda: (lambda j: j if j.get("Restarts") == "1" else None)(_job(slurm, job)),
+        120,
+        "the job to be requeued",
+        env=slurm,
+    )
     assert info["Requeue"] == "1"
     if info.get("JobState") == "PENDING":
         # ...but not within the second of the requeue: the requeue revoked the job's credentials on slurmd
@@ -169,8 +206,12 @@ def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
         while int(time.time()) <= after:
             time.sleep(0.05)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=False)
-    final = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-        _job(slurm, job)), 300, "the requeued job to finish", env=slurm)
+    final = _wait(
+        lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(_job(slurm, job)),
+        300,
+        "the requeued job to finish",
+        env=slurm,
+    )
     log = (run / "slurm" / f"cbt-llm-demo-{job}.out").read_text()
     assert final["JobState"] == "COMPLETED", f"{final}\n{log[-3000:]}\n{_daemon_logs(slurm)}"
     assert "got SIGUSR1" in log and "requeueing job" in log and f"job {job} restart 1" in log
@@ -203,10 +244,21 @@ def test_slurm_dead_rank_fails_job_without_hang(slurm, demo_data, tmp_path):
     """SIGKILL of one training process: the job ends FAILED (no requeue) within a bounded time, no hang."""
     run = tmp_path / "run"
     env = dict(slurm, CBT_LLM_FAULT="after_step@3:1")  # rank 1 SIGKILLs itself after step 3
-    job = _submit(env, run, demo_data, "train.max_steps=30", "train.eval_every=0", "wandb.mode=disabled",
-                  "train.collective_timeout_s=30")
-    final = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-        _job(slurm, job)), 240, "the job to fail", env=slurm)
+    job = _submit(
+        env,
+        run,
+        demo_data,
+        "train.max_steps=30",
+        "train.eval_every=0",
+        "wandb.mode=disabled",
+        "train.collective_timeout_s=30",
+    )
+    final = _wait(
+        lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None)(_job(slurm, job)),
+        240,
+        "the job to fail",
+        env=slurm,
+    )
     assert final["JobState"] == "FAILED" and final["Restarts"] == "0", f"{final}\n{_daemon_logs(slurm)}"
     assert not (run / "requeue.json").exists()
     assert "requeueing" not in (run / "slurm" / f"cbt-llm-demo-{job}.out").read_text()

@@ -48,8 +48,9 @@ def _env(**extra: str) -> dict:
 
 
 def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "cbt-llm"), *args], cwd=ROOT, env=env or _env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "cbt-llm"), *args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _netns_missing() -> str | None:
@@ -71,8 +72,15 @@ class Hosts:
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = ["bash", "-c", f'. "{CLUSTER}/common.sh" && on_host "$@"', "on_host", str(host), *argv]
         with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **extra_env}, stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            p = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env={**self.env, **extra_env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.pids.mkdir(parents=True, exist_ok=True)
         (self.pids / f"{name}.pid").write_text(f"{p.pid}\n")
         return p
@@ -104,15 +112,27 @@ def hosts():
         up = subprocess.run(["bash", str(CLUSTER / "netns_up.sh")], env=env, capture_output=True, text=True, timeout=60)
         assert up.returncode == 0, f"netns_up.sh failed:\n{up.stdout}\n{up.stderr}"
         # idempotent: a second run changes nothing and succeeds
-        again = subprocess.run(["bash", str(CLUSTER / "netns_up.sh")], env=env, capture_output=True, text=True, timeout=60)
+        again = subprocess.run(
+            ["bash", str(CLUSTER / "netns_up.sh")], env=env, capture_output=True, text=True, timeout=60
+        )
         assert again.returncode == 0, again.stderr
         h = Hosts(state, env)
-        names = [subprocess.run(["bash", "-c", f'. "{CLUSTER}/common.sh" && on_host {i} hostname'], env=env,
-                                capture_output=True, text=True, timeout=30).stdout.strip() for i in (0, 1)]
+        names = [
+            subprocess.run(
+                ["bash", "-c", f'. "{CLUSTER}/common.sh" && on_host {i} hostname'],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+            for i in (0, 1)
+        ]
         assert names == ["h0", "h1"]
         yield h
     finally:
-        down = subprocess.run(["bash", str(CLUSTER / "netns_down.sh")], env=env, capture_output=True, text=True, timeout=60)
+        down = subprocess.run(
+            ["bash", str(CLUSTER / "netns_down.sh")], env=env, capture_output=True, text=True, timeout=60
+        )
         shutil.rmtree(state, ignore_errors=True)
         assert down.returncode == 0, down.stderr
         assert not Path("/var/run/netns/cbt-h0").exists() and not Path("/var/run/netns/cbt-h1").exists()
@@ -123,21 +143,47 @@ def demo_data(tmp_path_factory) -> Path:
     """The demo's path at small size: synth template -> tokenizer train -> prepare (2 shards, seq_len 256)."""
     return build_demo_data(tmp_path_factory.mktemp("multinode_demo"), _cli, _env(RAY_AUTH_MODE="disabled"), seq_len=256)
 
+
 def _train_overrides(data: Path, run: Path, *more: str) -> list[str]:
-    return [f"train.data_dir={data}", f"train.run_dir={run}", "train.log_every=1", "train.eval_every=0",
-            "train.save_every=0", "wandb.mode=disabled", *more]
+    return [
+        f"train.data_dir={data}",
+        f"train.run_dir={run}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "wandb.mode=disabled",
+        *more,
+    ]
 
 
 def _torchrun(port: int, rdzv_id: str, overrides: list[str]) -> list[str]:
-    return [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"{H0_ADDR}:{port}", "--rdzv_id", rdzv_id, "--max_restarts", "0",
-            "-m", "cbt_llm.cli", "train", "--config", CFG, *overrides]
+    return [
+        str(BIN / "torchrun"),
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"{H0_ADDR}:{port}",
+        "--rdzv_id",
+        rdzv_id,
+        "--max_restarts",
+        "0",
+        "-m",
+        "cbt_llm.cli",
+        "train",
+        "--config",
+        CFG,
+        *overrides,
+    ]
 
 
 def _wait_all(procs: list[subprocess.Popen], logs: list[Path], limit: float) -> list[int]:
     t0 = time.time()
     codes = []
-    for p, log in zip(procs, logs):
+    for p in procs:
         try:
             codes.append(p.wait(timeout=max(1.0, limit - (time.time() - t0))))
         except subprocess.TimeoutExpired:
@@ -186,9 +232,28 @@ def test_deepspeed_no_ssh_two_nodes(hosts, demo_data, tmp_path):
     logs = [tmp_path / f"h{i}.log" for i in (0, 1)]
 
     def argv(rank: int) -> list[str]:
-        return [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                "--num_nodes", "2", "--num_gpus", "1", "--master_addr", H0_ADDR, "--master_port", "29612",
-                "--no_local_rank", str(BIN / "cbt-llm"), "train", "--config", CFG, *ov]
+        return [
+            str(BIN / "deepspeed"),
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(rank),
+            "--num_nodes",
+            "2",
+            "--num_gpus",
+            "1",
+            "--master_addr",
+            H0_ADDR,
+            "--master_port",
+            "29612",
+            "--no_local_rank",
+            str(BIN / "cbt-llm"),
+            "train",
+            "--config",
+            CFG,
+            *ov,
+        ]
 
     procs = [hosts.start(i, f"deepspeed-h{i}", argv(i), logs[i]) for i in (0, 1)]
     codes = _wait_all(procs, logs, RUN_LIMIT_S)
@@ -200,12 +265,22 @@ def test_deepspeed_no_ssh_two_nodes(hosts, demo_data, tmp_path):
 def test_launch_deepspeed_no_ssh_two_nodes(hosts, demo_data, tmp_path):
     """`cbt-llm launch deepspeed --nodes 2 --node-rank K` on each host: deepspeed --no_ssh, master on h0."""
     run = tmp_path / "run"
-    ov = ["launch.cpu=true", f"launch.master_addr={H0_ADDR}", "launch.master_port=29614",
-          *_train_overrides(demo_data, run, "train.max_steps=4", "train.zero_stage=3")]
+    ov = [
+        "launch.cpu=true",
+        f"launch.master_addr={H0_ADDR}",
+        "launch.master_port=29614",
+        *_train_overrides(demo_data, run, "train.max_steps=4", "train.zero_stage=3"),
+    ]
     dry = _cli("launch", "deepspeed", "--config", CFG, "--nodes", "2", "--gpus-per-node", "1", "--dry-run", *ov)
     assert dry.returncode == 0, dry.stderr
-    for part in ("--no_ssh", "--num_nodes 2", '--node_rank "$NODE_RANK"', "--num_gpus 1", f"--master_addr {H0_ADDR}",
-                 "--master_port 29614"):
+    for part in (
+        "--no_ssh",
+        "--num_nodes 2",
+        '--node_rank "$NODE_RANK"',
+        "--num_gpus 1",
+        f"--master_addr {H0_ADDR}",
+        "--master_port 29614",
+    ):
         assert part in dry.stdout, part
     logs = [tmp_path / f"h{i}.log" for i in (0, 1)]
     launch = [str(BIN / "cbt-llm"), "launch", "deepspeed", "--config", CFG, "--nodes", "2", "--gpus-per-node", "1"]
@@ -251,8 +326,9 @@ def test_killing_one_host_fails_the_whole_job(hosts, demo_data, tmp_path):
 
 
 def _slurm_missing() -> str | None:
-    missing = [t for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "runuser")
-               if not shutil.which(t)]
+    missing = [
+        t for t in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "runuser") if not shutil.which(t)
+    ]
     return f"not installed: {', '.join(missing)} (run tests/ci_setup.sh)" if missing else None
 
 
@@ -262,8 +338,9 @@ def slurm2(hosts) -> dict:
     why = _slurm_missing()
     if why:
         pytest.skip(f"two-node Slurm test skipped: {why}")
-    up = subprocess.run(["bash", str(CLUSTER / "netns_up.sh"), "--slurm"], env=hosts.env, capture_output=True,
-                        text=True, timeout=120)
+    up = subprocess.run(
+        ["bash", str(CLUSTER / "netns_up.sh"), "--slurm"], env=hosts.env, capture_output=True, text=True, timeout=120
+    )
     assert up.returncode == 0, f"netns_up.sh --slurm failed:\n{up.stdout}\n{up.stderr}"
     env = {**hosts.env, "SLURM_CONF": str(hosts.state / "netns" / "slurm.conf")}
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True, text=True).stdout.split()
@@ -274,9 +351,22 @@ def slurm2(hosts) -> dict:
 def test_sbatch_two_nodes(slurm2, demo_data, tmp_path):
     """`cbt-llm launch slurm --nodes 2` -> sbatch -N2: one torchrun per node, c10d on h0's NodeAddr, completes."""
     run = tmp_path / "run"
-    r = _cli("launch", "slurm", "--config", CFG, "--nodes", "2", "--gpus-per-node", "1", "--wait", "launch.cpu=true",
-             "launch.slurm.rdzv_port=29621", *_train_overrides(demo_data, run, "train.max_steps=4"),
-             env=slurm2, timeout=RUN_LIMIT_S)
+    r = _cli(
+        "launch",
+        "slurm",
+        "--config",
+        CFG,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "1",
+        "--wait",
+        "launch.cpu=true",
+        "launch.slurm.rdzv_port=29621",
+        *_train_overrides(demo_data, run, "train.max_steps=4"),
+        env=slurm2,
+        timeout=RUN_LIMIT_S,
+    )
     logs = sorted((run / "slurm").glob("*")) if (run / "slurm").exists() else []
     assert r.returncode == 0, r.stderr[-3000:] + _logs_text(logs)
     job = json.loads((run / "launch" / "slurm.json").read_text())["job_id"]

@@ -32,8 +32,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_launch_cluster import _cli, _metrics  # noqa: E402
 
 
-
-
 def _env(**extra: str) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -49,7 +47,9 @@ def demo_data(tmp_path_factory) -> Path:
     """The demo's path at its smallest: 300 template records -> tokenizer -> 2 train shards of seq_len 256."""
     return build_demo_data(tmp_path_factory.mktemp("ray_demo"), _cli, _env(), seq_len=256)
 
+
 # ---- fast ----------------------------------------------------------------------------------------------------
+
 
 def test_resume_must_be_auto(capsys):
     """Restored workers continue from train.run_dir, so another train.resume is refused up front (exit 2)."""
@@ -94,8 +94,10 @@ def _shards(d: Path) -> list[dict]:
     shards = []
     for i, n in enumerate((3, 2)):
         ids = [[10 * i + r + 1] * (r + 2) for r in range(n)]
-        pq.write_table(pa.table({"input_ids": ids, "labels": ids, "position_ids": [list(range(len(x))) for x in ids]}),
-                       d / f"train/shard-{i}.parquet")
+        pq.write_table(
+            pa.table({"input_ids": ids, "labels": ids, "position_ids": [list(range(len(x))) for x in ids]}),
+            d / f"train/shard-{i}.parquet",
+        )
         shards.append({"path": f"train/shard-{i}.parquet", "rows": n})
     return shards
 
@@ -123,8 +125,17 @@ def test_rows_from_a_ray_data_stream_are_read_rows(tmp_path):
     shards = _shards(tmp_path)
     ref = read_rows(tmp_path, shards, 0)
     got = rows_from_batches(_stream(tmp_path, shards, [(0, 0, 2), (0, 2, 1), (1, 0, 2)]), shards, 0)
-    assert got.keys == ref.keys == ["train/shard-0.parquet:0", "train/shard-0.parquet:1", "train/shard-0.parquet:2",
-                                    "train/shard-1.parquet:0", "train/shard-1.parquet:1"]
+    assert (
+        got.keys
+        == ref.keys
+        == [
+            "train/shard-0.parquet:0",
+            "train/shard-0.parquet:1",
+            "train/shard-0.parquet:2",
+            "train/shard-1.parquet:0",
+            "train/shard-1.parquet:1",
+        ]
+    )
     for f in ("input_ids", "labels", "position_ids", "offsets", "real_len"):
         assert np.array_equal(getattr(got, f), getattr(ref, f)), f
     bad = {
@@ -142,8 +153,16 @@ def test_rows_from_a_ray_data_stream_are_read_rows(tmp_path):
 def test_checkpoint_files_are_uploaded_by_the_rank_that_wrote_them():
     from launch.ray_job import file_rank
 
-    assert [file_rank(n) for n in ("zero_pp_rank_1_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt",
-                                   "rng-rank3.pt", "mp_rank_00_model_states.pt", "trainer_state.json")] == [1, 12, 3, 0, 0]
+    assert [
+        file_rank(n)
+        for n in (
+            "zero_pp_rank_1_mp_rank_00_model_states.pt",
+            "bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt",
+            "rng-rank3.pt",
+            "mp_rank_00_model_states.pt",
+            "trainer_state.json",
+        )
+    ] == [1, 12, 3, 0, 0]
 
 
 @pytest.fixture(scope="module")
@@ -158,22 +177,51 @@ def ray_head(tmp_path_factory):
     port, dash = free_port(), free_port()
     log = open(tmp / "head.log", "w")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--temp-dir", str(tmp), "--num-cpus", "4", "--disable-usage-stats", "--include-dashboard", "true",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)],
-        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--temp-dir",
+            str(tmp),
+            "--num-cpus",
+            "4",
+            "--disable-usage-stats",
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+        ],
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300  # under load (a parallel suite) the job agent has taken over 2 min to start
         while True:
             # a job that runs: GCS, raylet, the job server and the node's agent that starts jobs are all up
             # (`ray job list` answers earlier, while submissions still fail with "No available agent")
-            r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-                                "true"], env=_env(), capture_output=True, text=True, timeout=60)
+            r = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", "true"],
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if r.returncode == 0:
                 break
             if head.poll() is not None or time.time() > deadline:
-                pytest.fail(f"Ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}\n"
-                            f"last `ray job submit`: rc {r.returncode}\n{(r.stdout + r.stderr)[-2000:]}")
+                pytest.fail(
+                    f"Ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}\n"
+                    f"last `ray job submit`: rc {r.returncode}\n{(r.stdout + r.stderr)[-2000:]}"
+                )
             time.sleep(2)
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:
@@ -195,16 +243,34 @@ _STEPS, _SPE, _MB, _GA, _SAVE = 20, 17, 4, 2, 7
 
 
 def _args(data: Path, run: Path, *extra: str) -> list[str]:
-    return ["--config", "configs/demo-cpu.yaml", "launch.cpu=true", f"train.data_dir={data}", f"train.run_dir={run}",
-            f"train.max_steps={_STEPS}", f"train.micro_batch_size={_MB}", f"train.grad_accum={_GA}",
-            "train.log_every=1", "train.eval_every=0", f"train.save_every={_SAVE}", "train.record_order=true",
-            "wandb.mode=disabled", *extra]
+    return [
+        "--config",
+        "configs/demo-cpu.yaml",
+        "launch.cpu=true",
+        f"train.data_dir={data}",
+        f"train.run_dir={run}",
+        f"train.max_steps={_STEPS}",
+        f"train.micro_batch_size={_MB}",
+        f"train.grad_accum={_GA}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        f"train.save_every={_SAVE}",
+        "train.record_order=true",
+        "wandb.mode=disabled",
+        *extra,
+    ]
 
 
 def _job(gcs: str, data: Path, run: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """The driver run directly against the head's GCS address (as the job server runs it)."""
-    return subprocess.run([sys.executable, "-m", "launch.ray_job", *_args(data, run, *extra)], cwd=ROOT,
-                          env=_env(RAY_ADDRESS=gcs, **(env_extra or {})), capture_output=True, text=True, timeout=480)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.ray_job", *_args(data, run, *extra)],
+        cwd=ROOT,
+        env=_env(RAY_ADDRESS=gcs, **(env_extra or {})),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
 
 
 def _by_step(run: Path, key: str = "train/loss") -> dict[int, float]:
@@ -222,8 +288,14 @@ def ray_run(ray_head, demo_data, tmp_path_factory) -> Path:
     _, dash = ray_head
     run = tmp_path_factory.mktemp("ray_run") / "run"
     t0 = time.time()
-    r = subprocess.run([str(BIN / "cbt-llm"), "launch", "ray", *_args(demo_data, run)], cwd=ROOT,
-                       env=_env(RAY_ADDRESS=dash), capture_output=True, text=True, timeout=480)
+    r = subprocess.run(
+        [str(BIN / "cbt-llm"), "launch", "ray", *_args(demo_data, run)],
+        cwd=ROOT,
+        env=_env(RAY_ADDRESS=dash),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     print(f"ray_run: {time.time() - t0:.0f} s")
     return run
@@ -260,8 +332,15 @@ def test_ray_workers_get_their_rows_from_ray_data_once_per_epoch(ray_run, demo_d
     for rank in (0, 1):
         got = _order(ray_run, rank)
         assert sorted(got) == list(range(1, _STEPS + 1))
-        loader = RankLoader(read_rows(demo_data, rank_shards(m, "train", rank, 2), 0), micro_batch_size=_MB,
-                            grad_accum=_GA, seed=seed, rank=rank, steps_per_epoch=spe, pad_token_id=0)
+        loader = RankLoader(
+            read_rows(demo_data, rank_shards(m, "train", rank, 2), 0),
+            micro_batch_size=_MB,
+            grad_accum=_GA,
+            seed=seed,
+            rank=rank,
+            steps_per_epoch=spe,
+            pad_token_id=0,
+        )
         for step in range(1, _STEPS + 1):
             _, keys = loader.next_step()
             assert got[step]["rows"] == keys, (rank, step)
@@ -286,7 +365,9 @@ def test_ray_every_checkpoint_lands_in_storage_path(ray_run):
         names = {p.name for p in (storage / tag).iterdir()}
         assert names == {p.name for p in (ray_run / "checkpoints" / tag).iterdir()}
         assert {"trainer_state.json", "rng-rank0.pt", "rng-rank1.pt"} <= names
-        assert {n for n in names if n.startswith("zero_pp_rank_1_")} and {n for n in names if n.startswith("zero_pp_rank_0_")}
+        assert {n for n in names if n.startswith("zero_pp_rank_1_")} and {
+            n for n in names if n.startswith("zero_pp_rank_0_")
+        }
         assert json.loads((storage / tag / "trainer_state.json").read_text())["step"] == int(tag[5:])
     assert not list(ray_run.glob(".ray-upload-*"))  # the staging folders are gone
 
@@ -322,11 +403,28 @@ def test_ray_job_submit_exits_non_zero_when_training_fails(ray_head, demo_data, 
     _, dash = ray_head
     run = tmp_path / "run"
     env_json = json.dumps({"env_vars": {"CBT_LLM_FAULT": "after_step@1:1"}})  # the job's own environment
-    entry = shlex.join(["python", "-m", "launch.ray_job",
-                        *_args(demo_data, run, "launch.ray.max_failures=0", "train.max_steps=3")])
-    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dash, "--runtime-env-json", env_json, "--",
-                        "bash", "-c", f"cd {shlex.quote(str(ROOT))} && {entry}"],  # as the rendered script does
-                       env=_env(), capture_output=True, text=True, timeout=480)
+    entry = shlex.join(
+        ["python", "-m", "launch.ray_job", *_args(demo_data, run, "launch.ray.max_failures=0", "train.max_steps=3")]
+    )
+    r = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            dash,
+            "--runtime-env-json",
+            env_json,
+            "--",
+            "bash",
+            "-c",
+            f"cd {shlex.quote(str(ROOT))} && {entry}",
+        ],  # as the rendered script does
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     assert r.returncode != 0, r.stdout[-4000:]
     assert "failed" in (r.stdout + r.stderr).lower()
     facts = json.loads((run / "launch" / "ray_job.json").read_text())

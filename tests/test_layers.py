@@ -102,8 +102,9 @@ def imported_modules(rel: str, source: str, root: Path = ROOT) -> list[tuple[int
 
 def _edits_sys_path(node: ast.AST) -> bool:
     def is_sys_path(n: ast.AST) -> bool:
-        return (isinstance(n, ast.Attribute) and n.attr == "path"
-                and isinstance(n.value, ast.Name) and n.value.id == "sys")
+        return (
+            isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name) and n.value.id == "sys"
+        )
 
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
         return is_sys_path(node.func.value) or (node.func.attr == "addsitedir")
@@ -125,8 +126,10 @@ def check_source(rel: str, source: str, root: Path = ROOT) -> list[str]:
             continue
         if target not in ALLOWED[layer]:
             out.append(f"{rel}:{line}: {layer} imports {mod} ({target} layer)")
-        elif layer in ("train", "launch") and target == "data_pipeline" and not (
-            mod == CONTRACT or mod.startswith(CONTRACT + ".")
+        elif (
+            layer in ("train", "launch")
+            and target == "data_pipeline"
+            and not (mod == CONTRACT or mod.startswith(CONTRACT + "."))
         ):
             out.append(f"{rel}:{line}: {layer} imports {mod}; read the data stage through {CONTRACT} only")
     if layer in PRODUCT:
@@ -165,24 +168,36 @@ def test_walked_folders_exist_and_hold_the_cli():
 @pytest.mark.parametrize(
     "rel, source, expected",
     [
-        ("data_pipeline/io.py", "def f():\n    from train.data import rank_shards\n",
-         "data_pipeline imports train.data"),
+        (
+            "data_pipeline/io.py",
+            "def f():\n    from train.data import rank_shards\n",
+            "data_pipeline imports train.data",
+        ),
         ("data_pipeline/io.py", "import launch.render as r\n", "data_pipeline imports launch.render"),
         ("train/recipe.py", "from launch import render\n", "train imports launch.render"),
         ("train/recipe.py", "from ..launch import render\n", "train imports launch.render"),
-        ("train/recipe.py", "from data_pipeline.tokenizer import load_tokenizer\n",
-         "through data_pipeline.shards only"),
+        (
+            "train/recipe.py",
+            "from data_pipeline.tokenizer import load_tokenizer\n",
+            "through data_pipeline.shards only",
+        ),
         ("train/recipe.py", "from cbt_llm.cli import main\n", "train imports cbt_llm.cli (cli layer)"),
         ("cbt_llm/config.py", "def f():\n    from data_pipeline import io\n", "shared imports data_pipeline.io"),
-        ("cbt_llm/report.py", "import importlib\nimportlib.import_module('train.recipe')\n",
-         "shared imports train.recipe"),
+        (
+            "cbt_llm/report.py",
+            "import importlib\nimportlib.import_module('train.recipe')\n",
+            "shared imports train.recipe",
+        ),
         ("launch/submit.py", "from tests.train_fixtures import make_shards\n", "launch imports tests.train_fixtures"),
         ("launch/submit.py", "import bench.fixtures\n", "launch imports bench.fixtures (bench layer)"),
         ("bench/train_bench.py", "from tests import train_fixtures\n", "bench imports tests"),
         ("launch/ray_job.py", "import sys\nsys.path.insert(0, '.')\n", "edits sys.path"),
         ("train/data.py", "import sys\nsys.path = ['.']\n", "edits sys.path"),
-        ("data_pipeline/prepare/pipeline.py", "from evaluation.questions import check_no_train_overlap\n",
-         "data_pipeline imports evaluation.questions (evaluation layer)"),
+        (
+            "data_pipeline/prepare/pipeline.py",
+            "from evaluation.questions import check_no_train_overlap\n",
+            "data_pipeline imports evaluation.questions (evaluation layer)",
+        ),
         ("train/recipe.py", "def f():\n    import evaluation.structure\n", "train imports evaluation.structure"),
         ("launch/submit.py", "from evaluation import questions\n", "launch imports evaluation.questions"),
         ("evaluation/structure.py", "from launch.render import TrainCommand\n", "evaluation imports launch.render"),
@@ -198,15 +213,22 @@ def test_a_planted_upstream_import_fails(rel, source, expected):
 @pytest.mark.parametrize(
     "rel, source",
     [
-        ("cbt_llm/cli.py", "def f():\n    from train.recipe import run_train\n"
-         "    from launch.submit import run_launch\n"),
-        ("launch/preflight.py", "from data_pipeline.shards import load_manifest\n"
-         "from train.data import steps_per_epoch\n"),
+        (
+            "cbt_llm/cli.py",
+            "def f():\n    from train.recipe import run_train\n    from launch.submit import run_launch\n",
+        ),
+        (
+            "launch/preflight.py",
+            "from data_pipeline.shards import load_manifest\nfrom train.data import steps_per_epoch\n",
+        ),
         ("train/data.py", "from data_pipeline.shards import IGNORE_INDEX\nfrom cbt_llm.config import ConfigError\n"),
         ("data_pipeline/prepare.py", "from cbt_llm.report import write_metrics\nimport pyarrow\n"),
         ("bench/train_bench.py", "from bench.fixtures import make_shards\nfrom cbt_llm.cli import main\n"),
-        ("evaluation/structure.py", "from data_pipeline.synth_template import record_at\n"
-         "from data_pipeline.schema import CBT_PARTS\nfrom cbt_llm.config import ConfigError\n"),
+        (
+            "evaluation/structure.py",
+            "from data_pipeline.synth_template import record_at\n"
+            "from data_pipeline.schema import CBT_PARTS\nfrom cbt_llm.config import ConfigError\n",
+        ),
         ("bench/structure_bench.py", "from evaluation.structure import train_scorer\n"),
         ("cbt_llm/cli.py", "def f():\n    from evaluation.questions import check_no_train_overlap\n"),
     ],

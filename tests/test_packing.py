@@ -174,9 +174,14 @@ def test_pack_dispatch_and_errors():
         with pytest.raises(ValueError, match="positive"):
             fn([3, 0], 10)
 
+
 def test_packed_rows_concatenate_examples_and_restart_positions():
     ids = [np.arange(3) + 10, np.arange(5) + 20, np.arange(2) + 30]
-    labels = [np.array([IGNORE_INDEX, 11, 12]), np.array([IGNORE_INDEX] * 2 + [22, 23, 24]), np.array([IGNORE_INDEX, 31])]
+    labels = [
+        np.array([IGNORE_INDEX, 11, 12]),
+        np.array([IGNORE_INDEX] * 2 + [22, 23, 24]),
+        np.array([IGNORE_INDEX, 31]),
+    ]
     bins = pack_bfd([3, 5, 2], 8)  # 5 -> row0, 3 -> row0 (room 0), 2 -> row1
     rows = build_packed_rows(ids, labels, ["a", "b", "c"], bins)
     assert rows.num_rows == 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,10 @@ _PARTS = {
     "key_thought": ["你似乎认为一次失败就代表全部。", "你好像觉得别人都在评价你。", "你可能在想事情只会越来越糟。"],
     "challenge": ["有没有证据说明事情并非如此?", "如果朋友这样想,你会怎么对他说?", "最坏的结果真的会发生吗?"],
     "strategy": ["可以试着把担心写下来,每天安排放松时间。", "试试每天做十分钟的深呼吸练习。", "把大任务拆成小步骤。"],
-    "encouragement": ["相信你能慢慢好起来,必要时请寻求专业心理咨询师的帮助。", "你已经迈出了第一步,也可以找专业咨询师聊聊。"],
+    "encouragement": [
+        "相信你能慢慢好起来,必要时请寻求专业心理咨询师的帮助。",
+        "你已经迈出了第一步,也可以找专业咨询师聊聊。",
+    ],
 }
 
 
@@ -86,7 +88,9 @@ def env(tmp_path_factory):
     good.append(dict(good[1], id="rec-long", cbt=long_cbt, answer=join_answer(long_cbt)))
     # good records in two files, one zstd-compressed, to cover both readers
     (d / "a.jsonl").write_text("".join(dumps(r) + "\n" for r in good[:120]), encoding="utf-8")
-    (d / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(dumps(r) + "\n" for r in good[120:]).encode()))
+    (d / "b.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress("".join(dumps(r) + "\n" for r in good[120:]).encode())
+    )
 
     bad_lines: list[tuple[bytes, str]] = []
 
@@ -220,7 +224,11 @@ def test_heldout_is_the_validation_split_as_text(env, prepared):
             "crisis": False,
             "distortions": rec["distortions"],
         }
-    assert man["heldout"] == {"path": "heldout.jsonl", "records": len(held), "sha256": sha256_file(out / "heldout.jsonl")}
+    assert man["heldout"] == {
+        "path": "heldout.jsonl",
+        "records": len(held),
+        "sha256": sha256_file(out / "heldout.jsonl"),
+    }
     assert man["split_rule"] == {"key": "normalised question", "val_fraction": 0.2, "seed": cfg.data.seed}
     # the train split as fingerprints: one per distinct train question, none of a validation question
     train_qs = {by_id[e]["question"] for e, _, _ in segments(read_split(out, man, "train"))}
@@ -252,7 +260,9 @@ def test_eval_question_set_overlapping_train_is_refused(env, prepared):
 
 def test_bad_records_quarantined_with_reason_and_good_ones_survive(env, prepared):
     cfg, out, man = prepared
-    rejects = [json.loads(l) for l in (out / "rejects" / "rejects-00000.jsonl").read_text(encoding="utf-8").splitlines()]
+    rejects = [
+        json.loads(line) for line in (out / "rejects" / "rejects-00000.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     expected = [reason for _, reason in env["bad"]]
     assert [r["reason"] for r in rejects] == expected
     assert all(r["source_file"].endswith("c_bad.jsonl") for r in rejects)
@@ -294,9 +304,13 @@ def test_manifest_shards_and_balance(env, prepared):
 
 def test_rerun_is_byte_identical(env, prepared):
     cfg, out, man = prepared
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "prepare_metrics.json"}
+    before = {
+        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "prepare_metrics.json"
+    }
     again = run_prepare(cfg)
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "prepare_metrics.json"}
+    after = {
+        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "prepare_metrics.json"
+    }
     assert again == man
     assert before == after
     # another folder, same inputs and config: same shards (config_hash leaves out_dir out)
@@ -311,8 +325,15 @@ def test_strict_fails_on_first_bad_record(env, capsys):
     with pytest.raises(PrepareError, match=r"c_bad.jsonl:2: malformed_json"):
         run_prepare(cfg, strict=True)
     assert not (Path(cfg.data.out_dir) / "manifest.json").exists()
-    rc = main(["prepare", f"data.inputs=[{env['dir'] / 'c_bad.jsonl'}]", f"data.tokenizer={env['tok']}",
-               f"data.out_dir={env['dir'] / 'strict2'}", "--strict"])
+    rc = main(
+        [
+            "prepare",
+            f"data.inputs=[{env['dir'] / 'c_bad.jsonl'}]",
+            f"data.tokenizer={env['tok']}",
+            f"data.out_dir={env['dir'] / 'strict2'}",
+            "--strict",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
     assert err[-1].startswith("error: --strict: bad record at ") and "malformed_json" in err[-1]
@@ -357,9 +378,10 @@ def test_padding_mode_and_overlong_reject(env):
 def test_alpaca_json_and_sharegpt_parquet(env):
     d = env["dir"] / "fmt"
     d.mkdir()
-    rng = random.Random(5)
-    alp = [{"instruction": f"请解释{t}的常见原因{i}", "input": "我是学生" if i % 2 else "", "output": r["answer"]}
-           for i, (t, r) in enumerate(zip(_TOPICS * 10, env["good"]))]
+    alp = [
+        {"instruction": f"请解释{t}的常见原因{i}", "input": "我是学生" if i % 2 else "", "output": r["answer"]}
+        for i, (t, r) in enumerate(zip(_TOPICS * 10, env["good"]))
+    ]
     alp.append({"instruction": "", "output": "空指令"})
     (d / "alpaca.json").write_text(dumps(alp), encoding="utf-8")
     man = run_prepare(make_cfg(env, "alp", inputs=[str(d / "alpaca.json")], format="alpaca"))
@@ -367,18 +389,23 @@ def test_alpaca_json_and_sharegpt_parquet(env):
     out = env["dir"] / "alp"
     tok = load_tokenizer(env["tok"])
     outputs = {a["output"] for a in alp}
-    for _, ids, labels in segments(read_split(out, man, "train") + read_split(out, man, "validation")):
+    for _, _ids, labels in segments(read_split(out, man, "train") + read_split(out, man, "validation")):
         assert tok.decode([t for t in labels if t != IGNORE_INDEX]).removesuffix(IM_END) in outputs
 
     convs = []
     for i in range(40):
-        turns = [{"from": "human", "value": f"第{i}轮:{_TOPICS[i % 10]}怎么办?"}, {"from": "gpt", "value": env["good"][i]["answer"]}]
+        turns = [
+            {"from": "human", "value": f"第{i}轮:{_TOPICS[i % 10]}怎么办?"},
+            {"from": "gpt", "value": env["good"][i]["answer"]},
+        ]
         if i % 3 == 0:
             turns += [{"from": "human", "value": "还有别的办法吗?"}, {"from": "gpt", "value": "可以每天散步二十分钟。"}]
         if i % 4 == 0:
             turns.insert(0, {"from": "system", "value": "你是一位温和的咨询师。"})
         convs.append({"id": f"sg-{i}", "conversations": turns})
-    convs.append({"id": "sg-bad", "conversations": [{"from": "gpt", "value": "先回答"}, {"from": "human", "value": "再提问"}]})
+    convs.append(
+        {"id": "sg-bad", "conversations": [{"from": "gpt", "value": "先回答"}, {"from": "human", "value": "再提问"}]}
+    )
     pq.write_table(pa.Table.from_pylist(convs), d / "sharegpt.parquet")
     man = run_prepare(make_cfg(env, "sg", inputs=[str(d / "sharegpt.parquet")], format="sharegpt", val_fraction=0.1))
     assert man["counts"]["kept"] == 40 and man["counts"]["rejected"] == {"invalid_value": 1}
@@ -400,7 +427,9 @@ def test_psyqa_sample_end_to_end(env):
     n_answers = sum(len(q["answers"]) for q in data)
     texts = [q["question"] + q["description"] for q in data] + [a["answer_text"] for q in data for a in q["answers"]]
     tok_dir = train_tokenizer_from_texts(texts, 1500, env["dir"] / "tok_psyqa")
-    cfg = make_cfg(env, "psyqa", inputs=[str(PSYQA)], format="psyqa", tokenizer=str(tok_dir), seq_len=1024, pack_window=1000)
+    cfg = make_cfg(
+        env, "psyqa", inputs=[str(PSYQA)], format="psyqa", tokenizer=str(tok_dir), seq_len=1024, pack_window=1000
+    )
     man = run_prepare(cfg)
     c = man["counts"]
     assert c["read"] == len(data) == 100
@@ -424,9 +453,17 @@ def test_packed_loss_equals_sum_of_separate_losses(env, prepared):
     row = max(rows, key=lambda r: r["num_examples"])
     assert row["num_examples"] >= 2
     torch.manual_seed(0)
-    mcfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
-                       attn_implementation="sdpa", use_cache=False)
+    mcfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ_LEN,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
     model = Qwen2ForCausalLM(mcfg).float().eval()
 
     def summed_loss(ids, pos, labels):
@@ -446,7 +483,9 @@ def test_packed_loss_equals_sum_of_separate_losses(env, prepared):
     # without position_ids the examples would see each other: the loss must differ (the test has teeth)
     with torch.no_grad():
         leaky = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-    leaky_loss = torch.nn.functional.cross_entropy(leaky[:-1], torch.tensor(row["labels"][1:]), ignore_index=IGNORE_INDEX, reduction="sum")
+    leaky_loss = torch.nn.functional.cross_entropy(
+        leaky[:-1], torch.tensor(row["labels"][1:]), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     assert abs(leaky_loss.item() - separate.item()) > 1e-3
 
 
@@ -455,8 +494,11 @@ def test_mask_finds_the_answer_not_an_earlier_copy_of_it(env):
 
     tok = load_tokenizer(env["tok"])
     answer = "试试每天做十分钟的深呼吸练习。"
-    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"别人说:{answer}有用吗?"},
-            {"role": "assistant", "content": answer}]
+    msgs = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"别人说:{answer}有用吗?"},
+        {"role": "assistant", "content": answer},
+    ]
     ids, labels = tokenize_conversation(tok, msgs, IM_END)
     assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
     first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)

@@ -59,8 +59,12 @@ def test_bad_psyqa_entries_are_rejected_with_reasons(tmp_path):
     path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
     questions, rejects = load_psyqa(path)
     assert [q["id"] for q in questions] == ["psyqa-1", "psyqa-10"]
-    assert questions[1] == {"id": "psyqa-10", "question": "没有描述也可以?", "description": "",
-                            "keywords": ["成长", "自我成长"]}
+    assert questions[1] == {
+        "id": "psyqa-10",
+        "question": "没有描述也可以?",
+        "description": "",
+        "keywords": ["成长", "自我成长"],
+    }
     reasons = {r["source"].rsplit("#", 1)[1]: r["reason"] for r in rejects}
     assert len(rejects) == 9 and all(r["stage"] == "input" for r in rejects)
     assert "missing 'question'" in reasons["1"]
@@ -86,13 +90,21 @@ def test_psyqa_file_that_is_not_a_list_fails_with_one_line(tmp_path):
 
 def test_jsonl_questions_and_schema_records(tmp_path):
     record = {
-        "id": "synth-7", "question": "我害怕考试失败", "description": "每次考试前都睡不着", "keywords": ["学业", "焦虑"],
+        "id": "synth-7",
+        "question": "我害怕考试失败",
+        "description": "每次考试前都睡不着",
+        "keywords": ["学业", "焦虑"],
         "cbt": {"empathy": "一", "key_thought": "二", "challenge": "三", "strategy": "四", "encouragement": "五"},
-        "answer": "一二三四五", "distortions": [], "source": "synth-template", "meta": {"crisis": False},
+        "answer": "一二三四五",
+        "distortions": [],
+        "source": "synth-template",
+        "meta": {"crisis": False},
     }
     lines = [
         json.dumps(record, ensure_ascii=False),
-        json.dumps({"id": "q-2", "question": "和父母吵架了", "keywords": "家庭,沟通\uff0c父母\u3001冲突"}, ensure_ascii=False),
+        json.dumps(
+            {"id": "q-2", "question": "和父母吵架了", "keywords": "家庭,沟通\uff0c父母\u3001冲突"}, ensure_ascii=False
+        ),
         "{not json",
         json.dumps({"question": "没有编号"}, ensure_ascii=False),
         json.dumps({"id": "q-2", "question": "重复编号"}, ensure_ascii=False),
@@ -101,18 +113,27 @@ def test_jsonl_questions_and_schema_records(tmp_path):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     questions, rejects = load_question_jsonl(path)
     assert questions == [
-        {"id": "synth-7", "question": "我害怕考试失败", "description": "每次考试前都睡不着", "keywords": ["学业", "焦虑"]},
+        {
+            "id": "synth-7",
+            "question": "我害怕考试失败",
+            "description": "每次考试前都睡不着",
+            "keywords": ["学业", "焦虑"],
+        },
         {"id": "q-2", "question": "和父母吵架了", "description": "", "keywords": ["家庭", "沟通", "父母", "冲突"]},
     ]
     assert [(r["source"].rsplit(":", 1)[1], r["reason"].split(" (")[0]) for r in rejects] == [
-        ("3", "not valid JSON"), ("4", "missing or invalid id"), ("5", "duplicate id q-2")]
+        ("3", "not valid JSON"),
+        ("4", "missing or invalid id"),
+        ("5", "duplicate id q-2"),
+    ]
 
 
 def test_load_questions_glob_rejects_ids_repeated_across_files(tmp_path):
     for name, ids in (("a.jsonl", ["x", "y"]), ("b.jsonl", ["y", "z"])):
         (tmp_path / name).write_text(
             "".join(json.dumps({"id": i, "question": f"问题{i}"}, ensure_ascii=False) + "\n" for i in ids),
-            encoding="utf-8")
+            encoding="utf-8",
+        )
     questions, rejects = load_questions(str(tmp_path / "*.jsonl"))
     assert [q["id"] for q in questions] == ["x", "y", "z"]
     assert len(rejects) == 1 and rejects[0]["id"] == "y" and "earlier input file" in rejects[0]["reason"]
@@ -137,14 +158,22 @@ def test_prepare_reads_psyqa_entries_through_the_same_parser(tmp_path):
     ans = [{"answer_text": "先试着把担心写下来。"}]
     for entry, reason, detail in [
         ({"description": "", "questionID": 2, "answers": ans}, "missing_field", "missing 'question'"),
-        ({"question": "为什么?", "keywords": 5, "questionID": 5, "answers": ans}, "wrong_type", "keywords must be a string"),
+        (
+            {"question": "为什么?", "keywords": 5, "questionID": 5, "answers": ans},
+            "wrong_type",
+            "keywords must be a string",
+        ),
         ({"question": "为什么?", "answers": ans}, "missing_field", "missing or invalid id"),
     ]:
         with pytest.raises(RecordError, match=detail) as err:
             to_examples(entry, "psyqa", "system", "f:1")
         assert err.value.reason == reason
-    (ex,) = to_examples({"question": " 睡不着? ", "description": None, "keywords": "睡眠", "questionID": 7, "answers": ans},
-                        "psyqa", "system", "f:1")
+    (ex,) = to_examples(
+        {"question": " 睡不着? ", "description": None, "keywords": "睡眠", "questionID": 7, "answers": ans},
+        "psyqa",
+        "system",
+        "f:1",
+    )
     assert ex.example_id == "psyqa-7-0" and ex.question == "睡不着?"
     english = {"question": "Why can't I sleep?", "questionID": 8, "answers": ans}
     assert to_examples(english, "psyqa", "system", "f:1")[0].example_id == "psyqa-8-0"

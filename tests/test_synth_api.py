@@ -42,8 +42,10 @@ def _clean_env(monkeypatch):
 def write_questions(path: Path, questions: list[tuple[str, str]]) -> Path:
     """JSONL of (id, question) pairs in our plain question format."""
     path.write_text(
-        "".join(json.dumps({"id": i, "question": q, "description": "", "keywords": "情绪,测试"}, ensure_ascii=False)
-                + "\n" for i, q in questions),
+        "".join(
+            json.dumps({"id": i, "question": q, "description": "", "keywords": "情绪,测试"}, ensure_ascii=False) + "\n"
+            for i, q in questions
+        ),
         encoding="utf-8",
     )
     return path
@@ -54,8 +56,17 @@ def numbered(n: int, prefix: str = "q") -> list[tuple[str, str]]:
 
 
 def make_cfg(tmp_path: Path, srv: FakeOpenAIServer, input_path: Path, **kw) -> ApiSynthConfig:
-    base = dict(input=str(input_path), out_dir=str(tmp_path / "out"), base_url=srv.base_url, model="fake-model",
-                concurrency=4, timeout_s=30.0, max_retries=3, backoff_s=0.01, max_backoff_s=0.05)
+    base = dict(
+        input=str(input_path),
+        out_dir=str(tmp_path / "out"),
+        base_url=srv.base_url,
+        model="fake-model",
+        concurrency=4,
+        timeout_s=30.0,
+        max_retries=3,
+        backoff_s=0.01,
+        max_backoff_s=0.05,
+    )
     base.update(kw)
     return ApiSynthConfig(**base)
 
@@ -68,8 +79,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_every_fault_is_retried_and_ends_ok(tmp_path):
-    faults = ["429", "500", "503", "malformed_body", "no_choices", "not_json", "missing_part", "empty_part",
-              "english_part"]
+    faults = [
+        "429",
+        "500",
+        "503",
+        "malformed_body",
+        "no_choices",
+        "not_json",
+        "missing_part",
+        "empty_part",
+        "english_part",
+    ]
     qs = [(f"f-{f}", f"故障{f}:我总觉得自己做什么都不行。") for f in faults]
     qs += [("ok-fenced", "围栏:我和朋友吵架了。"), ("ok-chatty", "闲聊:我害怕当众讲话。")]
     plan = {f"故障{f}:": [f] for f in faults}
@@ -88,8 +108,7 @@ def test_every_fault_is_retried_and_ends_ok(tmp_path):
     assert summary["total"] == summary["ok"] == len(qs)
     assert (summary["rejected"], summary["skipped"], summary["retried"]) == (0, 0, len(faults))
     assert summary["requests"] == len(qs) + len(faults)
-    assert summary["errors"] == {"http_429": 1, "http_500": 1, "http_503": 1, "malformed_body": 1,
-                                 "invalid_reply": 5}
+    assert summary["errors"] == {"http_429": 1, "http_500": 1, "http_503": 1, "malformed_body": 1, "invalid_reply": 5}
     out = tmp_path / "out"
     records = read_jsonl(out / "records.jsonl")
     assert sorted(r["id"] for r in records) == sorted(i for i, _ in qs)
@@ -151,9 +170,15 @@ def test_connection_errors_are_retried_then_the_run_stops_once(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out"
-    cfg = ApiSynthConfig(input=str(write_questions(tmp_path / "q.jsonl", numbered(10))), out_dir=str(out),
-                         base_url=f"http://127.0.0.1:{port}/v1", model="m", concurrency=1, max_retries=1,
-                         backoff_s=0.01)
+    cfg = ApiSynthConfig(
+        input=str(write_questions(tmp_path / "q.jsonl", numbered(10))),
+        out_dir=str(out),
+        base_url=f"http://127.0.0.1:{port}/v1",
+        model="m",
+        concurrency=1,
+        max_retries=1,
+        backoff_s=0.01,
+    )
     with pytest.raises(ConfigError, match=r"cannot connect to .*is the server running\? check api.base_url"):
         run_synth_api(cfg)
     summary = json.loads((out / "summary.json").read_text())
@@ -168,8 +193,24 @@ def test_every_request_401_fails_once_and_early(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CBT_WRONG_KEY", "sk-wrong-4d1c0ffee")
     inp = write_questions(tmp_path / "q.jsonl", numbered(20))
     with FakeOpenAIServer(expected_key="sk-right") as srv:
-        rc = cli_main(["synth", "api", "--input", str(inp), "--out", str(tmp_path / "out"), "--base-url",
-                       srv.base_url, "--model", "m", "--concurrency", "2", "--api-key-env", "CBT_WRONG_KEY"])
+        rc = cli_main(
+            [
+                "synth",
+                "api",
+                "--input",
+                str(inp),
+                "--out",
+                str(tmp_path / "out"),
+                "--base-url",
+                srv.base_url,
+                "--model",
+                "m",
+                "--concurrency",
+                "2",
+                "--api-key-env",
+                "CBT_WRONG_KEY",
+            ]
+        )
         n_requests = len(srv.requests)
     err = capsys.readouterr().err
     assert rc == 2
@@ -187,8 +228,13 @@ def test_every_request_401_fails_once_and_early(tmp_path, monkeypatch, capsys):
 
 def test_wrong_base_url_path_fails_once_with_a_hint(tmp_path):
     with FakeOpenAIServer() as srv:
-        cfg = make_cfg(tmp_path, srv, write_questions(tmp_path / "q.jsonl", numbered(10)), concurrency=1,
-                       base_url=srv.base_url + "/oops")
+        cfg = make_cfg(
+            tmp_path,
+            srv,
+            write_questions(tmp_path / "q.jsonl", numbered(10)),
+            concurrency=1,
+            base_url=srv.base_url + "/oops",
+        )
         with pytest.raises(ConfigError, match=r"HTTP 404 before any success; check api.base_url"):
             run_synth_api(cfg)
         assert len(srv.requests) == 1
@@ -205,7 +251,9 @@ def test_bad_input_entries_are_counted_and_quarantined(tmp_path):
     assert (summary["total"], summary["ok"], summary["input_rejected"], summary["rejected"]) == (3, 3, 2, 0)
     rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
     assert [(r["stage"], r["reason"].split(" (")[0]) for r in rejects] == [
-        ("input", "missing 'question'"), ("input", "not valid JSON")]
+        ("input", "missing 'question'"),
+        ("input", "not valid JSON"),
+    ]
     # an input with no usable question at all is almost certainly the wrong file: fail with one line
     (tmp_path / "bad.jsonl").write_text('{"text": "alpaca style"}\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="no valid question"):
@@ -222,8 +270,7 @@ def test_writer_failure_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
     monkeypatch.setattr(synth_api, "dumps", disk_full)
     with FakeOpenAIServer() as srv:
         with pytest.raises(OSError, match="No space left"):
-            run_synth_api(make_cfg(tmp_path, srv, write_questions(tmp_path / "q.jsonl", numbered(40)),
-                                   concurrency=2))
+            run_synth_api(make_cfg(tmp_path, srv, write_questions(tmp_path / "q.jsonl", numbered(40)), concurrency=2))
 
 
 # ----------------------------------------------------------------------------------- concurrency, resume
@@ -231,8 +278,9 @@ def test_writer_failure_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
 
 def test_concurrency_bound_is_respected(tmp_path):
     with FakeOpenAIServer(delay_s=0.05) as srv:
-        summary = run_synth_api(make_cfg(tmp_path, srv, write_questions(tmp_path / "q.jsonl", numbered(24)),
-                                         concurrency=3))
+        summary = run_synth_api(
+            make_cfg(tmp_path, srv, write_questions(tmp_path / "q.jsonl", numbered(24)), concurrency=3)
+        )
         assert 2 <= srv.max_in_flight <= 3
     assert summary["ok"] == 24
 
@@ -279,8 +327,9 @@ def test_truncated_last_line_from_a_crash_is_dropped_and_redone(tmp_path, capsys
         lost = json.loads(lines[-1])["id"]
         records.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # crash mid-write
         summary = run_synth_api(make_cfg(tmp_path, srv, inp))
-        assert [r["user"] for r in srv.requests[5:]] == [build_messages(
-            dict(numbered(5))[lost], "", ["情绪", "测试"], crisis=False)[1]["content"]]
+        assert [r["user"] for r in srv.requests[5:]] == [
+            build_messages(dict(numbered(5))[lost], "", ["情绪", "测试"], crisis=False)[1]["content"]
+        ]
     assert (summary["truncated_lines_dropped"], summary["skipped"], summary["ok"]) == (1, 4, 1)
     assert "dropped a truncated last line" in capsys.readouterr().err
     recs = read_jsonl(records)
@@ -303,10 +352,12 @@ def test_corrupt_middle_line_fails_loudly(tmp_path):
 
 
 def test_crisis_question_gets_support_sentence(tmp_path):
-    qs = [("crisis-plain", "危机甲:我觉得活着没意思,有时候想自杀。"),
-          ("crisis-handled", "危机乙:压力太大了,我想伤害自己。"),
-          ("calm", "平静:我想学会时间管理。"),
-          ("no-pro", "无专业:我总是拖延。")]
+    qs = [
+        ("crisis-plain", "危机甲:我觉得活着没意思,有时候想自杀。"),
+        ("crisis-handled", "危机乙:压力太大了,我想伤害自己。"),
+        ("calm", "平静:我想学会时间管理。"),
+        ("no-pro", "无专业:我总是拖延。"),
+    ]
     plan = {"危机乙:": ["good_crisis"], "无专业:": ["no_professional"]}
     with FakeOpenAIServer(plan=plan) as srv:
         summary = run_synth_api(make_cfg(tmp_path, srv, write_questions(tmp_path / "q.jsonl", qs)))
@@ -338,9 +389,25 @@ def test_api_key_never_reaches_any_output(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     # concurrency 1 so the question whose 401 reply quotes the key comes after a success (no abort)
     with FakeOpenAIServer(plan={"回显:": ["401"]}) as srv:
-        rc = cli_main(["synth", "api", "--input", str(inp), "--out", str(out), "--base-url", srv.base_url,
-                       "--model", "fake-model", "--concurrency", "1", "--api-key-env", "CBT_TEST_API_KEY",
-                       "api.backoff_s=0.01"])
+        rc = cli_main(
+            [
+                "synth",
+                "api",
+                "--input",
+                str(inp),
+                "--out",
+                str(out),
+                "--base-url",
+                srv.base_url,
+                "--model",
+                "fake-model",
+                "--concurrency",
+                "1",
+                "--api-key-env",
+                "CBT_TEST_API_KEY",
+                "api.backoff_s=0.01",
+            ]
+        )
         assert len(srv.requests) == 5
         assert all(r["headers"].get("Authorization") == f"Bearer {key}" for r in srv.requests)
         rc_dry = cli_main(["synth", "api", "--input", str(inp), "--api-key-env", "CBT_TEST_API_KEY", "--dry-run"])
@@ -373,9 +440,27 @@ def test_cli_end_to_end(tmp_path, capsys):
     inp = write_questions(tmp_path / "q.jsonl", numbered(6))
     out = tmp_path / "out"
     with FakeOpenAIServer(by_count={2: "429", 4: "not_json"}) as srv:
-        rc = cli_main(["synth", "api", "--input", str(inp), "--out", str(out), "--base-url", srv.base_url,
-                       "--model", "fake-model", "--concurrency", "2", "--max-retries", "2",
-                       "api.backoff_s=0.01", "api.temperature=0.2", "api.max_tokens=512"])
+        rc = cli_main(
+            [
+                "synth",
+                "api",
+                "--input",
+                str(inp),
+                "--out",
+                str(out),
+                "--base-url",
+                srv.base_url,
+                "--model",
+                "fake-model",
+                "--concurrency",
+                "2",
+                "--max-retries",
+                "2",
+                "api.backoff_s=0.01",
+                "api.temperature=0.2",
+                "api.max_tokens=512",
+            ]
+        )
         body = srv.requests[0]["body"]
     assert rc == 0
     assert body["model"] == "fake-model" and body["temperature"] == 0.2 and body["max_tokens"] == 512
@@ -437,16 +522,26 @@ def test_psyqa_sample_end_to_end(tmp_path):
 
 
 def test_parse_reply_variants():
-    good = {"empathy": "理解你", "key_thought": "想法", "challenge": "反思", "strategy": "方法",
-            "encouragement": "加油,可以寻求专业帮助", "distortions": ["labeling", "bogus", "labeling"]}
+    good = {
+        "empathy": "理解你",
+        "key_thought": "想法",
+        "challenge": "反思",
+        "strategy": "方法",
+        "encouragement": "加油,可以寻求专业帮助",
+        "distortions": ["labeling", "bogus", "labeling"],
+    }
     text = json.dumps(good, ensure_ascii=False)
     cbt, known, unknown = parse_reply("```json\n" + text + "\n```")
     assert cbt["empathy"] == "理解你" and known == ["labeling"] and unknown == ["bogus"]
     assert parse_reply("好的:\n" + text + "\n以上。")[0] == cbt
-    for bad, reason in [("", "empty"), ("就是一句话", "not JSON"), ("[1, 2]", "not an object"),
-                        (json.dumps({**good, "challenge": 3}), "not a string"),
-                        (json.dumps({k: v for k, v in good.items() if k != "strategy"}), "lacks part(s): strategy"),
-                        (json.dumps({**good, "empathy": "OK"}), "no Chinese")]:
+    for bad, reason in [
+        ("", "empty"),
+        ("就是一句话", "not JSON"),
+        ("[1, 2]", "not an object"),
+        (json.dumps({**good, "challenge": 3}), "not a string"),
+        (json.dumps({k: v for k, v in good.items() if k != "strategy"}), "lacks part(s): strategy"),
+        (json.dumps({**good, "empathy": "OK"}), "no Chinese"),
+    ]:
         with pytest.raises(ReplyError, match=re.escape(reason)):
             parse_reply(bad)
 

@@ -289,8 +289,23 @@ def test_rerun_with_fewer_shards_removes_the_old_shards(tmp_path):
 
 def test_cli_writes_shards_and_prints_summary(tmp_path, capsys):
     out = tmp_path / "corpus"
-    rc = main(["synth", "template", "--num-records", "300", "--num-shards", "2", "--seed", "5", "--workers", "1",
-               "--out", str(out), "synth.crisis_fraction=0.05"])
+    rc = main(
+        [
+            "synth",
+            "template",
+            "--num-records",
+            "300",
+            "--num-shards",
+            "2",
+            "--seed",
+            "5",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+            "synth.crisis_fraction=0.05",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "records/s" in printed and "crisis records" in printed

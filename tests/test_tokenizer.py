@@ -28,7 +28,10 @@ def tok_dir(tmp_path_factory):
     corpus = d / "corpus.jsonl"
     with corpus.open("w", encoding="utf-8") as fh:
         for i, t in enumerate(TEXTS):
-            fh.write(json.dumps({"question": t, "description": t[::-1], "answer": TEXTS[(i + 1) % 4]}, ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps({"question": t, "description": t[::-1], "answer": TEXTS[(i + 1) % 4]}, ensure_ascii=False)
+                + "\n"
+            )
         fh.write("{not json\n")
     summary = train_tokenizer(TokenizerConfig(input=str(corpus), vocab_size=600, out_dir=str(d / "tok")))
     assert summary["records"] == len(TEXTS)
@@ -89,10 +92,18 @@ def test_missing_tokenizer_is_clear(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("name, local", [
-    ("Qwen/Qwen2.5-7B-Instruct", False), ("baichuan-inc/Baichuan2-7B-Chat", False),
-    ("runs/demo/tokenizer", True), ("runs/tok", True), ("./tok", True), ("/abs/tok", True), ("tok", True),
-])
+@pytest.mark.parametrize(
+    "name, local",
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", False),
+        ("baichuan-inc/Baichuan2-7B-Chat", False),
+        ("runs/demo/tokenizer", True),
+        ("runs/tok", True),
+        ("./tok", True),
+        ("/abs/tok", True),
+        ("tok", True),
+    ],
+)
 def test_is_local_path_tells_folders_from_hub_ids(name, local):
     """The one test of "is this a local path" (load_tokenizer and launch preflight both use it)."""
     from data_pipeline.shards import is_local_path

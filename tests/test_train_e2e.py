@@ -26,20 +26,34 @@ from train.model import masked_ce_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-BASE = ["model.init=random", "train.max_steps=6", "train.grad_accum=2", "train.log_every=1", "train.lr=1e-2",
-        "train.save_every=1", "train.keep_last=2", "train.eval_every=3", "train.record_order=true", "train.seed=1",
-        "model.lora.dropout=0.0"]
+BASE = [
+    "model.init=random",
+    "train.max_steps=6",
+    "train.grad_accum=2",
+    "train.log_every=1",
+    "train.lr=1e-2",
+    "train.save_every=1",
+    "train.keep_last=2",
+    "train.eval_every=3",
+    "train.record_order=true",
+    "train.seed=1",
+    "model.lora.dropout=0.0",
+]
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, WANDB_MODE="disabled", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_SILENT="true")
+    env = dict(
+        os.environ,
+        WANDB_MODE="disabled",
+        TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        WANDB_SILENT="true",
+    )
     env.pop("CBT_LLM_FAULT", None)
     env.update(extra)
     return env
-
-
 
 
 def torchrun_cmd(args: list[str]) -> list[str]:
@@ -48,8 +62,17 @@ def torchrun_cmd(args: list[str]) -> list[str]:
 
 def deepspeed_cmd(args: list[str]) -> list[str]:
     """The documented form: `deepspeed --num_gpus N --no_local_rank $(which cbt-llm) train ...` (CPU: gloo)."""
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
-            str(BIN / "cbt-llm"), "train", *args]
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--no_local_rank",
+        str(BIN / "cbt-llm"),
+        "train",
+        *args,
+    ]
 
 
 def run(cmd: list[str], **env) -> subprocess.CompletedProcess:
@@ -89,9 +112,9 @@ def read_wandb_history(wandb_file: Path) -> list[dict]:
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
-        chunk, pos = data[pos:pos + length], pos + length
+        chunk, pos = data[pos : pos + length], pos + length
         if kind in (1, 4):  # full record / last fragment
             rec = pb.Record()
             rec.ParseFromString(buf + chunk if kind == 4 else chunk)
@@ -137,10 +160,18 @@ def resumed_run(data, tmp_path_factory) -> tuple[Path, str, int]:
 def lora_run(data, tmp_path_factory) -> Path:
     """D: LoRA (with gradient checkpointing) under the deepspeed launcher."""
     run_dir = tmp_path_factory.mktemp("lora") / "run"
-    args = ["model.init=random", "model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.0",
-            "model.gradient_checkpointing=true",
-            "train.max_steps=4", "train.log_every=1", "train.lr=2e-2", f"train.data_dir={data}",
-            f"train.run_dir={run_dir}"]
+    args = [
+        "model.init=random",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "model.lora.dropout=0.0",
+        "model.gradient_checkpointing=true",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.lr=2e-2",
+        f"train.data_dir={data}",
+        f"train.run_dir={run_dir}",
+    ]
     p = run(deepspeed_cmd(args))
     assert p.returncode == 0, p.log
     return run_dir
@@ -154,7 +185,8 @@ def test_full_run_loss_falls_and_metrics_are_complete(full_run):
     last = [r for r in rows if r["step"] == 6 and "train/loss" in r][0]
     assert last["perf/mfu"] is None  # CPU: no peak FLOPs in the table, so no made-up MFU
     assert last["perf/tokens_per_s"] > 0 and last["perf/tokens_per_s_per_device"] == pytest.approx(
-        last["perf/tokens_per_s"] / 2)
+        last["perf/tokens_per_s"] / 2
+    )
     assert 0 < last["perf/packing_efficiency"] <= 1 and last["train/grad_norm"] > 0 and last["mem/peak_gib"] > 0
     lrs = by_step(rows, "train/lr")
     assert lrs[1] == pytest.approx(1e-2) and all(lrs[i + 1] < lrs[i] for i in range(1, 6))  # cosine, no warmup
@@ -207,7 +239,9 @@ def test_crash_in_save_keeps_previous_checkpoint_and_resume_reproduces_the_run(f
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in range(3, 7):  # computed after the resume: must equal the uninterrupted run
         assert got[step] == pytest.approx(ref[step], abs=1e-5), (step, got[step], ref[step])
-    assert by_step(metrics(run_dir), "eval/loss")[6] == pytest.approx(by_step(metrics(full_run), "eval/loss")[6], abs=1e-5)
+    assert by_step(metrics(run_dir), "eval/loss")[6] == pytest.approx(
+        by_step(metrics(full_run), "eval/loss")[6], abs=1e-5
+    )
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["resumed_from"] == "step-0000002"
 
@@ -246,7 +280,9 @@ def test_lora_changes_only_adapter_weights(lora_run):
     sd = get_fp32_state_dict_from_zero_checkpoint(str(lora_run / "checkpoints"), tag="step-0000004")
     base = load_file(lora_run / "base_model" / "model.safetensors")
     adapters = {k: v for k, v in sd.items() if ".lora_" in k}
-    frozen = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in sd.items() if ".lora_" not in k}
+    frozen = {
+        k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in sd.items() if ".lora_" not in k
+    }
     assert set(frozen) == set(base) and adapters
     for k, v in frozen.items():
         assert torch.equal(v, base[k]), k
@@ -279,10 +315,16 @@ def test_lora_exports_reload_with_peft_and_transformers(lora_run, data, tmp_path
 def test_sigterm_to_one_rank_checkpoints_all_and_exits_with_requeue_code(data, tmp_path):
     """E: SIGTERM reaches rank 1 only; both ranks stop at the same step, save, and the launcher exits 85."""
     run_dir = tmp_path / "run"
-    args = ["model.init=random", "train.max_steps=100000", "train.log_every=1", f"train.data_dir={data}",
-            f"train.run_dir={run_dir}"]
-    proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = [
+        "model.init=random",
+        "train.max_steps=100000",
+        "train.log_every=1",
+        f"train.data_dir={data}",
+        f"train.run_dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        deepspeed_cmd(args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -307,7 +349,9 @@ def test_sigterm_to_one_rank_checkpoints_all_and_exits_with_requeue_code(data, t
     assert state["stopped_by_signal"] == "SIGTERM" and state["step"] == requeue["step"] >= 2
     assert tag == f"step-{requeue['step']:07d}"
     assert {f.name for f in (run_dir / "checkpoints" / tag).glob("zero_pp_rank_*_model_states.pt")} == {
-        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"}
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+    }
 
 
 def test_step_loss_and_grad_norm_are_global_sum_over_global_label_count(full_run, data):
@@ -326,8 +370,11 @@ def test_step_loss_and_grad_norm_are_global_sum_over_global_label_count(full_run
         assert first["step"] == 1 and len(first["rows"]) == 2
         for key in first["rows"]:
             b = collate(rows, [rows.keys.index(key)], 0)
-            s, c = masked_ce_sum(model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits,
-                                 b["labels"], b["position_ids"])
+            s, c = masked_ce_sum(
+                model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits,
+                b["labels"],
+                b["position_ids"],
+            )
             total, count = total + s, count + c
     loss = total / count
     loss.backward()

@@ -45,9 +45,17 @@ def _tiny_model(vocab: int = 1000, layers: int = 2):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                               tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
 
 
@@ -67,14 +75,25 @@ def test_chunked_loss_equals_full_loss_and_gradients():
     full_model, chunk_model = _tiny_model(vocab), _tiny_model(vocab)
     assert chunked_lm_loss_supported(chunk_model)
 
-    full = masked_ce_sum(full_model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits,
-                         b["labels"], b["position_ids"], count=False)[0]
-    out = chunk_model(input_ids=b["input_ids"], position_ids=b["position_ids"], logits_to_keep=1,
-                      output_hidden_states=True)
+    full = masked_ce_sum(
+        full_model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits,
+        b["labels"],
+        b["position_ids"],
+        count=False,
+    )[0]
+    out = chunk_model(
+        input_ids=b["input_ids"], position_ids=b["position_ids"], logits_to_keep=1, output_hidden_states=True
+    )
     assert out.logits.shape[1] == 1  # the full (tokens x vocab) logits were never made
     # 7-token chunks (the last one short) and 30 extra empty positions, as a rank with shorter rows would run
-    chunked = chunked_ce_sum(out.hidden_states[-1], chunk_model.get_output_embeddings(), b["labels"],
-                             b["position_ids"], chunk_tokens=7, positions=2 * 39 + 30)
+    chunked = chunked_ce_sum(
+        out.hidden_states[-1],
+        chunk_model.get_output_embeddings(),
+        b["labels"],
+        b["position_ids"],
+        chunk_tokens=7,
+        positions=2 * 39 + 30,
+    )
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
     full.backward()
     chunked.backward()
@@ -94,8 +113,19 @@ def test_micro_batch_from_a_token_budget(tmp_path, capsys):
     from cbt_llm.cli import main
 
     data = make_shards(tmp_path / "data", rows_per_shard=6, train_shards=2, val_rows=1, seq_len=64)
-    assert main(["train", "--dry-run", f"train.data_dir={data}", "data.world_size=2", "train.grad_accum=1",
-                 "train.tokens_per_micro_batch=200"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dry-run",
+                f"train.data_dir={data}",
+                "data.world_size=2",
+                "train.grad_accum=1",
+                "train.tokens_per_micro_batch=200",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # 200 // 64 = 3 rows per micro-batch; 2 ranks x 3 = 6 rows per step; 6 rows per rank = 2 steps per epoch
     assert "micro_batch_size 3 (train.tokens_per_micro_batch 200 // seq_len 64) x grad_accum 1 = 6 packed rows" in out
@@ -112,8 +142,10 @@ def test_activation_checkpointing_every_kth_layer():
 
     m = _tiny_model(layers=4)
     assert apply_activation_checkpointing(m, ModelConfig()) == "off" and flags(m) == [False] * 4
-    assert apply_activation_checkpointing(m, ModelConfig(activation_checkpointing="every_k", checkpoint_every_k=2)) == \
-        "every_k (2 of 4 layers recomputed)"
+    assert (
+        apply_activation_checkpointing(m, ModelConfig(activation_checkpointing="every_k", checkpoint_every_k=2))
+        == "every_k (2 of 4 layers recomputed)"
+    )
     assert flags(m) == [True, False, True, False]
     apply_activation_checkpointing(m, ModelConfig(activation_checkpointing="full"))
     assert flags(m) == [True] * 4
@@ -125,8 +157,14 @@ def _row(position_ids: list[int], pad: int) -> PackedRows:
     """One packed row whose last `pad` tokens are padding (pad id 0, no labels)."""
     n = len(position_ids)
     real = np.arange(n) < n - pad
-    return PackedRows(np.where(real, 5, 0), np.where(real, 7, IGNORE), np.array(position_ids, np.int64),
-                      np.array([0, n]), np.array([n - pad]), ["r:0"])
+    return PackedRows(
+        np.where(real, 5, 0),
+        np.where(real, 7, IGNORE),
+        np.array(position_ids, np.int64),
+        np.array([0, n]),
+        np.array([n - pad]),
+        ["r:0"],
+    )
 
 
 def test_flops_of_a_packed_row_count_attention_per_example(tmp_path):

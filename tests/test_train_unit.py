@@ -106,7 +106,7 @@ def test_collate_pads_at_the_end_without_labels(shards):
     assert mb["input_ids"].shape == (4, max(lens))
     assert mb["real_tokens"] == sum(lens)
     for j, n in enumerate(lens):
-        assert (mb["labels"][j, n:] == -100).all() and (mb["position_ids"][j, n:n + 1] == 0).all()
+        assert (mb["labels"][j, n:] == -100).all() and (mb["position_ids"][j, n : n + 1] == 0).all()
 
 
 def test_uneven_shards_leave_rows_out_and_bad_shard_count_fails(shards):
@@ -136,7 +136,10 @@ def test_ds_config_is_derived_from_the_typed_config():
 def test_user_ds_json_is_checked_and_completed(tmp_path):
     tc = TrainConfig(micro_batch_size=2, grad_accum=4)
     derived = build_ds_config(tc, torch.float32, "cpu", 2)
-    user = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5}}
+    user = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5},
+    }
     merged = merge_user_ds_config(user, derived)
     assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["gradient_accumulation_steps"] == 4
     assert merged["zero_optimization"]["stage3_prefetch_bucket_size"] == 5
@@ -195,11 +198,14 @@ def test_export_refuses_an_all_zero_adapter(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "checkpoints" / "step-0000001").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step-0000001")
-    (run / "checkpoints" / "step-0000001" / "trainer_state.json").write_text(json.dumps(
-        {"step": 1, "lora": True, "base_model": "unused", "tokenizer": "unused"}))
+    (run / "checkpoints" / "step-0000001" / "trainer_state.json").write_text(
+        json.dumps({"step": 1, "lora": True, "base_model": "unused", "tokenizer": "unused"})
+    )
     (run / "config.yaml").write_text("model: {init: random, lora: {enabled: true}}\n")
-    sd = {"base_model.model.x.lora_A.default.weight": torch.ones(2, 2),
-          "base_model.model.x.lora_B.default.weight": torch.zeros(2, 2)}
+    sd = {
+        "base_model.model.x.lora_A.default.weight": torch.ones(2, 2),
+        "base_model.model.x.lora_B.default.weight": torch.zeros(2, 2),
+    }
     monkeypatch.setattr(export, "_gather_state_dict", lambda d, t: sd)
     with pytest.raises(ConfigError, match="adapter is a no-op"):
         export.run_export(run, tmp_path / "out")
@@ -252,4 +258,6 @@ def test_train_dry_run_prints_batch_arithmetic(tmp_path, capsys):
     assert main(["train", "--dry-run", f"train.data_dir={data}", "data.world_size=2", "train.grad_accum=3"]) == 0
     out = capsys.readouterr().out
     assert "world_size 2 x micro_batch_size 1 x grad_accum 3 = 6 packed rows per optimizer step" in out
-    assert "tokens per step: <= 384" in out and "steps per epoch: 2 (0 rows left out)" in out  # 6 rows per rank, 3 per step
+    assert (
+        "tokens per step: <= 384" in out and "steps per epoch: 2 (0 rows left out)" in out
+    )  # 6 rows per rank, 3 per step

@@ -48,8 +48,12 @@ def _torch_varlen():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, {"is_causal": "is_causal" in params, "window": "window_size" in params,
-                         "gqa": "enable_gqa" in params, "scale": "scale" in params}
+    return varlen_attn, {
+        "is_causal": "is_causal" in params,
+        "window": "window_size" in params,
+        "gqa": "enable_gqa" in params,
+        "scale": "scale" in params,
+    }
 
 
 _VARLEN = _torch_varlen()
@@ -61,8 +65,11 @@ def _segments_sdpa(q, k, v, cu, scaling, gqa: bool) -> torch.Tensor:
     outs = []
     bounds = cu.tolist()
     for a, b in zip(bounds, bounds[1:]):
-        outs.append(F.scaled_dot_product_attention(q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], is_causal=True,
-                                                   scale=scaling, enable_gqa=gqa)[0])
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[None, :, a:b], k[None, :, a:b], v[None, :, a:b], is_causal=True, scale=scaling, enable_gqa=gqa
+            )[0]
+        )
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 

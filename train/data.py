@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cbt_llm.config import ConfigError
+
 # load_manifest is not used here: train's modules and tests import the contract's reader through this module
 from data_pipeline.shards import IGNORE, load_manifest, rank_shards  # noqa: F401
 
@@ -48,7 +49,7 @@ def _flat(col) -> tuple[np.ndarray, np.ndarray]:
     col = col.combine_chunks()
     offsets = col.offsets.to_numpy().astype(np.int64)
     values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 class _RowsBuilder:
@@ -122,16 +123,20 @@ def rows_from_batches(batches: Iterable, shards: list[dict], pad_token_id: int) 
                 end += 1
             shard = shard_of(paths[start])
             if shard != current and shard in seen:
-                raise ConfigError(f"rows of shard '{shard}' arrived after another shard began: the stream is not in "
-                                  "file order (Ray Data needs preserve_order)")
+                raise ConfigError(
+                    f"rows of shard '{shard}' arrived after another shard began: the stream is not in "
+                    "file order (Ray Data needs preserve_order)"
+                )
             current = shard
             b.add(t.slice(start, end - start), shard, seen.get(shard, 0))
             seen[shard] = seen.get(shard, 0) + end - start
             start = end
     got = [(p, n) for p, n in seen.items()]
     if got != [(s["path"], s["rows"]) for s in shards]:
-        raise ConfigError(f"the stream delivered shards (path, rows) {got}, expected "
-                          f"{[(s['path'], s['rows']) for s in shards]}; re-run `cbt-llm prepare`")
+        raise ConfigError(
+            f"the stream delivered shards (path, rows) {got}, expected "
+            f"{[(s['path'], s['rows']) for s in shards]}; re-run `cbt-llm prepare`"
+        )
     return b.build(pad_token_id)
 
 
@@ -176,8 +181,17 @@ class RankLoader:
     from the manifest alone, so no collective is needed); a rank's extra rows are left out and counted.
     """
 
-    def __init__(self, rows: PackedRows, *, micro_batch_size: int, grad_accum: int, seed: int, rank: int,
-                 steps_per_epoch: int, pad_token_id: int):
+    def __init__(
+        self,
+        rows: PackedRows,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        seed: int,
+        rank: int,
+        steps_per_epoch: int,
+        pad_token_id: int,
+    ):
         self.rows, self.mb, self.ga, self.seed, self.rank = rows, micro_batch_size, grad_accum, seed, rank
         self.steps_per_epoch, self.pad = steps_per_epoch, pad_token_id
         self.epoch, self.step_in_epoch = 0, 0
@@ -202,9 +216,9 @@ class RankLoader:
         if self._order is None:
             self._order = self.order(self.epoch)
         per_step = self.mb * self.ga
-        chunk = self._order[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step].tolist()
+        chunk = self._order[self.step_in_epoch * per_step : (self.step_in_epoch + 1) * per_step].tolist()
         self.step_in_epoch += 1
-        micro = [collate(self.rows, chunk[k * self.mb:(k + 1) * self.mb], self.pad) for k in range(self.ga)]
+        micro = [collate(self.rows, chunk[k * self.mb : (k + 1) * self.mb], self.pad) for k in range(self.ga)]
         return micro, [self.rows.keys[i] for i in chunk]
 
 
@@ -226,9 +240,13 @@ def rows_per_micro_batch(tc, seq_len: int) -> int:
     if not tc.tokens_per_micro_batch:
         return tc.micro_batch_size
     if tc.micro_batch_size != 1:
-        raise ConfigError("set train.tokens_per_micro_batch or train.micro_batch_size, not both; "
-                          "set train.micro_batch_size=1 to use the token budget")
+        raise ConfigError(
+            "set train.tokens_per_micro_batch or train.micro_batch_size, not both; "
+            "set train.micro_batch_size=1 to use the token budget"
+        )
     if tc.tokens_per_micro_batch < seq_len:
-        raise ConfigError(f"train.tokens_per_micro_batch={tc.tokens_per_micro_batch} holds no whole row of the "
-                          f"shards' seq_len {seq_len}; set it to a multiple of {seq_len}")
+        raise ConfigError(
+            f"train.tokens_per_micro_batch={tc.tokens_per_micro_batch} holds no whole row of the "
+            f"shards' seq_len {seq_len}; set it to a multiple of {seq_len}"
+        )
     return tc.tokens_per_micro_batch // seq_len

@@ -43,8 +43,8 @@ def build_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, wor
                 "eps": tcfg.adam_eps,
                 "weight_decay": tcfg.weight_decay,
                 # DeepSpeed's fused/CPU Adam must be compiled; torch's is exact and enough on CPU
-                "torch_adam": not tcfg.offload_optimizer and (
-                    tcfg.optimizer == "torch" or (tcfg.optimizer == "auto" and device_type != "cuda")),
+                "torch_adam": not tcfg.offload_optimizer
+                and (tcfg.optimizer == "torch" or (tcfg.optimizer == "auto" and device_type != "cuda")),
             },
         },
         "steps_per_print": 10**9,
@@ -56,12 +56,18 @@ def _zero_tuning(tcfg: TrainConfig) -> dict:
     """train.ds as DeepSpeed zero_optimization keys; a field left at its default (None / 0) is not written, so
     DeepSpeed's own default applies."""
     t = tcfg.ds
-    keys = {"overlap_comm": t.overlap_comm, "contiguous_gradients": t.contiguous_gradients,
-            "reduce_bucket_size": t.reduce_bucket_size, "allgather_bucket_size": t.allgather_bucket_size}
+    keys = {
+        "overlap_comm": t.overlap_comm,
+        "contiguous_gradients": t.contiguous_gradients,
+        "reduce_bucket_size": t.reduce_bucket_size,
+        "allgather_bucket_size": t.allgather_bucket_size,
+    }
     if tcfg.zero_stage == 3:
-        keys.update(stage3_prefetch_bucket_size=t.prefetch_bucket_size,
-                    stage3_param_persistence_threshold=t.param_persistence_threshold,
-                    stage3_max_live_parameters=t.max_live_parameters)
+        keys.update(
+            stage3_prefetch_bucket_size=t.prefetch_bucket_size,
+            stage3_param_persistence_threshold=t.param_persistence_threshold,
+            stage3_max_live_parameters=t.max_live_parameters,
+        )
     return {k: v for k, v in keys.items() if v not in (None, 0)}
 
 
@@ -111,15 +117,16 @@ def merge_user_ds_config(user: dict, derived: dict, source: str = "train.deepspe
         if not same:
             raise ConfigError(
                 f"{source}: '{key}' is {theirs!r} but the config gives {mine!r} (from {owner}); "
-                f"set it to \"auto\" or change {owner.split(' ')[0]}"
+                f'set it to "auto" or change {owner.split(" ")[0]}'
             )
     if "scheduler" in out:
         raise ConfigError(f"{source}: remove 'scheduler'; the LR schedule comes from train.lr and train.warmup_steps")
     return out
 
 
-def resolve_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, world_size: int, *,
-                      client_optimizer: bool = False) -> dict:
+def resolve_ds_config(
+    tcfg: TrainConfig, dtype: torch.dtype, device_type: str, world_size: int, *, client_optimizer: bool = False
+) -> dict:
     """The derived config, or the user's JSON validated and completed against it. With client_optimizer (a torch
     AdamW from train.optim handed to deepspeed.initialize) the optimizer section is dropped: DeepSpeed would
     silently prefer the client's, so none is shown that does not run."""
@@ -134,7 +141,9 @@ def resolve_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, w
     try:
         user = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"train.deepspeed_config: '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        raise ConfigError(
+            f"train.deepspeed_config: '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})"
+        ) from None
     merged = merge_user_ds_config(user, derived, f"train.deepspeed_config ({path})")
     if client_optimizer:
         merged.pop("optimizer", None)

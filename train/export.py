@@ -56,15 +56,21 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
             raise ConfigError(f"checkpoint {tag} holds no LoRA weights; was it trained with model.lora.enabled=true?")
         # lora_B starts at zero: if it still is, the adapter changes nothing
         if all(float(sd[k].detach().abs().max()) == 0.0 for k in lora_keys if ".lora_B." in k):
-            raise ConfigError(f"checkpoint {tag}: every lora_B is zero, the adapter is a no-op; train longer before exporting")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+            raise ConfigError(
+                f"checkpoint {tag}: every lora_B is zero, the adapter is a no-op; train longer before exporting"
+            )
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    )
     if lora:
         from train.model import apply_lora
 
         model = apply_lora(model, cfg.model.lora)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if "lora_" in k or not lora]:
-        raise RuntimeError(f"checkpoint {tag} does not match the model: missing={missing[:3]} unexpected={unexpected[:3]}")
+        raise RuntimeError(
+            f"checkpoint {tag} does not match the model: missing={missing[:3]} unexpected={unexpected[:3]}"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     if lora and merge_lora:
@@ -76,9 +82,19 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
     else:
         kind = "full"
     model.to(dtype).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code).save_pretrained(out)
-    summary = {"kind": kind, "run": str(run), "checkpoint": tag, "step": state["step"], "base_model": base,
-               "dtype": str(dtype).replace("torch.", ""), "tensors": len(sd), "out": str(out)}
+    AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code).save_pretrained(
+        out
+    )
+    summary = {
+        "kind": kind,
+        "run": str(run),
+        "checkpoint": tag,
+        "step": state["step"],
+        "base_model": base,
+        "dtype": str(dtype).replace("torch.", ""),
+        "tensors": len(sd),
+        "out": str(out),
+    }
     write_metrics(out / "export.json", summary)
     print_summary("cbt-llm export", summary, file=sys.stderr)
     return summary

@@ -55,8 +55,9 @@ def peak_flops(device_name: str | None) -> float | None:
     return PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
 
 
-def flops_per_token(n_total: int, n_trainable: int, lora: bool, layers: int, heads: int, head_dim: int,
-                    seq_len: int) -> float:
+def flops_per_token(
+    n_total: int, n_trainable: int, lora: bool, layers: int, heads: int, head_dim: int, seq_len: int
+) -> float:
     """Training FLOPs per token of an unpacked sequence of seq_len tokens (see the module docstring); with
     seq_len=0, the dense (matmul with weights) part alone."""
     attn = 12 * layers * heads * head_dim * seq_len
@@ -74,8 +75,9 @@ class FlopsCount:
 
     @classmethod
     def for_model(cls, n_total: int, n_trainable: int, lora: bool, layers: int, heads: int, head_dim: int):
-        return cls(flops_per_token(n_total, n_trainable, lora, layers, heads, head_dim, 0),
-                   12.0 * layers * heads * head_dim)
+        return cls(
+            flops_per_token(n_total, n_trainable, lora, layers, heads, head_dim, 0), 12.0 * layers * heads * head_dim
+        )
 
     def flops(self, real_tokens: float, len_sq: float) -> float:
         return self.dense_per_token * real_tokens + self.attn_per_len_sq * len_sq
@@ -118,7 +120,9 @@ class LogWindow:
         elapsed = time.perf_counter() - self.t0
         flops_per_s_per_device = flops.flops(real, len_sq) / elapsed / world
         return {
-            "train/loss": loss / max(labels, 1), "perf/tokens": int(real), "perf/tokens_per_s": real / elapsed,
+            "train/loss": loss / max(labels, 1),
+            "perf/tokens": int(real),
+            "perf/tokens_per_s": real / elapsed,
             "perf/tokens_per_s_per_device": real / elapsed / world,
             "perf/mfu": flops_per_s_per_device / peak if peak else None,
             "perf/packing_efficiency": real / max(rows * seq_len, 1),
@@ -128,8 +132,16 @@ class LogWindow:
 class MetricsLogger:
     """Rank 0 writes metrics.jsonl and W&B; every other rank gets the same object doing nothing."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg=None, run_name: str = "", config: dict | None = None,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        wandb_cfg=None,
+        run_name: str = "",
+        config: dict | None = None,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.run = None
@@ -139,7 +151,9 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # a resumed run replays the steps after its checkpoint: drop their old lines so the file is one history
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -151,8 +165,14 @@ class MetricsLogger:
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.run = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity or None, name=run_name or None,
-                tags=wandb_cfg.tags or None, id=run_id, resume="allow", dir=str(run_dir), mode=mode,
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity or None,
+                name=run_name or None,
+                tags=wandb_cfg.tags or None,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
                 config=config,
             )
             self.wandb_id = run_id

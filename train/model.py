@@ -24,9 +24,13 @@ def select_attn(mcfg: ModelConfig, device_type: str) -> str:
     (trust_remote_code) cannot take a registered kernel, so auto gives them transformers' sdpa."""
     have_fa = device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if mcfg.attn == "flash_attention_2" and not have_fa:
-        raise ConfigError("model.attn=flash_attention_2 needs CUDA and the flash-attn package; use model.attn=sdpa_varlen")
+        raise ConfigError(
+            "model.attn=flash_attention_2 needs CUDA and the flash-attn package; use model.attn=sdpa_varlen"
+        )
     if mcfg.attn == "sdpa_varlen" and mcfg.trust_remote_code:
-        raise ConfigError("model.attn=sdpa_varlen cannot reach a remote-code model's own attention; use model.attn=sdpa")
+        raise ConfigError(
+            "model.attn=sdpa_varlen cannot reach a remote-code model's own attention; use model.attn=sdpa"
+        )
     if mcfg.attn == "auto":
         if have_fa:
             return "flash_attention_2"
@@ -56,8 +60,9 @@ def random_model_config(mcfg: ModelConfig, vocab_size: int, seq_len: int, pad_to
     )
 
 
-def write_random_base(mcfg: ModelConfig, out_dir: Path, *, vocab_size: int, seq_len: int, pad_token_id: int,
-                      eos_token_id: int, seed: int) -> Path:
+def write_random_base(
+    mcfg: ModelConfig, out_dir: Path, *, vocab_size: int, seq_len: int, pad_token_id: int, eos_token_id: int, seed: int
+) -> Path:
     """Build the seeded random model once and save it: every rank then loads the same weights the same way a
     pretrained model is loaded, and LoRA export has a real base folder to point at."""
     from transformers import AutoModelForCausalLM
@@ -127,8 +132,12 @@ def lora_peft_config(lcfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
-        r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules,
-        task_type="CAUSAL_LM", bias="none",
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=lcfg.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
     )
 
 
@@ -149,8 +158,9 @@ def count_params(model) -> tuple[int, int]:
     return total, trainable
 
 
-def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, *,
-                  count: bool = True) -> tuple[torch.Tensor, int | None]:
+def masked_ce_sum(
+    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, *, count: bool = True
+) -> tuple[torch.Tensor, int | None]:
     """Sum of next-token cross-entropy over label tokens, and their count (None with count=False: on a GPU the
     count would wait for the device; the training loop takes it from label_count on the host instead).
 

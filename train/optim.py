@@ -31,7 +31,8 @@ class OptimizerChoice:
 
     def describe(self) -> str:
         name = {"torch-fused": "torch AdamW (fused)", "torch-foreach": "torch AdamW (foreach)"}.get(
-            self.kind, "DeepSpeed Adam (from the DeepSpeed JSON)")
+            self.kind, "DeepSpeed Adam (from the DeepSpeed JSON)"
+        )
         return f"{name}: {self.why}"
 
 
@@ -67,8 +68,9 @@ def build_client_optimizer(choice: OptimizerChoice, params, tc: TrainConfig) -> 
     if not choice.client:
         return None
     impl = {"fused": True} if choice.kind == "torch-fused" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
-                             weight_decay=tc.weight_decay, **impl)
+    return torch.optim.AdamW(
+        params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=tc.weight_decay, **impl
+    )
 
 
 def master_weights(engine) -> dict:

@@ -33,13 +33,29 @@ from cbt_llm.config import Config, ConfigError, check_world_size
 from cbt_llm.report import print_summary, write_metrics
 from train import attention, runtime
 from train import checkpoint as ckpt
-from train.data import (PackedRows, RankLoader, load_manifest, rank_shards, read_rows, rows_per_micro_batch,
-                        steps_per_epoch)
+from train.data import (
+    PackedRows,
+    RankLoader,
+    load_manifest,
+    rank_shards,
+    read_rows,
+    rows_per_micro_batch,
+    steps_per_epoch,
+)
 from train.ds_config import resolve_ds_config
 from train.faults import fault_hook
 from train.metrics import FlopsCount, LogWindow, MetricsLogger, peak_flops, plot_loss, read_metrics
-from train.model import (apply_activation_checkpointing, apply_liger, apply_lora, count_params, load_model,
-                         packing_isolation, resolve_dtype, select_attn, write_random_base)
+from train.model import (
+    apply_activation_checkpointing,
+    apply_liger,
+    apply_lora,
+    count_params,
+    load_model,
+    packing_isolation,
+    resolve_dtype,
+    select_attn,
+    write_random_base,
+)
 from train.optim import OptimizerChoice, build_client_optimizer, choose_optimizer, lr_lambda, master_weights
 from train.step import chunked_lm_loss_supported, train_step, validation_loss
 
@@ -79,8 +95,12 @@ class Run:
             print(*parts, file=sys.stderr, flush=True)
 
 
-def run_train(cfg: Config, *, train_rows: Callable[[list[dict], int], PackedRows] | None = None,
-              on_checkpoint: Callable[[Path, dict], None] | None = None) -> int:
+def run_train(
+    cfg: Config,
+    *,
+    train_rows: Callable[[list[dict], int], PackedRows] | None = None,
+    on_checkpoint: Callable[[Path, dict], None] | None = None,
+) -> int:
     """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal).
 
     Two hooks for launchers that own data and checkpoint storage (launch/ray_job.py), both None for the rest:
@@ -101,13 +121,18 @@ def run_train(cfg: Config, *, train_rows: Callable[[list[dict], int], PackedRows
 
 # ---- set up ---------------------------------------------------------------------------------------------------
 
+
 def _check_config(cfg: Config, on_checkpoint) -> Run:
     """Everything cheap, before any expensive work: shards, batch arithmetic, model source, precision, kernel."""
     rank, world, _ = runtime.dist_env()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = load_manifest(cfg.train.data_dir)
-    world_note = check_world_size(world, len(manifest["splits"]["train"]["shards"]), data_dir=cfg.train.data_dir,
-                                  prepared_for=manifest.get("world_size", cfg.data.world_size))
+    world_note = check_world_size(
+        world,
+        len(manifest["splits"]["train"]["shards"]),
+        data_dir=cfg.train.data_dir,
+        prepared_for=manifest.get("world_size", cfg.data.world_size),
+    )
     mb = rows_per_micro_batch(cfg.train, manifest["seq_len"])
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb})})
     tc, mc = cfg.train, cfg.model
@@ -119,11 +144,22 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
     tok_path = manifest["tokenizer"]["name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=mc.trust_remote_code)
     load_manifest(tc.data_dir, tokenizer=tokenizer)  # refuses shards made with a different tokenizer
-    run = Run(cfg=cfg, rank=rank, world=world, device_type=device_type, manifest=manifest, steps_per_epoch=spe,
-              rows_left_out=left_out, total_steps=tc.max_steps or tc.epochs * spe,
-              pad_id=manifest.get("pad_token_id", tokenizer.pad_token_id), tok_path=tok_path,
-              dtype=resolve_dtype(mc, device_type), attn=select_attn(mc, device_type),
-              optimizer=choose_optimizer(tc, device_type), on_checkpoint=on_checkpoint)
+    run = Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device_type=device_type,
+        manifest=manifest,
+        steps_per_epoch=spe,
+        rows_left_out=left_out,
+        total_steps=tc.max_steps or tc.epochs * spe,
+        pad_id=manifest.get("pad_token_id", tokenizer.pad_token_id),
+        tok_path=tok_path,
+        dtype=resolve_dtype(mc, device_type),
+        attn=select_attn(mc, device_type),
+        optimizer=choose_optimizer(tc, device_type),
+        on_checkpoint=on_checkpoint,
+    )
     run.facts.update(vocab=len(tokenizer), eos=tokenizer.eos_token_id, micro_batch_size=mb)
     if world_note:
         run.say(world_note)
@@ -138,8 +174,11 @@ def _set_up(run: Run, train_rows) -> tuple[Any, PackedRows, PackedRows]:
     runtime.quiet_libraries()
     if run.device_type == "cuda":
         torch.cuda.set_device(int(runtime.dist_env()[2]))
-    deepspeed.init_distributed(dist_backend="nccl" if run.device_type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(seconds=tc.collective_timeout_s), verbose=False)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if run.device_type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=tc.collective_timeout_s),
+        verbose=False,
+    )
     torch.manual_seed(tc.seed)
     read_train = train_rows or (lambda shards, pad: read_rows(tc.data_dir, shards, pad))
     rows = read_train(rank_shards(run.manifest, "train", run.rank, run.world), run.pad_id)
@@ -166,8 +205,15 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
     if mc.init == "random":
         base_path = str(run.run_dir / "base_model")
         if run.is_main and not (Path(base_path) / "config.json").exists():
-            write_random_base(mc, Path(base_path), vocab_size=run.facts["vocab"], seq_len=run.manifest["seq_len"],
-                              pad_token_id=run.pad_id, eos_token_id=run.facts["eos"] or run.pad_id, seed=tc.seed)
+            write_random_base(
+                mc,
+                Path(base_path),
+                vocab_size=run.facts["vocab"],
+                seq_len=run.manifest["seq_len"],
+                pad_token_id=run.pad_id,
+                eos_token_id=run.facts["eos"] or run.pad_id,
+                seed=tc.seed,
+            )
     dist.barrier()
     run.facts["base_model"] = base_path
     if tc.zero_stage == 3:
@@ -185,7 +231,9 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
     vocab = emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]  # ZeRO-3 leaves an empty local tensor
     max_id = max(int(rows.input_ids.max(initial=0)), int(val_rows.input_ids.max(initial=0)))
     if max_id >= vocab:
-        raise ConfigError(f"data has token id {max_id} but the model's vocabulary is {vocab}: tokenizer and model differ")
+        raise ConfigError(
+            f"data has token id {max_id} but the model's vocabulary is {vocab}: tokenizer and model differ"
+        )
     model.config.use_cache = False
     run.facts["activation_checkpointing"] = apply_activation_checkpointing(model, mc)
     if mc.lora.enabled:
@@ -194,8 +242,9 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
 
 
 def _ds_config(run: Run) -> dict:
-    return resolve_ds_config(run.cfg.train, run.dtype, run.device_type, run.world,
-                             client_optimizer=run.optimizer.client)
+    return resolve_ds_config(
+        run.cfg.train, run.dtype, run.device_type, run.world, client_optimizer=run.optimizer.client
+    )
 
 
 def _build_engine(run: Run, model):
@@ -207,7 +256,9 @@ def _build_engine(run: Run, model):
     n_total, n_trainable = count_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=_ds_config(run),
+        model=model,
+        model_parameters=params,
+        config=_ds_config(run),
         optimizer=build_client_optimizer(run.optimizer, params, tc),
         lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(run.total_steps, tc.warmup_steps, tc.min_lr_ratio)),
     )
@@ -216,18 +267,28 @@ def _build_engine(run: Run, model):
     head_dim = getattr(cfg_l, "head_dim", None) or cfg_l.hidden_size // cfg_l.num_attention_heads
     master = master_weights(engine)
     run.facts.update(
-        params_total=n_total, params_trainable=n_trainable, loss_chunk_tokens=chunk,
-        flops=FlopsCount.for_model(n_total, n_trainable, mc.lora.enabled, cfg_l.num_hidden_layers,
-                                   cfg_l.num_attention_heads, head_dim),
+        params_total=n_total,
+        params_trainable=n_trainable,
+        loss_chunk_tokens=chunk,
+        flops=FlopsCount.for_model(
+            n_total, n_trainable, mc.lora.enabled, cfg_l.num_hidden_layers, cfg_l.num_attention_heads, head_dim
+        ),
         peak=peak_flops(torch.cuda.get_device_name() if run.device_type == "cuda" else None),
-        optimizer=run.optimizer.describe(), master_dtype=master["dtype"], master_numel_this_rank=master["numel_this_rank"])
-    run.say(f"model: {run.facts['base_model']} | attn={run.attn} | dtype={str(run.dtype).replace('torch.', '')} | "
-            f"params={n_total:,} trainable={n_trainable:,} | lora={mc.lora.enabled} | "
-            f"activation checkpointing: {run.facts['activation_checkpointing']} | zero={tc.zero_stage} | "
-            f"world={run.world}")
-    run.say(f"optimizer: {run.optimizer.describe()} | master weights {master['dtype']}, "
-            f"{master['numel_this_rank']} elements on rank 0 | loss: "
-            f"{f'chunked ({chunk} tokens)' if chunk else 'full logits'}")
+        optimizer=run.optimizer.describe(),
+        master_dtype=master["dtype"],
+        master_numel_this_rank=master["numel_this_rank"],
+    )
+    run.say(
+        f"model: {run.facts['base_model']} | attn={run.attn} | dtype={str(run.dtype).replace('torch.', '')} | "
+        f"params={n_total:,} trainable={n_trainable:,} | lora={mc.lora.enabled} | "
+        f"activation checkpointing: {run.facts['activation_checkpointing']} | zero={tc.zero_stage} | "
+        f"world={run.world}"
+    )
+    run.say(
+        f"optimizer: {run.optimizer.describe()} | master weights {master['dtype']}, "
+        f"{master['numel_this_rank']} elements on rank 0 | loss: "
+        f"{f'chunked ({chunk} tokens)' if chunk else 'full logits'}"
+    )
     return engine
 
 
@@ -242,22 +303,32 @@ def _check_packing_isolation(engine, rows, what: str, say) -> None:
     probe = torch.from_numpy(rows.input_ids[:n].copy())[None].to(engine.device)
     engine.eval()
     leak, contrast = packing_isolation(
-        lambda i, p: engine(input_ids=i, position_ids=p.to(engine.device), use_cache=False).logits, probe, n // 2)
+        lambda i, p: engine(input_ids=i, position_ids=p.to(engine.device), use_cache=False).logits, probe, n // 2
+    )
     engine.train()
     if contrast > 0 and leak > 0.1 * contrast:
         raise ConfigError(
             f"{what}: packed examples attend to each other (logit gap {leak:.3g} vs {contrast:.3g}); "
-            "use model.attn=sdpa or flash_attention_2, or prepare with data.packing=false")
+            "use model.attn=sdpa or flash_attention_2, or prepare with data.packing=false"
+        )
     say(f"packing isolation ok: packed-vs-alone logit gap {leak:.2e} (a leaking model would show {contrast:.2e})")
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
 
+
 def _resume(run: Run, engine, rows: PackedRows) -> RankLoader:
     """The data loader, at the position of the checkpoint train.resume names (auto: the latest in run_dir)."""
     tc = run.cfg.train
-    loader = RankLoader(rows, micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum, seed=tc.seed,
-                        rank=run.rank, steps_per_epoch=run.steps_per_epoch, pad_token_id=run.pad_id)
+    loader = RankLoader(
+        rows,
+        micro_batch_size=tc.micro_batch_size,
+        grad_accum=tc.grad_accum,
+        seed=tc.seed,
+        rank=run.rank,
+        steps_per_epoch=run.steps_per_epoch,
+        pad_token_id=run.pad_id,
+    )
     tag = None
     if tc.resume == "auto":
         src_dir = run.run_dir / "checkpoints"
@@ -265,7 +336,9 @@ def _resume(run: Run, engine, rows: PackedRows) -> RankLoader:
     elif tc.resume != "never":
         src_dir, tag = Path(tc.resume).parent, Path(tc.resume).name
         if not (Path(tc.resume) / ckpt.STATE_FILE).is_file():
-            raise ConfigError(f"train.resume: '{tc.resume}' is not a complete checkpoint folder (no trainer_state.json)")
+            raise ConfigError(
+                f"train.resume: '{tc.resume}' is not a complete checkpoint folder (no trainer_state.json)"
+            )
     if tag:
         state = ckpt.load(engine, src_dir, tag, run.rank)
         if state["world_size"] != run.world:
@@ -275,24 +348,33 @@ def _resume(run: Run, engine, rows: PackedRows) -> RankLoader:
         loader.load_state_dict(state["loader"])
         run.start_step, run.resumed_from = state["step"], tag
         run.say(f"resumed from {src_dir / tag} at step {run.start_step}")
-    run.logger = MetricsLogger(run.run_dir, enabled=run.is_main, wandb_cfg=run.cfg.wandb, run_name=run.cfg.run_name,
-                               config=run.cfg.model_dump(mode="json"),
-                               resume_step=run.start_step if run.resumed_from else None)
+    run.logger = MetricsLogger(
+        run.run_dir,
+        enabled=run.is_main,
+        wandb_cfg=run.cfg.wandb,
+        run_name=run.cfg.run_name,
+        config=run.cfg.model_dump(mode="json"),
+        resume_step=run.start_step if run.resumed_from else None,
+    )
     return loader
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------
+
 
 def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
     """Optimizer steps until total_steps, or until a stop signal (then save and return the requeue code)."""
     from tqdm import tqdm
 
     tc, seq_len = run.cfg.train, run.manifest["seq_len"]
-    run.say(f"steps: {run.total_steps} ({run.steps_per_epoch}/epoch; {run.rows_left_out} rows/epoch left out to "
-            f"keep ranks even) | tokens/step <= {run.world * tc.micro_batch_size * tc.grad_accum * seq_len:,}")
+    run.say(
+        f"steps: {run.total_steps} ({run.steps_per_epoch}/epoch; {run.rows_left_out} rows/epoch left out to "
+        f"keep ranks even) | tokens/step <= {run.world * tc.micro_batch_size * tc.grad_accum * seq_len:,}"
+    )
     bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not run.is_main, desc="train", file=sys.stderr)
-    profiler = runtime.StepProfiler(tc.profile_steps, run.start_step + 3, run.device_type,
-                                    run.run_dir / "profile.txt" if run.is_main else None)
+    profiler = runtime.StepProfiler(
+        tc.profile_steps, run.start_step + 3, run.device_type, run.run_dir / "profile.txt" if run.is_main else None
+    )
     window, step, last_eval, last_saved = LogWindow(engine.device), run.start_step, None, None
     stop_flag = torch.zeros(1, device=engine.device)  # collectives live on the device the backend serves
     for step in range(run.start_step + 1, run.total_steps + 1):
@@ -346,41 +428,71 @@ def _record_order(run: Run, step: int, epoch: int, keys: list[str]) -> None:
 
 def _window_metrics(run: Run, engine, window: LogWindow, lr: float, step_s: float, epoch: int) -> dict:
     gn = engine.get_global_grad_norm()
-    m = window.metrics(world=run.world, seq_len=run.manifest["seq_len"], flops=run.facts["flops"],
-                       peak=run.facts["peak"])
-    return {"train/loss": m.pop("train/loss"), "train/lr": lr, "train/grad_norm": float(gn) if gn is not None else None,
-            "train/epoch": epoch, **m, "perf/step_s": step_s, "mem/peak_gib": runtime.peak_mem_gib(run.device_type)}
+    m = window.metrics(
+        world=run.world, seq_len=run.manifest["seq_len"], flops=run.facts["flops"], peak=run.facts["peak"]
+    )
+    return {
+        "train/loss": m.pop("train/loss"),
+        "train/lr": lr,
+        "train/grad_norm": float(gn) if gn is not None else None,
+        "train/epoch": epoch,
+        **m,
+        "perf/step_s": step_s,
+        "mem/peak_gib": runtime.peak_mem_gib(run.device_type),
+    }
 
 
 def _chunking(run: Run) -> dict:
-    return {"chunk_tokens": run.facts["loss_chunk_tokens"],
-            "chunk_positions": run.cfg.train.micro_batch_size * run.manifest["seq_len"]}
+    return {
+        "chunk_tokens": run.facts["loss_chunk_tokens"],
+        "chunk_positions": run.cfg.train.micro_batch_size * run.manifest["seq_len"],
+    }
 
 
 def _validate(run: Run, engine, val_rows: PackedRows) -> float:
     tc = run.cfg.train
-    run.eval_loss = validation_loss(engine, val_rows, rank=run.rank, world=run.world,
-                                    micro_batch_size=tc.micro_batch_size, pad_token_id=run.pad_id,
-                                    max_rows=tc.eval_max_rows, **_chunking(run))
+    run.eval_loss = validation_loss(
+        engine,
+        val_rows,
+        rank=run.rank,
+        world=run.world,
+        micro_batch_size=tc.micro_batch_size,
+        pad_token_id=run.pad_id,
+        max_rows=tc.eval_max_rows,
+        **_chunking(run),
+    )
     return run.eval_loss
 
 
 # ---- save, stop, finish -----------------------------------------------------------------------------------------
+
 
 def _save(run: Run, engine, loader: RankLoader, step: int, stopped: str | None = None) -> str:
     """The one save path: every rank writes its part, rank 0 marks the folder complete; then the launcher hook."""
     import torch.distributed as dist
 
     tc = run.cfg.train
-    state = {"step": step, "epoch": loader.epoch, "loader": loader.state_dict(), "world_size": run.world,
-             "total_steps": run.total_steps, "config_hash": run.cfg.hash("model"), "train_hash": run.cfg.hash("train"),
-             "wandb_run_id": run.logger.wandb_id, "stopped_by_signal": stopped, "lora": run.cfg.model.lora.enabled,
-             "base_model": run.facts["base_model"], "tokenizer": run.tok_path,
-             "dtype": str(run.dtype).replace("torch.", ""), "time": time.time()}
+    state = {
+        "step": step,
+        "epoch": loader.epoch,
+        "loader": loader.state_dict(),
+        "world_size": run.world,
+        "total_steps": run.total_steps,
+        "config_hash": run.cfg.hash("model"),
+        "train_hash": run.cfg.hash("train"),
+        "wandb_run_id": run.logger.wandb_id,
+        "stopped_by_signal": stopped,
+        "lora": run.cfg.model.lora.enabled,
+        "base_model": run.facts["base_model"],
+        "tokenizer": run.tok_path,
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "time": time.time(),
+    }
     ckpt_dir = run.run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tag = ckpt.save(engine, ckpt_dir, step, state, rank=run.rank, keep_last=tc.keep_last, barrier=dist.barrier,
-                    fault=run.fault)
+    tag = ckpt.save(
+        engine, ckpt_dir, step, state, rank=run.rank, keep_last=tc.keep_last, barrier=dist.barrier, fault=run.fault
+    )
     if run.on_checkpoint:
         run.on_checkpoint(ckpt_dir / tag, state)
     return tag
@@ -414,17 +526,30 @@ def _write_summary(run: Run, step: int, last_saved: int | None) -> None:
     mfus = [r["perf/mfu"] for r in hist if r.get("perf/mfu") is not None]
     f = run.facts
     summary = {
-        "steps": step, "epochs_seen": round(step / run.steps_per_epoch, 3), "world_size": run.world,
-        "lora": run.cfg.model.lora.enabled, "params_total": f["params_total"], "params_trainable": f["params_trainable"],
-        "attn": run.attn, "attn_kernel": f["attn_kernel"], "dtype": str(run.dtype).replace("torch.", ""),
-        "optimizer": f["optimizer"], "master_weights_dtype": f["master_dtype"],
-        "master_weights_numel_rank0": f["master_numel_this_rank"], "loss_chunk_tokens": f["loss_chunk_tokens"],
-        "micro_batch_size": f["micro_batch_size"], "activation_checkpointing": f["activation_checkpointing"],
-        "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
-        "eval_loss": run.eval_loss, "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
-        "mfu": sum(mfus) / len(mfus) if mfus else None, "peak_mem_gib": runtime.peak_mem_gib(run.device_type),
+        "steps": step,
+        "epochs_seen": round(step / run.steps_per_epoch, 3),
+        "world_size": run.world,
+        "lora": run.cfg.model.lora.enabled,
+        "params_total": f["params_total"],
+        "params_trainable": f["params_trainable"],
+        "attn": run.attn,
+        "attn_kernel": f["attn_kernel"],
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "optimizer": f["optimizer"],
+        "master_weights_dtype": f["master_dtype"],
+        "master_weights_numel_rank0": f["master_numel_this_rank"],
+        "loss_chunk_tokens": f["loss_chunk_tokens"],
+        "micro_batch_size": f["micro_batch_size"],
+        "activation_checkpointing": f["activation_checkpointing"],
+        "first_train_loss": losses[0] if losses else None,
+        "last_train_loss": losses[-1] if losses else None,
+        "eval_loss": run.eval_loss,
+        "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
+        "mfu": sum(mfus) / len(mfus) if mfus else None,
+        "peak_mem_gib": runtime.peak_mem_gib(run.device_type),
         "checkpoint": str(run.run_dir / "checkpoints" / ckpt.tag_for(last_saved)) if last_saved is not None else None,
-        "resumed_from": run.resumed_from, "rows_left_out_per_epoch": run.rows_left_out,
+        "resumed_from": run.resumed_from,
+        "rows_left_out_per_epoch": run.rows_left_out,
     }
     run.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     write_metrics(run.run_dir / "train_summary.json", summary)

@@ -87,8 +87,11 @@ def _clear_stale_extension_lock() -> None:
     except FileNotFoundError:
         return
     if age > _STALE_LOCK_S:
-        print(f"removing stale DeepSpeed build lock {lock} ({age:.0f} s old, left by an interrupted build)",
-              file=sys.stderr, flush=True)
+        print(
+            f"removing stale DeepSpeed build lock {lock} ({age:.0f} s old, left by an interrupted build)",
+            file=sys.stderr,
+            flush=True,
+        )
         lock.unlink(missing_ok=True)
 
 
@@ -132,6 +135,7 @@ def shm_buffers_removed():
 
 # ---- profiler -----------------------------------------------------------------------------------------------
 
+
 class StepProfiler:
     """torch.profiler over `steps` optimizer steps starting at `first` (after warm-up); rank 0 writes the top
     operators by self time (device time on CUDA) to `out`. steps=0: does nothing."""
@@ -156,6 +160,7 @@ class StepProfiler:
         if self.out is not None:
             key = "self_cuda_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
             table = self.prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
-            self.out.write_text(f"torch.profiler over {self.steps} optimizer steps, sorted by {key}\n{table}\n",
-                                encoding="utf-8")
+            self.out.write_text(
+                f"torch.profiler over {self.steps} optimizer steps, sorted by {key}\n{table}\n", encoding="utf-8"
+            )
         self.prof = None

@@ -57,8 +57,14 @@ def _head_function(head: torch.nn.Module):
     return _FrozenHead(head) if partitioned and frozen else head
 
 
-def chunked_ce_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, position_ids: torch.Tensor,
-                   chunk_tokens: int, positions: int = 0) -> torch.Tensor:
+def chunked_ce_sum(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    chunk_tokens: int,
+    positions: int = 0,
+) -> torch.Tensor:
     """masked_ce_sum computed from the last hidden state, `chunk_tokens` positions at a time. Each chunk's logits
     are recomputed in backward (activation checkpointing), so at most one chunk of fp32 logits exists at once
     instead of tokens x vocab of them (2.5 GB per 4k-token row at Qwen's 152k vocabulary).
@@ -73,7 +79,7 @@ def chunked_ce_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     fn = _head_function(head)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for a in range(0, max(positions, h.size(0)), chunk_tokens):
-        total = total + checkpoint(_ce_chunk, h[a:a + chunk_tokens], t[a:a + chunk_tokens], fn, use_reentrant=False)
+        total = total + checkpoint(_ce_chunk, h[a : a + chunk_tokens], t[a : a + chunk_tokens], fn, use_reentrant=False)
     return total
 
 
@@ -91,8 +97,14 @@ def loss_sum(engine, batch: dict, chunk_tokens: int = 0, chunk_positions: int = 
         extra["cu_seq_lens_q"] = extra["cu_seq_lens_k"] = extra["cu_seq_lens_q"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev)
     if chunk_tokens:
-        out = engine(input_ids=batch["input_ids"].to(dev), position_ids=pos, use_cache=False, logits_to_keep=1,
-                     output_hidden_states=True, **extra)
+        out = engine(
+            input_ids=batch["input_ids"].to(dev),
+            position_ids=pos,
+            use_cache=False,
+            logits_to_keep=1,
+            output_hidden_states=True,
+            **extra,
+        )
         head = engine.module.get_output_embeddings()
         return chunked_ce_sum(out.hidden_states[-1], head, labels, pos, chunk_tokens, chunk_positions)
     out = engine(input_ids=batch["input_ids"].to(dev), position_ids=pos, use_cache=False, **extra)
@@ -125,13 +137,28 @@ def train_step(engine, micro: list[dict], *, world: int, chunk_tokens: int, chun
         # zeroes the gradients) at its gradient_accumulation_steps boundary; skipping calls would break its count
         engine.step()
         total += s.detach().double()
-    return StepResult(total, float(sum(counts)), float(sum(m["real_tokens"] for m in micro)),
-                      float(sum(m["input_ids"].shape[0] for m in micro)), float(sum(m["attn_len_sq"] for m in micro)))
+    return StepResult(
+        total,
+        float(sum(counts)),
+        float(sum(m["real_tokens"] for m in micro)),
+        float(sum(m["input_ids"].shape[0] for m in micro)),
+        float(sum(m["attn_len_sq"] for m in micro)),
+    )
 
 
 @torch.no_grad()
-def validation_loss(engine, rows, *, rank: int, world: int, micro_batch_size: int, pad_token_id: int,
-                    max_rows: int, chunk_tokens: int = 0, chunk_positions: int = 0) -> float:
+def validation_loss(
+    engine,
+    rows,
+    *,
+    rank: int,
+    world: int,
+    micro_batch_size: int,
+    pad_token_id: int,
+    max_rows: int,
+    chunk_tokens: int = 0,
+    chunk_positions: int = 0,
+) -> float:
     """Loss on the validation split's packed rows (row i on rank i % world), summed over label tokens / global
     count: the number the loss curve shows beside train/loss (not a generation-based evaluation).
 
@@ -144,7 +171,7 @@ def validation_loss(engine, rows, *, rank: int, world: int, micro_batch_size: in
     loss, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     engine.eval()
     for b in range(batches):
-        idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+        idx = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
         batch = collate(rows, idx or [0], pad_token_id)
         s = loss_sum(engine, batch, chunk_tokens, chunk_positions)
         if idx:

@@ -46,7 +46,15 @@ class Parse:
         cols: dict[str, list] = {name: [] for name, _ in PARSED_FIELDS}
 
         def add(ok, fidx, line, sub, reason="", detail="", raw="", ex: Example | None = None, split="", chash=0):
-            for k, v in (("ok", ok), ("file_idx", fidx), ("line", line), ("sub", sub), ("reason", reason), ("detail", detail), ("raw", raw)):
+            for k, v in (
+                ("ok", ok),
+                ("file_idx", fidx),
+                ("line", line),
+                ("sub", sub),
+                ("reason", reason),
+                ("detail", detail),
+                ("raw", raw),
+            ):
                 cols[k].append(v)
             cols["example_id"].append(ex.example_id if ex else "")
             cols["split"].append(split)
@@ -82,7 +90,23 @@ class Parse:
                     continue
                 chars = res.chars(self.system_prompt)
                 if chars > self.max_chars:
-                    add(False, fidx, line, sub, "too_long", f"{chars} characters > data.max_chars {self.max_chars}", short)
+                    add(
+                        False,
+                        fidx,
+                        line,
+                        sub,
+                        "too_long",
+                        f"{chars} characters > data.max_chars {self.max_chars}",
+                        short,
+                    )
                     continue
-                add(True, fidx, line, sub, ex=res, split=split_of(res.question, self.val_fraction, self.seed), chash=res.content_hash())
+                add(
+                    True,
+                    fidx,
+                    line,
+                    sub,
+                    ex=res,
+                    split=split_of(res.question, self.val_fraction, self.seed),
+                    chash=res.content_hash(),
+                )
         return pa.table({name: pa.array(cols[name], typ) for name, typ in PARSED_FIELDS})

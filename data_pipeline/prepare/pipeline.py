@@ -84,20 +84,40 @@ class _Rejects:
 
     def add(self, fidx: int, line: int, sub: int, reason: str, detail: str, raw: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        rec = {"source_file": self.files[fidx], "line": int(line), "sub": int(sub), "reason": reason,
-               "detail": detail, "raw": raw}
+        rec = {
+            "source_file": self.files[fidx],
+            "line": int(line),
+            "sub": int(sub),
+            "reason": reason,
+            "detail": detail,
+            "raw": raw,
+        }
         self.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         if self.strict:
             where = f"{self.files[fidx]}:{line}" + (f" (answer {sub})" if sub else "")
             raise PrepareError(f"--strict: bad record at {where}: {reason}: {detail}")
 
 
-_BATCH_COLUMNS = ["ok", "file_idx", "line", "sub", "reason", "detail", "raw", "example_id", "split", "chash",
-                  "qhash", "heldout", "truncated"]
+_BATCH_COLUMNS = [
+    "ok",
+    "file_idx",
+    "line",
+    "sub",
+    "reason",
+    "detail",
+    "raw",
+    "example_id",
+    "split",
+    "chash",
+    "qhash",
+    "heldout",
+    "truncated",
+]
 
 
-def _consume_batch(batch, seen: FirstSeen, packers: dict[str, SplitPacker], rejects: _Rejects, counts: dict,
-                   questions: QuestionFiles) -> int:
+def _consume_batch(
+    batch, seen: FirstSeen, packers: dict[str, SplitPacker], rejects: _Rejects, counts: dict, questions: QuestionFiles
+) -> int:
     """One tokenized batch: reject the bad rows, drop duplicates (the first copy is kept), hand the rest to its
     split's packer and its question to the question files. Returns how many records (not examples) the batch
     began."""
@@ -158,21 +178,29 @@ def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects, questions: 
     return counts
 
 
-def _write_splits(packers: dict[str, SplitPacker], staging: Path, dc: DataConfig, pad_id: int, read: int,
-                  rejected: int, out: Path) -> dict[str, list[dict]]:
+def _write_splits(
+    packers: dict[str, SplitPacker], staging: Path, dc: DataConfig, pad_id: int, read: int, rejected: int, out: Path
+) -> dict[str, list[dict]]:
     """Cut each split's spool into shards in `staging`; returns their manifest entries per split."""
     train_rows = packers["train"].rows
     if train_rows == 0:
-        raise PrepareError(f"no training rows: {read} records read, {rejected} rejected; see {out}/rejects/ after fixing the input")
+        raise PrepareError(
+            f"no training rows: {read} records read, {rejected} rejected; see {out}/rejects/ after fixing the input"
+        )
     if train_rows < dc.world_size:
-        raise PrepareError(f"only {train_rows} training rows for data.world_size={dc.world_size}: every rank needs at least one; add data or lower world_size")
+        raise PrepareError(
+            f"only {train_rows} training rows for data.world_size={dc.world_size}: every rank needs at least one; "
+            "add data or lower world_size"
+        )
     num_shards = dc.num_shards or dc.world_size * max(1, -(-train_rows // (dc.world_size * dc.rows_per_shard)))
     if num_shards > train_rows:  # never write empty shards
         asked, num_shards = num_shards, dc.world_size * (train_rows // dc.world_size)
         print(f"note: data.num_shards={asked} > {train_rows} train rows; writing {num_shards} shards", flush=True)
     shards = {"train": write_shards(packers["train"].spool_path, staging, "train", num_shards, pad_id, dc.packing)}
     shards["validation"] = (
-        write_shards(packers["validation"].spool_path, staging, "validation", 1, pad_id, dc.packing) if packers["validation"].rows else []
+        write_shards(packers["validation"].spool_path, staging, "validation", 1, pad_id, dc.packing)
+        if packers["validation"].rows
+        else []
     )
     for p in packers.values():
         p.spool_path.unlink(missing_ok=True)
@@ -186,9 +214,17 @@ def _data_config_hash(dc: DataConfig) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _manifest(dc: DataConfig, files: list[str], tok_hash: str, pad_id: int, counts: dict[str, int],
-              rejected: dict[str, int], packers: dict[str, SplitPacker], shards: dict[str, list[dict]],
-              question_files: dict[str, dict]) -> dict:
+def _manifest(
+    dc: DataConfig,
+    files: list[str],
+    tok_hash: str,
+    pad_id: int,
+    counts: dict[str, int],
+    rejected: dict[str, int],
+    packers: dict[str, SplitPacker],
+    shards: dict[str, list[dict]],
+    question_files: dict[str, dict],
+) -> dict:
     """manifest.json's content (its format: data_pipeline/shards.py)."""
     train_rows = packers["train"].rows
     return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +47,9 @@ def _kind_of(path: str, head: bytes) -> str:
     return "jsonl"
 
 
-def _raw_table(file_idx: int, lines: list[int], raws: list[bytes], pre: list[tuple[str, str]] | None = None) -> pa.Table:
+def _raw_table(
+    file_idx: int, lines: list[int], raws: list[bytes], pre: list[tuple[str, str]] | None = None
+) -> pa.Table:
     n = len(lines)
     pre = pre or [("", "")] * n
     return pa.table(
@@ -76,10 +78,20 @@ def _json_array_blocks(data: bytes, file_idx: int, lines: int) -> Iterator[pa.Ta
     try:
         items = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        yield _raw_table(file_idx, [0], [data[:RAW_KEEP_CHARS]], [("invalid_utf8", f"file is not UTF-8 ({exc.reason} at byte {exc.start})")])
+        yield _raw_table(
+            file_idx,
+            [0],
+            [data[:RAW_KEEP_CHARS]],
+            [("invalid_utf8", f"file is not UTF-8 ({exc.reason} at byte {exc.start})")],
+        )
         return
     except json.JSONDecodeError as exc:
-        yield _raw_table(file_idx, [exc.lineno], [data[:RAW_KEEP_CHARS]], [("malformed_json", f"file is not one JSON list ({exc.msg} at line {exc.lineno} column {exc.colno})")])
+        yield _raw_table(
+            file_idx,
+            [exc.lineno],
+            [data[:RAW_KEEP_CHARS]],
+            [("malformed_json", f"file is not one JSON list ({exc.msg} at line {exc.lineno} column {exc.colno})")],
+        )
         return
     if not isinstance(items, list):
         items = [items]

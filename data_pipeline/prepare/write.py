@@ -125,10 +125,16 @@ class QuestionFiles:
         self._merge()
         self.hashes.astype("<i8").tofile(self.folder / TRAIN_QUESTIONS_FILE)
         return {
-            "heldout": {"path": HELDOUT_FILE, "records": self.heldout_records,
-                        "sha256": sha256_file(self.folder / HELDOUT_FILE)},
-            "train_questions": {"path": TRAIN_QUESTIONS_FILE, "questions": int(len(self.hashes)),
-                                "sha256": sha256_file(self.folder / TRAIN_QUESTIONS_FILE)},
+            "heldout": {
+                "path": HELDOUT_FILE,
+                "records": self.heldout_records,
+                "sha256": sha256_file(self.folder / HELDOUT_FILE),
+            },
+            "train_questions": {
+                "path": TRAIN_QUESTIONS_FILE,
+                "questions": int(len(self.hashes)),
+                "sha256": sha256_file(self.folder / TRAIN_QUESTIONS_FILE),
+            },
         }
 
 
