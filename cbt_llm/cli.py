@@ -61,9 +61,8 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
 }
 
 
-def _add_common(p: argparse.ArgumentParser, key: str) -> None:
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+def _add_flags(p: argparse.ArgumentParser, key: str) -> None:
+    """The subcommand's shorthand flags, each stored under its dotted config key (see _resolve)."""
     for flag, dotted, typ, help_ in _FLAGS.get(key, []):
         p.add_argument(
             flag,
@@ -73,6 +72,12 @@ def _add_common(p: argparse.ArgumentParser, key: str) -> None:
             metavar=dotted.rsplit(".", 1)[-1].upper(),
             help=f"{help_} ({dotted})",
         )
+
+
+def _add_common(p: argparse.ArgumentParser, key: str) -> None:
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _add_flags(p, key)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=1024")
 
 
@@ -155,15 +160,7 @@ def _add_launch(sub) -> None:
         p.add_argument(
             "--dry-run", dest="launch_dry_run", action="store_true", help="print the launcher script and exit"
         )
-        for flag, dotted, typ, fhelp in _FLAGS["launch"]:
-            p.add_argument(
-                flag,
-                dest="flag:" + dotted,
-                type=typ,
-                default=None,
-                metavar=dotted.rsplit(".", 1)[-1].upper(),
-                help=f"{fhelp} ({dotted})",
-            )
+        _add_flags(p, "launch")
         p.add_argument(
             "--node-rank", type=int, default=None, help="deepspeed --no_ssh multi-node: this machine's index"
         )
