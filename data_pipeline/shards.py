@@ -161,11 +161,14 @@ def load_manifest(data_dir: str | Path, tokenizer=None, verify_checksums: bool =
             if verify_checksums and sha256_file(p) != man[key]["sha256"]:
                 raise ManifestError(f"'{p}' does not match its sha256 in the manifest (changed or corrupt); {_RERUN}")
     if tokenizer is not None:
-        _check_tokenizer(man, out, tokenizer)
+        check_tokenizer(man, out, tokenizer)
     return man
 
 
-def _check_tokenizer(man: dict, out: Path, tokenizer) -> None:
+def check_tokenizer(man: dict, out: Path, tokenizer) -> None:
+    """Refuse (ManifestError) a tokenizer (object or path/id) whose content hash or pad id differs from the
+    ones the shards in `out` were made with (what load_manifest(tokenizer=...) checks, for a caller that
+    already holds the manifest)."""
     from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError, check_world_size
+from data_pipeline import shards
 from data_pipeline.shards import is_local_path, load_manifest
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
@@ -51,17 +52,17 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
                 f"tokenizer '{tok_path}' named in {tc.data_dir}/manifest.json is missing; re-run `cbt-llm prepare`"
             )
         try:
-            load_manifest(tc.data_dir, tokenizer=tok_path)
+            shards.check_tokenizer(manifest, Path(tc.data_dir), tok_path)
         except (FileNotFoundError, ValueError, OSError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(
                 f"tokenizer '{tok_path}' of {tc.data_dir}/manifest.json cannot be loaded: {str(exc).splitlines()[0]}"
             ) from None
-    shards = manifest["splits"]["train"]["shards"]
+    train_shards = manifest["splits"]["train"]["shards"]
     note = check_world_size(
         world,
-        len(shards),
+        len(train_shards),
         prepared_for=manifest.get("world_size", cfg.data.world_size),
         data_dir=tc.data_dir,
         origin=f"launch.nodes {cfg.launch.nodes} x {g} per node",
@@ -77,7 +78,7 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
         "world_size": world,
         "nodes": cfg.launch.nodes,
         "procs_per_node": g,
-        "train_shards": len(shards),
+        "train_shards": len(train_shards),
         "steps_per_epoch": spe,
         "tokenizer": tok_path,
         "data_dir": tc.data_dir,

@@ -31,6 +31,7 @@ import torch
 
 from cbt_llm.config import Config, ConfigError, check_world_size
 from cbt_llm.report import print_summary, write_metrics
+from data_pipeline.shards import check_tokenizer
 from train import attention, runtime
 from train import checkpoint as ckpt
 from train.data import (
@@ -62,11 +63,12 @@ from train.step import chunked_lm_loss_supported, train_step, validation_loss
 
 @dataclass
 class Run:
-    """Everything the loop needs, made once by _set_up."""
+    """Everything the loop needs, resolved once by _check_config and completed by _set_up."""
 
     cfg: Config
     rank: int
     world: int
+    local_rank: int
     device_type: str
     manifest: dict
     steps_per_epoch: int
@@ -84,11 +86,17 @@ class Run:
     resumed_from: str | None = None
     eval_loss: float | None = None
     logger: MetricsLogger | None = None
+    ds_config: dict = field(default_factory=dict)
+    hf_ds_config: Any = None  # transformers' HfDeepSpeedConfig under ZeRO-3: it must outlive model loading
 
     def __post_init__(self):
         self.run_dir = Path(self.cfg.train.run_dir)
         self.is_main = self.rank == 0
         self.fault = fault_hook(self.rank)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
 
     def say(self, *parts) -> None:
         if self.is_main:
@@ -124,7 +132,7 @@ def run_train(
 
 def _check_config(cfg: Config, on_checkpoint) -> Run:
     """Everything cheap, before any expensive work: shards, batch arithmetic, model source, precision, kernel."""
-    rank, world, _ = runtime.dist_env()
+    rank, world, local_rank = runtime.dist_env()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = load_manifest(cfg.train.data_dir)
     world_note = check_world_size(
@@ -143,11 +151,12 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
 
     tok_path = manifest["tokenizer"]["name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=mc.trust_remote_code)
-    load_manifest(tc.data_dir, tokenizer=tokenizer)  # refuses shards made with a different tokenizer
+    check_tokenizer(manifest, Path(tc.data_dir), tokenizer)  # refuses shards made with a different tokenizer
     run = Run(
         cfg=cfg,
         rank=rank,
         world=world,
+        local_rank=local_rank,
         device_type=device_type,
         manifest=manifest,
         steps_per_epoch=spe,
@@ -160,7 +169,8 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
         optimizer=choose_optimizer(tc, device_type),
         on_checkpoint=on_checkpoint,
     )
-    run.facts.update(vocab=len(tokenizer), eos=tokenizer.eos_token_id, micro_batch_size=mb)
+    run.ds_config = resolve_ds_config(tc, run.dtype, device_type, world, client_optimizer=run.optimizer.client)
+    run.facts.update(vocab=len(tokenizer), eos=tokenizer.eos_token_id)
     if world_note:
         run.say(world_note)
     return run
@@ -173,7 +183,7 @@ def _set_up(run: Run, train_rows) -> tuple[Any, PackedRows, PackedRows]:
     tc = run.cfg.train
     runtime.quiet_libraries()
     if run.device_type == "cuda":
-        torch.cuda.set_device(int(runtime.dist_env()[2]))
+        torch.cuda.set_device(run.local_rank)
     deepspeed.init_distributed(
         dist_backend="nccl" if run.device_type == "cuda" else "gloo",
         timeout=datetime.timedelta(seconds=tc.collective_timeout_s),
@@ -220,7 +230,7 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
         from transformers.integrations import HfDeepSpeedConfig
 
         # kept alive on the run: while it exists, from_pretrained loads straight into ZeRO-3 shards
-        run.facts["_hf_ds"] = HfDeepSpeedConfig(_ds_config(run))
+        run.hf_ds_config = HfDeepSpeedConfig(run.ds_config)
     if mc.liger:
         from transformers import AutoConfig
 
@@ -241,12 +251,6 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
     return model
 
 
-def _ds_config(run: Run) -> dict:
-    return resolve_ds_config(
-        run.cfg.train, run.dtype, run.device_type, run.world, client_optimizer=run.optimizer.client
-    )
-
-
 def _build_engine(run: Run, model):
     """deepspeed.initialize with the resolved optimizer and the LR schedule; logs what was chosen."""
     import deepspeed
@@ -258,7 +262,7 @@ def _build_engine(run: Run, model):
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,
-        config=_ds_config(run),
+        config=run.ds_config,
         optimizer=build_client_optimizer(run.optimizer, params, tc),
         lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(run.total_steps, tc.warmup_steps, tc.min_lr_ratio)),
     )
@@ -274,12 +278,11 @@ def _build_engine(run: Run, model):
             n_total, n_trainable, mc.lora.enabled, cfg_l.num_hidden_layers, cfg_l.num_attention_heads, head_dim
         ),
         peak=peak_flops(torch.cuda.get_device_name() if run.device_type == "cuda" else None),
-        optimizer=run.optimizer.describe(),
         master_dtype=master["dtype"],
         master_numel_this_rank=master["numel_this_rank"],
     )
     run.say(
-        f"model: {run.facts['base_model']} | attn={run.attn} | dtype={str(run.dtype).replace('torch.', '')} | "
+        f"model: {run.facts['base_model']} | attn={run.attn} | dtype={run.dtype_name} | "
         f"params={n_total:,} trainable={n_trainable:,} | lora={mc.lora.enabled} | "
         f"activation checkpointing: {run.facts['activation_checkpointing']} | zero={tc.zero_stage} | "
         f"world={run.world}"
@@ -485,7 +488,7 @@ def _save(run: Run, engine, loader: RankLoader, step: int, stopped: str | None =
         "lora": run.cfg.model.lora.enabled,
         "base_model": run.facts["base_model"],
         "tokenizer": run.tok_path,
-        "dtype": str(run.dtype).replace("torch.", ""),
+        "dtype": run.dtype_name,
         "time": time.time(),
     }
     ckpt_dir = run.run_dir / "checkpoints"
@@ -534,12 +537,12 @@ def _write_summary(run: Run, step: int, last_saved: int | None) -> None:
         "params_trainable": f["params_trainable"],
         "attn": run.attn,
         "attn_kernel": f["attn_kernel"],
-        "dtype": str(run.dtype).replace("torch.", ""),
-        "optimizer": f["optimizer"],
+        "dtype": run.dtype_name,
+        "optimizer": run.optimizer.describe(),
         "master_weights_dtype": f["master_dtype"],
         "master_weights_numel_rank0": f["master_numel_this_rank"],
         "loss_chunk_tokens": f["loss_chunk_tokens"],
-        "micro_batch_size": f["micro_batch_size"],
+        "micro_batch_size": run.cfg.train.micro_batch_size,
         "activation_checkpointing": f["activation_checkpointing"],
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
