@@ -31,14 +31,12 @@ import torch
 
 from cbt_llm.config import Config, ConfigError, check_world_size
 from cbt_llm.report import print_summary, write_metrics
-from data_pipeline.shards import check_tokenizer
+from data_pipeline.shards import check_tokenizer, load_manifest, rank_shards
 from train import attention, runtime
 from train import checkpoint as ckpt
 from train.data import (
     PackedRows,
     RankLoader,
-    load_manifest,
-    rank_shards,
     read_rows,
     rows_per_micro_batch,
     steps_per_epoch,
