@@ -130,21 +130,23 @@ def resolve_ds_config(
     """The derived config, or the user's JSON validated and completed against it. With client_optimizer (a torch
     AdamW from train.optim handed to deepspeed.initialize) the optimizer section is dropped: DeepSpeed would
     silently prefer the client's, so none is shown that does not run."""
-    derived = build_ds_config(tcfg, dtype, device_type, world_size)
-    if not tcfg.deepspeed_config:
-        if client_optimizer:
-            derived.pop("optimizer")
-        return derived
-    path = Path(tcfg.deepspeed_config)
+    config = build_ds_config(tcfg, dtype, device_type, world_size)
+    if tcfg.deepspeed_config:
+        config = merge_user_ds_config(
+            _read_user_ds_config(tcfg.deepspeed_config), config, f"train.deepspeed_config ({tcfg.deepspeed_config})"
+        )
+    if client_optimizer:
+        config.pop("optimizer", None)
+    return config
+
+
+def _read_user_ds_config(path_s: str) -> dict:
+    path = Path(path_s)
     if not path.is_file():
         raise ConfigError(f"train.deepspeed_config: file '{path}' not found; fix the path or leave it empty")
     try:
-        user = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"train.deepspeed_config: '{path}' is not valid JSON ({exc.msg}, line {exc.lineno})"
         ) from None
-    merged = merge_user_ds_config(user, derived, f"train.deepspeed_config ({path})")
-    if client_optimizer:
-        merged.pop("optimizer", None)
-    return merged

@@ -96,18 +96,11 @@ def loss_sum(engine, batch: dict, chunk_tokens: int = 0, chunk_positions: int = 
         extra = attention.boundaries(batch["position_ids"])
         extra["cu_seq_lens_q"] = extra["cu_seq_lens_k"] = extra["cu_seq_lens_q"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev)
+    only_hidden = {"logits_to_keep": 1, "output_hidden_states": True} if chunk_tokens else {}
+    out = engine(input_ids=batch["input_ids"].to(dev), position_ids=pos, use_cache=False, **extra, **only_hidden)
     if chunk_tokens:
-        out = engine(
-            input_ids=batch["input_ids"].to(dev),
-            position_ids=pos,
-            use_cache=False,
-            logits_to_keep=1,
-            output_hidden_states=True,
-            **extra,
-        )
         head = engine.module.get_output_embeddings()
         return chunked_ce_sum(out.hidden_states[-1], head, labels, pos, chunk_tokens, chunk_positions)
-    out = engine(input_ids=batch["input_ids"].to(dev), position_ids=pos, use_cache=False, **extra)
     return masked_ce_sum(out.logits, labels, pos, count=False)[0]
 
 
