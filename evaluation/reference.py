@@ -24,8 +24,8 @@ them all and returns {metric name: result}.
     distinct-1/2 unique / total character n-grams over all answers (whitespace removed), x100: corpus diversity.
     length       characters per answer, whitespace removed; mean (and the references' mean beside it).
 
-BERTScore F1 (the paper's third metric) is not computed here yet: it needs a local encoder (bert-base-chinese,
-layer 8 is the paper-comparable setting) and will come with the eval config.
+BERTScore F1 (the paper's third metric) is in evaluation/bertscore.py: it needs a local encoder (bert-base-chinese,
+layer 8 is the paper-comparable setting), so it is configured and checked apart from these.
 
 jieba is loaded once per process, quietly (its logger set to WARNING), as a private `jieba.Tokenizer` over its
 bundled dictionary with HMM on (as `jieba.cut`), so user dictionaries added elsewhere cannot change our scores.
