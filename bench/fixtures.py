@@ -1,8 +1,9 @@
 """Tiny packed shards + manifest in the prepare -> train contract (data_pipeline/shards.py), for the trainer tests
-and bench/train_bench.py.
+and bench/train_bench.py; and a tiny random chat model folder (ChatML tokenizer trained here + Qwen2) for the
+eval tests and bench/eval_bench.py.
 
 Here rather than under tests/ because bench/ may not import tests/ (tests/test_layers.py holds that rule);
-tests/train_fixtures.py re-exports it.
+tests/train_fixtures.py and tests/eval_fixtures.py re-export it.
 
 The data is synthetic but learnable: each example is a random prompt (labels -100) followed by an answer
 drawn from a small slice of the vocabulary in a pattern set by the prompt's first token, so a 2-layer model's
@@ -151,6 +152,47 @@ def make_shards(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return out
+
+
+def write_chat_tokenizer(out_dir: Path, *, records: int = 200, vocab_size: int = 600) -> Path:
+    """A byte-level BPE with the ChatML template (data_pipeline/tokenizer.py), trained on `records` template-corpus
+    records: Chinese text tokenizes as it would for a small real tokenizer, and nothing is downloaded."""
+    from data_pipeline.synth_template import iter_records
+    from data_pipeline.tokenizer import train_tokenizer_from_texts
+
+    texts = (r[k] for r in iter_records(0, 0, records) for k in ("question", "description", "answer"))
+    return train_tokenizer_from_texts(texts, vocab_size, out_dir)
+
+
+def write_tiny_qwen2(
+    out_dir: Path, tokenizer_dir: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0, init_std: float = 0.02
+) -> Path:
+    """A random Qwen2ForCausalLM sized to the tokenizer, saved with the tokenizer as a model folder (config.json,
+    safetensors, generation_config.json, tokenizer files), as `cbt-llm export` writes one."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=init_std,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 if __name__ == "__main__":

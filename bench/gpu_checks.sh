@@ -4,7 +4,8 @@
 # the rest with `pip download --only-binary=:all: --python-version 3.12 ...`). Results go to $OUT; record them in
 # bench/RESULTS.md with the card's name.
 #
-#   OUT=/tmp/gpu-out bash bench/gpu_checks.sh        (about 4 minutes on one H200)
+#   OUT=/tmp/gpu-out bash bench/gpu_checks.sh        (about 4 minutes on one H200, timed before the eval bench
+#                                                    was added; it may take up to 5 more)
 set -u
 OUT=${OUT:-runs/gpu-out}
 mkdir -p "$OUT"
@@ -44,4 +45,8 @@ for f in /tmp/bench-gpu*/*.log; do echo "---- $f"; grep -E "optimizer:|attention
   > "$OUT/bench-runs-tail.log" 2>&1
 tail -n 40 "$OUT/bench-gpu.log"
 cat "$OUT/fusedadam-build.log" | tail -n 3
+
+echo "== eval generation bench ($(($(date +%s) - t0)) s)"
+timeout 300 python3 bench/eval_bench.py --device cuda --out "$OUT/eval_bench-gpu.json" > "$OUT/eval-bench.log" 2>&1
+echo "eval bench rc=$?"; tail -n 8 "$OUT/eval-bench.log"
 echo "== done in $(($(date +%s) - t0)) s"

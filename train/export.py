@@ -3,6 +3,8 @@
 Three outputs: a full fine-tune becomes a consolidated model; a LoRA run becomes a peft adapter (loadable with
 PeftModel.from_pretrained on the base), or with --merge-lora a merged model loadable by transformers alone.
 Runs in one process without a process group: DeepSpeed's zero_to_fp32 reads every rank's shard files.
+export.json beside the weights says what was exported and how to prompt it: the system prompt the run trained with
+and whether the saved tokenizer has a chat template (`cbt-llm eval` reads them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from cbt_llm.config import ConfigError, load_config
 from cbt_llm.report import print_summary, write_metrics
+from data_pipeline.shards import MANIFEST_FILE
 from train import checkpoint as ckpt
 
 
@@ -26,6 +29,15 @@ def _gather_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
     ds_logger.setLevel(logging.WARNING)
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def _trained_system_prompt(cfg) -> str:
+    """The system prompt of the shards the run trained on (their manifest: prepare may have run with another
+    config), else the run config's data.system_prompt when the data folder is gone."""
+    try:
+        return json.loads((Path(cfg.train.data_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))["system_prompt"]
+    except (OSError, ValueError, KeyError):
+        return cfg.data.system_prompt
 
 
 def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, tag: str | None = None) -> dict:
@@ -82,9 +94,8 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
     else:
         kind = "full"
     model.to(dtype).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code).save_pretrained(
-        out
-    )
+    tok = AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code)
+    tok.save_pretrained(out)
     summary = {
         "kind": kind,
         "run": str(run),
@@ -94,6 +105,9 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
         "dtype": str(dtype).replace("torch.", ""),
         "tensors": len(sd),
         "out": str(out),
+        # what `cbt-llm eval` needs to prompt the model as it was trained (evaluation.generate.exported_system_prompt)
+        "system_prompt": _trained_system_prompt(cfg),
+        "chat_template": bool(getattr(tok, "chat_template", None)),
     }
     write_metrics(out / "export.json", summary)
     print_summary("cbt-llm export", summary, file=sys.stderr)
