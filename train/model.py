@@ -61,17 +61,28 @@ def random_model_config(mcfg: ModelConfig, vocab_size: int, seq_len: int, pad_to
 
 
 def write_random_base(
-    mcfg: ModelConfig, out_dir: Path, *, vocab_size: int, seq_len: int, pad_token_id: int, eos_token_id: int, seed: int
+    mcfg: ModelConfig,
+    out_dir: Path,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    seed: int,
+    tokenizer: str = "",
 ) -> Path:
     """Build the seeded random model once and save it: every rank then loads the same weights the same way a
-    pretrained model is loaded, and LoRA export has a real base folder to point at."""
-    from transformers import AutoModelForCausalLM
+    pretrained model is loaded, and LoRA export has a real base folder to point at. With `tokenizer` (a folder or
+    id) the folder also gets the tokenizer, so the untrained base is a whole model `cbt-llm eval` can answer with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     cfg = random_model_config(mcfg, vocab_size, seq_len, pad_token_id, eos_token_id)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out_dir)
     return out_dir
 
 

@@ -221,6 +221,7 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
                 pad_token_id=run.pad_id,
                 eos_token_id=run.facts["eos"] or run.pad_id,
                 seed=tc.seed,
+                tokenizer=run.tok_path,
             )
     dist.barrier()
     run.facts["base_model"] = base_path
