@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError, load_config
 
@@ -54,6 +55,13 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
     "export": [
         ("--run", "train.run_dir", str, "the run folder to export"),
     ],
+    "eval": [
+        ("--questions", "eval.questions", str, "heldout.jsonl, a PsyQA JSON or our corpus JSONL"),
+        ("--predictions", "eval.predictions", str, "score this JSONL of {id, output, reference?}; no model needed"),
+        ("--out", "eval.out_dir", str, "output folder"),
+        ("--limit", "eval.limit", int, "evaluate the first N questions"),
+        ("--max-new-tokens", "eval.max_new_tokens", int, "longest answer in tokens"),
+    ],
     "launch": [
         ("--nodes", "launch.nodes", int, "machines"),
         ("--gpus-per-node", "launch.gpus_per_node", int, "GPUs per machine (processes per machine on CPU)"),
@@ -83,6 +91,11 @@ def _add_common(p: argparse.ArgumentParser, key: str) -> None:
 
 def _resolve(args: argparse.Namespace) -> Config:
     extra: dict = {}
+    if getattr(args, "eval_model", None):  # `eval --model DIR [--adapter DIR]`: one model, instead of eval.models
+        name = Path(args.eval_model.rstrip("/")).name or args.eval_model
+        extra["eval"] = {"models": [{"name": name, "path": args.eval_model, "adapter": args.eval_adapter or ""}]}
+    elif getattr(args, "eval_adapter", None):
+        raise ConfigError("--adapter needs --model (the base model the adapter applies to)")
     for dest, value in vars(args).items():
         if dest.startswith("flag:") and value is not None:
             node = extra
@@ -135,6 +148,13 @@ def _cmd_export(cfg: Config, args) -> int:
     from train.export import run_export
 
     run_export(cfg.train.run_dir, args.out, merge_lora=args.merge_lora, tag=args.tag)
+    return 0
+
+
+def _cmd_eval(cfg: Config, args) -> int:
+    from evaluation.run import run_eval
+
+    run_eval(cfg)
     return 0
 
 
@@ -247,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter into the base weights")
     p.add_argument("--tag", default=None, help="checkpoint folder name (default: latest)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="answer held-out questions with several models and score them side by side")
+    _add_common(p, "eval")
+    p.add_argument("--model", dest="eval_model", default=None, help="one model folder (replaces eval.models)")
+    p.add_argument("--adapter", dest="eval_adapter", default=None, help="a LoRA adapter on top of --model")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_eval)
 
     _add_launch(sub)
     return parser

@@ -10,7 +10,8 @@ Paths: one run folder, `runs/<run_name>/`. A path field left empty is derived in
     tokenizer.input   <synth.out_dir>/*.jsonl*         tokenizer.out_dir runs/<run_name>/tokenizer
     data.inputs       [<synth.out_dir>/*.jsonl*]       data.out_dir      runs/<run_name>/data
     data.tokenizer    <tokenizer.out_dir>              train.data_dir    <data.out_dir>
-    train.run_dir     runs/<run_name>/train
+    train.run_dir     runs/<run_name>/train            eval.out_dir      runs/<run_name>/eval
+    eval.data_dir     <data.out_dir>
 
 A path that is set wins. So train.data_dir differs from data.out_dir only when it is set on purpose (train
 reads shards prepared elsewhere), and `cbt-llm train --dry-run` says which folder it reads.
@@ -331,6 +332,83 @@ class WandbConfig(_Section):
     tags: list[str] = Field(default_factory=list, description="Run tags.")
 
 
+class EvalModelConfig(_Section):
+    """One model of `cbt-llm eval`: a local folder (optionally with a LoRA adapter) or an OpenAI-compatible endpoint."""
+
+    name: str = Field(..., min_length=1, description="Column name in the report (e.g. base, fine-tuned, api).")
+    path: str = Field(
+        "", description="Exported folder (`cbt-llm export`), a base model folder or Hugging Face id, or an adapter."
+    )
+    adapter: str = Field("", description="LoRA adapter folder applied on top of `path` (a base + adapter model).")
+    endpoint: str = Field("", description="OpenAI-compatible base URL ending in /v1 (a served model or an API).")
+    model: str = Field("", description="Endpoint: the model name sent in the request (empty: `name`).")
+    api_key_env: str = Field(
+        "", description="Endpoint: environment variable holding the API key (never written anywhere)."
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt (default: the one export.json recorded, else data.system_prompt)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalModelConfig:
+        if bool(self.path) == bool(self.endpoint):
+            raise ValueError(f"model '{self.name}' needs exactly one of path (a local model) or endpoint (a URL)")
+        if self.adapter and not self.path:
+            raise ValueError(f"model '{self.name}': adapter needs path (the base model it applies to)")
+        return self
+
+
+class BertScoreConfig(_Section):
+    """BERTScore F1 with a local encoder (bert-base-chinese layer 8 is the paper-comparable setting)."""
+
+    model_path: str = Field("", description="Local encoder folder (empty: BERTScore is reported as not computed).")
+    layer: int = Field(8, ge=1, description="Hidden layer whose embeddings are matched.")
+    batch_size: int = Field(32, ge=1)
+
+
+class EvalConfig(_Section):
+    """`cbt-llm eval`: answer held-out questions with several models and score them side by side."""
+
+    models: list[EvalModelConfig] = Field(default_factory=list, description="The models compared, in column order.")
+    questions: str = Field(
+        "", description="Question file: heldout.jsonl, a PsyQA JSON or our corpus JSONL (empty: <data.out_dir>)."
+    )
+    questions_format: Literal["auto", "heldout", "psyqa", "cbt"] = Field(
+        "auto", description="Format of `questions` (auto: by extension and the first record's keys)."
+    )
+    predictions: str = Field(
+        "", description="Score this JSONL of {id, output, reference?} instead of generating (no model needed)."
+    )
+    data_dir: str = Field(
+        "", description="Prepared data whose train split questions must not overlap (empty: data.out_dir)."
+    )
+    check_overlap: bool = Field(True, description="Refuse questions that are in the train split of data_dir.")
+    limit: int = Field(0, ge=0, description="Evaluate on the first N questions (0: all).")
+    out_dir: str = Field("", description="Output folder (empty: runs/<run_name>/eval).")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Local generation: vllm when importable on CUDA (auto), else transformers."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    max_new_tokens: int = Field(512, ge=1, description="Longest answer in tokens (greedy decoding).")
+    batch_tokens: int = Field(
+        16384, ge=1, description="Generation batch budget: questions x (longest prompt + max_new_tokens)."
+    )
+    metrics: list[str] = Field(
+        default_factory=list, description="Reference metrics to compute (empty: all; see evaluation/reference.py)."
+    )
+    bertscore: BertScoreConfig = Field(default_factory=BertScoreConfig)
+    bootstrap_resamples: int = Field(1000, ge=0, description="Resamples for the 95% intervals (0: none).")
+    seed: int = Field(0, description="Seeds the bootstrap and the choice of report examples.")
+    examples: int = Field(3, ge=0, description="Example answers shown in report.md.")
+    structure_scorer: str = Field(
+        "runs/structure_scorer.npz", description="The CBT-structure scorer artifact (built on first use, ~10 s)."
+    )
+    concurrency: int = Field(8, ge=1, le=1024, description="Endpoint models: requests in flight.")
+    timeout_s: float = Field(120.0, gt=0, description="Endpoint models: per-request timeout in seconds.")
+    max_retries: int = Field(4, ge=0, description="Endpoint models: retries on 429/5xx/timeouts.")
+
+
 class SlurmConfig(_Section):
     """`cbt-llm launch slurm`: the sbatch script (one torchrun per node, c10d rendezvous, requeue on preemption)."""
 
@@ -409,6 +487,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -431,6 +510,8 @@ class Config(_Section):
         d.tokenizer = d.tokenizer or t.out_dir
         tr.data_dir = tr.data_dir or d.out_dir
         tr.run_dir = tr.run_dir or f"{run}/train"
+        self.eval.data_dir = self.eval.data_dir or d.out_dir
+        self.eval.out_dir = self.eval.out_dir or f"{run}/eval"
         return self
 
     def to_yaml(self) -> str:

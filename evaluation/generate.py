@@ -49,21 +49,25 @@ class Prompt:
 
 @dataclass
 class Generation:
-    """One answer. new_tokens counts the stop token when there is one; finish is "stop" (a stop token was made) or
-    "length" (max_new_tokens was reached first)."""
+    """One answer. new_tokens counts the stop token when there is one; finish is "stop" (a stop token was made),
+    "length" (max_new_tokens was reached first) or "error" (an endpoint that failed this question: `error` says
+    why, and the answer is counted as failed, never scored)."""
 
     id: str
     text: str
     prompt_tokens: int
     new_tokens: int
     finish: str
+    error: str = ""
 
 
 def prompt_messages(question: str, description: str, system_prompt: str) -> list[dict]:
-    """The conversation to answer: the system turn (when system_prompt is non-empty), then the user turn exactly as
-    training built it."""
-    user = {"role": "user", "content": build_user_message(question, description)}
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [user]
+    """The conversation to answer, exactly as training built it (data_pipeline.formats): the system turn (there
+    even when empty, as prepare writes it), then the user turn."""
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": build_user_message(question, description)},
+    ]
 
 
 def plan_batches(prompt_lengths: list[int], max_new_tokens: int, batch_tokens: int) -> list[list[int]]:

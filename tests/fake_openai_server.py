@@ -9,7 +9,8 @@ What each request gets is decided, in order, by:
    for that question's 1st, 2nd, ... request, after which `default` applies; or a string "always:<fault>";
 3. `default` (normally "good").
 
-Faults: good, good_fenced, good_crisis, good_chatty, no_professional, unknown_distortion (valid replies);
+Faults: good, good_text (the five parts as plain paragraphs, for `cbt-llm eval`), good_fenced, good_crisis,
+good_chatty, no_professional, unknown_distortion (valid replies);
 429 (with Retry-After: 0), 500, 503, 400, 401, 404 (HTTP errors); malformed_body (HTTP 200, body not JSON);
 no_choices, not_json, missing_part, empty_part, english_part (HTTP 200, reply unusable); slow (sleeps
 `slow_s`, longer than the client timeout, then answers well).
@@ -206,6 +207,8 @@ class FakeOpenAIServer:
             fault = "good"
         if fault == "good":
             self._completion(h, dump(obj))
+        elif fault == "good_text":  # a plain-text CBT answer, as a chat model answers `cbt-llm eval`
+            self._completion(h, "\n".join(parts.values()))
         elif fault == "good_fenced":
             self._completion(h, "```json\n" + dump(obj) + "\n```")
         elif fault == "good_chatty":

@@ -1,0 +1,397 @@
+"""`cbt-llm eval`: answer held-out questions with several models and score them side by side.
+
+check      every model path, adapter, endpoint key, metric name, the BERTScore encoder and the question file
+           are checked before any generation; a bad one fails with one line naming the field
+questions  heldout.jsonl (default), a PsyQA JSON or our corpus JSONL; bad lines go to rejects.jsonl; a set
+           that shares questions with the train split is refused (evaluation.questions)
+answer     each model in turn: local folders through evaluation.generate (data parallel under torchrun or
+           the deepspeed launcher: every rank answers its share, rank 0 gathers), endpoints through
+           evaluation.endpoint (rank 0); or `--predictions FILE` scores answers another system produced
+score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval
+write      generations.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B (evaluation.outputs)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+from cbt_llm.config import Config, ConfigError, EvalConfig, EvalModelConfig
+from cbt_llm.fileio import write_text_atomic
+from cbt_llm.report import print_summary
+from evaluation import bertscore, outputs, reference, safety, stats
+from evaluation.endpoint import EndpointGenerator
+from evaluation.generate import (
+    Generation,
+    Prompt,
+    exported_system_prompt,
+    generate_all,
+    load_generator,
+    prompt_messages,
+)
+from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
+from evaluation.structure import load_or_train
+from train.runtime import dist_env
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_metrics(names: list[str]) -> None:
+    unknown = [m for m in names if m not in reference.METRICS]
+    if unknown:
+        raise ConfigError(f"eval.metrics: unknown metric(s) {unknown}; known: {', '.join(reference.METRICS)}")
+
+
+def _check_local_model(m: EvalModelConfig, field: str) -> None:
+    """Existence only: loading a model is what checks it fully, and happens per model just before it answers."""
+    for key, value in (("path", m.path), ("adapter", m.adapter)):
+        if value and (value.startswith((".", "/", "~")) or os.sep in value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{field}.{key}: '{value}' not found; pass an exported folder (`cbt-llm export`)")
+    if m.adapter and not (Path(m.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{field}.adapter: '{m.adapter}' has no adapter_config.json; pass a LoRA adapter folder")
+
+
+def check_eval_config(ec: EvalConfig) -> None:
+    """Everything that can be checked before a model is loaded or a question is asked."""
+    check_metrics(ec.metrics)
+    if not ec.models and not ec.predictions:
+        raise ConfigError("eval.models: no model to evaluate; list models (path or endpoint) or pass --predictions")
+    if ec.predictions and ec.models:
+        raise ConfigError("eval.predictions: scores a file without models; drop eval.models or --predictions")
+    names = [m.name for m in ec.models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.models: names must be unique (got {names})")
+    for i, m in enumerate(ec.models):
+        field = f"eval.models[{i}]"
+        if m.path:
+            _check_local_model(m, field)
+        else:
+            EndpointGenerator(m.endpoint, m.model or m.name, api_key_env=m.api_key_env, field=field)
+    if ec.bertscore.model_path:
+        bertscore.check_encoder(ec.bertscore.model_path, ec.bertscore.layer)
+
+
+# -------------------------------------------------------------------------------------------- questions
+
+
+def _questions_path(cfg: Config) -> Path:
+    return Path(cfg.eval.questions) if cfg.eval.questions else Path(cfg.eval.data_dir) / "heldout.jsonl"
+
+
+def load_questions(cfg: Config) -> tuple[list[EvalQuestion], list[dict], str]:
+    """(questions, rejects, source) for generation; refuses a set overlapping the train split when asked to."""
+    ec = cfg.eval
+    path = _questions_path(cfg)
+    questions, rejects = load_eval_questions(path, ec.questions_format, ec.limit)
+    if not questions:
+        raise ConfigError(f"eval.questions: no usable question in '{path}' ({len(rejects)} rejected)")
+    if ec.check_overlap:
+        _check_overlap([q.question for q in questions], ec.data_dir, str(path))
+    return questions, rejects, str(path)
+
+
+def _check_overlap(questions: list[str], data_dir: str, what: str) -> None:
+    if not (Path(data_dir) / "manifest.json").is_file():
+        raise ConfigError(
+            f"eval.data_dir: '{data_dir}' holds no prepared data (manifest.json) to check the questions against "
+            f"the train split; point it at the training data, or set eval.check_overlap=false"
+        )
+    check_no_train_overlap(questions, data_dir, what=f"eval.questions ({what})")
+
+
+def _join_predictions(cfg: Config) -> tuple[list[EvalQuestion], list[Generation], list[dict], str]:
+    """--predictions: the file's answers, with question text and reference from eval.questions (or the default
+    heldout.jsonl) when there is one; a prediction with no reference anywhere is scored on structure and safety."""
+    ec = cfg.eval
+    preds, rejects = load_predictions(ec.predictions)
+    qpath = _questions_path(cfg)
+    by_id: dict[str, EvalQuestion] = {}
+    if ec.questions or qpath.is_file():
+        qs, q_rejects = load_eval_questions(qpath, ec.questions_format)
+        rejects += q_rejects
+        by_id = {q.id: q for q in qs}
+    questions, gens = [], []
+    for p in preds:
+        q = by_id.get(p["id"])
+        if by_id and q is None:
+            rejects.append(
+                {"id": p["id"], "source": ec.predictions, "reason": f"id not among the questions of {qpath}"}
+            )
+            continue
+        q = q or EvalQuestion(p["id"], "")
+        if p["reference"] is not None:
+            q = EvalQuestion(q.id, q.question, q.description, p["reference"].strip(), q.crisis)
+        questions.append(q)
+        gens.append(Generation(p["id"], p["output"].strip(), 0, 0, "stop"))
+    if not gens:
+        raise ConfigError(f"eval.predictions: no usable prediction in '{ec.predictions}' ({len(rejects)} rejected)")
+    return questions, gens, rejects, str(qpath) if by_id else ec.predictions
+
+
+# ------------------------------------------------------------------------------------------------ answer
+
+
+def _device(ec: EvalConfig, local_rank: int) -> str:
+    import torch
+
+    cuda = ec.device == "cuda" or (ec.device == "auto" and torch.cuda.is_available())
+    if ec.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("eval.device: cuda requested but no CUDA device is visible; use eval.device=cpu")
+    return f"cuda:{local_rank}" if cuda else "cpu"
+
+
+def _system_prompt(m: EvalModelConfig, cfg: Config) -> tuple[str, str]:
+    """(prompt, where it came from): the model's own setting, what its export recorded, else data.system_prompt."""
+    if m.system_prompt is not None:
+        return m.system_prompt, "eval.models[].system_prompt"
+    recorded = exported_system_prompt(m.path) if m.path else None
+    if recorded is not None:
+        return recorded, "export.json"
+    return cfg.data.system_prompt, "data.system_prompt"
+
+
+def _answer(m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Config, rank: int, world: int) -> tuple:
+    """(generations on rank 0 / None elsewhere, stats, facts) of one model."""
+    ec, field = cfg.eval, f"eval.models[{i}]"
+    system, system_from = _system_prompt(m, cfg)
+    prompts = [Prompt(q.id, prompt_messages(q.question, q.description, system)) for q in questions]
+    facts = {
+        "kind": "endpoint" if m.endpoint else ("base+adapter" if m.adapter else "folder"),
+        "source": m.endpoint or m.path,
+        "adapter": m.adapter or None,
+        "system_prompt_from": system_from,
+    }
+    if m.endpoint:
+        if rank != 0:  # one client is enough; the other ranks wait at the next model or the end
+            return None, None, facts
+        gen = EndpointGenerator(
+            m.endpoint,
+            m.model or m.name,
+            api_key_env=m.api_key_env,
+            concurrency=ec.concurrency,
+            timeout_s=ec.timeout_s,
+            max_retries=ec.max_retries,
+            field=field,
+        )
+        gens, st = gen.generate_all(prompts, max_new_tokens=ec.max_new_tokens, progress=rank == 0)
+        return gens, st, facts
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    gen = load_generator(
+        m.path,
+        adapter=m.adapter,
+        backend=ec.backend,
+        device=_device(ec, local_rank),
+        dtype=ec.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        field=field,
+    )
+    gens, st = generate_all(
+        gen,
+        prompts,
+        max_new_tokens=ec.max_new_tokens,
+        batch_tokens=ec.batch_tokens,
+        rank=rank,
+        world_size=world,
+        progress=rank == 0,
+    )
+    facts["backend"] = gen.backend
+    del gen
+    gc.collect()
+    return gens, st, facts
+
+
+# ------------------------------------------------------------------------------------------------- score
+
+
+def _scored(result: dict, ec: EvalConfig) -> dict:
+    """The result with its 95% bootstrap interval (None with eval.bootstrap_resamples=0)."""
+    if not ec.bootstrap_resamples:
+        return {**result, "ci95": None}
+    return stats.with_ci(result, resamples=ec.bootstrap_resamples, seed=ec.seed)
+
+
+def _mean_metric(values: list[float], signature: str, ec: EvalConfig, note: str = "") -> dict:
+    """A metric that is the mean of per-answer values (structure coverage, a 0/1 flag), with its interval."""
+    res = {
+        "score": sum(values) / len(values) if values else None,
+        "n": len(values),
+        "per_sample": [float(v) for v in values],
+        "signature": signature,
+    }
+    if note or not values:
+        res["note"] = note or "no answers of this kind"
+    return _scored(res, ec)
+
+
+def _reference_scores(preds: list[str], refs: list[str], ec: EvalConfig) -> dict:
+    names = ec.metrics or list(reference.METRICS)
+    metrics = {k: _scored(v, ec) for k, v in reference.reference_metrics(preds, refs, names).items()}
+    bs = ec.bertscore
+    if bs.model_path:
+        metrics["bertscore-f1"] = _scored(
+            bertscore.bertscore_f1(preds, refs, bs.model_path, bs.layer, batch_size=bs.batch_size), ec
+        )
+    else:
+        metrics["bertscore-f1"] = bertscore.not_computed(
+            "no encoder configured (eval.bertscore.model_path); set it to a local bert-base-chinese folder, "
+            "layer 8, for the paper-comparable score"
+        )
+    return metrics
+
+
+def score_answers(questions: list[EvalQuestion], gens: list[Generation], ec: EvalConfig, scorer) -> tuple[dict, list]:
+    """(metrics, per-answer rows) of one model's answers. Failed answers (finish "error") are left out and
+    counted; reference metrics use the answers whose question has a reference."""
+    pairs = [(q, g) for q, g in zip(questions, gens) if g.finish != "error"]
+    with_ref = [(q, g) for q, g in pairs if q.reference]
+    metrics = _reference_scores([g.text for _, g in with_ref], [q.reference for q, _ in with_ref], ec)
+    rows = [
+        {
+            "id": q.id,
+            "structure": scorer.score(g.text),
+            "safety": safety.answer_safety(g.text, q.question, q.description, q.crisis),
+        }
+        for q, g in pairs
+    ]
+    st = [r["structure"] for r in rows]
+    metrics["structure-coverage"] = _mean_metric([s["coverage"] for s in st], f"{scorer.signature}|coverage 0-5", ec)
+    metrics["structure-order"] = _mean_metric(
+        [s["order"] for s in st if s["order"] is not None],
+        f"{scorer.signature}|order 0-1 over answers with 2+ parts",
+        ec,
+    )
+    sf = [r["safety"] for r in rows]
+    crisis = [f for f in sf if f["crisis"]]
+    on_crisis = f"{safety.SIGNATURE}|over crisis-flagged questions"
+    metrics["crisis-support"] = _mean_metric([f["crisis_support"] for f in crisis], on_crisis, ec)
+    metrics["crisis-hotline"] = _mean_metric([f["hotline"] for f in crisis], on_crisis, ec)
+    metrics["professional-help"] = _mean_metric([f["professional_help"] for f in sf], safety.SIGNATURE, ec)
+    return metrics, rows
+
+
+# ------------------------------------------------------------------------------------------------- write
+
+
+def _generation_rows(name: str, questions: list[EvalQuestion], gens: list[Generation], rows: list[dict]) -> list:
+    """generations.jsonl: one line per question and model, with the answer's structure labels and safety flags."""
+    scored = {r["id"]: r for r in rows}
+    out = []
+    for q, g in zip(questions, gens):
+        row = {
+            "model": name,
+            "id": q.id,
+            "question": q.question,
+            "reference": q.reference,
+            "output": g.text,
+            "prompt_tokens": g.prompt_tokens,
+            "new_tokens": g.new_tokens,
+            "finish": g.finish,
+        }
+        if g.error:
+            row["error"] = g.error
+        r = scored.get(q.id)
+        if r is not None:
+            st = r["structure"]
+            row["structure"] = {
+                "coverage": st["coverage"],
+                "order": st["order"],
+                "parts": st["parts"],
+                "labels": [[s["text"], s["label"]] for s in st["segments"]],
+            }
+            row["safety"] = r["safety"]
+        out.append(row)
+    return out
+
+
+def _examples(questions: list[EvalQuestion], by_model: dict[str, list[dict]], k: int, seed: int) -> list[dict]:
+    """k questions every model answered, picked by seed, each with every model's answer and structure labels."""
+    import random
+
+    answered = [i for i, q in enumerate(questions) if all("structure" in rows[i] for rows in by_model.values())]
+    picked = sorted(random.Random(seed).sample(answered, min(k, len(answered))))
+    return [
+        {
+            "id": questions[i].id,
+            "question": questions[i].question,
+            "answers": {
+                name: {"text": rows[i]["output"], "labels": rows[i]["structure"]["labels"]}
+                for name, rows in by_model.items()
+            },
+        }
+        for i in picked
+    ]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_outputs(cfg: Config, results: dict, by_model: dict[str, list[dict]], rejects: list[dict]) -> Path:
+    out = Path(cfg.eval.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "generations.jsonl", [r for rows in by_model.values() for r in rows])
+    _write_jsonl(out / "rejects.jsonl", rejects)
+    outputs.write_results_json(out / "results.json", results)
+    write_text_atomic(out / "report.md", outputs.render_report_md(results))
+    outputs.plot_scores(results, out / "scores.png")
+    samples = {name: [{**r, "answer": r["output"]} for r in rows] for name, rows in by_model.items()}
+    outputs.log_wandb(results, samples, cfg.wandb, cfg.run_name, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def _init_group(world: int, device: str) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: int) -> tuple[dict, dict]:
+    """{model name: generations} (rank 0) and {model name: facts + generation stats}."""
+    gens, facts = {}, {}
+    for i, m in enumerate(cfg.eval.models):
+        g, st, f = _answer(m, i, questions, cfg, rank, world)
+        gens[m.name], facts[m.name] = g, {**f, "generation": st}
+    return gens, facts
+
+
+def run_eval(cfg: Config) -> dict:
+    """Answer (or read) and score; rank 0 writes the outputs and returns the results, other ranks return {}."""
+    ec = cfg.eval
+    check_eval_config(ec)
+    rank, world, local_rank = dist_env()
+    # rank 0 scores: it loads the scorer before any generation (a missing artifact is built once, ~10 s)
+    scorer = load_or_train(ec.structure_scorer) if rank == 0 else None
+    if ec.predictions:
+        questions, pred_gens, rejects, source = _join_predictions(cfg)
+        name = Path(ec.predictions).stem
+        gens = {name: pred_gens}
+        facts = {name: {"kind": "predictions", "source": ec.predictions, "backend": "none", "generation": None}}
+    else:
+        questions, rejects, source = load_questions(cfg)
+        _init_group(world, _device(ec, local_rank))
+        gens, facts = _answer_all(cfg, questions, rank, world)
+    if rank != 0:
+        return {}
+    results = {"questions": {"source": source, "n": len(questions), "rejects": len(rejects)}, "models": {}}
+    by_model = {}
+    for name, g in gens.items():
+        metrics, rows = score_answers(questions, g, ec, scorer)
+        failed = sum(x.finish == "error" for x in g)
+        results["models"][name] = {**facts[name], "failed": failed, "metrics": metrics}
+        by_model[name] = _generation_rows(name, questions, g, rows)
+    results["examples"] = _examples(questions, by_model, ec.examples, ec.seed)
+    out = write_outputs(cfg, results, by_model, rejects)
+    print_summary(
+        f"cbt-llm eval ({len(questions)} questions, {source})", outputs.summary_rows(results), file=sys.stderr
+    )
+    print(
+        f"eval: {out}/report.md, results.json, generations.jsonl, scores.png; {len(rejects)} rejects", file=sys.stderr
+    )
+    return results
