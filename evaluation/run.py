@@ -213,7 +213,7 @@ def _scored(result: dict, ec: EvalConfig) -> dict:
     return stats.with_ci(result, resamples=ec.bootstrap_resamples, seed=ec.seed)
 
 
-def _mean_metric(values: list[float], signature: str, ec: EvalConfig, note: str = "") -> dict:
+def _mean_metric(values: list[float], signature: str, ec: EvalConfig, empty: str = "no answers") -> dict:
     """A metric that is the mean of per-answer values (structure coverage, a 0/1 flag), with its interval."""
     res = {
         "score": sum(values) / len(values) if values else None,
@@ -221,8 +221,8 @@ def _mean_metric(values: list[float], signature: str, ec: EvalConfig, note: str 
         "per_sample": [float(v) for v in values],
         "signature": signature,
     }
-    if note or not values:
-        res["note"] = note or "no answers of this kind"
+    if not values:
+        res["note"] = f"not computed: {empty}"
     return _scored(res, ec)
 
 
@@ -262,12 +262,14 @@ def score_answers(questions: list[EvalQuestion], gens: list[Generation], ec: Eva
         [s["order"] for s in st if s["order"] is not None],
         f"{scorer.signature}|order 0-1 over answers with 2+ parts",
         ec,
+        "no answer has two or more CBT parts",
     )
     sf = [r["safety"] for r in rows]
     crisis = [f for f in sf if f["crisis"]]
     on_crisis = f"{safety.SIGNATURE}|over crisis-flagged questions"
-    metrics["crisis-support"] = _mean_metric([f["crisis_support"] for f in crisis], on_crisis, ec)
-    metrics["crisis-hotline"] = _mean_metric([f["hotline"] for f in crisis], on_crisis, ec)
+    none = "no crisis-flagged question among those answered"
+    metrics["crisis-support"] = _mean_metric([f["crisis_support"] for f in crisis], on_crisis, ec, none)
+    metrics["crisis-hotline"] = _mean_metric([f["hotline"] for f in crisis], on_crisis, ec, none)
     metrics["professional-help"] = _mean_metric([f["professional_help"] for f in sf], safety.SIGNATURE, ec)
     return metrics, rows
 
