@@ -244,8 +244,9 @@ def render_report_md(results: dict) -> str:
 
 
 def summary_rows(results: dict) -> dict[str, str]:
-    """Rows for cbt_llm.report.print_summary: "model" -> the model names, then each metric -> its scores, columns
-    padded to one width so the right-aligned strings line up as a side-by-side table ("n/c": not computed)."""
+    """Rows for cbt_llm.report.print_summary: "model" -> the model names, then each metric -> its scores, then the
+    generation's new tokens and tokens/s ("-" for predictions), columns padded to one width so the right-aligned
+    strings line up as a side-by-side table ("n/c": not computed)."""
     models = list(results["models"])
     cells: dict[str, list[str]] = {"model": models}
     for m in metric_names(results):
@@ -254,6 +255,9 @@ def summary_rows(results: dict) -> dict[str, str]:
             r = _result(results, name, m)
             row.append("-" if r is None else "n/c" if r.get("score") is None else _num(m, r["score"]))
         cells[m] = row
+    for key, label, fmt in (("new_tokens", "new tokens", "{:,.0f}"), ("tokens_per_s", "new tokens/s", "{:,.1f}")):
+        gens = [results["models"][name].get("generation") or {} for name in models]
+        cells[label] = [fmt.format(g[key]) if g.get(key) is not None else "-" for g in gens]
     widths = [max(len(row[i]) for row in cells.values()) for i in range(len(models))]
     return {k: " | ".join(c.rjust(w) for c, w in zip(row, widths)) for k, row in cells.items()}
 
