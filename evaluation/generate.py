@@ -213,6 +213,18 @@ def _torch_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def check_vocab(tokenizer, model, source: ModelSource, field: str) -> None:
+    """A tokenizer with ids the model has no embedding for is another model's tokenizer: it would answer garbage
+    (or index out of range), so it fails here, before any question, with one line."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"{field}.path: the tokenizer in '{source.tokenizer or source.base}' has {len(tokenizer)} tokens but the "
+            f"model has {rows} embeddings: tokenizer and model do not match; pass the folder `cbt-llm export` wrote "
+            f"(it carries the training tokenizer)"
+        )
+
+
 class HFGenerator:
     """Greedy generation with transformers in this process, on CPU or one CUDA device."""
 
@@ -245,6 +257,7 @@ class HFGenerator:
 
             # merged once here: the same function as base + adapter, without LoRA's extra matmuls on every token
             model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
+        check_vocab(self.tokenizer, model, source, field)
         self.model = model.to(device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id

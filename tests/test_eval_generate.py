@@ -223,6 +223,15 @@ def test_bad_model_folders_fail_with_one_line_naming_the_field(tiny, tmp_path):
     (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
     msg = error(plain)
     assert msg.startswith("eval.models[0].path: ") and "has no chat template" in msg
+    # another model's tokenizer: ids beyond the model's embeddings
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = shutil.copytree(tiny["model"], tmp_path / "small-vocab")
+    conf = AutoConfig.from_pretrained(small)
+    conf.vocab_size = 64
+    AutoModelForCausalLM.from_config(conf).save_pretrained(small)
+    msg = error(small)
+    assert msg.startswith("eval.models[0].path: the tokenizer in ") and "tokenizer and model do not match" in msg
 
 
 def test_export_records_the_trained_system_prompt_for_eval(tiny, tmp_path, monkeypatch):
