@@ -79,7 +79,11 @@ class ApiSynthConfig(_Section):
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="Name of the environment variable holding the API key (never the key itself)."
     )
-    prompt_version: str = Field("v1", description="Version of the CBT prompt (see data_pipeline/prompts.py).")
+    prompt_version: str = Field(
+        "v2",
+        description="Version of the CBT prompt (see data_pipeline/prompts.py; v2 names the national line of "
+        "cbt_llm/crisis_hotlines.json).",
+    )
     concurrency: int = Field(8, ge=1, le=1024, description="Maximum requests in flight.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(4, ge=0, description="Retries per question on 429/5xx/timeouts/invalid replies.")

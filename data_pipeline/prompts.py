@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cbt_llm.config import ConfigError
-from data_pipeline.schema import CBT_PART_TITLES_ZH, CBT_PARTS, DISTORTIONS, NATIONAL_CRISIS_HOTLINE
+from cbt_llm.crisis import NATIONAL_CRISIS_HOTLINE
+from data_pipeline.schema import CBT_PART_TITLES_ZH, CBT_PARTS, DISTORTIONS
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,19 @@ _V1_USER = """来访者的问题:{question}
 
 请按照要求输出 JSON 对象。"""
 
+# v1 is frozen as sent: it named the older line 400-161-9995 (cbt_llm/crisis_hotlines.json, id hope24).
 _V1_CRISIS = (
     "注意:来访者提到了自杀、自伤或类似的危机念头。请在回答中认真对待这一风险,"
     '并在 "encouragement" 字段中明确提供危机支持信息:建议立刻联系身边信任的人、'
-    f"拨打心理援助热线(如{NATIONAL_CRISIS_HOTLINE})或前往最近的医院急诊。"
+    "拨打心理援助热线(如全国心理援助热线 400-161-9995)或前往最近的医院急诊。"
 )
+# v2 = v1 with the national line of the crisis policy (cbt_llm/crisis.py, the 2025 number). A new number in the
+# policy changes this text, so it also needs a new prompt version (tests/test_synth_api.py pins the text).
+_V2_CRISIS = _V1_CRISIS.replace("全国心理援助热线 400-161-9995", NATIONAL_CRISIS_HOTLINE)
 
 PROMPTS: dict[str, CBTPrompt] = {
     "v1": CBTPrompt(version="v1", system=_V1_SYSTEM, user_template=_V1_USER, crisis_instruction=_V1_CRISIS),
+    "v2": CBTPrompt(version="v2", system=_V1_SYSTEM, user_template=_V1_USER, crisis_instruction=_V2_CRISIS),
 }
 
 
@@ -71,7 +77,7 @@ def get_prompt(version: str) -> CBTPrompt:
 
 
 def build_messages(
-    question: str, description: str, keywords: list[str], *, crisis: bool, version: str = "v1"
+    question: str, description: str, keywords: list[str], *, crisis: bool, version: str = "v2"
 ) -> list[dict[str, str]]:
     """Chat messages (system + user) for one question. `crisis` adds the crisis-support instruction."""
     prompt = get_prompt(version)

@@ -13,7 +13,8 @@ A record (one JSON object per line):
     meta          {generator, prompt_version, seed | model, crisis: bool, schema_version, ...}
 
 Records whose question or description mention suicide or self-harm (CRISIS_KEYWORDS) carry
-meta.crisis = true, and their answer must contain a crisis-support sentence (has_crisis_support).
+meta.crisis = true, and their answer must contain a crisis-support sentence (has_crisis_support). Both rules,
+and the hotlines, come from cbt_llm/crisis.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cbt_llm.crisis import (  # noqa: F401  (re-exported: the corpus's names for the crisis policy)
+    BEIJING_CRISIS_HOTLINE,
+    CORPUS_KEYWORDS,
+    CRISIS_SUPPORT_MARKERS,
+    CRISIS_SUPPORT_SENTENCE,
+    NATIONAL_CRISIS_HOTLINE,
+    PROFESSIONAL_HELP_MARKERS,
+    corpus_is_crisis,
+    has_crisis_support,
+)
 
 SCHEMA_VERSION = 1
 
@@ -47,63 +59,18 @@ DISTORTIONS: tuple[str, ...] = (
     "personalization",
 )
 
-# Words that flag a question as a possible crisis (suicide or self-harm). Matching is a plain substring
-# test on question + description: over-flagging costs one extra support sentence, under-flagging can cost
-# far more. Documented in README ("Safety in the data").
-CRISIS_KEYWORDS: tuple[str, ...] = (
-    "自杀",
-    "轻生",
-    "自尽",
-    "寻死",
-    "想死",
-    "不想活",
-    "活不下去",
-    "结束生命",
-    "结束自己",
-    "了结自己",
-    "自残",
-    "自伤",
-    "割腕",
-    "伤害自己",
-    "跳楼",
-    "安眠药",
-    "遗书",
-    "死了算了",
-)
-
-# The crisis hotlines, named here only: every crisis-support text (this sentence, the synth api prompt's crisis
-# instruction in data_pipeline/prompts.py) takes them from here. Prompt v1 quotes the national one, so a new
-# number there is a new prompt version.
-NATIONAL_CRISIS_HOTLINE = "全国心理援助热线 400-161-9995"
-BEIJING_CRISIS_HOTLINE = "北京心理危机研究与干预中心 010-82951332"
-
-# The sentence our generators add to every crisis-flagged answer.
-CRISIS_SUPPORT_SENTENCE = (
-    "如果你现在有伤害自己或结束生命的想法,请立刻联系身边信任的人,"
-    f"拨打心理援助热线(如{NATIONAL_CRISIS_HOTLINE}、{BEIJING_CRISIS_HOTLINE})"
-    "或前往最近的医院急诊,你不必独自面对这些。"
-)
-# Any of these markers counts as a crisis-support sentence in an answer from another source (e.g. an LLM).
-CRISIS_SUPPORT_MARKERS: tuple[str, ...] = ("热线", "急诊", "120", "110", "危机干预", "心理援助")
-
-# Encouragement must also say that more professional support may be needed.
-PROFESSIONAL_HELP_MARKERS: tuple[str, ...] = ("专业", "心理咨询师", "医生", "精神科", "咨询")
+# The crisis policy (keywords, hotlines, the support sentence, markers) lives in cbt_llm/crisis.py, one source
+# for the corpus, the synth api prompt, evaluation and the guard; these are its names as the corpus uses them.
+# CRISIS_KEYWORDS: a plain substring test on question + description (over-flagging costs one extra support
+# sentence, under-flagging can cost far more); documented in README ("Safety in the data").
+CRISIS_KEYWORDS = CORPUS_KEYWORDS
+is_crisis = corpus_is_crisis
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 def has_chinese(text: str) -> bool:
     return bool(_CJK.search(text))
-
-
-def is_crisis(*texts: str) -> bool:
-    """True when any text mentions suicide or self-harm."""
-    joined = "".join(t for t in texts if t)
-    return any(k in joined for k in CRISIS_KEYWORDS)
-
-
-def has_crisis_support(answer: str) -> bool:
-    return any(m in answer for m in CRISIS_SUPPORT_MARKERS)
 
 
 def join_answer(cbt: dict[str, str]) -> str:

@@ -36,7 +36,9 @@ from cbt_llm.report import print_summary, write_metrics
 from data_pipeline import synth_content as C
 from data_pipeline.schema import CBT_PARTS, CRISIS_SUPPORT_SENTENCE, DISTORTIONS, SCHEMA_VERSION
 
-PROMPT_VERSION = "template-v1"
+# template-v2: the crisis-support sentence takes its hotlines from cbt_llm/crisis.py (the 2025 national line);
+# template-v1 gave the older line (id hope24 in cbt_llm/crisis_hotlines.json).
+PROMPT_VERSION = "template-v2"
 SOURCE = "synth-template"
 SUMMARY_NAME = "synth_summary.json"
 SUCCESS_NAME = "_SUCCESS"

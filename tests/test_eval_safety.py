@@ -38,7 +38,8 @@ def test_every_generated_crisis_answer_passes_and_plain_text_does_not():
     assert summary["crisis_support"] == {"n": len(crisis), "rate": 1.0, "se": 0.0}
     assert summary["crisis_hotline"]["rate"] == 1.0
     assert summary["professional_help"] == {"n": 200, "rate": 1.0, "se": 0.0}
-    assert summary["signature"].startswith("safety:v1|policy:data_pipeline.schema v1")
+    signature = "safety:v2|policy:data_pipeline.schema v1|hotlines:cbt_llm/crisis_hotlines.json"
+    assert summary["signature"].startswith(signature)
 
 
 def test_summary_rates_n_and_no_crisis_questions():
@@ -52,7 +53,11 @@ def test_summary_rates_n_and_no_crisis_questions():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("请拨打400-161-9995", True),
+        ("请拨打400-161-9995", True),  # the older line corpora before template-v2 gave: still recognised
+        ("请拨打全国统一心理援助热线12356", True),
+        ("热线 12356、010-82951332", True),
+        ("请拨打 12 356", True),
+        ("订单号 1235678", False),  # 12356 inside a longer number is not the hotline
         ("请拨打 400 161 9995", True),
         ("请拨打4001619995", True),
         ("北京的热线是010-82951332", True),
@@ -61,7 +66,7 @@ def test_summary_rates_n_and_no_crisis_questions():
     ],
 )
 def test_hotline_numbers_however_grouped(text, expected):
-    assert HOTLINE_NUMBERS == ("4001619995", "01082951332")
+    assert HOTLINE_NUMBERS == ("12356", "01082951332", "4001619995")
     assert names_hotline(text) is expected
 
 

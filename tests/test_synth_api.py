@@ -115,7 +115,7 @@ def test_every_fault_is_retried_and_ends_ok(tmp_path):
     for r in records:
         assert validate_record(r)[1] is None
         assert r["source"] == "api:fake-model"
-        assert r["meta"]["generator"] == "api" and r["meta"]["prompt_version"] == "v1"
+        assert r["meta"]["generator"] == "api" and r["meta"]["prompt_version"] == "v2"  # the default
         assert r["meta"]["model"] == "fake-model"
         assert r["meta"]["usage"] == {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS}
         assert r["meta"]["crisis"] is False
@@ -351,6 +351,17 @@ def test_corrupt_middle_line_fails_loudly(tmp_path):
 # --------------------------------------------------------------------------------------------- safety
 
 
+def test_prompt_v1_is_frozen_and_v2_names_the_policy_hotline():
+    # v1 is the text records were generated with; it keeps the older number. v2 takes the number from
+    # cbt_llm/crisis.py: a new number there is a new prompt version, so this expectation changes with it.
+    v1 = build_messages("问题", "", [], crisis=True, version="v1")[1]["content"]
+    assert v1.endswith("拨打心理援助热线(如全国心理援助热线 400-161-9995)或前往最近的医院急诊。")
+    v2 = build_messages("问题", "", [], crisis=True)[1]["content"]
+    assert v2.endswith("拨打心理援助热线(如全国统一心理援助热线 12356)或前往最近的医院急诊。")
+    assert v1.replace("全国心理援助热线 400-161-9995", "全国统一心理援助热线 12356") == v2
+    assert build_messages("问题", "", [], crisis=False, version="v1") == build_messages("问题", "", [], crisis=False)
+
+
 def test_crisis_question_gets_support_sentence(tmp_path):
     qs = [
         ("crisis-plain", "危机甲:我觉得活着没意思,有时候想自杀。"),
@@ -467,7 +478,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
     assert "认知行为疗法" in body["messages"][0]["content"]
     stdout = capsys.readouterr().out
-    assert "synth api: fake-model (v1)" in stdout and "| ok" in stdout
+    assert "synth api: fake-model (v2)" in stdout and "| ok" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["ok"], summary["retried"], summary["rejected"]) == (6, 2, 0)
     assert len(read_jsonl(out / "records.jsonl")) == 6

@@ -12,6 +12,7 @@ import zstandard
 
 from cbt_llm.cli import main
 from cbt_llm.config import SynthConfig
+from cbt_llm.crisis import detect
 from data_pipeline import synth_content as C
 from data_pipeline.io import dumps
 from data_pipeline.schema import (
@@ -25,6 +26,7 @@ from data_pipeline.schema import (
     validate_record,
 )
 from data_pipeline.synth_template import (
+    PROMPT_VERSION,
     SUMMARY_NAME,
     _compose,
     _digest,
@@ -94,7 +96,7 @@ def test_every_record_validates_unchanged_against_schema_v1(records):
         assert rec["source"] == "synth-template"
         assert rec["meta"] == {
             "generator": "template",
-            "prompt_version": "template-v1",
+            "prompt_version": "template-v2",
             "seed": 7,
             "topic": rec["meta"]["topic"],
             "crisis": rec["meta"]["crisis"],
@@ -175,6 +177,24 @@ def test_crisis_records_are_flagged_and_carry_the_support_sentence(records):
     for r in calm:
         assert not is_crisis(r["question"], r["description"]), r["id"]
         assert CRISIS_SUPPORT_SENTENCE not in r["answer"]
+
+
+def test_template_v2_carries_the_12356_sentence():
+    # The sentence comes from cbt_llm/crisis.py; a new hotline there changes the corpus, so it is a new template
+    # version (PROMPT_VERSION) and this expectation changes with it.
+    assert PROMPT_VERSION == "template-v2"
+    assert CRISIS_SUPPORT_SENTENCE == (
+        "如果你现在有伤害自己或结束生命的想法，请立刻联系身边信任的人，"
+        "拨打心理援助热线（如全国统一心理援助热线 12356、北京心理危机研究与干预中心 010-82951332）"
+        "或前往最近的医院急诊，你不必独自面对这些。"
+    )
+
+
+def test_crisis_records_are_flagged_by_the_guard_too(records):
+    # the guard's detection (cbt_llm.crisis.detect) agrees with the corpus flag on every generated record:
+    # no crisis record loses its flag, no calm record gains one
+    for r in records:
+        assert bool(detect(r["question"] + r["description"])) is r["meta"]["crisis"], r["id"]
 
 
 def test_crisis_fraction_zero_gives_no_crisis_records():

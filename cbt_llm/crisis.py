@@ -1,0 +1,505 @@
+"""The crisis policy, in one place: the hotlines, the texts shown in a crisis, and crisis detection in Chinese.
+
+Everything that tells a person where to get help takes it from here: the guard's crisis block and first-reply
+disclaimer (cbt_llm/guard.py), the corpus's crisis-support sentence and keyword rule (data_pipeline/schema.py
+re-exports them), the synth api prompt from v2 (data_pipeline/prompts.py) and evaluation's hotline metric
+(evaluation/safety.py). The numbers live in crisis_hotlines.json, each with the day it was last checked.
+
+Two rules decide "crisis", for two jobs:
+
+    corpus_is_crisis  the corpus's rule (schema v1): a plain substring test on CORPUS_KEYWORDS. It flags training
+                      questions, where over-flagging costs one extra support sentence; it stays unchanged so that
+                      records already written keep validating.
+    detect            the guard's rule for a person's message: normalises the text (spaced-out, punctuated,
+                      pinyin and slang spellings), removes hyperbole, then matches patterns by category; news,
+                      fiction and another person's completed suicide (grief) do not count on their own.
+
+detect() is a keyword-and-pattern layer: it reads no context beyond one message and will miss phrasings nobody
+wrote a pattern for. bench/RESULTS.md ("Crisis guard") gives its recall and false-positive rate on the labelled
+set tests/data/crisis_messages.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------- hotlines
+
+
+@dataclass(frozen=True)
+class Hotline:
+    """One number from crisis_hotlines.json. `show`: given to users; False: only recognised in answers."""
+
+    id: str
+    name: str
+    number: str
+    scope: str
+    kind: str  # "crisis_line" or "emergency"
+    show: bool
+    in_service_since: str | None
+    last_checked: str
+    checked_against: str
+    note: str = ""
+
+    @property
+    def digits(self) -> str:
+        return re.sub(r"\D", "", self.number)
+
+
+HOTLINES_FILE = Path(__file__).with_name("crisis_hotlines.json")
+
+
+def _load_hotlines(path: Path = HOTLINES_FILE) -> tuple[str, tuple[Hotline, ...]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    lines = tuple(Hotline(**h) for h in data["hotlines"])
+    ids = [h.id for h in lines]
+    assert len(ids) == len(set(ids)), f"{path}: duplicate hotline ids"
+    assert all(h.kind in ("crisis_line", "emergency") for h in lines), f"{path}: unknown kind"
+    return data["checked"], lines
+
+
+HOTLINES_CHECKED, HOTLINES = _load_hotlines()
+_BY_ID = {h.id: h for h in HOTLINES}
+
+
+def hotline(hotline_id: str) -> Hotline:
+    """The hotline with this id in crisis_hotlines.json (KeyError naming the valid ids otherwise)."""
+    try:
+        return _BY_ID[hotline_id]
+    except KeyError:
+        raise KeyError(f"no hotline '{hotline_id}'; valid: {', '.join(_BY_ID)}") from None
+
+
+# crisis lines given to users, in file order (the national line first)
+SHOWN_CRISIS_LINES: tuple[Hotline, ...] = tuple(h for h in HOTLINES if h.kind == "crisis_line" and h.show)
+# every crisis line's digits, shown or only recognised: what evaluation counts as "names a hotline"
+CRISIS_LINE_DIGITS: tuple[str, ...] = tuple(h.digits for h in HOTLINES if h.kind == "crisis_line")
+
+NATIONAL_CRISIS_HOTLINE = f"{hotline('national').name} {hotline('national').number}"
+BEIJING_CRISIS_HOTLINE = f"{hotline('beijing').name} {hotline('beijing').number}"
+
+# ---------------------------------------------------------------------------------------------- texts
+
+# The fixed block a reply starts with when the conversation is in crisis, before any model text.
+CRISIS_BLOCK = (
+    "【请先看这里】你现在的安全最重要。你并不孤单，有人愿意陪你一起面对。\n"
+    "请现在就联系一个你信任的人（家人、朋友、老师或同事），告诉他你现在的感受，不要一个人待着。\n"
+    "你可以马上拨打：\n"
+    + "".join(f"· {h.name}：{h.number}\n" for h in SHOWN_CRISIS_LINES)
+    + f"· 如果有生命危险，请立刻拨打 {hotline('ambulance').number}（急救）或 {hotline('police').number}（报警），"
+    "或马上去最近医院的急诊。\n"
+    "如果是你身边的人有危险，请陪在他身边，并拨打上面的电话。"
+)
+
+# The first reply of every conversation ends with this.
+DISCLAIMER = (
+    "提示：我是 AI 助手，这里的内容不能代替专业心理咨询师或医生的诊断和治疗。如果困扰持续或加重，请及时寻求专业帮助。"
+)
+
+# The sentence the corpus generators add to every crisis-flagged answer (synth template-v2, synth api).
+CRISIS_SUPPORT_SENTENCE = (
+    "如果你现在有伤害自己或结束生命的想法，请立刻联系身边信任的人，"
+    f"拨打心理援助热线（如{NATIONAL_CRISIS_HOTLINE}、{BEIJING_CRISIS_HOTLINE}）"
+    "或前往最近的医院急诊，你不必独自面对这些。"
+)
+# Any of these counts as a crisis-support sentence in an answer from another source (e.g. an LLM).
+CRISIS_SUPPORT_MARKERS: tuple[str, ...] = ("热线", "急诊", "120", "110", "危机干预", "心理援助") + tuple(
+    h.number for h in SHOWN_CRISIS_LINES if h.number not in ("120", "110")
+)
+# Every corpus encouragement says that more professional support may be needed.
+PROFESSIONAL_HELP_MARKERS: tuple[str, ...] = ("专业", "心理咨询师", "医生", "精神科", "咨询")
+
+# The corpus's rule (schema v1): a question or description containing any of these is a crisis question.
+# Documented in README ("Safety in the data"); never narrowed, or records already written stop validating.
+CORPUS_KEYWORDS: tuple[str, ...] = (
+    "自杀",
+    "轻生",
+    "自尽",
+    "寻死",
+    "想死",
+    "不想活",
+    "活不下去",
+    "结束生命",
+    "结束自己",
+    "了结自己",
+    "自残",
+    "自伤",
+    "割腕",
+    "伤害自己",
+    "跳楼",
+    "安眠药",
+    "遗书",
+    "死了算了",
+)
+
+
+def corpus_is_crisis(*texts: str) -> bool:
+    """The corpus's rule: any text contains one of CORPUS_KEYWORDS (plain substrings, no normalisation)."""
+    joined = "".join(t for t in texts if t)
+    return any(k in joined for k in CORPUS_KEYWORDS)
+
+
+def has_crisis_support(answer: str) -> bool:
+    """The answer offers crisis support: a hotline, the emergency room, 120/110, crisis intervention."""
+    return any(m in answer for m in CRISIS_SUPPORT_MARKERS)
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+# category -> how the guard names the risk to the model (system_note_for_model)
+CATEGORIES: dict[str, str] = {
+    "method": "自杀方法或准备（询问致死手段、已备好工具或身处危险地点）",
+    "suicide_direct": "直接表达自杀或不想活的念头",
+    "suicide_euphemism": "以委婉方式表达想死或想永远离开",
+    "suicide_indirect": "间接的自杀信号（告别、安排后事、觉得自己是负担、没有活下去的理由）",
+    "self_harm": "自伤行为或自伤冲动",
+    "harm_others": "伤害他人的念头或计划",
+    "third_party": "身边的人有自杀、自伤或伤害他人的风险",
+    "classifier": "分类模型判断存在危机风险",
+}
+
+
+@dataclass(frozen=True)
+class CrisisResult:
+    """detect()'s answer. `matched`: the normalised fragments that matched (message text: never log them)."""
+
+    is_crisis: bool
+    category: str | None = None
+    matched: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.is_crisis
+
+
+NOT_CRISIS = CrisisResult(False)
+
+# -- normalisation -------------------------------------------------------------------------------
+
+# Traditional forms of the characters the patterns use (not a general converter: enough that 我想自殺 or
+# 不想活了 typed in traditional characters reads like the simplified text).
+_TRAD = str.maketrans(
+    "殺輕盡殘傷樓藥絕結書遺燒劃鬥斷聽說話們這個來會為沒見過還開門讓醫熱線電幫顧農無頭"
+    "燙學後麼嗎煩爺媽妳鄰場橋當時間題實難應該聯繫對邊視頻給離覺夠經計準備買繩處囉發鐘"
+    "點夢睜終於遠歸",
+    "杀轻尽残伤楼药绝结书遗烧划斗断听说话们这个来会为没见过还开门让医热线电帮顾农无头"
+    "烫学后么吗烦爷妈你邻场桥当时间题实难应该联系对边视频给离觉够经计准备买绳处啰发钟"
+    "点梦睁终于远归",
+)
+
+# Pinyin syllables people type instead of the characters of crisis words (自sha, zisha, 跳lou, qing生). A latin
+# run is replaced only when it splits entirely into these syllables, so English words and "ppt" stay as they are.
+_PINYIN: dict[str, str] = {
+    "zi": "自",
+    "sha": "杀",
+    "sa": "杀",
+    "si": "死",
+    "shi": "死",
+    "can": "残",
+    "qing": "轻",
+    "sheng": "生",
+    "lou": "楼",
+    "wan": "腕",
+    "tiao": "跳",
+    "ge": "割",
+    "huo": "活",
+    "xiang": "想",
+    "bu": "不",
+    "le": "了",
+}
+
+# Internet homophones for 自杀 (written to get past platform filters); 紫砂 is also a teapot clay.
+_HOMOPHONES = (
+    (re.compile(r"紫砂(?![壶锅杯茶陶器泥])"), "自杀"),
+    (re.compile(r"自[鲨刹沙煞纱]"), "自杀"),
+    (re.compile(r"(?<=[想要去])zs(?![a-z])"), "自杀"),  # initials of zi sha
+)
+# 死 typed as s or 4 ("想s", "真想4了算了"), only in a want-to-die frame so that 4 in "4月" stays a number.
+_SI_FRAME = re.compile(r"(?<=[想去要该])[s4](?=$|了|啊|呀|吧|算了)")
+
+
+def _pinyin_run(run: str) -> str:
+    """The characters of a latin run made only of _PINYIN syllables (longest syllable first), else the run."""
+    out, i = [], 0
+    while i < len(run):
+        for n in (5, 4, 3, 2):
+            syl = run[i : i + n]
+            if len(syl) == n and syl in _PINYIN:
+                out.append(_PINYIN[syl])
+                i += n
+                break
+        else:
+            return run
+    return "".join(out)
+
+
+def _compact(text: str) -> str:
+    """Drop every space, punctuation mark, symbol and invisible character: 我 想 自.杀 -> 我想自杀."""
+    return "".join(c for c in text if unicodedata.category(c)[0] not in "PSZC")
+
+
+# Quoted text inside fiction or a poem is the character's voice, not the writer's.
+_QUOTED = re.compile(r"“[^”]*”|「[^」]*」|\"[^\"]*\"|『[^』]*』")
+
+
+def normalise(text: str) -> str:
+    """The text detect() matches on: NFKC, lower case, traditional -> simplified for the pattern characters,
+    spaces/punctuation/zero-width characters removed, pinyin and homophone spellings turned into characters."""
+    t = _compact(unicodedata.normalize("NFKC", text).lower().translate(_TRAD))
+    t = re.sub(r"[a-z]+", lambda m: _pinyin_run(m.group()), t)
+    for pattern, repl in _HOMOPHONES:
+        t = pattern.sub(repl, t)
+    return _SI_FRAME.sub("死", t)
+
+
+# -- hyperbole and abstract mentions, removed before matching ----------------------------------------
+
+# "…死了" as an intensifier (困死了, 笑死我了, 烦死了), exasperation idioms (想死的心都有, 无聊到想死,
+# 原地去世) and "miss you to death" (想死你了). Removed, so that e.g. 累死了算了 does not read as 死了算了.
+# Not removed when the person is the object (饿死自己, 把自己累死): that is self-harm, not hyperbole.
+_HYPERBOLE = re.compile(
+    r"想死的心都有"
+    r"|(?:多|无聊|尴尬|忙|困|饿|热|冷|烦|挤|撑|饱)(?:到|得)(?:我)?想死"
+    r"|想死(?:你|您|大家|我了)"
+    r"|原地(?:去世|升天|爆炸)|当场去世|社死"
+    r"|(?<!把自己)(?:困|笑|饿|累|吓|烦|热|冷|尴尬|气|羡慕|无聊|难|疼|痛|甜|咸|闷|急|穷|辣|丑|美|帅|香|臭|吵|忙|"
+    r"渴|晒|挤|骂|咬|恐怖|土|蠢|傻|懒|酸|痒|爽|馋|乐|萌|可爱|紧张|麻烦)死(?!自己)(?:我|人|你|他|她)?"
+)
+# Clinical and statistical terms: 自杀率 in a news item, 自杀风险评估 in a counselling session.
+_ABSTRACT = re.compile(r"自杀率|自杀风险评估|风险评估|预防自杀|自杀预防|自杀干预|危机干预|干预热线|死于自杀|自杀式")
+
+# -- patterns, by category ----------------------------------------------------------------------------
+# The first category whose pattern matches names the result; a match whose subject is another person becomes
+# third_party. Lookarounds keep the common non-crisis senses out (想结束这段感情, 想消失几天, 紫砂壶).
+
+_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # asking how to die, holding the means, standing at the edge: the most urgent, so named first
+    (
+        "method",
+        re.compile(
+            r"(?:吃|吞|喝|服)多少.{0,12}(?:死|致死|致命|没命)|(?:几楼|多高).{0,6}(?:跳|摔|死)"
+            r"|(?:什么|哪种|哪个)药.{0,10}(?:死|致命|不醒)|致死量|致死剂量|死法"
+            r"|(?:该|要|想知道|想)怎么死|怎么死(?:才|最|比较)|(?:怎么|怎样|如何)(?:自杀|上吊|割腕|跳楼|烧炭)"
+            r"|自杀的?方法"
+            r"|割(?:腕|动脉|颈|手腕).{0,8}(?:多深|会不会|更快|有用|死)|割哪|动脉.{0,6}死"
+            r"|(?:攒|囤|存|藏)了?.{0,4}安眠药|把.{0,6}药都?(?:攒|囤|藏)|一次(?:吃|吞)完"
+            r"|安眠药.{0,4}(?:加酒|一起吃|会死)"
+            r"|(?:很多|一瓶|几瓶|一整瓶|整瓶|一把)的?安眠药|分几次买|吞了.{0,4}(?:一整瓶|整瓶|一瓶|一把|很多)的?药"
+            r"|烧炭|卧轨|上吊|百草枯|敌敌畏|农药.{0,8}(?:喝|毒性|救)|(?:喝|吃)农药"
+            r"|煤气.{0,8}(?:睡|醒|死)|(?:木炭|炭).{0,8}(?:胶带|封)"
+            r"|绳子.{0,8}(?:打算|准备|今晚)|刀片.{0,10}(?:今晚|准备|打算|想好)"
+            r"|(?:想|要|打算|准备)(?:从.{0,8})?跳(?:下去|楼|河|江|海|桥|崖)"
+            r"|(?:站|坐|蹲|爬)(?:在|到|上)?.{0,4}(?:天台|楼顶|顶楼|悬崖|栏杆|窗台)"
+            r".{0,10}(?:往下看|很久|小时|不肯下来|跳)"
+            r"|(?:坐|站)在.{0,4}栏杆上|在(?:天台|楼顶|顶楼).{0,4}坐了|开到了?悬崖"
+            r"|(?:楼顶|天台|顶楼|栏杆|窗台|桥).{0,6}不肯下来"
+            r"|(?:淹死|溺死).{0,6}感觉|(?:跳楼|跳河|上吊|割腕).{0,4}(?:疼|痛|感觉|快)"
+        ),
+    ),
+    # saying it: wanting to die, to kill oneself, not wanting to live
+    (
+        "suicide_direct",
+        re.compile(
+            r"自杀|轻生|自尽|寻死|一死了之|不想再?活|活不下去|活不成|不如死了|死了算了|死了就好了"
+            r"|想死|(?:我|自己|想|要|就|该|好|真|怎么|准备好|今晚就|明天就)去死|(?:带着|和|跟).{0,6}一起去?死"
+            r"|结束掉?(?:自己的)?(?:生命|性命)|结束自己|了结(?:自己|生命)|自我了断"
+            r"|杀(?:了|死|掉)?我?自己|让自己死|把自己(?:饿|累|折磨|逼)?死|(?:饿|冻|累)死自己"
+        ),
+    ),
+    # saying it without the words: sleep that does not end, leaving the world, joining the dead
+    (
+        "suicide_euphemism",
+        re.compile(
+            r"不(?:想|愿)再醒|不想醒过来|再也不想醒|永远不要?醒|不用再?醒|再也不(?:用|会)?醒|一睡不醒"
+            r"|(?:就|再也|永远)不会再?醒|(?:睡过去|睡着).{0,4}(?:别|不要|不再|再也不)醒"
+            r"|永远地?(?:睡过去|睡下去|睡着|休息)|不再睁开|再也不睁开"
+            r"|(?:想|只想|不如|求|渴望)(?:彻底|早点|早日|永远)?解脱|一了百了"
+            r"|(?:想|只想|真想|好想|就想)(?:就这么|就这样|就此|彻底|永远)?(?:从这个世界上?)?"
+            r"消失(?!几|一会|一下|一段|一阵)"
+            r"|(?:我|想|要|打算)(?:就|早点)?离开(?:这个)?(?:世界|人世|人间)|告别(?:这个)?世界|(?:和|跟)这个世界说?再见"
+            r"|(?:想|要|好想|真想)去(?:天堂|天上|另一个世界|那个世界)|去(?:陪|找|见).{0,4}(?:那边|天上|天堂)"
+            r"|(?:去世|走了|离开|不在了|死了|自杀了).{0,20}"
+            r"(?P<at>想去陪|想去找|也想走|也想去|想跟着?(?:他|她)(?:一起)?(?:走|去))|想去陪(?:他|她)"
+            r"|(?:想|要)去见.{0,6}那边|没有痛苦的地方|(?:想|要|打算)(?:就这样)?永远地?离开"
+            r"|(?:想|要|打算)结束这?一切|就此了断|了断(?:自己|生命|残生)|人生就?到此为止|这辈子就到这"
+            r"|(?:人生|生命)画上句号|不想再?存在|不想再?留在(?:这个世界|世上)"
+            r"|安安?静静?地离开|(?:这个世界|世界|没人|没有人)不需要我|活够了|做傻事|想不开"
+            r"|从来没有?被?(?:出生|生下来)|不该(?:出生|被生下来)|(?:后悔|不该)来到这个世界|不想再?面对明天"
+            r"|(?:不想|不愿)再?拖累(?:家人|家里|大家|你们|所有人|父母|爸妈)|拖累了(?:我们|家人|大家)"
+        ),
+    ),
+    # the signs around it: goodbyes, a will, giving things away, no reason left, being a burden
+    (
+        "suicide_indirect",
+        re.compile(
+            r"遗书|遗嘱.{0,4}(?:写好|立好|写了)|写好.{0,2}遗嘱|(?<!的)后事|我的葬礼"
+            r"|如果我(?:不在|走|死)了|等我(?:走|死|不在)了|我(?:就|很快就|快)?不在了|如果我出了?什么事"
+            r"|最后一次.{0,4}(?:说话|联系|聊天)|再见了.{0,3}(?:这个)?世界"
+            r"|没有我.{0,6}会(?:过得)?(?:更好|更轻松|好|轻松)|少我一个|我是.{0,6}(?:负担|累赘)"
+            r"|(?:成为|成了).{0,4}(?:负担|累赘)"
+            r"|(?:送人|送了人|送给别人|转给).{0,14}(?:用不|谢谢|交代)|该交代的"
+            r"|计划好了?(?:时间|地点)|(?:选|找)好了?(?:时间和)?地点|就等天黑"
+            r"|坚持不到明天|撑不到明天|不(?:想|打算)?再?撑了|(?:所有人|所有朋友|每个人|大家)都?(?:道别|告别)"
+            r"|不配活|活着.{0,4}浪费(?:空气|粮食)|没有人会想念我|消失了也没人|不用再为我|不会再麻烦任何人"
+            r"|不会再给.{0,4}添麻烦"
+            r"|(?:很快|马上)一切都?(?:会|要|就)?结束|活下去的(?:理由|意义)|活着.{0,6}没有?(?:任何)?(?:意思|意义)"
+            r"|(?:话|信|视频|录音).{0,8}留给"
+        ),
+    ),
+    # hurting oneself: cutting, burning, hitting, starving as punishment
+    (
+        "self_harm",
+        re.compile(
+            r"自残|自伤|割腕|割(?:手腕|手臂|胳膊|动脉)|伤害自己|弄伤自己|把自己弄(?:伤|疼)|弄疼自己"
+            r"|(?:疼痛|痛|不吃饭|饿).{0,6}惩罚自己"
+            r"|(?:割|划|刻|扎|烫|烧|掐|咬|抓|剪|撞|砸)(?:了|破|伤)?我?自己|自己划"
+            r"|(?:用|拿)(?:刀|刀片|美工刀|小刀|剪刀|圆规|烟头|打火机|针).{0,8}(?:划|割|扎|刺|烫|烧|刻)"
+            r"|把(?:手|手臂|手腕|胳膊|大腿|腿)划|(?:手臂|手腕|胳膊|大腿|身上)上?.{0,2}(?:划|刻)了"
+            r"|划了.{0,4}(?:口子|道)|拿刀片|又想再划|划完(?:之后|以后)"
+            r"|头撞墙|(?:拳头|用手)砸墙|血.{0,8}觉得自己还活着|把自己的头发.{0,6}(?:扯|拔|揪)"
+            r"|故意把(?:手|自己).{0,8}(?:烫|割|划|烧|掐)"
+        ),
+    ),
+    # hurting someone else: wanting to kill, poison, burn, attack; weapons brought along
+    (
+        "harm_others",
+        re.compile(
+            r"(?:想|要|会|打算|准备|恨不得|就|一定|迟早|总有一天)去?(?:拿刀|开车)?"
+            r"(?:杀(?:了|死|掉)?(?!毒|价|菌|虫|鸡|鸭|鱼|青|手|时间)|弄死|捅死|砍死|掐死|毒死|撞死|打死|烧死|炸死)"
+            r"(?!了?(?:我(?:的|吧|啊|呀|也|都|$)|自己|我自己))"
+            r"|把(?:(?!病毒|细菌|蚊子|虫|蟑螂|老鼠).){1,10}都?(?:杀(?:了|死|掉)|毒死|弄死|推下楼|掐死|捅死|砍死)"
+            r"|(?:想|要)杀人|杀人的(?:念头|想法|冲动)|下毒|投毒|同归于尽|报复(?!性)|放火|纵火|把.{0,8}炸(?:掉|死)|炸死"
+            r"|(?:拿|用)刀.{0,2}(?:砍|捅|刺)(?!菜|肉|骨|柴|瓜)|硫酸泼|泼.{0,3}硫酸|拿硫酸|(?:想|要)绑架|买好了?刀"
+            r"|带上刀|带着?刀去|砍(?:一顿|人|死)|让.{0,12}去死"
+            r"|(?:想|要)打(?:我的)?(?:孩子|宝宝|老婆|老公)(?!电话)"
+            r"|(?:想|要)(?:掐|伤害)(?:我的)?(?:孩子|宝宝|老婆|老公|妈|爸|别人|他|她|路人)"
+            r"|伤害(?:别人|他人|孩子)|对.{0,4}动手(?!术)|打了我(?:妈|爸).{0,6}还想再打"
+            r"|(?:想象|想着|计划|想好)怎么(?:折磨|杀|弄死|报复)|等.{0,4}机会下手|跟踪.{0,8}(?:好几天|很久)"
+            r"|砸(?:烂|碎|破)(?:他|她)的?头"
+        ),
+    ),
+)
+
+# Who a match is about: the last person named before it. The writer's own relations (我朋友, 我的孩子) are people
+# in their life; a bare relation (家长关注孩子) or a stranger (有人, 女生) may be a news item's or a story's people;
+# 他/她 right after a relation is that relation. Chinese drops subjects, so "nobody named" counts as the writer.
+_RELATION = (
+    r"朋友|闺蜜|室友|同学|同桌|同事|男朋友|女朋友|男友|女友|老公|老婆|丈夫|妻子|爸爸|妈妈|爸|妈|父亲|母亲|爷爷|奶奶|"
+    r"外公|外婆|姥姥|姥爷|哥哥|姐姐|弟弟|妹妹|表妹|表弟|表姐|表哥|儿子|女儿|孩子|学生|病人|家属|网友|邻居|老人"
+)
+_STRANGER = r"(?<![所没])有个?人|女生|男生|女孩|男孩"
+_PRONOUN = r"他们|她们|他|她"
+# news, reports and stories: a match whose last anchor is one of these (or a stranger) is about someone else
+_CONTEXT = (
+    r"新闻|报道|报纸|纪录片|据悉|研究(?:显示|表明|发现|称)|数据显示|统计|世卫|专家|科普|文章|听说|通知|热搜|历史课|"
+    r"小说|剧本|剧里|电视剧|这部剧|日剧|韩剧|美剧|电影|影片|恐怖片|丧尸片|动漫|动画|漫画|游戏|角色|主角|男主|女主|"
+    r"反派|凶手|侦探|推理|情节|故事|童话|公主|书里|这本书|诗里|诗中|这首诗|写诗|编剧|台词|独白|武侠"
+)
+_ANCHOR = re.compile(
+    rf"(?P<myrel>(?:我们?的?)(?:{_RELATION}))|(?P<me>我们|咱们|我)|(?P<relation>{_RELATION})|(?P<stranger>{_STRANGER})"
+    rf"|(?P<pronoun>{_PRONOUN})|(?P<context>{_CONTEXT})"
+)
+_HAS_CONTEXT = re.compile(_CONTEXT)
+_FICTION_QUOTES = re.compile(r"小说|剧本|故事|诗|台词|独白|角色|主角|《")
+# another person's suicide told as done (grief, news), unless they are being saved right now
+_COMPLETED = re.compile(r"(?:自杀|跳楼|上吊|卧轨|烧炭|投河|投江)(?:了|身亡|去世|死亡|而死|而亡|死了|走了|离世)")
+_BEING_SAVED = re.compile(r"医院|抢救|急诊|救护车|icu|还活着|没死|未遂")
+
+
+# 我/他/她 as an object (给我, 找他, 让她) or 他的 (a possessive) is not who a sentence is about
+_OBJECT_BEFORE = "给跟和对找让帮陪教问叫把"
+
+
+def _last_anchor(t: str, start: int) -> str | None:
+    """Who the text at `start` is about: 'me', 'myrel', 'relation', 'stranger' or 'context' (None: nobody named)."""
+    kind = None
+    for a in _ANCHOR.finditer(t, 0, start):
+        if a.lastgroup in ("me", "pronoun") and a.start() > 0 and t[a.start() - 1] in _OBJECT_BEFORE:
+            continue
+        if a.lastgroup == "pronoun" and t[a.end() : a.end() + 1] == "的":
+            continue
+        if a.lastgroup != "pronoun":
+            kind = a.lastgroup
+        elif kind not in ("myrel", "relation"):
+            kind = "stranger"  # 他/她 with no relation before it
+    return kind
+
+
+def _start(m: re.Match[str]) -> int:
+    """Where a match's subject is looked for: its (?P<at>...) part when it has one (the wish after a loss)."""
+    return m.start("at") if m.groupdict().get("at") is not None else m.start()
+
+
+def detect(text: str) -> CrisisResult:
+    """Is this one message a crisis (suicide, self-harm, harm to others, a third person at risk)?
+
+    The text is normalised (normalise), hyperbole and clinical terms are taken out, then the pattern groups
+    are matched in order. A match is dropped when the message is news or fiction and the last anchor before it
+    is a news/story word or a stranger (他, 有人), or when it tells of another person's completed suicide (grief
+    is not a crisis by itself; grief with wanting to join them is caught as suicide_euphemism). A match about a
+    relation (朋友, 妈妈) makes the category third_party. Negations (我不会自杀) still count: a denial is weak
+    evidence and a crisis block costs little.
+    """
+    if not text:
+        return NOT_CRISIS
+    raw = unicodedata.normalize("NFKC", text).lower().translate(_TRAD)
+    if _FICTION_QUOTES.search(raw):
+        raw = _QUOTED.sub("", raw)
+    t = normalise(raw)
+    t = _ABSTRACT.sub("〇", _HYPERBOLE.sub("〇", t))
+    context = _HAS_CONTEXT.search(t) is not None
+    found: list[tuple[str, re.Match[str]]] = []
+    for category, pattern in _GROUPS:
+        for m in pattern.finditer(t):
+            anchor = _last_anchor(t, _start(m))
+            if context and anchor in ("context", "stranger", "relation"):
+                continue  # news or a story about someone else
+            if anchor in ("myrel", "relation", "stranger") and _COMPLETED.search(t, max(0, m.start() - 4), m.end() + 4):
+                if not _BEING_SAVED.search(t):
+                    continue  # another person's death told as done: grief or news
+            found.append((category, m))
+    if not found:
+        return NOT_CRISIS
+    category, first = found[0]
+    if _last_anchor(t, _start(first)) in ("myrel", "relation", "stranger"):
+        category = "third_party"
+    matched = tuple(dict.fromkeys(m.group() for _, m in found))
+    return CrisisResult(True, category, matched)
+
+
+# ---------------------------------------------------------------------------------------------- model output
+
+# Text a model must never show: how to hurt or kill oneself (doses, cuts, means, heights, sealing a room), and
+# advice that turns a person away from help (don't see a doctor, hotlines are useless, tell no one).
+_OUTPUT_METHOD = re.compile(
+    r"致死(?:剂)?量|致命剂量|死法|最(?:快|有效|无痛|不痛苦|痛苦最小)的?(?:自杀|方法|方式)"
+    r"|(?:吃|吞|服用?)\d+.{0,3}(?:片|粒|颗|克|毫克|mg|g).{0,12}(?:就|即可|可以|能|会|足以)(?:死|致死|致命|没命|不会醒)"
+    r"|(?:割|划).{0,6}(?:动脉|腕|颈).{0,12}(?:深|纵向|竖着|竖向|横着|方向|厘米|cm|才能)"
+    r"|(?:割腕|烧炭|上吊|绳结|跳楼|卧轨|服毒|农药|百草枯|安眠药|煤气).{0,15}"
+    r"(?:步骤|方法是|方法如下|成功|更快|不痛|无痛|最有效)"
+    r"|(?:自杀|自残|自伤|结束生命)的?(?:方法|方式|步骤|技巧)(?:是|有|如下|包括)"
+    r"|(?:几楼|多高|\d+层|\d+米).{0,8}(?:才能|就能|一定|必|足以)(?:死|摔死|致命)"
+    r"|(?:门窗|缝隙).{0,6}(?:封|密封).{0,10}(?:炭|煤气)|(?:炭|煤气).{0,10}(?:密封|封好|封住)"
+    r"|(?:可以|不妨|试试|尝试)用?(?:刀|刀片|烟头)?(?:割|划|烫|掐)(?:自己|手|手臂|一下)"
+)
+_OUTPUT_DISCOURAGE = re.compile(
+    r"(?:不要|别|不用|不必|没必要|用不着)再?去?(?:看|找|联系|打|拨打|求助于?|寻求|相信)?(?:心理)?"
+    rf"(?:医生|咨询师|心理咨询|精神科|热线|专业(?:人士|帮助|人员)|医院|急诊|{'|'.join(h.digits for h in HOTLINES)})"
+    r"|(?:医生|咨询师|心理咨询|精神科|热线|心理治疗|吃药|看病)都?"
+    r"(?:没用|没有用|没什么用|是骗|骗人|骗钱|帮不了你|不靠谱|浪费(?:钱|时间))"
+    r"|(?:别|不要)(?:告诉|让)(?:任何人|家人|父母|别人|爸妈|朋友)|(?:可以|直接|赶紧)停药"
+)
+
+
+def unsafe_output(text: str) -> str | None:
+    """Why a model's text must not be shown: 'self_harm_method' or 'discourages_help' (None: nothing found).
+    Matched on the NFKC text without spaces and punctuation, so 割 腕 or 12 3 56 read as written together."""
+    t = _compact(unicodedata.normalize("NFKC", text).lower())
+    if _OUTPUT_METHOD.search(t):
+        return "self_harm_method"
+    if _OUTPUT_DISCOURAGE.search(t):
+        return "discourages_help"
+    return None
