@@ -1,0 +1,219 @@
+"""The crisis guard: the one safety layer that runs before and after the model on every path that shows text to a
+person (serve, chat, eval). Plain functions and one small class; no web framework, no model of its own.
+
+    guard = CrisisGuard()                                   # or CrisisGuard(classifier=load_classifier(folder))
+    verdict = guard.check_user_turn(messages, conversation_id=cid)
+    note = guard.system_note_for_model(verdict)             # add to the system prompt when not None
+    text, replaced, reason = guard.check_model_output(model_text, conversation_id=cid)
+    reply = guard.wrap_reply(text, verdict, first_reply=is_first_reply)
+
+Crisis detection is cbt_llm.crisis.detect (keywords and patterns); it always runs. An optional classifier
+(any callable text -> probability of crisis) runs when the patterns find nothing and can only add crises.
+Once any user turn of a conversation was a crisis, or an earlier reply carried the crisis block, the whole
+conversation stays in crisis mode.
+
+Counters (metrics()) are plain dicts for a Prometheus layer to read; they hold categories, counts and
+conversation ids hashed with a salt, never message text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cbt_llm.crisis import CATEGORIES, CRISIS_BLOCK, DISCLAIMER, detect, unsafe_output
+
+Classifier = Callable[[str], float]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guard's reading of a conversation at its latest user turn.
+
+    crisis        the conversation is in crisis mode (the reply must start with the crisis block)
+    category      what put it there: a cbt_llm.crisis.CATEGORIES key, or None for a non-crisis
+    latest_turn   the latest user turn is itself a crisis (False when only an earlier turn was)
+    source        "patterns", "classifier", "earlier_turn" (an earlier user turn) or "earlier_reply" (an
+                  earlier reply carried the crisis block); None for a non-crisis
+    score         the classifier's probability when it ran, else None
+    """
+
+    crisis: bool
+    category: str | None = None
+    latest_turn: bool = False
+    source: str | None = None
+    score: float | None = None
+
+
+SAFE = Verdict(False)
+
+
+def message_text(message: Mapping) -> str:
+    """The text of one chat message: `content` as a string, or the text parts of an OpenAI-style parts list."""
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+
+
+class CrisisGuard:
+    """Crisis detection on user turns, the crisis note for the model, the reply wrapper and the output check.
+
+    classifier  optional callable text -> probability of crisis (e.g. load_classifier(folder)); it adds recall
+                to the patterns, never removes a crisis they found, and a failing classifier is counted and
+                ignored (the patterns' verdict stands)
+    threshold   the classifier probability from which a turn is a crisis
+    salt        what conversation ids are hashed with; None: a random salt per process (ids from two processes
+                then cannot be joined, which is the point); give one to count conversations across restarts
+    """
+
+    def __init__(self, classifier: Classifier | None = None, threshold: float = 0.5, salt: bytes | str | None = None):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"guard threshold must be in (0, 1], got {threshold}")
+        self.classifier = classifier
+        self.threshold = threshold
+        self._salt = salt.encode() if isinstance(salt, str) else (salt if salt is not None else secrets.token_bytes(16))
+        self._lock = threading.Lock()
+        # category -> {hashed conversation id -> crisis turns}: what a dashboard counts, never what was said
+        self.events: dict[str, dict[str, int]] = {}
+        # reason -> {hashed conversation id -> replaced model outputs}
+        self.output_events: dict[str, dict[str, int]] = {}
+        self._counters: dict[str, int] = {
+            "user_turns_total": 0,
+            "crisis_mode_turns_total": 0,
+            "classifier_errors_total": 0,
+        }
+
+    # -- ids and counters ----------------------------------------------------------------------------
+
+    def hash_id(self, conversation_id: str | None) -> str:
+        """sha256 of salt + id (16 hex digits); 'anonymous' when the caller has no id."""
+        if conversation_id is None:
+            return "anonymous"
+        return hashlib.sha256(self._salt + str(conversation_id).encode()).hexdigest()[:16]
+
+    def _count(self, events: dict[str, dict[str, int]], key: str, conversation_id: str | None) -> None:
+        conversation = self.hash_id(conversation_id)
+        with self._lock:
+            per = events.setdefault(key, {})
+            per[conversation] = per.get(conversation, 0) + 1
+
+    def metrics(self) -> dict:
+        """Counters as plain dicts (copies): turns checked, crisis turns and distinct conversations by category,
+        turns in crisis mode because of an earlier turn, replaced model outputs by reason, classifier errors."""
+        with self._lock:
+            return {
+                **self._counters,
+                "crisis_turns_total": {c: sum(per.values()) for c, per in self.events.items()},
+                "crisis_conversations": {c: len(per) for c, per in self.events.items()},
+                "output_replaced_total": {r: sum(per.values()) for r, per in self.output_events.items()},
+            }
+
+    # -- before the model ----------------------------------------------------------------------------
+
+    def _classify(self, text: str) -> float | None:
+        if self.classifier is None:
+            return None
+        try:
+            return float(self.classifier(text))
+        except Exception:  # a broken classifier must never take the pattern layer down with it
+            with self._lock:
+                self._counters["classifier_errors_total"] += 1
+            return None
+
+    def check_user_turn(self, messages: Sequence[Mapping], conversation_id: str | None = None) -> Verdict:
+        """The verdict at the latest user turn of `messages` (OpenAI-style {"role", "content"} dicts, oldest
+        first). The latest turn is checked by the patterns, then by the classifier when the patterns find
+        nothing; earlier user turns by the patterns; an earlier assistant reply that starts with the crisis
+        block also keeps the conversation in crisis mode."""
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        if not users:
+            return SAFE
+        with self._lock:
+            self._counters["user_turns_total"] += 1
+        last = users[-1]
+        found = detect(message_text(messages[last]))
+        verdict, score = None, None
+        if found:
+            verdict = Verdict(True, found.category, True, "patterns")
+        else:
+            score = self._classify(message_text(messages[last]))
+            if score is not None and score >= self.threshold:
+                verdict = Verdict(True, "classifier", True, "classifier", score)
+        if verdict is not None:
+            self._count(self.events, verdict.category, conversation_id)
+            return verdict
+        for m in messages[:last]:
+            earlier = None
+            if m.get("role") == "user":
+                hit = detect(message_text(m))
+                earlier = Verdict(True, hit.category, False, "earlier_turn") if hit else None
+            elif m.get("role") == "assistant" and message_text(m).lstrip().startswith(CRISIS_BLOCK):
+                earlier = Verdict(True, None, False, "earlier_reply")
+            if earlier is not None:
+                with self._lock:
+                    self._counters["crisis_mode_turns_total"] += 1
+                return earlier
+        return SAFE if score is None else Verdict(False, score=score)
+
+    def system_note_for_model(self, verdict: Verdict) -> str | None:
+        """The instruction that tells the model of the risk (added to its system prompt), or None."""
+        if not verdict.crisis:
+            return None
+        what = CATEGORIES.get(verdict.category or "", "自杀、自伤或伤害他人的风险")
+        when = "用户最新的消息" if verdict.latest_turn else "用户在本次对话的早前消息中"
+        return (
+            f"【安全提示】{when}显示可能存在危机：{what}。系统已在你的回复之前向用户展示了危机求助信息"
+            "（心理援助热线、急救电话、联系信任的人）。请你：认真、温和地回应对方的感受，不评判、不说教；"
+            "直接而关切地询问对方现在是否安全；鼓励对方立刻联系身边信任的人、拨打心理援助热线或前往医院急诊；"
+            "不要提供任何自杀、自伤或伤害他人的方法、工具或细节；不要劝阻对方寻求专业帮助，也不要承诺替对方保密危险。"
+        )
+
+    # -- after the model -----------------------------------------------------------------------------
+
+    def check_model_output(self, text: str, conversation_id: str | None = None) -> tuple[str, bool, str | None]:
+        """(text to show, replaced, reason): model text that gives self-harm methods or discourages seeking help
+        (cbt_llm.crisis.unsafe_output) is replaced, whole, by the crisis block."""
+        reason = unsafe_output(text)
+        if reason is None:
+            return text, False, None
+        self._count(self.output_events, reason, conversation_id)
+        return CRISIS_BLOCK, True, reason
+
+    @staticmethod
+    def wrap_reply(text: str, verdict: Verdict, first_reply: bool) -> str:
+        """The reply a person sees: the crisis block first when the conversation is in crisis (once, even if
+        the output check already put it there), then the model's text, then the disclaimer on the first reply."""
+        parts = []
+        if verdict.crisis and not text.lstrip().startswith(CRISIS_BLOCK):
+            parts.append(CRISIS_BLOCK)
+        parts.append(text.strip())
+        if first_reply:
+            parts.append(DISCLAIMER)
+        return "\n\n".join(p for p in parts if p)
+
+
+def load_classifier(path: str | Path, positive_label: str | None = None, device: int | str = -1) -> Classifier:
+    """A crisis classifier from a local transformers text-classification folder (never downloads): returns
+    text -> probability of `positive_label` (default: the model's last label, LABEL_1 for a binary head)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"guard classifier: {folder} is not a local model folder (no config.json in it)")
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(folder), tokenizer=str(folder), top_k=None, device=device)
+    labels = list(clf.model.config.id2label.values())
+    label = positive_label or labels[-1]
+    if label not in labels:
+        raise ValueError(f"guard classifier: label '{label}' not in the model's labels {labels}")
+
+    def score(text: str) -> float:
+        out = clf(text, truncation=True)
+        rows = out[0] if out and isinstance(out[0], list) else out
+        return next(float(r["score"]) for r in rows if r["label"] == label)
+
+    return score
