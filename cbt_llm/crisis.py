@@ -21,6 +21,7 @@ set tests/data/crisis_messages.jsonl.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import unicodedata
@@ -413,10 +414,11 @@ _BEING_SAVED = re.compile(r"医院|抢救|急诊|救护车|icu|还活着|没死|
 _OBJECT_BEFORE = "给跟和对找让帮陪教问叫把"
 
 
-def _last_anchor(t: str, start: int) -> str | None:
-    """Who the text at `start` is about: 'me', 'myrel', 'relation', 'stranger' or 'context' (None: nobody named)."""
-    kind = None
-    for a in _ANCHOR.finditer(t, 0, start):
+def _anchors(t: str) -> tuple[list[int], list[str]]:
+    """Who the text is about from each anchor on: (end positions, kinds) with kind 'me', 'myrel', 'relation',
+    'stranger' or 'context'. Computed once per message, so a long message costs linear time, not quadratic."""
+    ends, kinds, kind = [], [], None
+    for a in _ANCHOR.finditer(t):
         if a.lastgroup in ("me", "pronoun") and a.start() > 0 and t[a.start() - 1] in _OBJECT_BEFORE:
             continue
         if a.lastgroup == "pronoun" and t[a.end() : a.end() + 1] == "的":
@@ -425,7 +427,16 @@ def _last_anchor(t: str, start: int) -> str | None:
             kind = a.lastgroup
         elif kind not in ("myrel", "relation"):
             kind = "stranger"  # 他/她 with no relation before it
-    return kind
+        ends.append(a.end())
+        kinds.append(kind)
+    return ends, kinds
+
+
+def _about(anchors: tuple[list[int], list[str]], start: int) -> str | None:
+    """Who the text at `start` is about: the kind at the last anchor that ends by `start` (None: nobody named)."""
+    ends, kinds = anchors
+    i = bisect.bisect_right(ends, start) - 1
+    return kinds[i] if i >= 0 else None
 
 
 def _start(m: re.Match[str]) -> int:
@@ -451,20 +462,22 @@ def detect(text: str) -> CrisisResult:
     t = normalise(raw)
     t = _ABSTRACT.sub("〇", _HYPERBOLE.sub("〇", t))
     context = _HAS_CONTEXT.search(t) is not None
+    being_saved = _BEING_SAVED.search(t) is not None
+    anchors = _anchors(t)
     found: list[tuple[str, re.Match[str]]] = []
     for category, pattern in _GROUPS:
         for m in pattern.finditer(t):
-            anchor = _last_anchor(t, _start(m))
-            if context and anchor in ("context", "stranger", "relation"):
+            about = _about(anchors, _start(m))
+            if context and about in ("context", "stranger", "relation"):
                 continue  # news or a story about someone else
-            if anchor in ("myrel", "relation", "stranger") and _COMPLETED.search(t, max(0, m.start() - 4), m.end() + 4):
-                if not _BEING_SAVED.search(t):
+            if about in ("myrel", "relation", "stranger") and not being_saved:
+                if _COMPLETED.search(t, max(0, m.start() - 4), m.end() + 4):
                     continue  # another person's death told as done: grief or news
             found.append((category, m))
     if not found:
         return NOT_CRISIS
     category, first = found[0]
-    if _last_anchor(t, _start(first)) in ("myrel", "relation", "stranger"):
+    if _about(anchors, _start(first)) in ("myrel", "relation", "stranger"):
         category = "third_party"
     matched = tuple(dict.fromkeys(m.group() for _, m in found))
     return CrisisResult(True, category, matched)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -134,6 +135,20 @@ def test_grief_news_and_fiction_alone_are_not_a_crisis_but_a_wish_to_join_or_die
 )
 def test_categories(text, category):
     assert detect(text).category == category
+
+
+def test_detection_time_grows_linearly_with_the_message():
+    # one message full of matches: who each match is about is looked up, not rescanned (serve takes any input)
+    def best_of_3(text: str) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            detect(text)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    short, long = best_of_3("我朋友说她想自杀。" * 50), best_of_3("我朋友说她想自杀。" * 1000)
+    assert long / short < 60, (short, long)  # 20x the text: ~20x linear, ~400x quadratic
 
 
 def test_the_corpus_keyword_rule_is_unchanged_and_shared():
