@@ -113,15 +113,30 @@ def test_structure_of_counts_parts_once():
     assert s["parts"] == ["empathy", "strategy"] and s["coverage"] == 2 and s["order"] == 0.5
 
 
-def test_accuracy_per_part_on_held_out_answers(scorer):
-    for split, min_recall in (("test", 0.9), ("fresh", 0.9)):
+def test_accuracy_per_part_on_the_design_answers(scorer):
+    # test and fresh were held out from scorer v1 but are design data for v2; heldout2 is the held-out set now
+    for split in ("test", "fresh"):
         r = evaluate_scorer(scorer, _answers(split))
         assert r["segments"]["accuracy"] >= 0.93, (split, r["segments"])
         for part in CBT_PARTS:
-            assert r["segments"]["per_label"][part]["accuracy"] >= min_recall, (split, part, r["segments"])
+            assert r["segments"]["per_label"][part]["accuracy"] >= 0.9, (split, part, r["segments"])
             assert r["presence"][part]["accuracy"] >= 0.9, (split, part, r["presence"])
         assert r["coverage"]["mae"] < 0.2 and r["order"]["mae"] < 0.06, (split, r["coverage"], r["order"])
         assert r["signature"] == scorer.signature and scorer.signature.startswith(VERSION)
+
+
+# Measured once on heldout2 (bench/RESULTS.md, run 4): 0.800 0.867 0.933 0.933 0.739. The aim, 0.9 per part, is
+# NOT met there; these floors (about two segments below the measurement) only catch a regression.
+HELDOUT2_FLOOR = {"empathy": 0.75, "key_thought": 0.82, "challenge": 0.88, "strategy": 0.88, "encouragement": 0.69}
+
+
+def test_accuracy_per_part_on_the_heldout2_answers(scorer):
+    r = evaluate_scorer(scorer, _answers("heldout2"))
+    assert r["answers"] == 45 and r["segments"]["accuracy"] >= 0.83, r["segments"]
+    for part, floor in HELDOUT2_FLOOR.items():
+        assert r["segments"]["per_label"][part]["accuracy"] >= floor, (part, r["segments"]["per_label"][part])
+        assert r["presence"][part]["accuracy"] >= 0.75, (part, r["presence"][part])
+    assert r["coverage"]["mae"] < 0.5 and r["order"]["mae"] < 0.15, (r["coverage"], r["order"])
 
 
 def test_removed_parts_lower_coverage_and_shuffles_break_the_order(scorer):
