@@ -6,11 +6,12 @@
 What it measures:
 
 - hand-written answers (tests/data/structure_handwritten.jsonl: 8 `dev` answers used in design, 32 `test`
-  answers, and 12 `fresh` answers written after the scorer was frozen): per-label segment accuracy (recall) and
+  answers, 12 `fresh` answers written after the first scorer was frozen, and 45 `heldout2` answers written before
+  the second round of changes, which designed on the other three): per-label segment accuracy (recall) and
   precision; per part, whether "present" is called right over every variant of every answer
   (as written, each part removed, shuffled, two removed and shuffled); coverage exact-match and error; order
   agreement error. For the scorer we ship (corpus + seed bank) and, to show what the bank adds, one trained on
-  the template corpus alone.
+  the template corpus alone. Per split, the longest substring any seed-bank exemplar shares with its segments.
 - PsyQA's human answers (../shared/data/psyqa_example.json, when present): they were not written to the CBT
   structure, so this reports what the scorer says, not an accuracy: coverage, parts present, order, and how
   the scorer's labels line up with PsyQA's own strategy labels (labels_sequence spans).
@@ -33,12 +34,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline.schema import CBT_PARTS  # noqa: E402
-from evaluation.structure import LABELS, StructureScorer, evaluate_scorer, train_scorer  # noqa: E402
+from evaluation.structure import (  # noqa: E402
+    LABELS,
+    StructureScorer,
+    evaluate_scorer,
+    longest_shared,
+    seed_bank,
+    train_scorer,
+)
 
 ANSWERS = ROOT / "tests" / "data" / "structure_handwritten.jsonl"
 PSYQA = ROOT.parent / "shared" / "data" / "psyqa_example.json"
 OUT = ROOT / "bench" / "results" / "structure.json"
-SPLITS = ("test", "fresh", "dev")
+SPLITS = ("heldout2", "test", "fresh", "dev")
 
 
 def _rel(path: Path) -> str:
@@ -110,9 +118,12 @@ def _split_table(split: str, t: dict) -> None:
 
 def print_tables(res: dict) -> None:
     for name, r in res["handwritten"].items():
-        print(f"\n### {name}: {r['signature']}")
+        print(f"\n### {name}: {r['signature']} (trained in {r['train_s']} s)")
         for split in SPLITS:
             _split_table(split, r[split])
+    print("\nlongest substring a seed-bank exemplar shares with a split's segments:")
+    for split, b in res["bank_shared"].items():
+        print(f"- {split}: {b['chars']} characters ('{b['substring']}')")
     if res.get("psyqa"):
         p = res["psyqa"]
         print(f"\n### PsyQA human answers ({p['answers']})\n")
@@ -152,6 +163,11 @@ def main() -> int:
             "features": scorer.meta["features"],
             **{split: evaluate_scorer(scorer, [a for a in answers if a["split"] == split]) for split in SPLITS},
         }
+    bank = [t for texts in seed_bank().values() for t in texts]
+    res["bank_shared"] = {}
+    for split in SPLITS:
+        n, sub, text = longest_shared(bank, [s["text"] for a in answers if a["split"] == split for s in a["segments"]])
+        res["bank_shared"][split] = {"chars": n, "substring": sub, "exemplar": text}
     shipped = scorers["corpus + seed bank (shipped)"]
     path = shipped.save(args.out)
     res["artifact"] = {"path": _rel(path), "bytes": path.stat().st_size}

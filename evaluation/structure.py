@@ -13,13 +13,14 @@ Training (train_scorer): the five parts of generated corpus records (data_pipeli
 the hand-written banks of evaluation/structure_seed.py; each part text and each of its sentences is one example.
 Features: NFKC + case-folded text, character 1..3-grams, sublinear TF-IDF (smooth idf) with n-grams seen in at
 least `min_df` examples, L2-normalised; model: scikit-learn's multinomial logistic regression, weighted so that
-every label weighs the same and, within a label, the corpus and the bank weigh half each (the corpus fills a few
-phrasings with thousands of slot values; unweighted, those phrasings are all a label learns). The scorer is
+every part weighs the same and "other" half as much (`other_weight`: a rare label of off-topic lines, at full weight
+it drew in borderline part sentences), and, within a label, the corpus and the bank weigh half each (the corpus fills
+a few phrasings with thousands of slot values; unweighted, those phrasings are all a label learns). The scorer is
 saved as one small .npz (vocabulary, idf, weights; no pickle) and scoring needs NumPy only. Every score names
 how it was made (`signature`), and training is deterministic: the same arguments give the same weights.
 
-Use: `scorer = load_or_train("runs/structure_scorer.npz")` (trains and saves it the first time, ~10 s on one
-core, then loads it), `scorer.score(answer)`. `bench/structure_bench.py` builds it and measures it on
+Use: `scorer = load_or_train("runs/structure_scorer.npz")` (trains and saves it the first time, ~10-15 s on
+one core, then loads it), `scorer.score(answer)`. `bench/structure_bench.py` builds it and measures it on
 hand-written answers it never trained on (tests/data/structure_handwritten.jsonl) and on PsyQA's human answers.
 """
 
@@ -40,7 +41,7 @@ import numpy as np
 from cbt_llm.config import ConfigError
 from data_pipeline.schema import CBT_PARTS
 
-VERSION = "structure:v1"
+VERSION = "structure:v2"
 LABELS: tuple[str, ...] = (*CBT_PARTS, "other")
 _RANK = {p: i for i, p in enumerate(CBT_PARTS)}
 
@@ -159,9 +160,13 @@ class StructureScorer:
         return path
 
 
+class StaleScorerError(ConfigError):
+    """A scorer file written by another version of this code (load_or_train rebuilds it)."""
+
+
 def load_scorer(path: str | Path) -> StructureScorer:
     """Load a saved scorer. Raises ConfigError (one line) when the file is missing, unreadable or of another
-    version."""
+    version (StaleScorerError)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -175,7 +180,7 @@ def load_scorer(path: str | Path) -> StructureScorer:
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"structure scorer '{path}' is not a scorer file ({exc}); rebuild it") from None
     if header.get("version") != VERSION:
-        raise ConfigError(
+        raise StaleScorerError(
             f"structure scorer '{path}' is {header.get('version')}, this code reads {VERSION}; rebuild it"
         )
     return StructureScorer(
@@ -215,13 +220,19 @@ def training_examples(records: Iterable[dict], bank: bool = True) -> list[tuple[
     return sorted(seen)  # sorted: the same examples in the same order give the same weights
 
 
-def example_weights(examples: Sequence[tuple[str, str, str]]) -> np.ndarray:
-    """Every label the same total weight; within a label, each source present an equal share of it."""
+def example_weights(examples: Sequence[tuple[str, str, str]], other_weight: float = 1.0) -> np.ndarray:
+    """Every label the same total weight ("other" `other_weight` times that); within a label, each source present
+    an equal share of it."""
     groups = Counter((label, source) for _, label, source in examples)
     sources = Counter(label for label, _ in groups)
     labels = len(sources)
     n = len(examples)
-    return np.array([n / (labels * sources[lab] * groups[(lab, src)]) for _, lab, src in examples])
+    return np.array(
+        [
+            n / (labels * sources[lab] * groups[(lab, src)]) * (other_weight if lab == "other" else 1.0)
+            for _, lab, src in examples
+        ]
+    )
 
 
 def train_scorer(
@@ -232,6 +243,7 @@ def train_scorer(
     n_max: int = 3,
     min_df: int = 2,
     C: float = 10.0,
+    other_weight: float = 0.5,
 ) -> StructureScorer:
     """Train a scorer on `corpus` (schema-v1 records; default: `records` generated template records of `seed`)
     and, with `bank`, the hand-written seed banks. Needs scikit-learn (and SciPy); scoring does not."""
@@ -259,13 +271,14 @@ def train_scorer(
         vals += v.tolist()
     X = sp.csr_matrix((vals, (rows, cols)), shape=(n, len(terms)))
     y = np.array([labels.index(lab) for _, lab, _ in examples])
-    clf = LogisticRegression(C=C, max_iter=5000).fit(X, y, sample_weight=example_weights(examples))
+    clf = LogisticRegression(C=C, max_iter=5000).fit(X, y, sample_weight=example_weights(examples, other_weight))
     scorer.coef, scorer.intercept = clf.coef_, clf.intercept_
     counts = Counter(lab for _, lab, _ in examples)
     scorer.meta = {
         "signature": (
             f"{VERSION}|seg:paragraphs,else sentences|feat:char1-{n_max} tfidf-sublinear min_df{min_df} nfkc|"
-            f"model:logreg C{C:g} label+source-balanced|train:{source}{' + seed-bank' if bank else ''}|"
+            f"model:logreg C{C:g} label+source-balanced other x{other_weight:g}|"
+            f"train:{source}{' + seed-bank' if bank else ''}|"
             f"sklearn {sklearn.__version__}"
         ),
         "examples": {lab: counts[lab] for lab in labels},
@@ -275,10 +288,14 @@ def train_scorer(
 
 
 def load_or_train(path: str | Path, **train_kw) -> StructureScorer:
-    """The scorer saved at `path`, trained (train_scorer(**train_kw)) and saved there first if it is missing."""
+    """The scorer saved at `path`, trained (train_scorer(**train_kw)) and saved there first if it is missing or
+    was written by another version of this code (a file that is not a scorer at all is refused, not replaced)."""
     path = Path(path)
     if path.is_file():
-        return load_scorer(path)
+        try:
+            return load_scorer(path)
+        except StaleScorerError:
+            pass
     scorer = train_scorer(**train_kw)
     scorer.save(path)
     return scorer
@@ -317,6 +334,21 @@ def answer_text(answer: dict) -> str:
     """The answer as a model would write it: paragraphs apart by a blank line, or one paragraph."""
     texts = [s["text"] for s in answer["segments"]]
     return "".join(texts) if answer["layout"] == "one_paragraph" else "\n\n".join(texts)
+
+
+def longest_shared(texts: Iterable[str], refs: Iterable[str], cap: int = 40) -> tuple[int, str, str]:
+    """The longest substring (up to `cap` characters) that any of `texts` shares with any of `refs`: (length,
+    substring, the text it is in). How near the hand-written banks come to the answers they are measured on."""
+    refs = list(refs)
+    grams = [set()] + [{r[i : i + k] for r in refs for i in range(len(r) - k + 1)} for k in range(1, cap + 1)]
+    best = (0, "", "")
+    for t in texts:
+        k = best[0] + 1  # only a longer one matters; a text sharing k characters shares every length below k
+        while k <= cap and (
+            hit := next((t[i : i + k] for i in range(len(t) - k + 1) if t[i : i + k] in grams[k]), None)
+        ):
+            best, k = (k, hit, t), k + 1
+    return best
 
 
 def _ratio(hits: int, n: int) -> dict:

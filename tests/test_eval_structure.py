@@ -22,11 +22,14 @@ from data_pipeline.synth_template import record_at
 from evaluation.structure import (
     LABELS,
     VERSION,
+    StaleScorerError,
     answer_text,
     evaluate_scorer,
     load_or_train,
     load_scorer,
+    longest_shared,
     order_agreement,
+    seed_bank,
     split_segments,
     structure_of,
     train_scorer,
@@ -35,6 +38,10 @@ from evaluation.structure import (
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "structure_handwritten.jsonl"
 PSYQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "psyqa_example.json"
+
+
+def _texts(answers: list[dict]) -> list[str]:
+    return [s["text"] for a in answers for s in a["segments"]]
 
 
 def _answers(split: str | None = None) -> list[dict]:
@@ -52,7 +59,7 @@ def scorer(tmp_path_factory):
 
 def test_the_handwritten_set_is_what_its_readme_says():
     rows = _answers()
-    assert [sum(a["split"] == s for a in rows) for s in ("dev", "test", "fresh")] == [8, 32, 12]
+    assert [sum(a["split"] == s for a in rows) for s in ("dev", "test", "fresh", "heldout2")] == [8, 32, 12, 45]
     assert len({a["id"] for a in rows}) == len(rows)
     for a in rows:
         labels = [s["label"] for s in a["segments"]]
@@ -61,6 +68,9 @@ def test_the_handwritten_set_is_what_its_readme_says():
     # not copied from the template corpus: no segment shares a sentence with 2000 generated answers
     generated = {s for i in range(2000) for p in record_at(0, i)["cbt"].values() for s in split_segments(p)}
     assert not generated & {s for a in rows for seg in a["segments"] for s in split_segments(seg["text"])}
+    # nor do the scorer's hand-written banks come near them: no exemplar shares 10 characters in a row with a segment
+    n, shared, exemplar = longest_shared((t for texts in seed_bank().values() for t in texts), _texts(rows))
+    assert n <= 9, (shared, exemplar)
 
 
 def test_segments_are_paragraphs_else_sentences():
@@ -103,15 +113,30 @@ def test_structure_of_counts_parts_once():
     assert s["parts"] == ["empathy", "strategy"] and s["coverage"] == 2 and s["order"] == 0.5
 
 
-def test_accuracy_per_part_on_held_out_answers(scorer):
-    for split, min_recall in (("test", 0.85), ("fresh", 0.9)):
+def test_accuracy_per_part_on_the_design_answers(scorer):
+    # test and fresh were held out from scorer v1 but are design data for v2; heldout2 is the held-out set now
+    for split in ("test", "fresh"):
         r = evaluate_scorer(scorer, _answers(split))
         assert r["segments"]["accuracy"] >= 0.93, (split, r["segments"])
         for part in CBT_PARTS:
-            assert r["segments"]["per_label"][part]["accuracy"] >= min_recall, (split, part, r["segments"])
+            assert r["segments"]["per_label"][part]["accuracy"] >= 0.9, (split, part, r["segments"])
             assert r["presence"][part]["accuracy"] >= 0.9, (split, part, r["presence"])
         assert r["coverage"]["mae"] < 0.2 and r["order"]["mae"] < 0.06, (split, r["coverage"], r["order"])
         assert r["signature"] == scorer.signature and scorer.signature.startswith(VERSION)
+
+
+# Measured once on heldout2 (bench/RESULTS.md, run 4): 0.800 0.867 0.933 0.933 0.739. The aim, 0.9 per part, is
+# NOT met there; these floors (about two segments below the measurement) only catch a regression.
+HELDOUT2_FLOOR = {"empathy": 0.75, "key_thought": 0.82, "challenge": 0.88, "strategy": 0.88, "encouragement": 0.69}
+
+
+def test_accuracy_per_part_on_the_heldout2_answers(scorer):
+    r = evaluate_scorer(scorer, _answers("heldout2"))
+    assert r["answers"] == 45 and r["segments"]["accuracy"] >= 0.83, r["segments"]
+    for part, floor in HELDOUT2_FLOOR.items():
+        assert r["segments"]["per_label"][part]["accuracy"] >= floor, (part, r["segments"]["per_label"][part])
+        assert r["presence"][part]["accuracy"] >= 0.75, (part, r["presence"][part])
+    assert r["coverage"]["mae"] < 0.5 and r["order"]["mae"] < 0.15, (r["coverage"], r["order"])
 
 
 def test_removed_parts_lower_coverage_and_shuffles_break_the_order(scorer):
@@ -147,7 +172,7 @@ def test_artifact_round_trip_and_refusals(scorer, tmp_path):
     path = scorer.save(tmp_path / "s.structure")  # any suffix: the file is exactly where it was asked for
     assert path.is_file() and path.stat().st_size < 1_000_000
     again = load_scorer(path)
-    texts = [s["text"] for a in _answers("dev") for s in a["segments"]]
+    texts = _texts(_answers("dev"))
     assert np.allclose(again.probabilities(texts), scorer.probabilities(texts), atol=1e-6)
     with np.load(path, allow_pickle=False) as z:  # no pickle inside
         header = json.loads(str(z["header"]))
@@ -156,7 +181,7 @@ def test_artifact_round_trip_and_refusals(scorer, tmp_path):
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files if k != "header"}
     np.savez_compressed(tmp_path / "old.npz", header=np.array(json.dumps(header)), **arrays)
-    with pytest.raises(ConfigError, match="structure:v0, this code reads structure:v1"):
+    with pytest.raises(ConfigError, match=f"structure:v0, this code reads {VERSION}"):
         load_scorer(tmp_path / "old.npz")
     with pytest.raises(ConfigError, match="not found") as exc:
         load_scorer(tmp_path / "missing.npz")
@@ -174,6 +199,18 @@ def test_training_is_deterministic_and_load_or_train_reuses_the_file(tmp_path):
     assert "synth-template seed3 n200 + seed-bank" in a.signature
     c = load_or_train(tmp_path / "s.npz", records=10, seed=9)  # the file exists: loaded, not retrained
     assert c.signature == a.signature
+    # a file another version of the scorer wrote is rebuilt (this code's features and banks), not refused
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "header"}
+        header = {**json.loads(str(z["header"])), "version": "structure:v1"}
+    np.savez_compressed(tmp_path / "v1.npz", header=np.array(json.dumps(header)), **arrays)
+    with pytest.raises(StaleScorerError):
+        load_scorer(tmp_path / "v1.npz")
+    d = load_or_train(tmp_path / "v1.npz", records=10, seed=9)
+    assert (
+        "synth-template seed9 n10 + seed-bank" in d.signature
+        and load_scorer(tmp_path / "v1.npz").signature == d.signature
+    )
 
 
 @pytest.mark.skipif(not PSYQA.is_file(), reason=f"PsyQA sample not found at {PSYQA} (not redistributable; optional)")
