@@ -25,12 +25,12 @@ demo: $(STAMP) ops
 	$(BIN)/cbt-llm tokenizer train --config configs/demo-cpu.yaml
 	$(BIN)/cbt-llm prepare --config configs/demo-cpu.yaml
 	$(BIN)/torchrun --standalone --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-cpu.yaml
-	$(BIN)/cbt-llm export --run $(RUN)/train --out $(RUN)/export --merge-lora
+	$(BIN)/cbt-llm export --run $(RUN)/train --out $(RUN)/export
 	@echo ""
-	@echo "demo done (synth -> prepare -> train (ZeRO-3, LoRA, 2 CPU ranks) -> export):"
+	@echo "demo done (synth -> prepare -> train (ZeRO-3, full fine-tuning, 2 CPU ranks) -> export):"
 	@echo "  corpus:          $(RUN)/corpus/"
 	@echo "  packed shards:   $(RUN)/data/ (manifest.json, rejects/)"
-	@echo "  model (merged):  $(RUN)/export/"
+	@echo "  model:           $(RUN)/export/"
 	@echo "  metrics:         $(RUN)/train/metrics.jsonl, $(RUN)/train/train_summary.json"
 	@echo "  loss curves:     $(RUN)/train/loss.png"
 	@echo "  W&B offline run: $(RUN)/train/wandb/ (wandb sync to upload)"
