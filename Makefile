@@ -27,13 +27,16 @@ demo: $(STAMP) ops
 	$(BIN)/torchrun --standalone --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-cpu.yaml
 	$(BIN)/cbt-llm export --run $(RUN)/train --out $(RUN)/export
 	@echo ""
-	@echo "demo done (synth -> prepare -> train (ZeRO-3, full fine-tuning, 2 CPU ranks) -> export):"
+	@echo "demo trained (synth -> prepare -> train (ZeRO-3, full fine-tuning, 2 CPU ranks) -> export):"
 	@echo "  corpus:          $(RUN)/corpus/"
 	@echo "  packed shards:   $(RUN)/data/ (manifest.json, rejects/)"
 	@echo "  model:           $(RUN)/export/"
 	@echo "  metrics:         $(RUN)/train/metrics.jsonl, $(RUN)/train/train_summary.json"
 	@echo "  loss curves:     $(RUN)/train/loss.png"
 	@echo "  W&B offline run: $(RUN)/train/wandb/ (wandb sync to upload)"
+	@echo ""
+	@echo "eval: the untrained base model against the fine-tuned one on 32 held-out questions (configs/eval/demo.yaml)"
+	$(BIN)/cbt-llm eval --config configs/eval/demo.yaml
 
 # DeepSpeed JIT-compiles a shared-memory comm op for CPU ranks; build it once here, not in parallel tests
 ops: $(STAMP)
