@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_fixtures import build_demo_data
 from tests.train_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).parent))
-from test_launch_cluster import _cli, _metrics  # noqa: E402
+from test_launch_cluster import _metrics  # noqa: E402
 
 
 def _env(**extra: str) -> dict:
@@ -44,12 +43,6 @@ def _env(**extra: str) -> dict:
     env.pop("CBT_LLM_FAULT", None)
     env.update(extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """The demo's path at its smallest: 300 template records -> tokenizer -> 2 train shards of seq_len 256."""
-    return build_demo_data(tmp_path_factory.mktemp("ray_demo"), _cli, _env(), seq_len=256)
 
 
 # ---- fast ----------------------------------------------------------------------------------------------------
