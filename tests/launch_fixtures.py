@@ -1,18 +1,29 @@
-"""The launcher tests' shared demo data: the demo's own path at small size."""
+"""The launcher tests' shared demo data: the demo's own path at small size (tests/conftest.py: demo_data)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 DEMO_CFG = "configs/demo-cpu.yaml"
 
 
-def build_demo_data(d: Path, cli: Callable, env: dict, seq_len: int) -> Path:
-    """synth template (300 records) -> tokenizer train -> prepare into 2 train shards; returns the data folder.
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.pop("WANDB_MODE", None)
+    return subprocess.run([str(BIN / "cbt-llm"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
-    `cli(*args, env=...)` runs `cbt-llm` and returns a CompletedProcess (each test module has its own)."""
+
+def build_demo_data(d: Path, seq_len: int) -> Path:
+    """synth template (300 records) -> tokenizer train -> prepare into 2 train shards; returns the data folder."""
     steps = [
         [
             "synth",
@@ -55,7 +66,7 @@ def build_demo_data(d: Path, cli: Callable, env: dict, seq_len: int) -> Path:
         ],
     ]
     for s in steps:
-        r = cli(*s, env=env)
+        r = _cli(*s)
         assert r.returncode == 0, f"{s[:2]} failed:\n{r.stderr[-3000:]}"
     man = json.loads((d / "data" / "manifest.json").read_text())
     assert len(man["splits"]["train"]["shards"]) == 2

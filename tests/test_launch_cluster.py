@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_fixtures import build_demo_data
 from tests.train_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +39,6 @@ def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
     return subprocess.run(
         [str(BIN / "cbt-llm"), *args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory) -> Path:
-    """The demo's own path at small size: synth template -> tokenizer train -> prepare (2 train shards)."""
-    return build_demo_data(tmp_path_factory.mktemp("launch_demo"), _cli, _env(RAY_AUTH_MODE="disabled"), seq_len=512)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -165,6 +158,9 @@ def _submit(env: dict, run: Path, data: Path, *overrides: str) -> str:
     return job
 
 
+_MB, _GA = 2, 2  # the preemption run's micro-batch size, and the demo config's grad_accum: one epoch is 35 steps
+
+
 def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
     """USR1 to the batch script mid-training -> checkpoint -> requeue -> resume -> completion; each row once."""
     run = tmp_path / "run"
@@ -174,6 +170,7 @@ def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
         demo_data,
         "train.max_steps=0",
         "train.epochs=1",
+        f"train.micro_batch_size={_MB}",
         "train.record_order=true",
         "train.log_every=5",
         "train.eval_every=0",
@@ -222,7 +219,7 @@ def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
     summary = json.loads((run / "train_summary.json").read_text())
     man = json.loads((demo_data / "manifest.json").read_text())
     rows_per_rank = min(sum(s["rows"] for s in man["splits"]["train"]["shards"][r::2]) for r in range(2))
-    total = rows_per_rank // 2  # micro_batch_size 1 x grad_accum 2 in the demo config
+    total = rows_per_rank // (_MB * _GA)
     assert summary["steps"] == total
     resumed_at = int(summary["resumed_from"].split("-")[-1])
     assert 6 <= resumed_at < total
@@ -231,7 +228,7 @@ def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
         recs = [json.loads(ln) for ln in (run / "order" / f"rank{rank}.jsonl").read_text().splitlines()]
         assert sorted(r["step"] for r in recs) == list(range(1, total + 1))
         rows = [k for r in recs for k in r["rows"]]
-        assert len(rows) == len(set(rows)) == total * 2
+        assert len(rows) == len(set(rows)) == total * _MB * _GA
     # one W&B run: the id kept in the run folder, both offline segments carry it
     run_id = (run / "wandb_run_id").read_text().strip()
     segments = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_fixtures import build_demo_data
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLUSTER = ROOT / "tests" / "cluster"
@@ -136,12 +134,6 @@ def hosts():
         shutil.rmtree(state, ignore_errors=True)
         assert down.returncode == 0, down.stderr
         assert not Path("/var/run/netns/cbt-h0").exists() and not Path("/var/run/netns/cbt-h1").exists()
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """The demo's path at small size: synth template -> tokenizer train -> prepare (2 shards, seq_len 256)."""
-    return build_demo_data(tmp_path_factory.mktemp("multinode_demo"), _cli, _env(RAY_AUTH_MODE="disabled"), seq_len=256)
 
 
 def _train_overrides(data: Path, run: Path, *more: str) -> list[str]:

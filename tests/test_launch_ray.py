@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_fixtures import build_demo_data
 from tests.train_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).parent))
-from test_launch_cluster import _cli, _metrics  # noqa: E402
+from test_launch_cluster import _metrics  # noqa: E402
 
 
 def _env(**extra: str) -> dict:
@@ -37,15 +36,13 @@ def _env(**extra: str) -> dict:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    # Ray Train's controller polls its workers every 2 s (default), and each rank waits for that poll to commit
+    # every checkpoint it reports (launch/ray_job.py, _report_checkpoint): poll more often here. Ray passes it
+    # on from the driver to the controller; the head has it too, for jobs that `ray job submit` starts.
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     env.pop("CBT_LLM_FAULT", None)
     env.update(extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """The demo's path at its smallest: 300 template records -> tokenizer -> 2 train shards of seq_len 256."""
-    return build_demo_data(tmp_path_factory.mktemp("ray_demo"), _cli, _env(), seq_len=256)
 
 
 # ---- fast ----------------------------------------------------------------------------------------------------
@@ -163,6 +160,19 @@ def test_checkpoint_files_are_uploaded_by_the_rank_that_wrote_them():
             "trainer_state.json",
         )
     ] == [1, 12, 3, 0, 0]
+
+
+def test_a_read_starts_footer_readers_for_its_files_only(monkeypatch):
+    """Ray Data starts its whole Parquet footer-reader pool (32 actors, one process each) for every read; _read
+    asks for one per batch of 10 files, within the configured pool, and leaves the environment as it was."""
+    from launch.ray_job import _FOOTER_ACTORS, _FOOTER_BATCH, _footer_actors
+
+    monkeypatch.delenv(_FOOTER_ACTORS, raising=False)
+    monkeypatch.delenv(_FOOTER_BATCH, raising=False)
+    assert [_footer_actors(n) for n in (0, 1, 2, 10, 11, 25, 320, 5000)] == [1, 1, 1, 1, 2, 3, 32, 32]
+    monkeypatch.setenv(_FOOTER_ACTORS, "4")
+    monkeypatch.setenv(_FOOTER_BATCH, "2")
+    assert [_footer_actors(n) for n in (1, 2, 3, 7, 100)] == [1, 1, 2, 4, 4]
 
 
 @pytest.fixture(scope="module")

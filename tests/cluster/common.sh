@@ -25,6 +25,15 @@ pid_alive() {
   [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
 }
 
+# running PID: the process exists and has not exited. An exited daemon stays a zombie until PID 1 reaps it
+# (setsid left it no other parent), and a container's PID 1 may take seconds to; `kill -0` still succeeds then.
+running() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }  # the state letter follows the command name in parentheses
+  [ "${stat%% *}" != Z ]
+}
+
 # stop_daemon NAME: TERM the recorded PID (and its process group: setsid made it a leader), KILL after 5 s
 stop_daemon() {
   local f="$CLUSTER_DIR/pids/$1.pid" pid
@@ -32,7 +41,7 @@ stop_daemon() {
   pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do running "$pid" || break; sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$f"
