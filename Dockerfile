@@ -36,6 +36,7 @@ COPY data_pipeline data_pipeline
 COPY train train
 COPY launch launch
 COPY evaluation evaluation
+COPY serve serve
 COPY configs configs
 RUN pip install -c constraints.txt . liger-kernel==${LIGER_VERSION} && \
     pip install --no-build-isolation flash-attn==${FLASH_ATTN_VERSION}

@@ -166,6 +166,29 @@ def _cmd_launch(cfg: Config, args) -> int:
     return run_launch(args.launcher, cfg, cmd, dry_run=args.launch_dry_run, node_rank=args.node_rank, wait=args.wait)
 
 
+def _cmd_serve(cfg: Config, args) -> int:
+    from serve.app import serve
+    from serve.engine import Engine, check_model_args
+
+    check_model_args(args.model, args.adapter or "")  # one line naming --model / --adapter, before weights load
+    engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
+    serve(engine, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat server with the crisis guard on every reply")
+    p.add_argument("--model", required=True, help="exported model folder (`cbt-llm export`) or base model")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder on top of --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    # no config file: the server is configured by its flags alone
+    p.set_defaults(func=_cmd_serve, config=None, overrides=[], dry_run=False)
+
+
 def _add_launch(sub) -> None:
     launch = sub.add_parser("launch", help="render and run/submit the training job: deepspeed launcher, Slurm or Ray")
     kinds = launch.add_subparsers(dest="launcher", required=True)
@@ -276,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     _add_launch(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -2,8 +2,10 @@
 
 Layers, top to bottom. A module may import its own layer and the layers listed after the arrow:
 
-    cli            cbt_llm/cli.py           -> evaluation, launch, train, data_pipeline, shared   (one subcommand
-                                               per stage)
+    cli            cbt_llm/cli.py           -> serve, evaluation, launch, train, data_pipeline, shared   (one
+                                               subcommand per stage)
+    serve          serve/                   -> evaluation (its generation engine), train, data_pipeline, shared
+                                               (the chat server: the crisis guard around a model)
     evaluation     evaluation/              -> train, data_pipeline, shared   (scores what the stages made)
     launch         launch/                  -> train, data_pipeline (its shards contract), shared
     train          train/                   -> data_pipeline (its shards contract), shared
@@ -29,16 +31,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WALKED = ("cbt_llm", "data_pipeline", "train", "launch", "evaluation", "bench")
-PRODUCT = ("cli", "shared", "data_pipeline", "train", "launch", "evaluation")
+WALKED = ("cbt_llm", "data_pipeline", "train", "launch", "evaluation", "serve", "bench")
+PRODUCT = ("cli", "shared", "data_pipeline", "train", "launch", "evaluation", "serve")
 ALLOWED = {
-    "cli": {"cli", "evaluation", "launch", "train", "data_pipeline", "shared"},
+    "cli": {"cli", "serve", "evaluation", "launch", "train", "data_pipeline", "shared"},
+    "serve": {"serve", "evaluation", "train", "data_pipeline", "shared"},
     "evaluation": {"evaluation", "train", "data_pipeline", "shared"},
     "launch": {"launch", "train", "data_pipeline", "shared"},
     "train": {"train", "data_pipeline", "shared"},
     "data_pipeline": {"data_pipeline", "shared"},
     "shared": {"shared"},
-    "bench": {"bench", "cli", "evaluation", "launch", "train", "data_pipeline", "shared"},
+    "bench": {"bench", "cli", "serve", "evaluation", "launch", "train", "data_pipeline", "shared"},
 }
 # train and launch read the data stage's output through its contract module, never through its producer
 CONTRACT = "data_pipeline.shards"
@@ -61,7 +64,7 @@ def layer_of_module(name: str) -> str | None:
     top = name.split(".", 1)[0]
     if top == "cbt_llm":
         return "shared"
-    return top if top in ("data_pipeline", "train", "launch", "evaluation", "bench", "tests") else None
+    return top if top in ("data_pipeline", "train", "launch", "evaluation", "serve", "bench", "tests") else None
 
 
 def _module_of(rel: str) -> str:
@@ -203,6 +206,9 @@ def test_walked_folders_exist_and_hold_the_cli():
         ("evaluation/structure.py", "from launch.render import TrainCommand\n", "evaluation imports launch.render"),
         ("evaluation/safety.py", "from cbt_llm.cli import main\n", "evaluation imports cbt_llm.cli"),
         ("evaluation/questions.py", "import sys\nsys.path.append('..')\n", "edits sys.path"),
+        ("evaluation/run.py", "from serve.engine import Engine\n", "evaluation imports serve.engine (serve layer)"),
+        ("serve/app.py", "from cbt_llm.cli import main\n", "serve imports cbt_llm.cli (cli layer)"),
+        ("serve/engine.py", "from launch.render import TrainCommand\n", "serve imports launch.render"),
     ],
 )
 def test_a_planted_upstream_import_fails(rel, source, expected):
@@ -231,6 +237,8 @@ def test_a_planted_upstream_import_fails(rel, source, expected):
         ),
         ("bench/structure_bench.py", "from evaluation.structure import train_scorer\n"),
         ("cbt_llm/cli.py", "def f():\n    from evaluation.questions import check_no_train_overlap\n"),
+        ("cbt_llm/cli.py", "def f():\n    from serve.app import serve\n"),
+        ("serve/engine.py", "from evaluation.generate import HFGenerator\nfrom cbt_llm.guard import CrisisGuard\n"),
     ],
 )
 def test_imports_down_the_layers_pass(rel, source):

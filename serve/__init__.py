@@ -1,0 +1,1 @@
+"""`cbt-llm serve`: an OpenAI-compatible chat server (FastAPI + uvicorn) with the crisis guard on every request."""

@@ -1,0 +1,272 @@
+"""The OpenAI-compatible HTTP layer: /v1/chat/completions (plain and SSE streaming), /v1/models, /health, /metrics.
+
+Every completion goes through the crisis guard (cbt_llm/guard.py), streaming or not:
+
+    1. check_user_turn(messages)        a crisis adds the guard's system note to the prompt the model sees
+    2. the model answers                one generation at a time (below)
+    3. check_model_output(text)         unsafe model text is replaced by the crisis block
+    4. wrap_reply(text, verdict, first) crisis block first in a crisis; the disclaimer on the first reply of a
+                                        conversation (a request with no earlier assistant turn)
+
+Streaming does not stream tokens as the model makes them: the whole reply is generated, checked and wrapped first,
+then sent as SSE chunks. A token stream would show model text before the output check could replace it, and the
+crisis block must come before any model text anyway.
+
+One generation at a time: requests wait on an asyncio lock (queue depth is the /metrics gauge
+cbt_llm_queue_depth) and the generation itself runs in a worker thread, so /health and /metrics answer while a
+request is being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from cbt_llm.guard import CrisisGuard
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4
+CHUNK_CHARS = 8  # characters per streamed chunk
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}", name)
+    if value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise BadRequest(f"'{name}' must be in {left}{lo}, {hi}], got {value}", name)
+    return value
+
+
+def parse_request(body, max_tokens_limit: int, default_max_tokens: int) -> dict:
+    """The request's fields, checked; BadRequest naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
+        content = m.get("content")
+        if not isinstance(content, (str, list)):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    if messages[-1]["role"] != "user":
+        raise BadRequest("the last message must be a user turn", "messages")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, max_tokens_limit, integer=True)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (
+        not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop)
+    ):
+        raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOP} strings", "stop")
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", "stream")
+    return {
+        "messages": messages,
+        "max_tokens": max_tokens if max_tokens is not None else min(default_max_tokens, max_tokens_limit),
+        "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        "seed": _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
+        "stop": stop or [],
+        "stream": stream,
+        "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
+        "user": body.get("user") if isinstance(body.get("user"), str) else None,
+    }
+
+
+def with_note(messages: list[dict], note: str | None) -> list[dict]:
+    """The messages the model sees: the guard's note appended to the system turn (or a system turn of its own)."""
+    if not note:
+        return messages
+    if messages[0]["role"] == "system":
+        first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n\n{note}".strip())
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+class GuardCollector:
+    """The guard's counters on every scrape: categories and counts only, never message text."""
+
+    def __init__(self, guard: CrisisGuard):
+        self.guard = guard
+
+    def collect(self):
+        m = self.guard.metrics()
+        turns = CounterMetricFamily("cbt_llm_guard_user_turns", "user turns checked by the crisis guard")
+        turns.add_metric([], m["user_turns_total"])
+        crisis = CounterMetricFamily("cbt_llm_guard_crisis_turns", "crisis user turns by category", labels=["category"])
+        for cat, n in sorted(m["crisis_turns_total"].items()):
+            crisis.add_metric([str(cat)], n)
+        mode = CounterMetricFamily("cbt_llm_guard_crisis_mode_turns", "turns in crisis mode from an earlier turn")
+        mode.add_metric([], m["crisis_mode_turns_total"])
+        replaced = CounterMetricFamily(
+            "cbt_llm_guard_output_replaced", "model outputs replaced by the crisis block", labels=["reason"]
+        )
+        for reason, n in sorted(m["output_replaced_total"].items()):
+            replaced.add_metric([str(reason)], n)
+        yield from (turns, crisis, mode, replaced)
+
+
+def create_app(
+    engine, guard: CrisisGuard | None = None, *, max_tokens_limit: int = 4096, default_max_tokens: int = 512
+) -> FastAPI:
+    """The app around `engine` (serve.engine.Engine or anything with .name and .generate_one)."""
+    guard = guard or CrisisGuard()
+    app = FastAPI(title="cbt-llm serve", docs_url=None, redoc_url=None)
+    lock = asyncio.Lock()
+    reg = CollectorRegistry()
+    requests = Counter("cbt_llm_requests", "chat completion requests by HTTP status", ["status"], registry=reg)
+    tokens = Counter("cbt_llm_tokens", "tokens by kind (prompt, completion)", ["kind"], registry=reg)
+    latency = Histogram(
+        "cbt_llm_request_seconds",
+        "chat completion latency, queueing included",
+        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        registry=reg,
+    )
+    queue = Gauge("cbt_llm_queue_depth", "requests waiting for the model", registry=reg)
+    in_flight = Gauge("cbt_llm_in_flight", "generations running (0 or 1)", registry=reg)
+    reg.register(GuardCollector(guard))
+    app.state.engine, app.state.guard, app.state.registry = engine, guard, reg
+
+    def fail(exc: BadRequest) -> JSONResponse:
+        requests.labels(str(exc.status)).inc()
+        return JSONResponse(error_body(exc.message, exc.param), status_code=exc.status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "cbt-llm"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(reg).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return fail(BadRequest("the request body is not valid JSON"))
+        try:
+            req = parse_request(body, max_tokens_limit, default_max_tokens)
+        except BadRequest as exc:
+            return fail(exc)
+
+        cid = req["user"]
+        verdict = guard.check_user_turn(req["messages"], conversation_id=cid)
+        messages = with_note(req["messages"], guard.system_note_for_model(verdict))
+        queue.inc()
+        async with lock:
+            queue.dec()
+            in_flight.inc()
+            try:
+                out = await asyncio.to_thread(
+                    engine.generate_one,
+                    messages,
+                    max_new_tokens=req["max_tokens"],
+                    temperature=req["temperature"],
+                    top_p=req["top_p"],
+                    seed=req["seed"],
+                    stop=req["stop"],
+                )
+            except Exception as exc:  # the server keeps serving; the client gets a 500 in OpenAI's shape
+                requests.labels("500").inc()
+                body = error_body(f"generation failed: {exc.__class__.__name__}", kind="server_error")
+                return JSONResponse(body, status_code=500)
+            finally:
+                in_flight.dec()
+        text, _, _ = guard.check_model_output(out.text, conversation_id=cid)
+        first = not any(m["role"] == "assistant" for m in req["messages"])
+        reply = guard.wrap_reply(text, verdict, first_reply=first)
+        usage = {
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+        }
+        tokens.labels("prompt").inc(out.prompt_tokens)
+        tokens.labels("completion").inc(out.completion_tokens)
+        requests.labels("200").inc()
+        latency.observe(time.perf_counter() - t0)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not req["stream"]:
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": engine.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply},
+                        "finish_reason": out.finish,
+                    }
+                ],
+                "usage": usage,
+            }
+        return StreamingResponse(
+            _sse(rid, created, engine.name, reply, out.finish, usage if req["include_usage"] else None),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    return app
+
+
+def _sse(rid: str, created: int, model: str, reply: str, finish: str, usage: dict | None) -> Iterator[str]:
+    """The already guarded reply as OpenAI chat.completion.chunk events, then [DONE]."""
+
+    def event(choices: list[dict], **extra) -> str:
+        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        return f"data: {json.dumps({**c, **extra}, ensure_ascii=False)}\n\n"
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        return event([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
+
+    yield chunk({"role": "assistant", "content": ""})
+    for i in range(0, len(reply), CHUNK_CHARS):
+        yield chunk({"content": reply[i : i + CHUNK_CHARS]})
+    yield chunk({}, finish)
+    if usage is not None:
+        yield event([], usage=usage)  # stream_options.include_usage: one last chunk with no choices
+    yield "data: [DONE]\n\n"
+
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, **app_kwargs) -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(engine, **app_kwargs), host=host, port=port, log_level="info")
