@@ -176,14 +176,41 @@ def _cmd_serve(cfg: Config, args) -> int:
     return 0
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible chat server with the crisis guard on every reply")
+def _cmd_chat(cfg: Config, args) -> int:
+    from serve.chat import run_chat
+    from serve.engine import Engine, check_model_args
+
+    if args.max_tokens < 1 or not 0.0 <= args.temperature <= 2.0 or not 0.0 < args.top_p <= 1.0:
+        raise ConfigError("--max-tokens must be >= 1, --temperature in [0, 2] and --top-p in (0, 1]")
+    check_model_args(args.model, args.adapter or "")
+    engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
+    gen = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    return run_chat(engine, system=args.system, **gen)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="exported model folder (`cbt-llm export`) or base model")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder on top of --model")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal, through the crisis guard")
+    _add_model_flags(p)
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as `cbt-llm eval` decodes")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--system", default="", help="system prompt (default: the one export.json records, if any)")
+    p.set_defaults(func=_cmd_chat, config=None, overrides=[], dry_run=False)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat server with the crisis guard on every reply")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     # no config file: the server is configured by its flags alone
     p.set_defaults(func=_cmd_serve, config=None, overrides=[], dry_run=False)
@@ -300,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_launch(sub)
     _add_serve(sub)
+    _add_chat(sub)
     return parser
 
 

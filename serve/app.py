@@ -1,12 +1,8 @@
 """The OpenAI-compatible HTTP layer: /v1/chat/completions (plain and SSE streaming), /v1/models, /health, /metrics.
 
-Every completion goes through the crisis guard (cbt_llm/guard.py), streaming or not:
-
-    1. check_user_turn(messages)        a crisis adds the guard's system note to the prompt the model sees
-    2. the model answers                one generation at a time (below)
-    3. check_model_output(text)         unsafe model text is replaced by the crisis block
-    4. wrap_reply(text, verdict, first) crisis block first in a crisis; the disclaimer on the first reply of a
-                                        conversation (a request with no earlier assistant turn)
+Every completion goes through the crisis guard, streaming or not (serve/guarded.py: the guard's verdict on the user
+turn and its note for the model, the output check, the crisis block first and the disclaimer on a conversation's
+first reply).
 
 Streaming does not stream tokens as the model makes them: the whole reply is generated, checked and wrapped first,
 then sent as SSE chunks. A token stream would show model text before the output check could replace it, and the
@@ -31,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily
 
 from cbt_llm.guard import CrisisGuard
+from serve.guarded import guarded_reply
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
@@ -102,16 +99,6 @@ def parse_request(body, max_tokens_limit: int, default_max_tokens: int) -> dict:
         "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
         "user": body.get("user") if isinstance(body.get("user"), str) else None,
     }
-
-
-def with_note(messages: list[dict], note: str | None) -> list[dict]:
-    """The messages the model sees: the guard's note appended to the system turn (or a system turn of its own)."""
-    if not note:
-        return messages
-    if messages[0]["role"] == "system":
-        first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n\n{note}".strip())
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": note}, *messages]
 
 
 class GuardCollector:
@@ -186,22 +173,15 @@ def create_app(
         except BadRequest as exc:
             return fail(exc)
 
-        cid = req["user"]
-        verdict = guard.check_user_turn(req["messages"], conversation_id=cid)
-        messages = with_note(req["messages"], guard.system_note_for_model(verdict))
+        gen = {k: req[k] for k in ("temperature", "top_p", "seed", "stop")}
         queue.inc()
         async with lock:
             queue.dec()
             in_flight.inc()
             try:
-                out = await asyncio.to_thread(
-                    engine.generate_one,
-                    messages,
-                    max_new_tokens=req["max_tokens"],
-                    temperature=req["temperature"],
-                    top_p=req["top_p"],
-                    seed=req["seed"],
-                    stop=req["stop"],
+                # the guard runs in the worker thread too: it is thread-safe, and cheap next to the model
+                answer = await asyncio.to_thread(
+                    guarded_reply, engine, guard, req["messages"], req["user"], max_new_tokens=req["max_tokens"], **gen
                 )
             except Exception as exc:  # the server keeps serving; the client gets a 500 in OpenAI's shape
                 requests.labels("500").inc()
@@ -209,9 +189,7 @@ def create_app(
                 return JSONResponse(body, status_code=500)
             finally:
                 in_flight.dec()
-        text, _, _ = guard.check_model_output(out.text, conversation_id=cid)
-        first = not any(m["role"] == "assistant" for m in req["messages"])
-        reply = guard.wrap_reply(text, verdict, first_reply=first)
+        out, reply = answer.completion, answer.text
         usage = {
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens,
