@@ -187,3 +187,14 @@ def test_parse_scores():
     assert parse_scores(json.dumps({**good, "encouragement": True}), cbt)[0] is None
     assert parse_scores("[1, 2]", cbt) == (None, "not a JSON object")
     assert cbt.range == (0.0, 18.0) and RUBRICS["counselling"].range == (1.0, 10.0)
+
+
+def test_report_names_the_judge_and_its_agreement(tmp_path, capsys):
+    with FakeOpenAIServer(default="judge") as srv:
+        rc, err, out = _cli(tmp_path, srv.base_url, capsys, "eval.judge.repeats=2", "eval.judge.rubrics=[counselling]")
+        assert rc == 0, err
+    report = (out / "report.md").read_text()
+    assert "judge `fake-judge`, rubrics `counselling-v1`, repeats 2" in report
+    assert "agreement counselling (repeat 1 vs 2, n=4): Pearson r 1.000, mean |difference| 0.00" in report
+    agreement = json.loads((out / "results.json").read_text())["models"]["sys"]["judge"]["agreement"]
+    assert agreement["counselling"]["pearson"] == pytest.approx(1.0)
