@@ -33,7 +33,7 @@ from evaluation.generate import (
     load_generator,
     prompt_messages,
 )
-from evaluation.judge import Judge, check_judge_config, judge_metrics
+from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
 from evaluation.structure import load_or_train
 from train.runtime import dist_env
@@ -374,6 +374,21 @@ def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: in
     return gens, facts
 
 
+def _judge_all(cfg: Config, questions, gens: dict, results: dict, by_model: dict, rejects: list) -> None:
+    """Judge every model's answers into results; an unusable judge ends the run (JudgeError) after the answers
+    are saved in generations.jsonl, so they are not lost (the judgements so far are in judge_cache.jsonl)."""
+    judge = Judge(cfg.eval.judge, cfg.eval.out_dir)
+    try:
+        for name, g in gens.items():
+            judge_scores, info = judge_answers(judge, name, questions, g, cfg.eval)
+            results["models"][name]["metrics"].update(judge_scores)
+            results["models"][name]["judge"] = info
+    except JudgeError:
+        _write_jsonl(Path(cfg.eval.out_dir) / "generations.jsonl", [r for rows in by_model.values() for r in rows])
+        _write_jsonl(Path(cfg.eval.out_dir) / "rejects.jsonl", rejects)
+        raise
+
+
 def run_eval(cfg: Config) -> dict:
     """Answer (or read) and score; rank 0 writes the outputs and returns the results, other ranks return {}."""
     ec = cfg.eval
@@ -394,16 +409,13 @@ def run_eval(cfg: Config) -> dict:
         return {}
     results = {"questions": {"source": source, "n": len(questions), "rejects": len(rejects)}, "models": {}}
     by_model = {}
-    judge = Judge(ec.judge, ec.out_dir) if ec.judge.base_url else None
     for name, g in gens.items():
         metrics, rows = score_answers(questions, g, ec, scorer)
         failed = sum(x.finish == "error" for x in g)
         results["models"][name] = {**facts[name], "failed": failed, "metrics": metrics}
-        if judge is not None:
-            judge_scores, info = judge_answers(judge, name, questions, g, ec)
-            metrics.update(judge_scores)
-            results["models"][name]["judge"] = info
         by_model[name] = _generation_rows(name, questions, g, rows)
+    if ec.judge.base_url:
+        _judge_all(cfg, questions, gens, results, by_model, rejects)
     results["examples"] = _examples(questions, by_model, ec.examples, ec.seed)
     out = write_outputs(cfg, results, by_model, rejects)
     print_summary(

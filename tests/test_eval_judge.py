@@ -144,11 +144,13 @@ def test_unreachable_judge_ends_with_one_line_and_a_rerun_resumes(tmp_path, caps
     assert m["metrics"]["judge-counselling-mean"]["n"] == 3 and m["judge"]["http_errors"] == 2
     cached = (out / "judge_cache.jsonl").read_text().splitlines()
     assert len(cached) == 6  # 3 answers x 2 rubrics
+    (out / "generations.jsonl").unlink()
     rc, err, out = _cli(tmp_path, "http://127.0.0.1:9/v1", capsys, "eval.judge.max_retries=0")
     assert rc == 2
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: eval.judge.base_url: http://127.0.0.1:9/v1 answered none of 2"), err
     assert (out / "judge_cache.jsonl").read_text().splitlines() == cached
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 4  # the answers are kept too
     with FakeOpenAIServer(default="judge") as srv:
         rc, err, out = _cli(tmp_path, srv.base_url, capsys)
         assert rc == 0, err
