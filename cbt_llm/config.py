@@ -370,6 +370,25 @@ class BertScoreConfig(_Section):
     batch_size: int = Field(32, ge=1)
 
 
+class JudgeConfig(_Section):
+    """`cbt-llm eval` LLM judge over an OpenAI-compatible endpoint (evaluation/judge.py); empty base_url: off."""
+
+    base_url: str = Field("", description="OpenAI-compatible base URL ending in /v1 (empty: no judge).")
+    model: str = Field("", description="The judge model name sent in each request.")
+    api_key_env: str = Field("", description="Environment variable holding the judge's API key (never written).")
+    concurrency: int = Field(8, ge=1, le=1024, description="Judge requests in flight.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(4, ge=0, description="Client retries on 429/5xx/timeouts.")
+    rubrics: list[Literal["cbt", "counselling"]] = Field(
+        default_factory=lambda: ["cbt", "counselling"],
+        description="cbt: six criteria, total 0-18; counselling: seven qualities rated 1-10.",
+    )
+    repeats: int = Field(
+        1, ge=1, le=5, description="Judge each answer this many times (other seeds); 2+ reports agreement."
+    )
+    max_tokens: int = Field(256, ge=16, description="Longest judge reply in tokens.")
+
+
 class EvalConfig(_Section):
     """`cbt-llm eval`: answer held-out questions with several models and score them side by side."""
 
@@ -411,6 +430,7 @@ class EvalConfig(_Section):
     concurrency: int = Field(8, ge=1, le=1024, description="Endpoint models: requests in flight.")
     timeout_s: float = Field(120.0, gt=0, description="Endpoint models: per-request timeout in seconds.")
     max_retries: int = Field(4, ge=0, description="Endpoint models: retries on 429/5xx/timeouts.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
 class SlurmConfig(_Section):

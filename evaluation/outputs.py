@@ -24,10 +24,12 @@ The results dict, as `cbt-llm eval` (evaluation/run.py) builds it:
 
 Metric names: the reference metrics under evaluation.reference.METRICS ("bleu-4", "bleu-corpus", "rouge-1",
 "rouge-2", "rouge-l", "meteor", "distinct-1", "distinct-2", "length"), "bertscore-f1" (evaluation/bertscore.py),
-"structure-coverage" (0-5 parts) and "structure-order" (0-1), and the safety rates "crisis-support",
-"crisis-hotline" and "professional-help" (0-1). A score of None means not computed; its note says why (a
-bertscore not_computed note starts "not computed: "). Other metric names are shown after these, on the 0-100 panel
-of the plot unless listed in SCALES.
+"structure-coverage" (0-5 parts) and "structure-order" (0-1), the safety rates "crisis-support",
+"crisis-hotline" and "professional-help" (0-1), and with an LLM judge (evaluation/judge.py) "judge-cbt-total"
+(0-18) with "judge-cbt-<criterion>", and "judge-counselling-mean" (1-10) with "judge-counselling-<quality>"; a
+judged model also has "judge": {"model", "rubrics", "repeats", "usage", "failures", "http_errors", "agreement"}.
+A score of None means not computed; its note says why (a bertscore not_computed note starts "not computed: ").
+Other metric names are shown after these, on the 0-100 panel of the plot unless listed in SCALES.
 
 The per-generation rows that log_wandb puts in its samples table, one list per model:
 
@@ -48,9 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from cbt_llm.fileio import write_text_atomic
+from evaluation.judge import RUBRICS as JUDGE_RUBRICS
 from evaluation.reference import METRICS as REFERENCE_METRICS
 
 RATES = ("crisis-support", "crisis-hotline", "professional-help")
+JUDGE_CBT = tuple(f"judge-cbt-{k}" for k in JUDGE_RUBRICS["cbt"].keys)
+JUDGE_COUNSELLING = tuple(f"judge-counselling-{k}" for k in JUDGE_RUBRICS["counselling"].keys)
 ORDER: tuple[str, ...] = (
     *REFERENCE_METRICS[:6],  # bleu-4 ... meteor
     "bertscore-f1",
@@ -58,6 +63,10 @@ ORDER: tuple[str, ...] = (
     "structure-coverage",
     "structure-order",
     *RATES,
+    "judge-cbt-total",
+    *JUDGE_CBT,
+    "judge-counselling-mean",
+    *JUDGE_COUNSELLING,
 )
 # The plot's panels, one per scale, so no bar is read against another scale's axis; unlisted metrics are x100.
 SCALES: dict[str, str] = {
@@ -65,11 +74,15 @@ SCALES: dict[str, str] = {
     "structure-coverage": "parts (0-5)",
     "structure-order": "fraction (0-1)",
     **{rate: "fraction (0-1)" for rate in RATES},
+    "judge-cbt-total": "CBT judge total (0-18)",
+    **{m: "CBT judge criteria (0-4)" for m in JUDGE_CBT},
+    **{m: "counselling judge (1-10)" for m in ("judge-counselling-mean", *JUDGE_COUNSELLING)},
 }
 PERCENT = "score (0-100)"
-PANELS = (PERCENT, "characters", "parts (0-5)", "fraction (0-1)")
-_LIMITS = {PERCENT: 100.0, "parts (0-5)": 5.0, "fraction (0-1)": 1.0}
-_DIGITS = {PERCENT: 2, "characters": 1, "parts (0-5)": 2, "fraction (0-1)": 3}
+JUDGE_PANELS = ("CBT judge total (0-18)", "CBT judge criteria (0-4)", "counselling judge (1-10)")
+PANELS = (PERCENT, "characters", "parts (0-5)", "fraction (0-1)", *JUDGE_PANELS)
+_LIMITS = {PERCENT: 100.0, "parts (0-5)": 5.0, "fraction (0-1)": 1.0, **dict(zip(JUDGE_PANELS, (18.0, 4.0, 10.0)))}
+_DIGITS = {PERCENT: 2, "characters": 1, "parts (0-5)": 2, "fraction (0-1)": 3, **dict.fromkeys(JUDGE_PANELS, 2)}
 NOT_COMPUTED = "not computed: "
 
 
@@ -150,8 +163,9 @@ def _scores_section(results: dict, models: list[str]) -> list[str]:
     return lines + [
         "",
         "Cells: score [95% interval] (n). Reference metrics and BERTScore are x100, length is characters, "
-        "structure-coverage counts CBT parts (0-5), structure-order and the safety rates are fractions (0-1). "
-        "Corpus-level metrics (bleu-corpus, distinct-n) have no interval.",
+        "structure-coverage counts CBT parts (0-5), structure-order and the safety rates are fractions (0-1); "
+        "judge-cbt-total is the LLM judge's 0-18 CBT total (its criteria 0-1 to 0-4 as in their signatures), "
+        "judge-counselling-* are 1-10 ratings. Corpus-level metrics (bleu-corpus, distinct-n) have no interval.",
     ]
 
 
@@ -171,6 +185,34 @@ def _models_section(results: dict, models: list[str]) -> list[str]:
         )
     header = ["model", "kind", "backend", "questions", "new tokens", "seconds", "tokens/s"]
     return ["## Models", ""] + _table(header, rows)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _judge_section(results: dict, models: list[str]) -> list[str]:
+    """The judge model, its rubric versions, tokens, failures and (with repeats) its agreement with itself."""
+    judged = {name: j for name in models if (j := results["models"][name].get("judge"))}
+    if not judged:
+        return []
+    lines = ["## LLM judge", ""]
+    for name, j in judged.items():
+        rubrics = ", ".join(f"`{v}`" for v in j.get("rubrics", {}).values())
+        u = j.get("usage", {})
+        lines.append(
+            f"- {_md(name)}: judge `{_md(j.get('model', '?'))}`, rubrics {rubrics}, repeats {j.get('repeats', 1)}; "
+            f"{u.get('requests', 0)} requests ({u.get('prompt_tokens', 0):,} prompt + "
+            f"{u.get('completion_tokens', 0):,} completion tokens), {u.get('cached', 0)} from the cache; "
+            f"{j.get('failures', 0)} unusable replies, {j.get('http_errors', 0)} failed requests (not scored)"
+        )
+        for rubric, a in (j.get("agreement") or {}).items():
+            exact = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in a.get("exact", {}).items())
+            lines.append(
+                f"  - agreement {rubric} (repeat 1 vs 2, n={a.get('n')}): Pearson r {_fmt(a.get('pearson'))}, "
+                f"mean |difference| {_fmt(a.get('mean_abs_diff'), 2)}; exact per criterion: {exact}"
+            )
+    return lines
 
 
 def _notes_section(results: dict, models: list[str]) -> list[str]:
@@ -233,6 +275,7 @@ def render_report_md(results: dict) -> str:
         head,
         _scores_section(results, models),
         _models_section(results, models),
+        _judge_section(results, models),
         _notes_section(results, models),
         _signatures_section(results, models),
         _examples_section(results, models),

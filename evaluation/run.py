@@ -7,7 +7,8 @@ questions  heldout.jsonl (default), a PsyQA JSON or our corpus JSONL; bad lines 
 answer     each model in turn: local folders through evaluation.generate (data parallel under torchrun or
            the deepspeed launcher: every rank answers its share, rank 0 gathers), endpoints through
            evaluation.endpoint (rank 0); or `--predictions FILE` scores answers another system produced
-score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval
+score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval; with
+           eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge)
 write      generations.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B (evaluation.outputs)
 """
 
@@ -32,6 +33,7 @@ from evaluation.generate import (
     load_generator,
     prompt_messages,
 )
+from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
 from evaluation.structure import load_or_train
 from train.runtime import dist_env
@@ -72,6 +74,7 @@ def check_eval_config(ec: EvalConfig) -> None:
             EndpointGenerator(m.endpoint, m.model or m.name, api_key_env=m.api_key_env, field=field)
     if ec.bertscore.model_path:
         bertscore.check_encoder(ec.bertscore.model_path, ec.bertscore.layer)
+    check_judge_config(ec.judge)
 
 
 # -------------------------------------------------------------------------------------------- questions
@@ -274,6 +277,14 @@ def score_answers(questions: list[EvalQuestion], gens: list[Generation], ec: Eva
     return metrics, rows
 
 
+def judge_answers(judge: Judge, name: str, questions: list[EvalQuestion], gens: list[Generation], ec: EvalConfig):
+    """(judge metrics with intervals, judge facts) of one model's answers; failed answers are not judged."""
+    items = [(q.id, q.question, g.text) for q, g in zip(questions, gens) if g.finish != "error"]
+    judged, _ = judge.judge(name, items)
+    metrics = {k: _scored(v, ec) if v["score"] is not None else v for k, v in judge_metrics(judged, ec.judge).items()}
+    return metrics, judged["info"]
+
+
 # ------------------------------------------------------------------------------------------------- write
 
 
@@ -363,6 +374,21 @@ def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: in
     return gens, facts
 
 
+def _judge_all(cfg: Config, questions, gens: dict, results: dict, by_model: dict, rejects: list) -> None:
+    """Judge every model's answers into results; an unusable judge ends the run (JudgeError) after the answers
+    are saved in generations.jsonl, so they are not lost (the judgements so far are in judge_cache.jsonl)."""
+    judge = Judge(cfg.eval.judge, cfg.eval.out_dir)
+    try:
+        for name, g in gens.items():
+            judge_scores, info = judge_answers(judge, name, questions, g, cfg.eval)
+            results["models"][name]["metrics"].update(judge_scores)
+            results["models"][name]["judge"] = info
+    except JudgeError:
+        _write_jsonl(Path(cfg.eval.out_dir) / "generations.jsonl", [r for rows in by_model.values() for r in rows])
+        _write_jsonl(Path(cfg.eval.out_dir) / "rejects.jsonl", rejects)
+        raise
+
+
 def run_eval(cfg: Config) -> dict:
     """Answer (or read) and score; rank 0 writes the outputs and returns the results, other ranks return {}."""
     ec = cfg.eval
@@ -388,6 +414,8 @@ def run_eval(cfg: Config) -> dict:
         failed = sum(x.finish == "error" for x in g)
         results["models"][name] = {**facts[name], "failed": failed, "metrics": metrics}
         by_model[name] = _generation_rows(name, questions, g, rows)
+    if ec.judge.base_url:
+        _judge_all(cfg, questions, gens, results, by_model, rejects)
     results["examples"] = _examples(questions, by_model, ec.examples, ec.seed)
     out = write_outputs(cfg, results, by_model, rejects)
     print_summary(

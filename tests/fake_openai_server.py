@@ -14,6 +14,11 @@ good_chatty, no_professional, unknown_distortion (valid replies);
 429 (with Retry-After: 0), 500, 503, 400, 401, 404 (HTTP errors); malformed_body (HTTP 200, body not JSON);
 no_choices, not_json, missing_part, empty_part, english_part (HTTP 200, reply unusable); slow (sleeps
 `slow_s`, longer than the client timeout, then answers well).
+Judge replies (for evaluation/judge.py requests): judge (a valid score object derived from the answer: every
+criterion lowest + len(answer) // 20, capped at its highest, so longer answers score higher), judge_fenced (the
+same in a ```json fence), judge_noisy (as judge with seed 0; with any other request seed every criterion is
+mirrored within its range, a scripted disagreement), judge_out_of_range, judge_missing (unusable); not_json
+serves as a judge reply that is not JSON.
 
 Every request is recorded (headers, parsed body, fault) for assertions; `max_in_flight` is the largest number
 of requests the server was handling at once. Every HTTP 200 JSON reply reports usage
@@ -31,6 +36,20 @@ from typing import Any
 
 PROMPT_TOKENS, COMPLETION_TOKENS = 100, 50
 _QUESTION = re.compile(r"来访者的问题:(.*)")
+
+
+def judge_scores(user: str, seed: int = 0, noisy: bool = False) -> dict[str, int]:
+    """The judge fault's score object for a judge request's user message (see the module docstring)."""
+    from evaluation.judge import _ANSWER_MARK, _VERSION_LINE, RUBRICS
+
+    version = user.split(_VERSION_LINE, 1)[1].split("\n", 1)[0].strip()
+    rubric = next(r for r in RUBRICS.values() if r.version == version)
+    answer = user.split(_ANSWER_MARK + "\n", 1)[1]
+    out = {}
+    for key, lo, hi, _ in rubric.criteria:
+        v = min(hi, lo + len(answer) // 20)
+        out[key] = hi - (v - lo) if noisy and seed else v
+    return out
 
 
 def good_parts(question: str) -> dict[str, str]:
@@ -205,6 +224,15 @@ class FakeOpenAIServer:
         if fault == "slow":
             time.sleep(self.slow_s)
             fault = "good"
+        if fault.startswith("judge"):
+            scores = judge_scores(user, int(body.get("seed") or 0), noisy=fault == "judge_noisy")
+            if fault == "judge_out_of_range":
+                scores[next(iter(scores))] = 99
+            elif fault == "judge_missing":
+                scores.pop(next(iter(scores)))
+            text = dump(scores)
+            self._completion(h, f"```json\n{text}\n```" if fault == "judge_fenced" else text)
+            return
         if fault == "good":
             self._completion(h, dump(obj))
         elif fault == "good_text":  # a plain-text CBT answer, as a chat model answers `cbt-llm eval`
