@@ -8,6 +8,7 @@ YAML; overrides win over flags.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -170,9 +171,25 @@ def _cmd_serve(cfg: Config, args) -> int:
     from serve.app import serve
     from serve.engine import Engine, check_model_args
 
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key:
+            raise ConfigError(f"--api-key-env: the environment variable {args.api_key_env} is unset or empty")
+    if args.max_queue < 0 or args.max_body_bytes < 1 or args.max_tokens_limit < 1:
+        raise ConfigError("--max-queue must be >= 0, --max-body-bytes and --max-tokens-limit >= 1")
     check_model_args(args.model, args.adapter or "")  # one line naming --model / --adapter, before weights load
     engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
-    serve(engine, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit)
+    serve(
+        engine,
+        host=args.host,
+        port=args.port,
+        graceful_s=args.graceful_timeout,
+        max_tokens_limit=args.max_tokens_limit,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+    )
     return 0
 
 
@@ -212,6 +229,17 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="NAME",
+        help="require `Authorization: Bearer <key>` on /v1/*, the key read from environment variable NAME",
+    )
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get a 503 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get a 413 (default 1 MiB)")
+    p.add_argument(
+        "--graceful-timeout", type=int, default=30, help="seconds in-flight requests get on SIGTERM (default 30)"
+    )
     # no config file: the server is configured by its flags alone
     p.set_defaults(func=_cmd_serve, config=None, overrides=[], dry_run=False)
 

@@ -10,28 +10,41 @@ crisis block must come before any model text anyway.
 
 One generation at a time: requests wait on an asyncio lock (queue depth is the /metrics gauge
 cbt_llm_queue_depth) and the generation itself runs in a worker thread, so /health and /metrics answer while a
-request is being served.
+request is being served. At most `max_queue` requests wait; one more gets a 503 with Retry-After instead of
+growing memory. A request whose client went away while it waited is skipped (counted as status 499), not
+generated.
+
+Security and limits: with `api_key` set, /v1/* needs `Authorization: Bearer <key>` (compared in constant time;
+otherwise a 401 in OpenAI's error shape); /health and /metrics stay open (they hold no message text, and health
+checks and Prometheus scrapers carry no key). A body over `max_body_bytes` (by Content-Length or as read) is a
+413, a prompt that does not fit the model's context a 400 naming `messages`. Nothing here logs message text:
+uvicorn's access log has the method, path and status only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 from cbt_llm.guard import CrisisGuard
+from serve.engine import PromptTooLong
 from serve.guarded import guarded_reply
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
 CHUNK_CHARS = 8  # characters per streamed chunk
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any conversation the model's context holds
+MAX_QUEUE = 64
+RETRY_AFTER_S = 1
 
 
 class BadRequest(Exception):
@@ -70,7 +83,10 @@ def parse_request(body, max_tokens_limit: int, default_max_tokens: int) -> dict:
             role = m.get("role") if isinstance(m, dict) else None
             raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
         content = m.get("content")
-        if not isinstance(content, (str, list)):
+        parts_ok = isinstance(content, list) and all(
+            isinstance(p, dict) and (p.get("type") != "text" or isinstance(p.get("text", ""), str)) for p in content
+        )
+        if not isinstance(content, str) and not parts_ok:
             raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "messages")
     if messages[-1]["role"] != "user":
         raise BadRequest("the last message must be a user turn", "messages")
@@ -124,13 +140,46 @@ class GuardCollector:
         yield from (turns, crisis, mode, replaced)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes: a 413 BadRequest by Content-Length, or once more was read."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise BadRequest("the Content-Length header is not a number") from None
+        if too_big:
+            raise BadRequest(f"the request body is over {limit} bytes", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"the request body is over {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(
-    engine, guard: CrisisGuard | None = None, *, max_tokens_limit: int = 4096, default_max_tokens: int = 512
+    engine,
+    guard: CrisisGuard | None = None,
+    *,
+    max_tokens_limit: int = 4096,
+    default_max_tokens: int = 512,
+    api_key: str | None = None,
+    max_queue: int = MAX_QUEUE,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The app around `engine` (serve.engine.Engine or anything with .name and .generate_one)."""
+    """The app around `engine` (serve.engine.Engine or anything with .name and .generate_one).
+
+    api_key         when set, /v1/* needs `Authorization: Bearer <api_key>`
+    max_queue       requests that may wait for the model; one more gets a 503 with Retry-After
+    max_body_bytes  larger request bodies get a 413
+    """
     guard = guard or CrisisGuard()
     app = FastAPI(title="cbt-llm serve", docs_url=None, redoc_url=None)
     lock = asyncio.Lock()
+    waiting = 0  # requests waiting for the lock (the running one not included)
+    expected = f"Bearer {api_key}".encode() if api_key else None
     reg = CollectorRegistry()
     requests = Counter("cbt_llm_requests", "chat completion requests by HTTP status", ["status"], registry=reg)
     tokens = Counter("cbt_llm_tokens", "tokens by kind (prompt, completion)", ["kind"], registry=reg)
@@ -149,12 +198,26 @@ def create_app(
         requests.labels(str(exc.status)).inc()
         return JSONResponse(error_body(exc.message, exc.param), status_code=exc.status)
 
+    def unauthorized(request: Request) -> JSONResponse | None:
+        """None when the request may pass; a 401 in OpenAI's shape otherwise."""
+        if expected is None:
+            return None
+        # the header's raw bytes (Starlette decodes headers as latin-1), so a UTF-8 key matches too
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if hmac.compare_digest(given, expected):
+            return None
+        body = error_body("missing or wrong API key: send `Authorization: Bearer <key>`")
+        body["error"]["code"] = "invalid_api_key"
+        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": engine.name}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "cbt-llm"}]}
 
     @app.get("/metrics")
@@ -163,9 +226,17 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        nonlocal waiting
         t0 = time.perf_counter()
+        if (denied := unauthorized(request)) is not None:
+            requests.labels("401").inc()
+            return denied
         try:
-            body = json.loads(await request.body())
+            raw = await read_body(request, max_body_bytes)
+        except BadRequest as exc:
+            return fail(exc)
+        try:
+            body = json.loads(raw)
         except ValueError:
             return fail(BadRequest("the request body is not valid JSON"))
         try:
@@ -173,22 +244,38 @@ def create_app(
         except BadRequest as exc:
             return fail(exc)
 
+        if waiting >= max_queue:
+            requests.labels("503").inc()
+            body = error_body(f"the server is busy ({waiting} requests waiting); retry shortly", kind="server_busy")
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         gen = {k: req[k] for k in ("temperature", "top_p", "seed", "stop")}
+        waiting += 1
         queue.inc()
-        async with lock:
+        try:
+            await lock.acquire()
+        finally:
+            waiting -= 1
             queue.dec()
+        try:
+            if await request.is_disconnected():  # the client gave up while it waited: nobody to answer
+                requests.labels("499").inc()
+                return Response(status_code=499)
             in_flight.inc()
             try:
                 # the guard runs in the worker thread too: it is thread-safe, and cheap next to the model
                 answer = await asyncio.to_thread(
                     guarded_reply, engine, guard, req["messages"], req["user"], max_new_tokens=req["max_tokens"], **gen
                 )
+            except PromptTooLong as exc:
+                return fail(BadRequest(str(exc), "messages"))
             except Exception as exc:  # the server keeps serving; the client gets a 500 in OpenAI's shape
                 requests.labels("500").inc()
                 body = error_body(f"generation failed: {exc.__class__.__name__}", kind="server_error")
                 return JSONResponse(body, status_code=500)
             finally:
                 in_flight.dec()
+        finally:
+            lock.release()
         out, reply = answer.completion, answer.text
         usage = {
             "prompt_tokens": out.prompt_tokens,
@@ -243,8 +330,15 @@ def _sse(rid: str, created: int, model: str, reply: str, finish: str, usage: dic
     yield "data: [DONE]\n\n"
 
 
-def serve(engine, host: str = "127.0.0.1", port: int = 8000, **app_kwargs) -> None:
-    """Run the app with uvicorn until interrupted."""
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, graceful_s: int = 30, **app_kwargs) -> None:
+    """Run the app with uvicorn until interrupted. On SIGTERM or Ctrl-C uvicorn stops accepting connections and
+    lets the requests in flight finish, for at most `graceful_s` seconds, then exits."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, **app_kwargs), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(engine, **app_kwargs),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=graceful_s,
+    )

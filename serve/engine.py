@@ -7,6 +7,9 @@ plus what a chat server needs and eval does not (sampling with temperature / top
 temperature 0 is greedy, exactly as `cbt-llm eval` decodes. Stop strings are applied to the decoded text after
 generation (the model may run past one; its tokens still count in completion_tokens, as they were computed).
 Not thread-safe: the server runs one generation at a time (serve/app.py).
+
+A prompt whose tokens plus max_new_tokens do not fit the model's context (config.max_position_embeddings) raises
+PromptTooLong before anything is generated; the server answers it with a 400 naming `messages`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish: str
+
+
+class PromptTooLong(ValueError):
+    """The prompt's tokens plus max_new_tokens exceed the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int):
+        super().__init__(
+            f"the messages are {prompt_tokens} tokens; with max_tokens {max_new_tokens} that is more than the "
+            f"model's context of {context} tokens: shorten the messages or lower max_tokens"
+        )
+        self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context
 
 
 def check_model_args(model: str, adapter: str = "") -> None:
@@ -53,6 +67,8 @@ class Engine:
         self.name = generator.name
         # the system prompt an exported model was trained with, used when a request brings none
         self.system_prompt = system_prompt
+        # the longest prompt + reply the model takes; None when its config does not say
+        self.context_length: int | None = getattr(generator.model.config, "max_position_embeddings", None)
 
     @classmethod
     def load(cls, model: str, adapter: str = "", device: str | None = None, dtype: str = "auto") -> Engine:
@@ -91,6 +107,8 @@ class Engine:
         from evaluation.generate import _cut_at_stop
 
         ids = self.prompt_ids(messages)
+        if self.context_length and len(ids) + max_new_tokens > self.context_length:
+            raise PromptTooLong(len(ids), max_new_tokens, self.context_length)
         if seed is not None:
             torch.manual_seed(seed)  # seeds CUDA too; only one generation runs at a time, so this is per request
         x = torch.tensor([ids], device=self.gen.device)

@@ -3,6 +3,11 @@ driven with the official `openai` client as users drive it, plus raw HTTP for th
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import json
 import re
 import socket
 import threading
@@ -25,15 +30,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def _running(app):
+    """`app` under a real uvicorn server in a thread of this process; yields its base URL."""
     import uvicorn
 
-    from serve.app import create_app
-    from serve.engine import Engine
-
-    model = tiny_chat_model(tmp_path_factory.mktemp("serve_model"))
-    app = create_app(Engine.load(str(model), device="cpu"), max_tokens_limit=64)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -42,10 +43,21 @@ def server(tmp_path_factory):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from serve.app import create_app
+    from serve.engine import Engine
+
+    model = tiny_chat_model(tmp_path_factory.mktemp("serve_model"))
+    with _running(create_app(Engine.load(str(model), device="cpu"), max_tokens_limit=64)) as base:
+        yield base
 
 
 @pytest.fixture
@@ -168,3 +180,181 @@ def test_a_missing_model_folder_fails_at_start_with_one_line_naming_model(tmp_pa
     assert main(["serve", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()  # a folder without config.json
     assert len(err.splitlines()) == 1 and "--model" in err and "not a model folder" in err
+
+
+# ---- security, bad input and load ----
+
+KEY = "sk-test-0123456789"
+GOOD = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}
+
+
+class SlowEngine:
+    """A stand-in model that takes `delay` seconds per reply and counts its calls."""
+
+    name = "slow"
+
+    def __init__(self, delay: float):
+        self.delay, self.calls = delay, 0
+
+    def generate_one(self, messages, max_new_tokens=16, **_):
+        from serve.engine import Completion
+
+        self.calls += 1
+        time.sleep(self.delay)
+        return Completion("好的。", 3, 2, "stop")
+
+
+@pytest.fixture
+def slow_server():
+    """A server around SlowEngine with a key, a queue of 1 and a 4 KiB body limit."""
+    from serve.app import create_app
+
+    engine = SlowEngine(0.8)
+    app = create_app(engine, api_key=KEY, max_queue=1, max_body_bytes=4096)
+    with _running(app) as base:
+        yield base, engine
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_without_or_with_a_wrong_key_a_401_and_with_the_key_a_200(slow_server):
+    base, _ = slow_server
+    url = base + "/v1/chat/completions"
+    for headers in ({}, _auth("wrong"), _auth(KEY + "x"), {"authorization": KEY}):
+        r = httpx.post(url, json=GOOD, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(base + "/v1/models").status_code == 401
+    assert httpx.post(url, json=GOOD, headers=_auth(), timeout=30).status_code == 200
+    # the official client sends the key the same way
+    ok = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert [m.id for m in ok.models.list()] == ["slow"]
+    # health checks and scrapers carry no key
+    assert httpx.get(base + "/health").status_code == 200 and httpx.get(base + "/metrics").status_code == 200
+
+
+def test_a_body_over_the_limit_is_a_413_by_content_length_or_as_read(slow_server):
+    base, engine = slow_server
+    big = {"messages": [{"role": "user", "content": "字" * 3000}]}  # 9 kB of UTF-8
+    r = httpx.post(base + "/v1/chat/completions", json=big, headers=_auth())
+    assert r.status_code == 413 and "4096" in r.json()["error"]["message"]
+    payload = json.dumps(big).encode()
+
+    def chunks():  # chunked transfer: no Content-Length to go by
+        for i in range(0, len(payload), 1000):
+            yield payload[i : i + 1000]
+
+    r = httpx.post(base + "/v1/chat/completions", content=chunks(), headers=_auth())
+    assert r.status_code == 413 and engine.calls == 0
+    assert httpx.post(base + "/v1/chat/completions", json=GOOD, headers=_auth(), timeout=30).status_code == 200
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_naming_messages(server):
+    # the tiny model's context is 4096 positions; a few thousand Chinese characters are more tokens than that
+    long = {"messages": [{"role": "user", "content": "我最近睡不好觉，" * 1200}], "max_tokens": 8}
+    r = httpx.post(server + "/v1/chat/completions", json=long, timeout=60)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages" and "context" in err["message"]
+    assert httpx.post(server + "/v1/chat/completions", json=GOOD, timeout=30).status_code == 200
+
+
+def test_a_full_queue_is_a_503_with_retry_after(slow_server):
+    base, _ = slow_server
+
+    def post(_):
+        return httpx.post(base + "/v1/chat/completions", json=GOOD, headers=_auth(), timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(post, range(5)))
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) == {200, 503} and codes.count(200) >= 2  # one running, one waiting
+    for r in answers:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["message"]
+    assert post(0).status_code == 200
+
+
+def test_a_client_gone_while_queued_is_skipped_and_the_server_keeps_serving(slow_server):
+    base, engine = slow_server
+    url = base + "/v1/chat/completions"
+    first = threading.Thread(target=lambda: httpx.post(url, json=GOOD, headers=_auth(), timeout=30))
+    first.start()
+    time.sleep(0.2)  # the first request holds the model
+    with pytest.raises(httpx.ReadTimeout):  # a streaming client that gives up while it waits
+        with httpx.stream("POST", url, json={**GOOD, "stream": True}, headers=_auth(), timeout=0.3) as r:
+            r.read()
+    first.join()
+    ok = httpx.post(url, json=GOOD, headers=_auth(), timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    assert engine.calls == 2  # the abandoned request was never generated
+    assert 'cbt_llm_requests_total{status="499"} 1.0' in httpx.get(base + "/metrics").text
+
+
+def test_a_streaming_client_that_disconnects_mid_stream_leaves_the_server_serving(server):
+    url = server + "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "我很焦虑。"}], "max_tokens": 32, "stream": True}
+    with httpx.stream("POST", url, json=body, timeout=30) as r:
+        assert r.status_code == 200
+        next(r.iter_bytes())  # one chunk, then hang up
+    r = httpx.post(url, json=GOOD, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_an_api_key_env_that_is_empty_fails_at_start_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CBT_TEST_KEY", "")
+    assert main(["serve", "--model", str(tmp_path), "--api-key-env", "CBT_TEST_KEY"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--api-key-env" in err and "CBT_TEST_KEY" in err
+    monkeypatch.delenv("CBT_TEST_KEY")
+    assert main(["serve", "--model", str(tmp_path), "--api-key-env", "CBT_TEST_KEY"]) == 2
+    assert "CBT_TEST_KEY" in capsys.readouterr().err
+
+
+LOAD_CLIENTS, LOAD_SECONDS = 32, 15
+
+
+def test_32_streaming_clients_for_15_seconds_no_5xx_but_503s_and_flat_memory(server):
+    import psutil
+
+    proc = psutil.Process()  # the server runs in a thread of this process
+    statuses: dict = {}
+    bad: list = []
+
+    async def one(client) -> None:
+        try:
+            stream = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "我总是拖延，怎么办？"}], max_tokens=16, stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            statuses[200] = statuses.get(200, 0) + 1
+            assert text
+        except openai.APIStatusError as exc:
+            code = exc.status_code
+            statuses[code] = statuses.get(code, 0) + 1
+            if code != 503 or "retry-after" not in exc.response.headers:
+                bad.append(code)
+
+    async def run(seconds: float) -> None:
+        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        async def loop(deadline: float) -> None:
+            while time.monotonic() < deadline:
+                await one(client)
+
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(*(loop(deadline) for _ in range(LOAD_CLIENTS)))
+        await client.close()
+
+    asyncio.run(run(2))  # warm-up
+    gc.collect()
+    rss_start = proc.memory_info().rss
+    asyncio.run(run(LOAD_SECONDS))
+    gc.collect()
+    rss_end = proc.memory_info().rss
+    print(f"load: {statuses} rss start {rss_start / 2**20:.0f} MiB end {rss_end / 2**20:.0f} MiB")
+    assert not bad and statuses.get(200, 0) > LOAD_CLIENTS
+    assert rss_end - rss_start < 100 * 2**20
