@@ -3,11 +3,12 @@
     python bench/serve_bench.py                       # 8 clients, 20 s a side, bench/results/serve.json
     python bench/serve_bench.py --clients 4 --seconds 10 --max-tokens 32
 
-The server runs as a subprocess (`cbt-llm serve --device cpu` on a free loopback port) around the tests' tiny
-random Qwen2 (tests/eval_fixtures.tiny_chat_model: hidden 32, 2 layers), so the numbers measure the server's
-own overhead, its one-generation-at-a-time lock and the guard, not a real model's compute. Clients are threads,
-each with its own official `openai` client, sending streamed requests (stream_options.include_usage) of
-template-corpus questions back to back for the time given: first one client alone, then N together.
+The server runs as a subprocess (`cbt-llm serve --device cpu` on a free loopback port) around a tiny random
+Qwen2 (hidden 32, 2 layers, built by bench/fixtures.py as tests/eval_fixtures.tiny_chat_model builds it), so the
+numbers measure the server's own overhead, its one-generation-at-a-time lock and the guard, not a real model's
+compute. Clients are threads, each with its own official `openai` client, sending streamed requests
+(stream_options.include_usage) of template-corpus questions back to back for the time given: first one client
+alone, then N together.
 
 Per side: requests/s, generated (completion) tokens/s from the usage chunk, latency p50/p99 (request sent to
 [DONE]) and time to first token p50/p99 (request sent to the first chunk with content). The server streams a
@@ -31,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.eval_fixtures import tiny_chat_model, tiny_questions  # noqa: E402
+from bench.fixtures import write_chat_tokenizer, write_tiny_qwen2  # noqa: E402
+from data_pipeline.synth_template import iter_records  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "serve.json"
 
@@ -40,6 +42,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_chat_model(root: Path) -> Path:
+    """The tests' tiny chat model, built from bench/fixtures.py (bench may not import tests/)."""
+    tok = write_chat_tokenizer(root / "tokenizer")
+    return write_tiny_qwen2(root / "model", tok, hidden=32, layers=2, seed=0, init_std=0.2)
 
 
 def start_server(model: Path) -> tuple[subprocess.Popen, str]:
@@ -135,7 +143,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
-    questions = [q for q, _ in tiny_questions(64)]
+    questions = [r["question"][: 8 + (k * 13) % 52] for k, r in enumerate(iter_records(1, 0, 64))]
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(tiny_chat_model(Path(tmp)))
         try:
