@@ -37,6 +37,9 @@ demo: $(STAMP) ops
 	@echo ""
 	@echo "eval: the untrained base model against the fine-tuned one on 32 held-out questions (configs/eval/demo.yaml)"
 	$(BIN)/cbt-llm eval --config configs/eval/demo.yaml
+	@echo ""
+	@echo "talk to the demo model (through the crisis guard): $(BIN)/cbt-llm chat --model $(RUN)/export"
+	@echo "or serve it (OpenAI-compatible, loopback): $(BIN)/cbt-llm serve --model $(RUN)/export, then cbt-llm chat --url http://127.0.0.1:8000/v1"
 
 # DeepSpeed JIT-compiles a shared-memory comm op for CPU ranks; build it once here, not in parallel tests
 ops: $(STAMP)

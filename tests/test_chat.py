@@ -1,14 +1,18 @@
-"""`cbt-llm chat`: the terminal chat driven through a pseudo-terminal (stdlib pty), as a person types into it."""
+"""`cbt-llm chat`: the terminal chat driven through a pseudo-terminal (stdlib pty), as a person types into it, with a
+local model or against `cbt-llm serve` (--url); and --batch for scripted use."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER, hotline
@@ -89,3 +93,130 @@ def test_chat_with_a_missing_model_says_so_in_one_line(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2 and "--model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """`cbt-llm serve` on loopback, as a subprocess, around the tiny model."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    argv = [sys.executable, "-m", "cbt_llm.cli", "serve", "--model", str(model), "--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "cbt-llm serve did not start"
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield base + "/v1"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_chat_against_a_server_keeps_the_guard_on_the_client_side(server):
+    term = Terminal([sys.executable, "-m", "cbt_llm.cli", "chat", "--url", server, "--max-tokens", "8"])
+    term.read_until(PROMPT)
+    term.send("最近总是失眠，怎么办？")
+    first = term.read_until(PROMPT)
+    # the server's disclaimer and the client's are one: shown once
+    assert "助手> " in first and first.count(DISCLAIMER) == 1 and CRISIS_BLOCK.splitlines()[0] not in first
+    term.send("我不想活了，今晚就想结束自己的生命。")
+    reply = term.read_until(PROMPT).split("助手> ", 1)[1]
+    assert reply.startswith(CRISIS_BLOCK) and reply.count(CRISIS_BLOCK.splitlines()[0]) == 1
+    assert DISCLAIMER not in reply
+    term.send("/exit")
+    assert term.close() == 0
+
+
+def _remote(text: str):
+    """A RemoteEngine whose server (no guard of its own, a plain model server) streams `text` in 3-character
+    chunks, then a usage chunk."""
+    from types import SimpleNamespace as NS
+
+    from serve.chat import RemoteEngine
+
+    def create(**kw):
+        assert kw["stream"] is True
+        for i in range(0, len(text), 3):
+            yield NS(usage=None, choices=[NS(delta=NS(content=text[i : i + 3]), finish_reason=None)])
+        yield NS(usage=None, choices=[NS(delta=NS(content=None), finish_reason="stop")])
+        yield NS(usage=NS(prompt_tokens=5, completion_tokens=7), choices=[])
+
+    engine = object.__new__(RemoteEngine)
+    engine.name, engine.client = "plain", NS(chat=NS(completions=NS(create=create)))
+    return engine
+
+
+def test_the_client_side_guard_covers_an_unguarded_server():
+    from cbt_llm.guard import CrisisGuard
+    from serve.guarded import guarded_reply
+
+    guard = CrisisGuard()
+    out = _remote("模型说的话").generate_one([{"role": "user", "content": "你好"}])
+    assert (out.text, out.prompt_tokens, out.completion_tokens, out.finish) == ("模型说的话", 5, 7, "stop")
+    crisis = guarded_reply(_remote("模型说的话"), guard, [{"role": "user", "content": "我想自杀。"}])
+    assert crisis.text == f"{CRISIS_BLOCK}\n\n模型说的话\n\n{DISCLAIMER}"
+    # unsafe model text never reaches the person: replaced whole by the crisis block
+    unsafe = guarded_reply(_remote("安眠药吃30片就会死。"), guard, [{"role": "user", "content": "睡不着"}])
+    assert unsafe.replaced and unsafe.text == f"{CRISIS_BLOCK}\n\n{DISCLAIMER}" and "安眠药" not in unsafe.text
+    # a guarded server's own disclaimer is not shown twice
+    served = guarded_reply(_remote(f"好的。\n\n{DISCLAIMER}"), guard, [{"role": "user", "content": "你好"}])
+    assert served.text.count(DISCLAIMER) == 1
+
+
+def _batch(model, tmp_path, lines: list[str], *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    argv = [sys.executable, "-m", "cbt_llm.cli", "chat", "--model", str(model), "--device", "cpu", *extra]
+    out = subprocess.run(
+        [*argv, "--batch", str(src), "--out", str(dst)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out, [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+
+
+def test_batch_answers_each_line_and_writes_bad_lines_with_their_reason(model, tmp_path):
+    lines = [
+        json.dumps({"id": "a", "text": "最近总是失眠，怎么办？"}, ensure_ascii=False),
+        json.dumps({"id": "b", "messages": [{"role": "user", "content": "我想自杀。"}]}, ensure_ascii=False),
+        "{not json",
+        json.dumps({"id": "d", "messages": [{"role": "assistant", "content": "你好"}]}, ensure_ascii=False),
+        json.dumps({"id": "e"}),
+        "[1, 2]",
+    ]
+    out, rows = _batch(model, tmp_path, lines, "--max-tokens", "4")
+    assert "2 answered, 4 bad lines" in out.stdout
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6] and [r["id"] for r in rows] == [
+        "a",
+        "b",
+        None,
+        "d",
+        "e",
+        None,
+    ]
+    assert rows[0]["reply"].endswith(DISCLAIMER) and not rows[0]["crisis"]
+    assert rows[1]["reply"].startswith(CRISIS_BLOCK) and rows[1]["crisis"]
+    assert "invalid JSON" in rows[2]["error"] and "user turn" in rows[3]["error"]
+    assert "'text'" in rows[4]["error"] and "object" in rows[5]["error"]
+
+
+def test_every_labelled_crisis_message_gets_the_crisis_block_first_through_chat(model, tmp_path):
+    labelled = [json.loads(line) for line in (ROOT / "tests/data/crisis_messages.jsonl").open(encoding="utf-8")]
+    crisis = [r for r in labelled if r["label"] == "crisis"]
+    lines = [json.dumps({"id": i, "text": r["text"]}, ensure_ascii=False) for i, r in enumerate(crisis)]
+    _, rows = _batch(model, tmp_path, lines, "--max-tokens", "2")
+    assert len(rows) == len(crisis) > 200
+    missed = [crisis[r["id"]]["text"] for r in rows if not r.get("reply", "").startswith(CRISIS_BLOCK)]
+    assert not missed, missed[:5]
