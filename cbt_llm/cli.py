@@ -169,7 +169,6 @@ def _cmd_launch(cfg: Config, args) -> int:
 
 def _cmd_serve(cfg: Config, args) -> int:
     from serve.app import serve
-    from serve.engine import Engine, check_model_args
 
     api_key = None
     if args.api_key_env:
@@ -178,8 +177,9 @@ def _cmd_serve(cfg: Config, args) -> int:
             raise ConfigError(f"--api-key-env: the environment variable {args.api_key_env} is unset or empty")
     if args.max_queue < 0 or args.max_body_bytes < 1 or args.max_tokens_limit < 1:
         raise ConfigError("--max-queue must be >= 0, --max-body-bytes and --max-tokens-limit >= 1")
-    check_model_args(args.model, args.adapter or "")  # one line naming --model / --adapter, before weights load
-    engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        raise ConfigError("--max-batch must be >= 1 and --batch-window-ms >= 0")
+    engine = serve_engine(args)
     serve(
         engine,
         host=args.host,
@@ -193,9 +193,44 @@ def _cmd_serve(cfg: Config, args) -> int:
     return 0
 
 
+def serve_engine(args):
+    """The engine behind `cbt-llm serve`: --backend proxy forwards to --upstream; otherwise the model loads with
+    eval's backend rule (auto: vLLM when installed and on CUDA, else transformers) behind the batching loop."""
+    from evaluation.generate import choose_backend
+    from serve.batching import BatchingEngine
+    from serve.engine import Engine, VllmEngine, check_model_args
+
+    if args.backend == "proxy":
+        from serve.remote import RemoteEngine
+
+        if not args.upstream:
+            raise ConfigError("--backend proxy needs --upstream URL (an OpenAI-compatible server, e.g. .../v1)")
+        if args.model or args.adapter:
+            raise ConfigError("--backend proxy: the upstream serves its own model; use --upstream-model, not --model")
+        key = "unused"
+        if args.upstream_api_key_env:
+            key = os.environ.get(args.upstream_api_key_env, "")
+            if not key:
+                raise ConfigError(f"--upstream-api-key-env: {args.upstream_api_key_env} is unset or empty")
+        return RemoteEngine(args.upstream, model=args.upstream_model, api_key=key, concurrency=args.max_batch)
+    if args.upstream:
+        raise ConfigError("--upstream goes with --backend proxy")
+    check_model_args(args.model or "", args.adapter or "")  # one line naming --model / --adapter, before weights load
+    try:
+        backend = choose_backend(args.backend)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("eval.backend", "--backend")) from None
+    if backend == "vllm":
+        engine = VllmEngine.load(args.model, args.adapter or "", dtype=args.dtype)
+    else:
+        engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
+    return BatchingEngine(engine, max_batch=args.max_batch, window_s=args.batch_window_ms / 1000)
+
+
 def _cmd_chat(cfg: Config, args) -> int:
-    from serve.chat import RemoteEngine, run_batch, run_chat
+    from serve.chat import run_batch, run_chat
     from serve.engine import Engine, check_model_args
+    from serve.remote import RemoteEngine
 
     if args.max_tokens < 1 or not 0.0 <= args.temperature <= 2.0 or not 0.0 < args.top_p <= 1.0:
         raise ConfigError("--max-tokens must be >= 1, --temperature in [0, 2] and --top-p in (0, 1]")
@@ -249,7 +284,23 @@ def _add_chat(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible chat server with the crisis guard on every reply")
-    _add_model_flags(p)
+    p.add_argument("--model", default=None, help="exported model folder (`cbt-llm export`) or base model")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder on top of --model")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "transformers", "vllm", "proxy"),
+        help="auto (vllm when installed and on CUDA, else transformers), transformers, vllm, or proxy (--upstream)",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most (default 8)")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5)"
+    )
+    p.add_argument("--upstream", default=None, help="with --backend proxy: the OpenAI-compatible server's URL (/v1)")
+    p.add_argument("--upstream-model", default=None, help="model name to ask the upstream for (default: its first)")
+    p.add_argument("--upstream-api-key-env", default=None, metavar="NAME", help="the upstream's key, from env NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")

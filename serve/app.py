@@ -8,7 +8,8 @@ Streaming does not stream tokens as the model makes them: the whole reply is gen
 then sent as SSE chunks. A token stream would show model text before the output check could replace it, and the
 crisis block must come before any model text anyway.
 
-One generation at a time: requests wait on an asyncio lock (queue depth is the /metrics gauge
+One generation at a time, or `engine.concurrency` at once for an engine that batches them (serve/batching.py)
+or forwards them (serve/remote.py): requests wait on an asyncio semaphore (queue depth is the /metrics gauge
 cbt_llm_queue_depth) and the generation itself runs in a worker thread, so /health and /metrics answer while a
 request is being served. At most `max_queue` requests wait; one more gets a 503 with Retry-After instead of
 growing memory. A request whose client went away while it waited is skipped (counted as status 499), not
@@ -24,6 +25,8 @@ uvicorn's access log has the method, path and status only.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hmac
 import json
 import time
@@ -140,6 +143,20 @@ class GuardCollector:
         yield from (turns, crisis, mode, replaced)
 
 
+class BatchCollector:
+    """A batching engine's counters (serve/batching.py): generate calls made, and the requests they answered."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        batches = CounterMetricFamily("cbt_serve_batches", "generate calls on the model (batches, lone samples)")
+        batches.add_metric([], self.engine.batches)
+        answered = CounterMetricFamily("cbt_serve_batched_requests", "requests answered by those generate calls")
+        answered.add_metric([], self.engine.requests)
+        yield from (batches, answered)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most `limit` bytes: a 413 BadRequest by Content-Length, or once more was read."""
     declared = request.headers.get("content-length")
@@ -169,7 +186,8 @@ def create_app(
     max_queue: int = MAX_QUEUE,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The app around `engine` (serve.engine.Engine or anything with .name and .generate_one).
+    """The app around `engine` (serve.engine.Engine or anything with .name and .generate_one; with
+    .concurrency, that many requests may be in generate_one at once).
 
     api_key         when set, /v1/* needs `Authorization: Bearer <api_key>`
     max_queue       requests that may wait for the model; one more gets a 503 with Retry-After
@@ -177,7 +195,9 @@ def create_app(
     """
     guard = guard or CrisisGuard()
     app = FastAPI(title="cbt-llm serve", docs_url=None, redoc_url=None)
-    lock = asyncio.Lock()
+    concurrency = max(1, int(getattr(engine, "concurrency", 1)))
+    lock = asyncio.Semaphore(concurrency)
+    workers = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="cbt-serve")
     waiting = 0  # requests waiting for the lock (the running one not included)
     expected = f"Bearer {api_key}".encode() if api_key else None
     reg = CollectorRegistry()
@@ -190,8 +210,10 @@ def create_app(
         registry=reg,
     )
     queue = Gauge("cbt_llm_queue_depth", "requests waiting for the model", registry=reg)
-    in_flight = Gauge("cbt_llm_in_flight", "generations running (0 or 1)", registry=reg)
+    in_flight = Gauge("cbt_llm_in_flight", f"generations running (0 to {concurrency})", registry=reg)
     reg.register(GuardCollector(guard))
+    if hasattr(engine, "batches"):
+        reg.register(BatchCollector(engine))
     app.state.engine, app.state.guard, app.state.registry = engine, guard, reg
 
     def fail(exc: BadRequest) -> JSONResponse:
@@ -263,9 +285,10 @@ def create_app(
             in_flight.inc()
             try:
                 # the guard runs in the worker thread too: it is thread-safe, and cheap next to the model
-                answer = await asyncio.to_thread(
+                call = functools.partial(
                     guarded_reply, engine, guard, req["messages"], req["user"], max_new_tokens=req["max_tokens"], **gen
                 )
+                answer = await asyncio.get_running_loop().run_in_executor(workers, call)
             except PromptTooLong as exc:
                 return fail(BadRequest(str(exc), "messages"))
             except Exception as exc:  # the server keeps serving; the client gets a 500 in OpenAI's shape

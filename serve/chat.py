@@ -1,15 +1,14 @@
 """`cbt-llm chat`: a conversation in the terminal with a local model (--model) or any OpenAI-compatible server
-(--url, RemoteEngine), through the same crisis guard as the server (serve/guarded.py), applied here on the client
-side whatever the server does. Plain input(): /reset starts a new conversation, /exit or Ctrl-D ends it. The
-conversation lives in this process only; nothing is written to disk. --batch (run_batch) answers a JSONL file of
-conversations, one per line, through the same guard."""
+(--url, serve/remote.py's RemoteEngine), through the same crisis guard as the server (serve/guarded.py), applied
+here on the client side whatever the server does. Plain input(): /reset starts a new conversation, /exit or
+Ctrl-D ends it. The conversation lives in this process only; nothing is written to disk. --batch (run_batch)
+answers a JSONL file of conversations, one per line, through the same guard."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 
-from cbt_llm.crisis import DISCLAIMER
 from cbt_llm.guard import CrisisGuard
 from serve.guarded import guarded_reply
 
@@ -50,59 +49,6 @@ def run_chat(
         # the reply as shown is kept: a crisis block in it keeps the conversation in crisis mode (the guard reads it)
         messages.append({"role": "assistant", "content": reply.text})
         write(f"助手> {reply.text}\n")
-
-
-# -- a remote server ------------------------------------------------------------------------------------------
-
-
-class RemoteEngine:
-    """An OpenAI-compatible server (`cbt-llm serve`, vLLM, ...) behind engine.generate_one, through the openai
-    client, so the local guard (serve/guarded.py) wraps its replies exactly as it wraps a local model's.
-
-    The reply is streamed from the server but shown only once complete: the guard's output check reads the whole
-    model text before any of it reaches the person (the reason serve/app.py streams only guarded replies too). A
-    guarded server's own disclaimer is dropped here, since the local guard adds it by the same rule; a crisis
-    block the server put first is kept, and the local guard does not add a second one."""
-
-    def __init__(self, url: str, model: str | None = None, api_key: str = "unused", timeout: float = 600.0):
-        import openai
-
-        self.client = openai.OpenAI(base_url=url.rstrip("/"), api_key=api_key, max_retries=0, timeout=timeout)
-        self.name = model or self._first_model()
-
-    def _first_model(self) -> str:
-        try:
-            models = self.client.models.list().data
-        except Exception:  # a server without /v1/models: any name will do for servers serving one model
-            return "default"
-        return models[0].id if models else "default"
-
-    def generate_one(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None):
-        from serve.engine import Completion
-
-        kw = {"seed": seed} if seed is not None else {}
-        stream = self.client.chat.completions.create(
-            model=self.name,
-            messages=messages,
-            max_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop or None,
-            stream=True,
-            stream_options={"include_usage": True},
-            **kw,
-        )
-        parts, finish, usage = [], "stop", None
-        for chunk in stream:
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                parts.append(choice.delta.content or "")
-                finish = choice.finish_reason or finish
-        text = "".join(parts).strip()
-        if text.endswith(DISCLAIMER):
-            text = text[: -len(DISCLAIMER)].rstrip()
-        prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-        return Completion(text, prompt, completion, finish)
 
 
 # -- scripted use: one conversation per line --------------------------------------------------------------------

@@ -93,6 +93,14 @@ class Engine:
         cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = True, float(temperature), float(top_p), 0
         return cfg
 
+    def _check(self, ids: list[int], max_new_tokens: int) -> None:
+        if self.context_length and len(ids) + max_new_tokens > self.context_length:
+            raise PromptTooLong(len(ids), max_new_tokens, self.context_length)
+
+    def _completion(self, ids: list[int], toks: list[int], finish: str, stop: list[str] | None) -> Completion:
+        """Decode the new tokens and cut the text at the first stop string."""
+        return finish_completion(self.gen.tokenizer, len(ids), toks, finish, stop)
+
     def generate_one(
         self,
         messages: list[dict],
@@ -107,8 +115,7 @@ class Engine:
         from evaluation.generate import _cut_at_stop
 
         ids = self.prompt_ids(messages)
-        if self.context_length and len(ids) + max_new_tokens > self.context_length:
-            raise PromptTooLong(len(ids), max_new_tokens, self.context_length)
+        self._check(ids, max_new_tokens)
         if seed is not None:
             torch.manual_seed(seed)  # seeds CUDA too; only one generation runs at a time, so this is per request
         x = torch.tensor([ids], device=self.gen.device)
@@ -119,8 +126,117 @@ class Engine:
                 generation_config=self._config(max_new_tokens, temperature, top_p),
             )
         toks, finish = _cut_at_stop(out[0, len(ids) :].tolist(), self.gen.stop_ids)
-        text = self.gen.tokenizer.decode(toks, skip_special_tokens=True)
-        cuts = [text.find(s) for s in stop or [] if s and s in text]
-        if cuts:
-            text, finish = text[: min(cuts)], "stop"
-        return Completion(text.strip(), len(ids), len(toks), finish)
+        return self._completion(ids, toks, finish, stop)
+
+    def generate_greedy(self, requests: list[dict]) -> list:
+        """Greedy replies to several requests ({messages, max_new_tokens, stop}) in one left-padded batch, each
+        cut to its own max_new_tokens and stop strings: a Completion per request, or the exception (PromptTooLong)
+        that request alone gets. Greedy rows do not depend on each other, so each text is the one it gets alone."""
+        return greedy_in_one_call(self, requests, self.gen.generate_ids)
+
+
+def finish_completion(tokenizer, n_prompt: int, toks: list[int], finish: str, stop: list[str] | None) -> Completion:
+    text = tokenizer.decode(toks, skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop or [] if s and s in text]
+    if cuts:
+        text, finish = text[: min(cuts)], "stop"
+    return Completion(text.strip(), n_prompt, len(toks), finish)
+
+
+def greedy_in_one_call(engine, requests: list[dict], generate_ids) -> list:
+    """The shared part of the greedy batch of Engine and VllmEngine: tokenize and check every request, answer the
+    good ones with one `generate_ids(prompt_ids, max_new_tokens)` call at the largest max_new_tokens, then cut
+    each row to its request's own limit."""
+    results: list = [None] * len(requests)
+    todo = []
+    for k, r in enumerate(requests):
+        try:
+            ids = engine.prompt_ids(r["messages"])
+            engine._check(ids, r["max_new_tokens"])
+        except Exception as exc:  # this request's failure only
+            results[k] = exc
+            continue
+        todo.append((k, ids))
+    if todo:
+        longest = max(requests[k]["max_new_tokens"] for k, _ in todo)
+        outs = generate_ids([ids for _, ids in todo], longest)
+        for (k, ids), (toks, finish) in zip(todo, outs):
+            limit = requests[k]["max_new_tokens"]
+            if len(toks) > limit:
+                toks, finish = toks[:limit], "length"
+            results[k] = engine._completion(ids, toks, finish, requests[k].get("stop"))
+    return results
+
+
+class VllmEngine:
+    """The same chat engine on vLLM's offline engine (evaluation.generate.VllmGenerator: the same prompt ids and
+    stop tokens as the transformers backend, a LoRA adapter as a LoRA request), for `cbt-llm serve --backend vllm`
+    on a CUDA machine. Greedy requests go to vLLM together (generate_greedy, from serve/batching.py); a sampled one
+    gets its own SamplingParams with its temperature, top_p and seed. Not thread-safe, like Engine."""
+
+    def __init__(self, generator, system_prompt: str | None = None, context_length: int | None = None):
+        self.gen = generator
+        self.name = generator.name
+        self.system_prompt = system_prompt
+        self.context_length = context_length
+
+    @classmethod
+    def load(cls, model: str, adapter: str = "", dtype: str = "auto", engine=None) -> VllmEngine:
+        """`engine`: an object with vLLM's LLM.generate (tests inject tests/eval_fixtures.StandInEngine)."""
+        import json
+
+        from evaluation.generate import VllmGenerator
+
+        check_model_args(model, adapter)
+        gen = VllmGenerator(model, adapter=adapter, dtype=dtype, engine=engine)
+        config = Path(resolve_model(model, adapter, "model").base) / "config.json"
+        context = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+        return cls(gen, exported_system_prompt(adapter or model), context)
+
+    prompt_ids = Engine.prompt_ids
+    _check = Engine._check
+    _completion = Engine._completion
+
+    def _params(self, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        from evaluation.generate import _sampling_params
+
+        params = _sampling_params(max_tokens, self.gen.stop_ids)
+        if temperature > 0:
+            params.temperature, params.seed = float(temperature), seed
+            if hasattr(params, "top_p"):
+                params.top_p = float(top_p)
+        return params
+
+    def _generate_ids(
+        self, prompt_ids: list[list[int]], max_new_tokens: int, **sampling
+    ) -> list[tuple[list[int], str]]:
+        requests = [{"prompt_token_ids": x} for x in prompt_ids]
+        outs = self.gen.engine.generate(requests, self._params(max_new_tokens, **sampling), lora_request=self.gen.lora)
+        rows = []
+        for out in outs:
+            best = out.outputs[0]
+            rows.append((list(best.token_ids), "length" if best.finish_reason == "length" else "stop"))
+        return rows
+
+    def generate_greedy(self, requests: list[dict]) -> list:
+        """As Engine.generate_greedy: one vLLM call for all of them, each cut to its own limits."""
+        return greedy_in_one_call(self, requests, self._generate_ids)
+
+    def generate_one(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> Completion:
+        if temperature <= 0:
+            (out,) = self.generate_greedy([{"messages": messages, "max_new_tokens": max_new_tokens, "stop": stop}])
+            if isinstance(out, Exception):
+                raise out
+            return out
+        ids = self.prompt_ids(messages)
+        self._check(ids, max_new_tokens)
+        ((toks, finish),) = self._generate_ids([ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        return self._completion(ids, toks, finish, stop)

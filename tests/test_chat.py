@@ -141,7 +141,7 @@ def _remote(text: str):
     chunks, then a usage chunk."""
     from types import SimpleNamespace as NS
 
-    from serve.chat import RemoteEngine
+    from serve.remote import RemoteEngine
 
     def create(**kw):
         assert kw["stream"] is True

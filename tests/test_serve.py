@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotations here
 
 from cbt_llm.cli import main
 from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER, hotline
@@ -51,11 +52,16 @@ def _running(app):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def tiny_model(tmp_path_factory):
+    return tiny_chat_model(tmp_path_factory.mktemp("serve_model"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
     from serve.app import create_app
     from serve.engine import Engine
 
-    model = tiny_chat_model(tmp_path_factory.mktemp("serve_model"))
+    model = tiny_model
     with _running(create_app(Engine.load(str(model), device="cpu"), max_tokens_limit=64)) as base:
         yield base
 
@@ -426,3 +432,160 @@ def test_sigterm_lets_the_requests_in_flight_finish_then_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- backends: batched transformers, vLLM (a stand-in), proxy ----
+
+BATCH_QUESTIONS = [
+    ("我最近睡不好觉。", 12, None),
+    ("和父母总是吵架，怎么办？", 6, None),
+    ("工作压力太大了，我很焦虑。", 16, None),
+    ("我觉得自己什么都做不好。", 9, None),
+    ("怎样才能不拖延？", 12, "的"),
+    ("朋友不回我消息，我很难过。", 3, None),
+]
+
+
+def _post_all(base: str, bodies: list[dict], together: bool) -> list[dict]:
+    def post(body):
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        return out["choices"][0]["message"]["content"], out["choices"][0]["finish_reason"], out["usage"]
+
+    if not together:
+        return [post(b) for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
+
+
+def _bodies() -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": q}], "max_tokens": n, "temperature": 0, **({"stop": s} if s else {})}
+        for q, n, s in BATCH_QUESTIONS
+    ]
+
+
+def _batches(base: str) -> float:
+    return float(re.search(r"^cbt_serve_batches_total (\S+)$", httpx.get(base + "/metrics").text, re.M).group(1))
+
+
+def test_greedy_requests_arriving_together_are_batched_and_each_gets_its_text_alone(tiny_model):
+    from serve.app import create_app
+    from serve.batching import BatchingEngine
+    from serve.engine import Engine
+
+    engine = BatchingEngine(Engine.load(str(tiny_model), device="cpu"), max_batch=8, window_s=0.05)
+    with _running(create_app(engine, max_tokens_limit=64)) as base:
+        alone = _post_all(base, _bodies(), together=False)
+        assert _batches(base) == len(BATCH_QUESTIONS)  # one at a time: one generate call each
+        together = _post_all(base, _bodies(), together=True)
+        calls = _batches(base) - len(BATCH_QUESTIONS)
+        # sampled requests with a seed run alone, so the seed repeats its reply while greedy ones are batched
+        sampled = {"messages": [{"role": "user", "content": "怎样才能不拖延？"}], "max_tokens": 8, "temperature": 1.5}
+        seeded = _post_all(base, [*_bodies(), {**sampled, "seed": 7}, {**sampled, "seed": 7}], together=True)
+        assert seeded[-1] == seeded[-2] and seeded[: len(BATCH_QUESTIONS)] == alone
+    print(f"batching: {len(BATCH_QUESTIONS)} concurrent greedy requests in {calls:.0f} generate calls")
+    assert together == alone  # text (stop string cut included), finish and usage, request by request
+    assert calls < len(BATCH_QUESTIONS)
+    assert engine.requests == 3 * len(BATCH_QUESTIONS) + 2
+    assert [u["completion_tokens"] <= n for (_, _, u), (_, n, _) in zip(alone, BATCH_QUESTIONS)] == [True] * 6
+
+
+def test_the_vllm_backend_with_a_stand_in_engine_answers_as_transformers_does_behind_the_guard(tiny_model, server):
+    from serve.app import create_app
+    from serve.batching import BatchingEngine
+    from serve.engine import VllmEngine
+    from tests.eval_fixtures import StandInEngine
+
+    stand_in = StandInEngine(base=_hf_generator(tiny_model))
+    engine = BatchingEngine(VllmEngine.load(str(tiny_model), engine=stand_in), max_batch=8, window_s=0.05)
+    with _running(create_app(engine, max_tokens_limit=64)) as base:
+        vllm = _post_all(base, _bodies(), together=True)
+        crisis = _post_all(base, [{"messages": [{"role": "user", "content": CRISIS_MESSAGE}], "max_tokens": 8}], False)
+    hf = _post_all(server, _bodies(), together=False)  # the plain transformers engine, one at a time
+    assert vllm == hf
+    assert len(stand_in.calls) < len(BATCH_QUESTIONS) + 1  # vLLM got the greedy requests together
+    assert all("prompt_token_ids" in p for c in stand_in.calls for p in c["prompts"])
+    text = crisis[0][0]
+    assert text.startswith(CRISIS_BLOCK) and text.endswith(DISCLAIMER)
+
+
+def _hf_generator(model):
+    """The transformers generator the stand-in for vLLM answers with."""
+    from evaluation.generate import HFGenerator
+
+    return HFGenerator(str(model), device="cpu")
+
+
+def test_an_explicit_vllm_backend_without_vllm_fails_at_start_with_one_line(tiny_model, capsys, monkeypatch):
+    import evaluation.generate as generate
+
+    monkeypatch.setattr(generate, "_vllm_importable", lambda: False)
+    assert main(["serve", "--model", str(tiny_model), "--backend", "vllm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--backend" in err and "vllm is not installed" in err
+    assert main(["serve", "--backend", "proxy"]) == 2
+    assert "--upstream" in capsys.readouterr().err
+
+
+def _plain_upstream(text: str, seen: list):
+    """An OpenAI-compatible server that knows nothing of the guard: it streams `text` whatever it is asked."""
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "upstream-lora", "object": "model", "created": 0, "owned_by": "x"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        seen.append(body)
+
+        def events():
+            base = {"id": "u", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+            for i in range(0, len(text), 3):
+                part = {**base, "choices": [{"index": 0, "delta": {"content": text[i : i + 3]}}]}
+                yield f"data: {json.dumps(part)}\n\n"
+            done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(done)}\n\n"
+            usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def test_the_proxy_backend_puts_the_guard_in_front_of_an_upstream_that_knows_nothing_of_it(monkeypatch):
+    from serve.app import create_app
+    from serve.remote import RemoteEngine
+
+    seen: list = []
+    reply = "我们可以一起看看这个想法。"
+    monkeypatch.setenv("CBT_UPSTREAM_KEY", "sk-upstream")
+    with _running(_plain_upstream(reply, seen)) as upstream:
+        from argparse import Namespace
+
+        from cbt_llm.cli import serve_engine
+
+        args = Namespace(
+            backend="proxy", upstream=upstream + "/v1", upstream_model=None, model=None, adapter=None,
+            upstream_api_key_env="CBT_UPSTREAM_KEY", max_batch=4,
+        )  # fmt: skip
+        engine = serve_engine(args)
+        assert isinstance(engine, RemoteEngine) and engine.name == "upstream-lora" and engine.concurrency == 4
+        with _running(create_app(engine)) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
+            crisis = _ask(client, [{"role": "user", "content": CRISIS_MESSAGE}])
+            plain = _ask(client, [{"role": "user", "content": "我最近睡不好觉。"}])
+    text = crisis.choices[0].message.content
+    assert text == f"{CRISIS_BLOCK}\n\n{reply}\n\n{DISCLAIMER}"
+    assert plain.choices[0].message.content == f"{reply}\n\n{DISCLAIMER}"
+    assert crisis.usage.prompt_tokens == 11 and crisis.usage.completion_tokens == 7
+    # the upstream saw the guard's note for the model on the crisis turn, and the request's own settings
+    assert seen[0]["messages"][0]["role"] == "system" and seen[0]["model"] == "upstream-lora"
+    assert len(seen[1]["messages"]) == 1 and seen[1]["max_tokens"] == 12
