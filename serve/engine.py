@@ -1,4 +1,5 @@
-"""One chat completion at a time with the transformers backend: the model and tokenizer of evaluation's HFGenerator,
+"""Chat completions with the transformers backend (VllmEngine, at the end, is the same on vLLM): the model and
+tokenizer of evaluation's HFGenerator,
 plus what a chat server needs and eval does not (sampling with temperature / top_p / seed, stop strings).
 
     engine = Engine.load("exported/", adapter="", device=None)
@@ -6,7 +7,8 @@ plus what a chat server needs and eval does not (sampling with temperature / top
 
 temperature 0 is greedy, exactly as `cbt-llm eval` decodes. Stop strings are applied to the decoded text after
 generation (the model may run past one; its tokens still count in completion_tokens, as they were computed).
-Not thread-safe: the server runs one generation at a time (serve/app.py).
+generate_greedy answers several greedy requests in one left-padded batch (serve/batching.py collects them).
+Not thread-safe: one call on the model at a time (serve/batching.py holds a lock around it).
 
 A prompt whose tokens plus max_new_tokens do not fit the model's context (config.max_position_embeddings) raises
 PromptTooLong before anything is generated; the server answers it with a 400 naming `messages`.
