@@ -1,6 +1,6 @@
 """Chat completions with the transformers backend (VllmEngine, at the end, is the same on vLLM): the model and
-tokenizer of evaluation's HFGenerator,
-plus what a chat server needs and eval does not (sampling with temperature / top_p / seed, stop strings).
+tokenizer of evaluation's HFGenerator, plus what a chat server needs and eval does not (sampling with
+temperature / top_p / seed, stop strings).
 
     engine = Engine.load("exported/", adapter="", device=None)
     out = engine.generate_one(messages, max_new_tokens=256, temperature=0.7, top_p=0.9, seed=1, stop=["\\n\\n"])
