@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -116,6 +117,22 @@ def test_sampling_with_a_seed_repeats_and_stop_cuts(client):
     if len(model_text) > 2:
         cut = _ask(client, msgs, temperature=1.5, top_p=0.9, seed=7, stop=[model_text[2:4]])
         assert cut.choices[0].message.content.startswith(model_text[:2]) and cut.choices[0].finish_reason == "stop"
+
+
+def test_every_labelled_crisis_message_gets_the_block_before_any_model_text_through_serve(server):
+    """The 243 crisis messages of the labelled set (tests/data/crisis_messages.jsonl), each as a conversation's
+    first user turn over HTTP: every reply starts with the crisis block, hotlines first, before the model's text."""
+    rows = [json.loads(x) for x in (Path(__file__).parent / "data" / "crisis_messages.jsonl").read_text().splitlines()]
+    crisis = [r["text"] for r in rows if r["label"] == "crisis"]
+    assert len(crisis) >= 240
+    bodies = [{"messages": [{"role": "user", "content": t}], "max_tokens": 1, "temperature": 0} for t in crisis]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # arrive together: the batching engine answers them too
+        replies = list(pool.map(lambda b: httpx.post(server + "/v1/chat/completions", json=b, timeout=120), bodies))
+    assert [r.status_code for r in replies] == [200] * len(crisis)
+    missing = [
+        t for t, r in zip(crisis, replies) if not r.json()["choices"][0]["message"]["content"].startswith(CRISIS_BLOCK)
+    ]
+    assert missing == []
 
 
 def test_a_crisis_gets_the_block_first_and_counts_in_metrics_without_text(client, server):
@@ -322,7 +339,7 @@ def test_an_api_key_env_that_is_empty_fails_at_start_with_one_line(tmp_path, cap
     assert "CBT_TEST_KEY" in capsys.readouterr().err
 
 
-LOAD_CLIENTS, LOAD_SECONDS = 32, 15
+LOAD_CLIENTS, LOAD_SECONDS = 32, 30  # the issue's bar: 32 streaming clients for 30 s
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +353,7 @@ def load_server(tmp_path_factory):
         yield base
 
 
-def test_32_streaming_clients_for_15_seconds_no_5xx_other_than_503_and_flat_memory(load_server):
+def test_32_streaming_clients_for_30_seconds_no_5xx_other_than_503_and_flat_memory(load_server):
     import psutil
 
     server = load_server
