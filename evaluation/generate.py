@@ -266,7 +266,7 @@ class HFGenerator:
         """The token ids the model is given for `prompt`."""
         return _chat_ids(self.tokenizer, prompt)
 
-    def _generation_config(self, max_new_tokens: int):
+    def decoding_config(self, max_new_tokens: int):
         from transformers import GenerationConfig
 
         # every field that could change greedy decoding is set: unset ones are filled from the model's
@@ -292,9 +292,9 @@ class HFGenerator:
 
         batch = self.tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = self.model.generate(**batch, generation_config=self._generation_config(max_new_tokens))
+            out = self.model.generate(**batch, generation_config=self.decoding_config(max_new_tokens))
         new = out[:, batch["input_ids"].shape[1] :].tolist()
-        return [_cut_at_stop(row, self.stop_ids) for row in new]
+        return [cut_at_stop(row, self.stop_ids) for row in new]
 
     def generate_batch(
         self, prompts: list[Prompt], max_new_tokens: int, prompt_ids: list[list[int]] | None = None
@@ -308,7 +308,7 @@ class HFGenerator:
         ]
 
 
-def _cut_at_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], str]:
+def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], str]:
     """A generated row up to and including its first stop token (padding follows it in a batch)."""
     stops = set(stop_ids)
     for k, t in enumerate(tokens):

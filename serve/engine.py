@@ -90,8 +90,8 @@ class Engine:
 
     def _config(self, max_new_tokens: int, temperature: float, top_p: float):
         if temperature <= 0:
-            return self.gen._generation_config(max_new_tokens)  # greedy, as eval decodes
-        cfg = self.gen._generation_config(max_new_tokens)
+            return self.gen.decoding_config(max_new_tokens)  # greedy, as eval decodes
+        cfg = self.gen.decoding_config(max_new_tokens)
         cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = True, float(temperature), float(top_p), 0
         return cfg
 
@@ -114,7 +114,7 @@ class Engine:
     ) -> Completion:
         import torch
 
-        from evaluation.generate import _cut_at_stop
+        from evaluation.generate import cut_at_stop
 
         ids = self.prompt_ids(messages)
         self._check(ids, max_new_tokens)
@@ -127,7 +127,7 @@ class Engine:
                 attention_mask=torch.ones_like(x),
                 generation_config=self._config(max_new_tokens, temperature, top_p),
             )
-        toks, finish = _cut_at_stop(out[0, len(ids) :].tolist(), self.gen.stop_ids)
+        toks, finish = cut_at_stop(out[0, len(ids) :].tolist(), self.gen.stop_ids)
         return self._completion(ids, toks, finish, stop)
 
     def generate_greedy(self, requests: list[dict]) -> list:
