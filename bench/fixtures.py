@@ -118,10 +118,13 @@ def make_shards(
     packing: bool = True,
     seed: int = 0,
     lengths: tuple[int, int, int, int] = (3, 8, 4, 10),
+    tokenizer_dir: Path | None = None,
 ) -> Path:
-    """Write tokenizer/, train/, validation/ and manifest.json under `out`; returns `out`."""
+    """Write tokenizer/, train/, validation/ and manifest.json under `out`; returns `out`. `tokenizer_dir`: record
+    that tokenizer instead (e.g. write_chat_tokenizer's, for tests that prompt the model; its vocabulary must cover
+    the fixture's token ids, 0..95)."""
     out = Path(out)
-    tok_dir = write_tiny_tokenizer(out / "tokenizer")
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else write_tiny_tokenizer(out / "tokenizer")
     rng = random.Random(seed)
     need = {"train": rows_per_shard * train_shards, "validation": val_rows}
     splits, counts = {}, {"examples": {}, "rows": {}, "tokens": {}, "label_tokens": {}}

@@ -141,8 +141,14 @@ def _cmd_prepare(cfg: Config, args) -> int:
 
 def _cmd_train(cfg: Config, args) -> int:
     from train.recipe import run_train
+    from train.runtime import dist_env
 
-    return run_train(cfg)
+    gen_eval = None
+    if cfg.train.gen_eval_every:
+        from evaluation.intrain import TrainingGenEval
+
+        gen_eval = TrainingGenEval(cfg, rank=dist_env()[0])
+    return run_train(cfg, gen_eval=gen_eval)
 
 
 def _cmd_export(cfg: Config, args) -> int:

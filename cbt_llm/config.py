@@ -304,6 +304,13 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(500, ge=0, description="Validation loss every N steps (0: only at the end).")
     eval_max_rows: int = Field(0, ge=0, description="Evaluate on at most this many validation rows (0: all).")
+    gen_eval_every: int = Field(
+        0,
+        ge=0,
+        description="Generation eval every N steps and at the end: the model being trained answers the `eval:` "
+        "section's questions (eval.limit, eval.max_new_tokens) and gen/<metric> is logged, scored as `cbt-llm eval` "
+        "scores (0: off).",
+    )
     save_every: int = Field(
         500, ge=0, description="Checkpoint every N steps (0: only at the end and on SIGTERM/SIGUSR1)."
     )

@@ -230,6 +230,9 @@ class HFGenerator:
 
     backend = "transformers"
     batches_internally = False
+    # ZeRO-3 across ranks: every forward is collective, so ranks step together until all are done (transformers'
+    # synced_gpus), and generate_all gives every rank the same number of generate calls
+    synced_gpus = False
 
     def __init__(
         self,
@@ -262,6 +265,16 @@ class HFGenerator:
         self.stop_ids = stop_token_ids(self.tokenizer, model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id
 
+    @classmethod
+    def around(cls, model, tokenizer, *, device: str, name: str, synced_gpus: bool = False) -> HFGenerator:
+        """A generator over a model already in memory, e.g. the one being trained (train.gen_eval_every); the
+        tokenizer pads on the left (load_chat_tokenizer)."""
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
+        self.pad_id, self.synced_gpus = tokenizer.pad_token_id, synced_gpus
+        return self
+
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The token ids the model is given for `prompt`."""
         return _chat_ids(self.tokenizer, prompt)
@@ -292,7 +305,9 @@ class HFGenerator:
 
         batch = self.tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            out = self.model.generate(**batch, generation_config=self.decoding_config(max_new_tokens))
+            out = self.model.generate(
+                **batch, generation_config=self.decoding_config(max_new_tokens), synced_gpus=self.synced_gpus
+            )
         new = out[:, batch["input_ids"].shape[1] :].tolist()
         return [cut_at_stop(row, self.stop_ids) for row in new]
 
@@ -493,6 +508,9 @@ def load_generator(
 def _run_share(generator, prompts, ids, calls, max_new_tokens, bar) -> list[tuple[int, Generation]]:
     done = []
     for batch in calls:
+        if batch is None:  # a lockstep filler (generate_all)
+            generator.generate_batch([prompts[0]], max_new_tokens, [ids[0]])
+            continue
         gens = generator.generate_batch([prompts[i] for i in batch], max_new_tokens, [ids[i] for i in batch])
         done += list(zip(batch, gens))
         bar.update(len(batch))
@@ -520,8 +538,11 @@ def generate_all(
     plan = plan_batches([len(x) for x in ids], max_new_tokens, batch_tokens)
     mine = plan[rank::world_size]
     calls = [[i for b in mine for i in b]] if generator.batches_internally and mine else mine
+    if getattr(generator, "synced_gpus", False) and plan:
+        # lockstep ranks (ZeRO-3): a rank with fewer batches repeats the first one, its answers thrown away
+        calls = calls + [None] * (-(-len(plan) // world_size) - len(calls))
     bar = tqdm(
-        total=sum(len(b) for b in calls),
+        total=sum(len(b) for b in calls if b is not None),
         desc=f"eval: generating (rank 0 of {world_size})" if world_size > 1 else "eval: generating",
         unit="q",
         leave=False,
@@ -532,7 +553,8 @@ def generate_all(
     done = _run_share(generator, prompts, ids, calls, max_new_tokens, bar)
     seconds = time.perf_counter() - t0
     bar.close()
-    gens, stats = _assemble(_gather((done, seconds, len(calls)), world_size), len(prompts), generator.backend)
+    real_calls = sum(b is not None for b in calls)
+    gens, stats = _assemble(_gather((done, seconds, real_calls), world_size), len(prompts), generator.backend)
     return (gens if rank == 0 else None), stats
 
 

@@ -43,6 +43,12 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
             f"launch.hostfile: '{cfg.launch.hostfile}' not found; write one 'host slots={g}' line per node"
         )
 
+    if launcher == "ray" and tc.gen_eval_every:
+        # a Ray worker runs train alone; the evaluation stage rides along only with `cbt-llm train`
+        raise ConfigError(
+            "train.gen_eval_every: not available in Ray jobs; set it to 0 and run `cbt-llm eval` on the checkpoints"
+        )
+
     # every shard present (load_manifest), then the tokenizer the shards were made with, by content hash
     manifest = load_manifest(tc.data_dir)
     tok_path = manifest["tokenizer"]["name_or_path"]

@@ -79,6 +79,7 @@ class Run:
     optimizer: OptimizerChoice
     run_dir: Path = field(init=False)
     on_checkpoint: Callable[[Path, dict], None] | None = None
+    gen_eval: Callable[..., dict] | None = None
     facts: dict[str, Any] = field(default_factory=dict)  # what was resolved at start-up, for the summary
     start_step: int = 0
     resumed_from: str | None = None
@@ -106,6 +107,7 @@ def run_train(
     *,
     train_rows: Callable[[list[dict], int], PackedRows] | None = None,
     on_checkpoint: Callable[[Path, dict], None] | None = None,
+    gen_eval: Callable[..., dict] | None = None,
 ) -> int:
     """Train as configured; returns the process exit code (0, or train.requeue_exit_code after a signal).
 
@@ -113,11 +115,16 @@ def run_train(
     train_rows(shards, pad_token_id) gives this rank's train rows instead of read_rows from train.data_dir (it
     must return what read_rows would); on_checkpoint(folder, trainer_state) runs on every rank after each
     checkpoint is complete on disk.
+
+    gen_eval (train.gen_eval_every; the CLI passes evaluation.intrain.TrainingGenEval, train does not import the
+    evaluation stage): gen_eval(model, step=, rank=, world=, device=, synced_gpus=) is called on every rank with the
+    model in eval mode and returns the metrics to log (rank 0; {} elsewhere).
     """
     runtime.install_stop_signals()
     runtime.extension_build_env()
     with runtime.shm_buffers_removed():
         run = _check_config(cfg, on_checkpoint)
+        run.gen_eval = _check_gen_eval(cfg, gen_eval)
         engine, rows, val_rows = _set_up(run, train_rows)
         loader = _resume(run, engine, rows)
         code = _loop(run, engine, loader, val_rows)
@@ -172,6 +179,15 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
     if world_note:
         run.say(world_note)
     return run
+
+
+def _check_gen_eval(cfg: Config, gen_eval):
+    if cfg.train.gen_eval_every and gen_eval is None:
+        raise ConfigError(
+            "train.gen_eval_every: generation eval runs from `cbt-llm train` (torchrun, the deepspeed launcher, "
+            "Slurm), which brings the evaluation stage; set train.gen_eval_every=0 here"
+        )
+    return gen_eval if cfg.train.gen_eval_every else None
 
 
 def _set_up(run: Run, train_rows) -> tuple[Any, PackedRows, PackedRows]:
@@ -378,6 +394,7 @@ def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
         tc.profile_steps, run.start_step + 3, run.device_type, run.run_dir / "profile.txt" if run.is_main else None
     )
     window, step, last_eval, last_saved = LogWindow(engine.device), run.start_step, None, None
+    gen_every = tc.gen_eval_every if run.gen_eval else 0
     stop_flag = torch.zeros(1, device=engine.device)  # collectives live on the device the backend serves
     for step in range(run.start_step + 1, run.total_steps + 1):
         sig = _agreed_stop(stop_flag)
@@ -399,6 +416,8 @@ def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
             metrics = _window_metrics(run, engine, window, lr, step_s, loader.epoch)
         if tc.eval_every and len(val_rows) and step % tc.eval_every == 0:
             metrics["eval/loss"], last_eval = _validate(run, engine, val_rows), step
+        if gen_every and (step % gen_every == 0 or step == run.total_steps):
+            metrics.update(_generation_eval(run, engine, step))
         if metrics:
             run.logger.log(step, metrics)
             if "train/loss" in metrics:
@@ -464,6 +483,29 @@ def _validate(run: Run, engine, val_rows: PackedRows) -> float:
         **_chunking(run),
     )
     return run.eval_loss
+
+
+def _generation_eval(run: Run, engine, step: int) -> dict:
+    """The gen_eval hook on the model as it is now (all ranks: under ZeRO-3 its forwards are collective)."""
+    model = engine.module
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA PeftModel
+    attn = hf.config._attn_implementation
+    # generation needs padding masks and a KV cache, which the packed-row kernels do not take; `cbt-llm eval`
+    # loads the exported model with transformers' sdpa, so that is what answers here too
+    hf.set_attn_implementation("sdpa")
+    model.eval()  # no dropout, and no activation checkpointing, so generate may use its KV cache
+    try:
+        return run.gen_eval(
+            model,
+            step=step,
+            rank=run.rank,
+            world=run.world,
+            device=str(engine.device),
+            synced_gpus=run.cfg.train.zero_stage == 3 and run.world > 1,
+        )
+    finally:
+        hf.set_attn_implementation(attn)
+        model.train()
 
 
 # ---- save, stop, finish -----------------------------------------------------------------------------------------
