@@ -72,7 +72,17 @@ class TrainingGenEval:
             metrics.update(judge_answers(self.judge, gen.name, self.questions, gens, self.ec)[0])
         self._write_answers(step, gens, rows)
         logged = {f"gen/{name}": m["score"] for name, m in metrics.items() if m.get("score") is not None}
-        return {**logged, "gen/new_tokens": stats["new_tokens"], "gen/tokens_per_s": stats["tokens_per_s"]}
+        coverage = {r["id"]: r["structure"]["coverage"] for r in rows}
+        samples = [
+            {"id": q.id, "question": q.question, "answer": g.text, "coverage": coverage.get(q.id)}
+            for q, g in zip(self.questions[: self.ec.examples], gens)
+        ]
+        return {
+            **logged,
+            "gen/new_tokens": stats["new_tokens"],
+            "gen/tokens_per_s": stats["tokens_per_s"],
+            "gen/samples": samples,  # a W&B table (train.metrics), and the same rows in metrics.jsonl
+        }
 
     def _write_answers(self, step: int, gens, rows: list[dict]) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

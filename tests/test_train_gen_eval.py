@@ -2,8 +2,8 @@
 equal `cbt-llm eval` on the checkpoint of that step and the same held-out questions, answer for answer.
 
 One short run (2 optimizer steps, 5 questions, 12 new tokens) on the trainer tests' fixture shards, recorded with a
-chat tokenizer so the model can be prompted. The batch budget makes 3 generation batches, so one rank generates
-twice and the other once plus a lockstep filler: ZeRO-3's collective forwards must not hang on the uneven split.
+chat tokenizer so the model can be prompted. The batch budget makes 5 generation batches, so rank 0 generates
+three times and rank 1 twice plus a lockstep filler: ZeRO-3's collective forwards must not hang on the uneven split.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from data_pipeline.synth_template import iter_records
 from tests.eval_fixtures import write_chat_tokenizer
-from tests.test_train_e2e import by_step, metrics, run, torchrun_cmd
+from tests.test_train_e2e import by_step, metrics, read_wandb_history, run, torchrun_cmd
 from tests.train_fixtures import make_shards
 from train.export import run_export
 
@@ -58,7 +58,7 @@ def trained(tmp_path_factory) -> dict:
         f"eval.questions={questions}",
         *GEN,
     ]
-    p = run(torchrun_cmd(args))
+    p = run(torchrun_cmd(args), WANDB_MODE="offline")
     assert p.returncode == 0, p.log
     export = root / "export"
     run_export(run_dir, export)
@@ -78,7 +78,7 @@ def test_logged_generation_metrics_equal_cbt_llm_eval_on_the_checkpoint(trained)
     assert {"gen/bleu-4", "gen/rouge-l", "gen/structure-coverage", "gen/distinct-2"} <= set(expected), expected
     assert logged == pytest.approx(expected, abs=1e-9)
     assert by_step(rows, "gen/new_tokens")[2] == model["generation"]["new_tokens"] > 0
-    assert model["generation"]["batches"] == 3  # the same plan in training: 2 ranks, one filler batch
+    assert model["generation"]["batches"] == 5  # the same plan in training: rank 0 runs 3, rank 1 2 + a filler
 
 
 def test_the_answers_are_the_same_text_and_written_per_step(trained):
@@ -106,3 +106,15 @@ def test_ray_jobs_refuse_gen_eval_every_before_any_work():
     cfg = load_config(None, ["train.gen_eval_every=5", "model.init=random"])
     with pytest.raises(ConfigError, match=r"^train.gen_eval_every: not available in Ray jobs"):
         preflight(cfg, "ray")
+
+
+def test_samples_table_in_metrics_jsonl_and_wandb(trained):
+    (line,) = [r for r in metrics(trained["run"]) if "gen/samples" in r]
+    during = [json.loads(ln) for ln in (trained["run"] / "gen_eval" / "step_0000002.jsonl").read_text().splitlines()]
+    assert line["step"] == 2 and [s["id"] for s in line["gen/samples"]] == ["q0", "q1", "q2"]  # eval.examples=3
+    assert [s["answer"] for s in line["gen/samples"]] == [r["output"] for r in during[:3]]
+    run_id = (trained["run"] / "wandb_run_id").read_text().strip()
+    (wandb_file,) = (trained["run"] / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    history = [h for h in read_wandb_history(wandb_file) if "gen/samples/_type" in h]  # nested keys come flattened
+    assert history and history[0]["gen/samples/_type"] == "table-file" and history[0]["gen/samples/nrows"] == 3
+    assert history[0]["gen/rouge-l"] == pytest.approx(line["gen/rouge-l"])

@@ -129,6 +129,16 @@ class LogWindow:
         }
 
 
+def _wandb_value(value: Any) -> Any:
+    """A list of row dicts (e.g. gen/samples, answers of the generation eval) is a W&B table; the rest as is."""
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        import wandb
+
+        columns = list(value[0])
+        return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in value])
+    return value
+
+
 class MetricsLogger:
     """Rank 0 writes metrics.jsonl and W&B; every other rank gets the same object doing nothing."""
 
@@ -185,7 +195,7 @@ class MetricsLogger:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
             # W&B ignores steps at or below one it already has (after a resume); metrics.jsonl is the full record
-            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+            self.run.log({k: _wandb_value(v) for k, v in metrics.items() if v is not None}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
