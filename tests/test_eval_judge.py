@@ -200,3 +200,52 @@ def test_report_names_the_judge_and_its_agreement(tmp_path, capsys):
     assert "agreement counselling (repeat 1 vs 2, n=4): Pearson r 1.000, mean |difference| 0.00" in report
     agreement = json.loads((out / "results.json").read_text())["models"]["sys"]["judge"]["agreement"]
     assert agreement["counselling"]["pearson"] == pytest.approx(1.0)
+
+
+def test_slow_and_out_of_range_replies_then_a_kill_and_a_resume_without_repeats(tmp_path):
+    """`cbt-llm eval` in a subprocess, one request in flight: q1's first reply is out of range (asked again later),
+    q2's first reply is slower than the client's timeout (retried by the client, then answered), q3 is answered,
+    q4's replies never come in time, and the process is SIGKILLed while the client retries q4. The rerun asks for
+    q1 (its out-of-range reply again, then a good one) and q4, never for the cached q2 and q3."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    q, p = _files(tmp_path)
+    out = tmp_path / "eval"
+    cmd = [str(Path(sys.executable).parent / "cbt-llm"), "eval", "--predictions", str(p), "--questions", str(q)]
+    cmd += ["--out", str(out), "eval.check_overlap=false", "eval.judge.model=fake-judge", "eval.judge.rubrics=[cbt]"]
+    cmd += ["eval.judge.api_key_env=JUDGE_TEST_KEY", "eval.judge.concurrency=1", "eval.judge.timeout_s=2"]
+    env = {**os.environ, "JUDGE_TEST_KEY": KEY, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    plan = {ITEMS[0][2]: ["judge_out_of_range"], ITEMS[1][2]: ["slow"], ITEMS[3][2]: "always:slow"}
+    cache = out / "judge_cache.jsonl"
+    with FakeOpenAIServer(plan=plan, default="judge", expected_key=KEY, slow_s=5.0) as srv:
+        proc = subprocess.Popen(
+            [*cmd, f"eval.judge.base_url={srv.base_url}", "eval.judge.max_retries=50"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 240
+        while not (cache.is_file() and len(cache.read_text().splitlines()) == 2 and srv.requests_for(ITEMS[3][2])):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert [r["fault"] for r in srv.requests_for(ITEMS[1][2])][:2] == ["slow", "judge"]  # timed out, retried
+    cached = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert len(cached) == 2 and all(set(r["scores"]) for r in cached)  # q2 and q3, whole lines
+    with FakeOpenAIServer(plan={ITEMS[0][2]: ["judge_out_of_range"]}, default="judge", expected_key=KEY) as srv:
+        done = subprocess.run([*cmd, f"eval.judge.base_url={srv.base_url}"], cwd=ROOT, env=env, capture_output=True)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        assert not srv.requests_for(ITEMS[1][2]) and not srv.requests_for(ITEMS[2][2])  # cached: not asked again
+        assert [r["fault"] for r in srv.requests_for(ITEMS[0][2])] == ["judge_out_of_range", "judge"]
+        assert len(srv.requests_for(ITEMS[3][2])) == 1
+    m = json.loads((out / "results.json").read_text())["models"]["sys"]
+    assert m["metrics"]["judge-cbt-total"]["n"] == 4 and m["judge"]["usage"]["cached"] == 2
+    want = [_total("cbt", a) for _, _, a in ITEMS]
+    assert m["metrics"]["judge-cbt-total"]["score"] == pytest.approx(sum(want) / 4)  # q1 from its in-range reply
+    assert not (out / "judge_failures.jsonl").exists()
+    _no_key_anywhere(out)
