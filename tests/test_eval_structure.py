@@ -146,6 +146,21 @@ def test_accuracy_per_part_on_the_design_answers(scorer):
     assert r["coverage"]["mae"] < 0.25 and r["order"]["mae"] < 0.06, (r["coverage"], r["order"])
 
 
+# Measured once on heldout3 (bench/RESULTS.md, run 5): 0.940 0.980 0.800 0.897 0.932. The aim, 0.9 per part, is
+# NOT met there (challenge and strategy fall short); these floors (about two segments below the measurement) only
+# catch a regression.
+HELDOUT3_FLOOR = {"empathy": 0.91, "key_thought": 0.94, "challenge": 0.76, "strategy": 0.86, "encouragement": 0.89}
+
+
+def test_accuracy_per_part_on_the_heldout3_answers(scorer):
+    r = evaluate_scorer(scorer, _answers("heldout3"))
+    assert r["answers"] == 62 and r["segments"]["accuracy"] >= 0.89, r["segments"]
+    for part, floor in HELDOUT3_FLOOR.items():
+        assert r["segments"]["per_label"][part]["accuracy"] >= floor, (part, r["segments"]["per_label"][part])
+        assert r["presence"][part]["accuracy"] >= 0.78, (part, r["presence"][part])
+    assert r["coverage"]["mae"] < 0.4 and r["order"]["mae"] < 0.1, (r["coverage"], r["order"])
+
+
 def test_decoding_reads_an_unsure_segment_by_its_neighbours_and_keeps_a_sure_one():
     prior = order_prior(LABELS, **ORDER_PRIOR["paragraphs"])
     emp, enc, key = LABELS.index("empathy"), LABELS.index("encouragement"), LABELS.index("key_thought")
