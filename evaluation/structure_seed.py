@@ -5,11 +5,14 @@ a few dozen encouragement sentences. A scorer trained on it alone learns those p
 labels most empathy written any other way as something else. These banks add the functions of each part in many
 more wordings and topics; the scorer trains on them together with generated corpus records.
 
-They were written for this project in two rounds, each after the held-out answers it is measured on
+They were written for this project in rounds, each after the held-out answers it is measured on
 (tests/data/structure_handwritten.jsonl) had been written and committed: the first after the `dev` and `test`
 splits, the second (the entries under "round 2": more encouragement, strategy and empathy in other wordings,
 short reassurances, strategies asked as questions, empathy and key thoughts that quote the asker) after the
-`heldout2` split. No exemplar shares more than 9 characters in a row with any hand-written answer
+`heldout2` split; a third ("round 3": situational empathy and empathy that quotes the asker, key thoughts as
+scripts or questions, challenges as questions about other people, strategies that open with a first step, short
+reassurances) after v2 had been measured on `heldout2` and its errors read, before `heldout3` was written. No
+exemplar shares more than 9 characters in a row with any hand-written answer
 (tests/test_eval_structure.py checks it); bench/RESULTS.md reports the scorer's accuracy with and without them.
 Data only, like synth_content: a reviewer can read and correct the text without reading code.
 """
