@@ -6,12 +6,15 @@
 What it measures:
 
 - hand-written answers (tests/data/structure_handwritten.jsonl: 8 `dev` answers used in design, 32 `test`
-  answers, 12 `fresh` answers written after the first scorer was frozen, and 45 `heldout2` answers written before
-  the second round of changes, which designed on the other three): per-label segment accuracy (recall) and
-  precision; per part, whether "present" is called right over every variant of every answer
-  (as written, each part removed, shuffled, two removed and shuffled); coverage exact-match and error; order
-  agreement error. For the scorer we ship (corpus + seed bank) and, to show what the bank adds, one trained on
-  the template corpus alone. Per split, the longest substring any seed-bank exemplar shares with its segments.
+  answers, 12 `fresh` answers written after the first scorer was frozen, 45 `heldout2` answers written before the
+  second round of changes and measured once after it, then design data for the third; and `heldout3`, written
+  after scorer v3 was frozen): per-label segment accuracy (recall) and precision, each answer decoded on its own;
+  the same on the shuffled variants (what the order prior costs when the order breaks) and with every answer
+  written as one paragraph and labelled sentence by sentence; per part, whether "present" is called right over
+  every variant of every answer (as written, each part removed, shuffled, two removed and shuffled); coverage
+  exact-match and error; order agreement error. For the scorer we ship (corpus + seed bank + order prior) and, to
+  show what each adds, one that labels every segment on its own (no order prior) and one trained on the template
+  corpus alone. Per split, the longest substring any seed-bank exemplar shares with its segments.
 - PsyQA's human answers (../shared/data/psyqa_example.json, when present): they were not written to the CBT
   structure, so this reports what the scorer says, not an accuracy: coverage, parts present, order, and how
   the scorer's labels line up with PsyQA's own strategy labels (labels_sequence spans).
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.schema import CBT_PARTS  # noqa: E402
 from evaluation.structure import (  # noqa: E402
     LABELS,
+    ORDER_PRIOR,
     StructureScorer,
     evaluate_scorer,
     longest_shared,
@@ -46,7 +50,7 @@ from evaluation.structure import (  # noqa: E402
 ANSWERS = ROOT / "tests" / "data" / "structure_handwritten.jsonl"
 PSYQA = ROOT.parent / "shared" / "data" / "psyqa_example.json"
 OUT = ROOT / "bench" / "results" / "structure.json"
-SPLITS = ("heldout2", "test", "fresh", "dev")
+SPLITS = ("heldout3", "heldout2", "test", "fresh", "dev")  # those the answers file holds are measured
 
 
 def _rel(path: Path) -> str:
@@ -103,23 +107,31 @@ def _split_table(split: str, t: dict) -> None:
         f"(MAE {t['coverage']['mae']:.3f}, n={t['coverage']['n']} variants); order MAE "
         f"{t['order']['mae']:.3f} (n={t['order']['n']})\n"
     )
-    print("| label | segments n | accuracy (recall) % | precision % | presence n | presence accuracy % |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| label | segments n | accuracy (recall) % | precision % | shuffled: accuracy % | as sentences: n | "
+        "accuracy % | presence n | presence accuracy % |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for lab in LABELS:
         s = t["segments"]["per_label"].get(lab)
         if not s or not s["n"]:
             continue
+        sh, se = t["shuffled"]["per_label"][lab], t["sentences"]["per_label"][lab]
         pres = t["presence"].get(lab, {"n": "", "accuracy": None})
         print(
-            f"| {lab} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['precision'])} | {pres['n']} | "
-            f"{_pct(pres['accuracy']) if lab != 'other' else ''} |"
+            f"| {lab} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['precision'])} | {_pct(sh['accuracy'])} | "
+            f"{se['n']} | {_pct(se['accuracy'])} | {pres['n']} | {_pct(pres['accuracy']) if lab != 'other' else ''} |"
         )
+    print(
+        f"\nall labels: segments {_pct(t['segments']['accuracy'])}%, shuffled {_pct(t['shuffled']['accuracy'])}% "
+        f"(n={t['shuffled']['n']}), as sentences {_pct(t['sentences']['accuracy'])}% (n={t['sentences']['n']})"
+    )
 
 
 def print_tables(res: dict) -> None:
     for name, r in res["handwritten"].items():
         print(f"\n### {name}: {r['signature']} (trained in {r['train_s']} s)")
-        for split in SPLITS:
+        for split in res["splits"]:
             _split_table(split, r[split])
     print("\nlongest substring a seed-bank exemplar shares with a split's segments:")
     for split, b in res["bank_shared"].items():
@@ -149,11 +161,16 @@ def main() -> int:
     args = ap.parse_args()
 
     answers = [json.loads(line) for line in Path(args.answers).read_text(encoding="utf-8").splitlines() if line]
-    res: dict = {"host": platform.node(), "python": platform.python_version(), "handwritten": {}}
+    splits = [s for s in SPLITS if any(a["split"] == s for a in answers)]
+    res: dict = {"host": platform.node(), "python": platform.python_version(), "splits": splits, "handwritten": {}}
     scorers = {}
-    for name, bank in (("corpus + seed bank (shipped)", True), ("template corpus only", False)):
+    for name, bank, priors in (
+        ("corpus + seed bank + order prior (shipped)", True, ORDER_PRIOR),
+        ("corpus + seed bank, no order prior", True, None),
+        ("template corpus only + order prior", False, ORDER_PRIOR),
+    ):
         t0 = time.perf_counter()
-        scorer = train_scorer(records=args.records, seed=args.seed, bank=bank)
+        scorer = train_scorer(records=args.records, seed=args.seed, bank=bank, priors=priors)
         train_s = time.perf_counter() - t0
         scorers[name] = scorer
         res["handwritten"][name] = {
@@ -161,14 +178,14 @@ def main() -> int:
             "train_s": round(train_s, 2),
             "examples": scorer.meta["examples"],
             "features": scorer.meta["features"],
-            **{split: evaluate_scorer(scorer, [a for a in answers if a["split"] == split]) for split in SPLITS},
+            **{split: evaluate_scorer(scorer, [a for a in answers if a["split"] == split]) for split in splits},
         }
     bank = [t for texts in seed_bank().values() for t in texts]
     res["bank_shared"] = {}
-    for split in SPLITS:
+    for split in splits:
         n, sub, text = longest_shared(bank, [s["text"] for a in answers if a["split"] == split for s in a["segments"]])
         res["bank_shared"][split] = {"chars": n, "substring": sub, "exemplar": text}
-    shipped = scorers["corpus + seed bank (shipped)"]
+    shipped = scorers["corpus + seed bank + order prior (shipped)"]
     path = shipped.save(args.out)
     res["artifact"] = {"path": _rel(path), "bytes": path.stat().st_size}
     psyqa = Path(args.psyqa)

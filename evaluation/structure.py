@@ -1,8 +1,13 @@
 """The offline CBT-structure scorer: which of the five parts each paragraph or sentence of an answer is.
 
 An answer is cut into segments: its paragraphs when it has two or more, else its sentences. Each segment gets one
-label of LABELS (the five parts of data_pipeline.schema.CBT_PARTS, or "other") from a linear classifier over
-character n-grams; per answer that gives
+label of LABELS (the five parts of data_pipeline.schema.CBT_PARTS, or "other"): a linear classifier over
+character n-grams gives each segment a probability per label, and a Viterbi pass over the answer's segments picks
+the most probable label sequence under a soft order prior (ORDER_PRIOR, one per unit: the canonical order, parts
+repeated, skipped, reordered or mixed with "other" lines all allowed at a cost), so that a segment the classifier
+is unsure of is read in the light of its neighbours (an unsure first paragraph before a key thought is more likely
+empathy than encouragement). The prior looks at labels next to each other and the answer's two ends, not at a
+segment's position by number. Per answer that gives
 
     parts        the parts present, in canonical order
     coverage     how many of the five are present (0-5)
@@ -16,10 +21,11 @@ least `min_df` examples, L2-normalised; model: scikit-learn's multinomial logist
 every part weighs the same and "other" half as much (`other_weight`: a rare label of off-topic lines, at full weight
 it drew in borderline part sentences), and, within a label, the corpus and the bank weigh half each (the corpus fills
 a few phrasings with thousands of slot values; unweighted, those phrasings are all a label learns). The scorer is
-saved as one small .npz (vocabulary, idf, weights; no pickle) and scoring needs NumPy only. Every score names
-how it was made (`signature`), and training is deterministic: the same arguments give the same weights.
+saved as one small .npz (vocabulary, idf, weights, the priors in its header; no pickle) and scoring needs NumPy
+only. Every score names how it was made (`signature`), and training is deterministic: the same arguments give the
+same weights.
 
-Use: `scorer = load_or_train("runs/structure_scorer.npz")` (trains and saves it the first time, ~10-15 s on
+Use: `scorer = load_or_train("runs/structure_scorer.npz")` (trains and saves it the first time, ~15-20 s on
 one core, then loads it), `scorer.score(answer)`. `bench/structure_bench.py` builds it and measures it on
 hand-written answers it never trained on (tests/data/structure_handwritten.jsonl) and on PsyQA's human answers.
 """
@@ -41,7 +47,7 @@ import numpy as np
 from cbt_llm.config import ConfigError
 from data_pipeline.schema import CBT_PARTS
 
-VERSION = "structure:v2"
+VERSION = "structure:v3"
 LABELS: tuple[str, ...] = (*CBT_PARTS, "other")
 _RANK = {p: i for i, p in enumerate(CBT_PARTS)}
 
@@ -56,10 +62,16 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
 
 
+def segment(answer: str) -> tuple[list[str], str]:
+    """The units an answer is labelled in and their kind: its paragraphs (lines) when there are two or more
+    ("paragraphs"), else its sentences ("sentences")."""
+    paragraphs = [p for p in _PARAGRAPH.split(answer.strip()) if p]
+    return (paragraphs, "paragraphs") if len(paragraphs) >= 2 else (split_sentences(answer), "sentences")
+
+
 def split_segments(answer: str) -> list[str]:
     """The units an answer is labelled in: its paragraphs (lines) when there are two or more, else its sentences."""
-    paragraphs = [p for p in _PARAGRAPH.split(answer.strip()) if p]
-    return paragraphs if len(paragraphs) >= 2 else split_sentences(answer)
+    return segment(answer)[0]
 
 
 def normalise(text: str) -> str:
@@ -92,6 +104,55 @@ def structure_of(labels: Sequence[str]) -> dict:
     return {"parts": present, "coverage": len(present), "order": order_agreement(labels)}
 
 
+# The order priors the shipped scorer decodes with, per unit. Chosen on the design splits (dev, test, fresh, heldout2
+# of tests/data/structure_handwritten.jsonl), as written and shuffled: paragraphs rarely repeat a part, so a repeat
+# costs more there; sentences of one paragraph mostly continue the part before them. bench/RESULTS.md has the grid.
+ORDER_PRIOR: dict[str, dict[str, float]] = {
+    "paragraphs": {"stay": 0.5, "skip": 0.6, "back": 0.5, "other": 0.6, "ends": 0.6},
+    "sentences": {"stay": 1.5, "skip": 0.3, "back": 0.5, "other": 0.6, "ends": 0.6},
+}
+
+
+def order_prior(labels: Sequence[str], stay: float, skip: float, back: float, other: float, ends: float) -> np.ndarray:
+    """Log-scores of transitions between `labels` (parts of CBT_PARTS or "other"), (len(labels) + 1) square; the
+    last row and column stand for the answer's start and end. Each number weighs a step against the canonical one
+    (a part followed by the next part, an answer opening on empathy or closing on encouragement, all 1): `stay` a
+    label repeated, `skip` a jump forward over parts, `back` a step back to an earlier part, `other` a step into or
+    out of "other" (an answer may also open or close on it), `ends` an answer opening or closing on any other part.
+    Nothing is forbidden: answers skip, repeat and reorder parts, and the prior only tips segments the classifier
+    is unsure of. A prior that favours the canonical order costs accuracy on answers written out of it;
+    evaluate_scorer measures that cost on shuffled answers."""
+    n = len(labels)
+    out = np.zeros((n + 1, n + 1))
+    for i, a in enumerate(labels):
+        for j, b in enumerate(labels):
+            if a == b:
+                out[i, j] = math.log(stay)
+            elif a not in _RANK or b not in _RANK:
+                out[i, j] = math.log(other)
+            elif _RANK[b] - _RANK[a] != 1:
+                out[i, j] = math.log(skip if _RANK[b] > _RANK[a] else back)
+        out[n, i] = 0.0 if a in (CBT_PARTS[0], "other") else math.log(ends)
+        out[i, n] = 0.0 if a in (CBT_PARTS[-1], "other") else math.log(ends)
+    return out
+
+
+def decode(log_probs: np.ndarray, transitions: np.ndarray) -> list[int]:
+    """Viterbi: the label sequence maximising the sum of the segments' log-probabilities and the transition
+    log-scores (order_prior; its last row/column are the start/end of the answer)."""
+    start, end, step = transitions[-1, :-1], transitions[:-1, -1], transitions[:-1, :-1]
+    best = start + log_probs[0]
+    back = []
+    for row in log_probs[1:]:
+        cand = best[:, None] + step  # cand[i, j]: best path ending in i, then j
+        back.append(cand.argmax(axis=0))
+        best = cand.max(axis=0) + row
+    path = [int((best + end).argmax())]
+    for ptr in reversed(back):
+        path.append(int(ptr[path[-1]]))
+    return path[::-1]
+
+
 @dataclass
 class StructureScorer:
     """A trained scorer: vocabulary (n-gram -> column), idf per column, weights per label (rows of `coef`)."""
@@ -103,6 +164,7 @@ class StructureScorer:
     labels: tuple[str, ...]
     n_max: int
     meta: dict
+    priors: dict[str, dict[str, float]] | None = None  # ORDER_PRIOR's shape; None: label segment by segment
 
     @property
     def signature(self) -> str:
@@ -130,16 +192,21 @@ class StructureScorer:
             out[i] = z / z.sum()
         return out
 
-    def label(self, segments: Sequence[str]) -> list[str]:
-        """The most probable label of each segment."""
+    def label(self, segments: Sequence[str], unit: str = "paragraphs") -> list[str]:
+        """The labels of one answer's segments (`unit`: "paragraphs" or "sentences"), in the answer's order: the
+        most probable sequence under the classifier and the order prior of that unit; segment by segment when the
+        scorer has no prior. Segments of different answers are labelled in separate calls."""
         if not segments:
             return []
-        return [self.labels[k] for k in self.probabilities(segments).argmax(axis=1)]
+        log_probs = np.log(np.maximum(self.probabilities(segments), 1e-300))
+        if self.priors is None:
+            return [self.labels[k] for k in log_probs.argmax(axis=1)]
+        return [self.labels[k] for k in decode(log_probs, order_prior(self.labels, **self.priors[unit]))]
 
     def score(self, answer: str) -> dict:
         """An answer's segments with their labels, the parts present, coverage (0-5) and order agreement."""
-        segments = split_segments(answer)
-        labels = self.label(segments)
+        segments, unit = segment(answer)
+        labels = self.label(segments, unit)
         return {"segments": [{"text": s, "label": lab} for s, lab in zip(segments, labels)], **structure_of(labels)}
 
     def save(self, path: str | Path) -> Path:
@@ -147,7 +214,13 @@ class StructureScorer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         terms = sorted(self.vocab, key=self.vocab.get)
-        header = {"version": VERSION, "labels": list(self.labels), "n_max": self.n_max, "meta": self.meta}
+        header = {
+            "version": VERSION,
+            "labels": list(self.labels),
+            "n_max": self.n_max,
+            "priors": self.priors,
+            "meta": self.meta,
+        }
         with open(path, "wb") as fh:  # a file object: savez would otherwise append .npz to any other suffix
             np.savez_compressed(
                 fh,
@@ -188,6 +261,7 @@ def load_scorer(path: str | Path) -> StructureScorer:
         labels=tuple(header["labels"]),
         n_max=int(header["n_max"]),
         meta=header["meta"],
+        priors=header["priors"],
         **arrays,
     )
 
@@ -235,6 +309,14 @@ def example_weights(examples: Sequence[tuple[str, str, str]], other_weight: floa
     )
 
 
+def _decode_signature(priors: dict[str, dict[str, float]] | None) -> str:
+    if priors is None:
+        return "per-segment argmax"
+    return "viterbi order-prior " + " ".join(
+        f"{unit}(" + ",".join(f"{k}{v:g}" for k, v in params.items()) + ")" for unit, params in priors.items()
+    )
+
+
 def train_scorer(
     records: int = 2000,
     seed: int = 0,
@@ -244,9 +326,11 @@ def train_scorer(
     min_df: int = 2,
     C: float = 10.0,
     other_weight: float = 0.5,
+    priors: dict[str, dict[str, float]] | None = ORDER_PRIOR,
 ) -> StructureScorer:
     """Train a scorer on `corpus` (schema-v1 records; default: `records` generated template records of `seed`)
-    and, with `bank`, the hand-written seed banks. Needs scikit-learn (and SciPy); scoring does not."""
+    and, with `bank`, the hand-written seed banks; it decodes each answer with `priors` (ORDER_PRIOR's shape;
+    None: every segment on its own). Needs scikit-learn (and SciPy); scoring does not."""
     import scipy.sparse as sp
     import sklearn
     from sklearn.linear_model import LogisticRegression
@@ -262,7 +346,9 @@ def train_scorer(
     n = len(examples)
     idf = np.array([math.log((1 + n) / (1 + df[g])) + 1.0 for g in terms])
     labels = LABELS if bank else CBT_PARTS  # without the banks nothing teaches "other"
-    scorer = StructureScorer(vocab, idf, np.zeros((len(labels), len(terms))), np.zeros(len(labels)), labels, n_max, {})
+    scorer = StructureScorer(
+        vocab, idf, np.zeros((len(labels), len(terms))), np.zeros(len(labels)), labels, n_max, {}, priors
+    )
     rows, cols, vals = [], [], []
     for i, (text, _, _) in enumerate(examples):
         c, v = scorer._row(text)
@@ -278,6 +364,7 @@ def train_scorer(
         "signature": (
             f"{VERSION}|seg:paragraphs,else sentences|feat:char1-{n_max} tfidf-sublinear min_df{min_df} nfkc|"
             f"model:logreg C{C:g} label+source-balanced other x{other_weight:g}|"
+            f"decode:{_decode_signature(priors)}|"
             f"train:{source}{' + seed-bank' if bank else ''}|"
             f"sklearn {sklearn.__version__}"
         ),
@@ -355,31 +442,59 @@ def _ratio(hits: int, n: int) -> dict:
     return {"n": n, "accuracy": hits / n if n else None}
 
 
+def _unit(answer: dict) -> str:
+    """The unit the scorer would cut a labelled answer into: sentences when it is one paragraph."""
+    return "sentences" if answer["layout"] == "one_paragraph" else "paragraphs"
+
+
+def _segment_accuracy(gold: Sequence[str], pred: Sequence[str]) -> dict:
+    """Overall accuracy and, per label, recall (`accuracy`) with its n and precision."""
+    per = {}
+    for lab in LABELS:
+        called = sum(p == lab for p in pred)
+        hit = sum(g == p == lab for g, p in zip(gold, pred))
+        per[lab] = {**_ratio(hit, sum(g == lab for g in gold)), "precision": hit / called if called else None}
+    return {"n": len(gold), "accuracy": sum(g == p for g, p in zip(gold, pred)) / len(gold), "per_label": per}
+
+
+def _labelled(scorer: StructureScorer, answers: Iterable[dict]) -> tuple[list[str], list[str]]:
+    """(gold, predicted) labels of every segment, each answer decoded on its own in its unit."""
+    gold, pred = [], []
+    for a in answers:
+        gold += [s["label"] for s in a["segments"]]
+        pred += scorer.label([s["text"] for s in a["segments"]], _unit(a))
+    return gold, pred
+
+
+def as_sentences(answer: dict) -> dict:
+    """The answer written as one paragraph and cut into sentences, each labelled as the segment it is in."""
+    segs = [{"label": s["label"], "text": t} for s in answer["segments"] for t in split_sentences(s["text"])]
+    return {**answer, "layout": "one_paragraph", "segments": segs}
+
+
 def evaluate_scorer(scorer: StructureScorer, answers: Sequence[dict], seed: int = 0) -> dict:
     """Accuracy of the scorer on labelled answers ({id, layout, segments: [{label, text}]}):
 
-    segments   per label: recall (the accuracy on segments of that label) with its n, and precision
-    presence   per part, over every variant (variants()): how often "the part is present" is called right
+    segments   per label: recall (the accuracy on segments of that label) with its n, and precision; each answer
+               decoded on its own, in the unit its layout gives (sentences for one paragraph)
+    shuffled   the same over the shuffled variants (variants()): what the order prior costs when the order breaks
+    sentences  the same with every answer written as one paragraph and labelled sentence by sentence
+    presence   per part, over every variant: how often "the part is present" is called right
     coverage   over every variant: exact-match rate and mean absolute error of coverage
     order      mean absolute error of order agreement, over variants where both are defined
     """
-    gold = [s["label"] for a in answers for s in a["segments"]]
-    pred = scorer.label([s["text"] for a in answers for s in a["segments"]])
-    seg = {}
-    for lab in LABELS:
-        n = sum(g == lab for g in gold)
-        called = sum(p == lab for p in pred)
-        hit = sum(g == p == lab for g, p in zip(gold, pred))
-        seg[lab] = {**_ratio(hit, n), "precision": hit / called if called else None}
+    gold, pred = _labelled(scorer, answers)
     confusion = {g: dict(Counter(p for gg, p in zip(gold, pred) if gg == g)) for g in LABELS if g in gold}
 
     rng = random.Random(seed)
     presence = {p: [0, 0] for p in CBT_PARTS}
     cov_hit = cov_err = 0
     order_err: list[float] = []
+    shuffled: list[dict] = []
     n_var = 0
     for a in answers:
         for v in variants(a, rng):
+            shuffled += [v] if v["id"].endswith("/shuffled") else []
             truth = structure_of([s["label"] for s in v["segments"]])
             got = scorer.score(answer_text(v))
             n_var += 1
@@ -393,7 +508,9 @@ def evaluate_scorer(scorer: StructureScorer, answers: Sequence[dict], seed: int 
     return {
         "signature": scorer.signature,
         "answers": len(answers),
-        "segments": {"n": len(gold), "accuracy": sum(g == p for g, p in zip(gold, pred)) / len(gold), "per_label": seg},
+        "segments": _segment_accuracy(gold, pred),
+        "shuffled": _segment_accuracy(*_labelled(scorer, shuffled)),
+        "sentences": _segment_accuracy(*_labelled(scorer, [as_sentences(a) for a in answers])),
         "confusion": confusion,
         "presence": {p: _ratio(h, n) for p, (h, n) in presence.items()},
         "coverage": {"n": n_var, "exact": cov_hit / n_var, "mae": cov_err / n_var},

@@ -5,11 +5,14 @@ a few dozen encouragement sentences. A scorer trained on it alone learns those p
 labels most empathy written any other way as something else. These banks add the functions of each part in many
 more wordings and topics; the scorer trains on them together with generated corpus records.
 
-They were written for this project in two rounds, each after the held-out answers it is measured on
+They were written for this project in rounds, each after the held-out answers it is measured on
 (tests/data/structure_handwritten.jsonl) had been written and committed: the first after the `dev` and `test`
 splits, the second (the entries under "round 2": more encouragement, strategy and empathy in other wordings,
 short reassurances, strategies asked as questions, empathy and key thoughts that quote the asker) after the
-`heldout2` split. No exemplar shares more than 9 characters in a row with any hand-written answer
+`heldout2` split; a third ("round 3": situational empathy and empathy that quotes the asker, key thoughts as
+scripts or questions, challenges as questions about other people, strategies that open with a first step, short
+reassurances) after v2 had been measured on `heldout2` and its errors read, before `heldout3` was written. No
+exemplar shares more than 9 characters in a row with any hand-written answer
 (tests/test_eval_structure.py checks it); bench/RESULTS.md reports the scorer's accuracy with and without them.
 Data only, like synth_content: a reviewer can read and correct the text without reading code.
 """
@@ -103,6 +106,27 @@ EMPATHY: tuple[str, ...] = (
     "作为家长，看着孩子受苦却帮不上忙，是最揪心的。",
     "你已经在一个很难的处境里坚持了很久了。",
     "这些话你可能憋了很久，今天终于说了出来。",
+    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    "每天早上站在公司楼下，要深吸几口气才敢走进去，这种日子过久了，人真的会被磨得没了力气。",
+    "排了三个月的队才等到面试，结果几分钟就被打发了，换谁心里都会空落落的。",
+    "深夜一个人守在急诊室外面，手机没电，也不知道该打给谁，那种无助我能想象。",
+    "他随口一句“你想太多了”，就把你这些天的难受全都挡了回去，难怪你不想再开口。",
+    "你写到“连呼吸都觉得是多余的”，短短几个字，我读了好几遍。",
+    "从搬进宿舍的第一天起就被排在小圈子外面，吃饭、上课都是一个人，这份冷清不好受。",
+    "辛辛苦苦带大的孩子，一句话不说就把门关上，做母亲的心里那种酸楚，外人很难懂。",
+    "一边是年迈的父母，一边是还在上学的孩子，你像一根绳子被两头拉着。",
+    "明明只是想被看见一次，却一次又一次被忽略，失望攒多了就成了委屈。",
+    "每次体检报告出来之前的那几天，你大概都是数着时间过的吧。",
+    "被裁员的消息来得毫无征兆，前一天还在加班，第二天工牌就刷不开了，这落差谁受得了。",
+    "看到别人晒婚礼、晒宝宝，自己却还在原地，心里发酸是很自然的。",
+    "分手后每到周末都不知道该做什么，屋子安静得让人发慌，这种感觉一定不好受。",
+    "你一提到爷爷，语气就软了下来，看得出他在你心里的分量。",
+    "在一群人面前被点名批评，脸上发烫、脑子一片空白，那一刻的难堪我懂。",
+    "你描述自己整夜盯着天花板，天亮了才迷迷糊糊睡去，这样熬着太伤人了。",
+    "钱的事一压下来，吃饭睡觉都不安稳，这份焦虑是实实在在的。",
+    "宠物走了，家里的饭盆、牵引绳都还在原地，每看一眼都会难过。",
+    "年纪大了，子女都在外地，有话也不知道跟谁说，这份寂寞我听到了。",
+    "好朋友私下传你的闲话，这种被出卖的滋味比当面吵一架还要难受。",
 )
 KEY_THOUGHT: tuple[str, ...] = (
     "你似乎认为，只要别人不满意，就是你做得不够好。",
@@ -172,6 +196,22 @@ KEY_THOUGHT: tuple[str, ...] = (
     "你把“我做错了一件事”，悄悄换成了“我是个错误的人”。",
     "你写到“我总是给别人添麻烦”，这里的“总是”值得我们停下来看看。",
     "你提到“哭了就是输了”，好像表达难过是一件丢人的事。",
+    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    "你心里那个声音似乎一直在重复：“我不够好，所以大家迟早会离开我。”",
+    "听上去你给自己下了一个判决：只要犯一次错，就证明我根本不适合这份工作。",
+    "你好像默认了一件事：别人沉默，就一定是在嫌弃你。",
+    "你的脑海里大概反复播放着同一个画面：所有人都在看我出丑。",
+    "这里面藏着一个“应该”：我应该让每个人都满意，不然就是我的问题。",
+    "你似乎在用一次失败预言整个未来：“这次不行，以后也一定不行。”",
+    "我留意到你常用“永远”“从来”这样的词，比如“我永远都处理不好人际关系”。",
+    "你可能在心里把责任全揽到了自己身上：“孩子变成这样，全是因为我没教好。”",
+    "你心里或许有个疑问一直绕不开：“难过这么久，是不是说明我很软弱？”",
+    "你像是在替别人做了决定：“说出来他们也不会在乎。”",
+    "这个念头一冒出来，就好像成了事实：心跳快一点，就一定是身体出了大毛病。",
+    "你把自己的价值和收入绑在了一起：挣得少，就说明我没用。",
+    "让你最痛的，也许不是事情本身，而是那句自我评价：“我就是个累赘。”",
+    "你大概在想：“如果我拒绝了，他们就再也不会喜欢我。”",
+    "从你的描述看，你把“有点紧张”自动翻译成了“我肯定会搞砸”。",
 )
 CHALLENGE: tuple[str, ...] = (
     "有什么证据支持这个想法？又有什么证据不支持它？",
@@ -219,6 +259,21 @@ CHALLENGE: tuple[str, ...] = (
     "过去这一年里，你做成过的事情，一件也想不起来吗？",
     "你说的“所有人”，具体是哪几个人？",
     "事后诸葛亮总是容易的，当时的你，手里能有多少信息？",
+    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    "换个角度问问自己：如果同事犯了同样的错，你会觉得他一无是处吗？",
+    "我们来核对一下：过去一年里，真的每一次都搞砸了吗，还是也有顺利的时候？",
+    "别人没有马上回消息，可能的原因有很多：在忙、没看到、不知道怎么回。为什么偏偏是“讨厌我”这一个？",
+    "心跳加快也会出现在爬楼梯、喝咖啡之后，那时候你会觉得自己要出事吗？",
+    "工资条上的数字，真能算出一个人值多少吗？",
+    "你能找到哪些证据支持“大家都在看我”，又有哪些证据说明其实没人在意？",
+    "就算最坏的情况真的发生了，你以前应对过比这更难的事吗？",
+    "“应该让所有人满意”这个标准，世界上有谁能做到呢？",
+    "父母的情绪，是一个孩子可以也应该全部负责的吗？",
+    "想念一个陪了你很多年的伙伴，和“软弱”真的有关系吗？也许它恰恰说明你重感情。",
+    "一次面试没过，说明的是这一次的匹配，还是你这个人的全部？",
+    "你说“说出来也没用”，可是你试过几次？对方当时具体是怎么回应的？",
+    "如果十年后的你回头看今天，会怎么评价这件事的分量？",
+    "失眠一晚，第二天确实会累，但你有没有过睡得少却依然完成了工作的时候？",
 )
 STRATEGY: tuple[str, ...] = (
     "每天晚上花十分钟写情绪日记，记下发生了什么、你怎么想的、感受如何。",
@@ -314,6 +369,22 @@ STRATEGY: tuple[str, ...] = (
     "找个周末，把拖了很久的那件事分成三步，先完成第一步。",
     "可以跟领导申请调整一下工作时间，或者请几天年假休整一下。",
     "给自己准备一份“应急清单”：情绪崩溃时可以做的五件小事，贴在显眼的地方。",
+    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    "先暂停自我批评，把这周做成的三件小事写在便签上，贴在看得见的地方。",
+    "今晚就试一试：睡前一小时把手机放到客厅，用一本纸质书代替刷屏。",
+    "下次紧张的时候，用五四三二一的方法把注意力拉回当下：说出看到的五样东西、听到的四种声音。",
+    "可以和他约一个固定的时间好好谈，开头用“我感到……”而不是“你总是……”。",
+    "每天留出十五分钟做“担心时间”，其余时间冒出的担心，先记在本子上，留到那时再想。",
+    "要不要试着把任务拆小？今天只写提纲，明天只写第一节，做完一块就划掉一块。",
+    "找一个你信得过的朋友，把这件事讲给他听，也请他说说他看到的你是什么样。",
+    "这周先定一个最小的目标：每天出门走二十分钟，不管天气如何。",
+    "记一周的情绪日记：什么时间、发生了什么、当时想到什么、心情打几分。",
+    "和家里人商量出一个分工表，把照顾老人的事分一部分出去，别一个人全扛。",
+    "开口之前，可以先在纸上写好想说的三句话，练习几遍再打电话。",
+    "如果可以的话，先请两天假，让身体缓一缓，再决定下一步怎么走。",
+    "每次想吃东西的冲动上来时，先等十分钟，喝杯水，问问自己现在是饿还是烦。",
+    "从最不让你紧张的场合开始练习，比如先和便利店店员说一句谢谢，再慢慢加难度。",
+    "把账单全部列出来，按利息高低排好，先跟银行商量最急的那一笔能不能分期。",
 )
 ENCOURAGEMENT: tuple[str, ...] = (
     "相信你有能力慢慢走出来，一步一步来就好。",
@@ -472,6 +543,25 @@ ENCOURAGEMENT: tuple[str, ...] = (
     "你不会永远被困在这里。",
     "这个坎，迈过去就是一片新天地。",
     "别放弃自己，也别放弃向人求助。",
+    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    "你没有你想的那么糟，真的。",
+    "慢一点也没关系，路是一步一步走出来的。",
+    "能为自己求助，本身就是一种勇气。",
+    "这个阶段会过去的，你比自己以为的更有韧性。",
+    "你已经做得比很多人都好了，给自己一点掌声吧。",
+    "别急着否定自己，给时间一点时间。",
+    "愿你早日睡个好觉，也愿你对自己温柔一些。",
+    "你值得被好好对待，包括被你自己。",
+    "第一步最难，而你已经在迈了。",
+    "想哭就哭一场，哭完了明天再继续。",
+    "如果哪天实在撑不住，请一定拨打心理危机干预热线，或者直接去最近的医院，有人会陪你度过。",
+    "情况要是一直没有好转，找心理咨询师聊一聊，这不丢人。",
+    "犯错不代表失败，你依然是一个认真的人。",
+    "祝你和家人都能慢慢好起来。",
+    "相信自己，你能找到属于你的节奏。",
+    "孩子会记得你为他付出的这些努力。",
+    "新的环境总要磨合一阵，先给自己三个月。",
+    "你的敏感也是一种细腻，不必把它当成缺点。",
 )
 OTHER: tuple[str, ...] = (
     "你好，很高兴能回答你的问题。",
@@ -542,4 +632,9 @@ OTHER: tuple[str, ...] = (
     "第一次在平台上答题，格式不太好，请多包涵。",
     "我的经历可能和你不完全一样。",
     "关于这个话题，我之前写过一篇长文。",
+    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    "看到这个问题，我想起了自己刚工作那年。",
+    "以上只是一些粗浅的看法，仅供参考。",
+    "先说一句题外话，你的标题写得很真诚。",
+    "我会分成几个方面来回答。",
 )

@@ -8,9 +8,11 @@ scorer must say so. The numbers behind these thresholds are in bench/RESULTS.md 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +23,17 @@ from data_pipeline.schema import CBT_PARTS, join_answer
 from data_pipeline.synth_template import record_at
 from evaluation.structure import (
     LABELS,
+    ORDER_PRIOR,
     VERSION,
     StaleScorerError,
     answer_text,
+    decode,
     evaluate_scorer,
     load_or_train,
     load_scorer,
     longest_shared,
     order_agreement,
+    order_prior,
     seed_bank,
     split_segments,
     structure_of,
@@ -59,12 +64,21 @@ def scorer(tmp_path_factory):
 
 def test_the_handwritten_set_is_what_its_readme_says():
     rows = _answers()
-    assert [sum(a["split"] == s for a in rows) for s in ("dev", "test", "fresh", "heldout2")] == [8, 32, 12, 45]
+    splits = ("dev", "test", "fresh", "heldout2", "heldout3")
+    assert [sum(a["split"] == s for a in rows) for s in splits] == [8, 32, 12, 45, 62]
     assert len({a["id"] for a in rows}) == len(rows)
     for a in rows:
         labels = [s["label"] for s in a["segments"]]
-        assert set(labels) <= set(LABELS) and set(CBT_PARTS) <= set(labels), a["id"]
-        assert structure_of(labels)["order"] == 1.0, a["id"]  # written in canonical order
+        assert set(labels) <= set(LABELS), a["id"]
+        if a["split"] != "heldout3":  # the earlier splits: five parts in canonical order
+            assert set(CBT_PARTS) <= set(labels) and structure_of(labels)["order"] == 1.0, a["id"]
+    # heldout3 is laid out as real answers are: parts left out, out of order, repeated, "other" lines
+    h3 = [[s["label"] for s in a["segments"]] for a in _answers("heldout3")]
+    parts = [[lab for lab in labels if lab != "other"] for labels in h3]
+    assert sum(not set(CBT_PARTS) <= set(p) for p in parts) == 18
+    assert sum(structure_of(p)["order"] < 1.0 for p in parts) == 6
+    assert sum(len(p) > len(set(p)) for p in parts) == 12
+    assert sum(labels.count("other") for labels in h3) == 9
     # not copied from the template corpus: no segment shares a sentence with 2000 generated answers
     generated = {s for i in range(2000) for p in record_at(0, i)["cbt"].values() for s in split_segments(p)}
     assert not generated & {s for a in rows for seg in a["segments"] for s in split_segments(seg["text"])}
@@ -114,7 +128,8 @@ def test_structure_of_counts_parts_once():
 
 
 def test_accuracy_per_part_on_the_design_answers(scorer):
-    # test and fresh were held out from scorer v1 but are design data for v2; heldout2 is the held-out set now
+    # test and fresh were held out from scorer v1, heldout2 from v2 (measured once, bench/RESULTS.md run 4); all
+    # three are design data for v3, whose held-out set is heldout3
     for split in ("test", "fresh"):
         r = evaluate_scorer(scorer, _answers(split))
         assert r["segments"]["accuracy"] >= 0.93, (split, r["segments"])
@@ -123,20 +138,74 @@ def test_accuracy_per_part_on_the_design_answers(scorer):
             assert r["presence"][part]["accuracy"] >= 0.9, (split, part, r["presence"])
         assert r["coverage"]["mae"] < 0.2 and r["order"]["mae"] < 0.06, (split, r["coverage"], r["order"])
         assert r["signature"] == scorer.signature and scorer.signature.startswith(VERSION)
+    r = evaluate_scorer(scorer, _answers("heldout2"))  # v3 measured 0.956 1.0 1.0 1.0 0.913
+    assert r["segments"]["accuracy"] >= 0.95, r["segments"]
+    for part in CBT_PARTS:
+        assert r["segments"]["per_label"][part]["accuracy"] >= 0.9, (part, r["segments"]["per_label"][part])
+        assert r["presence"][part]["accuracy"] >= 0.85, (part, r["presence"][part])
+    assert r["coverage"]["mae"] < 0.25 and r["order"]["mae"] < 0.06, (r["coverage"], r["order"])
 
 
-# Measured once on heldout2 (bench/RESULTS.md, run 4): 0.800 0.867 0.933 0.933 0.739. The aim, 0.9 per part, is
-# NOT met there; these floors (about two segments below the measurement) only catch a regression.
-HELDOUT2_FLOOR = {"empathy": 0.75, "key_thought": 0.82, "challenge": 0.88, "strategy": 0.88, "encouragement": 0.69}
+# Measured once on heldout3 (bench/RESULTS.md, run 5): 0.940 0.980 0.800 0.897 0.932. The aim, 0.9 per part, is
+# NOT met there (challenge and strategy fall short); these floors (about two segments below the measurement) only
+# catch a regression.
+HELDOUT3_FLOOR = {"empathy": 0.91, "key_thought": 0.94, "challenge": 0.76, "strategy": 0.86, "encouragement": 0.89}
 
 
-def test_accuracy_per_part_on_the_heldout2_answers(scorer):
-    r = evaluate_scorer(scorer, _answers("heldout2"))
-    assert r["answers"] == 45 and r["segments"]["accuracy"] >= 0.83, r["segments"]
-    for part, floor in HELDOUT2_FLOOR.items():
+def test_accuracy_per_part_on_the_heldout3_answers(scorer):
+    r = evaluate_scorer(scorer, _answers("heldout3"))
+    assert r["answers"] == 62 and r["segments"]["accuracy"] >= 0.89, r["segments"]
+    for part, floor in HELDOUT3_FLOOR.items():
         assert r["segments"]["per_label"][part]["accuracy"] >= floor, (part, r["segments"]["per_label"][part])
-        assert r["presence"][part]["accuracy"] >= 0.75, (part, r["presence"][part])
-    assert r["coverage"]["mae"] < 0.5 and r["order"]["mae"] < 0.15, (r["coverage"], r["order"])
+        assert r["presence"][part]["accuracy"] >= 0.78, (part, r["presence"][part])
+    assert r["coverage"]["mae"] < 0.4 and r["order"]["mae"] < 0.1, (r["coverage"], r["order"])
+
+
+def test_decoding_reads_an_unsure_segment_by_its_neighbours_and_keeps_a_sure_one():
+    prior = order_prior(LABELS, **ORDER_PRIOR["paragraphs"])
+    emp, enc, key = LABELS.index("empathy"), LABELS.index("encouragement"), LABELS.index("key_thought")
+
+    def probs(first: dict[int, float]) -> np.ndarray:
+        p = np.full((2, len(LABELS)), 0.01)
+        for k, v in first.items():
+            p[0, k] = v
+        p[1, key] = 0.95
+        return np.log(p / p.sum(axis=1, keepdims=True))
+
+    # unsure between empathy and encouragement, then a clear key thought: the opening is read as empathy
+    assert decode(probs({emp: 0.45, enc: 0.47}), prior) == [emp, key]
+    # sure it is encouragement: the prior does not overrule it (answers may put parts out of order)
+    assert decode(probs({emp: 0.05, enc: 0.9}), prior) == [enc, key]
+
+
+def _path_score(seq: Sequence[int], log_probs: np.ndarray, prior: np.ndarray) -> float:
+    """A label sequence's score as decode defines it; the prior's last row/column are the start and end."""
+    steps = zip((len(LABELS), *seq), (*seq, len(LABELS)))
+    return sum(log_probs[i, k] for i, k in enumerate(seq)) + sum(prior[a, b] for a, b in steps)
+
+
+def test_decoding_finds_the_best_sequence():
+    # Viterbi against every sequence of 4 labels, on random scores and the prior of each unit
+    rng = np.random.default_rng(0)
+    for unit, params in ORDER_PRIOR.items():
+        prior = order_prior(LABELS, **params)
+        for _ in range(5):
+            lp = np.log(rng.dirichlet(np.ones(len(LABELS)), size=4))
+            best = max(_path_score(seq, lp, prior) for seq in itertools.product(range(len(LABELS)), repeat=4))
+            assert _path_score(decode(lp, prior), lp, prior) == pytest.approx(best), unit
+
+
+def test_the_order_prior_costs_little_on_shuffled_answers(scorer):
+    # the prior favours the canonical order; on answers written out of it, it must not force them back into it
+    for split, floor in (("test", 0.95), ("heldout2", 0.85)):  # v3 measured 0.988 and 0.896
+        r = evaluate_scorer(scorer, _answers(split))
+        assert r["shuffled"]["accuracy"] >= floor, (split, r["shuffled"])
+    # a reversed answer with clear parts keeps its labels, reversed
+    a = _answers("fresh")[0]
+    flipped = {**a, "segments": list(reversed(a["segments"]))}
+    got = scorer.score(answer_text(flipped))
+    assert [s["label"] for s in got["segments"]] == [s["label"] for s in flipped["segments"]]
+    assert got["order"] < 0.2
 
 
 def test_removed_parts_lower_coverage_and_shuffles_break_the_order(scorer):
@@ -174,6 +243,7 @@ def test_artifact_round_trip_and_refusals(scorer, tmp_path):
     again = load_scorer(path)
     texts = _texts(_answers("dev"))
     assert np.allclose(again.probabilities(texts), scorer.probabilities(texts), atol=1e-6)
+    assert again.priors == scorer.priors == ORDER_PRIOR and again.label(texts) == scorer.label(texts)
     with np.load(path, allow_pickle=False) as z:  # no pickle inside
         header = json.loads(str(z["header"]))
     assert header["version"] == VERSION and header["labels"] == list(LABELS)
