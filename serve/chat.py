@@ -85,9 +85,8 @@ def model_deltas(engine) -> Callable[..., Iterator[str]]:
 def remote_deltas(
     engine: RemoteEngine, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None
 ) -> Iterator[str]:
-    """The server's SSE chunks, as RemoteEngine.generate_one reads them, less a guarded server's disclaimer:
-    the last len(DISCLAIMER) characters wait until the end shows whether they are it (the local guard adds its
-    own by the same rule)."""
+    """The server's SSE chunks, as RemoteEngine.generate_one reads them, less a guarded server's disclaimer (the
+    local guard adds its own by the same rule): text that could be the start of it waits for what follows."""
     kw = {"seed": seed} if seed is not None else {}
     stream = engine.client.chat.completions.create(
         model=engine.name,
@@ -102,14 +101,22 @@ def remote_deltas(
     try:
         for chunk in stream:
             held += "".join(choice.delta.content or "" for choice in chunk.choices)
-            cut = max(0, len(held.rstrip()) - len(DISCLAIMER))
-            if cut:
+            if cut := _disclaimer_start(held):
                 yield held[:cut]
                 held = held[cut:]
     finally:
         getattr(stream, "close", lambda: None)()  # the guard stopped reading: the server stops generating
     held = held.rstrip()
     yield held[: -len(DISCLAIMER)] if held.endswith(DISCLAIMER) else held
+
+
+def _disclaimer_start(text: str) -> int:
+    """Where the end of `text` (trailing whitespace aside) may be the start of DISCLAIMER; its length if nowhere."""
+    body = text.rstrip()
+    k = body.find(DISCLAIMER[0], max(0, len(body) - len(DISCLAIMER)))
+    while k != -1 and not DISCLAIMER.startswith(body[k:]):
+        k = body.find(DISCLAIMER[0], k + 1)
+    return len(body) if k == -1 else k
 
 
 def local_deltas(engine: Engine, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None):
