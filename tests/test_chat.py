@@ -376,3 +376,26 @@ def test_a_guarded_stream_shows_what_guarded_reply_shows(model):
     assert len(pieces) > 2 and "".join(pieces).strip() == engine.generate_one(hello, max_new_tokens=12).text
     stream = GuardedStream(model_deltas(engine), CrisisGuard(), hello, max_new_tokens=12)
     assert "".join(stream) == stream.reply.text == guarded_reply(engine, CrisisGuard(), hello, max_new_tokens=12).text
+
+
+def test_a_stream_cut_by_the_guard_stops_the_model_and_keeps_the_conversation_in_crisis_mode():
+    from cbt_llm.guard import CrisisGuard
+    from serve.guarded import GuardedStream
+
+    closed = []
+
+    def deltas(messages, **gen):
+        try:
+            yield from (SAFE, HELD, UNSAFE, "后面的话。")
+        finally:
+            closed.append(True)  # where a real source stops its model
+
+    guard = CrisisGuard()
+    turns = [{"role": "user", "content": "睡不着"}, {"role": "assistant", "content": "嗯。"}]
+    stream = GuardedStream(deltas, guard, [*turns, {"role": "user", "content": "还是睡不着。"}])
+    shown = "".join(stream)
+    assert closed and stream.reply.replaced and shown.endswith(f"\n\n{CRISIS_BLOCK}") and HELD not in shown
+    # the history keeps what guarded_reply gives for unsafe text: the block first, so crisis mode holds
+    assert stream.reply.text == CRISIS_BLOCK
+    later = [*turns, {"role": "user", "content": "还是睡不着。"}, {"role": "assistant", "content": stream.reply.text}]
+    assert guard.check_user_turn([*later, {"role": "user", "content": "嗯"}]).source == "earlier_reply"
