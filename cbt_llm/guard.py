@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+
+# the stdlib's own regex parser: the stream's hold-back is read off the output patterns themselves, so a pattern
+# made longer can never leave it too short
 import re._constants as sre
 import re._parser as sre_parse
 import secrets
@@ -227,7 +230,7 @@ def _letters_at_most(parsed) -> float:
         elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
             _, hi, sub = av
             each = _letters_at_most(sub)
-            total += 0 if each == 0 else (math.inf if hi is sre.MAXREPEAT else hi * each)
+            total += 0 if each == 0 else (math.inf if hi == sre.MAXREPEAT else hi * each)
         elif op is sre.SUBPATTERN:
             total += _letters_at_most(av[3])
         elif op is sre.BRANCH:
