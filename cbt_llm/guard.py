@@ -7,6 +7,10 @@ person (serve, chat, eval). Plain functions and one small class; no web framewor
     text, replaced, reason = guard.check_model_output(model_text, conversation_id=cid)
     reply = guard.wrap_reply(text, verdict, first_reply=is_first_reply)
 
+    check = guard.output_stream(conversation_id=cid)     # the same output check on text arriving in pieces
+    shown = check.feed(delta)                           # the part now safe to show ('' while held back)
+    shown = check.close()                               # the rest, once the model is done
+
 Crisis detection is cbt_llm.crisis.detect (keywords and patterns); it always runs. An optional classifier
 (any callable text -> probability of crisis) runs when the patterns find nothing and can only add crises.
 Once any user turn of a conversation was a crisis, or an earlier reply carried the crisis block, the whole
@@ -19,12 +23,20 @@ conversation ids hashed with a salt, never message text.
 from __future__ import annotations
 
 import hashlib
+import math
+
+# the stdlib's own regex parser: the stream's hold-back is read off the output patterns themselves, so a pattern
+# made longer can never leave it too short
+import re._constants as sre
+import re._parser as sre_parse
 import secrets
 import threading
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbt_llm import crisis
 from cbt_llm.crisis import CATEGORIES, CRISIS_BLOCK, DISCLAIMER, detect, unsafe_output
 
 Classifier = Callable[[str], float]
@@ -184,6 +196,10 @@ class CrisisGuard:
         self._count(self.output_events, reason, conversation_id)
         return CRISIS_BLOCK, True, reason
 
+    def output_stream(self, conversation_id: str | None = None) -> OutputStream:
+        """check_model_output for model text that arrives in pieces (a token stream): see OutputStream."""
+        return OutputStream(self, conversation_id)
+
     @staticmethod
     def wrap_reply(text: str, verdict: Verdict, first_reply: bool) -> str:
         """The reply a person sees: the crisis block first when the conversation is in crisis (once, even if
@@ -195,6 +211,125 @@ class CrisisGuard:
         if first_reply:
             parts.append(DISCLAIMER)
         return "\n\n".join(p for p in parts if p)
+
+
+# -- model output that arrives in pieces ---------------------------------------------------------------
+
+
+def _letters_at_most(parsed) -> float:
+    """The most non-digit characters one match of a parsed pattern spans (lookaheads included, since they read
+    text after the match); inf when unbounded. Digits are left out because a `\\d+` run is unbounded."""
+    total = 0.0
+    for op, av in parsed:
+        if op is sre.LITERAL:
+            total += 0 if chr(av).isdecimal() else 1
+        elif op in (sre.ANY, sre.NOT_LITERAL):
+            total += 1
+        elif op is sre.IN:
+            total += 0 if all(_digits_only(op2, av2) for op2, av2 in av) else 1
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            _, hi, sub = av
+            each = _letters_at_most(sub)
+            total += 0 if each == 0 else (math.inf if hi == sre.MAXREPEAT else hi * each)
+        elif op is sre.SUBPATTERN:
+            total += _letters_at_most(av[3])
+        elif op is sre.BRANCH:
+            total += max(_letters_at_most(alt) for alt in av[1])
+        elif op in (sre.ASSERT, sre.ASSERT_NOT):
+            total += _letters_at_most(av[1])
+        elif op is sre.ATOMIC_GROUP:
+            total += _letters_at_most(av)
+        elif op is not sre.AT:  # a back reference or anything new: no bound can be claimed
+            return math.inf
+    return total
+
+
+def _digits_only(op, av) -> bool:
+    """One item of a character class matches decimal digits only."""
+    if op is sre.CATEGORY:
+        return av is sre.CATEGORY_DIGIT
+    if op is sre.LITERAL:
+        return chr(av).isdecimal()
+    if op is sre.RANGE:
+        return all(chr(c).isdecimal() for c in range(av[0], av[1] + 1))
+    return False
+
+
+def letters(text: str) -> int:
+    """The characters of `text` that count toward the output patterns' bound: those unsafe_output matches on
+    (NFKC, lower case, no spaces, punctuation, symbols or invisible characters), less digits and combining marks
+    (NFKC may fold a mark into the character before it, so a mark is never counted on)."""
+    t = unicodedata.normalize("NFKC", text).lower()
+    return sum(1 for c in t if unicodedata.category(c)[0] not in "PSZCM" and not c.isdecimal())
+
+
+def output_hold_back(patterns=(crisis._OUTPUT_METHOD, crisis._OUTPUT_DISCOURAGE)) -> int | None:
+    """How many letters (see `letters`) of model text a stream must hold back: one more than the longest match
+    of any output pattern, plus 2 because NFKC can fold up to two characters right after a cut into the one
+    before it (Hangul jamo). None when a pattern has no bound: then nothing may be shown before the end."""
+    most = max(_letters_at_most(sre_parse.parse(p.pattern, p.flags)) for p in patterns)
+    return None if math.isinf(most) else int(most) + 3
+
+
+OUTPUT_HOLD_BACK = output_hold_back()
+
+
+class OutputStream:
+    """check_model_output for a reply shown while the model makes it. Each piece fed is appended to the model's
+    text, the whole text so far is checked again, and only a prefix is released: the one followed by at least
+    OUTPUT_HOLD_BACK letters. An unsafe match has fewer letters than that, so a match that would reach back into
+    released text would lie wholly inside text already checked, and would have been found then: no released
+    character can belong to an unsafe match, however the text goes on. Sentence ends are no safe cut, since the
+    patterns are matched with punctuation removed (不要。去看医生 reads as 不要去看医生).
+
+    Once the text is unsafe, `replaced` is True, the reason is counted as check_model_output counts it, and
+    nothing more is released: the held-back text is never shown."""
+
+    def __init__(
+        self, guard: CrisisGuard, conversation_id: str | None = None, hold_back: int | None = OUTPUT_HOLD_BACK
+    ):
+        self.guard, self.conversation_id, self.hold_back = guard, conversation_id, hold_back
+        self.text = ""  # the model's text so far
+        self.released = 0  # how much of it has been released
+        self.replaced, self.reason = False, None
+
+    def _unsafe(self) -> bool:
+        if unsafe_output(self.text) is None:
+            return False
+        _, self.replaced, self.reason = self.guard.check_model_output(self.text, self.conversation_id)
+        return True
+
+    def _cut(self) -> int:
+        """The longest prefix that is followed by at least hold_back letters (never less than what was released)."""
+        if self.hold_back is None:
+            return self.released
+        cut, seen = len(self.text), 0
+        while cut > self.released and seen < self.hold_back:
+            cut -= 1
+            seen += letters(self.text[cut])
+        if seen < self.hold_back:
+            return self.released
+        while cut > self.released and letters(self.text[cut:]) < self.hold_back:  # NFKC across characters
+            cut -= 1
+        return cut
+
+    def feed(self, piece: str) -> str:
+        """Add `piece` of model text; return the text now released ('' while held back or once replaced)."""
+        if self.replaced:
+            return ""
+        self.text += piece
+        if self._unsafe():
+            return ""
+        cut = self._cut()
+        out, self.released = self.text[self.released : cut], max(self.released, cut)
+        return out
+
+    def close(self) -> str:
+        """The model is done: the held-back rest when the whole text is safe, else ''."""
+        if self.replaced or self._unsafe():
+            return ""
+        out, self.released = self.text[self.released :], len(self.text)
+        return out
 
 
 def load_classifier(path: str | Path, positive_label: str | None = None, device: int | str = -1) -> Classifier:

@@ -6,12 +6,18 @@ and after the model.
     3. check_model_output(text)         unsafe model text is replaced by the crisis block
     4. wrap_reply(text, verdict, first) crisis block first in a crisis; the disclaimer on the first reply of a
                                         conversation (messages with no earlier assistant turn)
+
+GuardedStream is the same reply shown while the model makes it (`cbt-llm chat`): the crisis block is shown before
+the model starts, the model's text goes through the guard's OutputStream (which holds back the end of it until
+the output check has seen enough text after it), and the disclaimer comes last.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER
 from cbt_llm.guard import CrisisGuard, Verdict
 
 
@@ -42,3 +48,100 @@ def guarded_reply(engine, guard: CrisisGuard, messages: list[dict], conversation
     text, replaced, _ = guard.check_model_output(out.text, conversation_id=conversation_id)
     first = not any(m.get("role") == "assistant" for m in messages)
     return GuardedReply(guard.wrap_reply(text, verdict, first_reply=first), out, verdict, replaced)
+
+
+class _ModelPart:
+    """The model's checked text as wrap_reply shows it, piece by piece: leading and trailing whitespace dropped
+    (trailing whitespace waits until text follows it), and in crisis mode a crisis block the model text starts
+    with dropped (the stream showed it already; a guarded server sends one), as wrap_reply shows it only once."""
+
+    def __init__(self, crisis: bool):
+        self.pending, self.started, self.drop_block = "", False, crisis
+
+    def add(self, checked: str) -> str:
+        self.pending += checked
+        if not self.started:
+            self.pending = self.pending.lstrip()
+            if self.drop_block and CRISIS_BLOCK.startswith(self.pending):
+                return ""  # may still become the block
+            if self.drop_block and self.pending.startswith(CRISIS_BLOCK):
+                self.pending = self.pending[len(CRISIS_BLOCK) :].lstrip()
+            self.drop_block = False
+            if not self.pending:
+                return ""
+            self.started = True
+        out = self.pending.rstrip()
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def finish(self) -> str:
+        """The end of the model text: a start of the block that never became all of it is shown after all."""
+        out = "" if self.started else self.pending.strip()
+        self.pending = ""
+        return out
+
+
+class GuardedStream:
+    """guarded_reply shown as the model makes it. Iterate for the pieces to show, in order; afterwards `reply`
+    holds the GuardedReply (completion None: a stream has no token counts here).
+
+    deltas   called as deltas(messages, **gen): the model's text in pieces as it is made; closed early when
+             the output check trips, so a generator can stop its model in a `finally`
+
+    Joined, the pieces are reply.text, except when the output check trips mid-stream: then the text shown so
+    far stays, nothing held back is shown, and the crisis block (then the disclaimer on a first reply) follows;
+    reply.text is then what guarded_reply gives for unsafe text (the block first), so that the conversation
+    stays in crisis mode as it would without streaming."""
+
+    def __init__(
+        self,
+        deltas: Callable[..., Iterable[str]],
+        guard: CrisisGuard,
+        messages: list[dict],
+        conversation_id: str | None = None,
+        **gen,
+    ):
+        self.deltas, self.guard, self.messages = deltas, guard, messages
+        self.conversation_id, self.gen = conversation_id, gen
+        self.reply: GuardedReply | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        verdict = self.guard.check_user_turn(self.messages, conversation_id=self.conversation_id)
+        first = not any(m.get("role") == "assistant" for m in self.messages)
+        check = self.guard.output_stream(self.conversation_id)
+        join = _Joiner()
+        if verdict.crisis:
+            yield join("block", CRISIS_BLOCK)
+        yield from self._model_text(verdict, check, join)
+        if check.replaced:
+            yield join("replacement", CRISIS_BLOCK)
+        if first:
+            yield join("disclaimer", DISCLAIMER)
+        text = CRISIS_BLOCK if check.replaced else check.text
+        self.reply = GuardedReply(self.guard.wrap_reply(text, verdict, first), None, verdict, check.replaced)
+
+    def _model_text(self, verdict: Verdict, check, join: _Joiner) -> Iterator[str]:
+        model = _ModelPart(verdict.crisis)
+        source = self.deltas(with_note(self.messages, self.guard.system_note_for_model(verdict)), **self.gen)
+        try:
+            for delta in source:
+                if piece := model.add(check.feed(delta)):
+                    yield join("model", piece)
+                if check.replaced:
+                    return
+        finally:
+            getattr(source, "close", lambda: None)()  # stops the model when the check tripped (or the reader left)
+        if rest := model.add(check.close()) + model.finish():
+            yield join("model", rest)
+
+
+class _Joiner:
+    """A blank line between the parts of a reply (block, model text, disclaimer), as wrap_reply joins them."""
+
+    def __init__(self):
+        self.part: str | None = None
+
+    def __call__(self, part: str, text: str) -> str:
+        sep = "\n\n" if self.part not in (None, part) else ""
+        self.part = part
+        return sep + text
