@@ -339,7 +339,7 @@ def test_an_api_key_env_that_is_empty_fails_at_start_with_one_line(tmp_path, cap
     assert "CBT_TEST_KEY" in capsys.readouterr().err
 
 
-LOAD_CLIENTS, LOAD_SECONDS = 32, 15  # the issue asks 30 s; 15 s shows the same (no 5xx, flat RSS) in half the time
+LOAD_CLIENTS, LOAD_SECONDS = 32, 30  # what the issue asks
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +353,7 @@ def load_server(tmp_path_factory):
         yield base
 
 
-def test_32_streaming_clients_for_15_seconds_no_5xx_other_than_503_and_flat_memory(load_server):
+def test_32_streaming_clients_for_30_seconds_no_5xx_other_than_503_and_flat_memory(load_server):
     import psutil
 
     server = load_server
