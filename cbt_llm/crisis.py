@@ -507,6 +507,10 @@ _OUTPUT_DISCOURAGE = re.compile(
 )
 
 
+# what unsafe_output matches; cbt_llm.guard derives its streaming hold-back from these patterns' longest match
+OUTPUT_PATTERNS = (_OUTPUT_METHOD, _OUTPUT_DISCOURAGE)
+
+
 def unsafe_output(text: str) -> str | None:
     """Why a model's text must not be shown: 'self_harm_method' or 'discourages_help' (None: nothing found).
     Matched on the NFKC text without spaces and punctuation, so 割 腕 or 12 3 56 read as written together."""

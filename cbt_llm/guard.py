@@ -263,7 +263,7 @@ def letters(text: str) -> int:
     return sum(1 for c in t if unicodedata.category(c)[0] not in "PSZCM" and not c.isdecimal())
 
 
-def output_hold_back(patterns=(crisis._OUTPUT_METHOD, crisis._OUTPUT_DISCOURAGE)) -> int | None:
+def output_hold_back(patterns=crisis.OUTPUT_PATTERNS) -> int | None:
     """How many letters (see `letters`) of model text a stream must hold back: one more than the longest match
     of any output pattern, plus 2 because NFKC can fold up to two characters right after a cut into the one
     before it (Hangul jamo). None when a pattern has no bound: then nothing may be shown before the end."""

@@ -127,7 +127,7 @@ def local_deltas(engine: Engine, messages, max_new_tokens=256, temperature=0.0, 
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     ids = engine.prompt_ids(messages)
-    engine._check(ids, max_new_tokens)
+    engine.check_fits(ids, max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     streamer = TextIteratorStreamer(engine.gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -144,7 +144,7 @@ def local_deltas(engine: Engine, messages, max_new_tokens=256, temperature=0.0, 
                 engine.gen.model.generate(
                     input_ids=x,
                     attention_mask=torch.ones_like(x),
-                    generation_config=engine._config(max_new_tokens, temperature, top_p),
+                    generation_config=engine.decoding_config(max_new_tokens, temperature, top_p),
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([Stop()]),
                 )

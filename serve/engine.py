@@ -88,14 +88,14 @@ class Engine:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return self.gen.prompt_ids(Prompt("request", msgs))
 
-    def _config(self, max_new_tokens: int, temperature: float, top_p: float):
+    def decoding_config(self, max_new_tokens: int, temperature: float, top_p: float):
         if temperature <= 0:
             return self.gen.decoding_config(max_new_tokens)  # greedy, as eval decodes
         cfg = self.gen.decoding_config(max_new_tokens)
         cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = True, float(temperature), float(top_p), 0
         return cfg
 
-    def _check(self, ids: list[int], max_new_tokens: int) -> None:
+    def check_fits(self, ids: list[int], max_new_tokens: int) -> None:
         if self.context_length and len(ids) + max_new_tokens > self.context_length:
             raise PromptTooLong(len(ids), max_new_tokens, self.context_length)
 
@@ -117,7 +117,7 @@ class Engine:
         from evaluation.generate import cut_at_stop
 
         ids = self.prompt_ids(messages)
-        self._check(ids, max_new_tokens)
+        self.check_fits(ids, max_new_tokens)
         if seed is not None:
             torch.manual_seed(seed)  # seeds CUDA too; only one generation runs at a time, so this is per request
         x = torch.tensor([ids], device=self.gen.device)
@@ -125,7 +125,7 @@ class Engine:
             out = self.gen.model.generate(
                 input_ids=x,
                 attention_mask=torch.ones_like(x),
-                generation_config=self._config(max_new_tokens, temperature, top_p),
+                generation_config=self.decoding_config(max_new_tokens, temperature, top_p),
             )
         toks, finish = cut_at_stop(out[0, len(ids) :].tolist(), self.gen.stop_ids)
         return self._completion(ids, toks, finish, stop)
@@ -154,7 +154,7 @@ def greedy_in_one_call(engine, requests: list[dict], generate_ids) -> list:
     for k, r in enumerate(requests):
         try:
             ids = engine.prompt_ids(r["messages"])
-            engine._check(ids, r["max_new_tokens"])
+            engine.check_fits(ids, r["max_new_tokens"])
         except Exception as exc:  # this request's failure only
             results[k] = exc
             continue
@@ -196,7 +196,7 @@ class VllmEngine:
         return cls(gen, exported_system_prompt(adapter or model), context)
 
     prompt_ids = Engine.prompt_ids
-    _check = Engine._check
+    check_fits = Engine.check_fits
     _completion = Engine._completion
 
     def _params(self, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
@@ -239,6 +239,6 @@ class VllmEngine:
                 raise out
             return out
         ids = self.prompt_ids(messages)
-        self._check(ids, max_new_tokens)
+        self.check_fits(ids, max_new_tokens)
         ((toks, finish),) = self._generate_ids([ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         return self._completion(ids, toks, finish, stop)

@@ -11,8 +11,8 @@ class RemoteEngine:
     """An OpenAI-compatible server (`cbt-llm serve`, vLLM, ...) behind engine.generate_one, through the openai
     client, so the local guard (serve/guarded.py) wraps its replies exactly as it wraps a local model's.
 
-    The reply is streamed from the server but shown only once complete: the guard's output check reads the whole
-    model text before any of it reaches the person (the reason serve/app.py streams only guarded replies too). A
+    generate_one returns the whole reply (serve --backend proxy, chat --batch); `cbt-llm chat --url` streams it
+    instead through serve/chat.py, text shown only behind the guard's hold-back (cbt_llm.guard.OutputStream). A
     guarded server's own disclaimer is dropped here, since the local guard adds it by the same rule; a crisis
     block the server put first is kept, and the local guard does not add a second one."""
 
