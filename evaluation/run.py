@@ -32,6 +32,7 @@ from evaluation.generate import (
     generate_all,
     load_generator,
     prompt_messages,
+    resolve_model,
 )
 from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
@@ -47,15 +48,6 @@ def check_metrics(names: list[str]) -> None:
         raise ConfigError(f"eval.metrics: unknown metric(s) {unknown}; known: {', '.join(reference.METRICS)}")
 
 
-def _check_local_model(m: EvalModelConfig, field: str) -> None:
-    """Existence only: loading a model is what checks it fully, and happens per model just before it answers."""
-    for key, value in (("path", m.path), ("adapter", m.adapter)):
-        if value and (value.startswith((".", "/", "~")) or os.sep in value) and not Path(value).expanduser().exists():
-            raise ConfigError(f"{field}.{key}: '{value}' not found; pass an exported folder (`cbt-llm export`)")
-    if m.adapter and not (Path(m.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"{field}.adapter: '{m.adapter}' has no adapter_config.json; pass a LoRA adapter folder")
-
-
 def check_eval_config(ec: EvalConfig) -> None:
     """Everything that can be checked before a model is loaded or a question is asked."""
     check_metrics(ec.metrics)
@@ -68,8 +60,8 @@ def check_eval_config(ec: EvalConfig) -> None:
         raise ConfigError(f"eval.models: names must be unique (got {names})")
     for i, m in enumerate(ec.models):
         field = f"eval.models[{i}]"
-        if m.path:
-            _check_local_model(m, field)
+        if m.path:  # the folders and an adapter's base only: loading the model checks the rest, before it answers
+            resolve_model(m.path, m.adapter, field)
         else:
             EndpointGenerator(m.endpoint, m.model or m.name, api_key_env=m.api_key_env, field=field)
     if ec.bertscore.model_path:

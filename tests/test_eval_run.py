@@ -139,6 +139,7 @@ def test_endpoint_unreachable_fails_with_one_line(tmp_path, capsys):
     [
         (["--model", "no/such/model"], "eval.models[0].path: 'no/such/model' not found"),
         (["--model", "{tmp}", "--adapter", "{tmp}"], "eval.models[0].adapter: "),
+        (["--model", "{q}"], "is not a model folder (no config.json)"),
         (["--model", "{tmp}", "eval.metrics=[bleu9]"], "eval.metrics: unknown metric(s) ['bleu9']"),
         (["--model", "{tmp}", "eval.bertscore.model_path=/no/encoder"], "eval.bertscore"),
         (["--predictions", "/no/file.jsonl"], "eval.predictions (--predictions): '/no/file.jsonl' not found"),
@@ -152,7 +153,9 @@ def test_endpoint_unreachable_fails_with_one_line(tmp_path, capsys):
 )
 def test_bad_input_fails_before_generation_with_one_line(tmp_path, capsys, args, expect):
     qfile = write_questions(tmp_path / "q.jsonl")
-    args = [a.replace("{tmp}", str(tmp_path)).replace("{q}", str(qfile)) for a in args]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # a model folder as far as the checks before loading go
+    args = [a.replace("{tmp}", str(tmp_path / "model")).replace("{q}", str(qfile)) for a in args]
     rc, err = run_cli(["--out", str(tmp_path / "out"), *args, f"eval.data_dir={tmp_path / 'nodata'}"], capsys)
     assert rc == 2
     lines = err.strip().splitlines()
