@@ -50,7 +50,7 @@ from evaluation.structure import (  # noqa: E402
 ANSWERS = ROOT / "tests" / "data" / "structure_handwritten.jsonl"
 PSYQA = ROOT.parent / "shared" / "data" / "psyqa_example.json"
 OUT = ROOT / "bench" / "results" / "structure.json"
-SPLITS = ("heldout3", "heldout2", "test", "fresh", "dev")  # those the answers file holds are measured
+SPLITS = ("heldout4", "heldout3", "heldout2", "test", "fresh", "dev")  # those the answers file holds are measured
 
 
 def _rel(path: Path) -> str:

@@ -64,21 +64,24 @@ def scorer(tmp_path_factory):
 
 def test_the_handwritten_set_is_what_its_readme_says():
     rows = _answers()
-    splits = ("dev", "test", "fresh", "heldout2", "heldout3")
-    assert [sum(a["split"] == s for a in rows) for s in splits] == [8, 32, 12, 45, 62]
+    splits = ("dev", "test", "fresh", "heldout2", "heldout3", "heldout4")
+    assert [sum(a["split"] == s for a in rows) for s in splits] == [8, 32, 12, 45, 62, 62]
     assert len({a["id"] for a in rows}) == len(rows)
     for a in rows:
         labels = [s["label"] for s in a["segments"]]
         assert set(labels) <= set(LABELS), a["id"]
-        if a["split"] != "heldout3":  # the earlier splits: five parts in canonical order
+        if a["split"] not in ("heldout3", "heldout4"):  # the earlier splits: five parts in canonical order
             assert set(CBT_PARTS) <= set(labels) and structure_of(labels)["order"] == 1.0, a["id"]
-    # heldout3 is laid out as real answers are: parts left out, out of order, repeated, "other" lines
-    h3 = [[s["label"] for s in a["segments"]] for a in _answers("heldout3")]
-    parts = [[lab for lab in labels if lab != "other"] for labels in h3]
-    assert sum(not set(CBT_PARTS) <= set(p) for p in parts) == 18
-    assert sum(structure_of(p)["order"] < 1.0 for p in parts) == 6
-    assert sum(len(p) > len(set(p)) for p in parts) == 12
-    assert sum(labels.count("other") for labels in h3) == 9
+    # heldout3 and heldout4 are laid out as real answers are: parts left out, out of order, repeated, "other" lines
+    for split, shape in (("heldout3", [18, 6, 12, 9]), ("heldout4", [19, 5, 6, 5])):
+        labels = [[s["label"] for s in a["segments"]] for a in _answers(split)]
+        parts = [[lab for lab in seq if lab != "other"] for seq in labels]
+        assert [
+            sum(not set(CBT_PARTS) <= set(p) for p in parts),
+            sum(structure_of(p)["order"] < 1.0 for p in parts),
+            sum(len(p) > len(set(p)) for p in parts),
+            sum(seq.count("other") for seq in labels),
+        ] == shape, split
     # not copied from the template corpus: no segment shares a sentence with 2000 generated answers
     generated = {s for i in range(2000) for p in record_at(0, i)["cbt"].values() for s in split_segments(p)}
     assert not generated & {s for a in rows for seg in a["segments"] for s in split_segments(seg["text"])}
