@@ -1,6 +1,7 @@
 """The CBT-structure scorer (evaluation/structure.py) on text it never trained on.
 
-Hand-written answers (tests/data/structure_handwritten.jsonl; its README says how they were written): the scorer
+Hand-written answers (tests/data/structure_handwritten.jsonl; its README says how they were written; `heldout4` is
+the held-out set of the shipped scorer, the other splits are design data): the scorer
 must label their segments, find which parts are present when parts are removed, and see the order break when
 they are shuffled. PsyQA's human answers (when the sample is present) are not written to the CBT order, and the
 scorer must say so. The numbers behind these thresholds are in bench/RESULTS.md ("CBT structure scorer").
@@ -164,6 +165,17 @@ def test_accuracy_per_part_on_the_heldout3_answers(scorer):
     assert r["coverage"]["mae"] < 0.4 and r["order"]["mae"] < 0.1, (r["coverage"], r["order"])
 
 
+def test_accuracy_per_part_on_the_heldout4_answers(scorer):
+    # The held-out set of v4: written and committed after v4 was frozen, measured once (bench/RESULTS.md run 6):
+    # 0.939 1.000 0.942 1.000 0.935, all 295 segments 0.956. The aim, at least 0.9 per part, is met there.
+    r = evaluate_scorer(scorer, _answers("heldout4"))
+    assert r["answers"] == 62 and r["segments"]["n"] == 295 and r["segments"]["accuracy"] >= 0.95, r["segments"]
+    for part in CBT_PARTS:
+        assert r["segments"]["per_label"][part]["accuracy"] >= 0.9, (part, r["segments"]["per_label"][part])
+        assert r["presence"][part]["accuracy"] >= 0.84, (part, r["presence"][part])  # v4: 0.860 to 0.981
+    assert r["coverage"]["mae"] < 0.3 and r["order"]["mae"] < 0.08, (r["coverage"], r["order"])  # v4: 0.228, 0.053
+
+
 def test_decoding_reads_an_unsure_segment_by_its_neighbours_and_keeps_a_sure_one():
     prior = order_prior(LABELS, **ORDER_PRIOR["paragraphs"])
     emp, enc, key = LABELS.index("empathy"), LABELS.index("encouragement"), LABELS.index("key_thought")
@@ -200,7 +212,12 @@ def test_decoding_finds_the_best_sequence():
 
 def test_the_order_prior_costs_little_on_shuffled_answers(scorer):
     # the prior favours the canonical order; on answers written out of it, it must not force them back into it
-    for split, floor in (("test", 0.95), ("heldout2", 0.85), ("heldout3", 0.84)):  # v4: 0.970 0.883 0.871
+    for split, floor in (
+        ("test", 0.95),
+        ("heldout2", 0.85),
+        ("heldout3", 0.84),
+        ("heldout4", 0.83),
+    ):  # v4: .970 .883 .871 .854
         r = evaluate_scorer(scorer, _answers(split))
         assert r["shuffled"]["accuracy"] >= floor, (split, r["shuffled"])
     # a reversed answer with clear parts keeps its labels, reversed
