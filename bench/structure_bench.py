@@ -5,16 +5,17 @@
 
 What it measures:
 
-- hand-written answers (tests/data/structure_handwritten.jsonl: 8 `dev` answers used in design, 32 `test`
-  answers, 12 `fresh` answers written after the first scorer was frozen, 45 `heldout2` answers written before the
-  second round of changes and measured once after it, then design data for the third; and `heldout3`, written
-  after scorer v3 was frozen): per-label segment accuracy (recall) and precision, each answer decoded on its own;
-  the same on the shuffled variants (what the order prior costs when the order breaks) and with every answer
-  written as one paragraph and labelled sentence by sentence; per part, whether "present" is called right over
-  every variant of every answer (as written, each part removed, shuffled, two removed and shuffled); coverage
-  exact-match and error; order agreement error. For the scorer we ship (corpus + seed bank + order prior) and, to
-  show what each adds, one that labels every segment on its own (no order prior) and one trained on the template
-  corpus alone. Per split, the longest substring any seed-bank exemplar shares with its segments.
+- hand-written answers (tests/data/structure_handwritten.jsonl: 8 `dev` answers used in design, 32 `test` answers, 12
+  `fresh` answers written after the first scorer was frozen, 45 `heldout2` answers written before the second round of
+  changes and measured once after it, then design data for the third; `heldout3`, written after scorer v3 was frozen,
+  measured once, then design data for v4; and `heldout4`, written after scorer v4 was frozen, the held-out set of the
+  shipped scorer): per-label segment accuracy (recall) and precision, each answer decoded on its own; the same on the
+  shuffled variants (what the order prior costs when the order breaks) and with every answer written as one paragraph
+  and labelled sentence by sentence; per part, whether "present" is called right over every variant of every answer
+  (as written, each part removed, shuffled, two removed and shuffled); coverage exact-match and error; order agreement
+  error. For the scorer we ship (corpus + seed bank + order prior) and, to show what each adds, one that labels every
+  segment on its own (no order prior) and one trained on the template corpus alone. Per split, the longest substring
+  any seed-bank exemplar shares with its segments.
 - PsyQA's human answers (../shared/data/psyqa_example.json, when present): they were not written to the CBT
   structure, so this reports what the scorer says, not an accuracy: coverage, parts present, order, and how
   the scorer's labels line up with PsyQA's own strategy labels (labels_sequence spans).
@@ -50,7 +51,7 @@ from evaluation.structure import (  # noqa: E402
 ANSWERS = ROOT / "tests" / "data" / "structure_handwritten.jsonl"
 PSYQA = ROOT.parent / "shared" / "data" / "psyqa_example.json"
 OUT = ROOT / "bench" / "results" / "structure.json"
-SPLITS = ("heldout3", "heldout2", "test", "fresh", "dev")  # those the answers file holds are measured
+SPLITS = ("heldout4", "heldout3", "heldout2", "test", "fresh", "dev")  # those the answers file holds are measured
 
 
 def _rel(path: Path) -> str:

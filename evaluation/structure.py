@@ -47,7 +47,7 @@ import numpy as np
 from cbt_llm.config import ConfigError
 from data_pipeline.schema import CBT_PARTS
 
-VERSION = "structure:v3"
+VERSION = "structure:v4"
 LABELS: tuple[str, ...] = (*CBT_PARTS, "other")
 _RANK = {p: i for i, p in enumerate(CBT_PARTS)}
 

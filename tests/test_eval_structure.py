@@ -1,6 +1,7 @@
 """The CBT-structure scorer (evaluation/structure.py) on text it never trained on.
 
-Hand-written answers (tests/data/structure_handwritten.jsonl; its README says how they were written): the scorer
+Hand-written answers (tests/data/structure_handwritten.jsonl; its README says how they were written; `heldout4` is
+the held-out set of the shipped scorer, the other splits are design data): the scorer
 must label their segments, find which parts are present when parts are removed, and see the order break when
 they are shuffled. PsyQA's human answers (when the sample is present) are not written to the CBT order, and the
 scorer must say so. The numbers behind these thresholds are in bench/RESULTS.md ("CBT structure scorer").
@@ -64,21 +65,24 @@ def scorer(tmp_path_factory):
 
 def test_the_handwritten_set_is_what_its_readme_says():
     rows = _answers()
-    splits = ("dev", "test", "fresh", "heldout2", "heldout3")
-    assert [sum(a["split"] == s for a in rows) for s in splits] == [8, 32, 12, 45, 62]
+    splits = ("dev", "test", "fresh", "heldout2", "heldout3", "heldout4")
+    assert [sum(a["split"] == s for a in rows) for s in splits] == [8, 32, 12, 45, 62, 62]
     assert len({a["id"] for a in rows}) == len(rows)
     for a in rows:
         labels = [s["label"] for s in a["segments"]]
         assert set(labels) <= set(LABELS), a["id"]
-        if a["split"] != "heldout3":  # the earlier splits: five parts in canonical order
+        if a["split"] not in ("heldout3", "heldout4"):  # the earlier splits: five parts in canonical order
             assert set(CBT_PARTS) <= set(labels) and structure_of(labels)["order"] == 1.0, a["id"]
-    # heldout3 is laid out as real answers are: parts left out, out of order, repeated, "other" lines
-    h3 = [[s["label"] for s in a["segments"]] for a in _answers("heldout3")]
-    parts = [[lab for lab in labels if lab != "other"] for labels in h3]
-    assert sum(not set(CBT_PARTS) <= set(p) for p in parts) == 18
-    assert sum(structure_of(p)["order"] < 1.0 for p in parts) == 6
-    assert sum(len(p) > len(set(p)) for p in parts) == 12
-    assert sum(labels.count("other") for labels in h3) == 9
+    # heldout3 and heldout4 are laid out as real answers are: parts left out, out of order, repeated, "other" lines
+    for split, shape in (("heldout3", [18, 6, 12, 9]), ("heldout4", [19, 5, 6, 5])):
+        labels = [[s["label"] for s in a["segments"]] for a in _answers(split)]
+        parts = [[lab for lab in seq if lab != "other"] for seq in labels]
+        assert [
+            sum(not set(CBT_PARTS) <= set(p) for p in parts),
+            sum(structure_of(p)["order"] < 1.0 for p in parts),
+            sum(len(p) > len(set(p)) for p in parts),
+            sum(seq.count("other") for seq in labels),
+        ] == shape, split
     # not copied from the template corpus: no segment shares a sentence with 2000 generated answers
     generated = {s for i in range(2000) for p in record_at(0, i)["cbt"].values() for s in split_segments(p)}
     assert not generated & {s for a in rows for seg in a["segments"] for s in split_segments(seg["text"])}
@@ -129,7 +133,7 @@ def test_structure_of_counts_parts_once():
 
 def test_accuracy_per_part_on_the_design_answers(scorer):
     # test and fresh were held out from scorer v1, heldout2 from v2 (measured once, bench/RESULTS.md run 4); all
-    # three are design data for v3, whose held-out set is heldout3
+    # three are design data for v3 and v4
     for split in ("test", "fresh"):
         r = evaluate_scorer(scorer, _answers(split))
         assert r["segments"]["accuracy"] >= 0.93, (split, r["segments"])
@@ -138,7 +142,7 @@ def test_accuracy_per_part_on_the_design_answers(scorer):
             assert r["presence"][part]["accuracy"] >= 0.9, (split, part, r["presence"])
         assert r["coverage"]["mae"] < 0.2 and r["order"]["mae"] < 0.06, (split, r["coverage"], r["order"])
         assert r["signature"] == scorer.signature and scorer.signature.startswith(VERSION)
-    r = evaluate_scorer(scorer, _answers("heldout2"))  # v3 measured 0.956 1.0 1.0 1.0 0.913
+    r = evaluate_scorer(scorer, _answers("heldout2"))  # v4 measured 0.956 1.0 0.978 1.0 0.935
     assert r["segments"]["accuracy"] >= 0.95, r["segments"]
     for part in CBT_PARTS:
         assert r["segments"]["per_label"][part]["accuracy"] >= 0.9, (part, r["segments"]["per_label"][part])
@@ -146,19 +150,30 @@ def test_accuracy_per_part_on_the_design_answers(scorer):
     assert r["coverage"]["mae"] < 0.25 and r["order"]["mae"] < 0.06, (r["coverage"], r["order"])
 
 
-# Measured once on heldout3 (bench/RESULTS.md, run 5): 0.940 0.980 0.800 0.897 0.932. The aim, 0.9 per part, is
-# NOT met there (challenge and strategy fall short); these floors (about two segments below the measurement) only
-# catch a regression.
-HELDOUT3_FLOOR = {"empathy": 0.91, "key_thought": 0.94, "challenge": 0.76, "strategy": 0.86, "encouragement": 0.89}
+# heldout3 was measured once with v3 (bench/RESULTS.md run 5: 0.940 0.980 0.800 0.897 0.932), then became design
+# data for v4, which measured 0.955 0.980 0.964 0.897 0.932 on it. Strategy stays below 0.9 there because heldout3
+# labels 5 referral lines ("去精神心理科做个评估") strategy, where the spec puts them in encouragement.
+HELDOUT3_FLOOR = {"empathy": 0.93, "key_thought": 0.96, "challenge": 0.94, "strategy": 0.87, "encouragement": 0.91}
 
 
 def test_accuracy_per_part_on_the_heldout3_answers(scorer):
     r = evaluate_scorer(scorer, _answers("heldout3"))
-    assert r["answers"] == 62 and r["segments"]["accuracy"] >= 0.89, r["segments"]
+    assert r["answers"] == 62 and r["segments"]["accuracy"] >= 0.92, r["segments"]
     for part, floor in HELDOUT3_FLOOR.items():
         assert r["segments"]["per_label"][part]["accuracy"] >= floor, (part, r["segments"]["per_label"][part])
         assert r["presence"][part]["accuracy"] >= 0.78, (part, r["presence"][part])
     assert r["coverage"]["mae"] < 0.4 and r["order"]["mae"] < 0.1, (r["coverage"], r["order"])
+
+
+def test_accuracy_per_part_on_the_heldout4_answers(scorer):
+    # The held-out set of v4: written and committed after v4 was frozen, measured once (bench/RESULTS.md run 6):
+    # 0.939 1.000 0.942 1.000 0.935, all 295 segments 0.956. The aim, at least 0.9 per part, is met there.
+    r = evaluate_scorer(scorer, _answers("heldout4"))
+    assert r["answers"] == 62 and r["segments"]["n"] == 295 and r["segments"]["accuracy"] >= 0.95, r["segments"]
+    for part in CBT_PARTS:
+        assert r["segments"]["per_label"][part]["accuracy"] >= 0.9, (part, r["segments"]["per_label"][part])
+        assert r["presence"][part]["accuracy"] >= 0.84, (part, r["presence"][part])  # v4: 0.860 to 0.981
+    assert r["coverage"]["mae"] < 0.3 and r["order"]["mae"] < 0.08, (r["coverage"], r["order"])  # v4: 0.228, 0.053
 
 
 def test_decoding_reads_an_unsure_segment_by_its_neighbours_and_keeps_a_sure_one():
@@ -197,7 +212,12 @@ def test_decoding_finds_the_best_sequence():
 
 def test_the_order_prior_costs_little_on_shuffled_answers(scorer):
     # the prior favours the canonical order; on answers written out of it, it must not force them back into it
-    for split, floor in (("test", 0.95), ("heldout2", 0.85)):  # v3 measured 0.988 and 0.896
+    for split, floor in (
+        ("test", 0.95),
+        ("heldout2", 0.85),
+        ("heldout3", 0.84),
+        ("heldout4", 0.83),
+    ):  # v4: .970 .883 .871 .854
         r = evaluate_scorer(scorer, _answers(split))
         assert r["shuffled"]["accuracy"] >= floor, (split, r["shuffled"])
     # a reversed answer with clear parts keeps its labels, reversed
