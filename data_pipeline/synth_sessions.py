@@ -400,21 +400,6 @@ CLOSINGS: tuple[str, ...] = (
     "听到这些我很高兴。你的不确定也很正常，我们下次接着来。",
 )
 
-# ---------------------------------------------------------------------------------------------- resistance
-RESISTANCE: tuple[str, ...] = (
-    "这没用，{why}",
-    "我做不到，{why}",
-    "说实话，我觉得这些方法对我没什么作用，{why}",
-    "说起来容易，可我就是没办法不这么想，{why}",
-)
-RESISTANCE_WHY: tuple[str, ...] = (
-    "我以前也试过类似的办法。",
-    "我根本没有那个力气。",
-    "道理我都懂，可就是控制不住。",
-    "我怕自己又会半途而废。",
-)
-# Every meeting of resistance acknowledges it (MEET_MARKERS) and offers a smaller step.
-MEET_MARKERS: tuple[str, ...] = ("我听到", "我理解")
 # A folded turn asks each of these stages' question after the previous stage's (no statement: the client has
 # not answered yet); other stages folded into a turn drop the previous stage's question instead.
 FOLD_QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -429,10 +414,40 @@ AFTER_SAFETY: tuple[str, ...] = (
     "谢谢你和我一起把安全放在第一位。在你安全的前提下，我们再回到让你难受的那件事上。",
     "有了这个安全计划，我们可以慢慢来。接下来，我们回到你最近遇到的事情上。",
 )
-MEET: tuple[str, ...] = (
-    "我听到你说这没用，这种试过却没见效的无力感很真实，我们不需要一下子做到。",
-    "我理解，觉得自己做不到的时候，任何建议都会显得很遥远。谢谢你直接告诉我。",
-    "我听到你的怀疑了，这很正常，方法本来就需要按你的情况调整。",
+
+# ---------------------------------------------------------------------------------------------- resistance
+RESISTANCE_WHY: tuple[str, ...] = (
+    "我以前也试过类似的办法。",
+    "我根本没有那个力气。",
+    "道理我都懂，可就是控制不住。",
+    "我怕自己又会半途而废。",
+)
+# (what the client says, how the counsellor meets it): every meeting acknowledges the push-back (MEET_MARKERS)
+# and, with SMALLER_STEPS, offers a smaller step.
+MEET_MARKERS: tuple[str, ...] = ("我听到", "我理解")
+RESISTANCE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "这没用，{why}",
+        (
+            "我听到你说这没用，这种试过却没见效的无力感很真实，我们不需要一下子做到。",
+            "我听到你的怀疑了，这很正常，方法本来就需要按你的情况调整。",
+        ),
+    ),
+    (
+        "我做不到，{why}",
+        (
+            "我理解，觉得自己做不到的时候，任何建议都会显得很遥远。谢谢你直接告诉我。",
+            "我听到你说做不到，这不是你不够努力，可能是这一步对现在的你来说太大了。",
+        ),
+    ),
+    (
+        "说实话，我觉得这些方法对我没什么作用，{why}",
+        ("我理解你的怀疑，谢谢你愿意直说，这能帮我们找到更适合你的方式。",),
+    ),
+    (
+        "说起来容易，可我就是没办法不这么想，{why}",
+        ("我理解，一个想法跟了你这么久，不可能说放下就放下，这一点也不奇怪。",),
+    ),
 )
 SMALLER_STEPS: dict[str, tuple[str, ...]] = {
     "socratic": (
@@ -565,14 +580,14 @@ class _Draw:
         self.block += 1
         return int.from_bytes(hashlib.blake2b(self.key + bytes([self.block]), digest_size=64).digest(), "little")
 
-    def int(self, n: int) -> int:
+    def below(self, n: int) -> int:
         if self.h < 1 << 64:
             self.h = self._next()
         self.h, r = divmod(self.h, n)
         return r
 
     def pick(self, options):
-        return options[self.int(len(options))]
+        return options[self.below(len(options))]
 
 
 def _seed_prefix(seed: int) -> bytes:
@@ -638,12 +653,12 @@ def _turn_specs(d: _Draw, turns: int, crisis: bool) -> tuple[list[tuple[list[str
     n_counsellor = (turns + 1) // 2
     closing = turns % 2  # an odd count ends on the counsellor: a closing turn after the client's feedback
     n = n_counsellor - closing
-    crisis_after = d.int(2) if crisis else None
+    crisis_after = d.below(2) if crisis else None
     units = plan_arc(n, crisis_after, 2 if n >= 8 else 1)
     disclose = next(i for i, u in enumerate(units) if u[0] == SAFETY) - 1 if crisis else None
     extra = n - len(units)  # > 0 only when nothing was folded
     resist = None
-    if extra and d.int(_PPM) < _RESIST_PPM:
+    if extra and d.below(_PPM) < _RESIST_PPM:
         resist = d.pick([i for i, u in enumerate(units) if u[-1] in _RESISTED])
         extra -= 1
     follow = [0] * len(units)
@@ -670,16 +685,16 @@ def _turn_specs(d: _Draw, turns: int, crisis: bool) -> tuple[list[tuple[list[str
 
 def _intake(d: _Draw, crisis_ppm: int) -> dict:
     """The drawn intake and the slots the session's text is filled from."""
-    crisis = d.int(_PPM) < crisis_ppm
+    crisis = d.below(_PPM) < crisis_ppm
     key, zh, personas, cores, situations, feelings, burden, area, others, strategies, thoughts, techs = d.pick(_TOPICS)
-    di = d.int(len(DISTORTIONS))
+    di = d.below(len(DISTORTIONS))
     (full, bare, lo, hi), group = d.pick(personas)
-    age = lo + d.int(hi - lo + 1)
-    i = d.int(len(feelings))
-    j = d.int(len(feelings) - 1)
+    age = lo + d.below(hi - lo + 1)
+    i = d.below(len(feelings))
+    j = d.below(len(feelings) - 1)
     s1 = d.pick(strategies)
     tech = d.pick(techs[di])
-    b1 = 60 + 5 * d.int(8)
+    b1 = 60 + 5 * d.below(8)
     slots = {
         "age": age,
         "full": full,
@@ -698,10 +713,10 @@ def _intake(d: _Draw, crisis_ppm: int) -> dict:
         "thought": d.pick(thoughts[di]),
         "balanced": d.pick(BALANCED_THOUGHTS),
         "b1": b1,
-        "b2": b1 - 20 - 5 * d.int(6),
-        "b3": 10 + 5 * d.int(5),
-        "emo": 60 + 5 * d.int(8),
-        "conf": 6 + d.int(4),
+        "b2": b1 - 20 - 5 * d.below(6),
+        "b3": 10 + 5 * d.below(5),
+        "emo": 60 + 5 * d.below(8),
+        "conf": 6 + d.below(4),
         "tech": TECHNIQUES[tech]["zh"],
         "hw": d.pick(TECHNIQUES[tech]["homework"]),
         "lines": _LINES,
@@ -723,7 +738,7 @@ def _intake(d: _Draw, crisis_ppm: int) -> dict:
     return {"crisis": crisis, "d": di, "tech": tech, "slots": slots, "intake": intake}
 
 
-def _stage_text(d: _Draw, stage: str, kind: str, k: int, s: dict, ctx: dict) -> tuple[str, str]:
+def _stage_text(d: _Draw, stage: str, kind: str, k: int, ctx: dict) -> tuple[str, str]:
     """(statement, question) of one stage in a counsellor turn; k counts this stage's earlier turns."""
     tech = TECHNIQUES[ctx["tech"]]
     if stage == "agenda":
@@ -762,13 +777,13 @@ def _counsellor(d: _Draw, stages: list[str], kind: str, seen: dict, s: dict, ctx
     if kind == "closing":
         return d.pick(CLOSINGS)
     if kind == "meet":
-        return d.pick(MEET) + d.pick(SMALLER_STEPS[stages[-1]])
+        return d.pick(RESISTANCE[ctx["resist"]][1]) + d.pick(SMALLER_STEPS[stages[-1]])
     text = ""
     for i, st in enumerate(stages):
         if i and st in FOLD_QUESTIONS:
             text += d.pick(FOLD_QUESTIONS[st])
         else:
-            statement, question = _stage_text(d, st, kind, seen.get(st, 0), s, ctx)
+            statement, question = _stage_text(d, st, kind, seen.get(st, 0), ctx)
             text += statement + (question if _asked(stages, i) else "")
         seen[st] = seen.get(st, 0) + 1
     return text.format_map(s)
@@ -781,8 +796,11 @@ def _asked(stages: list[str], i: int) -> bool:
 
 def _client(d: _Draw, stage: str, kind: str, k: int, s: dict, ctx: dict) -> str:
     """The client's answer to a counsellor turn whose last stage is `stage`."""
-    if kind == "meet":
-        return d.pick(AFTER_MEET[stage])
+    if kind == "meet":  # agrees to the smaller step; in a technique, takes it at once
+        text = d.pick(AFTER_MEET[stage])
+        if stage == "technique":
+            text += TECHNIQUES[ctx["tech"]]["answers"][0]
+        return text.format_map(s)
     if stage == "agenda":
         text = d.pick(C.INTRO_TEMPLATES) + "{dur}我{core}，{f1}。" + d.pick(GOALS)
     elif stage == "explore":
@@ -809,11 +827,12 @@ def _client(d: _Draw, stage: str, kind: str, k: int, s: dict, ctx: dict) -> str:
 
 
 def _compose(d: _Draw, seed: int, index: int, crisis_ppm: int, min_turns: int, max_turns: int) -> dict:
+    """One session: the intake, the turn plan, then counsellor and client turns in order from the same draws."""
     it = _intake(d, crisis_ppm)
-    turns = min_turns + d.int(max_turns - min_turns + 1)
+    turns = min_turns + d.below(max_turns - min_turns + 1)
     specs, crisis_at, resist_at = _turn_specs(d, turns, it["crisis"])
     s = it["slots"]
-    ctx = {"tech": it["tech"], "d": it["d"], "crisis": it["crisis"], "start": d.int(7)}
+    ctx = {"tech": it["tech"], "d": it["d"], "crisis": it["crisis"], "start": d.below(7)}
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     arc, seen = [], {}
     resisted, crisis_turn = [], None
@@ -826,7 +845,8 @@ def _compose(d: _Draw, seed: int, index: int, crisis_ppm: int, min_turns: int, m
         if len(messages) - 1 == turns:
             break
         if t == resist_at:
-            text = d.pick(RESISTANCE).format(why=d.pick(RESISTANCE_WHY))
+            ctx["resist"] = d.below(len(RESISTANCE))  # the meeting turn answers this push-back
+            text = RESISTANCE[ctx["resist"]][0].format(why=d.pick(RESISTANCE_WHY))
             resisted.append(len(messages))
         else:  # a folded turn is answered stage by stage, for each question it asked
             text = "".join(_client(d, st, kind, seen[st], s, ctx) for i, st in enumerate(stages) if _asked(stages, i))
@@ -857,7 +877,9 @@ def session_at(seed: int, index: int, crisis_fraction: float = 0.02, min_turns: 
     return _compose(d, seed, index, round(crisis_fraction * _PPM), min_turns, max_turns)
 
 
-def iter_sessions(seed: int, start: int, stop: int, crisis_fraction: float = 0.02, min_turns: int = 8, max_turns=24):
+def iter_sessions(
+    seed: int, start: int, stop: int, crisis_fraction: float = 0.02, min_turns: int = 8, max_turns: int = 24
+):
     """Yield sessions start..stop-1 one at a time (nothing is accumulated)."""
     for i in range(start, stop):
         yield session_at(seed, i, crisis_fraction, min_turns, max_turns)
@@ -874,12 +896,14 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
     sha = hashlib.sha256()
     topics: dict[str, int] = {}
     stages: dict[str, int] = {}
-    crisis = resist = turns = 0
+    crisis = resist = turns = jsonl_bytes = 0
     raw = open(tmp, "wb")
     out = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=True) if job["zstd"] else raw
 
     def flush(batch: list[str]) -> None:
+        nonlocal jsonl_bytes
         data = ("\n".join(batch) + "\n").encode()
+        jsonl_bytes += len(data)
         sha.update(data)
         out.write(data)
         if progress:
@@ -913,6 +937,7 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
         "first_index": job["start"],
         "sessions": job["stop"] - job["start"],
         "bytes": final.stat().st_size,
+        "jsonl_bytes": jsonl_bytes,  # uncompressed, what MB/s counts
         "content_sha256": sha.hexdigest(),  # of the uncompressed JSONL, so none and zstd runs compare
         "crisis": crisis,
         "resistance": resist,
@@ -1004,6 +1029,7 @@ def run_synth_sessions(cfg: SynthConfig) -> dict:
             "sessions": summary["sessions"],
             "seconds": round(seconds, 2),
             "sessions/s": round(summary["sessions"] / seconds) if seconds > 0 else 0,
+            "MB/s (JSONL)": round(summary["jsonl_bytes"] / 2**20 / seconds, 1) if seconds > 0 else 0,
             "workers": workers,
             "shards": cfg.num_shards,
             "bytes": summary["bytes"],
@@ -1035,6 +1061,7 @@ def _summary(cfg: SynthConfig, results: list[dict], seconds: float, workers: int
         "shards": cfg.num_shards,
         "compress": cfg.compress,
         "bytes": sum(r["bytes"] for r in results),
+        "jsonl_bytes": sum(r["jsonl_bytes"] for r in results),
         "crisis": sum(r["crisis"] for r in results),
         "crisis_fraction": cfg.crisis_fraction,
         "resistance": sum(r["resistance"] for r in results),

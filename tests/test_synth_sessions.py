@@ -153,7 +153,7 @@ def test_resistance_appears_in_some_sessions_and_the_counsellor_meets_it(session
         k = i // 2  # the counsellor turn that meets it (message i + 1), as an index into arc
         assert arc[k] == arc[k - 1].split("+")[-1] and arc[k] in ("socratic", "technique", "homework")
         assert "？" in reply  # a smaller step is offered as a question, not imposed
-        assert msgs[i + 2]["role"] == "user" and not re.search("没用|做不到", msgs[i + 2]["content"])
+        assert msgs[i + 2]["role"] == "user" and msgs[i + 2]["content"].startswith(S.AFTER_MEET[arc[k]])
     calm = [r for r in sessions if not r["meta"]["resistance_turns"]]
     assert not any(re.search("这没用|我做不到", m["content"]) for r in calm for m in r["messages"])
 
@@ -224,6 +224,7 @@ def test_summary_counts_match_the_files(tmp_path):
     assert json.loads((tmp_path / SUMMARY_NAME).read_text(encoding="utf-8")) == s
     assert (tmp_path / "_SUCCESS").is_file()
     assert s["sessions"] == len(recs) == 300
+    assert s["jsonl_bytes"] == len(_concat(tmp_path, 2)) == s["bytes"]  # uncompressed: the same count
     assert s["crisis"] == sum(r["meta"]["crisis"] for r in recs) > 0
     assert s["resistance"] == sum(bool(r["meta"]["resistance_turns"]) for r in recs)
     assert s["mean_turns"] == round(sum(r["meta"]["turns"] for r in recs) / 300, 2)
