@@ -1,6 +1,7 @@
-"""Benchmark `cbt-llm synth template`: records/s and peak RSS, single core and default mode.
+"""Benchmark `cbt-llm synth template` (and `--sessions`): records/s, MB/s and peak RSS, single core and default.
 
     python bench/synth_bench.py                      # 1M records, modes: single-core, default, default-zstd
+    python bench/synth_bench.py --modes sessions-single-core,sessions-default-zstd   # 1M multi-turn sessions
     python bench/synth_bench.py --num-records 200000 --modes single-core
     python bench/synth_bench.py --rss-records 5000000  # also one zstd run at 5M, to show memory stays flat
 
@@ -42,10 +43,12 @@ sys.exit(rc)
 """
 
 MODES = {
-    # name: (workers, compress, pin to one CPU)
-    "single-core": (1, "none", True),
-    "default": (0, "none", False),
-    "default-zstd": (0, "zstd", False),
+    # name: (workers, compress, pin to one CPU, sessions)
+    "single-core": (1, "none", True, False),
+    "default": (0, "none", False, False),
+    "default-zstd": (0, "zstd", False, False),
+    "sessions-single-core": (1, "none", True, True),
+    "sessions-default-zstd": (0, "zstd", False, True),
 }
 
 
@@ -70,7 +73,7 @@ def _tree_rss(proc: psutil.Process) -> int:
 
 
 def run_mode(name: str, num_records: int, num_shards: int, work: Path, seed: int) -> dict:
-    workers, compress, pin = MODES[name]
+    workers, compress, pin, sessions = MODES[name]
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     rusage_file = work / f"{name}.rusage.json"
@@ -93,7 +96,7 @@ def run_mode(name: str, num_records: int, num_shards: int, work: Path, seed: int
         str(seed),
         "--out",
         str(out),
-    ]
+    ] + (["--sessions"] if sessions else [])
     env = dict(os.environ, SYNTH_BENCH_RUSAGE=str(rusage_file))
     cpu0 = sorted(os.sched_getaffinity(0))[0]
     preexec = (lambda: os.sched_setaffinity(0, {cpu0})) if pin else None
@@ -114,20 +117,25 @@ def run_mode(name: str, num_records: int, num_shards: int, work: Path, seed: int
         raise SystemExit(f"mode {name} failed (exit {proc.returncode}); log tail:\n{tail}")
     ru = json.loads(rusage_file.read_text())
     summary = json.loads((out / "synth_summary.json").read_text(encoding="utf-8"))
-    shutil.rmtree(out, ignore_errors=True)  # 1M uncompressed records are ~3 GB
+    shutil.rmtree(out, ignore_errors=True)  # 1M uncompressed records are ~3 GB, 1M sessions ~4.5 GB
+    unit = "sessions" if sessions else "records"
+    # the template's summary has no uncompressed size; uncompressed, it is the file size
+    jsonl_bytes = summary.get("jsonl_bytes", summary["bytes"] if compress == "none" else None)
     return {
         "mode": name,
-        "records": summary["records"],
+        "unit": unit,
+        "records": summary[unit],
         "workers": summary["workers"],
         "shards": summary["shards"],
         "compress": compress,
         "pinned_to_one_cpu": pin,
         "wall_s": round(wall, 2),
         "gen_s": summary["seconds"],
-        "records_per_s": summary["records_per_s"],
-        "records_per_cpu_s": summary["records_per_cpu_s"],
+        "records_per_s": summary[f"{unit}_per_s"],
+        "records_per_cpu_s": summary[f"{unit}_per_cpu_s"],
+        "jsonl_mb_per_s": round(jsonl_bytes / 2**20 / summary["seconds"], 1) if jsonl_bytes else None,
         "bytes": summary["bytes"],
-        "bytes_per_record": round(summary["bytes"] / summary["records"], 1),
+        "bytes_per_record": round(summary["bytes"] / summary[unit], 1),
         "peak_rss_main_mb": round(ru["self_maxrss_kb"] / 1024, 1),
         "peak_rss_largest_worker_mb": round(ru["children_maxrss_kb"] / 1024, 1) if summary["workers"] > 1 else None,
         "peak_rss_tree_sampled_mb": round(peak_tree / 2**20, 1),
@@ -138,12 +146,13 @@ def run_mode(name: str, num_records: int, num_shards: int, work: Path, seed: int
 def markdown(rows: list[dict]) -> str:
     head = [
         "mode",
-        "records",
+        "records (or sessions)",
         "workers",
         "shards",
         "compress",
         "records/s",
         "records/s per CPU",
+        "JSONL MB/s",
         "wall s",
         "peak RSS main MB",
         "peak RSS largest worker MB",
@@ -154,12 +163,13 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [
             r["mode"],
-            f"{r['records']:,}",
+            f"{r['records']:,}" + (" sessions" if r["unit"] == "sessions" else ""),
             r["workers"],
             r["shards"],
             r["compress"],
             f"{r['records_per_s']:,.0f}",
             f"{r['records_per_cpu_s']:,.0f}",
+            r["jsonl_mb_per_s"] or "-",
             f"{r['wall_s']:.1f}",
             r["peak_rss_main_mb"],
             r["peak_rss_largest_worker_mb"] or "-",

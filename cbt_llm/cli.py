@@ -25,6 +25,8 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--compress", "synth.compress", str, "none or zstd"),
         ("--crisis-fraction", "synth.crisis_fraction", float, "fraction of crisis (suicide/self-harm) questions"),
         ("--workers", "synth.workers", int, "parallel processes (1: single process, 0: one per CPU)"),
+        ("--min-turns", "synth.min_turns", int, "sessions: fewest turns"),
+        ("--max-turns", "synth.max_turns", int, "sessions: most turns"),
     ],
     "synth api": [
         ("--input", "api.input", str, "PsyQA JSON or our JSONL"),
@@ -108,6 +110,11 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 
 def _cmd_synth_template(cfg: Config, args) -> int:
+    if cfg.synth.sessions:
+        from data_pipeline.synth_sessions import run_synth_sessions
+
+        run_synth_sessions(cfg.synth)
+        return 0
     from data_pipeline.synth_template import run_synth_template
 
     run_synth_template(cfg.synth)
@@ -398,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="build the CBT corpus").add_subparsers(dest="source", required=True)
     p = synth.add_parser("template", help="offline synthetic corpus generator")
     _add_common(p, "synth template")
+    p.add_argument(
+        "--sessions",
+        dest="flag:synth.sessions",
+        action="store_const",
+        const=True,
+        default=None,
+        help="multi-turn counselling sessions instead of single-turn records (synth.sessions)",
+    )
     p.set_defaults(func=_cmd_synth_template)
     p = synth.add_parser("api", help="CBT prompt to an OpenAI-compatible endpoint (the paper's method)")
     _add_common(p, "synth api")

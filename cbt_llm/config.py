@@ -63,6 +63,19 @@ class SynthConfig(_Section):
         description="Processes writing shards in parallel (one shard each at a time); 0: one per CPU, "
         "1: single process.",
     )
+    sessions: bool = Field(
+        False,
+        description="Generate multi-turn counselling sessions (OpenAI-messages JSONL, one session per line; "
+        "num_records counts sessions) instead of single-turn records.",
+    )
+    min_turns: int = Field(
+        8,
+        ge=8,
+        le=40,
+        description="Sessions: fewest turns, system prompt not counted (8: the shortest that keeps the arc in four "
+        "counsellor turns); at most max_turns.",
+    )
+    max_turns: int = Field(24, ge=8, le=40, description="Sessions: most turns, system prompt not counted.")
 
 
 class ApiSynthConfig(_Section):
