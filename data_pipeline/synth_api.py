@@ -28,8 +28,10 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +200,7 @@ def build_record(
 # ------------------------------------------------------------------------------------------------- files
 
 
-def recover_done_ids(path: Path) -> tuple[set[str], int]:
+def recover_done_ids(path: Path, redo: str = "that question will be asked again") -> tuple[set[str], int]:
     """Ids already in records.jsonl, and how many crash-truncated last lines were dropped (0 or 1).
 
     Only the last line may be bad (a crash mid-write); the file is then rewritten without it. A bad line
@@ -222,8 +224,7 @@ def recover_done_ids(path: Path) -> tuple[set[str], int]:
                 keep = b"\n".join(line for line in lines[:i] if line.strip())
                 write_text_atomic(path, keep.decode("utf-8") + ("\n" if keep else ""))
                 print(
-                    f"warning: {path}: dropped a truncated last line (a crash mid-write); that question "
-                    "will be asked again",
+                    f"warning: {path}: dropped a truncated last line (a crash mid-write); {redo}",
                     file=sys.stderr,
                 )
                 break
@@ -301,11 +302,39 @@ class _Stats:
 
 
 @dataclass
+class Endpoint:
+    """One OpenAI-compatible endpoint. `fields` is the config prefix that sets it ("api." or "api.client_"), so an
+    error names the field to fix; `any_success` is per endpoint, so a good counsellor endpoint does not hide a
+    client endpoint whose every request is refused."""
+
+    url: str
+    model: str
+    key: str | None
+    key_env: str
+    fields: str = "api."
+    any_success: bool = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+
+def make_endpoint(base_url: str, model: str, key_env: str, fields: str = "api.") -> Endpoint:
+    """The endpoint of a checked config; the key is read here, and a missing one is said once, on stderr."""
+    key = os.environ.get(key_env) or None
+    if key is None:
+        print(
+            f"warning: ${key_env} is not set; sending requests without an Authorization header "
+            "(fine for a local server)",
+            file=sys.stderr,
+        )
+    return Endpoint(base_url.rstrip("/") + "/chat/completions", model, key, key_env, fields)
+
+
+@dataclass
 class _Ctx:
     cfg: ApiSynthConfig
-    url: str
-    headers: dict[str, str]
-    key: str | None
+    keys: tuple[str, ...]
     client: httpx.AsyncClient
     sem: asyncio.Semaphore
     queue: asyncio.Queue
@@ -313,22 +342,35 @@ class _Ctx:
     rng: random.Random
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     abort_reason: str | None = None
-    any_success: bool = False
 
     def redact(self, text: str) -> str:
         # A server may quote the key back in an error body (OpenAI does, partly): never let it reach a file.
         text = " ".join(str(text).split())
-        return text.replace(self.key, "***") if self.key else text
+        for key in self.keys:
+            text = text.replace(key, "***")
+        return text
 
 
-async def _post(ctx: _Ctx, body: dict) -> dict:
+class GiveUp(Exception):
+    """No usable reply after every attempt, or a non-retryable HTTP error: the reject's reason and counts."""
+
+    def __init__(self, reason: str, attempts: int, errors: list[str]):
+        super().__init__(reason)
+        self.reason, self.attempts, self.errors = reason, attempts, errors
+
+
+class Aborted(Exception):
+    """The run is stopping (the endpoint refused its first requests, or nothing connects): ask nothing more."""
+
+
+async def _post(ctx: _Ctx, ep: Endpoint, body: dict) -> dict:
     """One request. Returns the parsed response JSON; raises _Retryable or _Fatal."""
     ctx.stats.requests += 1
     timeout_s = ctx.cfg.timeout_s
     try:
         # httpx's timeout is per phase (connect, each read); this bounds the whole request.
         async with asyncio.timeout(timeout_s):
-            resp = await ctx.client.post(ctx.url, json=body, headers=ctx.headers)
+            resp = await ctx.client.post(ep.url, json=body, headers=ep.headers)
     except (TimeoutError, httpx.TimeoutException):
         raise _Retryable("timeout", f"no reply within {timeout_s:g} s") from None
     except httpx.TransportError as exc:
@@ -368,7 +410,7 @@ def _usage_of(data: dict) -> dict[str, int]:
     return out
 
 
-def _content_of(data: dict) -> tuple[Any, str | None]:
+def content_of(data: dict) -> tuple[Any, str | None]:
     try:
         choice = data["choices"][0]
         return choice["message"]["content"], choice.get("finish_reason")
@@ -376,7 +418,58 @@ def _content_of(data: dict) -> tuple[Any, str | None]:
         raise _Retryable("invalid_reply", "response has no choices[0].message.content") from None
 
 
-async def _process(ctx: _Ctx, q: dict) -> None:
+async def ask(ctx: _Ctx, ep: Endpoint, body: dict, accept: Callable[[dict, int], Any]) -> Any:
+    """POST `body` to `ep` until `accept(response, attempt)` returns a value, and return it.
+
+    `accept` raises _Retryable for a reply that arrived but cannot be used. Retryable failures (429, 5xx,
+    timeouts, connection errors, unusable replies) are retried up to cfg.max_retries times with backoff;
+    then, or at once on another HTTP error, GiveUp carries the reason. Raises Aborted when the run is stopping.
+    """
+    cfg = ctx.cfg
+    kinds: list[str] = []
+    last: _Retryable | None = None
+    for attempt in range(cfg.max_retries + 1):
+        if attempt:
+            ctx.stats.retried += 1
+            # Sleep outside the semaphore: a backing-off request must not hold a slot others could use.
+            await asyncio.sleep(
+                backoff_delay(
+                    attempt - 1, cfg.backoff_s, cfg.max_backoff_s, last.retry_after if last else None, ctx.rng
+                )
+            )
+        try:
+            async with ctx.sem:
+                # Checked after the wait for a slot: that wait is where the other requests' 401s arrive.
+                if ctx.abort.is_set():
+                    raise Aborted
+                data = await _post(ctx, ep, body)
+            value = accept(data, attempt + 1)
+        except _Retryable as exc:
+            last = exc
+            kinds.append(exc.kind)
+            ctx.stats.errors[exc.kind] += 1
+            continue
+        except _Fatal as exc:
+            kinds.append(f"http_{exc.status}")
+            ctx.stats.errors[f"http_{exc.status}"] += 1
+            if exc.status in _FATAL_STATUSES and not ep.any_success and not ctx.abort.is_set():
+                ctx.abort_reason = _fatal_message(ctx, ep, exc)
+                ctx.abort.set()
+            raise GiveUp(exc.reason, attempt + 1, kinds) from None
+        ep.any_success = True
+        return value
+    if last and all(k == "connection" for k in kinds) and not ep.any_success and not ctx.abort.is_set():
+        # Nothing ever connected: the server is down or base_url is wrong; say so once, do not reject them all.
+        ctx.abort_reason = (
+            f"api: cannot connect to {_safe_url(ep.url)} ({last.reason}); is the server running? "
+            f"check {ep.fields}base_url"
+        )
+        ctx.abort.set()
+    reason = f"{last.reason if last else 'unknown error'} (gave up after {cfg.max_retries + 1} attempts)"
+    raise GiveUp(reason, cfg.max_retries + 1, kinds)
+
+
+async def _process(ctx: _Ctx, q: dict, ep: Endpoint) -> None:
     """Ask for one question until a valid record comes back or the retries run out; queue the outcome."""
     cfg = ctx.cfg
     crisis = is_crisis(q["question"], q["description"])
@@ -388,93 +481,50 @@ async def _process(ctx: _Ctx, q: dict) -> None:
         "temperature": cfg.temperature,
         "max_tokens": cfg.max_tokens,
     }
-    kinds: list[str] = []
-    last: _Retryable | None = None
-    for attempt in range(cfg.max_retries + 1):
-        if attempt:
-            ctx.stats.retried += 1
-            # Sleep outside the semaphore: a backing-off question must not hold a slot others could use.
-            await asyncio.sleep(
-                backoff_delay(
-                    attempt - 1, cfg.backoff_s, cfg.max_backoff_s, last.retry_after if last else None, ctx.rng
-                )
-            )
+
+    def accept(data: dict, attempt: int) -> dict:
+        content, finish = content_of(data)
         try:
-            async with ctx.sem:
-                # Checked after the wait for a slot: that wait is where the other requests' 401s arrive.
-                if ctx.abort.is_set():
-                    ctx.stats.not_attempted += 1
-                    await ctx.queue.put(("progress", None))
-                    return
-                data = await _post(ctx, body)
-            content, finish = _content_of(data)
-            try:
-                cbt, distortions, unknown = parse_reply(content)
-            except ReplyError as exc:
-                hint = " (finish_reason=length: raise api.max_tokens)" if finish == "length" else ""
-                raise _Retryable("invalid_reply", ctx.redact(f"{exc}{hint}")) from None
-            record, reason = build_record(
-                q,
-                cbt,
-                distortions,
-                model=cfg.model,
-                prompt_version=cfg.prompt_version,
-                usage=_usage_of(data),
-                attempts=attempt + 1,
-                dropped_distortions=unknown,
-            )
-            if reason:
-                raise _Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
-        except _Retryable as exc:
-            last = exc
-            kinds.append(exc.kind)
-            ctx.stats.errors[exc.kind] += 1
-            continue
-        except _Fatal as exc:
-            kinds.append(f"http_{exc.status}")
-            ctx.stats.errors[f"http_{exc.status}"] += 1
-            if exc.status in _FATAL_STATUSES and not ctx.any_success and not ctx.abort.is_set():
-                ctx.abort_reason = _fatal_message(ctx, exc)
-                ctx.abort.set()
-            await ctx.queue.put(
-                (
-                    "reject",
-                    {"id": q["id"], "stage": "api", "reason": exc.reason, "attempts": attempt + 1, "errors": kinds},
-                )
-            )
-            return
-        ctx.any_success = True
-        await ctx.queue.put(("record", record))
+            cbt, distortions, unknown = parse_reply(content)
+        except ReplyError as exc:
+            hint = " (finish_reason=length: raise api.max_tokens)" if finish == "length" else ""
+            raise _Retryable("invalid_reply", ctx.redact(f"{exc}{hint}")) from None
+        record, reason = build_record(
+            q,
+            cbt,
+            distortions,
+            model=cfg.model,
+            prompt_version=cfg.prompt_version,
+            usage=_usage_of(data),
+            attempts=attempt,
+            dropped_distortions=unknown,
+        )
+        if reason:
+            raise _Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
+        return record
+
+    try:
+        record = await ask(ctx, ep, body, accept)
+    except Aborted:
+        ctx.stats.not_attempted += 1
+        await ctx.queue.put(("progress", None))
         return
-    if last and all(k == "connection" for k in kinds) and not ctx.any_success and not ctx.abort.is_set():
-        # Nothing ever connected: the server is down or base_url is wrong; say so once, do not reject them all.
-        ctx.abort_reason = (
-            f"api: cannot connect to {_safe_url(ctx.url)} ({last.reason}); is the server running? check api.base_url"
-        )
-        ctx.abort.set()
-    await ctx.queue.put(
-        (
-            "reject",
-            {
-                "id": q["id"],
-                "stage": "api",
-                "reason": f"{last.reason if last else 'unknown error'} (gave up after {cfg.max_retries + 1} attempts)",
-                "attempts": cfg.max_retries + 1,
-                "errors": kinds,
-            },
-        )
-    )
+    except GiveUp as exc:
+        reject = {"id": q["id"], "stage": "api", "reason": exc.reason, "attempts": exc.attempts, "errors": exc.errors}
+        await ctx.queue.put(("reject", reject))
+        return
+    await ctx.queue.put(("record", record))
 
 
-def _fatal_message(ctx: _Ctx, exc: _Fatal) -> str:
-    cfg = ctx.cfg
+def _fatal_message(ctx: _Ctx, ep: Endpoint, exc: _Fatal) -> str:
+    f = ep.fields
     if exc.status in (401, 403):
-        key_state = f"${cfg.api_key_env} is set" if ctx.key else f"${cfg.api_key_env} is not set, so no key was sent"
-        fix = f"check the key in ${cfg.api_key_env} (api.api_key_env) and api.base_url"
-        return f"api: {_safe_url(ctx.url)} refused the request with HTTP {exc.status} ({key_state}); {fix}"
+        key_state = f"${ep.key_env} is set" if ep.key else f"${ep.key_env} is not set, so no key was sent"
+        fix = f"check the key in ${ep.key_env} ({f}api_key_env) and {f}base_url"
+        return f"api: {_safe_url(ep.url)} refused the request with HTTP {exc.status} ({key_state}); {fix}"
     return (
-        f"api: {_safe_url(ctx.url)} answered HTTP {exc.status} before any success; check api.base_url "
-        f"(it usually ends in /v1) and api.model ('{cfg.model}')"
+        f"api: {_safe_url(ep.url)} answered HTTP {exc.status} before any success; check {f}base_url "
+        f"(it usually ends in /v1) and {f}model ('{ep.model}')"
     )
 
 
@@ -501,17 +551,24 @@ async def _writer(queue: asyncio.Queue, records_path: Path, rejects_path: Path, 
             pbar.set_postfix(ok=stats.ok, rejected=stats.rejected, retried=stats.retried, refresh=False)
 
 
-async def _run_async(
-    cfg: ApiSynthConfig, todo: list[dict], key: str | None, records_path: Path, rejects_path: Path, stats: _Stats
+async def run_pool(
+    cfg: ApiSynthConfig,
+    todo: list,
+    process: Callable[[_Ctx, Any], Awaitable[None]],
+    keys: tuple[str, ...],
+    paths: tuple[Path, Path],
+    stats: _Stats,
+    desc: str = "synth api",
+    unit: str = "q",
 ) -> str | None:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    """Run `process(ctx, item)` over `todo` with at most cfg.concurrency requests in flight; each process puts one
+    ("record" | "reject" | "progress", obj) on ctx.queue, which one writer task appends to paths (records,
+    rejects). Returns the reason the run stopped early, or None."""
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
         ctx = _Ctx(
             cfg=cfg,
-            url=cfg.base_url.rstrip("/") + "/chat/completions",
-            headers=headers,
-            key=key,
+            keys=tuple(k for k in keys if k),
             client=client,
             sem=asyncio.Semaphore(cfg.concurrency),
             queue=asyncio.Queue(maxsize=1024),
@@ -521,11 +578,11 @@ async def _run_async(
         pending = iter(todo)
 
         async def worker() -> None:
-            for q in pending:  # a shared iterator: each question goes to exactly one worker
-                await _process(ctx, q)
+            for item in pending:  # a shared iterator: each item goes to exactly one worker
+                await process(ctx, item)
 
-        with tqdm(total=len(todo), desc="synth api", unit="q", file=sys.stderr, mininterval=0.5) as pbar:
-            writer = asyncio.create_task(_writer(ctx.queue, records_path, rejects_path, stats, pbar))
+        with tqdm(total=len(todo), desc=desc, unit=unit, file=sys.stderr, mininterval=0.5) as pbar:
+            writer = asyncio.create_task(_writer(ctx.queue, *paths, stats, pbar))
             # Twice the concurrency in workers: the semaphore bounds requests in flight, the extra workers keep
             # slots busy while others sleep in backoff.
             n_workers = min(len(todo), 2 * cfg.concurrency)
@@ -549,34 +606,48 @@ async def _run_async(
 # --------------------------------------------------------------------------------------------------- run
 
 
+def check_endpoint(base_url: str, key_env: str, fields: str = "api.") -> None:
+    """An endpoint's base URL and key variable name; `fields` prefixes the field names in the error line."""
+    try:
+        url = httpx.URL(base_url)
+        ok_url = url.scheme in ("http", "https") and bool(url.host)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        ok_url = False
+    if not ok_url:
+        flag = "--base-url " if fields == "api." else f"{fields}base_url="
+        raise ConfigError(
+            f"{fields}base_url '{_safe_url(base_url)}' is not an http(s) URL; pass e.g. {flag}http://127.0.0.1:8000/v1"
+        )
+    if not _ENV_NAME.match(key_env):
+        # Never echo the value: the usual mistake here is pasting the key itself.
+        raise ConfigError(
+            f"{fields}api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not the key itself"
+        )
+
+
+def check_input(cfg: ApiSynthConfig) -> None:
+    """api.input names at least one existing file."""
+    try:
+        expand_inputs(cfg.input)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"api.input: {exc}") from None
+
+
+def check_out_dir(cfg: ApiSynthConfig) -> None:
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"api.out_dir '{cfg.out_dir}' exists and is not a folder; pass another --out")
+
+
 def check_config(cfg: ApiSynthConfig) -> None:
     """Fail early, with one line naming the field and the fix, before any file or network work."""
     if not cfg.model.strip():
         raise ConfigError("api.model is empty; pass --model NAME (the model name the endpoint serves)")
     if not cfg.input.strip():
         raise ConfigError("api.input is empty; pass --input PATH (PsyQA JSON or our JSONL)")
-    try:
-        expand_inputs(cfg.input)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"api.input: {exc}") from None
-    try:
-        url = httpx.URL(cfg.base_url)
-        ok_url = url.scheme in ("http", "https") and bool(url.host)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        ok_url = False
-    if not ok_url:
-        raise ConfigError(
-            f"api.base_url '{_safe_url(cfg.base_url)}' is not an http(s) URL; pass e.g. "
-            "--base-url http://127.0.0.1:8000/v1"
-        )
-    if not _ENV_NAME.match(cfg.api_key_env):
-        # Never echo the value: the usual mistake here is pasting the key itself.
-        raise ConfigError(
-            "api.api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not the key itself"
-        )
+    check_input(cfg)
+    check_endpoint(cfg.base_url, cfg.api_key_env)
     get_prompt(cfg.prompt_version)
-    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
-        raise ConfigError(f"api.out_dir '{cfg.out_dir}' exists and is not a folder; pass another --out")
+    check_out_dir(cfg)
 
 
 def run_synth_api(cfg: ApiSynthConfig) -> dict:
@@ -609,19 +680,15 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
         )
     todo = [q for q in selected if q["id"] not in done]
 
-    key = os.environ.get(cfg.api_key_env) or None
-    if key is None:
-        print(
-            f"warning: ${cfg.api_key_env} is not set; sending requests without an Authorization header "
-            "(fine for a local server)",
-            file=sys.stderr,
-        )
+    ep = make_endpoint(cfg.base_url, cfg.model, cfg.api_key_env)
 
     stats = _Stats()
     abort_reason = None
     t_api = time.perf_counter()
     if todo:
-        abort_reason = asyncio.run(_run_async(cfg, todo, key, records_path, rejects_path, stats))
+        abort_reason = asyncio.run(
+            run_pool(cfg, todo, partial(_process, ep=ep), (ep.key,), (records_path, rejects_path), stats)
+        )
     api_seconds = time.perf_counter() - t_api
 
     summary: dict[str, Any] = {
