@@ -38,6 +38,8 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--timeout", "api.timeout_s", float, "per-request timeout, seconds"),
         ("--max-retries", "api.max_retries", int, "retries per question"),
         ("--limit", "api.limit", int, "process at most N questions"),
+        ("--num-sessions", "api.num_sessions", int, "sessions without --input: how many"),
+        ("--max-turns", "api.max_turns", int, "sessions: turn limit"),
     ],
     "tokenizer train": [
         ("--input", "tokenizer.input", str, "glob of corpus shards"),
@@ -122,9 +124,12 @@ def _cmd_synth_template(cfg: Config, args) -> int:
 
 
 def _cmd_synth_api(cfg: Config, args) -> int:
-    from data_pipeline.synth_api import run_synth_api
+    if cfg.api.sessions:
+        from data_pipeline.synth_api_sessions import run_synth_api_sessions as run
+    else:
+        from data_pipeline.synth_api import run_synth_api as run
 
-    summary = run_synth_api(cfg.api)
+    summary = run(cfg.api)
     return 0 if summary.get("ok", 0) + summary.get("skipped", 0) > 0 or summary.get("total", 0) == 0 else 1
 
 
@@ -416,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth_template)
     p = synth.add_parser("api", help="CBT prompt to an OpenAI-compatible endpoint (the paper's method)")
     _add_common(p, "synth api")
+    p.add_argument(
+        "--sessions",
+        dest="flag:api.sessions",
+        action="store_const",
+        const=True,
+        default=None,
+        help="multi-turn sessions: a counsellor and a client simulator talk (api.sessions)",
+    )
     p.set_defaults(func=_cmd_synth_api)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)

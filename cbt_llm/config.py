@@ -107,6 +107,37 @@ class ApiSynthConfig(_Section):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(2048, ge=16)
     limit: int = Field(0, ge=0, description="Process at most this many questions (0: all).")
+    # `synth api --sessions`: a counsellor simulator (the endpoint above) and a client simulator talk
+    sessions: bool = Field(
+        False,
+        description="Synthesise multi-turn sessions (OpenAI-messages JSONL) instead of single answers; the endpoint "
+        "above plays the counsellor, the client_* endpoint the client.",
+    )
+    client_base_url: str = Field("", description="Sessions: the client simulator's base URL (empty: base_url).")
+    client_model: str = Field("", description="Sessions: the client simulator's model (empty: model).")
+    client_api_key_env: str = Field(
+        "", description="Sessions: environment variable holding the client endpoint's key (empty: api_key_env)."
+    )
+    num_sessions: int = Field(
+        100,
+        ge=1,
+        description="Sessions without api.input: how many, each client built from the offline generator's intake "
+        "(data_pipeline/synth_sessions.py) at api.seed; with api.input each question seeds one session.",
+    )
+    seed: int = Field(0, description="Sessions: seed of the drawn intakes (the same seed gives the same intakes).")
+    crisis_fraction: float = Field(
+        0.02, ge=0.0, le=0.5, description="Sessions without api.input: share of clients who disclose suicidal thoughts."
+    )
+    min_turns: int = Field(
+        8, ge=2, le=80, description="Sessions: a session that ends sooner (system prompt not counted) is rejected."
+    )
+    max_turns: int = Field(
+        24,
+        ge=2,
+        le=80,
+        description="Sessions: turn limit (system prompt not counted); a session that reaches it without the end "
+        "marker stops on the last counsellor turn that fits, so no client turn is left unanswered.",
+    )
 
 
 class TokenizerConfig(_Section):

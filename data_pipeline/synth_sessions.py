@@ -877,6 +877,22 @@ def session_at(seed: int, index: int, crisis_fraction: float = 0.02, min_turns: 
     return _compose(d, seed, index, round(crisis_fraction * _PPM), min_turns, max_turns)
 
 
+def intake_at(seed: int, index: int, crisis_fraction: float = 0.02) -> tuple[dict, dict]:
+    """The intake that session_at(seed, index, crisis_fraction) starts from (the same first draws), and the
+    client behind it: {crisis, persona, age, feelings, duration}. `synth api --sessions` builds its client
+    simulator from these, so the API sessions and the offline ones share one intake distribution."""
+    it = _intake(_Draw(_seed_prefix(seed) + index.to_bytes(8, "little")), round(crisis_fraction * _PPM))
+    s = it["slots"]
+    client = {
+        "crisis": it["crisis"],
+        "persona": s["full"],
+        "age": s["age"],
+        "feelings": [s["f1"], s["f2"]],
+        "duration": s["dur"],
+    }
+    return it["intake"], client
+
+
 def iter_sessions(
     seed: int, start: int, stop: int, crisis_fraction: float = 0.02, min_turns: int = 8, max_turns: int = 24
 ):

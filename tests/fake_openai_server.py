@@ -20,9 +20,17 @@ same in a ```json fence), judge_noisy (as judge with seed 0; with any other requ
 mirrored within its range, a scripted disagreement), judge_out_of_range, judge_missing (unusable); not_json
 serves as a judge reply that is not JSON.
 
-Every request is recorded (headers, parsed body, fault) for assertions; `max_in_flight` is the largest number
-of requests the server was handling at once. Every HTTP 200 JSON reply reports usage
-{prompt_tokens: 100, completion_tokens: 50}; `usage_sent` sums what was reported.
+Session simulators (for `synth api --sessions`; deterministic, k = the speaker's turn number, counted from the
+assistant messages of the request): session (plays the counsellor when the system prompt asks for the end
+marker, else the client), counsellor (ends its `session_turns`-th turn with the end marker), client,
+client_leak (writes a "咨询师：" line: the counsellor's part), counsellor_leak (writes a "来访者：" line),
+client_crisis (discloses suicidal thoughts), client_english (answers in English). `system_plan` is to the
+system message what `plan` is to the user message (so a script can follow one session's client), consulted
+after `plan`.
+
+Every request is recorded (headers, parsed body, system and user message, fault) for assertions;
+`max_in_flight` is the largest number of requests the server was handling at once. Every HTTP 200 JSON reply
+reports usage {prompt_tokens: 100, completion_tokens: 50}; `usage_sent` sums what was reported.
 """
 
 from __future__ import annotations
@@ -64,6 +72,25 @@ def good_parts(question: str) -> dict[str, str]:
     }
 
 
+SESSION_FAULTS = frozenset(
+    {"session", "counsellor", "client", "client_leak", "counsellor_leak", "client_crisis", "client_english"}
+)
+
+
+def counsellor_turn(k: int, last: bool) -> str:
+    """The counsellor simulator's k-th turn; the last one closes the session with the end marker."""
+    from data_pipeline.synth_api_sessions import END_MARKER
+
+    if last:
+        return f"我们今天谈了{k}段，回顾一下：你找到了那个让你难受的想法，也定好了这周的练习。我们下次见。{END_MARKER}"
+    return f"谢谢你愿意说这些，这是我们今天的第{k}段对话。能再多说一点当时的情形和你的想法吗？"
+
+
+def client_turn(k: int) -> str:
+    """The client simulator's k-th turn."""
+    return f"嗯，我想一想。这是我的第{k}次回答：最近压力很大，晚上总是睡不好。"
+
+
 class _Server(ThreadingHTTPServer):
     # The stdlib default listen backlog is 5: a burst of connections from a high-concurrency client would be
     # refused by the kernel and show up as connection errors that no real endpoint would cause.
@@ -83,6 +110,8 @@ class FakeOpenAIServer:
         delay_s: float = 0.0,
         slow_s: float = 2.0,
         expected_key: str | None = None,
+        system_plan: dict[str, Any] | None = None,
+        session_turns: int = 5,
     ):
         self.plan = dict(plan or {})
         self.by_count = dict(by_count or {})
@@ -90,6 +119,8 @@ class FakeOpenAIServer:
         self.delay_s = delay_s
         self.slow_s = slow_s
         self.expected_key = expected_key
+        self.system_plan = dict(system_plan or {})
+        self.session_turns = session_turns
         self.requests: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -140,16 +171,17 @@ class FakeOpenAIServer:
         return [r for r in self.requests if needle in r["user"]]
 
     # -- request handling
-    def _choose(self, n: int, user: str) -> str:
+    def _choose(self, n: int, user: str, system: str = "") -> str:
         if n in self.by_count:
             return self.by_count[n]
-        for needle, script in self.plan.items():
-            if needle in user:
-                if isinstance(script, str) and script.startswith("always:"):
-                    return script.split(":", 1)[1]
-                k = self._attempts.get(needle, 0)
-                self._attempts[needle] = k + 1
-                return script[k] if k < len(script) else self.default
+        for plan, text, tag in ((self.plan, user, ""), (self.system_plan, system, "system:")):
+            for needle, script in plan.items():
+                if needle in text:
+                    if isinstance(script, str) and script.startswith("always:"):
+                        return script.split(":", 1)[1]
+                    k = self._attempts.get(tag + needle, 0)
+                    self._attempts[tag + needle] = k + 1
+                    return script[k] if k < len(script) else self.default
         return self.default
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
@@ -161,13 +193,22 @@ class FakeOpenAIServer:
             body = {}
         messages = body.get("messages") or []
         user = next((m.get("content", "") for m in messages if m.get("role") == "user"), "")
+        system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
         with self._lock:
             n = len(self.requests) + 1
-            fault = self._choose(n, user)
+            fault = self._choose(n, user, system)
             if self.expected_key is not None and h.headers.get("Authorization") != f"Bearer {self.expected_key}":
                 fault = "401"
             self.requests.append(
-                {"n": n, "path": h.path, "headers": dict(h.headers.items()), "body": body, "user": user, "fault": fault}
+                {
+                    "n": n,
+                    "path": h.path,
+                    "headers": dict(h.headers.items()),
+                    "body": body,
+                    "system": system,
+                    "user": user,
+                    "fault": fault,
+                }
             )
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -216,6 +257,25 @@ class FakeOpenAIServer:
             },
         )
 
+    def _session_turn(self, fault: str, messages: list[dict]) -> str:
+        from data_pipeline.synth_api_sessions import END_MARKER
+
+        k = sum(1 for m in messages if m.get("role") == "assistant") + 1
+        system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
+        if fault == "session":
+            fault = "counsellor" if END_MARKER in system else "client"
+        if fault == "counsellor":
+            return counsellor_turn(k, k >= self.session_turns)
+        if fault == "counsellor_leak":
+            return counsellor_turn(k, False) + "\n来访者：我觉得自己什么都做不好。"
+        if fault == "client_leak":
+            return client_turn(k) + "\n咨询师：你愿意试着把这个想法写下来吗？"
+        if fault == "client_crisis":
+            return client_turn(k) + "其实最难受的时候，我想过自杀。"
+        if fault == "client_english":
+            return "I have been feeling stressed lately and I cannot sleep well."
+        return client_turn(k)
+
     def _reply(self, h, fault: str, user: str, body: dict) -> None:
         m = _QUESTION.search(user)
         parts = good_parts(m.group(1) if m else user)
@@ -224,6 +284,9 @@ class FakeOpenAIServer:
         if fault == "slow":
             time.sleep(self.slow_s)
             fault = "good"
+        if fault in SESSION_FAULTS:
+            self._completion(h, self._session_turn(fault, body.get("messages") or []))
+            return
         if fault.startswith("judge"):
             scores = judge_scores(user, int(body.get("seed") or 0), noisy=fault == "judge_noisy")
             if fault == "judge_out_of_range":
