@@ -77,7 +77,7 @@ class ReplyError(ValueError):
     """A reply that arrived but cannot become a record (not JSON, missing or empty part, no Chinese)."""
 
 
-class _Retryable(Exception):
+class Retryable(Exception):
     def __init__(self, kind: str, reason: str, retry_after: float | None = None):
         super().__init__(reason)
         self.kind, self.reason, self.retry_after = kind, reason, retry_after
@@ -141,7 +141,7 @@ def parse_reply(content: Any) -> tuple[dict[str, str], list[str], list[str]]:
     return cbt, known, unknown
 
 
-def _end_sentence(text: str) -> str:
+def end_sentence(text: str) -> str:
     return text if text.endswith(("\u3002", "\uff01", "\uff1f", "!", "?", ".", "\u2026")) else text + "\u3002"
 
 
@@ -178,10 +178,10 @@ def build_record(
     if dropped_distortions:
         meta["dropped_distortions"] = dropped_distortions
     if not any(m in cbt["encouragement"] for m in PROFESSIONAL_HELP_MARKERS):
-        cbt["encouragement"] = _end_sentence(cbt["encouragement"]) + PROFESSIONAL_HELP_SENTENCE
+        cbt["encouragement"] = end_sentence(cbt["encouragement"]) + PROFESSIONAL_HELP_SENTENCE
         meta["professional_help_added"] = True
     if crisis and not has_crisis_support(join_answer(cbt)):
-        cbt["encouragement"] = _end_sentence(cbt["encouragement"]) + CRISIS_SUPPORT_SENTENCE
+        cbt["encouragement"] = end_sentence(cbt["encouragement"]) + CRISIS_SUPPORT_SENTENCE
         meta["crisis_support_added"] = True
     record = {
         "id": q["id"],
@@ -260,7 +260,7 @@ def rotate_rejects(path: Path) -> Path | None:
 # -------------------------------------------------------------------------------------------------- http
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     return _USERINFO.sub("//***@", url)
 
 
@@ -290,7 +290,7 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
 
 
 @dataclass
-class _Stats:
+class Stats:
     ok: int = 0
     rejected: int = 0
     retried: int = 0
@@ -338,7 +338,7 @@ class _Ctx:
     client: httpx.AsyncClient
     sem: asyncio.Semaphore
     queue: asyncio.Queue
-    stats: _Stats
+    stats: Stats
     rng: random.Random
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     abort_reason: str | None = None
@@ -364,7 +364,7 @@ class Aborted(Exception):
 
 
 async def _post(ctx: _Ctx, ep: Endpoint, body: dict) -> dict:
-    """One request. Returns the parsed response JSON; raises _Retryable or _Fatal."""
+    """One request. Returns the parsed response JSON; raises Retryable or _Fatal."""
     ctx.stats.requests += 1
     timeout_s = ctx.cfg.timeout_s
     try:
@@ -372,33 +372,33 @@ async def _post(ctx: _Ctx, ep: Endpoint, body: dict) -> dict:
         async with asyncio.timeout(timeout_s):
             resp = await ctx.client.post(ep.url, json=body, headers=ep.headers)
     except (TimeoutError, httpx.TimeoutException):
-        raise _Retryable("timeout", f"no reply within {timeout_s:g} s") from None
+        raise Retryable("timeout", f"no reply within {timeout_s:g} s") from None
     except httpx.TransportError as exc:
-        raise _Retryable("connection", ctx.redact(f"connection error ({type(exc).__name__}: {exc})")) from None
+        raise Retryable("connection", ctx.redact(f"connection error ({type(exc).__name__}: {exc})")) from None
     except httpx.RequestError as exc:  # e.g. a body that fails to decode
-        raise _Retryable("request_error", ctx.redact(f"request failed ({type(exc).__name__}: {exc})")) from None
+        raise Retryable("request_error", ctx.redact(f"request failed ({type(exc).__name__}: {exc})")) from None
     if resp.status_code != 200:
         snippet = ctx.redact(resp.text[:200])
         reason = f"HTTP {resp.status_code}: {snippet}" if snippet else f"HTTP {resp.status_code}"
         retry_after = _parse_retry_after(resp.headers.get("retry-after"))
         if resp.status_code == 429:
-            raise _Retryable("http_429", reason, retry_after)
+            raise Retryable("http_429", reason, retry_after)
         if resp.status_code >= 500 or resp.status_code == 408:
-            raise _Retryable(f"http_{resp.status_code}", reason, retry_after)
+            raise Retryable(f"http_{resp.status_code}", reason, retry_after)
         raise _Fatal(resp.status_code, reason)
     try:
         data = resp.json()
     except (ValueError, UnicodeDecodeError):
-        raise _Retryable("malformed_body", "response body is not valid JSON") from None
+        raise Retryable("malformed_body", "response body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise _Retryable("malformed_body", "response body is not a JSON object")
-    usage = _usage_of(data)
+        raise Retryable("malformed_body", "response body is not a JSON object")
+    usage = usage_of(data)
     ctx.stats.prompt_tokens += usage["prompt_tokens"]
     ctx.stats.completion_tokens += usage["completion_tokens"]
     return data
 
 
-def _usage_of(data: dict) -> dict[str, int]:
+def usage_of(data: dict) -> dict[str, int]:
     """Token usage as reported by the server; a missing or odd field counts as 0 rather than failing."""
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     out = {}
@@ -415,19 +415,19 @@ def content_of(data: dict) -> tuple[Any, str | None]:
         choice = data["choices"][0]
         return choice["message"]["content"], choice.get("finish_reason")
     except (KeyError, IndexError, TypeError):
-        raise _Retryable("invalid_reply", "response has no choices[0].message.content") from None
+        raise Retryable("invalid_reply", "response has no choices[0].message.content") from None
 
 
 async def ask(ctx: _Ctx, ep: Endpoint, body: dict, accept: Callable[[dict, int], Any]) -> Any:
     """POST `body` to `ep` until `accept(response, attempt)` returns a value, and return it.
 
-    `accept` raises _Retryable for a reply that arrived but cannot be used. Retryable failures (429, 5xx,
+    `accept` raises Retryable for a reply that arrived but cannot be used. Retryable failures (429, 5xx,
     timeouts, connection errors, unusable replies) are retried up to cfg.max_retries times with backoff;
     then, or at once on another HTTP error, GiveUp carries the reason. Raises Aborted when the run is stopping.
     """
     cfg = ctx.cfg
     kinds: list[str] = []
-    last: _Retryable | None = None
+    last: Retryable | None = None
     for attempt in range(cfg.max_retries + 1):
         if attempt:
             ctx.stats.retried += 1
@@ -444,7 +444,7 @@ async def ask(ctx: _Ctx, ep: Endpoint, body: dict, accept: Callable[[dict, int],
                     raise Aborted
                 data = await _post(ctx, ep, body)
             value = accept(data, attempt + 1)
-        except _Retryable as exc:
+        except Retryable as exc:
             last = exc
             kinds.append(exc.kind)
             ctx.stats.errors[exc.kind] += 1
@@ -461,7 +461,7 @@ async def ask(ctx: _Ctx, ep: Endpoint, body: dict, accept: Callable[[dict, int],
     if last and all(k == "connection" for k in kinds) and not ep.any_success and not ctx.abort.is_set():
         # Nothing ever connected: the server is down or base_url is wrong; say so once, do not reject them all.
         ctx.abort_reason = (
-            f"api: cannot connect to {_safe_url(ep.url)} ({last.reason}); is the server running? "
+            f"api: cannot connect to {safe_url(ep.url)} ({last.reason}); is the server running? "
             f"check {ep.fields}base_url"
         )
         ctx.abort.set()
@@ -488,19 +488,19 @@ async def _process(ctx: _Ctx, q: dict, ep: Endpoint) -> None:
             cbt, distortions, unknown = parse_reply(content)
         except ReplyError as exc:
             hint = " (finish_reason=length: raise api.max_tokens)" if finish == "length" else ""
-            raise _Retryable("invalid_reply", ctx.redact(f"{exc}{hint}")) from None
+            raise Retryable("invalid_reply", ctx.redact(f"{exc}{hint}")) from None
         record, reason = build_record(
             q,
             cbt,
             distortions,
             model=cfg.model,
             prompt_version=cfg.prompt_version,
-            usage=_usage_of(data),
+            usage=usage_of(data),
             attempts=attempt,
             dropped_distortions=unknown,
         )
         if reason:
-            raise _Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
+            raise Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
         return record
 
     try:
@@ -521,14 +521,14 @@ def _fatal_message(ctx: _Ctx, ep: Endpoint, exc: _Fatal) -> str:
     if exc.status in (401, 403):
         key_state = f"${ep.key_env} is set" if ep.key else f"${ep.key_env} is not set, so no key was sent"
         fix = f"check the key in ${ep.key_env} ({f}api_key_env) and {f}base_url"
-        return f"api: {_safe_url(ep.url)} refused the request with HTTP {exc.status} ({key_state}); {fix}"
+        return f"api: {safe_url(ep.url)} refused the request with HTTP {exc.status} ({key_state}); {fix}"
     return (
-        f"api: {_safe_url(ep.url)} answered HTTP {exc.status} before any success; check {f}base_url "
+        f"api: {safe_url(ep.url)} answered HTTP {exc.status} before any success; check {f}base_url "
         f"(it usually ends in /v1) and {f}model ('{ep.model}')"
     )
 
 
-async def _writer(queue: asyncio.Queue, records_path: Path, rejects_path: Path, stats: _Stats, pbar: tqdm) -> None:
+async def _writer(queue: asyncio.Queue, records_path: Path, rejects_path: Path, stats: Stats, pbar: tqdm) -> None:
     """The only task that touches the output files, so lines never interleave; flushes after every line."""
     with (
         open(records_path, "a", encoding="utf-8", newline="\n") as rec_fh,
@@ -557,7 +557,7 @@ async def run_pool(
     process: Callable[[_Ctx, Any], Awaitable[None]],
     keys: tuple[str, ...],
     paths: tuple[Path, Path],
-    stats: _Stats,
+    stats: Stats,
     desc: str = "synth api",
     unit: str = "q",
 ) -> str | None:
@@ -616,7 +616,7 @@ def check_endpoint(base_url: str, key_env: str, fields: str = "api.") -> None:
     if not ok_url:
         flag = "--base-url " if fields == "api." else f"{fields}base_url="
         raise ConfigError(
-            f"{fields}base_url '{_safe_url(base_url)}' is not an http(s) URL; pass e.g. {flag}http://127.0.0.1:8000/v1"
+            f"{fields}base_url '{safe_url(base_url)}' is not an http(s) URL; pass e.g. {flag}http://127.0.0.1:8000/v1"
         )
     if not _ENV_NAME.match(key_env):
         # Never echo the value: the usual mistake here is pasting the key itself.
@@ -682,7 +682,7 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
 
     ep = make_endpoint(cfg.base_url, cfg.model, cfg.api_key_env)
 
-    stats = _Stats()
+    stats = Stats()
     abort_reason = None
     t_api = time.perf_counter()
     if todo:
@@ -712,7 +712,7 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
         "previous_rejects": str(rotated) if rotated else None,
         "model": cfg.model,
         "prompt_version": cfg.prompt_version,
-        "config": {**cfg.model_dump(mode="json"), "base_url": _safe_url(cfg.base_url)},
+        "config": {**cfg.model_dump(mode="json"), "base_url": safe_url(cfg.base_url)},
     }
     write_metrics(out / SUMMARY_FILE, summary)
     rows = {

@@ -45,20 +45,20 @@ from data_pipeline.synth_api import (
     Aborted,
     Endpoint,
     GiveUp,
-    _end_sentence,
-    _Retryable,
-    _safe_url,
-    _Stats,
-    _usage_of,
+    Retryable,
+    Stats,
     ask,
     check_endpoint,
     check_input,
     check_out_dir,
     content_of,
+    end_sentence,
     make_endpoint,
     recover_done_ids,
     rotate_rejects,
     run_pool,
+    safe_url,
+    usage_of,
 )
 from data_pipeline.synth_sessions import SYSTEM_PROMPT, intake_at
 
@@ -88,8 +88,9 @@ _CLIENT_NAMES = r"来访者|求助者|咨询者|client|user|patient"
 _LABEL = r"(?:^|[\n。！？!?])\s*[*#【\[]*\s*(?:{})\s*[*】\]]*\s*[:：]"
 _COUNSELLOR_LABEL = re.compile(_LABEL.format(_COUNSELLOR_NAMES), re.I)
 _CLIENT_LABEL = re.compile(_LABEL.format(_CLIENT_NAMES), re.I)
-_AS_COUNSELLOR = re.compile(r"(?:作为|我是)你的(?:心理)?咨询师|作为(?:一名)?(?:心理)?咨询师")
-_AS_CLIENT = re.compile(r"(?:作为|我是)(?:一名|你的)?来访者")
+# First person only: "作为来访者，你可以……" is the counsellor talking about the client, not speaking as one.
+_AS_COUNSELLOR = re.compile(r"我(?:是|作为)(?:你的|一名)?(?:心理)?咨询师|作为(?:你的|一名)?(?:心理)?咨询师，?我")
+_AS_CLIENT = re.compile(r"我(?:是|作为)(?:一名|一个)?来访者|作为(?:一名)?来访者，?我")
 _FLIP = {"assistant": "user", "user": "assistant"}
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -244,18 +245,18 @@ def _body(cfg: ApiSynthConfig, ep: Endpoint, messages: list[dict]) -> dict:
 
 
 def _accept_turn(ctx, role: str, n: int, tally: dict):
-    """The `ask` acceptor of turn n: its cleaned text and end flag, or _Retryable with the turn's problem."""
+    """The `ask` acceptor of turn n: its cleaned text and end flag, or Retryable with the turn's problem."""
 
     def accept(data: dict, attempt: int) -> tuple[str, bool]:
         content, finish = content_of(data)
         if not isinstance(content, str):
-            raise _Retryable("invalid_turn", f"{role} turn {n} is not text")
+            raise Retryable("invalid_turn", f"{role} turn {n} is not text")
         text, ended = clean_turn(role, content)
         why = turn_problem(role, text)
         if why:
             hint = " (finish_reason=length: raise api.max_tokens)" if finish == "length" else ""
-            raise _Retryable("invalid_turn", ctx.redact(f"{role} turn {n} {why}{hint}"))
-        usage = _usage_of(data)
+            raise Retryable("invalid_turn", ctx.redact(f"{role} turn {n} {why}{hint}"))
+        usage = usage_of(data)
         for k in ("prompt_tokens", "completion_tokens"):
             tally[k] += usage[k]
         tally["requests"] += attempt
@@ -287,7 +288,7 @@ async def _dialogue(ctx, job: dict, counsellor: Endpoint, client: Endpoint) -> d
         text, end = await _say(ctx, counsellor, "counsellor", history, n, tally)
         if crisis_turns and crisis_turns[-1] == n - 1 and not has_crisis_support(text):
             # Whatever the model wrote, a disclosure is never left without the hotlines (as synth api does).
-            text = _end_sentence(text) + CRISIS_SUPPORT_SENTENCE
+            text = end_sentence(text) + CRISIS_SUPPORT_SENTENCE
             support_added.append(n)
         turns.append({"role": "assistant", "content": text})
         if end:
@@ -406,7 +407,7 @@ def run_synth_api_sessions(cfg: ApiSynthConfig) -> dict:
         )
     else:  # one endpoint plays both parts; a separate model name still goes in the client's requests
         client = Endpoint(counsellor.url, cfg.client_model or cfg.model, counsellor.key, counsellor.key_env)
-    stats = _Stats()
+    stats = Stats()
     abort_reason = None
     t_api = time.perf_counter()
     if todo:
@@ -436,8 +437,8 @@ def run_synth_api_sessions(cfg: ApiSynthConfig) -> dict:
             "models": {"counsellor": counsellor.model, "client": client.model},
             "config": {
                 **cfg.model_dump(mode="json"),
-                "base_url": _safe_url(cfg.base_url),
-                "client_base_url": _safe_url(cfg.client_base_url),
+                "base_url": safe_url(cfg.base_url),
+                "client_base_url": safe_url(cfg.client_base_url),
             },
         }
     )
@@ -450,7 +451,7 @@ def run_synth_api_sessions(cfg: ApiSynthConfig) -> dict:
     return summary
 
 
-def _summary(cfg, jobs, todo, stats: _Stats, rejects_path: Path, records_path: Path) -> dict:
+def _summary(cfg, jobs, todo, stats: Stats, rejects_path: Path, records_path: Path) -> dict:
     """Counts of this run; `ended` and `mean_turns` describe the sessions this run wrote."""
     todo_ids = {j["id"] for j in todo}
     ended = {"end_marker": 0, "max_turns": 0}

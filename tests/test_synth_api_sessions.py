@@ -219,6 +219,9 @@ def test_validate_session_names_each_problem():
         assert reason in (validate_session(_session(*turns), min_turns, 9) or ""), reason
     answered = [good[0], (u, "我想过自杀。"), (a, "谢谢你告诉我。" + CRISIS_SUPPORT_SENTENCE)]
     assert validate_session(_session(*answered), 3, 9) is None
+    # talking about the other part is not speaking as it
+    about = [(a, "作为来访者，你可以随时叫停。"), (u, "作为咨询师你应该懂我吧？"), good[2]]
+    assert validate_session(_session(*about), 3, 9) is None
 
 
 def test_crisis_disclosure_is_answered_with_support(tmp_path):
