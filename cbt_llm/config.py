@@ -84,7 +84,8 @@ class ApiSynthConfig(_Section):
     input: str = Field("", description="PsyQA JSON file or our JSONL (glob allowed).")
     out_dir: str = Field(
         "",
-        description="Folder for records.jsonl, rejects.jsonl and summary.json (empty: runs/<run_name>/corpus-api; not "
+        description="Folder for records.jsonl, rejects.jsonl and summary.json (empty: runs/<run_name>/corpus-api, "
+        "or corpus-api-sessions with api.sessions; not "
         "the template's corpus folder, whose *.jsonl* glob would also read rejects.jsonl).",
     )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL (ends in /v1).")
@@ -577,7 +578,8 @@ class Config(_Section):
         run = f"runs/{self.run_name}"
         s, t, d, tr = self.synth, self.tokenizer, self.data, self.train
         s.out_dir = s.out_dir or f"{run}/corpus"
-        self.api.out_dir = self.api.out_dir or f"{run}/corpus-api"
+        # sessions get their own folder: resume reads records.jsonl, which must hold one kind of line
+        self.api.out_dir = self.api.out_dir or f"{run}/corpus-api" + ("-sessions" if self.api.sessions else "")
         t.input = t.input or f"{s.out_dir}/*.jsonl*"
         t.out_dir = t.out_dir or f"{run}/tokenizer"
         d.inputs = d.inputs or [f"{s.out_dir}/*.jsonl*"]

@@ -240,6 +240,14 @@ def recover_done_ids(path: Path, redo: str = "that question will be asked again"
     return ids, dropped
 
 
+def first_line_has(path: Path, needle: str) -> bool:
+    """Does the file's first line contain `needle`? (Tells single-answer records and sessions apart.)"""
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return needle in fh.readline()
+
+
 def rotate_rejects(path: Path) -> Path | None:
     """Move a non-empty previous rejects.jsonl to rejects.<N>.jsonl (next free N). Returns the new path."""
     if not path.exists():
@@ -648,6 +656,8 @@ def check_config(cfg: ApiSynthConfig) -> None:
     check_endpoint(cfg.base_url, cfg.api_key_env)
     get_prompt(cfg.prompt_version)
     check_out_dir(cfg)
+    if first_line_has(Path(cfg.out_dir) / RECORDS_FILE, '"messages"'):
+        raise ConfigError(f"api.out_dir '{cfg.out_dir}' holds sessions from `synth api --sessions`; pass another --out")
 
 
 def run_synth_api(cfg: ApiSynthConfig) -> dict:

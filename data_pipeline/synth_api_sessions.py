@@ -53,6 +53,7 @@ from data_pipeline.synth_api import (
     check_out_dir,
     content_of,
     end_sentence,
+    first_line_has,
     make_endpoint,
     recover_done_ids,
     rotate_rejects,
@@ -368,14 +369,10 @@ def check_sessions_config(cfg: ApiSynthConfig) -> None:
         )
     check_out_dir(cfg)
     records = Path(cfg.out_dir) / RECORDS_FILE
-    if records.is_file():
-        with open(records, encoding="utf-8", errors="replace") as fh:
-            first = fh.readline()
-        if first.strip() and '"messages"' not in first:
-            raise ConfigError(
-                f"api.out_dir '{cfg.out_dir}' holds single-answer records from `synth api`; pass another --out "
-                "for sessions"
-            )
+    if first_line_has(records, '"id"') and not first_line_has(records, '"messages"'):
+        raise ConfigError(
+            f"api.out_dir '{cfg.out_dir}' holds single-answer records from `synth api`; pass another --out for sessions"
+        )
 
 
 def run_synth_api_sessions(cfg: ApiSynthConfig) -> dict:

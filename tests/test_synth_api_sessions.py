@@ -336,21 +336,34 @@ def test_client_endpoint_refusing_every_request_stops_once_naming_its_fields(tmp
         (["api.min_turns=10", "api.max_turns=10"], "api.min_turns (10) is more than the longest session"),
         (["api.max_turns=1"], "config field 'api.max_turns'"),
         (["--input", "/nonexistent/psyqa.json"], "api.input: input '/nonexistent/psyqa.json' matches no file"),
-        (["single"], "holds single-answer records from `synth api`; pass another --out"),
     ],
 )
 def test_bad_config_fails_early_with_one_line(tmp_path, capsys, args, expect):
     out = tmp_path / "o"
-    single = args == ["single"]
-    if single:
-        out.mkdir()
-        (out / "records.jsonl").write_text('{"id": "q1", "question": "问题"}\n', encoding="utf-8")
-        args = []
     argv = ["synth", "api", "--sessions", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--out", str(out)]
     rc = cli_main(argv + args)
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expect in err, err
     assert "sk-live-abc123" not in err
-    # nothing was written before the check
-    assert [p.name for p in out.iterdir()] == ["records.jsonl"] if single else not out.exists()
+    assert not out.exists()  # nothing was written before the check
+
+
+def test_sessions_and_single_answers_never_share_a_records_file(tmp_path, capsys):
+    from cbt_llm.config import load_config
+
+    assert load_config(overrides=["api.sessions=true"]).api.out_dir.endswith("/corpus-api-sessions")
+    assert load_config().api.out_dir.endswith("/corpus-api")
+    single, sessions = tmp_path / "single", tmp_path / "sessions"
+    for folder, line in ((single, '{"id": "q1", "question": "问题"}'), (sessions, '{"id": "s1", "messages": []}')):
+        folder.mkdir()
+        (folder / "records.jsonl").write_text(line + "\n", encoding="utf-8")
+    questions = write_questions(tmp_path / "q.jsonl", [("q1", "问题:我很焦虑。")])
+    base = ["--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--input", str(questions)]
+    assert cli_main(["synth", "api", "--sessions", "--out", str(single), *base]) == 2
+    assert cli_main(["synth", "api", "--out", str(sessions), *base]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert "holds single-answer records from `synth api`; pass another --out for sessions" in err[0]
+    assert "holds sessions from `synth api --sessions`; pass another --out" in err[1]
+    assert [p.name for p in single.iterdir()] == [p.name for p in sessions.iterdir()] == ["records.jsonl"]
