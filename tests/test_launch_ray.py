@@ -209,6 +209,17 @@ def _wait_until_jobs_run(dash: str, head: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"Ray head did not start:\n{log.read_text()[-3000:]}\nlast job submission: {last}")
 
 
+def _running(p) -> bool:
+    """Still running: an exited process stays a zombie until its parent reaps it (`ray start` polls its children;
+    orphaned Ray workers wait for this machine's init), and that can take longer than the wait below."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _stop_group(head: subprocess.Popen) -> None:
     """Stop the head's process group: `ray start --block` ignores SIGTERM (it only watches its children), so
     signal the whole group (GCS, raylet, dashboard; the raylet stops its workers), give its processes up to 3 s to
@@ -218,7 +229,9 @@ def _stop_group(head: subprocess.Popen) -> None:
     try:
         procs = psutil.Process(head.pid).children(recursive=True)
         os.killpg(head.pid, signal.SIGTERM)
-        psutil.wait_procs(procs, timeout=3)
+        deadline = time.time() + 3
+        while time.time() < deadline and any(map(_running, procs)):
+            time.sleep(0.1)
         os.killpg(head.pid, signal.SIGKILL)
     except (ProcessLookupError, psutil.NoSuchProcess):
         pass
