@@ -283,8 +283,6 @@ def ray_head(tmp_path_factory):
         _wait_until_jobs_run(f"http://127.0.0.1:{dash}", head, tmp / "head.log")
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:
-        # `ray start --block` ignores SIGTERM (it only watches its children): signal its whole process group
-        # (GCS, raylet, dashboard; the raylet stops its workers), give them a moment, then kill what is left
         _stop_group(head)
         head.wait(timeout=30)
         log.close()
@@ -292,8 +290,9 @@ def ray_head(tmp_path_factory):
 
 
 # one epoch is 8 steps of 8 x 2 rows per rank (141 rows per rank, 13 left out); 10 steps cross into epoch 1.
-# A step's time here is mostly fixed cost (ZeRO-3 gathers, gloo round trips), not rows: 8-row micro-batches
-# cover an epoch in half the steps, and so half the time, of 4-row ones. Saves at 4, 8 and 10 (the last).
+# A step's time here is mostly fixed cost (ZeRO-3 gathers, gloo round trips), not rows: the loop timed about 1 s
+# a step with 8-row micro-batches as with 4-row ones, so an epoch of 8 steps takes half the time of 17. Saves at
+# 4, 8 and 10 (the last).
 _STEPS, _SPE, _MB, _GA, _SAVE = 10, 8, 8, 2, 4
 _KILL_AFTER = 6  # the restore test's fault: 2 steps past the checkpoint at 4, which the restored group redoes
 
