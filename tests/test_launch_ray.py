@@ -40,6 +40,9 @@ def _env(**extra: str) -> dict:
     # every checkpoint it reports (launch/ray_job.py, _report_checkpoint): poll more often here. Ray passes it
     # on from the driver to the controller; the head has it too, for jobs that `ray job submit` starts.
     env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # each worker group also starts a PreemptionWatcher actor (one more Python process on 2 busy cores) that only
+    # watches for nodes being drained, which a one-node test cluster never is
+    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env.pop("CBT_LLM_FAULT", None)
     env.update(extra)
     return env
@@ -175,6 +178,65 @@ def test_a_read_starts_footer_readers_for_its_files_only(monkeypatch):
     assert [_footer_actors(n) for n in (1, 2, 3, 7, 100)] == [1, 1, 2, 4, 4]
 
 
+def _http_json(url: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _wait_until_jobs_run(dash: str, head: subprocess.Popen, log: Path) -> None:
+    """Until a job runs on the head: GCS, raylet, the job server and the node's agent that starts jobs are all up
+    (`ray job list` answers earlier, while submissions still fail with "No available agent"). Submitted over the
+    job server's REST API (what `ray job submit` calls): each `ray job submit` would first import Ray (seconds of
+    a busy 2-core machine's time) and sleep 2 s between tries."""
+    deadline = time.time() + 300  # under load (a parallel suite) the job agent has taken over 2 min to start
+    job, last = None, ""
+    while time.time() < deadline and head.poll() is None:
+        try:
+            if job is None:  # refused (the dashboard is not up yet) or HTTP 500 (no agent yet) until then
+                job = _http_json(f"{dash}/api/jobs/", {"entrypoint": "true"})["submission_id"]
+            status = _http_json(f"{dash}/api/jobs/{job}")["status"]
+            if status == "SUCCEEDED":
+                return
+            if status in ("FAILED", "STOPPED"):
+                job, last = None, f"job `true` {status}"
+        except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors; ValueError: a reply not JSON
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.5)
+    pytest.fail(f"Ray head did not start:\n{log.read_text()[-3000:]}\nlast job submission: {last}")
+
+
+def _running(p) -> bool:
+    """Still running: an exited process stays a zombie until its parent reaps it (`ray start` polls its children;
+    orphaned Ray workers wait for this machine's init), and that can take longer than the wait below."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _stop_group(head: subprocess.Popen) -> None:
+    """Stop the head's process group: `ray start --block` ignores SIGTERM (it only watches its children), so
+    signal the whole group (GCS, raylet, dashboard; the raylet stops its workers), give its processes up to 3 s to
+    exit, then kill what is left."""
+    import psutil
+
+    try:
+        procs = psutil.Process(head.pid).children(recursive=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        deadline = time.time() + 3
+        while time.time() < deadline and any(map(_running, procs)):
+            time.sleep(0.1)
+        os.killpg(head.pid, signal.SIGKILL)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head on 127.0.0.1 with its dashboard (the job server); yields (gcs address, dashboard URL).
@@ -184,7 +246,7 @@ def ray_head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")  # Ray's unix socket paths must stay short (under ~107 characters)
     if len(str(tmp)) > 40:
         tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     log = open(tmp / "head.log", "w")
     head = subprocess.Popen(
         [
@@ -207,6 +269,10 @@ def ray_head(tmp_path_factory):
             "127.0.0.1",
             "--dashboard-port",
             str(dash),
+            # not the fixed default (52365): a second Ray on the machine (another test run) would hold it, and
+            # this node's job agent would never start
+            "--dashboard-agent-listen-port",
+            str(agent),
         ],
         env=_env(),
         stdout=log,
@@ -214,42 +280,25 @@ def ray_head(tmp_path_factory):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 300  # under load (a parallel suite) the job agent has taken over 2 min to start
-        while True:
-            # a job that runs: GCS, raylet, the job server and the node's agent that starts jobs are all up
-            # (`ray job list` answers earlier, while submissions still fail with "No available agent")
-            r = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", "true"],
-                env=_env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if r.returncode == 0:
-                break
-            if head.poll() is not None or time.time() > deadline:
-                pytest.fail(
-                    f"Ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}\n"
-                    f"last `ray job submit`: rc {r.returncode}\n{(r.stdout + r.stderr)[-2000:]}"
-                )
-            time.sleep(2)
+        _wait_until_jobs_run(f"http://127.0.0.1:{dash}", head, tmp / "head.log")
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:
-        # `ray start --block` ignores SIGTERM (it only watches its children): signal its whole process group
-        # (GCS, raylet, dashboard; the raylet stops its workers), give them a moment, then kill what is left
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            time.sleep(3)
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _stop_group(head)
         head.wait(timeout=30)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# one epoch is 17 steps of 4 x 2 rows per rank (141 rows per rank, 5 left out); 20 steps cross into epoch 1
-_STEPS, _SPE, _MB, _GA, _SAVE = 20, 17, 4, 2, 7
+# one epoch is 8 steps of 8 x 2 rows per rank (141 rows per rank, 13 left out); 10 steps cross into epoch 1.
+# A step's time here is mostly fixed cost (ZeRO-3 gathers, gloo round trips), not rows: the loop timed about 1 s
+# a step with 8-row micro-batches as with 4-row ones, so an epoch of 8 steps takes half the time of 17. Saves at
+# 4, 8 and 10 (the last).
+_STEPS, _SPE, _MB, _GA, _SAVE = 10, 8, 8, 2, 4
+_KILL_AFTER = 6  # the restore test's fault: 2 steps past the checkpoint at 4, which the restored group redoes
+
+
+def _tag(step: int) -> str:
+    return f"step-{step:07d}"
 
 
 def _args(data: Path, run: Path, *extra: str) -> list[str]:
@@ -333,7 +382,7 @@ def test_ray_workers_get_their_rows_from_ray_data_once_per_epoch(ray_run, demo_d
 
     m = load_manifest(demo_data)
     spe, left_out = steps_per_epoch(m, 2, _MB, _GA)
-    assert (spe, left_out) == (_SPE, 10)
+    assert (spe, left_out) == (_SPE, 26)
     seed = load_config("configs/demo-cpu.yaml", []).train.seed
     summary = json.loads((ray_run / "train_summary.json").read_text())
     assert summary["rows_left_out_per_epoch"] == left_out
@@ -368,10 +417,11 @@ def test_ray_every_checkpoint_lands_in_storage_path(ray_run):
     facts = json.loads((ray_run / "launch" / "ray_job.json").read_text())
     storage = ray_run / "ray" / "cbt-llm-demo"
     assert facts["storage_path"] == str(ray_run / "ray")
-    assert facts["ray_checkpoints"] == [str(storage / "step-0000014"), str(storage / "step-0000020")]
-    assert facts["ray_checkpoint"] == str(storage / "step-0000020")
-    assert sorted(p.name for p in storage.glob("step-*")) == ["step-0000014", "step-0000020"]  # step 7 pruned
-    for tag in ("step-0000014", "step-0000020"):
+    kept = [_tag(2 * _SAVE), _tag(_STEPS)]
+    assert facts["ray_checkpoints"] == [str(storage / t) for t in kept]
+    assert facts["ray_checkpoint"] == str(storage / _tag(_STEPS))
+    assert sorted(p.name for p in storage.glob("step-*")) == kept  # the first save (step 4) pruned
+    for tag in kept:
         names = {p.name for p in (storage / tag).iterdir()}
         assert names == {p.name for p in (ray_run / "checkpoints" / tag).iterdir()}
         assert {"trainer_state.json", "rng-rank0.pt", "rng-rank1.pt"} <= names
@@ -384,23 +434,24 @@ def test_ray_every_checkpoint_lands_in_storage_path(ray_run):
 
 @pytest.mark.slow
 def test_ray_job_restores_killed_worker_from_storage_path(ray_head, demo_data, ray_run, tmp_path):
-    """Rank 1 is SIGKILLed after step 10: Ray starts a new worker group, which loads the last checkpoint it
-    registered under storage_path (step 7) and finishes; the steps after the restore see the same rows and give
+    """Rank 1 is SIGKILLed after step 6: Ray starts a new worker group, which loads the last checkpoint it
+    registered under storage_path (step 4) and finishes; the steps after the restore see the same rows and give
     the same losses as the uninterrupted run."""
     gcs, _ = ray_head
     run = tmp_path / "run"
-    r = _job(gcs, demo_data, run, "launch.ray.max_failures=1", env_extra={"CBT_LLM_FAULT": "after_step@10:1"})
+    fault = f"after_step@{_KILL_AFTER}:1"
+    r = _job(gcs, demo_data, run, "launch.ray.max_failures=1", env_extra={"CBT_LLM_FAULT": fault})
     assert r.returncode == 0, r.stderr[-4000:]
-    assert (run / "ray_fault_used").read_text() == "after_step@10:1"  # the fault did fire
+    assert (run / "ray_fault_used").read_text() == fault  # the fault did fire
     facts = json.loads((run / "launch" / "ray_job.json").read_text())
     storage = run / "ray" / "cbt-llm-demo"
-    assert facts["exit_code"] == 0 and facts["steps"] == _STEPS and facts["resumed_from"] == "step-0000007"
-    assert facts["restored_from"] == [None, str(storage / "step-0000007")]
-    assert f"resumed from {storage / 'step-0000007'} at step 7" in r.stdout + r.stderr
-    assert Path(facts["ray_checkpoint"]) == storage / "step-0000020"
+    assert facts["exit_code"] == 0 and facts["steps"] == _STEPS and facts["resumed_from"] == _tag(_SAVE)
+    assert facts["restored_from"] == [None, str(storage / _tag(_SAVE))]
+    assert f"resumed from {storage / _tag(_SAVE)} at step {_SAVE}" in r.stdout + r.stderr
+    assert Path(facts["ray_checkpoint"]) == storage / _tag(_STEPS)
     ref, got = _by_step(ray_run), _by_step(run)
     assert sorted(got) == list(range(1, _STEPS + 1))
-    for step in range(8, _STEPS + 1):  # computed after the restore
+    for step in range(_SAVE + 1, _STEPS + 1):  # computed after the restore
         assert got[step] == pytest.approx(ref[step], abs=1e-5), (step, got[step], ref[step])
     for rank in (0, 1):
         assert _order(run, rank) == _order(ray_run, rank)
