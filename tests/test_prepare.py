@@ -633,3 +633,67 @@ def test_shard_writer_streams_the_spool(tmp_path, monkeypatch):
         start += e["rows"]
         pq.write_table(whole, tmp_path / "ref.parquet", row_group_size=4, **P._PARQUET_KW)
         assert (tmp_path / "out" / e["path"]).read_bytes() == (tmp_path / "ref.parquet").read_bytes()
+
+
+def test_chatml_string_join_equals_the_jinja_template(env):
+    """The fast path renders exactly what apply_chat_template renders with our template, on contents jinja or
+    a naive format could treat differently; a tokenizer with any other template keeps its jinja."""
+    from data_pipeline.formats import chat_renderer, render_chatml
+
+    tok = load_tokenizer(env["tok"])
+    assert chat_renderer(tok) is render_chatml
+    contents = [
+        "{{ x }}",
+        "{% if %}",
+        "  leading and trailing  \n",
+        "",
+        "<|im_end|>",
+        "a\r\nb\tc",
+        "😀心理 {0} %s",
+        "\\n",
+    ]
+    for c in contents:
+        msgs = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": c},
+            {"role": "assistant", "content": c + "答"},
+            {"role": "user", "content": "还有呢?"},
+            {"role": "assistant", "content": c},
+        ]
+        assert render_chatml(msgs) == tok.apply_chat_template(msgs, tokenize=False)
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|>\n")
+    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]
+    assert chat_renderer(tok)(msgs) == tok.apply_chat_template(msgs, tokenize=False) != render_chatml(msgs)
+
+
+def test_overlong_policy_per_row_in_a_batch(env):
+    """Truncate, reject and prompt_overlong decided for a whole batch at once give what one conversation at a
+    time gives: the first seq_len tokens, or the row rejected with its reason, others untouched."""
+    from data_pipeline.prepare.parse import PARSED_FIELDS
+    from data_pipeline.prepare.tokens import Tokenize, tokenize_conversation
+
+    tok = load_tokenizer(env["tok"])
+    short, long_prompt = conversation(env["good"][1]), conversation(env["good"][2])
+    long_prompt[1]["content"] *= 40
+    long_answer = conversation(env["good"][-1])  # rec-long
+    convs = [short, long_prompt, None, long_answer, short]
+    cols = {name: [_blank(name, k) for k in range(len(convs))] for name, _ in PARSED_FIELDS}
+    cols["ok"] = [c is not None for c in convs]
+    cols["messages"] = [dumps(c) if c else "" for c in convs]
+    table = pa.table({name: pa.array(cols[name], typ) for name, typ in PARSED_FIELDS})
+    seq = 120
+    for policy, rejected in (("truncate", {1: "prompt_overlong"}), ("reject", {1: "overlong", 3: "overlong"})):
+        out = Tokenize(env["tok"], seq, policy, IM_END)(table).to_pydict()
+        for k, c in enumerate(convs):
+            if k in rejected:
+                assert (out["ok"][k], out["reason"][k], out["input_ids"][k]) == (False, rejected[k], [])
+                assert out["detail"][k].startswith(f"e{k}: ") and out["raw"][k] == dumps(c)[:1000]
+                continue
+            ids, labels = tokenize_conversation(tok, c, IM_END) if c else ([], [])
+            assert out["input_ids"][k] == list(ids[:seq]) and out["labels"][k] == list(labels[:seq])
+            assert out["truncated"][k] == (len(ids) > seq) == (k == 3)
+            assert out["ok"][k] == (c is not None)
+
+
+def _blank(name: str, k: int):
+    return {"file_idx": 0, "line": k, "sub": 0, "chash": k, "qhash": 0, "example_id": f"e{k}"}.get(name, "")
