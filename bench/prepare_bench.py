@@ -11,6 +11,11 @@ Corpus: `cbt-llm synth template` (schema v1 records). Tokenizer: `cbt-llm tokeni
 - baseline: `datasets.load_dataset("json")` + `Dataset.map(batched=True, num_proc=2)` doing the same chat
             template, tokenization and prompt masking, then naive padding of every example to seq_len, written
             to Parquet. No validation, no dedup, no split, no packing: strictly less work than ours.
+- raw:      `tokenizers`' `encode_batch` alone over exactly the texts ours tokenizes (the chat template of every
+            valid example), on --num-proc threads: the tokenizer's own speed, the ceiling of any pipeline. Only
+            the encode_batch calls are timed (the texts are rendered beforehand, untimed).
+- --profile-stages: prepare's stage functions run in order on one thread without Ray, each timed (where the
+            CPU time of a record goes; Ray's own share is the real run's time beyond it).
 
 Both run as fresh subprocesses timed by wall clock (interpreter, Ray or datasets start-up included).
 Peak memory is the peak of the summed PSS (proportional set size, so shared pages such as Ray's object
@@ -124,10 +129,200 @@ def baseline_main(files: list[str], tok_dir: str, seq_len: int, num_proc: int, o
 
 
 # --------------------------------------------------------------------------------------------------------
+# the raw tokenizer, run as `prepare_bench.py --raw-encode ...` in its own process
+
+
+def _kept_conversations(files: list[str], seq_len: int):
+    """The conversations prepare tokenizes, in its order and batches: Parse's output (validated, split), the
+    same data config as `ours`. Untimed: it is what the raw line is given, not what it measures."""
+    from cbt_llm.config import Config
+    from data_pipeline.prepare.parse import Parse
+    from data_pipeline.prepare.read import iter_file
+
+    dc = Config.model_validate({"data": {"inputs": files, "system_prompt": SYSTEM, "seq_len": seq_len}}).data
+    parse = Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, [Path(f).name for f in files])
+    for i, f in enumerate(files):
+        for block in iter_file(f, i, dc.ray_read_lines):
+            t = parse(block)
+            yield [json.loads(m) for ok, m in zip(t.column("ok").to_pylist(), t.column("messages").to_pylist()) if ok]
+
+
+def raw_encode_main(files: list[str], tok_dir: str, seq_len: int, threads: int, out: str) -> None:
+    """`encode_batch` over exactly the texts prepare tokenizes (chat template of every valid example), on
+    `threads` threads: the tokenizer's own speed, the ceiling of any pipeline around it. Only encode_batch is
+    timed; the texts are rendered beforehand, a batch at a time, so memory stays one batch."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    backend = tok.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    encode_s, texts_n, tokens = 0.0, 0, 0
+    for convs in _kept_conversations(files, seq_len):
+        texts = [tok.apply_chat_template(m, tokenize=False) for m in convs]
+        t0 = time.perf_counter()
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        encode_s += time.perf_counter() - t0
+        texts_n += len(texts)
+        tokens += sum(len(e.ids) for e in encs)
+    stats = {"texts": texts_n, "tokens": tokens, "encode_s": encode_s, "threads": threads}
+    (Path(out) / "raw_stats.json").write_text(json.dumps(stats))
+
+
+# --------------------------------------------------------------------------------------------------------
+# where the time goes, run as `prepare_bench.py --profile ...` in its own process
+
+
+class _Clock:
+    """Seconds per stage; `wrap` times every call of a function under a stage name."""
+
+    def __init__(self):
+        self.s: dict[str, float] = {}
+
+    def add(self, stage: str, dt: float) -> None:
+        self.s[stage] = self.s.get(stage, 0.0) + dt
+
+    def wrap(self, stage: str, fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.add(stage, time.perf_counter() - t0)
+
+        return timed
+
+
+class _TimedJson:
+    """Stands in for the json module inside one prepare module, timing loads and dumps."""
+
+    def __init__(self, clock: _Clock, loads_stage: str, dumps_stage: str):
+        self.loads = clock.wrap(loads_stage, json.loads)
+        self.dumps = clock.wrap(dumps_stage, json.dumps)
+        self.JSONDecodeError = json.JSONDecodeError
+
+
+class _TimedBackend:
+    """The Rust tokenizer with encode_batch timed (everything else passed through)."""
+
+    def __init__(self, real, clock: _Clock):
+        self._real, self.encode_batch = real, clock.wrap("tokenize (encode_batch)", real.encode_batch)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None:
+    """Prepare's own stage functions, in order, on one thread and without Ray, each timed: what every record
+    costs in CPU seconds per stage. Ray's share (object transfer, scheduling, the actor pool) is what the real
+    run's stream time adds on top, times its cores."""
+    import data_pipeline.formats as F
+    from cbt_llm.config import Config
+    from data_pipeline.prepare import parse as P
+    from data_pipeline.prepare import pipeline as PL
+    from data_pipeline.prepare import tokens as T
+    from data_pipeline.prepare import write as W
+    from data_pipeline.prepare.dedup import FirstSeen
+    from data_pipeline.prepare.read import iter_file
+    from data_pipeline.shards import SPLITS
+    from data_pipeline.tokenizer import IM_END
+
+    clock = _Clock()
+    work = Path(out)
+    dc = Config.model_validate(
+        {"data": {"inputs": files, "tokenizer": tok_dir, "system_prompt": SYSTEM, "seq_len": seq_len, "world_size": 2}}
+    ).data
+    # the stage functions, timed where the modules call them
+    P.json = _TimedJson(clock, "parse: JSON decode", "parse: JSON encode (messages, heldout)")
+    P.to_examples = clock.wrap("validate (schema, to_examples)", P.to_examples)
+    P.split_of = clock.wrap("split + hashes", P.split_of)
+    P.question_hash = clock.wrap("split + hashes", P.question_hash)
+    F.Example.content_hash = clock.wrap("split + hashes", F.Example.content_hash)
+    if hasattr(T, "json"):
+        T.json = _TimedJson(clock, "tokenize actor: JSON re-parse", "tokenize actor: JSON encode")
+    W.SplitPacker.flush = clock.wrap("pack + spool write", W.SplitPacker.flush)
+    parse = P.Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, [Path(f).name for f in files])
+    tokenize = T.Tokenize(tok_dir, dc.seq_len, dc.overlong, IM_END)
+    tokenize.tok._tokenizer = _TimedBackend(tokenize.tok._tokenizer, clock)
+    tokenize.tok.apply_chat_template = clock.wrap("chat template", tokenize.tok.apply_chat_template)
+    if hasattr(T, "label_spans"):
+        T.label_spans = clock.wrap("mask: label spans", T.label_spans)
+
+    staging = work / "profile"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "rejects").mkdir(exist_ok=True)
+    packers = {s: W.SplitPacker(s, dc, 0, staging / f"spool-{s}.parquet") for s in SPLITS}
+    rejects = PL._Rejects(staging / "rejects" / "r.jsonl", files, False)
+    questions, seen = W.QuestionFiles(staging), FirstSeen()
+    counts = {"read": 0, "kept": 0, "truncated": 0}
+    totals = _Clock()
+    t_all = time.perf_counter()
+    for i, f in enumerate(files):
+        blocks = iter_file(f, i, dc.ray_read_lines)
+        while True:
+            t0 = time.perf_counter()
+            block = next(blocks, None)
+            totals.add("read", time.perf_counter() - t0)
+            if block is None:
+                break
+            for start in range(0, block.num_rows, dc.ray_parse_batch):
+                t0 = time.perf_counter()
+                parsed = parse(block.slice(start, dc.ray_parse_batch))
+                t1 = time.perf_counter()
+                for k in range(0, parsed.num_rows, dc.ray_tokenize_batch):
+                    t2 = time.perf_counter()
+                    tokenized = tokenize(parsed.slice(k, dc.ray_tokenize_batch))
+                    t3 = time.perf_counter()
+                    counts["read"] += PL._consume_batch(tokenized, seen, packers, rejects, counts, questions)
+                    totals.add("tokenize actor (all)", t3 - t2)
+                    totals.add("driver: dedup + pack + spool (all)", time.perf_counter() - t3)
+                totals.add("parse task (all)", t1 - t0)
+    rejects.close()
+    questions.close()
+    for p in packers.values():
+        p.close()
+    t0 = time.perf_counter()
+    W.write_shards(packers["train"].spool_path, staging, "train", 8, 0, True)
+    totals.add("write shards", time.perf_counter() - t0)
+    totals.add("total", time.perf_counter() - t_all)
+    result = {"records": counts["read"], "kept": counts["kept"], "stages_s": clock.s, "totals_s": totals.s}
+    (work / "profile.json").write_text(json.dumps(result, indent=2))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cbt_llm.cli", *args]
+
+
+def _raw_encode(files: list[str], tok_dir: Path, seq_len: int, threads: int, work: Path, env: dict) -> dict:
+    """The raw-tokenizer line: encode_batch on `threads` threads (the cores the others get)."""
+    print(f"raw: encode_batch on {threads} threads ...", file=sys.stderr)
+    out = work / "raw"
+    out.mkdir()
+    raw_env = dict(env, TOKENIZERS_PARALLELISM="true", RAYON_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--num-proc", str(threads), "--raw-encode", json.dumps(files)]
+    run_measured(cmd + [str(tok_dir), str(seq_len), str(out)], raw_env)
+    st = json.loads((out / "raw_stats.json").read_text())
+    return {
+        **st,
+        "encode_s": round(st["encode_s"], 2),
+        "records_per_s": round(st["texts"] / st["encode_s"], 1),
+        "tokens_per_s": round(st["tokens"] / st["encode_s"], 1),
+    }
+
+
+def _profile(files: list[str], tok_dir: Path, seq_len: int, work: Path, env: dict) -> dict:
+    print("profile: prepare's stages on one thread ...", file=sys.stderr)
+    out = work / "profile"
+    out.mkdir()
+    run_measured([sys.executable, __file__, "--profile", json.dumps(files), str(tok_dir), str(seq_len), str(out)], env)
+    prof = json.loads((out / "profile.json").read_text())
+    prof["stages_s"] = {k: round(v, 2) for k, v in prof["stages_s"].items()}
+    prof["totals_s"] = {k: round(v, 2) for k, v in prof["totals_s"].items()}
+    return prof
 
 
 def main() -> int:
@@ -139,13 +334,20 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     ap.add_argument("--ours-only", action="store_true", help="skip the baseline (memory-growth runs at 5M)")
     ap.add_argument("--packer", choices=["best", "bfd"], default="best", help="data.packer for ours")
-    ap.add_argument("--baseline", nargs=4, metavar=("FILES_JSON", "TOK", "SEQ_LEN", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile-stages", action="store_true", help="also time prepare's stages on one thread")
+    sub = dict(nargs=4, metavar=("FILES_JSON", "TOK", "SEQ_LEN", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", **sub)
+    ap.add_argument("--raw-encode", **sub)
+    ap.add_argument("--profile", **sub)
     args = ap.parse_args()
-    if args.baseline:
-        files, tok, seq_len, out = args.baseline
-        baseline_main(json.loads(files), tok, int(seq_len), args.num_proc, out)
-        return 0
+    for mode, fn in (("baseline", baseline_main), ("raw_encode", raw_encode_main), ("profile", profile_main)):
+        if getattr(args, mode):
+            files, tok, seq_len, out = getattr(args, mode)
+            extra = (args.num_proc,) if mode != "profile" else ()
+            fn(json.loads(files), tok, int(seq_len), *extra, out)
+            return 0
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -214,6 +416,8 @@ def main() -> int:
                 env,
             )
             bstats = json.loads((base_out / "baseline_stats.json").read_text())
+        raw = None if args.ours_only else _raw_encode(files, tok_dir, args.seq_len, args.num_proc, work, env)
+        profile = _profile(files, tok_dir, args.seq_len, work, env) if args.profile_stages else None
 
         n = args.num_records
         result = {
@@ -254,12 +458,16 @@ def main() -> int:
                 "efficiency": round(bstats["tokens"] / (bstats["rows"] * args.seq_len), 4),
             },
         }
+        result["raw_encode_batch"] = raw
+        result["profile"] = profile
+        result["load_average"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
         o, b = result["ours"], result["baseline"]
         result["ratio"] = (
             None
             if b is None
             else {
                 "speed(ours/baseline records/s)": round(o["records_per_s"] / b["records_per_s"], 3),
+                "speed(ours/raw encode_batch records/s)": round(o["records_per_s"] / raw["records_per_s"], 3),
                 "memory(ours/baseline peak)": round(o["peak_pss_mib"] / b["peak_pss_mib"], 3),
                 "rows(ours/baseline)": round(o["rows"] / b["rows"], 4),
             }
@@ -284,12 +492,25 @@ def main() -> int:
                 f"| {name} | {r['wall_s']:,.1f} | {r['records_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
                 f"{r['peak_pss_mib']:,.0f} | {r['rows']:,} | {r['efficiency']:.3f} |"
             )
+        if raw is not None:
+            print(
+                f"| raw `encode_batch`, {raw['threads']} threads (tokenizer time only) | {raw['encode_s']:,.1f} | "
+                f"{raw['records_per_s']:,.0f} | {raw['tokens_per_s']:,.0f} | | | |"
+            )
         if b is not None:
             print(
-                f"\nratio ours/baseline: speed {result['ratio']['speed(ours/baseline records/s)']}x, "
+                f"\nratio ours/raw encode_batch: {result['ratio']['speed(ours/raw encode_batch records/s)']}x records/s"
+            )
+            print(
+                f"ratio ours/baseline: speed {result['ratio']['speed(ours/baseline records/s)']}x, "
                 f"memory {result['ratio']['memory(ours/baseline peak)']}x, "
                 f"rows {result['ratio']['rows(ours/baseline)']}x"
             )
+        if profile is not None:
+            print("\n| stage (one thread, no Ray) | seconds |\n|---|---:|")
+            for stage, sec in {**profile["stages_s"], **profile["totals_s"]}.items():
+                print(f"| {stage} | {sec:,.1f} |")
+        print(f"load average {result['load_average']}")
         print(f"Ray start-up {o['ray_startup_s']} s; wrote {out_path.relative_to(ROOT)}")
     finally:
         if not args.keep:

@@ -491,3 +491,74 @@ def test_ray_job_submit_exits_non_zero_when_training_fails(ray_head, demo_data, 
     facts = json.loads((run / "launch" / "ray_job.json").read_text())
     assert facts["exit_code"] == 1 and "Ray training failed" in facts["error"]
     assert not (run / "train_summary.json").exists()
+
+
+# ---- prepare on the cluster (issue 15) ------------------------------------------------------------------------
+
+
+def _worker_node(gcs: str, tmp: Path) -> subprocess.Popen:
+    """A second Ray node (2 CPUs) joined to the head, in its own process group; every port it would otherwise
+    take by default is made free-random, since the head on this machine already holds the defaults."""
+    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port"]
+    ports += ["--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    args = [str(BIN / "ray"), "start", "--address", gcs, "--block", "--num-cpus", "2", "--disable-usage-stats"]
+    args += ["--node-ip-address", "127.0.0.1"] + [x for p in ports for x in (p, str(free_port()))]
+    log = open(tmp / "worker.log", "w")
+    return subprocess.Popen(args, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _alive_nodes(dash: str) -> int:
+    r = subprocess.run(
+        [str(BIN / "ray"), "list", "nodes", "--address", dash, "--filter", "state=ALIVE", "--format", "json"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return len(json.loads(r.stdout)) if r.returncode == 0 else 0
+
+
+@pytest.mark.slow
+def test_prepare_through_ray_address_writes_the_local_runs_shards(ray_head, demo_data, tmp_path):
+    """`cbt-llm prepare --ray-address` on a two-node cluster (the head and a worker node joined to it) writes
+    byte for byte what the demo data's embedded local Ray wrote: shards, rejects, question files and manifest.
+    The project's code reaches the cluster's workers through the runtime env (ray_session.init_ray)."""
+    gcs, dash = ray_head
+    worker = _worker_node(gcs, tmp_path)
+    try:
+        deadline = time.time() + 120
+        while _alive_nodes(dash) < 2:
+            assert worker.poll() is None and time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(1)
+        d = demo_data.parent  # the demo's corpus and tokenizer, prepared as tests/launch_fixtures.py does
+        out = tmp_path / "data"
+        r = subprocess.run(
+            [str(BIN / "cbt-llm"), "prepare", "--config", "configs/demo-cpu.yaml", "--out", str(out)]
+            + ["--tokenizer", str(d / "tokenizer"), f"data.inputs=[{d / 'corpus'}/*.jsonl*]", "data.seq_len=256"]
+            + ["data.world_size=2", "data.val_fraction=0.05", "--ray-address", gcs],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-4000:]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(folder)): p.read_bytes()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != "prepare_metrics.json"
+        }
+
+    local, cluster = files(demo_data), files(out)
+    assert sorted(cluster) == sorted(local) and any(k.startswith("train/") for k in local)
+    assert json.loads(cluster.pop("manifest.json")) == json.loads(local.pop("manifest.json"))
+    assert cluster == local

@@ -10,6 +10,7 @@ question set against.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -138,6 +139,67 @@ def make_cfg(env, out: str, inputs=None, **data) -> Config:
     }
     base.update(data)
     return Config.model_validate({"data": base})
+
+
+# Digests of a run's outputs on the fixed corpora below (seeded records, tokenizer trained on them), recorded
+# with the implementation before the issue-15 speed work: the shards, rejects, question files and manifest
+# must stay byte-identical whatever the pipeline does inside.
+_DIGESTS: dict[str, dict[str, str]] = {
+    "out": {
+        "heldout.jsonl": "62ea85900848776e",
+        "rejects/rejects-00000.jsonl": "30f21620080f6d26",
+        "train/part-00000-of-00002.parquet": "378a5132f72d1560",
+        "train/part-00001-of-00002.parquet": "bb884fdc6bdbfcfa",
+        "train_questions.u64": "84b41a66fcee9c52",
+        "validation/part-00000-of-00001.parquet": "bc3d0ab352be424b",
+        "manifest.json(content)": "b79825681f06cb74",
+    },
+    "padded": {
+        "heldout.jsonl": "e3b0c44298fc1c14",
+        "rejects/rejects-00000.jsonl": "46f4c12dd51494fc",
+        "train/part-00000-of-00004.parquet": "a2d396ea02333763",
+        "train/part-00001-of-00004.parquet": "b6299456ac832d28",
+        "train/part-00002-of-00004.parquet": "0f10dbd8e509bc7a",
+        "train/part-00003-of-00004.parquet": "0ac9718c6816a3d0",
+        "train_questions.u64": "be265b87869aabd5",
+        "manifest.json(content)": "3fa4fcb64501f293",
+    },
+    "alp": {
+        "heldout.jsonl": "d90dca34b3643662",
+        "rejects/rejects-00000.jsonl": "37dd65585bd3352e",
+        "train/part-00000-of-00002.parquet": "3d81cedf83b50ff1",
+        "train/part-00001-of-00002.parquet": "896b6c6062559042",
+        "train_questions.u64": "da31eebac7670b85",
+        "validation/part-00000-of-00001.parquet": "b7683658e6077054",
+        "manifest.json(content)": "4cbc4e93de7708cc",
+    },
+    "sg": {
+        "heldout.jsonl": "28f6b7734f4a7539",
+        "rejects/rejects-00000.jsonl": "a07b2e252bc44259",
+        "train/part-00000-of-00002.parquet": "81a4391e599f97f9",
+        "train/part-00001-of-00002.parquet": "5c9c360ecd6a652a",
+        "train_questions.u64": "0c48ad44d2f12260",
+        "validation/part-00000-of-00001.parquet": "eb39887cba95258a",
+        "manifest.json(content)": "9168c8249e5d931e",
+    },
+}
+_RUN_SPECIFIC = ("config_hash",)  # hashes data.inputs and data.tokenizer, which are temp paths here
+
+
+def output_digests(out: Path, man: dict, root: Path) -> dict[str, str]:
+    """sha256 of every file prepare wrote (paths under `root` made relative, since the rejects name their source
+    file) and of the manifest's content less its run-specific fields."""
+    digests = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name not in ("prepare_metrics.json", "manifest.json"):
+            data = p.read_bytes().replace(str(root).encode(), b"<root>")
+            digests[str(p.relative_to(out))] = hashlib.sha256(data).hexdigest()[:16]
+    content = {k: v for k, v in man.items() if k not in _RUN_SPECIFIC}
+    content["tokenizer"] = {"hash": man["tokenizer"]["hash"]}  # name_or_path is a temp path
+    content["inputs"] = [{"path": Path(i["path"]).name, "bytes": i["bytes"]} for i in man["inputs"]]
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
+    digests["manifest.json(content)"] = hashlib.sha256(blob).hexdigest()[:16]
+    return digests
 
 
 def read_split(out: Path, manifest: dict, split: str) -> list[dict]:
@@ -302,6 +364,11 @@ def test_manifest_shards_and_balance(env, prepared):
     assert not list(out.glob(".staging-*"))
 
 
+def test_outputs_match_recorded_digests(env, prepared):
+    cfg, out, man = prepared
+    assert output_digests(out, man, env["dir"]) == _DIGESTS["out"]
+
+
 def test_rerun_is_byte_identical(env, prepared):
     cfg, out, man = prepared
     before = {
@@ -373,6 +440,7 @@ def test_padding_mode_and_overlong_reject(env):
     assert man["counts"]["tokens"]["train"] == real
     assert man["packing_efficiency"]["train"] == pytest.approx(real / (len(rows) * SEQ_LEN), abs=1e-6)
     assert man["counts"]["rows"]["train"] == man["counts"]["kept"] == len(env["good"]) - 1
+    assert output_digests(out, man, env["dir"]) == _DIGESTS["padded"]
 
 
 def test_alpaca_json_and_sharegpt_parquet(env):
@@ -387,6 +455,7 @@ def test_alpaca_json_and_sharegpt_parquet(env):
     man = run_prepare(make_cfg(env, "alp", inputs=[str(d / "alpaca.json")], format="alpaca"))
     assert man["counts"]["kept"] == len(alp) - 1 and man["counts"]["rejected"] == {"empty_field": 1}
     out = env["dir"] / "alp"
+    assert output_digests(out, man, env["dir"]) == _DIGESTS["alp"]
     tok = load_tokenizer(env["tok"])
     outputs = {a["output"] for a in alp}
     for _, _ids, labels in segments(read_split(out, man, "train") + read_split(out, man, "validation")):
@@ -410,6 +479,7 @@ def test_alpaca_json_and_sharegpt_parquet(env):
     man = run_prepare(make_cfg(env, "sg", inputs=[str(d / "sharegpt.parquet")], format="sharegpt", val_fraction=0.1))
     assert man["counts"]["kept"] == 40 and man["counts"]["rejected"] == {"invalid_value": 1}
     out = env["dir"] / "sg"
+    assert output_digests(out, man, env["dir"]) == _DIGESTS["sg"]
     by_id = {c["id"]: c for c in convs}
     n_multi = 0
     for eid, ids, labels in segments(read_split(out, man, "train") + read_split(out, man, "validation")):
@@ -563,3 +633,67 @@ def test_shard_writer_streams_the_spool(tmp_path, monkeypatch):
         start += e["rows"]
         pq.write_table(whole, tmp_path / "ref.parquet", row_group_size=4, **P._PARQUET_KW)
         assert (tmp_path / "out" / e["path"]).read_bytes() == (tmp_path / "ref.parquet").read_bytes()
+
+
+def test_chatml_string_join_equals_the_jinja_template(env):
+    """The fast path renders exactly what apply_chat_template renders with our template, on contents jinja or
+    a naive format could treat differently; a tokenizer with any other template keeps its jinja."""
+    from data_pipeline.formats import chat_renderer, render_chatml
+
+    tok = load_tokenizer(env["tok"])
+    assert chat_renderer(tok) is render_chatml
+    contents = [
+        "{{ x }}",
+        "{% if %}",
+        "  leading and trailing  \n",
+        "",
+        "<|im_end|>",
+        "a\r\nb\tc",
+        "😀心理 {0} %s",
+        "\\n",
+    ]
+    for c in contents:
+        msgs = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": c},
+            {"role": "assistant", "content": c + "答"},
+            {"role": "user", "content": "还有呢?"},
+            {"role": "assistant", "content": c},
+        ]
+        assert render_chatml(msgs) == tok.apply_chat_template(msgs, tokenize=False)
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|>\n")
+    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]
+    assert chat_renderer(tok)(msgs) == tok.apply_chat_template(msgs, tokenize=False) != render_chatml(msgs)
+
+
+def test_overlong_policy_per_row_in_a_batch(env):
+    """Truncate, reject and prompt_overlong decided for a whole batch at once give what one conversation at a
+    time gives: the first seq_len tokens, or the row rejected with its reason, others untouched."""
+    from data_pipeline.prepare.parse import PARSED_FIELDS
+    from data_pipeline.prepare.tokens import Tokenize, tokenize_conversation
+
+    tok = load_tokenizer(env["tok"])
+    short, long_prompt = conversation(env["good"][1]), conversation(env["good"][2])
+    long_prompt[1]["content"] *= 40
+    long_answer = conversation(env["good"][-1])  # rec-long
+    convs = [short, long_prompt, None, long_answer, short]
+    cols = {name: [_blank(name, k) for k in range(len(convs))] for name, _ in PARSED_FIELDS}
+    cols["ok"] = [c is not None for c in convs]
+    cols["messages"] = [dumps(c) if c else "" for c in convs]
+    table = pa.table({name: pa.array(cols[name], typ) for name, typ in PARSED_FIELDS})
+    seq = 120
+    for policy, rejected in (("truncate", {1: "prompt_overlong"}), ("reject", {1: "overlong", 3: "overlong"})):
+        out = Tokenize(env["tok"], seq, policy, IM_END)(table).to_pydict()
+        for k, c in enumerate(convs):
+            if k in rejected:
+                assert (out["ok"][k], out["reason"][k], out["input_ids"][k]) == (False, rejected[k], [])
+                assert out["detail"][k].startswith(f"e{k}: ") and out["raw"][k] == dumps(c)[:1000]
+                continue
+            ids, labels = tokenize_conversation(tok, c, IM_END) if c else ([], [])
+            assert out["input_ids"][k] == list(ids[:seq]) and out["labels"][k] == list(labels[:seq])
+            assert out["truncated"][k] == (len(ids) > seq) == (k == 3)
+            assert out["ok"][k] == (c is not None)
+
+
+def _blank(name: str, k: int):
+    return {"file_idx": 0, "line": k, "sub": 0, "chash": k, "qhash": 0, "example_id": f"e{k}"}.get(name, "")

@@ -35,6 +35,11 @@ PARSED_FIELDS = [
 ]
 
 
+def _short(raw: bytes) -> str:
+    """The start of a bad record as the rejects file keeps it (made for bad records only: most are good)."""
+    return raw[: RAW_KEEP_CHARS * 4].decode("utf-8", errors="replace")[:RAW_KEEP_CHARS]
+
+
 class Parse:
     """Raw bytes -> one row per example (ok) or per bad record / bad answer (not ok, with reason)."""
 
@@ -65,28 +70,27 @@ class Parse:
 
         d = table.to_pydict()
         for fidx, line, raw, pre_r, pre_d in zip(d["file_idx"], d["line"], d["raw"], d["pre_reason"], d["pre_detail"]):
-            short = raw[: RAW_KEEP_CHARS * 4].decode("utf-8", errors="replace")[:RAW_KEEP_CHARS]
             if pre_r:
-                add(False, fidx, line, 0, pre_r, pre_d, short)
+                add(False, fidx, line, 0, pre_r, pre_d, _short(raw))
                 continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                add(False, fidx, line, 0, "invalid_utf8", f"{exc.reason} at byte {exc.start}", short)
+                add(False, fidx, line, 0, "invalid_utf8", f"{exc.reason} at byte {exc.start}", _short(raw))
                 continue
             try:
                 obj = json.loads(text.lstrip("\ufeff"))
             except json.JSONDecodeError as exc:
-                add(False, fidx, line, 0, "malformed_json", f"{exc.msg} at column {exc.colno}", short)
+                add(False, fidx, line, 0, "malformed_json", f"{exc.msg} at column {exc.colno}", _short(raw))
                 continue
             try:
                 results = to_examples(obj, self.fmt, self.system_prompt, f"{self.stems[fidx]}:{line}")
             except RecordError as err:
-                add(False, fidx, line, 0, err.reason, err.detail, short)
+                add(False, fidx, line, 0, err.reason, err.detail, _short(raw))
                 continue
             for sub, res in enumerate(results):
                 if isinstance(res, RecordError):
-                    add(False, fidx, line, sub, res.reason, res.detail, short)
+                    add(False, fidx, line, sub, res.reason, res.detail, _short(raw))
                     continue
                 chars = res.chars(self.system_prompt)
                 if chars > self.max_chars:
@@ -97,7 +101,7 @@ class Parse:
                         sub,
                         "too_long",
                         f"{chars} characters > data.max_chars {self.max_chars}",
-                        short,
+                        _short(raw),
                     )
                     continue
                 add(

@@ -22,6 +22,11 @@ from data_pipeline.prepare.write import QuestionFiles, SplitPacker, swap_into_pl
 from data_pipeline.shards import MANIFEST_SCHEMA_VERSION, SPLITS, write_manifest
 
 _LINE_BITS = 40  # the dedup index stores where a first copy came from as (file_idx << 40) | line
+# Logical CPUs each read+parse task and each tokenizer actor asks Ray for. At 1 each, a pool of one actor per
+# CPU left the read task no CPU to start on (a fixed pool of 2 on 2 CPUs hung; the autoscaling pool
+# stayed below it while reads were pending), and ds.stats() showed 2 cores doing 1.1x one thread's work.
+# At half a CPU, one actor per CPU and the reads fit side by side on any number of CPUs.
+_STEP_CPUS = 0.5
 
 
 class PrepareError(RuntimeError):
@@ -44,22 +49,27 @@ def build_dataset(files: list[str], dc: DataConfig, end_token: str):
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stems = [Path(f).name for f in files]
     ds = ray.data.from_items([{"path": f, "file_idx": i} for i, f in enumerate(files)], override_num_blocks=len(files))
-    ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", fn_kwargs={"lines": dc.ray_read_lines})
+    ds = ds.map_batches(
+        read_files, batch_size=1, batch_format="numpy", fn_kwargs={"lines": dc.ray_read_lines}, num_cpus=_STEP_CPUS
+    )
     # an instance, not a class: Ray runs it as tasks, fused with the file reads
     ds = ds.map_batches(
         Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, stems),
         batch_size=dc.ray_parse_batch,
         batch_format="pyarrow",
+        num_cpus=_STEP_CPUS,
     )
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.simplefilter("ignore", DeprecationWarning)
-        # Ray fuses the read and parse steps into these actors, so the pool may use every core
+        # up to one actor per CPU of the session (the cluster's, under --ray-address), grown as batches queue;
+        # the read and parse tasks run beside them (_STEP_CPUS)
         ds = ds.map_batches(
             Tokenize,
             fn_constructor_args=(dc.tokenizer, dc.seq_len, dc.overlong, end_token),
             batch_size=dc.ray_tokenize_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+            num_cpus=_STEP_CPUS,
             # a restarted actor could not recover its fused constructor args anyway (ray-project/ray#53727),
             # and a crash should fail the run loudly rather than retry forever
             max_restarts=0,
