@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 
+from tests.eval_fixtures import write_chat_tokenizer
 from tests.train_fixtures import free_port, make_shards
 from train.data import collate, load_manifest, read_rows
 from train.model import masked_ce_sum
@@ -128,7 +129,9 @@ def read_wandb_history(wandb_file: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("train_data"))
+    # recorded with a chat tokenizer: `cbt-llm launch` checks for a chat template before it starts a job
+    root = tmp_path_factory.mktemp("train_data")
+    return make_shards(root, tokenizer_dir=write_chat_tokenizer(root / "chat_tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +161,8 @@ def resumed_run(data, tmp_path_factory) -> tuple[Path, str, int]:
 
 @pytest.fixture(scope="module")
 def lora_run(data, tmp_path_factory) -> Path:
-    """D: LoRA (with gradient checkpointing) under the deepspeed launcher."""
+    """D: LoRA (with gradient checkpointing) under the deepspeed launcher, as users start it on one node:
+    `cbt-llm launch deepspeed --gpus-per-node 2` (its script runs `deepspeed --num_gpus 2 ... cbt-llm train`)."""
     run_dir = tmp_path_factory.mktemp("lora") / "run"
     args = [
         "model.init=random",
@@ -172,7 +176,8 @@ def lora_run(data, tmp_path_factory) -> Path:
         f"train.data_dir={data}",
         f"train.run_dir={run_dir}",
     ]
-    p = run(deepspeed_cmd(args))
+    launch = [str(BIN / "cbt-llm"), "launch", "deepspeed", "--gpus-per-node", "2", "launch.cpu=true"]
+    p = run([*launch, f"launch.master_port={free_port()}", *args], PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     assert p.returncode == 0, p.log
     return run_dir
 
@@ -226,7 +231,8 @@ def test_full_export_reloads_with_transformers_and_gives_the_engine_eval_loss(fu
     out = tmp_path / "export"
     assert run_export(full_run, out)["kind"] == "full"
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert len(AutoTokenizer.from_pretrained(out)) == 96 and (out / "model.safetensors").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == model.config.vocab_size == 600 and (out / "model.safetensors").exists()
     engine_eval = by_step(metrics(full_run), "eval/loss")[6]
     assert hf_eval_loss(model, data) == pytest.approx(engine_eval, rel=1e-5)
 
@@ -271,6 +277,15 @@ def test_each_example_seen_exactly_once_per_epoch_across_the_resume(resumed_run,
     assert len(set(epoch1)) == len(epoch1) == 8
     ref = [json.loads(ln) for ln in (full_run / "order" / "rank1.jsonl").read_text().splitlines()]
     assert [seen[r["step"]][1] for r in ref] == [r["rows"] for r in ref]  # same order as the uninterrupted run
+
+
+def test_launch_deepspeed_records_the_single_node_launch(lora_run):
+    launched = json.loads((lora_run / "launch" / "deepspeed.json").read_text())
+    assert launched["exit_code"] == 0 and launched["world_size"] == 2 and launched["launcher"] == "deepspeed"
+    assert "--num_gpus 2" in (lora_run / "launch" / "deepspeed.sh").read_text()
+    summary = json.loads((lora_run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert (lora_run / "checkpoints" / "latest").read_text().strip() == "step-0000004"
 
 
 def test_lora_changes_only_adapter_weights(lora_run):
