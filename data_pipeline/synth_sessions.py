@@ -27,7 +27,6 @@ pure function of (seed, i, crisis_fraction, min_turns, max_turns); its draws com
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -35,7 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zstandard
-from tqdm import tqdm
 
 from cbt_llm.config import ConfigError, SynthConfig
 from cbt_llm.crisis import SHOWN_CRISIS_LINES, hotline
@@ -49,6 +47,7 @@ from data_pipeline.synth_template import (
     _check,
     _encode,
     _remove_stale,
+    run_shard_jobs,
     shard_name,
     shard_ranges,
 )
@@ -965,21 +964,6 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
     }
 
 
-_PROGRESS = None  # worker side: one shared counter slot per shard, polled by the parent
-
-
-def _init_worker(progress_array) -> None:
-    global _PROGRESS
-    _PROGRESS = progress_array
-
-
-def _worker_job(job: dict) -> dict:
-    def bump(n: int) -> None:
-        _PROGRESS[job["shard"]] += n  # only this process writes this slot
-
-    return _write_shard(job, bump)
-
-
 def check_turns(cfg: SynthConfig) -> None:
     """min_turns <= max_turns (each field's own range is checked by the config type)."""
     if cfg.min_turns > cfg.max_turns:
@@ -987,24 +971,6 @@ def check_turns(cfg: SynthConfig) -> None:
             f"synth.min_turns ({cfg.min_turns}) is larger than synth.max_turns ({cfg.max_turns}); "
             "lower min_turns or raise max_turns"
         )
-
-
-def _run_jobs(jobs: list[dict], workers: int, total: int) -> list[dict]:
-    bar = tqdm(total=total, unit="session", unit_scale=True, desc="synth sessions", file=sys.stderr, mininterval=0.5)
-    if workers == 1:
-        results = [_write_shard(job, bar.update) for job in jobs]
-    else:
-        ctx = mp.get_context("spawn")  # workers start clean (no inherited threads or locks)
-        progress = ctx.Array("q", len(jobs), lock=False)
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
-            pending = pool.map_async(_worker_job, jobs, chunksize=1)
-            while not pending.ready():
-                pending.wait(0.25)
-                bar.update(sum(progress) - bar.n)
-            results = pending.get()  # re-raises a worker's exception here
-        bar.update(sum(progress) - bar.n)
-    bar.close()
-    return results
 
 
 def run_synth_sessions(cfg: SynthConfig) -> dict:
@@ -1034,7 +1000,7 @@ def run_synth_sessions(cfg: SynthConfig) -> dict:
     ]
     workers = max(1, min(cfg.workers or _available_cpus(), cfg.num_shards))
     t0 = time.perf_counter()
-    results = _run_jobs(jobs, workers, cfg.num_records)
+    results = run_shard_jobs(jobs, _write_shard, workers, cfg.num_records, "session", "synth sessions")
     seconds = time.perf_counter() - t0
     summary = _summary(cfg, results, seconds, workers)
     write_metrics(out / SUMMARY_NAME, summary)

@@ -19,6 +19,7 @@ tests/test_synth_template.py validates thousands of them against schema v1 inste
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -327,13 +328,37 @@ def _init_worker(progress_array) -> None:
     _PROGRESS = progress_array
 
 
-def _worker_job(job: dict) -> dict:
+def _worker_job(write_shard: Callable[[dict, Callable[[int], None]], dict], job: dict) -> dict:
     slot = job["shard"]
 
     def bump(n: int) -> None:
         _PROGRESS[slot] += n  # only this process writes this slot
 
-    return _write_shard(job, bump)
+    return write_shard(job, bump)
+
+
+def run_shard_jobs(
+    jobs: list[dict], write_shard: Callable[..., dict], workers: int, total: int, unit: str, desc: str
+) -> list[dict]:
+    """write_shard(job, progress) for every job ({"shard": k, ...}), in this process (workers=1) or in a pool of
+    spawned processes, with one progress bar over `total` items; returns the results in job order. write_shard
+    must be a module-level function (the pool pickles it by name)."""
+    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, file=sys.stderr, mininterval=0.5)
+    if workers == 1:
+        results = [write_shard(job, bar.update) for job in jobs]
+    else:
+        # spawn: workers start clean (no inherited threads or locks from the parent)
+        ctx = mp.get_context("spawn")
+        progress = ctx.Array("q", len(jobs), lock=False)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
+            pending = pool.map_async(functools.partial(_worker_job, write_shard), jobs, chunksize=1)
+            while not pending.ready():
+                pending.wait(0.25)
+                bar.update(sum(progress) - bar.n)
+            results = pending.get()  # re-raises a worker's exception here
+        bar.update(sum(progress) - bar.n)
+    bar.close()
+    return results
 
 
 def _available_cpus() -> int:
@@ -402,23 +427,7 @@ def run_synth_template(cfg: SynthConfig) -> dict:
     workers = max(1, min(workers, cfg.num_shards))
 
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=cfg.num_records, unit="rec", unit_scale=True, desc="synth template", file=sys.stderr, mininterval=0.5
-    )
-    if workers == 1:
-        results = [_write_shard(job, bar.update) for job in jobs]
-    else:
-        # spawn: workers start clean (no inherited threads or locks from the parent)
-        ctx = mp.get_context("spawn")
-        progress = ctx.Array("q", cfg.num_shards, lock=False)
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
-            pending = pool.map_async(_worker_job, jobs, chunksize=1)
-            while not pending.ready():
-                pending.wait(0.25)
-                bar.update(sum(progress) - bar.n)
-            results = pending.get()  # re-raises a worker's exception here
-        bar.update(sum(progress) - bar.n)
-    bar.close()
+    results = run_shard_jobs(jobs, _write_shard, workers, cfg.num_records, "rec", "synth template")
     seconds = time.perf_counter() - t0
 
     topics = {k: 0 for k in C.TOPICS}
