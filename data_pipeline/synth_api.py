@@ -511,17 +511,23 @@ async def _process(ctx: _Ctx, q: dict, ep: Endpoint) -> None:
             raise Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
         return record
 
+    record = await settled(ctx, q["id"], ask(ctx, ep, body, accept))
+    if record is not None:
+        await ctx.queue.put(("record", record))
+
+
+async def settled(ctx: _Ctx, item_id: str, attempt: Awaitable[Any]) -> Any:
+    """What `attempt` returns; None once an aborted run (counted as not attempted) or a give-up (a reject with
+    its reason and errors) has been put on the writer's queue instead."""
     try:
-        record = await ask(ctx, ep, body, accept)
+        return await attempt
     except Aborted:
         ctx.stats.not_attempted += 1
         await ctx.queue.put(("progress", None))
-        return
     except GiveUp as exc:
-        reject = {"id": q["id"], "stage": "api", "reason": exc.reason, "attempts": exc.attempts, "errors": exc.errors}
+        reject = {"id": item_id, "stage": "api", "reason": exc.reason, "attempts": exc.attempts, "errors": exc.errors}
         await ctx.queue.put(("reject", reject))
-        return
-    await ctx.queue.put(("record", record))
+    return None
 
 
 def _fatal_message(ctx: _Ctx, ep: Endpoint, exc: _Fatal) -> str:

@@ -42,7 +42,6 @@ from data_pipeline.psyqa import load_questions
 from data_pipeline.synth_api import (
     REJECTS_FILE,
     SUMMARY_FILE,
-    Aborted,
     Endpoint,
     GiveUp,
     Retryable,
@@ -59,6 +58,7 @@ from data_pipeline.synth_api import (
     rotate_rejects,
     run_pool,
     safe_url,
+    settled,
     usage_of,
 )
 from data_pipeline.synth_sessions import SYSTEM_PROMPT, intake_at
@@ -326,15 +326,8 @@ async def _dialogue(ctx, job: dict, counsellor: Endpoint, client: Endpoint) -> d
 
 async def _session(ctx, job: dict, counsellor: Endpoint, client: Endpoint) -> None:
     """One session, start to end, then exactly one outcome on the writer's queue."""
-    try:
-        session = await _dialogue(ctx, job, counsellor, client)
-    except Aborted:
-        ctx.stats.not_attempted += 1
-        await ctx.queue.put(("progress", None))
-        return
-    except GiveUp as exc:
-        reject = {"id": job["id"], "stage": "api", "reason": exc.reason, "attempts": exc.attempts, "errors": exc.errors}
-        await ctx.queue.put(("reject", reject))
+    session = await settled(ctx, job["id"], _dialogue(ctx, job, counsellor, client))
+    if session is None:
         return
     reason = validate_session(session, ctx.cfg.min_turns, ctx.cfg.max_turns)
     if reason:
