@@ -126,10 +126,7 @@ def local_deltas(engine: Engine, messages, max_new_tokens=256, temperature=0.0, 
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    ids = engine.prompt_ids(messages)
-    engine.check_fits(ids, max_new_tokens)
-    if seed is not None:
-        torch.manual_seed(seed)
+    ids = engine.start(messages, max_new_tokens, seed)
     streamer = TextIteratorStreamer(engine.gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop, failed = threading.Event(), []
 
@@ -138,16 +135,9 @@ def local_deltas(engine: Engine, messages, max_new_tokens=256, temperature=0.0, 
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     def generate() -> None:
-        x = torch.tensor([ids], device=engine.gen.device)
         try:
-            with torch.inference_mode():
-                engine.gen.model.generate(
-                    input_ids=x,
-                    attention_mask=torch.ones_like(x),
-                    generation_config=engine.decoding_config(max_new_tokens, temperature, top_p),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([Stop()]),
-                )
+            stopping = StoppingCriteriaList([Stop()])
+            engine.run_generate(ids, max_new_tokens, temperature, top_p, streamer=streamer, stopping_criteria=stopping)
         except Exception as exc:  # raised in the reader's thread below, not lost in this one
             failed.append(exc)
             streamer.end()

@@ -112,23 +112,37 @@ class Engine:
         seed: int | None = None,
         stop: list[str] | None = None,
     ) -> Completion:
-        import torch
 
         from evaluation.generate import cut_at_stop
+
+        ids = self.start(messages, max_new_tokens, seed)
+        out = self.run_generate(ids, max_new_tokens, temperature, top_p)
+        toks, finish = cut_at_stop(out[0, len(ids) :].tolist(), self.gen.stop_ids)
+        return self._completion(ids, toks, finish, stop)
+
+    def start(self, messages: list[dict], max_new_tokens: int, seed: int | None) -> list[int]:
+        """The prompt ids of one request, checked against the context; the sampler seeded when a seed is given."""
+        import torch
 
         ids = self.prompt_ids(messages)
         self.check_fits(ids, max_new_tokens)
         if seed is not None:
             torch.manual_seed(seed)  # seeds CUDA too; only one generation runs at a time, so this is per request
+        return ids
+
+    def run_generate(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, **generate_kwargs):
+        """model.generate on one prompt with this request's decoding (greedy or sampled); generate_kwargs pass on
+        (e.g. chat's streamer and stopping criteria). Returns the output ids, prompt included."""
+        import torch
+
         x = torch.tensor([ids], device=self.gen.device)
         with torch.inference_mode():
-            out = self.gen.model.generate(
+            return self.gen.model.generate(
                 input_ids=x,
                 attention_mask=torch.ones_like(x),
                 generation_config=self.decoding_config(max_new_tokens, temperature, top_p),
+                **generate_kwargs,
             )
-        toks, finish = cut_at_stop(out[0, len(ids) :].tolist(), self.gen.stop_ids)
-        return self._completion(ids, toks, finish, stop)
 
     def generate_greedy(self, requests: list[dict]) -> list:
         """Greedy replies to several requests ({messages, max_new_tokens, stop}) in one left-padded batch, each
