@@ -5,7 +5,7 @@
 
 For the first `--n` records of <data>/heldout.jsonl (questions prepare kept out of training), each model answers
 greedily (chat template with the generation prompt, the system prompt of <data>/manifest.json, the user turn of
-data_pipeline.tokenizer.build_user_message), and the structure scorer (evaluation/structure.py; built at
+data_pipeline.tokenizer.build_user_message), and the structure scorer (data_pipeline/structure.py; built at
 --scorer the first time) gives each answer its coverage (0-5 of the CBT parts) and order agreement. Prints one
 row per question and the mean per model, and the first fine-tuned answer in full. The base model (the random
 init the run started from) has no tokenizer of its own: both models use the one in --model.
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline.shards import load_manifest  # noqa: E402
+from data_pipeline.structure import load_or_train  # noqa: E402
 from data_pipeline.tokenizer import build_user_message  # noqa: E402
 from evaluation.questions import load_heldout  # noqa: E402
-from evaluation.structure import load_or_train  # noqa: E402
 
 
 def generate(model_dir: str, tok, prompts: list[str], max_new_tokens: int, batch: int) -> list[str]:

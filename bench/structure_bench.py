@@ -1,4 +1,4 @@
-"""Build the CBT-structure scorer (evaluation/structure.py) and measure it on text it never trained on.
+"""Build the CBT-structure scorer (data_pipeline/structure.py) and measure it on text it never trained on.
 
     python bench/structure_bench.py                        # build runs/structure_scorer.npz, measure, report
     python bench/structure_bench.py --out my_scorer.npz    # save the scorer elsewhere
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline.schema import CBT_PARTS  # noqa: E402
-from evaluation.structure import (  # noqa: E402
+from data_pipeline.structure import (  # noqa: E402
     LABELS,
     ORDER_PRIOR,
     StructureScorer,

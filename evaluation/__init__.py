@@ -5,9 +5,7 @@
     questions.py   the question sets: prepare's heldout.jsonl, and the refusal of a set that overlaps the train
                    split (check_no_train_overlap)
     safety.py      the safety metrics of every answer, by the crisis policy the corpus follows (cbt_llm/crisis.py)
-    structure.py   the offline CBT-structure scorer: which of the five parts each paragraph or sentence of an
-                   answer is, coverage (0-5) and order agreement; trained on our corpus and the hand-written
-                   exemplars of structure_seed.py, saved as a small .npz (load_or_train builds it on first use)
+    (the CBT-structure scorer is data_pipeline/structure.py: prepare's quality gate scores the corpus with it too)
 
 A layer of its own: it may import data_pipeline, train and the shared cbt_llm modules; only the CLI, bench/ and
 tests/ import it (tests/test_layers.py).

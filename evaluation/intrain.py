@@ -20,11 +20,11 @@ from pathlib import Path
 
 from cbt_llm.config import Config, ConfigError
 from data_pipeline.shards import load_manifest
+from data_pipeline.structure import load_or_train
 from evaluation import bertscore
 from evaluation.generate import HFGenerator, ModelSource, Prompt, generate_all, load_chat_tokenizer, prompt_messages
 from evaluation.judge import Judge, check_judge_config
 from evaluation.run import check_metrics, judge_answers, load_questions, score_answers
-from evaluation.structure import load_or_train
 
 
 class TrainingGenEval:

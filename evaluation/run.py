@@ -23,6 +23,7 @@ from pathlib import Path
 from cbt_llm.config import Config, ConfigError, EvalConfig, EvalModelConfig
 from cbt_llm.fileio import write_text_atomic
 from cbt_llm.report import print_summary
+from data_pipeline.structure import load_or_train
 from evaluation import bertscore, outputs, reference, safety, stats
 from evaluation.endpoint import EndpointGenerator
 from evaluation.generate import (
@@ -36,7 +37,6 @@ from evaluation.generate import (
 )
 from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
-from evaluation.structure import load_or_train
 from train.runtime import dist_env
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -1,4 +1,4 @@
-"""The CBT-structure scorer (evaluation/structure.py) on text it never trained on.
+"""The CBT-structure scorer (data_pipeline/structure.py) on text it never trained on.
 
 Hand-written answers (tests/data/structure_handwritten.jsonl; its README says how they were written; `heldout4` is
 the held-out set of the shipped scorer, the other splits are design data): the scorer
@@ -21,8 +21,7 @@ import pytest
 
 from cbt_llm.config import ConfigError
 from data_pipeline.schema import CBT_PARTS, join_answer
-from data_pipeline.synth_template import record_at
-from evaluation.structure import (
+from data_pipeline.structure import (
     LABELS,
     ORDER_PRIOR,
     VERSION,
@@ -41,6 +40,7 @@ from evaluation.structure import (
     train_scorer,
     variants,
 )
+from data_pipeline.synth_template import record_at
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "structure_handwritten.jsonl"
 PSYQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "psyqa_example.json"

@@ -235,7 +235,7 @@ def test_a_planted_upstream_import_fails(rel, source, expected):
             "from data_pipeline.synth_template import record_at\n"
             "from data_pipeline.schema import CBT_PARTS\nfrom cbt_llm.config import ConfigError\n",
         ),
-        ("bench/structure_bench.py", "from evaluation.structure import train_scorer\n"),
+        ("bench/structure_bench.py", "from data_pipeline.structure import train_scorer\n"),
         ("cbt_llm/cli.py", "def f():\n    from evaluation.questions import check_no_train_overlap\n"),
         ("cbt_llm/cli.py", "def f():\n    from serve.app import serve\n"),
         ("serve/engine.py", "from evaluation.generate import HFGenerator\nfrom cbt_llm.guard import CrisisGuard\n"),

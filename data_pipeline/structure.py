@@ -15,7 +15,7 @@ segment's position by number. Per answer that gives
                  parts, the fraction in canonical order (1.0 in order, 0.0 reversed; None with fewer than two parts)
 
 Training (train_scorer): the five parts of generated corpus records (data_pipeline.synth_template, seeded) and
-the hand-written banks of evaluation/structure_seed.py; each part text and each of its sentences is one example.
+the hand-written banks of data_pipeline/structure_seed.py; each part text and each of its sentences is one example.
 Features: NFKC + case-folded text, character 1..3-grams, sublinear TF-IDF (smooth idf) with n-grams seen in at
 least `min_df` examples, L2-normalised; model: scikit-learn's multinomial logistic regression, weighted so that
 every part weighs the same and "other" half as much (`other_weight`: a rare label of off-topic lines, at full weight
@@ -267,8 +267,8 @@ def load_scorer(path: str | Path) -> StructureScorer:
 
 
 def seed_bank() -> dict[str, tuple[str, ...]]:
-    """The hand-written exemplars of evaluation/structure_seed.py, per label."""
-    from evaluation import structure_seed as bank
+    """The hand-written exemplars of data_pipeline/structure_seed.py, per label."""
+    from data_pipeline import structure_seed as bank
 
     return {
         "empathy": bank.EMPATHY,

@@ -1,4 +1,4 @@
-"""Hand-written training exemplars for the CBT-structure scorer (evaluation/structure.py), one bank per label.
+"""Hand-written training exemplars for the CBT-structure scorer (data_pipeline/structure.py), one bank per label.
 
 The template corpus (data_pipeline/synth_content.py) words each part in a handful of ways: five empathy templates,
 a few dozen encouragement sentences. A scorer trained on it alone learns those phrasings, not the parts, and
