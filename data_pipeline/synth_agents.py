@@ -112,9 +112,8 @@ def critic_endpoint(cfg: ApiSynthConfig) -> Endpoint:
         return make_endpoint(
             ac.critic_base_url or cfg.base_url, model, ac.critic_api_key_env or cfg.api_key_env, "api.agents.critic_"
         )
-    drafter = Endpoint(cfg.base_url.rstrip("/") + "/chat/completions", model, None, cfg.api_key_env)
-    drafter.key = os.environ.get(cfg.api_key_env) or None
-    return drafter
+    url = cfg.base_url.rstrip("/") + "/chat/completions"
+    return Endpoint(url, model, os.environ.get(cfg.api_key_env) or None, cfg.api_key_env)
 
 
 def run_synth_api_agents(cfg: ApiSynthConfig, critic: Critic) -> dict:
