@@ -14,6 +14,9 @@ Resume: a re-run reads the ids already in records.jsonl and skips them, so a rec
 rejected ids are tried again. A last line cut short by a crash is dropped (the file is rewritten without it)
 and that question is asked again.
 
+With api.agents (`--agents`), data_pipeline/synth_agents.py critiques each valid answer on the eval judge's
+rubric and has it revised before one record, the best-scoring draft, is written.
+
 The API key is read from the environment variable named by `api.api_key_env` and only ever placed in the
 Authorization header; reasons quoted from server replies are scrubbed of it before they reach any file.
 """
