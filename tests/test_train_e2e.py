@@ -1,7 +1,8 @@
 """End-to-end trainer tests: 2 CPU ranks (gloo) through the real CLI under torchrun and the deepspeed launcher.
 
 Tiny Qwen2-architecture model (2 layers, hidden 64) on fixture shards, fp32, ZeRO-3. Five launches in all:
-full fine-tune (A), the same run killed with SIGKILL inside a checkpoint save (B) and resumed (C), LoRA under
+full fine-tune (A, with a generation eval at its last step: train.gen_eval_every, checked against `cbt-llm eval`
+on its checkpoint), the same run killed with SIGKILL inside a checkpoint save (B) and resumed (C), LoRA under
 the deepspeed launcher (D), and SIGTERM to one rank (E).
 """
 
@@ -20,9 +21,11 @@ import psutil
 import pytest
 import torch
 
+from data_pipeline.synth_template import iter_records
 from tests.eval_fixtures import write_chat_tokenizer
 from tests.train_fixtures import free_port, make_shards
 from train.data import collate, load_manifest, read_rows
+from train.export import run_export
 from train.model import masked_ce_sum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,11 +137,34 @@ def data(tmp_path_factory) -> Path:
     return make_shards(root, tokenizer_dir=write_chat_tokenizer(root / "chat_tokenizer"))
 
 
+# the generation eval of run A (train.gen_eval_every, issue 11): 5 questions, 12 new tokens, a batch budget that
+# makes 5 generation batches, so rank 0 generates three times and rank 1 twice plus a lockstep filler: ZeRO-3's
+# collective forwards must not hang on the uneven split
+GEN = ["eval.limit=5", "eval.max_new_tokens=12", "eval.batch_tokens=150", "eval.check_overlap=false"]
+
+
+def _gen_questions(path: Path) -> Path:
+    rows = [
+        {
+            "id": f"q{i}",
+            "question": r["question"][: 10 + 7 * i],
+            "description": r["description"][:12],
+            "reference": r["answer"][:160],
+        }
+        for i, r in enumerate(iter_records(7, 0, 6))
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def full_run(data, tmp_path_factory) -> Path:
-    """A: uninterrupted full fine-tune, torchrun, W&B offline."""
-    run_dir = tmp_path_factory.mktemp("full") / "run"
-    p = run(torchrun_cmd(BASE + [f"train.data_dir={data}", f"train.run_dir={run_dir}"]), WANDB_MODE="offline")
+    """A: uninterrupted full fine-tune, torchrun, W&B offline; a generation eval at its last step (6), after
+    that step's loss is logged, so the other runs' comparisons with A are untouched."""
+    root = tmp_path_factory.mktemp("full")
+    run_dir = root / "run"
+    gen = ["train.gen_eval_every=6", f"eval.questions={_gen_questions(root / 'questions.jsonl')}", *GEN]
+    p = run(torchrun_cmd(BASE + [f"train.data_dir={data}", f"train.run_dir={run_dir}", *gen]), WANDB_MODE="offline")
     assert p.returncode == 0, p.log
     return run_dir
 
@@ -407,3 +433,71 @@ def test_run_names_its_optimizer_and_zero3_keeps_partitioned_fp32_master_weights
     half = s["params_trainable"] / 2
     assert half <= s["master_weights_numel_rank0"] < half * 1.05  # partitions are padded to the world size
     assert s["loss_chunk_tokens"] == 1024 and s["activation_checkpointing"] == "off"
+
+
+# ---- the generation eval during training (issue 11): run A's step-6 metrics against `cbt-llm eval` ----------
+
+
+@pytest.fixture(scope="module")
+def trained(full_run, data, tmp_path_factory) -> dict:
+    """`cbt-llm eval` on run A's exported step-6 checkpoint with the same questions and generation settings."""
+    root = tmp_path_factory.mktemp("gen_eval")
+    export = root / "export"
+    run_export(full_run, export)
+    questions = full_run.parent / "questions.jsonl"
+    out = root / "eval"
+    cli = [str(BIN / "cbt-llm"), "eval", "--model", str(export), "--questions", str(questions), "--out", str(out)]
+    e = run([*cli, *GEN, "eval.bootstrap_resamples=0", f"eval.data_dir={data}"])
+    assert e.returncode == 0, e.log
+    return {"run": full_run, "eval": out}
+
+
+def test_logged_generation_metrics_equal_cbt_llm_eval_on_the_checkpoint(trained):
+    results = json.loads((trained["eval"] / "results.json").read_text())
+    (model,) = results["models"].values()
+    expected = {f"gen/{k}": m["score"] for k, m in model["metrics"].items() if m.get("score") is not None}
+    rows = metrics(trained["run"])
+    logged = {k: by_step(rows, k)[6] for k in expected}
+    assert {"gen/bleu-4", "gen/rouge-l", "gen/structure-coverage", "gen/distinct-2"} <= set(expected), expected
+    assert logged == pytest.approx(expected, abs=1e-9)
+    assert by_step(rows, "gen/new_tokens")[6] == model["generation"]["new_tokens"] > 0
+    assert model["generation"]["batches"] == 5  # the same plan in training: rank 0 runs 3, rank 1 2 + a filler
+
+
+def test_the_answers_are_the_same_text_and_written_per_step(trained):
+    during = [json.loads(ln) for ln in (trained["run"] / "gen_eval" / "step_0000006.jsonl").read_text().splitlines()]
+    after = [json.loads(ln) for ln in (trained["eval"] / "generations.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in during] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [r["output"] for r in during] == [r["output"] for r in after]
+    assert all(r["structure"]["coverage"] == a["structure"]["coverage"] for r, a in zip(during, after))
+
+
+def test_gen_eval_every_without_the_cli_hook_fails_with_one_line(tmp_path):
+    from cbt_llm.config import ConfigError, load_config
+    from train.recipe import _check_gen_eval
+
+    cfg = load_config(None, ["train.gen_eval_every=5"])
+    with pytest.raises(ConfigError, match=r"^train.gen_eval_every: .* set train.gen_eval_every=0 here$"):
+        _check_gen_eval(cfg, None)
+    assert _check_gen_eval(load_config(None, []), None) is None
+
+
+def test_ray_jobs_refuse_gen_eval_every_before_any_work():
+    from cbt_llm.config import ConfigError, load_config
+    from launch.preflight import preflight
+
+    cfg = load_config(None, ["train.gen_eval_every=5", "model.init=random"])
+    with pytest.raises(ConfigError, match=r"^train.gen_eval_every: not available in Ray jobs"):
+        preflight(cfg, "ray")
+
+
+def test_samples_table_in_metrics_jsonl_and_wandb(trained):
+    (line,) = [r for r in metrics(trained["run"]) if "gen/samples" in r]
+    during = [json.loads(ln) for ln in (trained["run"] / "gen_eval" / "step_0000006.jsonl").read_text().splitlines()]
+    assert line["step"] == 6 and [s["id"] for s in line["gen/samples"]] == ["q0", "q1", "q2"]  # eval.examples=3
+    assert [s["answer"] for s in line["gen/samples"]] == [r["output"] for r in during[:3]]
+    run_id = (trained["run"] / "wandb_run_id").read_text().strip()
+    (wandb_file,) = (trained["run"] / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    history = [h for h in read_wandb_history(wandb_file) if "gen/samples/_type" in h]  # nested keys come flattened
+    assert history and history[0]["gen/samples/_type"] == "table-file" and history[0]["gen/samples/nrows"] == 3
+    assert history[0]["gen/rouge-l"] == pytest.approx(line["gen/rouge-l"])
