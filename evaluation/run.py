@@ -379,8 +379,9 @@ def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: in
     return gens, facts, held
 
 
-def _session_talk(cfg: Config, results: dict):
-    """talk(generator) -> that model's sessions, and the facts of the session run into results["sessions"]."""
+def _session_talk(cfg: Config, results: dict) -> tuple:
+    """(talk(generator) -> that model's sessions, rejected intake questions); the facts of the session run go
+    into results["sessions"]."""
     ec = cfg.eval
     jobs, rejects, source = sessions.session_jobs(cfg)
     client = sessions.client_simulator(ec)
@@ -395,7 +396,7 @@ def _session_talk(cfg: Config, results: dict):
         "system_prompt_from": system_from,
         "decoding": "greedy (model and client simulator)",
     }
-    return lambda generator: sessions.run_sessions(generator, client, jobs, ec, system)
+    return (lambda generator: sessions.run_sessions(generator, client, jobs, ec, system)), rejects
 
 
 def _judge_all(cfg: Config, questions, gens: dict, held: dict, results: dict, by_model: dict, rejects: list) -> dict:
@@ -449,7 +450,10 @@ def run_eval(cfg: Config) -> dict:
         facts = {name: {"kind": "predictions", "source": ec.predictions, "backend": "none", "generation": None}}
     else:
         questions, rejects, source = load_questions(cfg)
-        talk = _session_talk(cfg, session_facts) if ec.sessions.enabled else None
+        talk = None
+        if ec.sessions.enabled:  # intakes and client checked here, before any model loads
+            talk, intake_rejects = _session_talk(cfg, session_facts)
+            rejects += intake_rejects
         _init_group(world, _device(ec, local_rank))
         gens, facts, held = _answer_all(cfg, questions, rank, world, talk)
     if rank != 0:
@@ -474,7 +478,6 @@ def run_eval(cfg: Config) -> dict:
     print_summary(
         f"cbt-llm eval ({len(questions)} questions, {source})", outputs.summary_rows(results), file=sys.stderr
     )
-    print(
-        f"eval: {out}/report.md, results.json, generations.jsonl, scores.png; {len(rejects)} rejects", file=sys.stderr
-    )
+    files = "generations.jsonl, sessions.jsonl" if ec.sessions.enabled else "generations.jsonl"
+    print(f"eval: {out}/report.md, results.json, {files}, scores.png; {len(rejects)} rejects", file=sys.stderr)
     return results

@@ -26,6 +26,7 @@ judge      with eval.judge.base_url: the "ctrs" rubric of evaluation/judge.py ov
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from cbt_llm.config import Config, ConfigError, EvalConfig
@@ -222,6 +223,10 @@ def run_sessions(generator, client: EndpointGenerator, jobs: list[dict], ec: Eva
     sessions = [Session(j["id"], j["intake"], j["client"]) for j in jobs]
     for turn in range(1, ec.sessions.turns + 1):
         live = [s for s in sessions if not s.error]
+        print(
+            f"eval: sessions of {generator.name}, turn {turn} of {ec.sessions.turns} ({len(live)} going on)",
+            file=sys.stderr,
+        )
         if live:
             _client_turns(client, live, ec, turn)
         live = [s for s in live if not s.error]
