@@ -55,7 +55,13 @@ def _run(tmp_path: Path, capsys, model_args: list[str], client_url: str, *extra:
     out = tmp_path / "eval"
     # model_args last of the flags: an override among them must run on with the others (argparse's positionals)
     args = ["eval", "--questions", str(q), "--out", str(out), "--sessions", *model_args, "eval.check_overlap=false"]
-    args += ["eval.max_new_tokens=8", "eval.sessions.max_new_tokens=8", "eval.bootstrap_resamples=100"]
+    # the single-turn side at its cheapest (length only: no jieba), the sessions are what is tested
+    args += [
+        "eval.max_new_tokens=8",
+        "eval.sessions.max_new_tokens=8",
+        "eval.bootstrap_resamples=100",
+        "eval.metrics=[length]",
+    ]
     args += [f"eval.sessions.seed={SEED}", f"eval.sessions.num_sessions={N}", f"eval.sessions.turns={TURNS}"]
     args += ["eval.sessions.crisis_fraction=0", f"eval.sessions.client.base_url={client_url}"]
     args += ["eval.sessions.client.model=fake-client", "eval.max_retries=0", *extra]
