@@ -156,8 +156,8 @@ def _system_prompt(m: EvalModelConfig, cfg: Config) -> tuple[str, str]:
 def _answer(
     m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Config, rank: int, world: int, talk=None
 ) -> tuple:
-    """(generations on rank 0 / None elsewhere, stats, facts, sessions) of one model; `talk(generator)` holds its
-    sessions (evaluation.sessions) while the model is loaded, None: no sessions."""
+    """(generations on rank 0 / None elsewhere, stats, facts, sessions) of one model; `talk(generator, name)` holds
+    its sessions (evaluation.sessions) while the model is loaded, None: no sessions."""
     ec, field = cfg.eval, f"eval.models[{i}]"
     system, system_from = _system_prompt(m, cfg)
     prompts = [Prompt(q.id, prompt_messages(q.question, q.description, system)) for q in questions]
@@ -180,7 +180,7 @@ def _answer(
             field=field,
         )
         gens, st = gen.generate_all(prompts, max_new_tokens=ec.max_new_tokens, progress=rank == 0)
-        return gens, st, facts, talk(gen) if talk else None
+        return gens, st, facts, talk(gen, m.name) if talk else None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     gen = load_generator(
         m.path,
@@ -201,7 +201,7 @@ def _answer(
         progress=rank == 0,
     )
     facts["backend"] = gen.backend
-    held = talk(gen) if talk else None
+    held = talk(gen, m.name) if talk else None
     del gen
     gc.collect()
     return gens, st, facts, held
@@ -380,7 +380,7 @@ def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: in
 
 
 def _session_talk(cfg: Config, results: dict) -> tuple:
-    """(talk(generator) -> that model's sessions, rejected intake questions); the facts of the session run go
+    """(talk(generator, name) -> that model's sessions, rejected intake questions); the facts of the session run go
     into results["sessions"]."""
     ec = cfg.eval
     jobs, rejects, source = sessions.session_jobs(cfg)
@@ -396,7 +396,7 @@ def _session_talk(cfg: Config, results: dict) -> tuple:
         "system_prompt_from": system_from,
         "decoding": "greedy (model and client simulator)",
     }
-    return (lambda generator: sessions.run_sessions(generator, client, jobs, ec, system)), rejects
+    return (lambda generator, name: sessions.run_sessions(generator, name, client, jobs, ec, system)), rejects
 
 
 def _judge_all(cfg: Config, questions, gens: dict, held: dict, results: dict, by_model: dict, rejects: list) -> dict:

@@ -215,7 +215,9 @@ def _model_turns(generator, guard: CrisisGuard, live: list[Session], system: str
         )
 
 
-def run_sessions(generator, client: EndpointGenerator, jobs: list[dict], ec: EvalConfig, system: str) -> list[Session]:
+def run_sessions(
+    generator, name: str, client: EndpointGenerator, jobs: list[dict], ec: EvalConfig, system: str
+) -> list[Session]:
     """Every job's session with `generator` (a local generator or an EndpointGenerator), turn by turn: the client
     speaks, then the model answers through the guard; a session that fails stops there. One guard per model, so
     its counters are that model's."""
@@ -224,7 +226,7 @@ def run_sessions(generator, client: EndpointGenerator, jobs: list[dict], ec: Eva
     for turn in range(1, ec.sessions.turns + 1):
         live = [s for s in sessions if not s.error]
         print(
-            f"eval: sessions of {generator.name}, turn {turn} of {ec.sessions.turns} ({len(live)} going on)",
+            f"eval: sessions of {name}, turn {turn} of {ec.sessions.turns} ({len(live)} going on)",
             file=sys.stderr,
         )
         if live:

@@ -218,3 +218,25 @@ def test_ctrs_rubric_six_items_zero_to_six():
     assert parse_scores(json.dumps({**good, "focus": 7}), CTRS) == (None, "focus: 7 outside 0-6")
     system, user = (m["content"] for m in judge_messages(CTRS, "困扰：失眠", "来访者：睡不着"))
     assert "CTRS" in system and "【会谈记录】\n来访者：睡不着" in user
+
+
+def test_intakes_from_a_question_file_one_session_each(tmp_path, capsys):
+    """eval.sessions.intakes: each question seeds one client (its prompt carries the question), a bad line goes to
+    rejects.jsonl with its reason, num_sessions caps the sessions, and the seed check does not apply."""
+    intakes = tmp_path / "intakes.jsonl"
+    lines = [json.dumps({"id": f"i{k}", "question": t}, ensure_ascii=False) for k, (_, t) in enumerate(QUESTIONS)]
+    intakes.write_text("\n".join([lines[0], "{not json", lines[1]]) + "\n", encoding="utf-8")
+    with FakeOpenAIServer(default="counsellor", session_turns=99) as model, FakeOpenAIServer(default="client") as cl:
+        endpoint = f'eval.models=[{{"name": "api", "endpoint": "{model.base_url}", "model": "fake"}}]'
+        extra = [f"eval.sessions.intakes={intakes}", "synth.sessions=true", f"synth.seed={SEED}"]
+        rc, err, out = _run(tmp_path, capsys, [endpoint], cl.base_url, *extra)
+        systems = {r["system"] for r in cl.requests}
+    assert rc == 0, err
+    rows = _rows(out)
+    assert list(rows) == ["eval-session-i0", "eval-session-i1"]  # two usable questions, num_sessions 3
+    assert all(len(r["messages"]) == 2 * TURNS and r["intake"]["question_id"] in r["id"] for r in rows.values())
+    assert {next(t for _, t in QUESTIONS if t in s) for s in systems} == {t for _, t in QUESTIONS}
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rejects) == 1 and "not valid JSON" in rejects[0]["reason"]
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["sessions"]["source"] == str(intakes) and results["sessions"]["n"] == 2
