@@ -65,6 +65,8 @@ class Session:
 
 
 def client_simulator(ec: EvalConfig) -> EndpointGenerator:
+    """The client simulator (eval.sessions.client) with eval's retries and concurrency; ConfigError naming the
+    field for an empty or non-http URL, an empty model or an unset key variable."""
     c = ec.sessions.client
     if not c.base_url:
         raise ConfigError(
