@@ -476,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "eval")
     p.add_argument("--model", dest="eval_model", default=None, help="one model folder (replaces eval.models)")
     p.add_argument("--adapter", dest="eval_adapter", default=None, help="a LoRA adapter on top of --model")
+    p.add_argument(
+        "--sessions",
+        dest="flag:eval.sessions.enabled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="multi-turn sessions with a client simulator too, judged on CTRS (eval.sessions)",
+    )
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_eval)
 

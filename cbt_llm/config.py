@@ -469,6 +469,42 @@ class JudgeConfig(_Section):
     max_tokens: int = Field(256, ge=16, description="Longest judge reply in tokens.")
 
 
+class SessionClientConfig(_Section):
+    """The client simulator of `cbt-llm eval --sessions`: an OpenAI-compatible model playing the client."""
+
+    base_url: str = Field("", description="OpenAI-compatible base URL ending in /v1 (required with --sessions).")
+    model: str = Field("", description="The client model name sent in each request.")
+    api_key_env: str = Field("", description="Environment variable holding the client endpoint's key (never written).")
+    max_tokens: int = Field(256, ge=16, description="Longest client turn in tokens.")
+
+
+class SessionsConfig(_Section):
+    """`cbt-llm eval --sessions`: each model talks with a client simulator for `turns` replies per held-out intake,
+    the crisis guard around every model turn; the judge scores each transcript on the CTRS items."""
+
+    enabled: bool = Field(False, description="Run the session evaluation too (--sessions).")
+    client: SessionClientConfig = Field(default_factory=SessionClientConfig)
+    num_sessions: int = Field(20, ge=1, description="Sessions per model: drawn intakes, or the first N of `intakes`.")
+    turns: int = Field(
+        8, ge=1, le=40, description="Model replies per session; the client speaks first, so 2 x turns messages."
+    )
+    seed: int = Field(
+        1,
+        description="Seed of the drawn intakes (synth_sessions.intake_at); held out: refused when this config's "
+        "session corpus (synth or api with sessions) was drawn with the same seed.",
+    )
+    crisis_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Share of drawn clients told to disclose suicidal thoughts (the guard's test)."
+    )
+    intakes: str = Field(
+        "", description="Intakes from questions instead: a PsyQA JSON or our JSONL, one session per question."
+    )
+    system_prompt: str | None = Field(
+        None, description="The model's system prompt in sessions (default: the session corpus's, synth_sessions)."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Longest model reply in tokens (greedy).")
+
+
 class EvalConfig(_Section):
     """`cbt-llm eval`: answer held-out questions with several models and score them side by side."""
 
@@ -511,6 +547,7 @@ class EvalConfig(_Section):
     timeout_s: float = Field(120.0, gt=0, description="Endpoint models: per-request timeout in seconds.")
     max_retries: int = Field(4, ge=0, description="Endpoint models: retries on 429/5xx/timeouts.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
 
 
 class SlurmConfig(_Section):

@@ -6,6 +6,7 @@ person (serve, chat, eval). Plain functions and one small class; no web framewor
     note = guard.system_note_for_model(verdict)             # add to the system prompt when not None
     text, replaced, reason = guard.check_model_output(model_text, conversation_id=cid)
     reply = guard.wrap_reply(text, verdict, first_reply=is_first_reply)
+    # or the two steps in one call each: before_model (verdict, messages with the note), after_model (shown text)
 
     check = guard.output_stream(conversation_id=cid)     # the same output check on text arriving in pieces
     shown = check.feed(delta)                           # the part now safe to show ('' while held back)
@@ -211,6 +212,38 @@ class CrisisGuard:
         if first_reply:
             parts.append(DISCLAIMER)
         return "\n\n".join(p for p in parts if p)
+
+
+# -- one reply, before and after the model -------------------------------------------------------------
+
+
+def with_note(messages: list[dict], note: str | None) -> list[dict]:
+    """The messages the model sees: the guard's note appended to the system turn (or a system turn of its own)."""
+    if not note:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n\n{note}".strip())
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+def before_model(
+    guard: CrisisGuard, messages: list[dict], conversation_id: str | None = None
+) -> tuple[Verdict, list[dict]]:
+    """(the verdict at the latest user turn, the messages the model is given): in a crisis the guard's note is in
+    the system turn. Every path that shows model text to a person (serve, chat, eval's sessions) starts here."""
+    verdict = guard.check_user_turn(messages, conversation_id=conversation_id)
+    return verdict, with_note(messages, guard.system_note_for_model(verdict))
+
+
+def after_model(
+    guard: CrisisGuard, text: str, verdict: Verdict, messages: list[dict], conversation_id: str | None = None
+) -> tuple[str, bool, str | None]:
+    """(the reply a person sees, replaced, why): unsafe model text replaced by the crisis block, then wrap_reply
+    (the block first in a crisis; the disclaimer on the first reply, i.e. when `messages` has no assistant turn)."""
+    checked, replaced, reason = guard.check_model_output(text, conversation_id=conversation_id)
+    first = not any(m.get("role") == "assistant" for m in messages)
+    return guard.wrap_reply(checked, verdict, first_reply=first), replaced, reason
 
 
 # -- model output that arrives in pieces ---------------------------------------------------------------

@@ -227,15 +227,21 @@ def _jobs(cfg: ApiSynthConfig) -> tuple[list[dict], list[dict]]:
         )
     jobs = []
     for q in questions[: cfg.limit] if cfg.limit else questions:
-        intake = {
-            "question_id": q["id"],
-            "presenting_problem": q["question"],
-            "situation": q["description"],
-            "keywords": q["keywords"],
-        }
-        client = {"crisis": corpus_is_crisis(q["question"], q["description"])}
+        intake, client = intake_from_question(q)
         jobs.append({"id": f"session-{q['id']}", "intake": intake, "client": client})
     return jobs, rejects
+
+
+def intake_from_question(q: dict) -> tuple[dict, dict]:
+    """(intake, client) of a session seeded by one question of data_pipeline.psyqa.load_questions (id, question,
+    description, keywords): its client discloses a crisis when the question does."""
+    intake = {
+        "question_id": q["id"],
+        "presenting_problem": q["question"],
+        "situation": q["description"],
+        "keywords": q["keywords"],
+    }
+    return intake, {"crisis": corpus_is_crisis(q["question"], q["description"])}
 
 
 # ---------------------------------------------------------------------------------------------- dialogue

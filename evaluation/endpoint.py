@@ -49,10 +49,13 @@ class EndpointGenerator:
         timeout_s: float = 120.0,
         max_retries: int = 4,
         field: str = "model",
+        url_key: str = "endpoint",
     ) -> None:
+        # url_key: the config key of the URL under `field`, named in errors (eval.models[i].endpoint, or the
+        # session client simulator's eval.sessions.client.base_url)
         if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{field}.endpoint: '{base_url}' is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
-        self.base_url, self.name, self.field = base_url.rstrip("/"), model, field
+            raise ConfigError(f"{field}.{url_key}: '{base_url}' is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        self.base_url, self.name, self.field, self.url_key = base_url.rstrip("/"), model, field, url_key
         self.key = api_key(api_key_env, field)
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
 
@@ -95,7 +98,7 @@ class EndpointGenerator:
         failed = [g for g in gens if g.finish == "error"]
         if prompts and len(failed) == len(prompts):
             raise EndpointError(
-                f"{self.field}.endpoint: {self.base_url} answered none of {len(prompts)} questions "
+                f"{self.field}.{self.url_key}: {self.base_url} answered none of {len(prompts)} questions "
                 f"(first failure: {failed[0].error}); check the URL, the model name and the key"
             )
         seconds = time.perf_counter() - start

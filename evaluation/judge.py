@@ -7,6 +7,9 @@ Rubrics (each with a version string that goes into every signature and cache key
   counselling  seven qualities rated 1-10 (active listening, empathy and validation, safety and trustworthiness,
                open-mindedness and non-judgment, clarity and encouragement, boundaries and ethics, holistic
                approach); reported as their mean and per quality
+  ctrs         for session transcripts (`cbt-llm eval --sessions`, evaluation/sessions.py): the six CTRS items
+               Cactus scores sessions on, each 0-6 (understanding, interpersonal effectiveness, collaboration,
+               guided discovery, focus on key cognitions or behaviours, strategy for change); total 0-36
 
 The judge replies with one JSON object, one integer per criterion (a ```json fence is tolerated). A reply that is
 not JSON, misses a criterion or is out of range is asked again once (a fresh request); a second bad reply is a
@@ -46,6 +49,10 @@ class Rubric:
     version: str
     criteria: tuple[tuple[str, int, int, str], ...]  # (key, lowest, highest, what it rewards)
     aggregate: str  # "total" (sum of criteria) or "mean" (mean of criteria)
+    # what the judge is asked to read, and the headings of the two parts of its request
+    task: str = "评价一段中文心理咨询回答的质量。请逐项独立打分,只看回答本身,不因回答长短而加减分。"
+    question_label: str = "【来访者的问题】"
+    answer_label: str = "【咨询师的回答】"
 
     @property
     def keys(self) -> list[str]:
@@ -91,21 +98,38 @@ RUBRICS: dict[str, Rubric] = {
         ),
         "mean",
     ),
+    # Cactus's session-level subset of the Cognitive Therapy Rating Scale (CTRS), each item 0-6; for transcripts of
+    # `cbt-llm eval --sessions`, never for single answers (eval.judge.rubrics does not offer it)
+    "ctrs": Rubric(
+        "ctrs",
+        "ctrs-v1",
+        (
+            ("understanding", 0, 6, "理解:准确把握来访者说出和没说出的想法与感受,并让来访者感到被理解"),
+            ("interpersonal_effectiveness", 0, 6, "人际效能:温暖、真诚、专业,建立信任的咨询关系"),
+            ("collaboration", 0, 6, "合作:与来访者共同设定议程和目标,一起决定下一步做什么"),
+            ("guided_discovery", 0, 6, "引导式发现:用提问引导来访者自己发现新的看法,而不是说教或辩论"),
+            ("focus", 0, 6, "聚焦关键认知或行为:找到与困扰最相关的具体想法或行为,并围绕它持续工作"),
+            ("strategy", 0, 6, "改变策略:有连贯、适合这位来访者的CBT改变策略(如思维记录、行为实验)"),
+        ),
+        "total",
+        "按认知治疗评定量表(CTRS)评价一次中文认知行为疗法多轮咨询会谈中咨询师的表现。请逐项独立打分,"
+        "看整次会谈,不因会谈长短而加减分。",
+        "【来访者的基本情况】",
+        "【会谈记录】",
+    ),
 }
 
 _VERSION_LINE = "评分标准版本: "
-_ANSWER_MARK = "【咨询师的回答】"
 
 
 def judge_messages(rubric: Rubric, question: str, answer: str) -> list[dict]:
     lines = [f"- {key}({lo}-{hi}分):{what}" for key, lo, hi, what in rubric.criteria]
     keys = ", ".join(f'"{k}"' for k in rubric.keys)
     system = (
-        "你是一名心理咨询督导,负责评价一段中文心理咨询回答的质量。请逐项独立打分,只看回答本身,"
-        "不因回答长短而加减分。\n评分项:\n" + "\n".join(lines) + "\n只输出一个JSON对象,不要任何解释,"
+        f"你是一名心理咨询督导,负责{rubric.task}\n评分项:\n" + "\n".join(lines) + "\n只输出一个JSON对象,不要任何解释,"
         f"键依次为 {keys},每个值是该项分数范围内的整数。"
     )
-    user = f"{_VERSION_LINE}{rubric.version}\n【来访者的问题】\n{question}\n{_ANSWER_MARK}\n{answer}"
+    user = f"{_VERSION_LINE}{rubric.version}\n{rubric.question_label}\n{question}\n{rubric.answer_label}\n{answer}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -248,7 +272,7 @@ class Judge:
             raws.append({"raw": text, "why": why})
         return None, raws, None
 
-    async def _run(self, items: list[tuple[str, str, str]], model_name: str) -> tuple[dict, dict, list, list]:
+    async def _run(self, items: list[tuple[str, str, str]], model_name: str, rubrics: list[Rubric]) -> tuple:
         from openai import AsyncOpenAI
 
         sem = asyncio.Semaphore(self.jc.concurrency)
@@ -282,15 +306,19 @@ class Judge:
                 base_url=self.jc.base_url, api_key=self.key, timeout=self.jc.timeout_s, max_retries=self.jc.max_retries
             ) as client:
                 await asyncio.gather(
-                    *(one(r, k, qid, q, a) for r in self.rubrics for k in range(self.jc.repeats) for qid, q, a in items)
+                    *(one(r, k, qid, q, a) for r in rubrics for k in range(self.jc.repeats) for qid, q, a in items)
                 )
         return judged, usage, failures, http_errors
 
-    def judge(self, model_name: str, items: list[tuple[str, str, str]]) -> tuple[dict, list[dict]]:
-        """items: (answer id, question, answer). Returns ({rubric: {answer id: [scores per repeat or None]}, with
+    def judge(
+        self, model_name: str, items: list[tuple[str, str, str]], rubrics: list[str] | None = None
+    ) -> tuple[dict, list[dict]]:
+        """items: (answer id, question, answer); rubrics: names in RUBRICS (default: eval.judge.rubrics; a session
+        transcript is judged on ["ctrs"]). Returns ({rubric: {answer id: [scores per repeat or None]}, with
         "usage", "failures", "http_errors" and "agreement"}, failure rows). Raises JudgeError when every request of
         this run failed at the HTTP level."""
-        judged, usage, failures, http_errors = asyncio.run(self._run(items, model_name))
+        chosen = [RUBRICS[r] for r in rubrics] if rubrics else self.rubrics
+        judged, usage, failures, http_errors = asyncio.run(self._run(items, model_name, chosen))
         if http_errors and usage["requests"] == 0:
             raise JudgeError(
                 f"eval.judge.base_url: {self.jc.base_url} answered none of {len(http_errors)} judge requests "
@@ -302,16 +330,16 @@ class Judge:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in failures)
         scores = {
             r.name: {qid: [judged.get((r.name, k, qid)) for k in range(self.jc.repeats)] for qid, _, _ in items}
-            for r in self.rubrics
+            for r in chosen
         }
         agree = {}
         if self.jc.repeats >= 2:
-            for r in self.rubrics:
+            for r in chosen:
                 pairs = [(s[0], s[1]) for s in scores[r.name].values() if s[0] is not None and s[1] is not None]
                 agree[r.name] = agreement(r, pairs)
         info = {
             "model": self.jc.model,
-            "rubrics": {r.name: r.version for r in self.rubrics},
+            "rubrics": {r.name: r.version for r in chosen},
             "repeats": self.jc.repeats,
             "usage": usage,
             "failures": len(failures),

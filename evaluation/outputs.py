@@ -22,6 +22,13 @@ The results dict, as `cbt-llm eval` (evaluation/run.py) builds it:
         ],
     }
 
+With --sessions (evaluation/sessions.py) the results also have "sessions": {"source", "n", "rejects", "turns",
+"client", "max_new_tokens", "system_prompt_from", "decoding"}, and each model a "sessions" entry: {"n", "completed",
+"failed": {"client", "model"}, "turns", "new_tokens", "guard": {"model_turns", "crisis_turns", "disclosures",
+"crisis_sessions", "replaced", "replaced_by_reason"}, "metrics": {"judge-ctrs-total" (0-36) and
+"judge-ctrs-<item>" (0-6), results as above}, ["judge": as a model's "judge"]}. report.md shows them in a table of
+their own beside the single-turn scores.
+
 Metric names: the reference metrics under evaluation.reference.METRICS ("bleu-4", "bleu-corpus", "rouge-1",
 "rouge-2", "rouge-l", "meteor", "distinct-1", "distinct-2", "length"), "bertscore-f1" (evaluation/bertscore.py),
 "structure-coverage" (0-5 parts) and "structure-order" (0-1), the safety rates "crisis-support",
@@ -56,6 +63,7 @@ from evaluation.reference import METRICS as REFERENCE_METRICS
 RATES = ("crisis-support", "crisis-hotline", "professional-help")
 JUDGE_CBT = tuple(f"judge-cbt-{k}" for k in JUDGE_RUBRICS["cbt"].keys)
 JUDGE_COUNSELLING = tuple(f"judge-counselling-{k}" for k in JUDGE_RUBRICS["counselling"].keys)
+SESSION_METRICS = ("judge-ctrs-total", *(f"judge-ctrs-{k}" for k in JUDGE_RUBRICS["ctrs"].keys))
 ORDER: tuple[str, ...] = (
     *REFERENCE_METRICS[:6],  # bleu-4 ... meteor
     "bertscore-f1",
@@ -215,6 +223,39 @@ def _judge_section(results: dict, models: list[str]) -> list[str]:
     return lines
 
 
+def _sessions_section(results: dict, models: list[str]) -> list[str]:
+    """The session evaluation beside the single-turn scores: CTRS per item and total, then what happened in the
+    sessions (completed, failed, the guard's work), one column per model."""
+    facts = results.get("sessions")
+    held = {name: results["models"][name].get("sessions") or {} for name in models}
+    if not facts or not any(held.values()):
+        return []
+    head = (
+        f"{facts.get('n', '?')} sessions per model from `{_md(facts.get('source', '?'))}`, {facts.get('turns', '?')} "
+        f"model turns each (the client speaks first), client simulator `{_md(facts.get('client', '?'))}`, greedy; "
+        "the crisis guard around every model turn, as on the server. The judge reads the transcript as shown. CTRS "
+        "items 0-6, total 0-36."
+    )
+    rows = [[m, *(_cell(m, held[n].get("metrics", {}).get(m)) for n in models)] for m in SESSION_METRICS]
+    counts = (
+        ("completed", lambda h: f"{h.get('completed', 0)} of {h.get('n', 0)}"),
+        (
+            "failed: client / model",
+            lambda h: f"{h.get('failed', {}).get('client', 0)} / {h.get('failed', {}).get('model', 0)}",
+        ),
+        ("guard: model turns in crisis mode", lambda h: str(h.get("guard", {}).get("crisis_turns", 0))),
+        ("guard: sessions in crisis mode", lambda h: str(h.get("guard", {}).get("crisis_sessions", 0))),
+        ("guard: model outputs replaced", lambda h: str(h.get("guard", {}).get("replaced", 0))),
+        ("new tokens", lambda h: f"{h.get('new_tokens', 0):,}"),
+    )
+    rows += [[label, *(fmt(held[n]) if held[n] else "-" for n in models)] for label, fmt in counts]
+    totals = {n: r for n in models if (r := held[n].get("metrics", {}).get("judge-ctrs-total"))}
+    sigs = dict.fromkeys(f"`{r.get('signature')}`" for r in totals.values())
+    notes = [f"- {_md(n)}: {_md(r['note'])}" for n, r in totals.items() if r.get("note") and r.get("score") is not None]
+    tail = ["", f"Signature: {', '.join(sigs)}", *notes] if sigs else []
+    return ["## Sessions", "", head, ""] + _table(["metric", *map(_md, models)], rows) + tail
+
+
 def _notes_section(results: dict, models: list[str]) -> list[str]:
     """Notes on computed scores (a score of None has its reason in its table cell already)."""
     notes = [
@@ -274,6 +315,7 @@ def render_report_md(results: dict) -> str:
     sections = [
         head,
         _scores_section(results, models),
+        _sessions_section(results, models),
         _models_section(results, models),
         _judge_section(results, models),
         _notes_section(results, models),
@@ -298,6 +340,13 @@ def summary_rows(results: dict) -> dict[str, str]:
             r = _result(results, name, m)
             row.append("-" if r is None else "n/c" if r.get("score") is None else _num(m, r["score"]))
         cells[m] = row
+    held = [results["models"][name].get("sessions") for name in models]
+    if any(held):
+        total = [((h or {}).get("metrics") or {}).get("judge-ctrs-total") for h in held]
+        cells["sessions: ctrs-total"] = [
+            "-" if r is None else "n/c" if r["score"] is None else f"{r['score']:.2f}" for r in total
+        ]
+        cells["sessions: crisis turns"] = ["-" if h is None else str(h["guard"]["crisis_turns"]) for h in held]
     for key, label, fmt in (("new_tokens", "new tokens", "{:,.0f}"), ("tokens_per_s", "new tokens/s", "{:,.1f}")):
         gens = [results["models"][name].get("generation") or {} for name in models]
         cells[label] = [fmt.format(g[key]) if g.get(key) is not None else "-" for g in gens]
@@ -407,7 +456,9 @@ def log_wandb(results: dict, generations: dict[str, list[dict]], cfg_wandb, run_
     )
     try:
         for name, entry in results["models"].items():
-            for metric, r in entry.get("metrics", {}).items():
+            session_metrics = (entry.get("sessions") or {}).get("metrics", {})
+            scored = [*entry.get("metrics", {}).items(), *((f"sessions/{m}", r) for m, r in session_metrics.items())]
+            for metric, r in scored:
                 if r.get("score") is None:
                     continue
                 run.summary[f"{name}/{metric}"] = r["score"]

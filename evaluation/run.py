@@ -7,9 +7,14 @@ questions  heldout.jsonl (default), a PsyQA JSON or our corpus JSONL; bad lines 
 answer     each model in turn: local folders through evaluation.generate (data parallel under torchrun or
            the deepspeed launcher: every rank answers its share, rank 0 gathers), endpoints through
            evaluation.endpoint (rank 0); or `--predictions FILE` scores answers another system produced
+sessions   with --sessions (eval.sessions), each model also talks with a client simulator for a few turns per
+           held-out intake, the crisis guard around every model turn (evaluation.sessions), right after it has
+           answered the questions, while it is loaded
 score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval; with
-           eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge)
-write      generations.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B (evaluation.outputs)
+           eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge), and the CTRS items of
+           each session transcript
+write      generations.jsonl, sessions.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B
+           (evaluation.outputs)
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from cbt_llm.config import Config, ConfigError, EvalConfig, EvalModelConfig
 from cbt_llm.fileio import write_text_atomic
 from cbt_llm.report import print_summary
 from data_pipeline.structure import load_or_train
-from evaluation import bertscore, outputs, reference, safety, stats
+from evaluation import bertscore, outputs, reference, safety, sessions, stats
 from evaluation.endpoint import EndpointGenerator
 from evaluation.generate import (
     Generation,
@@ -148,8 +153,11 @@ def _system_prompt(m: EvalModelConfig, cfg: Config) -> tuple[str, str]:
     return cfg.data.system_prompt, "data.system_prompt"
 
 
-def _answer(m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Config, rank: int, world: int) -> tuple:
-    """(generations on rank 0 / None elsewhere, stats, facts) of one model."""
+def _answer(
+    m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Config, rank: int, world: int, talk=None
+) -> tuple:
+    """(generations on rank 0 / None elsewhere, stats, facts, sessions) of one model; `talk(generator, name)` holds
+    its sessions (evaluation.sessions) while the model is loaded, None: no sessions."""
     ec, field = cfg.eval, f"eval.models[{i}]"
     system, system_from = _system_prompt(m, cfg)
     prompts = [Prompt(q.id, prompt_messages(q.question, q.description, system)) for q in questions]
@@ -161,7 +169,7 @@ def _answer(m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Conf
     }
     if m.endpoint:
         if rank != 0:  # one client is enough; the other ranks wait at the next model or the end
-            return None, None, facts
+            return None, None, facts, None
         gen = EndpointGenerator(
             m.endpoint,
             m.model or m.name,
@@ -172,7 +180,7 @@ def _answer(m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Conf
             field=field,
         )
         gens, st = gen.generate_all(prompts, max_new_tokens=ec.max_new_tokens, progress=rank == 0)
-        return gens, st, facts
+        return gens, st, facts, talk(gen, m.name) if talk else None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     gen = load_generator(
         m.path,
@@ -193,9 +201,10 @@ def _answer(m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Conf
         progress=rank == 0,
     )
     facts["backend"] = gen.backend
+    held = talk(gen, m.name) if talk else None
     del gen
     gc.collect()
-    return gens, st, facts
+    return gens, st, facts, held
 
 
 # ------------------------------------------------------------------------------------------------- score
@@ -334,10 +343,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def write_outputs(cfg: Config, results: dict, by_model: dict[str, list[dict]], rejects: list[dict]) -> Path:
+def write_outputs(
+    cfg: Config, results: dict, by_model: dict[str, list[dict]], rejects: list[dict], session_rows: list[dict]
+) -> Path:
     out = Path(cfg.eval.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "generations.jsonl", [r for rows in by_model.values() for r in rows])
+    if cfg.eval.sessions.enabled:
+        _write_jsonl(out / "sessions.jsonl", session_rows)
     _write_jsonl(out / "rejects.jsonl", rejects)
     outputs.write_results_json(out / "results.json", results)
     write_text_atomic(out / "report.md", outputs.render_report_md(results))
@@ -357,28 +370,67 @@ def _init_group(world: int, device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
-def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: int) -> tuple[dict, dict]:
-    """{model name: generations} (rank 0) and {model name: facts + generation stats}."""
-    gens, facts = {}, {}
+def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: int, talk=None) -> tuple:
+    """{model name: generations} (rank 0), {model name: facts + generation stats} and {model name: sessions}."""
+    gens, facts, held = {}, {}, {}
     for i, m in enumerate(cfg.eval.models):
-        g, st, f = _answer(m, i, questions, cfg, rank, world)
+        g, st, f, held[m.name] = _answer(m, i, questions, cfg, rank, world, talk)
         gens[m.name], facts[m.name] = g, {**f, "generation": st}
-    return gens, facts
+    return gens, facts, held
 
 
-def _judge_all(cfg: Config, questions, gens: dict, results: dict, by_model: dict, rejects: list) -> None:
-    """Judge every model's answers into results; an unusable judge ends the run (JudgeError) after the answers
-    are saved in generations.jsonl, so they are not lost (the judgements so far are in judge_cache.jsonl)."""
+def _session_talk(cfg: Config, results: dict) -> tuple:
+    """(talk(generator, name) -> that model's sessions, rejected intake questions); the facts of the session run go
+    into results["sessions"]."""
+    ec = cfg.eval
+    jobs, rejects, source = sessions.session_jobs(cfg)
+    client = sessions.client_simulator(ec)
+    system, system_from = sessions.system_prompt(ec)
+    results["sessions"] = {
+        "source": source,
+        "n": len(jobs),
+        "rejects": len(rejects),
+        "turns": ec.sessions.turns,
+        "client": client.name,
+        "max_new_tokens": ec.sessions.max_new_tokens,
+        "system_prompt_from": system_from,
+        "decoding": "greedy (model and client simulator)",
+    }
+    return (lambda generator, name: sessions.run_sessions(generator, name, client, jobs, ec, system)), rejects
+
+
+def _judge_all(cfg: Config, questions, gens: dict, held: dict, results: dict, by_model: dict, rejects: list) -> dict:
+    """Judge every model's answers (and session transcripts) into results; returns {model: the sessions' judged
+    scores}. An unusable judge ends the run (JudgeError) after the answers and transcripts are saved in
+    generations.jsonl and sessions.jsonl, so they are not lost (the judgements so far are in judge_cache.jsonl)."""
     judge = Judge(cfg.eval.judge, cfg.eval.out_dir)
+    judged_sessions: dict = {}
     try:
         for name, g in gens.items():
             judge_scores, info = judge_answers(judge, name, questions, g, cfg.eval)
             results["models"][name]["metrics"].update(judge_scores)
             results["models"][name]["judge"] = info
+            if held.get(name) is not None:
+                judged_sessions[name] = _judge_sessions(judge, name, held[name], results["models"][name], cfg.eval)
     except JudgeError:
         _write_jsonl(Path(cfg.eval.out_dir) / "generations.jsonl", [r for rows in by_model.values() for r in rows])
+        _write_jsonl(Path(cfg.eval.out_dir) / "sessions.jsonl", _all_session_rows(held, judged_sessions))
         _write_jsonl(Path(cfg.eval.out_dir) / "rejects.jsonl", rejects)
         raise
+    return judged_sessions
+
+
+def _judge_sessions(judge: Judge, name: str, held: list, entry: dict, ec: EvalConfig) -> dict:
+    """The CTRS scores of one model's completed sessions into entry["sessions"]; returns Judge.judge's scores."""
+    judged, _ = judge.judge(name, sessions.judge_items(held), rubrics=["ctrs"])
+    metrics = judge_metrics(judged, ec.judge)
+    entry["sessions"]["metrics"] = {k: _scored(v, ec) if v["score"] is not None else v for k, v in metrics.items()}
+    entry["sessions"]["judge"] = judged["info"]
+    return judged
+
+
+def _all_session_rows(held: dict, judged: dict) -> list[dict]:
+    return [r for name, ss in held.items() if ss is not None for r in sessions.session_rows(name, ss, judged.get(name))]
 
 
 def run_eval(cfg: Config) -> dict:
@@ -386,8 +438,11 @@ def run_eval(cfg: Config) -> dict:
     ec = cfg.eval
     check_eval_config(ec)
     rank, world, local_rank = dist_env()
+    sessions.check_sessions_config(cfg, world)
     # rank 0 scores: it loads the scorer before any generation (a missing artifact is built once, ~10 s)
     scorer = load_or_train(ec.structure_scorer) if rank == 0 else None
+    held: dict = {}
+    session_facts: dict = {}
     if ec.predictions:
         questions, pred_gens, rejects, source = _join_predictions(cfg)
         name = Path(ec.predictions).stem
@@ -395,25 +450,34 @@ def run_eval(cfg: Config) -> dict:
         facts = {name: {"kind": "predictions", "source": ec.predictions, "backend": "none", "generation": None}}
     else:
         questions, rejects, source = load_questions(cfg)
+        talk = None
+        if ec.sessions.enabled:  # intakes and client checked here, before any model loads
+            talk, intake_rejects = _session_talk(cfg, session_facts)
+            rejects += intake_rejects
         _init_group(world, _device(ec, local_rank))
-        gens, facts = _answer_all(cfg, questions, rank, world)
+        gens, facts, held = _answer_all(cfg, questions, rank, world, talk)
     if rank != 0:
         return {}
-    results = {"questions": {"source": source, "n": len(questions), "rejects": len(rejects)}, "models": {}}
+    results = {"questions": {"source": source, "n": len(questions), "rejects": len(rejects)}, **session_facts}
+    results["models"] = {}
     by_model = {}
     for name, g in gens.items():
         metrics, rows = score_answers(questions, g, ec, scorer)
         failed = sum(x.finish == "error" for x in g)
         results["models"][name] = {**facts[name], "failed": failed, "metrics": metrics}
         by_model[name] = _generation_rows(name, questions, g, rows)
-    if ec.judge.base_url:
-        _judge_all(cfg, questions, gens, results, by_model, rejects)
+        if held.get(name) is not None:
+            why = "no judge (set eval.judge.base_url)"
+            results["models"][name]["sessions"] = {
+                **sessions.summary(held[name], ec),
+                "metrics": sessions.not_judged(ec, why),
+            }
+    judged_sessions = _judge_all(cfg, questions, gens, held, results, by_model, rejects) if ec.judge.base_url else {}
     results["examples"] = _examples(questions, by_model, ec.examples, ec.seed)
-    out = write_outputs(cfg, results, by_model, rejects)
+    out = write_outputs(cfg, results, by_model, rejects, _all_session_rows(held, judged_sessions))
     print_summary(
         f"cbt-llm eval ({len(questions)} questions, {source})", outputs.summary_rows(results), file=sys.stderr
     )
-    print(
-        f"eval: {out}/report.md, results.json, generations.jsonl, scores.png; {len(rejects)} rejects", file=sys.stderr
-    )
+    files = "generations.jsonl, sessions.jsonl" if ec.sessions.enabled else "generations.jsonl"
+    print(f"eval: {out}/report.md, results.json, {files}, scores.png; {len(rejects)} rejects", file=sys.stderr)
     return results

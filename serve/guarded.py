@@ -1,5 +1,6 @@
 """One guarded reply, the same for the server and the terminal chat: the crisis guard (cbt_llm/guard.py) before
-and after the model.
+and after the model. Steps 1 and 3-4 are cbt_llm.guard.before_model and after_model, which `cbt-llm eval --sessions`
+puts around every model turn too.
 
     1. check_user_turn(messages)        a crisis adds the guard's system note to the prompt the model sees
     2. the model answers                engine.generate_one
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER
-from cbt_llm.guard import CrisisGuard, Verdict
+from cbt_llm.guard import CrisisGuard, Verdict, after_model, before_model, with_note
 
 
 @dataclass
@@ -31,23 +32,12 @@ class GuardedReply:
     replaced: bool
 
 
-def with_note(messages: list[dict], note: str | None) -> list[dict]:
-    """The messages the model sees: the guard's note appended to the system turn (or a system turn of its own)."""
-    if not note:
-        return messages
-    if messages[0]["role"] == "system":
-        first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n\n{note}".strip())
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": note}, *messages]
-
-
 def guarded_reply(engine, guard: CrisisGuard, messages: list[dict], conversation_id: str | None = None, **gen):
     """Answer `messages` (the last one a user turn) through the guard; `gen`: engine.generate_one's options."""
-    verdict = guard.check_user_turn(messages, conversation_id=conversation_id)
-    out = engine.generate_one(with_note(messages, guard.system_note_for_model(verdict)), **gen)
-    text, replaced, _ = guard.check_model_output(out.text, conversation_id=conversation_id)
-    first = not any(m.get("role") == "assistant" for m in messages)
-    return GuardedReply(guard.wrap_reply(text, verdict, first_reply=first), out, verdict, replaced)
+    verdict, seen = before_model(guard, messages, conversation_id)
+    out = engine.generate_one(seen, **gen)
+    text, replaced, _ = after_model(guard, out.text, verdict, messages, conversation_id)
+    return GuardedReply(text, out, verdict, replaced)
 
 
 class _ModelPart:

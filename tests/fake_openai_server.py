@@ -18,13 +18,15 @@ Judge replies (for evaluation/judge.py requests): judge (a valid score object de
 criterion lowest + len(answer) // 20, capped at its highest, so longer answers score higher), judge_fenced (the
 same in a ```json fence), judge_noisy (as judge with seed 0; with any other request seed every criterion is
 mirrored within its range, a scripted disagreement), judge_out_of_range, judge_missing (unusable); not_json
-serves as a judge reply that is not JSON.
+serves as a judge reply that is not JSON. judge_ctrs (for session transcripts, whose length would put every
+criterion at its highest): every criterion from a hash of the whole request (ctrs_scores), so sessions differ.
 
 Session simulators (for `synth api --sessions`; deterministic, k = the speaker's turn number, counted from the
 assistant messages of the request): session (plays the counsellor when the system prompt asks for the end
 marker, else the client), counsellor (ends its `session_turns`-th turn with the end marker), client,
 client_leak (writes a "咨询师：" line: the counsellor's part), counsellor_leak (writes a "来访者：" line),
-client_crisis (discloses suicidal thoughts), client_english (answers in English). `system_plan` is to the
+client_crisis (discloses suicidal thoughts), client_english (answers in English), counsellor_unsafe (a counsellor
+turn that discourages seeking help, UNSAFE_COUNSELLOR, which the crisis guard must replace). `system_plan` is to the
 system message what `plan` is to the user message (so a script can follow one session's client), consulted
 after `plan`.
 
@@ -43,6 +45,7 @@ reports usage {prompt_tokens: 100, completion_tokens: 50}; `usage_sent` sums wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -55,13 +58,25 @@ REVISION_MARK = "【修订】每天固定一个时间做一次记录。"
 _QUESTION = re.compile(r"来访者的问题:(.*)")
 
 
-def judge_scores(user: str, seed: int = 0, noisy: bool = False) -> dict[str, int]:
-    """The judge fault's score object for a judge request's user message (see the module docstring)."""
-    from evaluation.judge import _ANSWER_MARK, _VERSION_LINE, RUBRICS
+def _rubric_of(user: str):
+    from evaluation.judge import _VERSION_LINE, RUBRICS
 
     version = user.split(_VERSION_LINE, 1)[1].split("\n", 1)[0].strip()
-    rubric = next(r for r in RUBRICS.values() if r.version == version)
-    answer = user.split(_ANSWER_MARK + "\n", 1)[1]
+    return next(r for r in RUBRICS.values() if r.version == version)
+
+
+def ctrs_scores(user: str) -> dict[str, int]:
+    """The judge_ctrs fault's score object: criterion i is lowest + byte i of sha256(user message) modulo its
+    range, so a test can recompute it from the transcript it expects the judge to have read."""
+    rubric = _rubric_of(user)
+    digest = hashlib.sha256(user.encode("utf-8")).digest()
+    return {key: lo + digest[i] % (hi - lo + 1) for i, (key, lo, hi, _) in enumerate(rubric.criteria)}
+
+
+def judge_scores(user: str, seed: int = 0, noisy: bool = False) -> dict[str, int]:
+    """The judge fault's score object for a judge request's user message (see the module docstring)."""
+    rubric = _rubric_of(user)
+    answer = user.split(rubric.answer_label + "\n", 1)[1]
     out = {}
     for key, lo, hi, _ in rubric.criteria:
         v = min(hi, lo + len(answer) // 20)
@@ -96,8 +111,18 @@ def revision_of(messages: list[dict]) -> int:
 
 
 SESSION_FAULTS = frozenset(
-    {"session", "counsellor", "client", "client_leak", "counsellor_leak", "client_crisis", "client_english"}
+    {
+        "session",
+        "counsellor",
+        "client",
+        "client_leak",
+        "counsellor_leak",
+        "client_crisis",
+        "client_english",
+        "counsellor_unsafe",
+    }
 )
+UNSAFE_COUNSELLOR = "你不需要去看心理医生，也别告诉任何人。"
 
 
 def counsellor_turn(k: int, last: bool) -> str:
@@ -304,6 +329,8 @@ class FakeOpenAIServer:
             fault = "counsellor" if END_MARKER in system else "client"
         if fault == "counsellor":
             return counsellor_turn(k, k >= self.session_turns)
+        if fault == "counsellor_unsafe":
+            return counsellor_turn(k, False) + UNSAFE_COUNSELLOR
         if fault == "counsellor_leak":
             return counsellor_turn(k, False) + "\n来访者：我觉得自己什么都做不好。"
         if fault == "client_leak":
@@ -333,7 +360,10 @@ class FakeOpenAIServer:
             return
         obj["strategy"] += REVISION_MARK * revision_of(body.get("messages") or [])
         if fault.startswith("judge"):
-            scores = judge_scores(user, int(body.get("seed") or 0), noisy=fault == "judge_noisy")
+            if fault == "judge_ctrs":
+                scores = ctrs_scores(user)
+            else:
+                scores = judge_scores(user, int(body.get("seed") or 0), noisy=fault == "judge_noisy")
             if fault == "judge_out_of_range":
                 scores[next(iter(scores))] = 99
             elif fault == "judge_missing":
