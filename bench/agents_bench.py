@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cbt_llm.config import AgentsConfig, ApiSynthConfig
 from data_pipeline.synth_agents import run_synth_api_agents
-from evaluation.judge import _ANSWER_MARK, RUBRICS, RubricCritic
+from evaluation.judge import RUBRICS, RubricCritic
 
 ROOT = Path(__file__).resolve().parent.parent
 REVISED = "另外,每天固定一个时间写一次思维记录。"
@@ -40,8 +40,8 @@ PARTS = {
 
 def _reply(messages: list[dict]) -> str:
     user = next(m["content"] for m in messages if m["role"] == "user")
-    if _ANSWER_MARK in user:
-        question, answer = user.split(_ANSWER_MARK, 1)
+    if RUBRICS["cbt"].answer_label in user:
+        question, answer = user.split(RUBRICS["cbt"].answer_label, 1)
         start = hashlib.sha256(question.encode()).digest()[0] % 3
         revisions = answer.count(REVISED)
         scores = {k: min(hi, lo + 1 + start + revisions) for k, lo, hi, _ in RUBRICS["cbt"].criteria}

@@ -98,9 +98,9 @@ def good_parts(question: str) -> dict[str, str]:
 
 def climb_scores(user: str) -> dict[str, int]:
     """critic_climb's score object: every criterion lowest + 1 + the answer's revisions, capped at its highest."""
-    from evaluation.judge import _ANSWER_MARK, RUBRICS
+    from evaluation.judge import RUBRICS
 
-    revisions = user.split(_ANSWER_MARK + "\n", 1)[1].count(REVISION_MARK)
+    revisions = user.split(RUBRICS["cbt"].answer_label + "\n", 1)[1].count(REVISION_MARK)
     return {key: min(hi, lo + 1 + revisions) for key, lo, hi, _ in RUBRICS["cbt"].criteria}
 
 
@@ -224,9 +224,9 @@ class FakeOpenAIServer:
 
     @staticmethod
     def is_critic(request: dict) -> bool:
-        from evaluation.judge import _ANSWER_MARK
+        from evaluation.judge import RUBRICS
 
-        return _ANSWER_MARK in request["user"]
+        return RUBRICS["cbt"].answer_label in request["user"]
 
     # -- request handling
     def _choose(self, n: int, user: str, system: str = "") -> str:
