@@ -470,9 +470,16 @@ class JudgeConfig(_Section):
 
 
 class SessionClientConfig(_Section):
-    """The client simulator of `cbt-llm eval --sessions`: an OpenAI-compatible model playing the client."""
+    """The client simulator of `cbt-llm eval --sessions`: an OpenAI-compatible model playing the client, or the
+    offline generator's scripted client lines."""
 
-    base_url: str = Field("", description="OpenAI-compatible base URL ending in /v1 (required with --sessions).")
+    kind: Literal["endpoint", "scripted"] = Field(
+        "endpoint",
+        description="endpoint: an OpenAI-compatible model plays the client; scripted: each drawn intake's client lines "
+        "from `synth template --sessions`, replayed in order whatever the model says (offline: for the demo and "
+        "smoke tests; it does not react, so it does not measure dialogue skill).",
+    )
+    base_url: str = Field("", description="OpenAI-compatible base URL ending in /v1 (required for kind: endpoint).")
     model: str = Field("", description="The client model name sent in each request.")
     api_key_env: str = Field("", description="Environment variable holding the client endpoint's key (never written).")
     max_tokens: int = Field(256, ge=16, description="Longest client turn in tokens.")

@@ -33,7 +33,7 @@ from cbt_llm.config import Config, ConfigError, EvalConfig
 from cbt_llm.guard import CrisisGuard, after_model, before_model
 from data_pipeline.psyqa import load_questions
 from data_pipeline.synth_api_sessions import clean_turn, client_prompt, intake_from_question, turn_problem
-from data_pipeline.synth_sessions import SYSTEM_PROMPT, intake_at
+from data_pipeline.synth_sessions import SYSTEM_PROMPT, intake_at, session_at
 from evaluation.endpoint import EndpointGenerator
 from evaluation.generate import Prompt, generate_all
 from evaluation.judge import RUBRICS, signature
@@ -58,16 +58,46 @@ class Session:
     guard: list[dict] = field(default_factory=list)
     error: str = ""
     failed_by: str = ""  # "client" or "model" when error is set
+    ended: bool = False  # a scripted client's lines ran out before `turns` (not a failure)
+    index: int = -1  # the drawn intake's index (intake_at(seed, index)); -1 for intakes from questions
     new_tokens: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def client_simulator(ec: EvalConfig) -> EndpointGenerator:
+class ScriptedClient:
+    """eval.sessions.client.kind: scripted. Session i's client turns are the client lines of the offline session
+    that starts from the same intake (synth_sessions.session_at(seed, i): intake_at draws the same intake), in
+    order, whatever the model answered; a session ends when its script does. Offline and deterministic, so the
+    demo and CI can hold sessions without an endpoint; it does not react to the model, so its transcripts show
+    the guard and the model's turns, not how well the model steers a conversation."""
+
+    def __init__(self, sc) -> None:
+        self.sc = sc
+        self.name = f"scripted: synth_sessions.session_at(seed={sc.seed}) client lines"
+        self.scripts: dict[str, list[str]] = {}
+
+    def turn(self, s: Session, turn: int) -> str | None:
+        """The client's line for `turn` (1-based) of session `s`, None once its script has no more."""
+        if s.id not in self.scripts:
+            msgs = session_at(self.sc.seed, s.index, self.sc.crisis_fraction)["messages"]
+            self.scripts[s.id] = [m["content"] for m in msgs if m["role"] == "user"]
+        lines = self.scripts[s.id]
+        return lines[turn - 1] if turn <= len(lines) else None
+
+
+def client_simulator(ec: EvalConfig) -> EndpointGenerator | ScriptedClient:
     """The client simulator (eval.sessions.client) with eval's retries and concurrency; ConfigError naming the
     field for an empty or non-http URL, an empty model or an unset key variable."""
     c = ec.sessions.client
+    if c.kind == "scripted":
+        if ec.sessions.intakes:
+            raise ConfigError(
+                f"{FIELD}.client.kind: scripted replays the offline sessions of drawn intakes; drop "
+                f"{FIELD}.intakes or use kind: endpoint"
+            )
+        return ScriptedClient(ec.sessions)
     if not c.base_url:
         raise ConfigError(
             f"{FIELD}.client.base_url: empty; --sessions needs a client simulator (an OpenAI-compatible URL)"
@@ -127,7 +157,7 @@ def session_jobs(cfg: Config) -> tuple[list[dict], list[dict], str]:
         jobs = []
         for i in range(sc.num_sessions):
             intake, client = intake_at(sc.seed, i, sc.crisis_fraction)
-            jobs.append({"id": f"eval-session-{sc.seed}-{i:04d}", "intake": intake, "client": client})
+            jobs.append({"id": f"eval-session-{sc.seed}-{i:04d}", "intake": intake, "client": client, "index": i})
         return jobs, [], f"intake_at(seed={sc.seed}, 0..{sc.num_sessions - 1}, crisis_fraction={sc.crisis_fraction})"
     try:
         questions, rejects = load_questions(sc.intakes)
@@ -180,7 +210,15 @@ def _generate(generator, prompts: list[Prompt], ec: EvalConfig, max_new_tokens: 
     return gens
 
 
-def _client_turns(client: EndpointGenerator, live: list[Session], ec: EvalConfig, turn: int) -> None:
+def _client_turns(client: EndpointGenerator | ScriptedClient, live: list[Session], ec: EvalConfig, turn: int) -> None:
+    if isinstance(client, ScriptedClient):
+        for s in live:
+            line = client.turn(s, turn)
+            if line is None:
+                s.ended = True  # the script is over: a complete session, not a failure
+            else:
+                s.messages.append({"role": "user", "content": line})
+        return
     gens = _generate(client, [Prompt(s.id, _client_view(s)) for s in live], ec, ec.sessions.client.max_tokens)
     for s, g in zip(live, gens):
         text, _ = clean_turn("client", g.text)
@@ -218,22 +256,22 @@ def _model_turns(generator, guard: CrisisGuard, live: list[Session], system: str
 
 
 def run_sessions(
-    generator, name: str, client: EndpointGenerator, jobs: list[dict], ec: EvalConfig, system: str
+    generator, name: str, client: EndpointGenerator | ScriptedClient, jobs: list[dict], ec: EvalConfig, system: str
 ) -> list[Session]:
     """Every job's session with `generator` (a local generator or an EndpointGenerator), turn by turn: the client
     speaks, then the model answers through the guard; a session that fails stops there. One guard per model, so
     its counters are that model's."""
     guard = CrisisGuard()
-    sessions = [Session(j["id"], j["intake"], j["client"]) for j in jobs]
+    sessions = [Session(j["id"], j["intake"], j["client"], index=j.get("index", -1)) for j in jobs]
     for turn in range(1, ec.sessions.turns + 1):
-        live = [s for s in sessions if not s.error]
+        live = [s for s in sessions if not s.error and not s.ended]
         print(
             f"eval: sessions of {name}, turn {turn} of {ec.sessions.turns} ({len(live)} going on)",
             file=sys.stderr,
         )
         if live:
             _client_turns(client, live, ec, turn)
-        live = [s for s in live if not s.error]
+        live = [s for s in live if not s.error and not s.ended]
         if live:
             _model_turns(generator, guard, live, system, ec, turn)
     return sessions

@@ -12,7 +12,7 @@ import pytest
 from cbt_llm.cli import main
 from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER
 from data_pipeline.synth_api_sessions import client_prompt
-from data_pipeline.synth_sessions import intake_at
+from data_pipeline.synth_sessions import intake_at, session_at
 from evaluation.judge import RUBRICS, judge_messages, parse_scores
 from evaluation.sessions import intake_text, transcript_text
 
@@ -193,6 +193,10 @@ def test_endpoint_model_unsafe_reply_replaced_client_failure_counted(tmp_path, c
              "synth.sessions=true", "synth.seed=1"],
             "eval.sessions.seed: 1 is the seed of this config's session corpus (synth.seed)",
         ),
+        (
+            ["eval.sessions.client.kind=scripted", "eval.sessions.intakes=q.jsonl"],
+            "eval.sessions.client.kind: scripted replays the offline sessions of drawn intakes",
+        ),
     ],
 )  # fmt: skip
 def test_bad_session_config_fails_before_any_model_with_one_line(tmp_path, capsys, extra, expect):
@@ -240,3 +244,21 @@ def test_intakes_from_a_question_file_one_session_each(tmp_path, capsys):
     assert len(rejects) == 1 and "not valid JSON" in rejects[0]["reason"]
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["sessions"]["source"] == str(intakes) and results["sessions"]["n"] == 2
+
+
+def test_scripted_client_replays_the_offline_sessions_client_lines(model, tmp_path, capsys):
+    """client.kind: scripted (the offline demo's client): session i's client turns are the user turns of
+    synth_sessions.session_at(seed, i), in order, whatever the model says; no endpoint is asked; the model's
+    turns still go through the guard (the first carries the disclaimer)."""
+    rc, err, out = _run(tmp_path, capsys, ["--model", str(model)], "", "eval.sessions.client.kind=scripted")
+    assert rc == 0, err
+    rows = _rows(out)
+    assert len(rows) == N
+    for i, row in enumerate(rows.values()):
+        script = [m["content"] for m in session_at(SEED, i, 0.0)["messages"] if m["role"] == "user"]
+        msgs = row["messages"]
+        assert [m["content"] for m in msgs[::2]] == script[:TURNS] and row["completed"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * TURNS
+        assert msgs[1]["content"].endswith(DISCLAIMER) and [e["turn"] for e in row["guard"]] == [1, 2, 3]
+    held = json.loads((out / "results.json").read_text(encoding="utf-8"))["models"][model.name]["sessions"]
+    assert held["completed"] == N and held["failed"] == {"client": 0, "model": 0}
