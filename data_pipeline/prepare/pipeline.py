@@ -105,7 +105,7 @@ class _Rejects:
         }
         self.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         if self.strict:
-            where = f"{self.files[fidx]}:{line}" + (f" (answer {sub})" if sub else "")
+            where = f"{self.files[fidx]}:{line}" + (f" (example {sub}: an answer or a piece)" if sub else "")
             raise PrepareError(f"--strict: bad record at {where}: {reason}: {detail}")
 
 
