@@ -201,11 +201,11 @@ def test_plan_pieces_learns_every_unit_once_and_fits():
         room = seq_len - fixed
         covered = sorted([u for p in pieces for u in units_of(roles[: p.end]) if u[0] >= p.start] + rejected)
         assert covered == units_of(roles)  # every unit learned in exactly one piece, or rejected
-        for i, p in enumerate(pieces):
+        for p in pieces:
             assert sum(lens[p.context : p.end]) <= room and roles[p.end - 1] == "assistant"
             if p.context > 0:  # context is as long as fits
                 assert sum(lens[p.context - 1 : p.end]) > room
-            if i and p.start:  # later pieces leave room for context
+            if p.start:  # a piece with turns before it leaves room for them as context
                 first = next(u for u in units_of(roles) if u[0] == p.start)
                 assert sum(lens[p.start : p.end]) <= max(room / 2, sum(lens[first[0] : first[1]]))
         for s, e in rejected:
