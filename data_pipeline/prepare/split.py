@@ -104,17 +104,16 @@ def _boundaries(text: str, messages: list[dict], end_token: str) -> list[int]:
     return out
 
 
-def turn_lengths(tok, render, messages: list[dict], end_token: str) -> tuple[int, list[int]]:
-    """(fixed, turn_lens): tokens of each body turn in the rendered conversation, and of everything else (the
-    system turn and the template's tail). Exact for ChatML, whose special tokens no merge crosses; for other
-    templates an estimate that split_overlong checks against the piece's real tokenization."""
+def turn_lengths(render, messages: list[dict], end_token: str, starts: np.ndarray) -> tuple[int, list[int]]:
+    """(fixed, turn_lens): tokens of each body turn in the rendered conversation whose tokens start at character
+    `starts`, and of everything else (the system turn and the template's tail). Exact for ChatML, whose special
+    tokens no merge crosses; for other templates an estimate that _split_one checks against the piece's real
+    tokenization."""
     text = render(messages)
-    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
-    starts = np.fromiter((o[0] for o in enc.offsets), np.int64, len(enc.ids))
     cut = np.searchsorted(starts, _boundaries(text, messages, end_token))
     first = 1 if messages[0]["role"] == "system" else 0
     turn_lens = np.diff(cut[first - 1 :] if first else np.concatenate([[0], cut])).tolist()
-    return len(enc.ids) - sum(turn_lens), turn_lens
+    return len(starts) - sum(turn_lens), turn_lens
 
 
 def _piece_hash(messages: list[dict], learn_from: int) -> int:
@@ -123,14 +122,14 @@ def _piece_hash(messages: list[dict], learn_from: int) -> int:
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
 
 
-def _split_one(tz, messages: list[dict]) -> list[dict]:
+def _split_one(tz, messages: list[dict], starts: np.ndarray) -> list[dict]:
     """One over-long conversation -> its rows in order: {piece: (msgs, learn_from, ids, labels)} or
     {reject: detail}."""
     from data_pipeline.prepare.tokens import encode_batch  # tokens imports this module
 
     first = 1 if messages[0]["role"] == "system" else 0
     head, body = messages[:first], messages[first:]
-    fixed, turn_lens = turn_lengths(tz.tok, tz.render, messages, tz.end_token)
+    fixed, turn_lens = turn_lengths(tz.render, messages, tz.end_token, starts)
     pieces, rejected = plan_pieces(fixed, turn_lens, [m["role"] for m in body], tz.seq_len)
     rows: list[tuple[int, dict]] = []
     for s, e in rejected:
@@ -154,9 +153,11 @@ def _split_one(tz, messages: list[dict]) -> list[dict]:
     return [r for _, r in sorted(rows, key=lambda x: x[0])]
 
 
-def split_overlong(tz, table: pa.Table, messages: list[str], ids: np.ndarray, labels: np.ndarray, lens: np.ndarray):
-    """Replace each ok row longer than tz.seq_len by its pieces and rejected units (tz: the Tokenize actor).
-    Returns the new (table, messages, ids, labels, lens, pieced), pieced marking the rows that came from one."""
+def split_overlong(tz, table: pa.Table, messages: list[str], encoded: tuple, lens: np.ndarray):
+    """Replace each ok row longer than tz.seq_len by its pieces and rejected units (tz: the Tokenize actor;
+    encoded: the batch's flat ids, labels and token starts, as encode_batch gives them). Returns the new
+    (table, messages, ids, labels, lens, pieced), pieced marking the rows that came from one."""
+    ids, labels, starts = encoded
     offsets = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
     cols = table.select(["ok", "sub", "reason", "detail", "raw", "example_id", "chash", "heldout"]).to_pydict()
@@ -179,7 +180,7 @@ def split_overlong(tz, table: pa.Table, messages: list[str], ids: np.ndarray, la
             emit(i, {}, ids[s:e], labels[s:e], False)
             continue
         eid, heldout = cols["example_id"][i], cols["heldout"][i]
-        for k, r in enumerate(_split_one(tz, json.loads(messages[i]))):
+        for k, r in enumerate(_split_one(tz, json.loads(messages[i]), starts[s:e])):
             over = {"sub": k, "example_id": f"{eid}#{k}", "heldout": ""}
             if "reject" in r:
                 over.update(ok=False, reason="turn_overlong", detail=f"{eid}#{k}: {r['reject']}")

@@ -55,9 +55,12 @@ def tokenize_conversation(tok, messages: list[dict[str, str]], end_token: str) -
     return ids, labels
 
 
-def encode_batch(tok, render, conversations: list[list[dict]], end_token: str, learn_from: list[int] | None = None):
+def encode_batch(
+    tok, render, conversations: list[list[dict]], end_token: str, learn_from: list[int] | None = None, starts=False
+):
     """(input_ids, labels, lengths): every conversation's ids and labels back to back (int32) and its token
-    count. `render` is formats.chat_renderer(tok); `learn_from[i]` is conversation i's first learned message."""
+    count. `render` is formats.chat_renderer(tok); `learn_from[i]` is conversation i's first learned message.
+    With `starts`, also each token's first character in its rendered text (the splitter measures turns by it)."""
     texts = [render(m) for m in conversations]
     # the Rust tokenizer directly: transformers' per-encoding conversion cost ~20% more and adds nothing here
     backend = tok.backend_tokenizer
@@ -67,11 +70,11 @@ def encode_batch(tok, render, conversations: list[list[dict]], end_token: str, l
     lens = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
     total = int(lens.sum())
     ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int32, total)
-    starts = np.fromiter((o[0] for e in encodings for o in e.offsets), np.int64, total)
+    offsets = np.fromiter((o[0] for e in encodings for o in e.offsets), np.int64, total)
     froms = learn_from or [0] * len(texts)
     spans = [label_spans(t, m, end_token, f) for t, m, f in zip(texts, conversations, froms)]
-    labels = np.where(_learned(starts, lens, spans), ids, IGNORE).astype(np.int32)
-    return ids, labels, lens
+    labels = np.where(_learned(offsets, lens, spans), ids, IGNORE).astype(np.int32)
+    return (ids, labels, lens, offsets) if starts else (ids, labels, lens)
 
 
 def _learned(starts: np.ndarray, lens: np.ndarray, spans: list[list[tuple[int, int]]]) -> np.ndarray:
@@ -112,12 +115,15 @@ class Tokenize:
         messages = table.column("messages").to_pylist()
         lens = np.zeros(n, np.int64)
         ids = labels = np.zeros(0, np.int32)
+        starts = np.zeros(0, np.int64)
         if len(rows):
             convs = [json.loads(messages[i]) for i in rows]
-            ids, labels, lens[rows] = encode_batch(self.tok, self.render, convs, self.end_token)
+            ids, labels, lens[rows], starts = encode_batch(self.tok, self.render, convs, self.end_token, starts=True)
         pieced = np.zeros(n, dtype=bool)
         if self.overlong == "split" and (lens > self.seq_len).any():
-            table, messages, ids, labels, lens, pieced = split_overlong(self, table, messages, ids, labels, lens)
+            table, messages, ids, labels, lens, pieced = split_overlong(
+                self, table, messages, (ids, labels, starts), lens
+            )
         keep, truncated, rejects = self._fit(labels, lens)
         out = {name: table.column(name) for name, _ in PARSED_FIELDS if name != "messages"}
         if rejects:
