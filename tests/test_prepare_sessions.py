@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
 
 from cbt_llm.config import Config
-from data_pipeline.formats import chat_renderer, normalise_question, to_examples
+from data_pipeline.formats import chat_renderer, normalise_question, render_chatml, to_examples
 from data_pipeline.packing import split_by_position_ids
 from data_pipeline.prepare import run_prepare
-from data_pipeline.prepare.split import Piece, overlong_policy, plan_pieces, units_of
+from data_pipeline.prepare.split import Piece, overlong_policy, plan_pieces, split_conversation, units_of
+from data_pipeline.prepare.tokens import encode_batch
 from data_pipeline.schema import REASONS, RecordError
 from data_pipeline.shards import IGNORE
 from data_pipeline.synth_sessions import SYSTEM_PROMPT, session_at
@@ -180,6 +182,27 @@ def test_split_key_and_heldout_are_per_session(sessions_run):
     for h in heldout:
         intake = good[h["id"]]["meta"]["intake"]
         assert h["intake"] == intake and h["question"] == intake["presenting_problem"] and h["reference"] == ""
+
+
+def test_sliced_pieces_equal_their_own_tokenization(sessions_run):
+    """The ChatML fast path (pieces sliced out of the session's tokens) gives the same ids and labels as rendering
+    and tokenizing each piece (the path every other chat template takes)."""
+    tok = sessions_run["tok"]
+    compared = 0
+    for seq_len in (SEQ_LEN, 300):
+        fast = SimpleNamespace(tok=tok, render=render_chatml, seq_len=seq_len, end_token=IM_END)
+        slow = SimpleNamespace(tok=tok, render=lambda m: render_chatml(m), seq_len=seq_len, end_token=IM_END)
+        for i in range(16):
+            msgs = _trimmed(session_at(0, i)["messages"])
+            ids, labels, _, starts = encode_batch(tok, render_chatml, [msgs], IM_END, starts=True)
+            a, b = (split_conversation(tz, msgs, (ids, labels, starts)) for tz in (fast, slow))
+            assert [r.get("msgs") for r in a] == [r.get("msgs") for r in b]
+            for x, y in zip(a, b):
+                assert x.get("learn_from") == y.get("learn_from") and x.get("reject") == y.get("reject")
+                if "ids" in x:
+                    assert x["ids"].tolist() == y["ids"].tolist() and x["labels"].tolist() == y["labels"].tolist()
+                    compared += 1
+    assert compared > 40
 
 
 # ----------------------------------------------------------------------------------------------- no Ray
