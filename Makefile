@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install ops demo test lint lock bench clean
+.PHONY: install ops demo demo-sessions test lint lock bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,16 @@ demo: $(STAMP) ops
 	@echo ""
 	@echo "talk to the demo model (through the crisis guard): $(BIN)/cbt-llm chat --model $(RUN)/export"
 	@echo "or serve it (OpenAI-compatible, loopback): $(BIN)/cbt-llm serve --model $(RUN)/export, then cbt-llm chat --url http://127.0.0.1:8000/v1"
+
+# the demo on multi-turn sessions: every counsellor turn learned, long sessions split on turn boundaries
+demo-sessions: $(STAMP) ops
+	$(BIN)/cbt-llm synth template --config configs/demo-sessions.yaml
+	$(BIN)/cbt-llm tokenizer train --config configs/demo-sessions.yaml
+	$(BIN)/cbt-llm prepare --config configs/demo-sessions.yaml
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-sessions.yaml
+	@echo ""
+	@echo "sessions demo trained: runs/demo-sessions/data/manifest.json (counts.split_sessions, split_pieces),"
+	@echo "  runs/demo-sessions/train/metrics.jsonl"
 
 # DeepSpeed JIT-compiles a shared-memory comm op for CPU ranks; build it once here, not in parallel tests
 ops: $(STAMP)

@@ -224,6 +224,7 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
     from data_pipeline.prepare import write as W
     from data_pipeline.prepare.dedup import FirstSeen
     from data_pipeline.prepare.read import iter_file
+    from data_pipeline.prepare.split import overlong_policy
     from data_pipeline.shards import SPLITS
     from data_pipeline.tokenizer import IM_END
 
@@ -242,7 +243,7 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
         T.json = _TimedJson(clock, "tokenize actor: JSON re-parse", "tokenize actor: JSON encode")
     W.SplitPacker.flush = clock.wrap("pack + spool write", W.SplitPacker.flush)
     parse = P.Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, [Path(f).name for f in files])
-    tokenize = T.Tokenize(tok_dir, dc.seq_len, dc.overlong, IM_END)
+    tokenize = T.Tokenize(tok_dir, dc.seq_len, overlong_policy(dc), IM_END)
     tokenize.tok._tokenizer = _TimedBackend(tokenize.tok._tokenizer, clock)
     tokenize.tok.apply_chat_template = clock.wrap("chat template", tokenize.tok.apply_chat_template)
     if hasattr(T, "label_spans"):
@@ -254,7 +255,7 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
     packers = {s: W.SplitPacker(s, dc, 0, staging / f"spool-{s}.parquet") for s in SPLITS}
     rejects = PL._Rejects(staging / "rejects" / "r.jsonl", files, False)
     questions, seen = W.QuestionFiles(staging), FirstSeen()
-    counts = {"read": 0, "kept": 0, "truncated": 0}
+    counts = {"read": 0, "kept": 0, "truncated": 0, "split_sessions": 0, "split_pieces": 0}
     totals = _Clock()
     t_all = time.perf_counter()
     for i, f in enumerate(files):

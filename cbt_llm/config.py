@@ -183,7 +183,9 @@ class DataConfig(_Section):
     """`cbt-llm prepare`: Ray Data validates, splits, templates, tokenizes, masks, packs and writes shards."""
 
     inputs: list[str] = Field(default_factory=list, description="Globs or URIs (empty: [<synth.out_dir>/*.jsonl*]).")
-    format: Literal["cbt", "psyqa", "alpaca", "sharegpt"] = Field("cbt", description="Declared input format.")
+    format: Literal["cbt", "psyqa", "alpaca", "sharegpt", "messages"] = Field(
+        "cbt", description="Declared input format (messages: OpenAI-messages sessions, as synth --sessions writes)."
+    )
     out_dir: str = Field(
         "", description="Output folder (train/, validation/, rejects/, manifest.json; empty: runs/<run_name>/data)."
     )
@@ -204,7 +206,11 @@ class DataConfig(_Section):
         20_000, ge=1, description="Examples per packing window (the packer sees one window at a time)."
     )
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Fraction of questions held out (by hash).")
-    overlong: Literal["truncate", "reject"] = Field("truncate", description="Policy for examples over seq_len.")
+    overlong: Literal["auto", "truncate", "reject", "split"] = Field(
+        "auto",
+        description="Policy for examples over seq_len: truncate, reject, or split on turn boundaries into pieces "
+        "(data_pipeline/prepare/split.py); auto: split for format messages, truncate otherwise.",
+    )
     max_chars: int = Field(20_000, ge=1, description="Records with more characters than this are rejected.")
     num_shards: int = Field(0, ge=0, description="Train shards to write (0: a multiple of world_size).")
     world_size: int = Field(

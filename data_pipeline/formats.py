@@ -9,6 +9,13 @@ Declared with `data.format`:
 - alpaca    {instruction, input?, output}: user = instruction (+ blank line + input), assistant = output.
 - sharegpt  {conversations: [{from: system|human|gpt, value}]}: human/gpt alternate, the last turn is gpt;
             every gpt turn is learned.
+- messages  OpenAI-messages JSONL, as `synth template --sessions` and `synth api --sessions` write sessions:
+            {id?, messages: [{role: system|user|assistant, content}], meta?}. After an optional system turn,
+            user and assistant alternate (either may open: our sessions open with the counsellor), every turn
+            is non-empty and at least one is assistant; a last user turn (the offline generator's closing
+            feedback) is dropped, as nothing learns from it. Every assistant (counsellor) turn is learned.
+            The split key is meta.intake.presenting_problem, else the first user turn (_session_key).
+            Sessions longer than data.seq_len are cut on turn boundaries by data_pipeline/prepare/split.py.
 
 Every problem is a RecordError with a short reason code (counted in the manifest) and a one-line detail
 (written to rejects/). The reason codes are the keys of REASONS (data_pipeline.schema).
@@ -26,10 +33,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from data_pipeline.psyqa import parse_psyqa_question
-from data_pipeline.schema import CorpusRecord, RecordError, is_crisis, validate_record
+from data_pipeline.schema import DISTORTIONS, CorpusRecord, RecordError, is_crisis, validate_record
 from data_pipeline.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, build_user_message
 
-FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt")
+FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt", "messages")
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Example:
     keywords: list[str] = field(default_factory=list)
     distortions: list[str] = field(default_factory=list)
     crisis: bool = False
+    intake: dict | None = None  # a session's intake (meta.intake of the messages format), for session eval
 
     def chars(self, system_prompt: str) -> int:
         """Characters of content, not counting the shared default system prompt."""
@@ -58,8 +66,16 @@ class Example:
 
     def heldout_record(self) -> dict:
         """This example as a line of heldout.jsonl (data_pipeline/shards.py): the question and its context as
-        the asker wrote them, and the last assistant turn as the reference answer."""
+        the asker wrote them, and the last assistant turn as the reference answer (a session: no reference,
+        its intake and turn count instead)."""
         reference = next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+        if self.intake is not None:
+            # a session's last counsellor turn is its summary, not an answer to the presenting problem: a
+            # single-turn score against it would mislead, so sessions carry their intake instead
+            return {**self._heldout_fields(""), "intake": self.intake, "turns": len(self.messages) - 1}
+        return self._heldout_fields(reference)
+
+    def _heldout_fields(self, reference: str) -> dict:
         return {
             "id": self.example_id,
             "question": self.question,
@@ -243,6 +259,76 @@ def _sharegpt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example |
     return [Example(_record_id(obj, fallback_id), body[0]["content"], msgs, crisis=is_crisis(body[0]["content"]))]
 
 
+_MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+def _message_turns(turns: list) -> list[dict[str, str]]:
+    """messages[k] -> {role, content}, each checked (object, known role, non-empty text, system only first)."""
+    msgs = []
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RecordError("wrong_type", f"messages[{k}] must be an object (got {_type_name(t)})")
+        role = _get_str(t, "role", where=f"messages[{k}].")
+        if role not in _MESSAGE_ROLES:
+            raise RecordError("invalid_value", f"messages[{k}].role is '{role}', expected system, user or assistant")
+        if role == "system" and k:
+            raise RecordError("turn_order", f"messages[{k}]: a system turn may only come first")
+        msgs.append({"role": role, "content": _get_str(t, "content", where=f"messages[{k}].")})
+    return msgs
+
+
+def _check_alternation(body: list[dict[str, str]]) -> None:
+    """User and assistant alternate, either opening (our sessions open with the counsellor's greeting)."""
+    if not body:
+        raise RecordError("turn_order", "no turns besides the system prompt")
+    for k in range(1, len(body)):
+        if body[k]["role"] == body[k - 1]["role"]:
+            raise RecordError("turn_order", f"turns {k} and {k + 1} are both {body[k]['role']}; roles must alternate")
+
+
+def _session_key(body: list[dict[str, str]], intake: dict) -> str:
+    """The split key: the intake's presenting problem when the record has one, else the first user turn.
+    Sessions drawn from one presenting problem (the offline bank has 60; a PsyQA-seeded API session uses the
+    question itself) then all land on one side, so session eval from held-out intakes never meets a problem
+    the model trained on, and a PsyQA-seeded session falls with that question's single-turn answers."""
+    problem = intake.get("presenting_problem")
+    if isinstance(problem, str) and problem.strip():
+        return problem.strip()
+    return next((m["content"] for m in body if m["role"] == "user"), body[0]["content"])
+
+
+def _messages(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
+    msgs = _message_turns(_get_list(obj, "messages"))
+    if msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    _check_alternation(msgs[1:])
+    if msgs[-1]["role"] == "user" and len(msgs) > 2:
+        # the offline generator ends a session of even length on the client's feedback: nothing is learned from
+        # a last client turn, and no counsellor turn follows it to need it as context
+        msgs.pop()
+    body = msgs[1:]
+    if body[-1]["role"] != "assistant":
+        raise RecordError("turn_order", "no assistant turn: a session needs a counsellor turn to learn")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    intake = meta.get("intake") if isinstance(meta.get("intake"), dict) else {}
+    users = [m["content"] for m in body if m["role"] == "user"]
+    crisis = meta.get("crisis") is True or any(is_crisis(u) for u in users)
+    distortion = intake.get("distortion")
+    keywords = intake.get("keywords")
+    return [
+        Example(
+            _record_id(obj, fallback_id),
+            _session_key(body, intake),
+            msgs,
+            intake.get("situation") if isinstance(intake.get("situation"), str) else "",
+            [k for k in keywords if isinstance(k, str)] if isinstance(keywords, list) else [],
+            [distortion] if distortion in DISTORTIONS else [],
+            crisis,
+            intake=intake,
+        )
+    ]
+
+
 def render_chatml(messages: list[dict[str, str]]) -> str:
     """Our ChatML template (data_pipeline.tokenizer.CHAT_TEMPLATE, no generation prompt) as one string join: the
     same text as apply_chat_template(messages, tokenize=False) with that template (tests/test_prepare.py checks
@@ -258,7 +344,7 @@ def chat_renderer(tok):
     return lambda messages: tok.apply_chat_template(messages, tokenize=False)
 
 
-_CONVERTERS = {"cbt": _cbt, "psyqa": _psyqa, "alpaca": _alpaca, "sharegpt": _sharegpt}
+_CONVERTERS = {"cbt": _cbt, "psyqa": _psyqa, "alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
 
 
 def to_examples(obj: Any, fmt: str, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:

@@ -165,6 +165,8 @@ REASONS: dict[str, str] = {
     "duplicate": "exact duplicate of an earlier conversation",
     "overlong": "more tokens than data.seq_len (data.overlong=reject)",
     "prompt_overlong": "the prompt alone fills data.seq_len, nothing left to learn",
+    "turn_order": "turns out of order: after an optional system turn user and assistant alternate (no assistant: none)",
+    "turn_overlong": "a counsellor turn and its client turn need more than data.seq_len (data.overlong=split)",
 }
 
 

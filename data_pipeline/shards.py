@@ -29,7 +29,8 @@ manifest.json (MANIFEST_SCHEMA_VERSION 1), the keys readers rely on:
     config_hash      hash of the data: config that shaped the shards
     inputs           [{path, bytes}]
     counts           read, kept, rejected {reason: n}, rejected_total, truncated, and per split: examples, rows,
-                     tokens (non-padding), label_tokens
+                     tokens (non-padding), label_tokens; under data.overlong split also split_sessions (examples
+                     over seq_len, split) and split_pieces (kept pieces of them, each an example "<id>#<k>")
     packing_efficiency  {split: tokens / (rows x seq_len)}
     rows_per_rank, rows_uneven   train rows each rank reads, and train rows % world_size
     splits           {train|validation: {shards: [{path, rows, examples, tokens, label_tokens, sha256}]}}
@@ -41,7 +42,9 @@ manifest.json (MANIFEST_SCHEMA_VERSION 1), the keys readers rely on:
 heldout.jsonl: one JSON object per kept validation example, in input order, its id the example id the shards
 carry: {id, question, description, keywords, reference, crisis, distortions}. `reference` is the example's
 (last) answer; `crisis` is meta.crisis for our corpus, schema.is_crisis(question, description) for other
-formats; formats without descriptions, keywords or distortion labels leave them empty. Empty when val_fraction
+formats; formats without descriptions, keywords or distortion labels leave them empty. A session (format
+messages) has one line whatever its pieces, its question the presenting problem, an empty reference (its last
+turn is a summary, not an answer) and two more keys: intake (meta.intake) and turns. Empty when val_fraction
 is 0. Evaluation asks these questions of a model; they were never trained on.
 
 train_questions.u64: the distinct data_pipeline.formats.question_hash values (64-bit BLAKE2b of the normalised

@@ -43,6 +43,14 @@ def build_user_message(question: str, description: str = "") -> str:
     return question
 
 
+def _message_texts(messages) -> Iterator[str]:
+    """The turns of a session (OpenAI-messages records, as synth --sessions writes them)."""
+    for m in messages if isinstance(messages, list) else ():
+        text = m.get("content") if isinstance(m, dict) else None
+        if isinstance(text, str) and text:
+            yield text
+
+
 def _corpus_texts(files: list[str], max_records: int, counts: dict) -> Iterator[str]:
     """Yield training texts from corpus shards; lines that are not JSON objects are counted, not fatal."""
     seen = 0
@@ -60,6 +68,7 @@ def _corpus_texts(files: list[str], max_records: int, counts: dict) -> Iterator[
                 text = rec.get(key)
                 if isinstance(text, str) and text:
                     yield text
+            yield from _message_texts(rec.get("messages"))
             seen += 1
             counts["records"] = seen
             bar.update(1)

@@ -17,6 +17,7 @@ from data_pipeline.prepare.dedup import FirstSeen
 from data_pipeline.prepare.parse import Parse
 from data_pipeline.prepare.ray_session import configure_ray_data, init_ray, short_ray_dir
 from data_pipeline.prepare.read import read_files, resolve_inputs
+from data_pipeline.prepare.split import overlong_policy
 from data_pipeline.prepare.tokens import Tokenize
 from data_pipeline.prepare.write import QuestionFiles, SplitPacker, swap_into_place, write_shards
 from data_pipeline.shards import MANIFEST_SCHEMA_VERSION, SPLITS, write_manifest
@@ -65,7 +66,7 @@ def build_dataset(files: list[str], dc: DataConfig, end_token: str):
         # the read and parse tasks run beside them (_STEP_CPUS)
         ds = ds.map_batches(
             Tokenize,
-            fn_constructor_args=(dc.tokenizer, dc.seq_len, dc.overlong, end_token),
+            fn_constructor_args=(dc.tokenizer, dc.seq_len, overlong_policy(dc), end_token),
             batch_size=dc.ray_tokenize_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
@@ -104,7 +105,7 @@ class _Rejects:
         }
         self.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         if self.strict:
-            where = f"{self.files[fidx]}:{line}" + (f" (answer {sub})" if sub else "")
+            where = f"{self.files[fidx]}:{line}" + (f" (example {sub}: an answer or a piece)" if sub else "")
             raise PrepareError(f"--strict: bad record at {where}: {reason}: {detail}")
 
 
@@ -122,6 +123,7 @@ _BATCH_COLUMNS = [
     "qhash",
     "heldout",
     "truncated",
+    "pieced",
 ]
 
 
@@ -142,6 +144,7 @@ def _consume_batch(
         fidx, line, sub = d["file_idx"][i], d["line"][i], d["sub"][i]
         if sub == 0:
             new_records += 1
+            counts["split_sessions"] += int(d["pieced"][i])
         if not d["ok"][i]:
             rejects.add(fidx, line, sub, d["reason"][i], d["detail"][i], d["raw"][i])
             continue
@@ -154,11 +157,12 @@ def _consume_batch(
         seen.add(h, (fidx << _LINE_BITS) | line)
         counts["kept"] += 1
         counts["truncated"] += int(d["truncated"][i])
+        counts["split_pieces"] += int(d["pieced"][i])
         s, e = offs[i], offs[i + 1]
         # copies, not views: a view keeps the whole batch alive until its window is packed, and
         # the validation window (2% of examples) would pin every batch it has seen
         packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i])
-        if d["split"][i] == "validation":
+        if d["heldout"][i]:  # a validation example's (a split session's: on its first piece only)
             questions.add_heldout(d["heldout"][i])
         else:
             questions.add_train(d["qhash"][i])
@@ -172,7 +176,7 @@ def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects, questions: 
     from tqdm import tqdm
 
     seen = FirstSeen()  # content hash -> (file_idx << 40 | line) of the copy that was kept
-    counts = {"read": 0, "kept": 0, "truncated": 0}
+    counts = {"read": 0, "kept": 0, "truncated": 0, "split_sessions": 0, "split_pieces": 0}
     bar = tqdm(desc="prepare", unit="rec", mininterval=1.0, smoothing=0.1)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -224,6 +228,14 @@ def _data_config_hash(dc: DataConfig) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def _split_counts(dc: DataConfig, counts: dict[str, int]) -> dict[str, int]:
+    """Conversations split on turn boundaries (counted once each) and the pieces of them kept; only under the
+    split policy, so the other policies' manifests stay as they were."""
+    if overlong_policy(dc) != "split":
+        return {}
+    return {"split_sessions": counts["split_sessions"], "split_pieces": counts["split_pieces"]}
+
+
 def _manifest(
     dc: DataConfig,
     files: list[str],
@@ -254,6 +266,7 @@ def _manifest(
             "rejected": dict(sorted(rejected.items())),
             "rejected_total": sum(rejected.values()),
             "truncated": counts["truncated"],
+            **_split_counts(dc, counts),
             "examples": {s: packers[s].examples for s in SPLITS},
             "rows": {s: packers[s].rows for s in SPLITS},
             "tokens": {s: packers[s].tokens for s in SPLITS},
@@ -283,6 +296,7 @@ def _metrics(man: dict, pack_s: float, ray_s: float, stream_s: float, seconds: f
         "rejected": c["rejected_total"],
         **{f"rejected.{k}": v for k, v in c["rejected"].items()},
         "truncated": c["truncated"],
+        **{k: c[k] for k in ("split_sessions", "split_pieces") if k in c},
         "rows.train": c["rows"]["train"],
         "rows.validation": c["rows"]["validation"],
         "train_shards": len(man["splits"]["train"]["shards"]),

@@ -2,7 +2,8 @@
 
 The chat template renders each conversation to text, the whole text is tokenized at once (so ids match what the
 model sees at inference), and labels keep the token ids of the assistant answers and their end tokens only,
-found by character offsets; IGNORE everywhere else. Over-long examples are truncated or rejected (data.overlong).
+found by character offsets; IGNORE everywhere else. Over-long examples are truncated, rejected or split into
+pieces on turn boundaries (data.overlong; split.py).
 
 A batch is handled as flat NumPy arrays (every conversation's tokens back to back, and each one's length), not one
 array per conversation: past the tokenizer, the cost per batch is a few vectorised passes rather than Python
@@ -20,21 +21,25 @@ import pyarrow as pa
 
 from data_pipeline.formats import chat_renderer
 from data_pipeline.prepare.parse import PARSED_FIELDS, RAW_KEEP_CHARS
+from data_pipeline.prepare.split import split_overlong
 from data_pipeline.shards import IGNORE
 
 
-def label_spans(text: str, messages: list[dict[str, str]], end_token: str) -> list[tuple[int, int]]:
-    """Character spans of the learned text in a rendered conversation: each assistant answer plus the end
-    token right after it. Messages are located in order, so text repeated in an earlier turn is skipped."""
+def label_spans(
+    text: str, messages: list[dict[str, str]], end_token: str, learn_from: int = 0
+) -> list[tuple[int, int]]:
+    """Character spans of the learned text in a rendered conversation: each assistant answer from message
+    `learn_from` on (a split piece's earlier turns are context) plus the end token right after it. Messages are
+    located in order, so text repeated in an earlier turn is skipped."""
     spans = []
     cursor = 0
-    for m in messages:
+    for k, m in enumerate(messages):
         pos = text.find(m["content"], cursor)
         if pos < 0:
             raise ValueError(f"chat template changed a {m['role']} message; cannot locate it to build the label mask")
         end = pos + len(m["content"])
         cursor = end
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and k >= learn_from:
             if end_token and text.startswith(end_token, end):
                 end += len(end_token)
                 cursor = end
@@ -50,9 +55,12 @@ def tokenize_conversation(tok, messages: list[dict[str, str]], end_token: str) -
     return ids, labels
 
 
-def encode_batch(tok, render, conversations: list[list[dict]], end_token: str):
+def encode_batch(
+    tok, render, conversations: list[list[dict]], end_token: str, learn_from: list[int] | None = None, starts=False
+):
     """(input_ids, labels, lengths): every conversation's ids and labels back to back (int32) and its token
-    count. `render` is formats.chat_renderer(tok)."""
+    count. `render` is formats.chat_renderer(tok); `learn_from[i]` is conversation i's first learned message.
+    With `starts`, also each token's first character in its rendered text (the splitter measures turns by it)."""
     texts = [render(m) for m in conversations]
     # the Rust tokenizer directly: transformers' per-encoding conversion cost ~20% more and adds nothing here
     backend = tok.backend_tokenizer
@@ -62,10 +70,11 @@ def encode_batch(tok, render, conversations: list[list[dict]], end_token: str):
     lens = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
     total = int(lens.sum())
     ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int32, total)
-    starts = np.fromiter((o[0] for e in encodings for o in e.offsets), np.int64, total)
-    spans = [label_spans(t, m, end_token) for t, m in zip(texts, conversations)]
-    labels = np.where(_learned(starts, lens, spans), ids, IGNORE).astype(np.int32)
-    return ids, labels, lens
+    offsets = np.fromiter((o[0] for e in encodings for o in e.offsets), np.int64, total)
+    froms = learn_from or [0] * len(texts)
+    spans = [label_spans(t, m, end_token, f) for t, m, f in zip(texts, conversations, froms)]
+    labels = np.where(_learned(offsets, lens, spans), ids, IGNORE).astype(np.int32)
+    return (ids, labels, lens, offsets) if starts else (ids, labels, lens)
 
 
 def _learned(starts: np.ndarray, lens: np.ndarray, spans: list[list[tuple[int, int]]]) -> np.ndarray:
@@ -106,9 +115,15 @@ class Tokenize:
         messages = table.column("messages").to_pylist()
         lens = np.zeros(n, np.int64)
         ids = labels = np.zeros(0, np.int32)
+        starts = np.zeros(0, np.int64)
         if len(rows):
             convs = [json.loads(messages[i]) for i in rows]
-            ids, labels, lens[rows] = encode_batch(self.tok, self.render, convs, self.end_token)
+            ids, labels, lens[rows], starts = encode_batch(self.tok, self.render, convs, self.end_token, starts=True)
+        pieced = np.zeros(n, dtype=bool)
+        if self.overlong == "split" and (lens > self.seq_len).any():
+            table, messages, ids, labels, lens, pieced = split_overlong(
+                self, table, messages, (ids, labels, starts), lens
+            )
         keep, truncated, rejects = self._fit(labels, lens)
         out = {name: table.column(name) for name, _ in PARSED_FIELDS if name != "messages"}
         if rejects:
@@ -118,6 +133,7 @@ class Tokenize:
         out["input_ids"] = _list_array(ids[keep], lens)
         out["labels"] = _list_array(labels[keep], lens)
         out["truncated"] = pa.array(truncated, pa.bool_())
+        out["pieced"] = pa.array(pieced, pa.bool_())  # a piece (or rejected unit) of a split conversation
         return pa.table(out)
 
     def _fit(self, labels: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, tuple]]:
