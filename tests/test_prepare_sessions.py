@@ -14,11 +14,12 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from cbt_llm.config import Config
-from data_pipeline.formats import chat_renderer, normalise_question, render_chatml, to_examples
+from data_pipeline.formats import chat_renderer, normalise_question, question_hash, render_chatml, to_examples
 from data_pipeline.packing import split_by_position_ids
 from data_pipeline.prepare import run_prepare
 from data_pipeline.prepare.split import Piece, overlong_policy, plan_pieces, split_conversation, units_of
@@ -182,6 +183,12 @@ def test_split_key_and_heldout_are_per_session(sessions_run):
     for h in heldout:
         intake = good[h["id"]]["meta"]["intake"]
         assert h["intake"] == intake and h["question"] == intake["presenting_problem"] and h["reference"] == ""
+    # the train split's question list holds the train problems only: a held-out problem (its later pieces
+    # included) must pass eval's overlap check
+    train_hashes = set(np.fromfile(out / "train_questions.u64", dtype="<i8").tolist())
+    keys = {sid: to_examples(good[sid], "messages", SYSTEM_PROMPT, sid)[0].question for sid in sides}
+    assert train_hashes == {question_hash(keys[sid]) for sid, (side,) in sides.items() if side == "train"}
+    assert all(question_hash(h["question"]) not in train_hashes for h in heldout)
 
 
 def test_sliced_pieces_equal_their_own_tokenization(sessions_run):

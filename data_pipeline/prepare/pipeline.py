@@ -162,10 +162,10 @@ def _consume_batch(
         # copies, not views: a view keeps the whole batch alive until its window is packed, and
         # the validation window (2% of examples) would pin every batch it has seen
         packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i])
-        if d["heldout"][i]:  # a validation example's (a split session's: on its first piece only)
-            questions.add_heldout(d["heldout"][i])
-        else:
+        if d["split"][i] == "train":
             questions.add_train(d["qhash"][i])
+        elif d["heldout"][i]:  # a split session's heldout line goes with its first piece only
+            questions.add_heldout(d["heldout"][i])
     seen.merge_if_full()
     return new_records
 
