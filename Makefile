@@ -47,9 +47,11 @@ demo-sessions: $(STAMP) ops
 	$(BIN)/cbt-llm tokenizer train --config configs/demo-sessions.yaml
 	$(BIN)/cbt-llm prepare --config configs/demo-sessions.yaml
 	$(BIN)/torchrun --standalone --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-sessions.yaml
+	$(BIN)/cbt-llm export --run runs/demo-sessions/train --out runs/demo-sessions/export
+	$(BIN)/cbt-llm eval --config configs/demo-sessions.yaml --sessions
 	@echo ""
-	@echo "sessions demo trained: runs/demo-sessions/data/manifest.json (counts.split_sessions, split_pieces),"
-	@echo "  runs/demo-sessions/train/metrics.jsonl"
+	@echo "sessions demo: runs/demo-sessions/data/manifest.json (counts.split_sessions, split_pieces),"
+	@echo "  runs/demo-sessions/train/metrics.jsonl, runs/demo-sessions/eval/ (report.md, sessions.jsonl)"
 
 # DeepSpeed JIT-compiles a shared-memory comm op for CPU ranks; build it once here, not in parallel tests
 ops: $(STAMP)
