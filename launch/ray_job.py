@@ -104,41 +104,45 @@ class RankShards(DataConfig):
         return out
 
 
-_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-_FOOTER_BATCH = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
-
-
-def _footer_actors(n_files: int) -> int:
-    """How many footer-reading actors a read of n_files Parquet files can use: Ray Data (2.60, datasource V2)
-    hands footers to its pool in batches of RAY_DATA_PARQUET_FOOTER_BATCH_SIZE (10) files, but starts the whole
-    pool, RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (32) actors, for every read however few the files. Each actor is a
-    Python worker process of its own: for a worker's one or two shards that was 32 process starts each time a
-    worker group started (18 s to 28 s of a 2-core machine's time per read, against 1.5 s to 6 s with one)."""
-    batch = max(1, int(os.environ.get(_FOOTER_BATCH) or 10))
-    cap = max(1, int(os.environ.get(_FOOTER_ACTORS) or 32))
-    return max(1, min(cap, -(-n_files // batch)))
+# Rows per Arrow batch a read task yields: a shard streams out in pieces of this size, so a read holds one
+# piece of a (possibly large) shard at a time, not the file
+_READ_BATCH_ROWS = 1024
 
 
 def _read(files: list[str]):
-    """A lazy Ray Data read of packed shards: the token columns and `path`, the file each row came from."""
+    """A lazy Ray Data read of packed shards: the token columns and `path`, the file each row came from.
+
+    One map task per file over the list of paths, not `ray.data.read_parquet`: Ray 2.60's Parquet datasource
+    (V2) runs a file-listing operator, a pool of footer-reading actors (one Python process each) and the read
+    tasks, three rounds of process starts for a worker's one or two shards; on a 2-core machine that was
+    13-15 s per worker each time a worker group started, the two workers' reads one after the other. The
+    shards' names come from the manifest, so there is nothing to list, and the rows must stay whole shards
+    in file order anyway (RankShards sets preserve_order)."""
     import ray.data
+
+    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    return paths.map_batches(read_shard_batches, batch_size=1, batch_format="pyarrow")
+
+
+def read_shard_batches(paths):
+    """map_batches fn: every row of each shard named in `paths` (an Arrow table with a `path` column), as
+    tables of the token columns plus `path`, _READ_BATCH_ROWS rows at a time."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
     from train.data import TOKEN_COLUMNS
 
-    # the read's footer indexer takes its pool size from the environment when it is created, here
-    before = os.environ.get(_FOOTER_ACTORS)
-    os.environ[_FOOTER_ACTORS] = str(_footer_actors(len(files)))
-    try:
-        return ray.data.read_parquet(files, include_paths=True).select_columns([*TOKEN_COLUMNS, "path"])
-    finally:
-        if before is None:
-            os.environ.pop(_FOOTER_ACTORS, None)
-        else:
-            os.environ[_FOOTER_ACTORS] = before
+    for path in paths.column("path").to_pylist():
+        fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        with fs.open_input_file(where) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=_READ_BATCH_ROWS, columns=list(TOKEN_COLUMNS)):
+                table = pa.Table.from_batches([batch])
+                yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
 
 
 def _check_cpus(world: int, cpus_per_worker: float) -> None:
-    """Warn when the workers would hold every CPU: Ray Data's read tasks (file listing included) each need one,
+    """Warn when the workers would hold every CPU: Ray Data's read tasks each need one,
     and without one the workers wait for their rows forever. A warning, not an error: an autoscaling cluster
     may add the CPUs later."""
     import ray

@@ -165,17 +165,31 @@ def test_checkpoint_files_are_uploaded_by_the_rank_that_wrote_them():
     ] == [1, 12, 3, 0, 0]
 
 
-def test_a_read_starts_footer_readers_for_its_files_only(monkeypatch):
-    """Ray Data starts its whole Parquet footer-reader pool (32 actors, one process each) for every read; _read
-    asks for one per batch of 10 files, within the configured pool, and leaves the environment as it was."""
-    from launch.ray_job import _FOOTER_ACTORS, _FOOTER_BATCH, _footer_actors
+def test_a_read_streams_each_shard_whole_in_file_order_with_its_path(tmp_path):
+    """The read task's function (launch.ray_job.read_shard_batches, what each Ray Data read task runs): every
+    row of each named shard, the files in the order given, in pieces of at most _READ_BATCH_ROWS rows, each
+    row with the path it came from, so rows_from_batches rebuilds read_rows' rows exactly."""
+    import numpy as np
+    import pyarrow as pa
 
-    monkeypatch.delenv(_FOOTER_ACTORS, raising=False)
-    monkeypatch.delenv(_FOOTER_BATCH, raising=False)
-    assert [_footer_actors(n) for n in (0, 1, 2, 10, 11, 25, 320, 5000)] == [1, 1, 1, 1, 2, 3, 32, 32]
-    monkeypatch.setenv(_FOOTER_ACTORS, "4")
-    monkeypatch.setenv(_FOOTER_BATCH, "2")
-    assert [_footer_actors(n) for n in (1, 2, 3, 7, 100)] == [1, 1, 2, 4, 4]
+    from launch import ray_job
+    from train.data import read_rows, rows_from_batches
+
+    shards = _shards(tmp_path)
+    paths = [str(tmp_path / s["path"]) for s in reversed(shards)]
+    small = 2  # shard 0 has 3 rows: two pieces
+    ray_job._READ_BATCH_ROWS, before = small, ray_job._READ_BATCH_ROWS
+    try:
+        pieces = list(ray_job.read_shard_batches(pa.table({"path": paths})))
+    finally:
+        ray_job._READ_BATCH_ROWS = before
+    assert [(t.column("path")[0].as_py(), t.num_rows) for t in pieces] == [(paths[0], 2), (paths[1], 2), (paths[1], 1)]
+    assert all(t.column_names == ["input_ids", "labels", "position_ids", "path"] for t in pieces)
+    got = rows_from_batches(pieces, list(reversed(shards)), 0)
+    ref = read_rows(tmp_path, list(reversed(shards)), 0)
+    assert got.keys == ref.keys
+    for f in ("input_ids", "labels", "position_ids", "offsets", "real_len"):
+        assert np.array_equal(getattr(got, f), getattr(ref, f)), f
 
 
 def _http_json(url: str, body: dict | None = None) -> dict:
