@@ -104,41 +104,24 @@ class RankShards(DataConfig):
         return out
 
 
-# Rows per Arrow batch a read task yields: a shard streams out in pieces of this size, so a read holds one
-# piece of a (possibly large) shard at a time, not the file
-_READ_BATCH_ROWS = 1024
-
-
 def _read(files: list[str]):
     """A lazy Ray Data read of packed shards: the token columns and `path`, the file each row came from.
 
-    One map task per file over the list of paths, not `ray.data.read_parquet`: Ray 2.60's Parquet datasource
-    (V2) runs a file-listing operator, a pool of footer-reading actors (one Python process each) and the read
-    tasks, three rounds of process starts for a worker's one or two shards; on a 2-core machine that was
-    13-15 s per worker each time a worker group started, the two workers' reads one after the other. The
-    shards' names come from the manifest, so there is nothing to list, and the rows must stay whole shards
-    in file order anyway (RankShards sets preserve_order)."""
+    One map task per file over the list of paths (launch/ray_read.py), not `ray.data.read_parquet`: Ray 2.60's
+    Parquet datasource (V2) runs a file-listing operator, a pool of footer-reading actors (one Python process
+    each) and the read tasks, three rounds of process starts for a worker's one or two shards; on a 2-core
+    machine that was 13-15 s per worker each time a worker group started, the two workers' reads one after the
+    other. The shards' names come from the manifest, so there is nothing to list, and the rows must stay whole
+    shards in file order anyway (RankShards sets preserve_order)."""
     import ray.data
 
-    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
-    return paths.map_batches(read_shard_batches, batch_size=1, batch_format="pyarrow")
-
-
-def read_shard_batches(paths):
-    """map_batches fn: every row of each shard named in `paths` (an Arrow table with a `path` column), as
-    tables of the token columns plus `path`, _READ_BATCH_ROWS rows at a time."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
+    from launch.ray_read import read_shard_batches
     from train.data import TOKEN_COLUMNS
 
-    for path in paths.column("path").to_pylist():
-        fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-        with fs.open_input_file(where) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=_READ_BATCH_ROWS, columns=list(TOKEN_COLUMNS)):
-                table = pa.Table.from_batches([batch])
-                yield table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    return paths.map_batches(
+        read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": list(TOKEN_COLUMNS)}
+    )
 
 
 def _check_cpus(world: int, cpus_per_worker: float) -> None:
