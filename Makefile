@@ -54,6 +54,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/synth_bench.py
+	$(BIN)/python bench/agents_bench.py
 	$(BIN)/python bench/packing_bench.py
 	$(BIN)/python bench/prepare_bench.py
 	$(BIN)/python bench/train_bench.py

@@ -126,6 +126,15 @@ def _cmd_synth_template(cfg: Config, args) -> int:
 def _cmd_synth_api(cfg: Config, args) -> int:
     if cfg.api.sessions:
         from data_pipeline.synth_api_sessions import run_synth_api_sessions as run
+    elif cfg.api.agents.enabled:
+        # data_pipeline may not import evaluation: the CLI hands the agents loop the judge's rubric as its critic
+        from data_pipeline.synth_agents import run_synth_api_agents
+        from evaluation.judge import RUBRICS, RubricCritic
+
+        critic = RubricCritic(RUBRICS[cfg.api.agents.rubric])
+
+        def run(api):
+            return run_synth_api_agents(api, critic)
     else:
         from data_pipeline.synth_api import run_synth_api as run
 
@@ -428,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         default=None,
         help="multi-turn sessions: a counsellor and a client simulator talk (api.sessions)",
+    )
+    p.add_argument(
+        "--agents",
+        dest="flag:api.agents.enabled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="draft -> critique on the judge's CBT rubric -> revise, until api.agents.threshold or max_rounds",
     )
     p.set_defaults(func=_cmd_synth_api)
 

@@ -78,6 +78,33 @@ class SynthConfig(_Section):
     max_turns: int = Field(24, ge=8, le=40, description="Sessions: most turns, system prompt not counted.")
 
 
+class AgentsConfig(_Section):
+    """`synth api --agents`: draft -> critique against the eval judge's CBT rubric -> revise, until the rubric
+    total reaches `threshold` or `max_rounds` critiques were made (data_pipeline/synth_agents.py)."""
+
+    enabled: bool = Field(False, description="Critique and revise every answer (the --agents flag).")
+    critic_base_url: str = Field("", description="The critic's OpenAI-compatible base URL (empty: api.base_url).")
+    critic_model: str = Field("", description="The critic model sent in its requests (empty: api.model).")
+    critic_api_key_env: str = Field(
+        "", description="Environment variable holding the critic endpoint's key (empty: api.api_key_env)."
+    )
+    rubric: Literal["cbt"] = Field("cbt", description="The judge rubric the critic scores on (cbt: total 0-18).")
+    threshold: float = Field(
+        16.0, description="Stop revising once a draft's rubric total reaches this (within the rubric's range)."
+    )
+    max_rounds: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Most critiques per answer; every round that misses the threshold, except the last, is followed "
+        "by a revision (so at most 2 x max_rounds requests per answer, retries aside). 1: score only.",
+    )
+    critic_max_tokens: int = Field(256, ge=16, description="Longest critic reply in tokens.")
+    revise_prompt_version: str = Field(
+        "revise-v1", description="Version of the revision prompt (data_pipeline/prompts.py REVISE_PROMPTS)."
+    )
+
+
 class ApiSynthConfig(_Section):
     """`cbt-llm synth api`: the paper's method, CBT prompt sent to an OpenAI-compatible endpoint."""
 
@@ -85,7 +112,7 @@ class ApiSynthConfig(_Section):
     out_dir: str = Field(
         "",
         description="Folder for records.jsonl, rejects.jsonl and summary.json (empty: runs/<run_name>/corpus-api, "
-        "or corpus-api-sessions with api.sessions; not "
+        "corpus-api-sessions with api.sessions, corpus-api-agents with api.agents.enabled; not "
         "the template's corpus folder, whose *.jsonl* glob would also read rejects.jsonl).",
     )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL (ends in /v1).")
@@ -139,6 +166,7 @@ class ApiSynthConfig(_Section):
         description="Sessions: turn limit (system prompt not counted); a session that reaches it without the end "
         "marker stops on the last counsellor turn that fits, so no client turn is left unanswered.",
     )
+    agents: AgentsConfig = Field(default_factory=AgentsConfig)
 
 
 class TokenizerConfig(_Section):
@@ -579,7 +607,8 @@ class Config(_Section):
         s, t, d, tr = self.synth, self.tokenizer, self.data, self.train
         s.out_dir = s.out_dir or f"{run}/corpus"
         # sessions get their own folder: resume reads records.jsonl, which must hold one kind of line
-        self.api.out_dir = self.api.out_dir or f"{run}/corpus-api" + ("-sessions" if self.api.sessions else "")
+        kind = "-sessions" if self.api.sessions else "-agents" if self.api.agents.enabled else ""
+        self.api.out_dir = self.api.out_dir or f"{run}/corpus-api{kind}"
         t.input = t.input or f"{s.out_dir}/*.jsonl*"
         t.out_dir = t.out_dir or f"{run}/tokenizer"
         d.inputs = d.inputs or [f"{s.out_dir}/*.jsonl*"]

@@ -4,6 +4,10 @@ A prompt version is frozen once records have been generated with it: every recor
 `meta.prompt_version`, so a corpus can always be traced back to the exact wording that produced it.
 To change the wording, add a new version ("v2") instead of editing "v1".
 
+`synth api --agents` adds the revision prompts (REVISE_PROMPTS, versioned the same way, stored in
+`meta.agents.revise_prompt`): the draft goes back to the model as its own turn, followed by the supervisor's
+feedback, which names each rubric criterion scored below its maximum.
+
 The model is asked for one JSON object with exactly the five CBT parts of data_pipeline.schema.CBT_PARTS
 (plus an optional list of cognitive-distortion labels), so replies can be validated field by field instead of
 being split out of free prose.
@@ -11,6 +15,7 @@ being split out of free prose.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from cbt_llm.config import ConfigError
@@ -89,3 +94,68 @@ def build_messages(
     if crisis:
         user = f"{user}\n\n{prompt.crisis_instruction}"
     return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
+
+
+@dataclass(frozen=True)
+class RevisePrompt:
+    """One frozen revision prompt: the feedback turn that follows the draft, and its line per weak criterion."""
+
+    version: str
+    feedback_template: str
+    weak_line: str
+
+
+_REVISE_V1_FEEDBACK = """督导按认知行为疗法的评分标准给你的回答打了 {total:g} 分(满分 {maximum:g} 分)。以下几项还没有达到满分,请重点改进:
+{weak}
+
+请修改你的回答:保留已经做得好的部分,针对上面每一项具体加强,并紧扣来访者的具体处境。仍然只输出一个 JSON 对象,包含同样的五个字段(可以附上 "distortions"),不要输出任何其他文字。"""
+_REVISE_V1_LINE = "- {name}:{score}/{highest} 分。评分标准:{what}"
+
+REVISE_PROMPTS: dict[str, RevisePrompt] = {
+    "revise-v1": RevisePrompt("revise-v1", _REVISE_V1_FEEDBACK, _REVISE_V1_LINE),
+}
+
+
+def get_revise_prompt(version: str) -> RevisePrompt:
+    """Return the frozen revision prompt `version`; raises ConfigError naming the valid versions."""
+    try:
+        return REVISE_PROMPTS[version]
+    except KeyError:
+        raise ConfigError(
+            f"api.agents.revise_prompt_version: unknown version '{version}'; valid: {', '.join(sorted(REVISE_PROMPTS))}"
+        ) from None
+
+
+def criterion_name(key: str) -> str:
+    """A criterion as the reviser reads it: a CBT part by its JSON field and title, anything else by its key."""
+    return f'"{key}"({CBT_PART_TITLES_ZH[key]})' if key in CBT_PART_TITLES_ZH else f"整体({key})"
+
+
+def build_revise_messages(
+    question: str,
+    description: str,
+    keywords: list[str],
+    *,
+    crisis: bool,
+    draft: dict,
+    weak: list[tuple[str, int, int, str]],
+    total: float,
+    maximum: float,
+    version: str = "v2",
+    revise_version: str = "revise-v1",
+) -> list[dict[str, str]]:
+    """The draft's own conversation (build_messages), the draft as the assistant's turn, then the feedback.
+
+    `weak` lists (criterion key, score, highest, what it rewards) for every criterion below its maximum; a crisis
+    question gets the crisis instruction again after the feedback, so a revision never drops the support.
+    """
+    prompt = get_revise_prompt(revise_version)
+    lines = [prompt.weak_line.format(name=criterion_name(k), score=s, highest=hi, what=what) for k, s, hi, what in weak]
+    feedback = prompt.feedback_template.format(total=total, maximum=maximum, weak="\n".join(lines))
+    if crisis:
+        feedback = f"{feedback}\n\n{get_prompt(version).crisis_instruction}"
+    return [
+        *build_messages(question, description, keywords, crisis=crisis, version=version),
+        {"role": "assistant", "content": json.dumps(draft, ensure_ascii=False)},
+        {"role": "user", "content": feedback},
+    ]

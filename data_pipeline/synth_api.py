@@ -14,6 +14,9 @@ Resume: a re-run reads the ids already in records.jsonl and skips them, so a rec
 rejected ids are tried again. A last line cut short by a crash is dropped (the file is rewritten without it)
 and that question is asked again.
 
+With api.agents (`--agents`), data_pipeline/synth_agents.py critiques each valid answer on the eval judge's
+rubric and has it revised before one record, the best-scoring draft, is written.
+
 The API key is read from the environment variable named by `api.api_key_env` and only ever placed in the
 Authorization header; reasons quoted from server replies are scrubbed of it before they reach any file.
 """
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from tqdm import tqdm
@@ -56,6 +59,9 @@ from data_pipeline.schema import (
     join_answer,
     validate_record,
 )
+
+if TYPE_CHECKING:  # the agents loop imports this module; a run is handed one, never imports it
+    from data_pipeline.synth_agents import AgentLoop
 
 RECORDS_FILE = "records.jsonl"
 REJECTS_FILE = "rejects.jsonl"
@@ -360,11 +366,11 @@ class _Ctx:
 
 
 class GiveUp(Exception):
-    """No usable reply after every attempt, or a non-retryable HTTP error: the reject's reason and counts."""
+    """No usable reply after every attempt, or a non-retryable HTTP error: the reject's reason, counts and stage."""
 
-    def __init__(self, reason: str, attempts: int, errors: list[str]):
+    def __init__(self, reason: str, attempts: int, errors: list[str], stage: str = "api"):
         super().__init__(reason)
-        self.reason, self.attempts, self.errors = reason, attempts, errors
+        self.reason, self.attempts, self.errors, self.stage = reason, attempts, errors, stage
 
 
 class Aborted(Exception):
@@ -429,9 +435,10 @@ def content_of(data: dict) -> tuple[Any, str | None]:
 async def ask(ctx: _Ctx, ep: Endpoint, body: dict, accept: Callable[[dict, int], Any]) -> Any:
     """POST `body` to `ep` until `accept(response, attempt)` returns a value, and return it.
 
-    `accept` raises Retryable for a reply that arrived but cannot be used. Retryable failures (429, 5xx,
-    timeouts, connection errors, unusable replies) are retried up to cfg.max_retries times with backoff;
-    then, or at once on another HTTP error, GiveUp carries the reason. Raises Aborted when the run is stopping.
+    `accept` raises Retryable for a reply that arrived but cannot be used, or GiveUp to stop asking (a reply
+    it will not ask for again). Retryable failures (429, 5xx, timeouts, connection errors, unusable replies) are
+    retried up to cfg.max_retries times with backoff; then, or at once on another HTTP error, GiveUp carries the
+    reason. Raises Aborted when the run is stopping.
     """
     cfg = ctx.cfg
     kinds: list[str] = []
@@ -457,6 +464,9 @@ async def ask(ctx: _Ctx, ep: Endpoint, body: dict, accept: Callable[[dict, int],
             kinds.append(exc.kind)
             ctx.stats.errors[exc.kind] += 1
             continue
+        except GiveUp:
+            ep.any_success = True  # the endpoint answered; only the reply was refused
+            raise
         except _Fatal as exc:
             kinds.append(f"http_{exc.status}")
             ctx.stats.errors[f"http_{exc.status}"] += 1
@@ -477,18 +487,19 @@ async def ask(ctx: _Ctx, ep: Endpoint, body: dict, accept: Callable[[dict, int],
     raise GiveUp(reason, cfg.max_retries + 1, kinds)
 
 
-async def _process(ctx: _Ctx, q: dict, ep: Endpoint) -> None:
-    """Ask for one question until a valid record comes back or the retries run out; queue the outcome."""
-    cfg = ctx.cfg
-    crisis = is_crisis(q["question"], q["description"])
-    body = {
-        "model": cfg.model,
-        "messages": build_messages(
+def draft_body(cfg: ApiSynthConfig, q: dict, messages: list[dict] | None = None) -> dict:
+    """The request for one question's answer: its CBT prompt (or `messages`, e.g. a revision's) and sampling."""
+    if messages is None:
+        crisis = is_crisis(q["question"], q["description"])
+        messages = build_messages(
             q["question"], q["description"], q["keywords"], crisis=crisis, version=cfg.prompt_version
-        ),
-        "temperature": cfg.temperature,
-        "max_tokens": cfg.max_tokens,
-    }
+        )
+    return {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+
+
+def record_acceptor(ctx: _Ctx, q: dict) -> Callable[[dict, int], dict]:
+    """The `ask` acceptor of an answer to `q`: the validated record, or Retryable with why the reply is unusable."""
+    cfg = ctx.cfg
 
     def accept(data: dict, attempt: int) -> dict:
         content, finish = content_of(data)
@@ -511,7 +522,12 @@ async def _process(ctx: _Ctx, q: dict, ep: Endpoint) -> None:
             raise Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
         return record
 
-    record = await settled(ctx, q["id"], ask(ctx, ep, body, accept))
+    return accept
+
+
+async def _process(ctx: _Ctx, q: dict, ep: Endpoint) -> None:
+    """Ask for one question until a valid record comes back or the retries run out; queue the outcome."""
+    record = await settled(ctx, q["id"], ask(ctx, ep, draft_body(ctx.cfg, q), record_acceptor(ctx, q)))
     if record is not None:
         await ctx.queue.put(("record", record))
 
@@ -525,7 +541,13 @@ async def settled(ctx: _Ctx, item_id: str, attempt: Awaitable[Any]) -> Any:
         ctx.stats.not_attempted += 1
         await ctx.queue.put(("progress", None))
     except GiveUp as exc:
-        reject = {"id": item_id, "stage": "api", "reason": exc.reason, "attempts": exc.attempts, "errors": exc.errors}
+        reject = {
+            "id": item_id,
+            "stage": exc.stage,
+            "reason": exc.reason,
+            "attempts": exc.attempts,
+            "errors": exc.errors,
+        }
         await ctx.queue.put(("reject", reject))
     return None
 
@@ -662,18 +684,37 @@ def check_config(cfg: ApiSynthConfig) -> None:
     check_endpoint(cfg.base_url, cfg.api_key_env)
     get_prompt(cfg.prompt_version)
     check_out_dir(cfg)
-    if first_line_has(Path(cfg.out_dir) / RECORDS_FILE, '"messages"'):
+    records = Path(cfg.out_dir) / RECORDS_FILE
+    if first_line_has(records, '"messages"'):
         raise ConfigError(f"api.out_dir '{cfg.out_dir}' holds sessions from `synth api --sessions`; pass another --out")
+    # resume skips the ids already written, so one folder must hold one kind: critiqued answers or plain ones
+    agents_records = first_line_has(records, AGENTS_META_MARK)
+    if first_line_has(records, '"id"') and agents_records != cfg.agents.enabled:
+        made = "with" if agents_records else "without"
+        raise ConfigError(
+            f"api.out_dir '{cfg.out_dir}' holds records made {made} api.agents (--agents); pass another --out"
+        )
 
 
-def run_synth_api(cfg: ApiSynthConfig) -> dict:
+# How a records.jsonl line made by the agents loop starts its meta.agents (dumps writes no spaces).
+AGENTS_META_MARK = '"agents":{'
+
+
+def run_synth_api(cfg: ApiSynthConfig, agents: AgentLoop | None = None) -> dict:
     """Generate CBT records for every question of `cfg.input` through the endpoint; resumable.
 
-    Returns the summary dict (total, ok, skipped, retried, rejected, input_rejected, not_attempted,
-    prompt_tokens, completion_tokens, ...), also written to out_dir/summary.json. Raises ConfigError for a
-    bad config, or when the endpoint refuses the very first requests (HTTP 401/403/404).
+    `agents` (api.agents.enabled; built by data_pipeline.synth_agents.run_synth_api_agents) critiques and revises
+    every answer instead of writing the first valid one. Returns the summary dict (total, ok, skipped, retried,
+    rejected, input_rejected, not_attempted, prompt_tokens, completion_tokens, ..., and "agents" with them), also
+    written to out_dir/summary.json. Raises ConfigError for a bad config, or when the endpoint refuses the very
+    first requests (HTTP 401/403/404).
     """
     check_config(cfg)
+    if cfg.agents.enabled and agents is None:
+        raise ConfigError(
+            "api.agents.enabled: the critic comes from the evaluation stage; run `cbt-llm synth api --agents` "
+            "(or data_pipeline.synth_agents.run_synth_api_agents with a critic)"
+        )
     t0 = time.perf_counter()
     try:
         questions, input_rejects = load_questions(cfg.input)
@@ -701,10 +742,11 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
     stats = Stats()
     abort_reason = None
     t_api = time.perf_counter()
+    process, keys = (
+        (partial(agents.process, ep=ep), (ep.key, agents.key)) if agents else (partial(_process, ep=ep), (ep.key,))
+    )
     if todo:
-        abort_reason = asyncio.run(
-            run_pool(cfg, todo, partial(_process, ep=ep), (ep.key,), (records_path, rejects_path), stats)
-        )
+        abort_reason = asyncio.run(run_pool(cfg, todo, process, keys, (records_path, rejects_path), stats))
     api_seconds = time.perf_counter() - t_api
 
     summary: dict[str, Any] = {
@@ -730,6 +772,9 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
         "prompt_version": cfg.prompt_version,
         "config": {**cfg.model_dump(mode="json"), "base_url": safe_url(cfg.base_url)},
     }
+    if agents:
+        summary["agents"] = agents.summary()
+        summary["config"]["agents"]["critic_base_url"] = safe_url(cfg.agents.critic_base_url)
     write_metrics(out / SUMMARY_FILE, summary)
     rows = {
         k: summary[k]
@@ -749,6 +794,8 @@ def run_synth_api(cfg: ApiSynthConfig) -> dict:
     }
     if stats.not_attempted:
         rows["not_attempted"] = stats.not_attempted
+    if agents:
+        rows.update(agents.rows(summary["agents"]))
     print_summary(f"synth api: {cfg.model} ({cfg.prompt_version})", rows)
     if abort_reason:
         raise ConfigError(abort_reason)

@@ -349,6 +349,10 @@ def check_sessions_config(cfg: ApiSynthConfig) -> None:
     """Fail early, with one line naming the field and the fix, before any file or network work."""
     if not cfg.model.strip():
         raise ConfigError("api.model is empty; pass --model NAME (the counsellor model the endpoint serves)")
+    if cfg.agents.enabled:
+        raise ConfigError(
+            "api.agents.enabled: the critic scores single answers, not sessions; drop --agents or --sessions"
+        )
     if cfg.input.strip():
         check_input(cfg)
     check_endpoint(cfg.base_url, cfg.api_key_env)

@@ -135,6 +135,20 @@ def parse_scores(text: str, rubric: Rubric) -> tuple[dict[str, int] | None, str]
     return scores, ""
 
 
+class RubricCritic:
+    """`synth api --agents`' critic (data_pipeline.synth_agents.Critic): this judge's prompt and parser for one
+    rubric, so a synthesised answer is scored exactly as `cbt-llm eval` would score it."""
+
+    def __init__(self, rubric: Rubric):
+        self.rubric, self.version, self.criteria = rubric, rubric.version, rubric.criteria
+
+    def messages(self, question: str, answer: str) -> list[dict]:
+        return judge_messages(self.rubric, question, answer)
+
+    def parse(self, text: str) -> tuple[dict[str, int] | None, str]:
+        return parse_scores(text, self.rubric)
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

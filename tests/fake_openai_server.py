@@ -28,6 +28,14 @@ client_crisis (discloses suicidal thoughts), client_english (answers in English)
 system message what `plan` is to the user message (so a script can follow one session's client), consulted
 after `plan`.
 
+Agents critic (for `synth api --agents`): with `critic` set, a judge request (one that carries an answer to
+score) gets its fault from `critic_plan` (substring of its user message: fault script, as `plan`), else `critic`;
+other requests follow plan/default as before. A drafting reply to a revision request (one that carries the
+previous draft as an assistant turn) is that draft's reply with one more REVISION_MARK in its strategy part.
+critic_climb scores every criterion lowest + 1 + (REVISION_MARKs in the answer), capped at its highest: on the
+cbt rubric the totals climb 6, 11, 15, 18 with the revisions (low first, high after revising); critic_junk
+replies with text that is not JSON.
+
 Every request is recorded (headers, parsed body, system and user message, fault) for assertions;
 `max_in_flight` is the largest number of requests the server was handling at once. Every HTTP 200 JSON reply
 reports usage {prompt_tokens: 100, completion_tokens: 50}; `usage_sent` sums what was reported.
@@ -43,6 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 PROMPT_TOKENS, COMPLETION_TOKENS = 100, 50
+REVISION_MARK = "【修订】每天固定一个时间做一次记录。"
 _QUESTION = re.compile(r"来访者的问题:(.*)")
 
 
@@ -70,6 +79,20 @@ def good_parts(question: str) -> dict[str, str]:
         "strategy": "你可以尝试写思维记录,把自动出现的想法、情绪和替代想法分别记下来。",
         "encouragement": "改变需要时间,你已经迈出了第一步。如果困扰持续,可以寻求专业心理咨询师的帮助。",
     }
+
+
+def climb_scores(user: str) -> dict[str, int]:
+    """critic_climb's score object: every criterion lowest + 1 + the answer's revisions, capped at its highest."""
+    from evaluation.judge import _ANSWER_MARK, RUBRICS
+
+    revisions = user.split(_ANSWER_MARK + "\n", 1)[1].count(REVISION_MARK)
+    return {key: min(hi, lo + 1 + revisions) for key, lo, hi, _ in RUBRICS["cbt"].criteria}
+
+
+def revision_of(messages: list[dict]) -> int:
+    """0 for a first draft; for a revision request, one more than the revisions in the draft it carries."""
+    drafts = [m.get("content") or "" for m in messages if m.get("role") == "assistant"]
+    return drafts[-1].count(REVISION_MARK) + 1 if drafts else 0
 
 
 SESSION_FAULTS = frozenset(
@@ -112,6 +135,8 @@ class FakeOpenAIServer:
         expected_key: str | None = None,
         system_plan: dict[str, Any] | None = None,
         session_turns: int = 5,
+        critic: str | None = None,
+        critic_plan: dict[str, Any] | None = None,
     ):
         self.plan = dict(plan or {})
         self.by_count = dict(by_count or {})
@@ -121,6 +146,8 @@ class FakeOpenAIServer:
         self.expected_key = expected_key
         self.system_plan = dict(system_plan or {})
         self.session_turns = session_turns
+        self.critic = critic
+        self.critic_plan = dict(critic_plan or {})
         self.requests: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -170,19 +197,30 @@ class FakeOpenAIServer:
     def requests_for(self, needle: str) -> list[dict]:
         return [r for r in self.requests if needle in r["user"]]
 
+    @staticmethod
+    def is_critic(request: dict) -> bool:
+        from evaluation.judge import _ANSWER_MARK
+
+        return _ANSWER_MARK in request["user"]
+
     # -- request handling
     def _choose(self, n: int, user: str, system: str = "") -> str:
         if n in self.by_count:
             return self.by_count[n]
-        for plan, text, tag in ((self.plan, user, ""), (self.system_plan, system, "system:")):
+        plans = ((self.plan, user, ""), (self.system_plan, system, "system:"))
+        if self.critic is not None and self.is_critic({"user": user}):
+            plans, default = ((self.critic_plan, user, "critic:"),), self.critic
+        else:
+            default = self.default
+        for plan, text, tag in plans:
             for needle, script in plan.items():
                 if needle in text:
                     if isinstance(script, str) and script.startswith("always:"):
                         return script.split(":", 1)[1]
                     k = self._attempts.get(tag + needle, 0)
                     self._attempts[tag + needle] = k + 1
-                    return script[k] if k < len(script) else self.default
-        return self.default
+                    return script[k] if k < len(script) else default
+        return default
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
@@ -287,6 +325,13 @@ class FakeOpenAIServer:
         if fault in SESSION_FAULTS:
             self._completion(h, self._session_turn(fault, body.get("messages") or []))
             return
+        if fault == "critic_climb":
+            self._completion(h, dump(climb_scores(user)))
+            return
+        if fault == "critic_junk":
+            self._completion(h, "这个回答整体不错,我给它打高分。")
+            return
+        obj["strategy"] += REVISION_MARK * revision_of(body.get("messages") or [])
         if fault.startswith("judge"):
             scores = judge_scores(user, int(body.get("seed") or 0), noisy=fault == "judge_noisy")
             if fault == "judge_out_of_range":
