@@ -129,7 +129,7 @@ def _submit(env: dict, run: Path, data: Path, *overrides: str) -> str:
     return job
 
 
-_MB, _GA = 2, 2  # the preemption run's micro-batch size, and the demo config's grad_accum: one epoch is 35 steps
+_MB, _GA = 4, 2  # the preemption run's micro-batch size, and the demo config's grad_accum: one epoch is 17 steps
 
 
 def test_slurm_preemption_requeue_resume(slurm, demo_data, tmp_path):
