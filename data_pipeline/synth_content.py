@@ -172,29 +172,6 @@ CRISIS_PROFESSIONAL: tuple[str, ...] = (
 CRISIS_KEYWORDS_EXTRA: tuple[str, ...] = ("心理危机",)
 
 # ---------------------------------------------------------------------------------------------- answers
-# "{burden}", "{dur}", "{f1}", "{f2}" are filled in.
-EMPATHY_TEMPLATES: tuple[str, ...] = (
-    "谢谢你愿意把这些说出来。{dur}一直被{burden}困扰，你说自己{f1}、{f2}，换作任何人都会觉得很辛苦。",
-    "读到你的描述，我能感受到你真的很累。{burden}本来就不容易，{dur}你一个人扛着，已经很努力了。",
-    "你现在的感受是完全可以理解的。{f1}、{f2}，这些都是身心在提醒你：你已经承受了很多。",
-    "能感觉到{burden}让你很煎熬。你说自己{f1}，这种滋味一定很不好受，你愿意来寻求帮助，本身就很勇敢。",
-    "被{burden}折磨的滋味，旁人也许很难完全体会，但你的难受是真实的，也值得被认真对待。",
-)
-
-STRATEGY_TEMPLATES: tuple[str, ...] = (
-    "接下来可以试试这几件事：第一，{s1}；第二，{s2}。{tool}",
-    "这里有一些具体的方法供你参考。{s1}。另外，{s2}。{tool}",
-    "{tool}除此之外，{s1}；同时，{s2}。",
-    "可以先从一两件小事做起：{s1}。如果还有余力，{s2}。{tool}",
-)
-
-ENCOURAGEMENT_TEMPLATES: tuple[str, ...] = (
-    "改变不会一夜发生，但每一个小小的尝试都在积累力量。{pro}",
-    "你已经迈出了面对问题的第一步，这本身就很不容易。{pro}",
-    "请记得，你不需要一个人扛下所有。{pro}",
-    "给自己多一点耐心和温柔，慢慢来，情况是可以一点点好起来的。{pro}",
-    "你愿意思考和求助，说明你内心有想要变好的力量。{pro}",
-)
 # Every entry names professional help (schema.PROFESSIONAL_HELP_MARKERS): the answer never replaces it.
 PROFESSIONAL_HELP: tuple[str, ...] = (
     "如果这些困扰持续了两周以上、影响到日常生活，建议寻求专业心理咨询师的帮助，他们可以陪你更系统地梳理这些想法。",
@@ -903,8 +880,9 @@ TOPICS: dict[str, dict] = {
 
 # ---------------------------------------------------------------------------------------------- answers, template-v3
 # template-v3 composes each answer part from clauses instead of whole templates, so that a small model cannot
-# learn the answers as a few dozen fixed strings (issue 13 item 7). The banks above stay as they are: the session
-# generator (data_pipeline.synth_sessions) reads them. Slots: "{burden}", "{dur}", "{f1}", "{f2}" (feelings),
+# learn the answers as a few dozen fixed strings (issue 13 item 7). KEY_THOUGHT_TEMPLATES and CHALLENGE_TEMPLATES
+# above stay as they are: the session generator (data_pipeline.synth_sessions) reads them, and the challenge bank
+# here reads CHALLENGE_TEMPLATES too. Slots: "{burden}", "{dur}", "{f1}", "{f2}" (feelings),
 # "{bare}" (persona without measure word), "{kw}" (one of the record's keywords), "{area}", "{others}",
 # "{thought}" (quoted back). Every clause stays inside its part's job, so the structure scorer, which trains on
 # these parts, still learns five distinct kinds of text.
