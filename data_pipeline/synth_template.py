@@ -3,6 +3,8 @@
 Each record is composed from the phrase banks in `data_pipeline.synth_content`: a persona, a situation and
 its feelings, and an automatic thought showing one of the eight cognitive distortions; the five-part answer
 quotes that thought back, names the distortion and challenges it with a question aimed at that distortion.
+Each part is composed from clauses (an opener, a reflection, a question, connectives, optional remarks), some in
+drawn order, with slots filled from the record's own persona, keywords and feelings.
 A `crisis_fraction` of questions mention suicide or self-harm; they are flagged (meta.crisis) and their
 answer carries schema.CRISIS_SUPPORT_SENTENCE. Every answer says more professional help may be needed.
 
@@ -37,9 +39,11 @@ from cbt_llm.report import print_summary, write_metrics
 from data_pipeline import synth_content as C
 from data_pipeline.schema import CBT_PARTS, CRISIS_SUPPORT_SENTENCE, DISTORTIONS, SCHEMA_VERSION
 
+# template-v3: every answer part is composed from clauses (synth_content's template-v3 banks) with slots filled
+# from the record's own draws, so answers are far less predictable (bench/RESULTS.md, "Corpus diversity").
 # template-v2: the crisis-support sentence takes its hotlines from cbt_llm/crisis.py (the 2025 national line);
 # template-v1 gave the older line (id hope24 in cbt_llm/crisis_hotlines.json).
-PROMPT_VERSION = "template-v2"
+PROMPT_VERSION = "template-v3"
 SOURCE = "synth-template"
 SUMMARY_NAME = "synth_summary.json"
 SUCCESS_NAME = "_SUCCESS"
@@ -77,9 +81,16 @@ def _topic_table() -> tuple[tuple, ...]:
 _TOPICS = _topic_table()
 _N_TOPICS = len(_TOPICS)
 _N_DIST = len(DISTORTIONS)
-_KEY_THOUGHT = tuple(C.KEY_THOUGHT_TEMPLATES[d] for d in DISTORTIONS)
-_CHALLENGE = tuple(C.CHALLENGE_TEMPLATES[d] for d in DISTORTIONS)
 _TOOLS = tuple(C.DISTORTION_TOOLS[d] for d in DISTORTIONS)
+_PRO = C.PROFESSIONAL_HELP + C.PROFESSIONAL_HELP_MORE
+# template-v3's clause banks per part, in the order _clauses joins them
+_EMPATHY_RV = (C.EMPATHY_OPENERS, C.EMPATHY_REFLECTIONS, C.EMPATHY_VALIDATIONS)
+_EMPATHY_VR = (C.EMPATHY_OPENERS, C.EMPATHY_VALIDATIONS, C.EMPATHY_REFLECTIONS)
+_KEY_THOUGHT = tuple((C.KEY_THOUGHT_LEADS, C.KEY_THOUGHT_EXPLANATIONS[d], C.KEY_THOUGHT_REMARKS) for d in DISTORTIONS)
+_CHALLENGE = tuple(
+    (C.CHALLENGE_LEADS, C.CHALLENGE_TEMPLATES[d] + C.CHALLENGE_EXTRA[d], C.CHALLENGE_FOLLOWUPS) for d in DISTORTIONS
+)
+_ENCOURAGEMENT = (C.ENCOURAGEMENT_OPENERS, C.ENCOURAGEMENT_HOPES)
 _QUESTION_ENDS = C.QUESTION_ENDINGS + C.QUESTION_DOUBTS
 _PPM = 1_000_000
 
@@ -167,32 +178,27 @@ def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]
     if crisis:
         picked.extend(C.CRISIS_KEYWORDS_EXTRA)
 
-    # answer
-    h, r = divmod(h, len(C.EMPATHY_TEMPLATES))
-    empathy = C.EMPATHY_TEMPLATES[r].format(burden=burden, dur=dur, f1=f1, f2=f2)
+    # answer: each part composed from clauses (template-v3), its slots filled from this record's own draws
+    h, r = divmod(h, 3)
+    slots = {"burden": burden, "dur": dur, "f1": f1, "f2": f2, "bare": bare, "kw": picked[r], "area": area}
+    slots["others"], slots["thought"] = others, thought
+    h, empathy = _empathy(h, slots)
     if crisis:
         h, r = divmod(h, len(C.CRISIS_EMPATHY))
         empathy = f"{empathy}{C.CRISIS_EMPATHY[r]}{CRISIS_SUPPORT_SENTENCE}"
-    h, r = divmod(h, 2)
-    key_thought = _KEY_THOUGHT[d][r].format(thought=thought, others=others)
-    h, r = divmod(h, 2)
-    challenge = _CHALLENGE[d][r].format(area=area, others=others)
-    n = len(strategies)
-    h, i = divmod(h, n)
-    h, j = divmod(h, n - 1)
-    s1, s2 = strategies[i], strategies[j + (j >= i)]
-    h, r = divmod(h, 2)
-    tool = _TOOLS[d][r]
-    h, r = divmod(h, len(C.STRATEGY_TEMPLATES))
-    strategy = C.STRATEGY_TEMPLATES[r].format(s1=s1, s2=s2, tool=tool)
+    # key_thought: the thought quoted back, the distortion named, an optional remark; challenge: an optional
+    # lead, a question aimed at the distortion, an optional follow-up
+    h, key_thought = _clauses(h, _KEY_THOUGHT[d], slots)
+    h, challenge = _clauses(h, _CHALLENGE[d], slots)
+    h, strategy = _strategy(h, d, strategies, slots)
     if crisis:
         h, r = divmod(h, len(C.CRISIS_PROFESSIONAL))
         pro = C.CRISIS_PROFESSIONAL[r]
     else:
-        h, r = divmod(h, len(C.PROFESSIONAL_HELP))
-        pro = C.PROFESSIONAL_HELP[r]
-    h, r = divmod(h, len(C.ENCOURAGEMENT_TEMPLATES))
-    encouragement = C.ENCOURAGEMENT_TEMPLATES[r].format(pro=pro)
+        h, r = divmod(h, len(_PRO))
+        pro = _PRO[r]
+    h, encouragement = _clauses(h, _ENCOURAGEMENT, slots)
+    encouragement += pro  # the professional-help sentence always last
 
     cbt = {
         "empathy": empathy,
@@ -202,6 +208,48 @@ def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]
         "encouragement": encouragement,
     }
     return _record(seed, index, key, crisis, d, question, description, picked, cbt), h
+
+
+def _pick(h: int, bank: tuple[str, ...], slots: dict) -> tuple[int, str]:
+    """One entry of bank, its slots filled; consumes the draw from h."""
+    h, r = divmod(h, len(bank))
+    text = bank[r]
+    return h, (text.format_map(slots) if "{" in text else text)  # most clauses have no slot; skip the parse
+
+
+def _clauses(h: int, banks: tuple[tuple[str, ...], ...], slots: dict) -> tuple[int, str]:
+    """One entry of each bank, slots filled, joined in bank order (one loop: this runs 4 times per record)."""
+    out = ""
+    for bank in banks:
+        h, r = divmod(h, len(bank))
+        text = bank[r]
+        out += text.format_map(slots) if "{" in text else text
+    return h, out
+
+
+def _empathy(h: int, slots: dict) -> tuple[int, str]:
+    """Opener (may be empty), then a reflection of this record's burden and feelings and a validation, in
+    either order."""
+    h, r = divmod(h, 2)
+    return _clauses(h, _EMPATHY_RV if r else _EMPATHY_VR, slots)
+
+
+def _strategy(h: int, d: int, strategies: tuple[str, ...], slots: dict) -> tuple[int, str]:
+    """Two different topic strategies joined by a connective, the distortion's tool before or after them, and an
+    optional closer."""
+    n = len(strategies)
+    h, i = divmod(h, n)
+    h, j = divmod(h, n - 1)
+    s1, s2 = strategies[i], strategies[j + (j >= i)]
+    h, intro = _pick(h, C.STRATEGY_INTROS, slots)
+    h, r = divmod(h, len(C.STRATEGY_LINKS))
+    body = f"{intro}{s1}{C.STRATEGY_LINKS[r]}{s2}。"
+    h, r = divmod(h, len(_TOOLS[d]))
+    h, lead = _pick(h, C.STRATEGY_TOOL_LEADS, slots)
+    tool = lead + _TOOLS[d][r]
+    h, closer = _pick(h, C.STRATEGY_CLOSERS, slots)
+    h, r = divmod(h, 3)
+    return h, (tool + body if r == 0 else body + tool) + closer
 
 
 def _record(

@@ -96,7 +96,7 @@ def test_every_record_validates_unchanged_against_schema_v1(records):
         assert rec["source"] == "synth-template"
         assert rec["meta"] == {
             "generator": "template",
-            "prompt_version": "template-v2",
+            "prompt_version": "template-v3",
             "seed": 7,
             "topic": rec["meta"]["topic"],
             "crisis": rec["meta"]["crisis"],
@@ -140,12 +140,56 @@ def test_every_marker_bank_is_consistent():
         assert all(C.CHALLENGE_MARKERS[d] in t for t in C.CHALLENGE_TEMPLATES[d])
         for topic in C.TOPICS.values():
             assert len(topic["thoughts"][d]) == 2
+        # template-v3's clause banks keep the same markers: each explanation names its own distortion only
+        for t in C.KEY_THOUGHT_EXPLANATIONS[d]:
+            assert C.DISTORTION_NAMES_ZH[d] in t
+            assert not any(C.DISTORTION_NAMES_ZH[o] in t for o in DISTORTIONS if o != d), (d, t)
+        assert all(C.CHALLENGE_MARKERS[d] in t for t in C.CHALLENGE_EXTRA[d])
+    assert all("{thought}" in t for t in C.KEY_THOUGHT_LEADS)
 
 
 def test_encouragement_always_points_to_professional_help(records):
     for rec in records:
         enc = rec["cbt"]["encouragement"]
         assert "专业" in enc and ("心理咨询师" in enc or "医生" in enc), rec["id"]
+    for t in C.PROFESSIONAL_HELP + C.PROFESSIONAL_HELP_MORE:
+        assert "专业" in t and ("心理咨询师" in t or "医生" in t), t
+
+
+def test_crisis_answers_keep_the_hotline_and_the_crisis_help_line(records):
+    # composition never touches the crisis path: the empathy part ends with the hotline sentence and the
+    # encouragement with a crisis professional-help line (a calm answer never gets either)
+    for r in records:
+        cbt = r["cbt"]
+        if r["meta"]["crisis"]:
+            assert cbt["empathy"].endswith(CRISIS_SUPPORT_SENTENCE), r["id"]
+            assert any(cbt["encouragement"].endswith(t) for t in C.CRISIS_PROFESSIONAL), r["id"]
+        else:
+            assert any(cbt["encouragement"].endswith(t) for t in C.PROFESSIONAL_HELP + C.PROFESSIONAL_HELP_MORE)
+
+
+def test_answer_parts_are_composed_not_picked_whole(records):
+    # template-v2 gave 35 distinct encouragements and 50 distinct challenges in 2,000 answers (whole templates);
+    # template-v3 composes each part from clauses, so no part is one of a few dozen fixed strings
+    first = records[:2000]
+    distinct = {p: len({r["cbt"][p] for r in first}) for p in CBT_PARTS}
+    assert min(distinct.values()) >= 700, distinct
+    assert distinct["empathy"] >= 1900 and distinct["key_thought"] >= 1900, distinct
+    for r in first:
+        assert not any("{" in t or "}" in t for t in r["cbt"].values()), r["id"]  # every slot filled
+
+
+def test_strategy_clause_order_varies(records):
+    # clause order within a part is drawn: the distortion's tool opens the strategy in about a third of answers
+    tool_first = sum(
+        any(
+            r["cbt"]["strategy"].startswith(lead + t)
+            for t in C.DISTORTION_TOOLS[r["distortions"][0]]
+            for lead in C.STRATEGY_TOOL_LEADS
+        )
+        for r in records
+    )
+    assert 0.28 * N < tool_first < 0.39 * N, tool_first
 
 
 def test_questions_and_descriptions_are_varied(records):
@@ -179,10 +223,10 @@ def test_crisis_records_are_flagged_and_carry_the_support_sentence(records):
         assert CRISIS_SUPPORT_SENTENCE not in r["answer"]
 
 
-def test_template_v2_carries_the_12356_sentence():
+def test_template_v3_carries_the_12356_sentence():
     # The sentence comes from cbt_llm/crisis.py; a new hotline there changes the corpus, so it is a new template
     # version (PROMPT_VERSION) and this expectation changes with it.
-    assert PROMPT_VERSION == "template-v2"
+    assert PROMPT_VERSION == "template-v3"
     assert CRISIS_SUPPORT_SENTENCE == (
         "如果你现在有伤害自己或结束生命的想法，请立刻联系身边信任的人，"
         "拨打心理援助热线（如全国统一心理援助热线 12356、北京心理危机研究与干预中心 010-82951332）"
