@@ -154,7 +154,12 @@ def print_tables(res: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "structure_scorer.npz"), help="where to save the scorer")
-    ap.add_argument("--records", type=int, default=2000, help="generated corpus records to train on")
+    ap.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        help="train on this many records the generator writes today (default: the frozen corpus, as shipped)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--answers", default=str(ANSWERS))
     ap.add_argument("--psyqa", default=str(PSYQA))

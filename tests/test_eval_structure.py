@@ -63,6 +63,21 @@ def scorer(tmp_path_factory):
     return load_scorer(path)
 
 
+def test_the_default_training_corpus_is_the_frozen_template_v2_sample(scorer):
+    """The scorer trains on a committed sample, not on what the generator writes today, so a generator change
+    (template-v3) leaves the measured v4 scorer as it was."""
+    import hashlib
+
+    from data_pipeline.structure import FROZEN_CORPUS, frozen_corpus
+
+    digest = hashlib.sha256(FROZEN_CORPUS.read_bytes()).hexdigest()
+    assert digest == "68497ab2613f15f4ff7cb0b249c074d2c6281ca0e8fcf852318f8340928bc308"
+    records = frozen_corpus()
+    assert len(records) == 2000 and records[0]["id"] == "synth-0-000000000"
+    assert all(set(r["cbt"]) == set(CBT_PARTS) for r in records)
+    assert "|train:synth-template seed0 n2000 + seed-bank|" in scorer.signature
+
+
 def test_the_handwritten_set_is_what_its_readme_says():
     rows = _answers()
     splits = ("dev", "test", "fresh", "heldout2", "heldout3", "heldout4")
@@ -251,10 +266,13 @@ def test_removed_parts_lower_coverage_and_shuffles_break_the_order(scorer):
 
 
 def test_generated_answers_score_five_parts_in_order(scorer):
-    # records of another seed than the scorer trained on; templated text, so this is a floor, not an accuracy
-    for i in range(50):
-        got = scorer.score(join_answer(record_at(7, i)["cbt"]))
-        assert got["coverage"] == 5 and got["order"] == 1.0, got
+    # records of another seed than the scorer trained on, and of the generator as it is now (template-v3), whose
+    # phrasings the frozen template-v2 corpus never showed it; templated text, so this is a floor, not an accuracy
+    # (measured: 397 of 400 whole, the 3 misses all a challenge part)
+    got = [scorer.score(join_answer(record_at(7, i)["cbt"])) for i in range(200)]
+    whole = sum(g["coverage"] == 5 and g["order"] == 1.0 for g in got)
+    assert whole >= 194, [g for g in got if g["coverage"] < 5 or g["order"] < 1.0][:3]
+    assert all(g["coverage"] >= 4 and g["order"] == 1.0 for g in got)
 
 
 def test_artifact_round_trip_and_refusals(scorer, tmp_path):
