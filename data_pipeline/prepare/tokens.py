@@ -110,7 +110,8 @@ class Tokenize:
             convs = [json.loads(messages[i]) for i in rows]
             ids, labels, lens[rows] = encode_batch(self.tok, self.render, convs, self.end_token)
         keep, truncated, rejects = self._fit(labels, lens)
-        out = {name: table.column(name) for name, _ in PARSED_FIELDS if name != "messages"}
+        # every column but the text passes through (screen.Screen's `bands` included, when it ran)
+        out = {name: table.column(name) for name in table.column_names if name != "messages"}
         if rejects:
             out.update(self._rejected(table, messages, rejects))
             lens[list(rejects)] = 0

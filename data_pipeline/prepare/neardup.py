@@ -1,0 +1,145 @@
+"""Near-duplicate removal: MinHash LSH over character shingles of each example's user and assistant turns.
+
+Signatures are made in the Ray step (screen.Screen, in parallel): datasketch's MinHash over the example's
+character k-grams, cut into b bands of r values (datasketch's MinHashLSH chooses b and r for the Jaccard
+threshold and num_perm), each band hashed to one int64 that also encodes the band's index. The decision is made on
+the driver (NearDupIndex), in (file, line) order: an example whose band hash equals one of a kept example's in
+the same band is a near-duplicate of it and rejected; otherwise it is kept and its bands indexed. Only kept
+examples are indexed, so the example named in a reject is always one in the shards, and the result is the same
+as a single-process run whatever the parallelism.
+
+What is shingled: the user and assistant turns, not the system prompt (shared by every example, it would only
+raise every pair's similarity), after NFKC, case-folding and dropping whitespace and punctuation (a copy with
+its commas changed is the same text). The whole conversation, not the answer alone: the exact-duplicate pass
+compares whole conversations, and this pass extends it to near-copies; a template answer reused for a genuinely
+different question, or another answer to the same question, is a distinct example and stays.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import unicodedata
+from array import array
+
+import numpy as np
+
+from data_pipeline.prepare.dedup import FirstSeen
+
+SEED = 1  # MinHash permutation seed: fixed, so signatures (and so the decisions) never change between runs
+# the index's recent-entry buffer: larger than FirstSeen's default, since each kept example adds `bands` entries
+_INDEX_CHUNK = 1 << 18
+
+
+@functools.lru_cache(maxsize=8)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH picks for this threshold and num_perm (its weighting
+    of false positives against false negatives, 0.5 each)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+@functools.lru_cache(maxsize=8)
+def _permutations(num_perm: int) -> np.ndarray:
+    """MinHash's permutation parameters, made once per worker process rather than once per example."""
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=SEED).permutations
+
+
+def normalise(text: str) -> str:
+    """NFKC, case-folded, without whitespace and punctuation: what shingles are cut from."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(c for c in text if not c.isspace() and not unicodedata.category(c).startswith("P"))
+
+
+def shingles(text: str, k: int) -> set[bytes]:
+    """The distinct character k-grams of normalise(text) (the whole text when shorter than k), as UTF-8."""
+    t = normalise(text)
+    if len(t) <= k:
+        return {t.encode()}
+    return {t[i : i + k].encode() for i in range(len(t) - k + 1)}
+
+
+def conversation_text(messages: list[dict[str, str]]) -> str:
+    """The text a conversation is compared on: its user and assistant turns, one per line."""
+    return "\n".join(m["content"] for m in messages if m["role"] != "system")
+
+
+def signature(text: str, k: int, num_perm: int) -> np.ndarray:
+    """The MinHash signature (num_perm uint32 values) of text's k-gram shingles."""
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=SEED, permutations=_permutations(num_perm), scheme="affine32")
+    m.update_batch(shingles(text, k))
+    return m.hashvalues
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> list[int]:
+    """One signed 64-bit hash per band of r signature values; the band's index is hashed in, so equal values in
+    two different bands never match."""
+    out = []
+    for j in range(bands):
+        blob = j.to_bytes(2, "little") + sig[j * rows : (j + 1) * rows].astype("<u4").tobytes()
+        out.append(int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True))
+    return out
+
+
+class NearDupIndex:
+    """The band hashes of the kept examples -> which kept example they belong to (its ordinal), and per kept
+    example its id and where it came from, for the reject's detail.
+
+    The bands live in dedup.FirstSeen's sorted NumPy arrays, 16 bytes per band per kept example (b=9 at the
+    default threshold 0.8 and num_perm 128: 144 bytes), the ids as UTF-8 in one bytearray with int64 offsets:
+    ~170 bytes per kept example, ~170 MB at 1M. datasketch's own MinHashLSH keeps a Python dict per band (bytes
+    keys -> sets of keys) and one of the stored keys: bench/neardup_bench.py measured it at several times that
+    (bench/RESULTS.md), too heavy for a driver that must stay flat-ish at 1M records.
+
+    Per batch: begin_batch (one vectorised look-up of the batch's bands in the merged arrays), then
+    first_match / add per row in (file, line) order, then end_batch.
+    """
+
+    def __init__(self):
+        self.seen = FirstSeen(chunk=_INDEX_CHUNK)
+        self.ids = bytearray()
+        self.id_ends = array("q")
+        self.wheres = array("q")
+        self._flat: list[int] = []
+        self._merged = np.zeros(0, np.int64)
+        self._offs = np.zeros(1, np.int64)
+
+    def __len__(self) -> int:
+        """Kept examples indexed."""
+        return len(self.wheres)
+
+    def begin_batch(self, bands) -> None:
+        """`bands`: the batch's list<int64> column (a row's band hashes; empty for rows that are not examples)."""
+        col = bands.combine_chunks() if hasattr(bands, "combine_chunks") else bands
+        flat = col.values.to_numpy()
+        self._flat = flat.tolist()
+        self._offs = col.offsets.to_numpy()
+        self._merged = self.seen.lookup_merged(flat)
+
+    def first_match(self, row: int) -> tuple[str, int] | None:
+        """(id, where) of the earliest kept example sharing a band with this row, or None."""
+        s, e = self._offs[row], self._offs[row + 1]
+        hits = [k for h, m in zip(self._flat[s:e], self._merged[s:e]) if (k := self.seen.get(h, int(m))) is not None]
+        if not hits:
+            return None
+        k = min(hits)
+        start = self.id_ends[k - 1] if k else 0
+        return self.ids[start : self.id_ends[k]].decode(), self.wheres[k]
+
+    def add(self, row: int, example_id: str, where: int) -> None:
+        """Index a kept row's bands (none of them is in the index: first_match found no match)."""
+        k = len(self.wheres)
+        for h in self._flat[self._offs[row] : self._offs[row + 1]]:
+            self.seen.add(h, k)
+        self.ids += example_id.encode()
+        self.id_ends.append(len(self.ids))
+        self.wheres.append(where)
+
+    def end_batch(self) -> None:
+        self.seen.merge_if_full()
