@@ -28,7 +28,7 @@ from data_pipeline.prepare.dedup import FirstSeen
 
 SEED = 1  # MinHash permutation seed: fixed, so signatures (and so the decisions) never change between runs
 # the index's recent-entry buffer: larger than FirstSeen's default, since each kept example adds `bands` entries
-_INDEX_CHUNK = 1 << 18
+_INDEX_CHUNK = 1 << 17
 
 
 @functools.lru_cache(maxsize=8)
