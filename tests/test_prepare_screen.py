@@ -18,7 +18,7 @@ from datasketch import MinHash, MinHashLSH
 
 from cbt_llm.config import Config
 from data_pipeline.prepare import run_prepare
-from data_pipeline.prepare.neardup import conversation_text, lsh_params, shingles
+from data_pipeline.prepare.neardup import conversation_text, crisis_group, lsh_params, shingles
 from data_pipeline.prepare.ray_session import init_ray
 from data_pipeline.schema import join_answer
 from data_pipeline.structure import load_or_train
@@ -30,6 +30,7 @@ SCORER = ROOT / "runs" / "structure_scorer.npz"  # shared with the eval tests, b
 SYSTEM = "你是一名心理咨询师,请用认知行为疗法回答。"
 MIN_JUDGE = 15.0
 MIN_COVERAGE = 4
+HOTLINE = "如果你有伤害自己的想法，请拨打心理援助热线。"
 
 
 def _edit(rec: dict, new_id: str, answer: str) -> dict:
@@ -59,6 +60,8 @@ def _corpus() -> tuple[list[dict], list[dict], dict[str, str]]:
         near["copy-inserted"],
         near["copy-punct"],
         near["copy-qtypo"],
+        # a near-copy that adds crisis support: compared only with crisis-support answers, so it stays
+        dict(a[14], id="copy-with-hotline", answer=ans[14] + HOTLINE),
     ]
     return (
         a,
@@ -118,7 +121,7 @@ def _lsh_oracle(records: list[dict], skip: set[str]) -> set[str]:
     """The ids datasketch's own MinHashLSH finds as near-duplicates, inserting the kept ones in order on one
     process: what the Ray pass must reproduce."""
     b, r = lsh_params(0.8, 128)
-    lsh = MinHashLSH(num_perm=128, params=(b, r))
+    lsh = {g: MinHashLSH(num_perm=128, params=(b, r)) for g in range(4)}  # one per crisis group
     dups = set()
     for rec in records:
         if rec["id"] in skip:
@@ -127,10 +130,11 @@ def _lsh_oracle(records: list[dict], skip: set[str]) -> set[str]:
         msgs.append({"role": "assistant", "content": rec["answer"]})
         m = MinHash(num_perm=128, seed=1)
         m.update_batch(shingles(conversation_text(msgs), 5))
-        if lsh.query(m):
+        group = lsh[crisis_group(msgs)]
+        if group.query(m):
             dups.add(rec["id"])
         else:
-            lsh.insert(rec["id"], m)
+            group.insert(rec["id"], m)
     return dups
 
 
@@ -155,6 +159,7 @@ def test_planted_near_duplicates_removed_first_copy_kept(env, screened):
     kept = _kept_ids(out, man)
     assert set(env["planted"].values()) <= kept and not set(env["planted"]) & kept
     assert "same-question-other-answer" in kept  # precision: another answer to the same question stays
+    assert "copy-with-hotline" in kept  # crisis support is never deduplicated away
     assert [r["detail"].split(":")[0] for r in rejects if r["reason"] == "duplicate"] == ["exact-copy"]
     low = {r["detail"].split(":")[0] for r in rejects if r["reason"] == "low_quality"}
     # every example is either kept or rejected once, and the one-process datasketch run agrees
@@ -207,6 +212,9 @@ def test_near_copies_are_close_and_settings_validate():
     for copy_id, first_id in planted.items():
         s1, s2 = (shingles(by_id[i]["question"] + by_id[i]["answer"], 5) for i in (copy_id, first_id))
         assert len(s1 & s2) / len(s1 | s2) >= 0.8
+    # close enough to be removed, were it not for its crisis support
+    s1, s2 = (shingles(by_id[i]["question"] + by_id[i]["answer"], 5) for i in ("copy-with-hotline", a[14]["id"]))
+    assert len(s1 & s2) / len(s1 | s2) >= 0.8
     with pytest.raises(Exception, match="threshold"):
         Config.model_validate({"data": {"near_dup": {"threshold": 1.5}}})
     with pytest.raises(Exception, match="min_structure_coverage"):

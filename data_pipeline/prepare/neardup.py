@@ -24,6 +24,7 @@ from array import array
 
 import numpy as np
 
+from cbt_llm.crisis import corpus_is_crisis, has_crisis_support
 from data_pipeline.prepare.dedup import FirstSeen
 
 SEED = 1  # MinHash permutation seed: fixed, so signatures (and so the decisions) never change between runs
@@ -77,12 +78,22 @@ def signature(text: str, k: int, num_perm: int) -> np.ndarray:
     return m.hashvalues
 
 
-def band_hashes(sig: np.ndarray, bands: int, rows: int) -> list[int]:
-    """One signed 64-bit hash per band of r signature values; the band's index is hashed in, so equal values in
-    two different bands never match."""
+def crisis_group(messages: list[dict[str, str]]) -> int:
+    """0-3: whether the user turns raise a crisis (the corpus's rule) and whether the assistant turns offer
+    crisis support. Examples are only compared within a group, so a near-copy that adds a hotline to an answer,
+    or asks the same thing with a crisis in it, is never dropped in favour of one without: deduplication must
+    not thin the crisis examples the model learns the protocol from."""
+    user = [m["content"] for m in messages if m["role"] == "user"]
+    answer = "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+    return (corpus_is_crisis(*user) << 1) | has_crisis_support(answer)
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int, group: int = 0) -> list[int]:
+    """One signed 64-bit hash per band of r signature values; the band's index and the example's crisis_group
+    are hashed in, so equal values in two different bands, or in two groups, never match."""
     out = []
     for j in range(bands):
-        blob = j.to_bytes(2, "little") + sig[j * rows : (j + 1) * rows].astype("<u4").tobytes()
+        blob = j.to_bytes(2, "little") + bytes([group]) + sig[j * rows : (j + 1) * rows].astype("<u4").tobytes()
         out.append(int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True))
     return out
 

@@ -90,7 +90,7 @@ class Screen:
         if not self.num_perm:
             return []
         sig = neardup.signature(neardup.conversation_text(messages), self.shingle, self.num_perm)
-        return neardup.band_hashes(sig, self.bands, self.rows)
+        return neardup.band_hashes(sig, self.bands, self.rows, neardup.crisis_group(messages))
 
 
 def enabled(dc: DataConfig) -> bool:
