@@ -18,7 +18,7 @@ from datasketch import MinHash, MinHashLSH
 
 from cbt_llm.config import Config
 from data_pipeline.prepare import run_prepare
-from data_pipeline.prepare.neardup import conversation_text, crisis_group, lsh_params, shingles
+from data_pipeline.prepare.neardup import conversation_text, crisis_group, lsh_params, shingle_hashes, shingles
 from data_pipeline.prepare.ray_session import init_ray
 from data_pipeline.schema import join_answer
 from data_pipeline.structure import load_or_train
@@ -128,8 +128,8 @@ def _lsh_oracle(records: list[dict], skip: set[str]) -> set[str]:
             continue
         msgs = [{"role": "user", "content": build_user_message(rec["question"], rec["description"])}]
         msgs.append({"role": "assistant", "content": rec["answer"]})
-        m = MinHash(num_perm=128, seed=1)
-        m.update_batch(shingles(conversation_text(msgs), 5))
+        m = MinHash(num_perm=128, seed=1, hashfunc=int)
+        m.update_batch(shingle_hashes(conversation_text(msgs), 5).tolist())
         group = lsh[crisis_group(msgs)]
         if group.query(m):
             dups.add(rec["id"])
