@@ -121,8 +121,9 @@ def accuracy(out: Path, corpus: Path, truth: dict[str, str], threshold: float) -
                 recs[rec["id"]] = rec
     sims = {a: _jaccard(recs[a], recs[b]) for a, b in pairs.items()}
     found = [p for p in truth if p in pairs]
+    planted_by_id = dict(zip(truth, _jaccard_truth(corpus, truth)))
     true_pairs = [a for a, s in sims.items() if s >= threshold]
-    planted_sims = sorted(_jaccard_truth(corpus, truth))
+    planted_sims = sorted(planted_by_id.values())
     return {
         "planted": len(truth),
         "near_duplicate_rejects": len(pairs),
@@ -131,7 +132,7 @@ def accuracy(out: Path, corpus: Path, truth: dict[str, str], threshold: float) -
         "planted_naming_their_original": sum(pairs[p] == truth[p] for p in found),
         "unplanted_rejects": len(pairs) - len(found),
         "unplanted_below_threshold": sum(1 for a, s in sims.items() if a not in truth and s < threshold),
-        "missed_planted_jaccard": sorted(round(s, 3) for p, s in zip(truth, planted_sims) if p not in pairs)[:20],
+        "missed_planted_jaccard": sorted(round(s, 3) for p, s in planted_by_id.items() if p not in pairs)[:20],
         "planted_jaccard_min_median": [round(planted_sims[0], 3), round(planted_sims[len(planted_sims) // 2], 3)]
         if planted_sims
         else None,
@@ -164,7 +165,8 @@ def index_memory(n: int, threshold: float = 0.8, num_perm: int = 128) -> dict:
     for start in range(0, n, 1024):
         m = min(1024, n - start)
         col = pa.array(rng.integers(-(2**63), 2**63 - 1, (m, bands)).tolist(), pa.list_(pa.int64()))
-        idx.begin_batch(col)
+        sk = pa.array([rng.integers(0, 256, num_perm, dtype=np.uint8).tobytes() for _ in range(m)], pa.binary())
+        idx.begin_batch(col, sk)
         for i in range(m):
             idx.add(i, f"synth-0-{start + i:09d}", start + i)
         idx.end_batch()

@@ -12,13 +12,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasketch import MinHash, MinHashLSH
 
 from cbt_llm.config import Config
 from data_pipeline.prepare import run_prepare
-from data_pipeline.prepare.neardup import conversation_text, crisis_group, lsh_params, shingle_hashes, shingles
+from data_pipeline.prepare.neardup import (
+    conversation_text,
+    crisis_group,
+    estimate_jaccard,
+    lsh_params,
+    shingle_hashes,
+    shingles,
+    sketch,
+)
 from data_pipeline.prepare.ray_session import init_ray
 from data_pipeline.schema import join_answer
 from data_pipeline.structure import load_or_train
@@ -122,7 +131,7 @@ def _lsh_oracle(records: list[dict], skip: set[str]) -> set[str]:
     process: what the Ray pass must reproduce."""
     b, r = lsh_params(0.8, 128)
     lsh = {g: MinHashLSH(num_perm=128, params=(b, r)) for g in range(4)}  # one per crisis group
-    dups = set()
+    dups, kept = set(), {}
     for rec in records:
         if rec["id"] in skip:
             continue
@@ -131,10 +140,13 @@ def _lsh_oracle(records: list[dict], skip: set[str]) -> set[str]:
         m = MinHash(num_perm=128, seed=1, hashfunc=int)
         m.update_batch(shingle_hashes(conversation_text(msgs), 5).tolist())
         group = lsh[crisis_group(msgs)]
-        if group.query(m):
+        mine = np.frombuffer(sketch(m.hashvalues), np.uint8)
+        # a candidate counts when its sketch estimates J >= 0.8, as the driver checks
+        if any(estimate_jaccard(mine, kept[key]) >= 0.8 for key in group.query(m)):
             dups.add(rec["id"])
         else:
             group.insert(rec["id"], m)
+            kept[rec["id"]] = mine
     return dups
 
 

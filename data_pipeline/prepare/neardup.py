@@ -30,6 +30,7 @@ from data_pipeline.prepare.dedup import FirstSeen
 SEED = 1  # MinHash permutation seed: fixed, so signatures (and so the decisions) never change between runs
 # the index's recent-entry buffer: larger than FirstSeen's default, since each kept example adds `bands` entries
 _INDEX_CHUNK = 1 << 17
+_SKETCH_CHUNK = 1 << 16  # kept examples per block of sketches (blocks, so growth never copies them all)
 _POLY = np.uint64(0x100000001B3)  # shingle_hashes: FNV's 64-bit prime as the polynomial's base
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # and a golden-ratio multiplier to spread the bits before the top 32 are kept
 
@@ -121,6 +122,19 @@ def signature(text: str, k: int, num_perm: int) -> np.ndarray:
     return m.hashvalues
 
 
+def sketch(sig: np.ndarray) -> bytes:
+    """The low 8 bits of each signature value (b-bit minwise hashing): what the driver keeps per kept example
+    to check a candidate pair, num_perm bytes instead of 4 x num_perm."""
+    return (sig & 0xFF).astype(np.uint8).tobytes()
+
+
+def estimate_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity estimated from two sketches: equal low bytes happen for equal minima (probability J)
+    and by chance (1/256 of the rest), so J = (match - 1/256) / (1 - 1/256)."""
+    match = float(np.count_nonzero(a == b)) / len(a)
+    return (match - 1 / 256) / (1 - 1 / 256)
+
+
 def crisis_group(messages: list[dict[str, str]]) -> int:
     """0-3: whether the user turns raise a crisis (the corpus's rule) and whether the assistant turns offer
     crisis support. Examples are only compared within a group, so a near-copy that adds a hotline to an answer,
@@ -143,20 +157,23 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int, group: int = 0) -> list[
 
 class NearDupIndex:
     """The band hashes of the kept examples -> which kept example they belong to (its ordinal), and per kept
-    example its id and where it came from, for the reject's detail.
+    example its sketch (to check a candidate pair), its id and where it came from (for the reject's detail).
 
     The bands live in dedup.FirstSeen's sorted NumPy arrays, 16 bytes per band per kept example (b=9 at the
-    default threshold 0.8 and num_perm 128: 144 bytes), the ids as UTF-8 in one bytearray with int64 offsets:
-    ~170 bytes per kept example, ~170 MB at 1M. datasketch's own MinHashLSH keeps a Python dict per band (bytes
-    keys -> sets of keys) and one of the stored keys: bench/neardup_bench.py measured it at several times that
-    (bench/RESULTS.md), too heavy for a driver that must stay flat-ish at 1M records.
+    default threshold 0.8 and num_perm 128: 144 bytes), the sketches in blocks of uint8 rows (num_perm bytes),
+    the ids as UTF-8 in one bytearray with int64 offsets: ~300 bytes per kept example, ~300 MB at 1M.
+    datasketch's own MinHashLSH keeps a Python dict per band (bytes keys -> sets of keys): bench/neardup_bench.py
+    measured it at 11x our bands and ids (bench/RESULTS.md), too heavy for a driver that must stay flat-ish.
 
     Per batch: begin_batch (one vectorised look-up of the batch's bands in the merged arrays), then
     first_match / add per row in (file, line) order, then end_batch.
     """
 
-    def __init__(self):
+    def __init__(self, threshold: float = 0.8):
+        self.threshold = threshold
         self.seen = FirstSeen(chunk=_INDEX_CHUNK)
+        self.sketches: list[np.ndarray] = []  # chunks of _SKETCH_CHUNK kept examples' sketches
+        self._sketch_rows: list[np.ndarray] = []
         self.ids = bytearray()
         self.id_ends = array("q")
         self.wheres = array("q")
@@ -168,29 +185,45 @@ class NearDupIndex:
         """Kept examples indexed."""
         return len(self.wheres)
 
-    def begin_batch(self, bands) -> None:
-        """`bands`: the batch's list<int64> column (a row's band hashes; empty for rows that are not examples)."""
+    def begin_batch(self, bands, sketches) -> None:
+        """`bands`: the batch's list<int64> column (a row's band hashes; empty for rows that are not examples);
+        `sketches`: its binary column of sketch() bytes."""
+        self._sketch_rows = [np.frombuffer(b, np.uint8) for b in sketches.to_pylist()]
         col = bands.combine_chunks() if hasattr(bands, "combine_chunks") else bands
         flat = col.values.to_numpy()
         self._flat = flat.tolist()
         self._offs = col.offsets.to_numpy()
         self._merged = self.seen.lookup_merged(flat)
 
-    def first_match(self, row: int) -> tuple[str, int] | None:
-        """(id, where) of the earliest kept example sharing a band with this row, or None."""
+    def _hits(self, row: int) -> list[int]:
         s, e = self._offs[row], self._offs[row + 1]
-        hits = [k for h, m in zip(self._flat[s:e], self._merged[s:e]) if (k := self.seen.get(h, int(m))) is not None]
-        if not hits:
-            return None
-        k = min(hits)
-        start = self.id_ends[k - 1] if k else 0
-        return self.ids[start : self.id_ends[k]].decode(), self.wheres[k]
+        return [k for h, m in zip(self._flat[s:e], self._merged[s:e]) if (k := self.seen.get(h, int(m))) is not None]
+
+    def first_match(self, row: int) -> tuple[str, int] | None:
+        """(id, where) of the earliest kept example that shares a band with this row and whose sketch estimates
+        a Jaccard similarity at or over the threshold, or None. Sharing a band alone is not enough: on the
+        template corpus, whose answers share phrase banks, it paired examples at J 0.6-0.75 (precision 0.53)."""
+        mine = self._sketch_rows[row]
+        for k in sorted(set(self._hits(row))):
+            if estimate_jaccard(mine, self._sketch(k)) >= self.threshold:
+                start = self.id_ends[k - 1] if k else 0
+                return self.ids[start : self.id_ends[k]].decode(), self.wheres[k]
+        return None
+
+    def _sketch(self, k: int) -> np.ndarray:
+        return self.sketches[k // _SKETCH_CHUNK][k % _SKETCH_CHUNK]
 
     def add(self, row: int, example_id: str, where: int) -> None:
         """Index a kept row's bands (none of them is in the index: first_match found no match)."""
         k = len(self.wheres)
-        for h in self._flat[self._offs[row] : self._offs[row + 1]]:
-            self.seen.add(h, k)
+        # a band already held by a kept example (one that failed the check) keeps pointing at that first one
+        s, e = self._offs[row], self._offs[row + 1]
+        for h, m in zip(self._flat[s:e], self._merged[s:e]):
+            if self.seen.get(h, int(m)) is None:
+                self.seen.add(h, k)
+        if k % _SKETCH_CHUNK == 0:
+            self.sketches.append(np.zeros((_SKETCH_CHUNK, len(self._sketch_rows[row])), np.uint8))
+        self.sketches[-1][k % _SKETCH_CHUNK] = self._sketch_rows[row]
         self.ids += example_id.encode()
         self.id_ends.append(len(self.ids))
         self.wheres.append(where)

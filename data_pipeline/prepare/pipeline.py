@@ -156,7 +156,7 @@ def _consume_batch(
     offs = ids_col.offsets.to_numpy()
     merged = seen.lookup_merged(batch.column("chash").to_numpy(zero_copy_only=False))
     if near is not None:
-        near.begin_batch(batch.column("bands"))
+        near.begin_batch(batch.column("bands"), batch.column("sketch"))
     new_records = 0
     for i in range(batch.num_rows):
         fidx, line, sub = d["file_idx"][i], d["line"][i], d["sub"][i]
@@ -369,7 +369,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
         rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
         questions = QuestionFiles(staging)
         try:
-            near = NearDupIndex() if dc.near_dup.enabled else None
+            near = NearDupIndex(dc.near_dup.threshold) if dc.near_dup.enabled else None
             counts = _consume(ds, packers, rejects, questions, near)
         finally:
             questions.heldout.close()

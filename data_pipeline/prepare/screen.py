@@ -55,9 +55,11 @@ class Screen:
     def __call__(self, table: pa.Table) -> pa.Table:
         d = table.select(["ok", "reason", "detail", "raw", "example_id", "judge", "messages"]).to_pydict()
         bands: list[list[int]] = []
+        sketches: list[bytes] = []
         for i, ok in enumerate(d["ok"]):
             if not ok:
                 bands.append([])
+                sketches.append(b"")
                 continue
             messages = json.loads(d["messages"][i])
             low = self.low_quality(messages, d["judge"][i])
@@ -66,12 +68,16 @@ class Screen:
                 d["detail"][i] = f"{d['example_id'][i]}: {low}"
                 d["raw"][i] = d["messages"][i][:RAW_KEEP_CHARS]
                 bands.append([])
+                sketches.append(b"")
                 continue
-            bands.append(self.band_hashes(messages))
+            band, sk = self.signature(messages)
+            bands.append(band)
+            sketches.append(sk)
         types = dict(PARSED_FIELDS)
         for k in ("ok", "reason", "detail", "raw"):
             table = table.set_column(table.schema.get_field_index(k), k, pa.array(d[k], types[k]))
-        return table.append_column("bands", pa.array(bands, pa.list_(pa.int64())))
+        table = table.append_column("bands", pa.array(bands, pa.list_(pa.int64())))
+        return table.append_column("sketch", pa.array(sketches, pa.binary()))
 
     def low_quality(self, messages: list[dict[str, str]], judge: float | None) -> str:
         """Why an example fails the gate ("" when it passes): its score against the threshold."""
@@ -86,11 +92,12 @@ class Screen:
                 return f"structure coverage {coverage} < data.quality.min_structure_coverage {self.min_coverage}"
         return ""
 
-    def band_hashes(self, messages: list[dict[str, str]]) -> list[int]:
+    def signature(self, messages: list[dict[str, str]]) -> tuple[list[int], bytes]:
+        """(band hashes, sketch) of an example; empty when near-duplicates are off."""
         if not self.num_perm:
-            return []
+            return [], b""
         sig = neardup.signature(neardup.conversation_text(messages), self.shingle, self.num_perm)
-        return neardup.band_hashes(sig, self.bands, self.rows, neardup.crisis_group(messages))
+        return neardup.band_hashes(sig, self.bands, self.rows, neardup.crisis_group(messages)), neardup.sketch(sig)
 
 
 def enabled(dc: DataConfig) -> bool:
