@@ -179,6 +179,35 @@ class TokenizerConfig(_Section):
     out_dir: str = Field("", description="Hugging Face tokenizer folder to write (empty: runs/<run_name>/tokenizer).")
 
 
+class NearDupConfig(_Section):
+    """prepare's near-duplicate pass: MinHash LSH over character shingles of each example's user and assistant
+    turns (data_pipeline/prepare/neardup.py); the first copy in (file, line) order is kept."""
+
+    enabled: bool = Field(False, description="Remove near-duplicates (off: shards exactly as without the pass).")
+    threshold: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Jaccard similarity of shingle sets at which two examples are near-copies."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature length).")
+    shingle: int = Field(5, ge=1, le=32, description="Characters per shingle (after dropping whitespace, punctuation).")
+
+
+class QualityConfig(_Section):
+    """prepare's quality gate: examples under a threshold go to rejects as low_quality with their score."""
+
+    min_structure_coverage: int = Field(
+        0, ge=0, le=5, description="Least CBT parts (0-5) the structure scorer must find in the answer (0: off)."
+    )
+    min_judge_total: float = Field(
+        0.0,
+        ge=0.0,
+        description="Least meta.judge.total a judged record must carry (0: off; records without one pass this check).",
+    )
+    scorer: str = Field(
+        "runs/structure_scorer.npz",
+        description="The structure scorer .npz (built on first use, ~15 s), read when min_structure_coverage > 0.",
+    )
+
+
 class DataConfig(_Section):
     """`cbt-llm prepare`: Ray Data validates, splits, templates, tokenizes, masks, packs and writes shards."""
 
@@ -225,6 +254,8 @@ class DataConfig(_Section):
         description="Object store size of the embedded local Ray (bounds prepare's memory; not used on a cluster).",
     )
     seed: int = 0
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     rows_per_shard: int = Field(
         16_384,
         ge=1,

@@ -15,6 +15,9 @@ A record (one JSON object per line):
 Records whose question or description mention suicide or self-harm (CRISIS_KEYWORDS) carry
 meta.crisis = true, and their answer must contain a crisis-support sentence (has_crisis_support). Both rules,
 and the hotlines, come from cbt_llm/crisis.py.
+
+meta.judge.total (a number, optional): the CBT-rubric judge's total for the answer, as a judged generator (e.g.
+`synth api --agents`) records it; prepare's quality gate (data.quality.min_judge_total) reads it.
 """
 
 from __future__ import annotations
@@ -167,7 +170,22 @@ REASONS: dict[str, str] = {
     "prompt_overlong": "the prompt alone fills data.seq_len, nothing left to learn",
     "turn_order": "turns out of order: after an optional system turn user and assistant alternate (no assistant: none)",
     "turn_overlong": "a counsellor turn and its client turn need more than data.seq_len (data.overlong=split)",
+    "near_duplicate": "near-copy of an earlier kept conversation (data.near_dup: MinHash LSH)",
+    "low_quality": "under a data.quality threshold (structure coverage or meta.judge.total)",
 }
+
+
+def judge_total(obj: dict) -> float | None:
+    """A record's meta.judge.total: None when it has none, NaN when it is not a number (the quality gate
+    rejects those rather than guess)."""
+    v: Any = obj
+    for key in ("meta", "judge", "total"):
+        if not isinstance(v, dict) or key not in v:
+            return None
+        v = v[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return float("nan")
+    return float(v)
 
 
 class RecordError(ValueError):

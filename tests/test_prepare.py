@@ -696,4 +696,6 @@ def test_overlong_policy_per_row_in_a_batch(env):
 
 
 def _blank(name: str, k: int):
-    return {"file_idx": 0, "line": k, "sub": 0, "chash": k, "qhash": 0, "example_id": f"e{k}"}.get(name, "")
+    return {"file_idx": 0, "line": k, "sub": 0, "chash": k, "qhash": 0, "example_id": f"e{k}", "judge": None}.get(
+        name, ""
+    )

@@ -13,7 +13,7 @@ import json
 import pyarrow as pa
 
 from data_pipeline.formats import Example, question_hash, split_of, to_examples
-from data_pipeline.schema import RecordError
+from data_pipeline.schema import RecordError, judge_total
 
 RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
 
@@ -32,6 +32,7 @@ PARSED_FIELDS = [
     ("qhash", pa.int64()),
     ("heldout", pa.string()),  # the heldout.jsonl line of a validation example, "" otherwise
     ("messages", pa.string()),
+    ("judge", pa.float64()),  # the record's meta.judge.total (schema.judge_total), null when it has none
 ]
 
 
@@ -50,7 +51,9 @@ class Parse:
     def __call__(self, table: pa.Table) -> pa.Table:
         cols: dict[str, list] = {name: [] for name, _ in PARSED_FIELDS}
 
-        def add(ok, fidx, line, sub, reason="", detail="", raw="", ex: Example | None = None, split="", chash=0):
+        def add(
+            ok, fidx, line, sub, reason="", detail="", raw="", ex: Example | None = None, split="", chash=0, judge=None
+        ):
             for k, v in (
                 ("ok", ok),
                 ("file_idx", fidx),
@@ -67,6 +70,7 @@ class Parse:
             cols["qhash"].append(question_hash(ex.question) if ex else 0)
             cols["heldout"].append(json.dumps(ex.heldout_record(), ensure_ascii=False) if split == "validation" else "")
             cols["messages"].append(json.dumps(ex.messages, ensure_ascii=False) if ex else "")
+            cols["judge"].append(judge)
 
         d = table.to_pydict()
         for fidx, line, raw, pre_r, pre_d in zip(d["file_idx"], d["line"], d["raw"], d["pre_reason"], d["pre_detail"]):
@@ -112,5 +116,6 @@ class Parse:
                     ex=res,
                     split=split_of(res.question, self.val_fraction, self.seed),
                     chash=res.content_hash(),
+                    judge=judge_total(obj),
                 )
         return pa.table({name: pa.array(cols[name], typ) for name, typ in PARSED_FIELDS})

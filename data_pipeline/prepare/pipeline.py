@@ -13,7 +13,9 @@ from pathlib import Path
 from cbt_llm.config import Config, ConfigError, DataConfig
 from cbt_llm.report import print_summary, write_metrics
 from data_pipeline.packing import packing_efficiency
+from data_pipeline.prepare import screen
 from data_pipeline.prepare.dedup import FirstSeen
+from data_pipeline.prepare.neardup import NearDupIndex
 from data_pipeline.prepare.parse import Parse
 from data_pipeline.prepare.ray_session import configure_ray_data, init_ray, short_ray_dir
 from data_pipeline.prepare.read import read_files, resolve_inputs
@@ -42,8 +44,9 @@ def _check_sizes(dc: DataConfig) -> None:
         )
 
 
-def build_dataset(files: list[str], dc: DataConfig, end_token: str):
-    """The Ray Data graph: read -> parse + validate -> tokenize + mask, in (file, line) order."""
+def build_dataset(files: list[str], dc: DataConfig, end_token: str, scorer: str = ""):
+    """The Ray Data graph: read -> parse + validate -> [screen] -> tokenize + mask, in (file, line) order.
+    `scorer`: the structure scorer's path when data.quality gates on coverage."""
     import ray
 
     configure_ray_data(dc.ray_block_mb)
@@ -60,6 +63,10 @@ def build_dataset(files: list[str], dc: DataConfig, end_token: str):
         batch_format="pyarrow",
         num_cpus=_STEP_CPUS,
     )
+    if screen.enabled(dc):  # tasks too, fused with parse
+        ds = ds.map_batches(
+            screen.make_screen(dc, scorer), batch_size=dc.ray_parse_batch, batch_format="pyarrow", num_cpus=_STEP_CPUS
+        )
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.simplefilter("ignore", DeprecationWarning)
         # up to one actor per CPU of the session (the cluster's, under --ray-address), grown as batches queue;
@@ -127,18 +134,31 @@ _BATCH_COLUMNS = [
 ]
 
 
+def _where(files: list[str], loc: int) -> str:
+    """file:line of a location packed as (file_idx << _LINE_BITS) | line."""
+    return f"{files[loc >> _LINE_BITS]}:{loc & ((1 << _LINE_BITS) - 1)}"
+
+
 def _consume_batch(
-    batch, seen: FirstSeen, packers: dict[str, SplitPacker], rejects: _Rejects, counts: dict, questions: QuestionFiles
+    batch,
+    seen: FirstSeen,
+    packers: dict[str, SplitPacker],
+    rejects: _Rejects,
+    counts: dict,
+    questions: QuestionFiles,
+    near: NearDupIndex | None = None,
 ) -> int:
-    """One tokenized batch: reject the bad rows, drop duplicates (the first copy is kept), hand the rest to its
-    split's packer and its question to the question files. Returns how many records (not examples) the batch
-    began."""
+    """One tokenized batch: reject the bad rows, drop duplicates and (with `near`) near-duplicates of kept
+    examples (the first copy is kept), hand the rest to its split's packer and its question to the question
+    files. Returns how many records (not examples) the batch began."""
     d = batch.select(_BATCH_COLUMNS).to_pydict()
     ids_col = batch.column("input_ids").combine_chunks()
     lab_col = batch.column("labels").combine_chunks()
     ids_vals, lab_vals = ids_col.values.to_numpy(), lab_col.values.to_numpy()
     offs = ids_col.offsets.to_numpy()
     merged = seen.lookup_merged(batch.column("chash").to_numpy(zero_copy_only=False))
+    if near is not None:
+        near.begin_batch(batch.column("bands"), batch.column("sketch"))
     new_records = 0
     for i in range(batch.num_rows):
         fidx, line, sub = d["file_idx"][i], d["line"][i], d["sub"][i]
@@ -151,9 +171,15 @@ def _consume_batch(
         h = d["chash"][i]
         first = seen.get(h, int(merged[i]))
         if first is not None:
-            where = f"{rejects.files[first >> _LINE_BITS]}:{first & ((1 << _LINE_BITS) - 1)}"
+            where = _where(rejects.files, first)
             rejects.add(fidx, line, sub, "duplicate", f"{d['example_id'][i]}: same conversation as {where}", "")
             continue
+        if near is not None:
+            if (match := near.first_match(i)) is not None:
+                detail = f"{d['example_id'][i]}: near-duplicate of {match[0]} ({_where(rejects.files, match[1])})"
+                rejects.add(fidx, line, sub, "near_duplicate", detail, "")
+                continue
+            near.add(i, d["example_id"][i], (fidx << _LINE_BITS) | line)
         seen.add(h, (fidx << _LINE_BITS) | line)
         counts["kept"] += 1
         counts["truncated"] += int(d["truncated"][i])
@@ -167,10 +193,14 @@ def _consume_batch(
         elif d["heldout"][i]:  # a split session's heldout line goes with its first piece only
             questions.add_heldout(d["heldout"][i])
     seen.merge_if_full()
+    if near is not None:
+        near.end_batch()
     return new_records
 
 
-def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects, questions: QuestionFiles) -> dict[str, int]:
+def _consume(
+    ds, packers: dict[str, SplitPacker], rejects: _Rejects, questions: QuestionFiles, near: NearDupIndex | None = None
+) -> dict[str, int]:
     """Drive the ordered stream to its end; every split's rows are then in its spool and the questions in their
     files (not yet closed). Returns the counts."""
     from tqdm import tqdm
@@ -180,7 +210,7 @@ def _consume(ds, packers: dict[str, SplitPacker], rejects: _Rejects, questions: 
     bar = tqdm(desc="prepare", unit="rec", mininterval=1.0, smoothing=0.1)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            new_records = _consume_batch(batch, seen, packers, rejects, counts, questions)
+            new_records = _consume_batch(batch, seen, packers, rejects, counts, questions, near)
             counts["read"] += new_records
             bar.update(new_records)
             bar.set_postfix(kept=counts["kept"], rejected=rejects.total, refresh=False)
@@ -225,6 +255,8 @@ def _data_config_hash(dc: DataConfig) -> str:
     """Hash of everything in data: that changes the shards (out_dir is where they go; the ray_* fields are how
     Ray runs, never what the shards hold)."""
     obj = {k: v for k, v in dc.model_dump(mode="json").items() if k != "out_dir" and not k.startswith("ray_")}
+    if not screen.enabled(dc):  # the pass off leaves the hash as it was before these settings existed
+        del obj["near_dup"], obj["quality"]
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -246,6 +278,7 @@ def _manifest(
     packers: dict[str, SplitPacker],
     shards: dict[str, list[dict]],
     question_files: dict[str, dict],
+    scorer_signature: str = "",
 ) -> dict:
     """manifest.json's content (its format: data_pipeline/shards.py)."""
     train_rows = packers["train"].rows
@@ -283,6 +316,8 @@ def _manifest(
         # how an example's split was chosen (data_pipeline.formats.split_of), and the questions as text / hashes
         "split_rule": {"key": "normalised question", "val_fraction": dc.val_fraction, "seed": dc.seed},
         **question_files,
+        # only when it ran: a run without it writes the manifest it always did
+        **({"screen": screen.manifest_entry(dc, scorer_signature)} if screen.enabled(dc) else {}),
     }
 
 
@@ -331,6 +366,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     tok_hash = tokenizer_hash(tok)
     end_token = IM_END if IM_END in tok.get_vocab() else (tok.eos_token or "")
     pad_id = int(tok.pad_token_id)
+    scorer, scorer_signature = screen.load_scorer_once(dc)
 
     out = Path(dc.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -342,17 +378,20 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     started, ray_s = init_ray(ray_address, ray_dir, dc.ray_object_store_mb)
     t_ray_ready = time.perf_counter()
     try:
-        ds = build_dataset(files, dc, end_token)
+        ds = build_dataset(files, dc, end_token, scorer)
         packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
         rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
         questions = QuestionFiles(staging)
         try:
-            counts = _consume(ds, packers, rejects, questions)
+            near = NearDupIndex(dc.near_dup.threshold) if dc.near_dup.enabled else None
+            counts = _consume(ds, packers, rejects, questions, near)
         finally:
             questions.heldout.close()
         t_stream = time.perf_counter()
         shards = _write_splits(packers, staging, dc, pad_id, counts["read"], rejects.total, out)
-        manifest = _manifest(dc, files, tok_hash, pad_id, counts, rejects.counts, packers, shards, questions.close())
+        manifest = _manifest(
+            dc, files, tok_hash, pad_id, counts, rejects.counts, packers, shards, questions.close(), scorer_signature
+        )
         write_manifest(staging, manifest)
         swap_into_place(staging, out)
     finally:

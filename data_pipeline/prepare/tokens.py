@@ -125,7 +125,8 @@ class Tokenize:
                 self, table, messages, (ids, labels, starts), lens
             )
         keep, truncated, rejects = self._fit(labels, lens)
-        out = {name: table.column(name) for name, _ in PARSED_FIELDS if name != "messages"}
+        # every column but the text passes through (screen.Screen's `bands` included, when it ran)
+        out = {name: table.column(name) for name in table.column_names if name != "messages"}
         if rejects:
             out.update(self._rejected(table, messages, rejects))
             lens[list(rejects)] = 0
