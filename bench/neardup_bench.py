@@ -112,13 +112,7 @@ def accuracy(out: Path, corpus: Path, truth: dict[str, str], threshold: float) -
         if r["reason"] == "near_duplicate":
             head, tail = r["detail"].split(": near-duplicate of ", 1)
             pairs[head] = tail.split(" (", 1)[0]
-    wanted = set(pairs) | set(pairs.values())
-    recs = {}
-    for f in sorted(corpus.glob("*.jsonl")):
-        for line in f.open(encoding="utf-8"):
-            rec = json.loads(line)
-            if rec["id"] in wanted:
-                recs[rec["id"]] = rec
+    recs = _records_by_id(corpus, set(pairs) | set(pairs.values()))
     sims = {a: _jaccard(recs[a], recs[b]) for a, b in pairs.items()}
     found = [p for p in truth if p in pairs]
     planted_by_id = dict(zip(truth, _jaccard_truth(corpus, truth)))
@@ -141,14 +135,19 @@ def accuracy(out: Path, corpus: Path, truth: dict[str, str], threshold: float) -
 
 def _jaccard_truth(corpus: Path, truth: dict[str, str]) -> list[float]:
     """Each planted copy's exact Jaccard with its original, in truth's order."""
-    wanted = set(truth) | set(truth.values())
+    recs = _records_by_id(corpus, set(truth) | set(truth.values()))
+    return [_jaccard(recs[p], recs[o]) for p, o in truth.items()]
+
+
+def _records_by_id(corpus: Path, wanted: set[str]) -> dict[str, dict]:
+    """The corpus records whose id is in `wanted`, by id (one pass over the shards)."""
     recs = {}
     for f in sorted(corpus.glob("*.jsonl")):
         for line in f.open(encoding="utf-8"):
             rec = json.loads(line)
             if rec["id"] in wanted:
                 recs[rec["id"]] = rec
-    return [_jaccard(recs[p], recs[o]) for p, o in truth.items()]
+    return recs
 
 
 def index_memory(n: int, threshold: float = 0.8, num_perm: int = 128) -> dict:
