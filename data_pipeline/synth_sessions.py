@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,12 +43,9 @@ from data_pipeline.synth_template import (
     SUCCESS_NAME,
     SUMMARY_NAME,
     _available_cpus,
-    _check,
     _encode,
-    _remove_stale,
     run_shard_jobs,
-    shard_name,
-    shard_ranges,
+    shard_jobs,
 )
 
 PROMPT_VERSION = "sessions-v1"
@@ -913,7 +909,11 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
     stages: dict[str, int] = {}
     crisis = resist = turns = jsonl_bytes = 0
     raw = open(tmp, "wb")
-    out = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=True) if job["zstd"] else raw
+    out = (
+        zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=True)
+        if job["compress"] == "zstd"
+        else raw
+    )
 
     def flush(batch: list[str]) -> None:
         nonlocal jsonl_bytes
@@ -980,24 +980,7 @@ def run_synth_sessions(cfg: SynthConfig) -> dict:
     content hashes) and an empty `_SUCCESS` marker last. Raises ConfigError on bad settings before any work.
     """
     check_turns(cfg)
-    out = _check(cfg)
-    removed = _remove_stale(out)
-    if removed:
-        print(f"synth: removed {removed} file(s) of an earlier run in {out}", file=sys.stderr)
-    jobs = [
-        {
-            "shard": k,
-            "start": a,
-            "stop": b,
-            "path": str(out / shard_name(k, cfg.num_shards, cfg.compress)),
-            "seed": cfg.seed,
-            "crisis_fraction": cfg.crisis_fraction,
-            "min_turns": cfg.min_turns,
-            "max_turns": cfg.max_turns,
-            "zstd": cfg.compress == "zstd",
-        }
-        for k, (a, b) in enumerate(shard_ranges(cfg.num_records, cfg.num_shards))
-    ]
+    out, jobs = shard_jobs(cfg, min_turns=cfg.min_turns, max_turns=cfg.max_turns)
     workers = max(1, min(cfg.workers or _available_cpus(), cfg.num_shards))
     t0 = time.perf_counter()
     results = run_shard_jobs(jobs, _write_shard, workers, cfg.num_records, "session", "synth sessions")

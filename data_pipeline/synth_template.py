@@ -416,6 +416,29 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def shard_jobs(cfg: SynthConfig, **extra) -> tuple[Path, list[dict]]:
+    """The checked output folder (an earlier run's files removed) and one job per shard: its index range,
+    path, seed, crisis fraction and compression, plus `extra` (what a generator needs besides)."""
+    out = _check(cfg)
+    removed = _remove_stale(out)
+    if removed:
+        print(f"synth: removed {removed} file(s) of an earlier run in {out}", file=sys.stderr)
+    jobs = [
+        {
+            "shard": k,
+            "start": a,
+            "stop": b,
+            "path": str(out / shard_name(k, cfg.num_shards, cfg.compress)),
+            "seed": cfg.seed,
+            "crisis_fraction": cfg.crisis_fraction,
+            "compress": cfg.compress,
+            **extra,
+        }
+        for k, (a, b) in enumerate(shard_ranges(cfg.num_records, cfg.num_shards))
+    ]
+    return out, jobs
+
+
 def _check(cfg: SynthConfig) -> Path:
     out = Path(cfg.out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -453,24 +476,7 @@ def run_synth_template(cfg: SynthConfig) -> dict:
     sizes and content hashes) and an empty `_SUCCESS` marker last. Raises ConfigError on a bad out_dir or
     shard count before any work.
     """
-    out = _check(cfg)
-    removed = _remove_stale(out)
-    if removed:
-        print(f"synth: removed {removed} file(s) of an earlier run in {out}", file=sys.stderr)
-
-    ranges = shard_ranges(cfg.num_records, cfg.num_shards)
-    jobs = [
-        {
-            "shard": k,
-            "start": a,
-            "stop": b,
-            "path": str(out / shard_name(k, cfg.num_shards, cfg.compress)),
-            "seed": cfg.seed,
-            "crisis_fraction": cfg.crisis_fraction,
-            "compress": cfg.compress,
-        }
-        for k, (a, b) in enumerate(ranges)
-    ]
+    out, jobs = shard_jobs(cfg)
     workers = cfg.workers or _available_cpus()
     workers = max(1, min(workers, cfg.num_shards))
 
