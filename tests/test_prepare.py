@@ -666,6 +666,41 @@ def test_chatml_string_join_equals_the_jinja_template(env):
     assert chat_renderer(tok)(msgs) == tok.apply_chat_template(msgs, tokenize=False) != render_chatml(msgs)
 
 
+def test_reused_system_turn_and_byte_positions_equal_the_tokenizer_offsets(env):
+    """The actor's fast path (a system turn's tokens reused, token positions from the bytes behind the ids, no
+    offsets from the tokenizer) gives the ids, labels and token starts the plain path gives, on awkward
+    contents, several system prompts and none; it falls back where it cannot be exact."""
+    from tokenizers import AddedToken, normalizers
+
+    from data_pipeline.formats import render_chatml
+    from data_pipeline.prepare.tokens import SystemTurns, encode_batch, token_byte_lengths
+
+    def same(tok, convs, turns, lengths):
+        plain = encode_batch(tok, render_chatml, convs, IM_END, starts=True)
+        fast = encode_batch(tok, render_chatml, convs, IM_END, starts=True, system_turns=turns, byte_lengths=lengths)
+        return all(np.array_equal(a, b) for a, b in zip(plain, fast))
+
+    tok = load_tokenizer(env["tok"])
+    contents = ["", "<|im_end|>", "<|im_start|>x", "a\r\nb\tc ", "😀心理 e\u0301", "  ", "𝔘\n\n"]
+    convs = [
+        [{"role": "system", "content": system}, {"role": "user", "content": c}, {"role": "assistant", "content": c}]
+        for system in (SYSTEM, "另一个系统提示", SYSTEM + " ")
+        for c in contents
+    ] + [[{"role": "user", "content": c}, {"role": "assistant", "content": c + "答"}] for c in contents]
+    turns, lengths = SystemTurns.for_tokenizer(tok, render_chatml), token_byte_lengths(tok)
+    assert turns is not None and lengths is not None
+    assert same(tok, convs, turns, lengths) and len(turns.turns) == 3
+    # an NFC normalizer (Qwen's) on text that is not NFC: positions must come from the tokenizer's offsets
+    tok.backend_tokenizer.normalizer = normalizers.NFC()
+    assert same(tok, convs, turns, token_byte_lengths(tok))
+    # a token that strips the whitespace beside it joins turns: no reuse
+    tok.backend_tokenizer.add_special_tokens([AddedToken("<|im_start|>", lstrip=True, special=True)])
+    assert SystemTurns.for_tokenizer(tok, render_chatml) is None
+    # not a byte-level BPE: no byte positions
+    tok.backend_tokenizer.decoder = None
+    assert token_byte_lengths(tok) is None
+
+
 def test_overlong_policy_per_row_in_a_batch(env):
     """Truncate, reject and prompt_overlong decided for a whole batch at once give what one conversation at a
     time gives: the first seq_len tokens, or the row rejected with its reason, others untouched."""
