@@ -266,9 +266,9 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
             totals.add("read", time.perf_counter() - t0)
             if block is None:
                 break
-            for start in range(0, block.num_rows, dc.ray_parse_batch):
+            for start in range(0, block.num_rows, dc.ray_tokenize_batch):
                 t0 = time.perf_counter()
-                parsed = parse(block.slice(start, dc.ray_parse_batch))
+                parsed = parse(block.slice(start, dc.ray_tokenize_batch))
                 t1 = time.perf_counter()
                 for k in range(0, parsed.num_rows, dc.ray_tokenize_batch):
                     t2 = time.perf_counter()

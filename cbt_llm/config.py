@@ -272,9 +272,11 @@ class DataConfig(_Section):
     ray_read_lines: int = Field(
         2048, ge=1, description="Input lines (or Parquet rows) per block out of the file reader."
     )
-    ray_parse_batch: int = Field(512, ge=1, description="Records per Ray Data batch in the parse/validate/split step.")
     ray_tokenize_batch: int = Field(
-        256, ge=1, description="Examples per Ray Data batch sent to a tokenizer actor (one actor per CPU at most)."
+        1024,
+        ge=1,
+        description="Records per Ray Data batch sent to a prepare actor, which parses, validates, screens, "
+        "tokenizes and masks them (one actor per CPU at most).",
     )
 
 

@@ -138,10 +138,13 @@ CORPUS_KEYWORDS: tuple[str, ...] = (
 )
 
 
+# one pass over the text instead of one `in` per keyword: prepare validates every record with it
+_CORPUS_KEYWORDS_RE = re.compile("|".join(map(re.escape, CORPUS_KEYWORDS)))
+
+
 def corpus_is_crisis(*texts: str) -> bool:
     """The corpus's rule: any text contains one of CORPUS_KEYWORDS (plain substrings, no normalisation)."""
-    joined = "".join(t for t in texts if t)
-    return any(k in joined for k in CORPUS_KEYWORDS)
+    return _CORPUS_KEYWORDS_RE.search("".join(t for t in texts if t)) is not None
 
 
 def has_crisis_support(answer: str) -> bool:

@@ -28,6 +28,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
@@ -59,9 +60,14 @@ class Example:
             len(m["content"]) for m in self.messages if not (m["role"] == "system" and m["content"] == system_prompt)
         )
 
-    def content_hash(self) -> int:
-        """64-bit hash of the exact conversation: equal conversations are duplicates."""
-        blob = json.dumps(self.messages, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    def messages_json(self) -> str:
+        """The conversation as prepare carries it between steps and quotes it in rejects."""
+        return json.dumps(self.messages, ensure_ascii=False)
+
+    def content_hash(self, messages_json: str | None = None) -> int:
+        """64-bit hash of the exact conversation: equal conversations are duplicates. `messages_json`: this
+        example's messages_json() when the caller has it already (prepare's parse step does)."""
+        blob = (messages_json if messages_json is not None else self.messages_json()).encode("utf-8")
         return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
 
     def heldout_record(self) -> dict:
@@ -90,6 +96,7 @@ class Example:
 _SPACE = re.compile(r"\s+")
 
 
+@lru_cache(maxsize=4096)  # prepare asks twice per example (its split and its fingerprint)
 def normalise_question(text: str) -> str:
     """Key for the split: NFKC (full/half-width alike), case-folded, whitespace removed."""
     return _SPACE.sub("", unicodedata.normalize("NFKC", text).casefold())

@@ -209,7 +209,7 @@ def test_gate_rejects_exactly_the_records_under_its_thresholds(env, screened):
 
 def test_other_batch_sizes_give_the_same_bytes(env, screened):
     out, man = screened
-    cfg = _cfg(env, "out2", ray_parse_batch=7, ray_tokenize_batch=3, ray_read_lines=5)
+    cfg = _cfg(env, "out2", ray_tokenize_batch=3, ray_read_lines=5)
     other = run_prepare(cfg)
     out2 = Path(cfg.data.out_dir)
     assert other["splits"] == man["splits"]

@@ -4,13 +4,13 @@ The flow, one way, one module per job:
 
     Ray Data                                            driver (ordered stream, bounded memory)
     read files -> parse + validate -> tokenize + mask -> dedup -> window of pack_window examples
-    (read.py,     (parse.py,          (tokens.py,        (dedup.py)  -> pack (data.packer) -> spool
-     one task      tasks)              actor pool)                      (write.py)
-     per file)                                          end: spool -> shards (multiple of world_size),
+    (read.py,     (parse.py,          (tokens.py)        (dedup.py)  -> pack (data.packer) -> spool
+     one task      in one actor pool: pipeline.                         (write.py)
+     per file)     ParseAndTokenize)                    end: spool -> shards (multiple of world_size),
                                                              rejects/, manifest.json, metrics
 
-With data.quality or data.near_dup set, a screen step (screen.py, tasks) runs between parse and tokenize: it
-turns examples under the quality thresholds into low_quality rejects and gives the others their MinHash band
+With data.quality or data.near_dup set, a screen step (screen.py, in the same actor) runs between parse and
+tokenize: it turns examples under the quality thresholds into low_quality rejects and gives the others their MinHash band
 hashes, which the driver's near-duplicate index (neardup.py) decides on after the exact-duplicate check.
 
 pipeline.py ties them together (run_prepare) in the Ray session of ray_session.py. Ray Data runs with

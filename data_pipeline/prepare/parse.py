@@ -51,9 +51,8 @@ class Parse:
     def __call__(self, table: pa.Table) -> pa.Table:
         cols: dict[str, list] = {name: [] for name, _ in PARSED_FIELDS}
 
-        def add(
-            ok, fidx, line, sub, reason="", detail="", raw="", ex: Example | None = None, split="", chash=0, judge=None
-        ):
+        def add(ok, fidx, line, sub, reason="", detail="", raw="", ex: Example | None = None, split="", judge=None):
+            messages = ex.messages_json() if ex else ""
             for k, v in (
                 ("ok", ok),
                 ("file_idx", fidx),
@@ -66,10 +65,10 @@ class Parse:
                 cols[k].append(v)
             cols["example_id"].append(ex.example_id if ex else "")
             cols["split"].append(split)
-            cols["chash"].append(chash)
+            cols["chash"].append(ex.content_hash(messages) if ok else 0)
             cols["qhash"].append(question_hash(ex.question) if ex else 0)
             cols["heldout"].append(json.dumps(ex.heldout_record(), ensure_ascii=False) if split == "validation" else "")
-            cols["messages"].append(json.dumps(ex.messages, ensure_ascii=False) if ex else "")
+            cols["messages"].append(messages)
             cols["judge"].append(judge)
 
         d = table.to_pydict()
@@ -115,7 +114,6 @@ class Parse:
                     sub,
                     ex=res,
                     split=split_of(res.question, self.val_fraction, self.seed),
-                    chash=res.content_hash(),
                     judge=judge_total(obj),
                 )
         return pa.table({name: pa.array(cols[name], typ) for name, typ in PARSED_FIELDS})

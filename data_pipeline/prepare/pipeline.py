@@ -44,9 +44,25 @@ def _check_sizes(dc: DataConfig) -> None:
         )
 
 
+class ParseAndTokenize:
+    """Ray Data actor: one block of raw records parsed and validated (parse.Parse), screened when data.quality or
+    data.near_dup asks (screen.Screen), then templated, tokenized and masked (tokens.Tokenize), in one step. As
+    two Ray steps the parsed rows went through the object store between a task and an actor, and that hop cost
+    more CPU than parsing; in one actor the tokenizer is still loaded once and the pool still spreads blocks of
+    one input file over every CPU (and node)."""
+
+    def __init__(self, parse: Parse, screen_step, tokenizer: str, seq_len: int, overlong: str, end_token: str):
+        self.parse, self.screen = parse, screen_step
+        self.tokenize = Tokenize(tokenizer, seq_len, overlong, end_token)
+
+    def __call__(self, table):
+        parsed = self.parse(table)
+        return self.tokenize(self.screen(parsed) if self.screen else parsed)
+
+
 def build_dataset(files: list[str], dc: DataConfig, end_token: str, scorer: str = ""):
-    """The Ray Data graph: read -> parse + validate -> [screen] -> tokenize + mask, in (file, line) order.
-    `scorer`: the structure scorer's path when data.quality gates on coverage."""
+    """The Ray Data graph: read (tasks) -> parse + validate [+ screen] + tokenize + mask (actors), in (file, line)
+    order. `scorer`: the structure scorer's path when data.quality gates on coverage."""
     import ray
 
     configure_ray_data(dc.ray_block_mb)
@@ -56,24 +72,15 @@ def build_dataset(files: list[str], dc: DataConfig, end_token: str, scorer: str 
     ds = ds.map_batches(
         read_files, batch_size=1, batch_format="numpy", fn_kwargs={"lines": dc.ray_read_lines}, num_cpus=_STEP_CPUS
     )
-    # an instance, not a class: Ray runs it as tasks, fused with the file reads
-    ds = ds.map_batches(
-        Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, stems),
-        batch_size=dc.ray_parse_batch,
-        batch_format="pyarrow",
-        num_cpus=_STEP_CPUS,
-    )
-    if screen.enabled(dc):  # tasks too, fused with parse
-        ds = ds.map_batches(
-            screen.make_screen(dc, scorer), batch_size=dc.ray_parse_batch, batch_format="pyarrow", num_cpus=_STEP_CPUS
-        )
+    parse = Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, stems)
+    screen_step = screen.make_screen(dc, scorer) if screen.enabled(dc) else None
     with warnings.catch_warnings():  # max_restarts has no named parameter yet in Ray 2.60
         warnings.simplefilter("ignore", DeprecationWarning)
         # up to one actor per CPU of the session (the cluster's, under --ray-address), grown as batches queue;
-        # the read and parse tasks run beside them (_STEP_CPUS)
+        # the read tasks run beside them (_STEP_CPUS)
         ds = ds.map_batches(
-            Tokenize,
-            fn_constructor_args=(dc.tokenizer, dc.seq_len, overlong_policy(dc), end_token),
+            ParseAndTokenize,
+            fn_constructor_args=(parse, screen_step, dc.tokenizer, dc.seq_len, overlong_policy(dc), end_token),
             batch_size=dc.ray_tokenize_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
