@@ -7,19 +7,21 @@ Corpus: `cbt-llm synth template` (schema v1 records). Tokenizer: `cbt-llm tokeni
 50k records (the tokenizer is an input here, not what is measured).
 
 - ours:     `cbt-llm prepare` in a fresh subprocess: validate, dedup, split, chat template, tokenize + mask in
-            a Ray actor pool, packing (data.packer, --packer), Parquet shards + manifest.
+            one Ray actor pool, packing (data.packer, --packer), Parquet shards + manifest.
 - baseline: `datasets.load_dataset("json")` + `Dataset.map(batched=True, num_proc=2)` doing the same chat
             template, tokenization and prompt masking, then naive padding of every example to seq_len, written
             to Parquet. No validation, no dedup, no split, no packing: strictly less work than ours.
 - raw:      `tokenizers`' `encode_batch` alone over exactly the texts ours tokenizes (the chat template of every
             valid example), on --num-proc threads: the tokenizer's own speed, the ceiling of any pipeline. Only
-            the encode_batch calls are timed (the texts are rendered beforehand, untimed).
+            the encode_batch calls are timed (the texts are rendered beforehand, untimed). A second line times
+            `encode_batch_fast` (no character offsets) on the same texts: what ours calls on byte-level BPE
+            tokenizers, also without the system turn it reuses, so ours can pass the first line.
 - --profile-stages: prepare's stage functions run in order on one thread without Ray, each timed (where the
             CPU time of a record goes; Ray's own share is the real run's time beyond it).
 
 Both run as fresh subprocesses timed by wall clock (interpreter, Ray or datasets start-up included).
 Peak memory is the peak of the summed PSS (proportional set size, so shared pages such as Ray's object
-store are not counted twice) of the whole process tree, sampled every 200 ms. Efficiency is real tokens /
+store are not counted twice) of the whole process tree, sampled once a second (_SAMPLE_S). Efficiency is real tokens /
 (rows * seq_len). Writes bench/results/prepare.json and prints a markdown table. Work files are deleted.
 """
 
@@ -42,20 +44,40 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "你是一名经验丰富的心理咨询师,专长于认知行为疗法,以心理咨询师的身份回答以下问题"
 
 
+# The kernel walks every page table of a process to sum its PSS: ~45 ms for Ray's ~20 processes on this machine.
+# Every 200 ms that took 15 CPU-s of a 75 s prepare run (the many-process pipeline paid, datasets' 3 did not);
+# once a second it is ~3 CPU-s, and the memory curves are smooth at that resolution.
+_SAMPLE_S = 1.0
+
+
 def _tree_memory(pid: int) -> int:
     try:
         procs = [psutil.Process(pid)]
         procs += procs[0].children(recursive=True)
     except psutil.NoSuchProcess:
         return 0
-    total = 0
-    for p in procs:
-        try:
-            info = p.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+    return sum(_pss(p) for p in procs)
+
+
+def _pss(p: psutil.Process) -> int:
+    """A process's PSS from the kernel's own sum (/proc/PID/smaps_rollup). psutil's memory_full_info parses every
+    mapping of /proc/PID/smaps in Python: sampling Ray's ~20 processes with it every 200 ms took 22 CPU-s of a
+    2-core machine during one prepare run (run 116 s against ~75 s unwatched), a cost only the many-process
+    pipeline paid."""
+    try:
+        with open(f"/proc/{p.pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        return 0  # the process ended
+    except OSError:
+        pass
+    try:
+        info = p.memory_full_info()
+        return getattr(info, "pss", info.rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
@@ -71,7 +93,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
             n = len(psutil.Process(proc.pid).children(recursive=True)) if proc.poll() is None else 0
             peak[0] = max(peak[0], m)
             peak[1] = max(peak[1], n + 1)
-            done.wait(0.2)
+            done.wait(_SAMPLE_S)
 
     th = threading.Thread(target=watch, daemon=True)
     th.start()
@@ -157,15 +179,19 @@ def raw_encode_main(files: list[str], tok_dir: str, seq_len: int, threads: int, 
     backend = tok.backend_tokenizer
     backend.no_truncation()
     backend.no_padding()
-    encode_s, texts_n, tokens = 0.0, 0, 0
+    encode_s, fast_s, texts_n, tokens = 0.0, 0.0, 0, 0
     for convs in _kept_conversations(files, seq_len):
         texts = [tok.apply_chat_template(m, tokenize=False) for m in convs]
         t0 = time.perf_counter()
         encs = backend.encode_batch(texts, add_special_tokens=False)
-        encode_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        # the same texts without character offsets (ours asks for none on byte-level BPE: prepare/tokens.py)
+        backend.encode_batch_fast(texts, add_special_tokens=False)
+        fast_s += time.perf_counter() - t1
+        encode_s += t1 - t0
         texts_n += len(texts)
         tokens += sum(len(e.ids) for e in encs)
-    stats = {"texts": texts_n, "tokens": tokens, "encode_s": encode_s, "threads": threads}
+    stats = {"texts": texts_n, "tokens": tokens, "encode_s": encode_s, "fast_encode_s": fast_s, "threads": threads}
     (Path(out) / "raw_stats.json").write_text(json.dumps(stats))
 
 
@@ -312,6 +338,9 @@ def _raw_encode(files: list[str], tok_dir: Path, seq_len: int, threads: int, wor
         "encode_s": round(st["encode_s"], 2),
         "records_per_s": round(st["texts"] / st["encode_s"], 1),
         "tokens_per_s": round(st["tokens"] / st["encode_s"], 1),
+        "fast_encode_s": round(st["fast_encode_s"], 2),
+        "fast_records_per_s": round(st["texts"] / st["fast_encode_s"], 1),
+        "fast_tokens_per_s": round(st["tokens"] / st["fast_encode_s"], 1),
     }
 
 
@@ -469,6 +498,7 @@ def main() -> int:
             else {
                 "speed(ours/baseline records/s)": round(o["records_per_s"] / b["records_per_s"], 3),
                 "speed(ours/raw encode_batch records/s)": round(o["records_per_s"] / raw["records_per_s"], 3),
+                "speed(ours/raw encode_batch_fast records/s)": round(o["records_per_s"] / raw["fast_records_per_s"], 3),
                 "memory(ours/baseline peak)": round(o["peak_pss_mib"] / b["peak_pss_mib"], 3),
                 "rows(ours/baseline)": round(o["rows"] / b["rows"], 4),
             }
@@ -498,9 +528,14 @@ def main() -> int:
                 f"| raw `encode_batch`, {raw['threads']} threads (tokenizer time only) | {raw['encode_s']:,.1f} | "
                 f"{raw['records_per_s']:,.0f} | {raw['tokens_per_s']:,.0f} | | | |"
             )
+            print(
+                f"| raw `encode_batch_fast` (no offsets), {raw['threads']} threads | {raw['fast_encode_s']:,.1f} | "
+                f"{raw['fast_records_per_s']:,.0f} | {raw['fast_tokens_per_s']:,.0f} | | | |"
+            )
         if b is not None:
             print(
                 f"\nratio ours/raw encode_batch: {result['ratio']['speed(ours/raw encode_batch records/s)']}x records/s"
+                f" (ours/raw encode_batch_fast: {result['ratio']['speed(ours/raw encode_batch_fast records/s)']}x)"
             )
             print(
                 f"ratio ours/baseline: speed {result['ratio']['speed(ours/baseline records/s)']}x, "
