@@ -10,8 +10,9 @@ The flow, one way, one module per job:
                                                              rejects/, manifest.json, metrics
 
 With data.quality or data.near_dup set, a screen step (screen.py, in the same actor) runs between parse and
-tokenize: it turns examples under the quality thresholds into low_quality rejects and gives the others their MinHash band
-hashes, which the driver's near-duplicate index (neardup.py) decides on after the exact-duplicate check.
+tokenize: it turns examples under the quality thresholds into low_quality rejects and gives the others their
+MinHash band hashes, which the driver's near-duplicate index (neardup.py) decides on after the exact-duplicate
+check.
 
 pipeline.py ties them together (run_prepare) in the Ray session of ray_session.py. Ray Data runs with
 preserve_order, so the driver sees records in (file, line) order whatever the parallelism: the first copy of a
