@@ -730,6 +730,26 @@ def test_overlong_policy_per_row_in_a_batch(env):
             assert out["ok"][k] == (c is not None)
 
 
+def test_actor_loads_the_same_tokenizer_without_transformers(env):
+    """The actors' tokenizer.json-only load (no transformers import) is used only when it is exactly what
+    transformers loads with our template, and then tokenizes a batch to the same table."""
+    from data_pipeline.prepare.parse import PARSED_FIELDS
+    from data_pipeline.prepare.tokens import Tokenize
+    from data_pipeline.tokenizer import light_tokenizer_file
+
+    tok = load_tokenizer(env["tok"])
+    light = light_tokenizer_file(tok, env["tok"])
+    assert light.endswith("tokenizer.json")
+    convs = [conversation(r) for r in env["good"][:6]]
+    cols = {name: [_blank(name, k) for k in range(len(convs))] for name, _ in PARSED_FIELDS}
+    cols["ok"], cols["messages"] = [True] * len(convs), [dumps(c) for c in convs]
+    table = pa.table({name: pa.array(cols[name], typ) for name, typ in PARSED_FIELDS})
+    plain, fast = (Tokenize(env["tok"], 120, "truncate", IM_END, f)(table) for f in ("", light))
+    assert fast.equals(plain)
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|>\n")
+    assert light_tokenizer_file(tok, env["tok"]) == ""
+
+
 def _blank(name: str, k: int):
     return {"file_idx": 0, "line": k, "sub": 0, "chash": k, "qhash": 0, "example_id": f"e{k}", "judge": None}.get(
         name, ""

@@ -51,18 +51,19 @@ class ParseAndTokenize:
     more CPU than parsing; in one actor the tokenizer is still loaded once and the pool still spreads blocks of
     one input file over every CPU (and node)."""
 
-    def __init__(self, parse: Parse, screen_step, tokenizer: str, seq_len: int, overlong: str, end_token: str):
+    def __init__(self, parse: Parse, screen_step, tokenize_args: tuple):
         self.parse, self.screen = parse, screen_step
-        self.tokenize = Tokenize(tokenizer, seq_len, overlong, end_token)
+        self.tokenize = Tokenize(*tokenize_args)
 
     def __call__(self, table):
         parsed = self.parse(table)
         return self.tokenize(self.screen(parsed) if self.screen else parsed)
 
 
-def build_dataset(files: list[str], dc: DataConfig, end_token: str, scorer: str = ""):
+def build_dataset(files: list[str], dc: DataConfig, end_token: str, scorer: str = "", light_tokenizer: str = ""):
     """The Ray Data graph: read (tasks) -> parse + validate [+ screen] + tokenize + mask (actors), in (file, line)
-    order. `scorer`: the structure scorer's path when data.quality gates on coverage."""
+    order. `scorer`: the structure scorer's path when data.quality gates on coverage; `light_tokenizer`: the
+    tokenizer.json the actors may load without transformers (tokenizer.light_tokenizer_file)."""
     import ray
 
     configure_ray_data(dc.ray_block_mb)
@@ -80,7 +81,11 @@ def build_dataset(files: list[str], dc: DataConfig, end_token: str, scorer: str 
         # the read tasks run beside them (_STEP_CPUS)
         ds = ds.map_batches(
             ParseAndTokenize,
-            fn_constructor_args=(parse, screen_step, dc.tokenizer, dc.seq_len, overlong_policy(dc), end_token),
+            fn_constructor_args=(
+                parse,
+                screen_step,
+                (dc.tokenizer, dc.seq_len, overlong_policy(dc), end_token, light_tokenizer),
+            ),
             batch_size=dc.ray_tokenize_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
@@ -362,7 +367,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     Raises FileNotFoundError / ConfigError before starting Ray when inputs, tokenizer or sizes are wrong,
     and PrepareError on the first bad record under `strict`.
     """
-    from data_pipeline.tokenizer import IM_END, load_tokenizer, tokenizer_hash
+    from data_pipeline.tokenizer import IM_END, light_tokenizer_file, load_tokenizer, tokenizer_hash
 
     dc = cfg.data
     t_start = time.perf_counter()
@@ -385,7 +390,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     started, ray_s = init_ray(ray_address, ray_dir, dc.ray_object_store_mb)
     t_ray_ready = time.perf_counter()
     try:
-        ds = build_dataset(files, dc, end_token, scorer)
+        ds = build_dataset(files, dc, end_token, scorer, light_tokenizer_file(tok, dc.tokenizer))
         packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
         rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
         questions = QuestionFiles(staging)

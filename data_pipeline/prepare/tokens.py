@@ -249,13 +249,14 @@ def _list_array(values: np.ndarray, lens: np.ndarray) -> pa.Array:
 class Tokenize:
     """Ray Data actor: render the chat template, tokenize, mask prompts, apply the overlong policy."""
 
-    def __init__(self, tokenizer: str, seq_len: int, overlong: str, end_token: str):
+    def __init__(self, tokenizer: str, seq_len: int, overlong: str, end_token: str, light_file: str = ""):
+        """`light_file`: tokenizer.json to load without transformers (tokenizer.light_tokenizer_file)."""
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # Ray already runs one actor per core
-        from data_pipeline.tokenizer import load_tokenizer
+        from data_pipeline.tokenizer import ChatMLTokenizer, load_tokenizer
 
         # by name, not by value: a pickled tokenizer would ride in the object store, which Ray warns
         # makes actor restarts fragile; the driver checked the same path loads.
-        self.tok = load_tokenizer(tokenizer)
+        self.tok = ChatMLTokenizer(light_file) if light_file else load_tokenizer(tokenizer)
         self.render = chat_renderer(self.tok)
         self.system_turns = SystemTurns.for_tokenizer(self.tok, self.render)
         self.byte_lengths = token_byte_lengths(self.tok)
