@@ -233,6 +233,7 @@ class _TimedBackend:
 
     def __init__(self, real, clock: _Clock):
         self._real, self.encode_batch = real, clock.wrap("tokenize (encode_batch)", real.encode_batch)
+        self.encode_batch_fast = clock.wrap("tokenize (encode_batch_fast)", real.encode_batch_fast)
 
     def __getattr__(self, name):
         return getattr(self._real, name)
