@@ -67,8 +67,7 @@ class Example:
     def content_hash(self, messages_json: str | None = None) -> int:
         """64-bit hash of the exact conversation: equal conversations are duplicates. `messages_json`: this
         example's messages_json() when the caller has it already (prepare's parse step does)."""
-        blob = (messages_json if messages_json is not None else self.messages_json()).encode("utf-8")
-        return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
+        return hash64((messages_json if messages_json is not None else self.messages_json()).encode("utf-8"))
 
     def heldout_record(self) -> dict:
         """This example as a line of heldout.jsonl (data_pipeline/shards.py): the question and its context as
@@ -96,6 +95,12 @@ class Example:
 _SPACE = re.compile(r"\s+")
 
 
+def hash64(blob: bytes) -> int:
+    """Signed 64-bit BLAKE2b of `blob` (signed: it is stored as Parquet's int64): prepare's one hash for dedup
+    keys, question fingerprints and near-duplicate bands."""
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
+
+
 @lru_cache(maxsize=4096)  # prepare asks twice per example (its split and its fingerprint)
 def normalise_question(text: str) -> str:
     """Key for the split: NFKC (full/half-width alike), case-folded, whitespace removed."""
@@ -114,8 +119,7 @@ def split_of(question: str, val_fraction: float, seed: int = 0) -> str:
 def question_hash(question: str) -> int:
     """64-bit fingerprint of the normalised question (signed, as Parquet's int64): prepare lists the train
     split's in train_questions.u64, so a question set can be checked against it without the text."""
-    digest = hashlib.blake2b(normalise_question(question).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    return hash64(normalise_question(question).encode("utf-8"))
 
 
 def _type_name(v: Any) -> str:

@@ -18,13 +18,13 @@ different question, or another answer to the same question, is a distinct exampl
 from __future__ import annotations
 
 import functools
-import hashlib
 import unicodedata
 from array import array
 
 import numpy as np
 
 from cbt_llm.crisis import corpus_is_crisis, has_crisis_support
+from data_pipeline.formats import hash64
 from data_pipeline.prepare.dedup import FirstSeen
 
 SEED = 1  # MinHash permutation seed: fixed, so signatures (and so the decisions) never change between runs
@@ -151,7 +151,7 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int, group: int = 0) -> list[
     out = []
     for j in range(bands):
         blob = j.to_bytes(2, "little") + bytes([group]) + sig[j * rows : (j + 1) * rows].astype("<u4").tobytes()
-        out.append(int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True))
+        out.append(hash64(blob))
     return out
 
 

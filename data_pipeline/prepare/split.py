@@ -24,14 +24,13 @@ truncation (6.6 s against 6.0 s, one process); tokenizing each piece again inste
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.formats import render_chatml
+from data_pipeline.formats import hash64, render_chatml
 from data_pipeline.prepare.parse import RAW_KEEP_CHARS
 from data_pipeline.shards import IGNORE
 
@@ -126,7 +125,7 @@ def turn_lengths(cut: np.ndarray, total: int, first: int) -> tuple[int, list[int
 def _piece_hash(messages: list[dict], learn_from: int) -> int:
     """The dedup key of a piece: its exact text and where learning starts (Example.content_hash's width)."""
     blob = json.dumps([learn_from, messages], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
+    return hash64(blob)
 
 
 def _sliced(seg: tuple, cut: np.ndarray, p: Piece) -> tuple[np.ndarray, np.ndarray]:

@@ -145,16 +145,8 @@ def token_byte_lengths(tok) -> np.ndarray | None:
     from tokenizers.pre_tokenizers import ByteLevel
 
     spec = json.loads(tok.backend_tokenizer.to_str())
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if (
-        spec["model"]["type"] != "BPE"
-        or (spec.get("decoder") or {}).get("type") != "ByteLevel"
-        or normalizer
-        not in (
-            None,
-            "NFC",
-        )
-    ):
+    kind = spec["model"]["type"], (spec.get("decoder") or {}).get("type")
+    if kind != ("BPE", "ByteLevel") or (spec.get("normalizer") or {}).get("type") not in (None, "NFC"):
         return None
     added = {t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values()}
     vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
