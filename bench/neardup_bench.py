@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.prepare_bench import _cli, run_measured  # noqa: E402
+from bench.prepare_bench import _cli, fresh_workdir, run_measured  # noqa: E402
 from data_pipeline.prepare.neardup import NearDupIndex, conversation_text, lsh_params, shingles  # noqa: E402
 from data_pipeline.structure import load_or_train  # noqa: E402
 from data_pipeline.synth_template import iter_records  # noqa: E402
@@ -231,11 +231,8 @@ def main() -> int:
     n = args.num_records
     result: dict = {"num_records": n, "cpus": os.cpu_count(), "load_start": [round(x, 2) for x in os.getloadavg()]}
     if not args.index_only:
-        work = Path(args.workdir)
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        work, env = fresh_workdir(args.workdir)
         corpus, tok = work / "corpus", work / "tok"
-        env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
         try:
             t0 = time.perf_counter()
             truth = write_corpus(n, corpus)

@@ -80,6 +80,15 @@ def _pss(p: psutil.Process) -> int:
         return 0
 
 
+def fresh_workdir(path: str) -> tuple[Path, dict]:
+    """An emptied work folder and the environment every prepare-bench subprocess runs with (Ray without token
+    auth; the tokenizer's own threads off, as in prepare's actors)."""
+    work = Path(path)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work, dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run cmd, return wall seconds, exit code and peak PSS of its process tree."""
     t0 = time.perf_counter()
@@ -379,11 +388,8 @@ def main() -> int:
             return 0
 
     load_start = [round(x, 2) for x in os.getloadavg()]
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work, env = fresh_workdir(args.workdir)
     corpus, tok_dir = work / "corpus", work / "tok"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     try:
         print(f"generating {args.num_records:,} records ...", file=sys.stderr)
         gen = run_measured(
