@@ -23,9 +23,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cbt_llm.config import AgentsConfig, ApiSynthConfig
-from data_pipeline.synth_agents import run_synth_api_agents
-from evaluation.judge import RUBRICS, RubricCritic
+from cbt_llm.core.config import AgentsConfig, ApiSynthConfig
+from cbt_llm.domain.rubrics import RUBRICS, RubricCritic
+from data_pipeline.synth.agents import run_synth_api_agents
 
 ROOT = Path(__file__).resolve().parent.parent
 REVISED = "另外,每天固定一个时间写一次思维记录。"

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cbt_llm.domain.chat_format import build_user_message  # noqa: E402
 from data_pipeline.shards import load_manifest  # noqa: E402
-from data_pipeline.structure import load_or_train  # noqa: E402
-from data_pipeline.tokenizer import build_user_message  # noqa: E402
+from data_pipeline.synth.scorer import load_or_train  # noqa: E402
 from evaluation.questions import load_heldout  # noqa: E402
 
 

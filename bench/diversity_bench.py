@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.synth_template import PROMPT_VERSION, iter_records  # noqa: E402
+from data_pipeline.synth.template import PROMPT_VERSION, iter_records  # noqa: E402
 from evaluation.reference import _distinct  # noqa: E402
 
 SHINGLE = 5
@@ -88,7 +88,7 @@ class _Plain:
 
 def _build_corpus(cfg) -> None:
     from data_pipeline.prepare import run_prepare
-    from data_pipeline.synth_template import run_synth_template
+    from data_pipeline.synth.template import run_synth_template
     from data_pipeline.tokenizer import train_tokenizer
 
     run_synth_template(cfg.synth)
@@ -121,8 +121,8 @@ def train_and_validate(work: Path, num_records: int) -> dict:
     """synth -> tokenizer -> prepare as the demo, then the demo's 300 steps in one process; the val losses."""
     import torch
 
-    from cbt_llm.config import load_config
-    from data_pipeline.tokenizer import load_tokenizer
+    from cbt_llm.core.config import load_config
+    from cbt_llm.inference.tokenizer import load_tokenizer
     from train.data import RankLoader, load_manifest, read_rows
     from train.model import label_count, load_model, select_attn, write_random_base
     from train.optim import lr_lambda

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
-from data_pipeline.tokenizer import tokenizer_hash
+from cbt_llm.inference.tokenizer import tokenizer_hash
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 96
@@ -160,7 +160,7 @@ def make_shards(
 def write_chat_tokenizer(out_dir: Path, *, records: int = 200, vocab_size: int = 600) -> Path:
     """A byte-level BPE with the ChatML template (data_pipeline/tokenizer.py), trained on `records` template-corpus
     records: Chinese text tokenizes as it would for a small real tokenizer, and nothing is downloaded."""
-    from data_pipeline.synth_template import iter_records
+    from data_pipeline.synth.template import iter_records
     from data_pipeline.tokenizer import train_tokenizer_from_texts
 
     texts = (r[k] for r in iter_records(0, 0, records) for k in ("question", "description", "answer"))

@@ -280,7 +280,7 @@ def main() -> None:
     import torch
 
     from bench.fixtures import make_shards
-    from cbt_llm.report import print_summary, write_metrics
+    from cbt_llm.core.report import print_summary, write_metrics
 
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here (use --smoke for a CPU plumbing check)")

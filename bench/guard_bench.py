@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cbt_llm.crisis import detect, unsafe_output  # noqa: E402
-from cbt_llm.guard import CrisisGuard  # noqa: E402
-from data_pipeline.synth_template import iter_records  # noqa: E402
+from cbt_llm.domain.crisis import detect, unsafe_output  # noqa: E402
+from cbt_llm.domain.guard import CrisisGuard  # noqa: E402
+from data_pipeline.synth.template import iter_records  # noqa: E402
 
 LABELLED = ROOT / "tests" / "data" / "crisis_messages.jsonl"
 OUT = ROOT / "bench" / "results" / "guard.json"

@@ -76,7 +76,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from cbt_llm.report import print_summary, write_metrics
+    from cbt_llm.core.report import print_summary, write_metrics
 
     rows = {}
     for chunk in [0] + [int(c) for c in args.chunks.split(",") if c]:

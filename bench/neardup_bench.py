@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.prepare_bench import _cli, fresh_workdir, run_measured  # noqa: E402
+from cbt_llm.domain.chat_format import build_user_message  # noqa: E402
 from data_pipeline.prepare.neardup import NearDupIndex, conversation_text, lsh_params, shingles  # noqa: E402
-from data_pipeline.structure import load_or_train  # noqa: E402
-from data_pipeline.synth_template import iter_records  # noqa: E402
-from data_pipeline.tokenizer import build_user_message  # noqa: E402
+from data_pipeline.synth.scorer import load_or_train  # noqa: E402
+from data_pipeline.synth.template import iter_records  # noqa: E402
 
 PLANT_EVERY = 100
 # characters an edit may put in: common, and none that could complete a crisis keyword (死, 活, 自, 杀 left out)

@@ -123,7 +123,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
 def baseline_main(files: list[str], tok_dir: str, seq_len: int, num_proc: int, out: str) -> None:
     import datasets
 
-    from data_pipeline.tokenizer import build_user_message, load_tokenizer
+    from cbt_llm.domain.chat_format import build_user_message
+    from cbt_llm.inference.tokenizer import load_tokenizer
 
     datasets.disable_caching()
     cache = str(Path(out) / "hf-cache")
@@ -166,7 +167,7 @@ def baseline_main(files: list[str], tok_dir: str, seq_len: int, num_proc: int, o
 def _kept_conversations(files: list[str], seq_len: int):
     """The conversations prepare tokenizes, in its order and batches: Parse's output (validated, split), the
     same data config as `ours`. Untimed: it is what the raw line is given, not what it measures."""
-    from cbt_llm.config import Config
+    from cbt_llm.core.config import Config
     from data_pipeline.prepare.parse import Parse
     from data_pipeline.prepare.read import iter_file
 
@@ -182,7 +183,7 @@ def raw_encode_main(files: list[str], tok_dir: str, seq_len: int, threads: int, 
     """`encode_batch` over exactly the texts prepare tokenizes (chat template of every valid example), on
     `threads` threads: the tokenizer's own speed, the ceiling of any pipeline around it. Only encode_batch is
     timed; the texts are rendered beforehand, a batch at a time, so memory stays one batch."""
-    from data_pipeline.tokenizer import load_tokenizer
+    from cbt_llm.inference.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     backend = tok.backend_tokenizer
@@ -252,8 +253,10 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
     """Prepare's own stage functions, in order, on one thread and without Ray, each timed: what every record
     costs in CPU seconds per stage. Ray's share (object transfer, scheduling, the actor pool) is what the real
     run's stream time adds on top, times its cores."""
-    import data_pipeline.formats as F
-    from cbt_llm.config import Config
+    import data_pipeline.sources.formats as F
+    from cbt_llm.core.config import Config
+    from cbt_llm.domain.chat_format import IM_END
+    from data_pipeline.prepare import encode as E
     from data_pipeline.prepare import parse as P
     from data_pipeline.prepare import pipeline as PL
     from data_pipeline.prepare import tokens as T
@@ -262,7 +265,6 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
     from data_pipeline.prepare.read import iter_file
     from data_pipeline.prepare.split import overlong_policy
     from data_pipeline.shards import SPLITS
-    from data_pipeline.tokenizer import IM_END
 
     clock = _Clock()
     work = Path(out)
@@ -275,15 +277,15 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
     P.split_of = clock.wrap("split + hashes", P.split_of)
     P.question_hash = clock.wrap("split + hashes", P.question_hash)
     F.Example.content_hash = clock.wrap("split + hashes", F.Example.content_hash)
-    if hasattr(T, "json"):
-        T.json = _TimedJson(clock, "tokenize actor: JSON re-parse", "tokenize actor: JSON encode")
+    if hasattr(E, "json"):
+        E.json = _TimedJson(clock, "tokenize actor: JSON re-parse", "tokenize actor: JSON encode")
     W.SplitPacker.flush = clock.wrap("pack + spool write", W.SplitPacker.flush)
     parse = P.Parse(dc.format, dc.system_prompt, dc.max_chars, dc.val_fraction, dc.seed, [Path(f).name for f in files])
     tokenize = T.Tokenize(tok_dir, dc.seq_len, overlong_policy(dc), IM_END)
     tokenize.tok._tokenizer = _TimedBackend(tokenize.tok._tokenizer, clock)
     tokenize.tok.apply_chat_template = clock.wrap("chat template", tokenize.tok.apply_chat_template)
-    if hasattr(T, "label_spans"):
-        T.label_spans = clock.wrap("mask: label spans", T.label_spans)
+    if hasattr(E, "label_spans"):
+        E.label_spans = clock.wrap("mask: label spans", E.label_spans)
 
     staging = work / "profile"
     staging.mkdir(parents=True, exist_ok=True)

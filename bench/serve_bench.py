@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fixtures import write_chat_tokenizer, write_tiny_qwen2  # noqa: E402
-from data_pipeline.synth_template import iter_records  # noqa: E402
+from data_pipeline.synth.template import iter_records  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "serve.json"
 

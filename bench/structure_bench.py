@@ -37,16 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.schema import CBT_PARTS  # noqa: E402
-from data_pipeline.structure import (  # noqa: E402
-    LABELS,
-    ORDER_PRIOR,
-    StructureScorer,
-    evaluate_scorer,
-    longest_shared,
-    seed_bank,
-    train_scorer,
-)
+from cbt_llm.domain.cbt import CBT_PARTS  # noqa: E402
+from cbt_llm.domain.structure import LABELS, ORDER_PRIOR, StructureScorer  # noqa: E402
+from data_pipeline.synth.scorer import seed_bank, train_scorer  # noqa: E402
+from evaluation.scorer_eval import evaluate_scorer, longest_shared  # noqa: E402
 
 ANSWERS = ROOT / "tests" / "data" / "structure_handwritten.jsonl"
 PSYQA = ROOT.parent / "shared" / "data" / "psyqa_example.json"

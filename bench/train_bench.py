@@ -185,7 +185,7 @@ def main() -> None:
         return
 
     from bench.fixtures import make_shards
-    from cbt_llm.report import print_summary, write_metrics
+    from cbt_llm.core.report import print_summary, write_metrics
 
     out = (ROOT / args.out).resolve()
     data = make_shards(

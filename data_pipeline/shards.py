@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from cbt_llm.config import ConfigError
+from cbt_llm.core.errors import ConfigError
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -89,14 +89,6 @@ _RERUN = "re-run `cbt-llm prepare`"
 
 class ManifestError(ConfigError):
     """Shards that cannot be used as given (missing, corrupt, or made with another tokenizer)."""
-
-
-def is_local_path(name: str | Path) -> bool:
-    """Whether a tokenizer (as manifest.json names it) or model name can only mean a local folder, not a Hugging
-    Face Hub id ("org/name"): it starts with '.', '/' or this project's `runs` folder, or it has no '/' or more
-    than one. A missing one is then reported as missing instead of as a failed download."""
-    name = str(name)
-    return name.startswith((".", "/", "runs")) or name.count("/") != 1
 
 
 def shard_path(split: str, index: int, count: int) -> str:
@@ -172,7 +164,7 @@ def check_tokenizer(man: dict, out: Path, tokenizer) -> None:
     """Refuse (ManifestError) a tokenizer (object or path/id) whose content hash or pad id differs from the
     ones the shards in `out` were made with (what load_manifest(tokenizer=...) checks, for a caller that
     already holds the manifest)."""
-    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+    from cbt_llm.inference.tokenizer import load_tokenizer, tokenizer_hash
 
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     got = tokenizer_hash(tok)

@@ -7,7 +7,6 @@ prompt masking behaves the same way on the demo and on real models.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -15,32 +14,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cbt_llm.config import TokenizerConfig
-from cbt_llm.report import print_summary, write_metrics
+from cbt_llm.core.config import TokenizerConfig
+from cbt_llm.core.report import print_summary, write_metrics
+from cbt_llm.domain.chat_format import CHAT_TEMPLATE, IM_END, PAD_TOKEN, SPECIAL_TOKENS
+from cbt_llm.inference.tokenizer import load_tokenizer, tokenizer_hash
 from data_pipeline.io import expand_inputs, iter_lines
-from data_pipeline.shards import is_local_path
-
-PAD_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
-
-# ChatML. The assistant turn ends with <|im_end|>, which is the token the model learns to stop on.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def build_user_message(question: str, description: str = "") -> str:
-    """The user turn: the question, then the asker's description when there is one."""
-    question = question.strip()
-    description = (description or "").strip()
-    if description and description != question:
-        return f"{question}\n{description}"
-    return question
 
 
 def _message_texts(messages) -> Iterator[str]:
@@ -112,22 +90,6 @@ def train_tokenizer_from_texts(
     return out
 
 
-def load_tokenizer(name_or_path: str):
-    """Load a tokenizer folder or Hugging Face id. Fails with one line when it is missing or has no template."""
-    from transformers import AutoTokenizer
-
-    if is_local_path(name_or_path) and not Path(name_or_path).exists():
-        raise FileNotFoundError(
-            f"tokenizer '{name_or_path}' not found; run `cbt-llm tokenizer train` or give a Hugging Face id"
-        )
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer '{name_or_path}' has no chat template; use an instruct/chat model's tokenizer")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 class ChatMLTokenizer:
     """What prepare's workers use of a tokenizer (its Rust tokenizer and chat template), loaded from
     tokenizer.json without transformers, whose import and AutoTokenizer cost each worker ~3 s of CPU. Only for a
@@ -155,21 +117,6 @@ def light_tokenizer_file(tok, name_or_path: str) -> str:
     if getattr(tok, "chat_template", None) != CHAT_TEMPLATE or not path.is_file():
         return ""
     return str(path.resolve()) if _id_parts(Tokenizer.from_file(str(path))) == _id_parts(tok.backend_tokenizer) else ""
-
-
-def tokenizer_hash(tok) -> str:
-    """Content hash of what decides token ids: vocabulary, merges, special tokens and the chat template."""
-    backend = json.loads(tok.backend_tokenizer.to_str())
-    payload = {
-        "model": backend.get("model"),
-        "added_tokens": backend.get("added_tokens"),
-        "pre_tokenizer": backend.get("pre_tokenizer"),
-        "normalizer": backend.get("normalizer"),
-        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-        "chat_template": tok.chat_template,
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def train_tokenizer(cfg: TokenizerConfig) -> dict:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
-from cbt_llm.config import ConfigError
+from cbt_llm.core.errors import ConfigError
 from evaluation.reference import _check, _result
 
 NAME = "bertscore-f1"

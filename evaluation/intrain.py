@@ -18,11 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError
+from cbt_llm.core.config import Config
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.inference.generate import generate_all
+from cbt_llm.inference.hf import HFGenerator
+from cbt_llm.inference.models import ModelSource, load_chat_tokenizer
+from cbt_llm.inference.prompt import Prompt, prompt_messages
 from data_pipeline.shards import load_manifest
-from data_pipeline.structure import load_or_train
+from data_pipeline.synth.scorer import load_or_train
 from evaluation import bertscore
-from evaluation.generate import HFGenerator, ModelSource, Prompt, generate_all, load_chat_tokenizer, prompt_messages
 from evaluation.judge import Judge, check_judge_config
 from evaluation.run import check_metrics, judge_answers, load_questions, score_answers
 

@@ -56,8 +56,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cbt_llm.fileio import write_text_atomic
-from evaluation.judge import RUBRICS as JUDGE_RUBRICS
+from cbt_llm.core.fileio import write_text_atomic
+from cbt_llm.domain.rubrics import RUBRICS as JUDGE_RUBRICS
 from evaluation.reference import METRICS as REFERENCE_METRICS
 
 RATES = ("crisis-support", "crisis-hotline", "professional-help")

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from cbt_llm.config import ConfigError
-from data_pipeline.formats import question_hash
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.domain.record import RecordError
 from data_pipeline.io import iter_lines, open_binary_read
-from data_pipeline.psyqa import parse_psyqa_question, parse_question
-from data_pipeline.schema import RecordError
 from data_pipeline.shards import HELDOUT_FILE, load_manifest, train_question_hashes
+from data_pipeline.sources.formats import question_hash
+from data_pipeline.sources.psyqa import parse_psyqa_question, parse_question
 
 
 class TrainOverlapError(ConfigError):

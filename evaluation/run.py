@@ -25,21 +25,16 @@ import os
 import sys
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError, EvalConfig, EvalModelConfig
-from cbt_llm.fileio import write_text_atomic
-from cbt_llm.report import print_summary
-from data_pipeline.structure import load_or_train
+from cbt_llm.core.config import Config, EvalConfig, EvalModelConfig
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.fileio import write_text_atomic
+from cbt_llm.core.report import print_summary
+from cbt_llm.inference.endpoint import EndpointGenerator
+from cbt_llm.inference.generate import generate_all, load_generator
+from cbt_llm.inference.models import exported_system_prompt, resolve_model
+from cbt_llm.inference.prompt import Generation, Prompt, prompt_messages
+from data_pipeline.synth.scorer import load_or_train
 from evaluation import bertscore, outputs, reference, safety, sessions, stats
-from evaluation.endpoint import EndpointGenerator
-from evaluation.generate import (
-    Generation,
-    Prompt,
-    exported_system_prompt,
-    generate_all,
-    load_generator,
-    prompt_messages,
-    resolve_model,
-)
 from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
 from train.runtime import dist_env

@@ -29,14 +29,18 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from cbt_llm.config import Config, ConfigError, EvalConfig
-from cbt_llm.guard import CrisisGuard, after_model, before_model
-from data_pipeline.psyqa import load_questions
-from data_pipeline.synth_api_sessions import clean_turn, client_prompt, intake_from_question, turn_problem
-from data_pipeline.synth_sessions import SYSTEM_PROMPT, intake_at, session_at
-from evaluation.endpoint import EndpointGenerator
-from evaluation.generate import Prompt, generate_all
-from evaluation.judge import RUBRICS, signature
+from cbt_llm.core.config import Config, EvalConfig
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.domain.guard import CrisisGuard, after_model, before_model
+from cbt_llm.domain.prompts import SESSION_SYSTEM_PROMPT, client_prompt
+from cbt_llm.domain.rubrics import RUBRICS
+from cbt_llm.inference.endpoint import EndpointGenerator
+from cbt_llm.inference.generate import generate_all
+from cbt_llm.inference.prompt import Prompt
+from data_pipeline.sources.psyqa import load_questions
+from data_pipeline.synth.api_sessions import clean_turn, intake_from_question, turn_problem
+from data_pipeline.synth.sessions import intake_at, session_at
+from evaluation.judge import signature
 from evaluation.questions import check_no_train_overlap
 
 # The client's first request needs a user message (many chat templates refuse a conversation without one); it
@@ -349,4 +353,4 @@ def system_prompt(ec: EvalConfig) -> tuple[str, str]:
     """(the model's system prompt in sessions, where it came from)."""
     if ec.sessions.system_prompt is not None:
         return ec.sessions.system_prompt, "eval.sessions.system_prompt"
-    return SYSTEM_PROMPT, "data_pipeline.synth_sessions.SYSTEM_PROMPT"
+    return SESSION_SYSTEM_PROMPT, "cbt_llm.domain.prompts.SESSION_SYSTEM_PROMPT"

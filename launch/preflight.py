@@ -8,9 +8,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError, check_world_size
+from cbt_llm.core.config import Config, check_world_size
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.fileio import is_local_path
 from data_pipeline import shards
-from data_pipeline.shards import is_local_path, load_manifest
+from data_pipeline.shards import load_manifest
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
 

@@ -49,8 +49,9 @@ import sys
 import time
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError, load_config
-from cbt_llm.report import print_summary, write_metrics
+from cbt_llm.core.config import Config, load_config
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.report import print_summary, write_metrics
 from launch.render import procs_per_node, ray_storage_path, world_size
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the V2 API (the default since Ray 2.50; explicit here)

@@ -13,7 +13,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError
+from cbt_llm.core.config import Config
+from cbt_llm.core.errors import ConfigError
 
 LAUNCHERS = ("deepspeed", "slurm", "ray")
 
@@ -306,7 +307,7 @@ EXAMPLES = [
 
 def render_example(name: str, launcher: str, config: str, overrides: list[str]) -> str:
     """One example script, rendered exactly as `cbt-llm launch <launcher> --config <config> <overrides> --dry-run`."""
-    from cbt_llm.config import load_config
+    from cbt_llm.core.config import load_config
 
     return render(launcher, load_config(config, overrides), TrainCommand(config=config, overrides=overrides))
 

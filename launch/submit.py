@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError
-from cbt_llm.fileio import write_text_atomic
-from cbt_llm.report import print_summary, write_metrics
+from cbt_llm.core.config import Config
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.fileio import write_text_atomic
+from cbt_llm.core.report import print_summary, write_metrics
 from launch.preflight import preflight
 from launch.render import TrainCommand, render
 

@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from cbt_llm.guard import CrisisGuard
+from cbt_llm.domain.guard import CrisisGuard
 from serve.engine import PromptTooLong
 from serve.guarded import guarded_reply
 

@@ -16,8 +16,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from cbt_llm.crisis import DISCLAIMER
-from cbt_llm.guard import CrisisGuard
+from cbt_llm.domain.crisis import DISCLAIMER
+from cbt_llm.domain.guard import CrisisGuard
 from serve.engine import Engine
 from serve.guarded import GuardedStream, guarded_reply
 from serve.remote import RemoteEngine

@@ -19,10 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbt_llm.config import ConfigError
-from cbt_llm.guard import message_text
-from data_pipeline.shards import is_local_path
-from evaluation.generate import HFGenerator, Prompt, exported_system_prompt, resolve_model
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.fileio import is_local_path
+from cbt_llm.domain.guard import message_text
+from cbt_llm.inference.hf import HFGenerator
+from cbt_llm.inference.models import exported_system_prompt, resolve_model
+from cbt_llm.inference.prompt import Prompt
 
 
 @dataclass
@@ -113,7 +115,7 @@ class Engine:
         stop: list[str] | None = None,
     ) -> Completion:
 
-        from evaluation.generate import cut_at_stop
+        from cbt_llm.inference.prompt import cut_at_stop
 
         ids = self.start(messages, max_new_tokens, seed)
         out = self.run_generate(ids, max_new_tokens, temperature, top_p)
@@ -201,7 +203,7 @@ class VllmEngine:
         """`engine`: an object with vLLM's LLM.generate (tests inject tests/eval_fixtures.StandInEngine)."""
         import json
 
-        from evaluation.generate import VllmGenerator
+        from cbt_llm.inference.vllm import VllmGenerator
 
         check_model_args(model, adapter)
         gen = VllmGenerator(model, adapter=adapter, dtype=dtype, engine=engine)
@@ -214,9 +216,9 @@ class VllmEngine:
     _completion = Engine._completion
 
     def _params(self, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
-        from evaluation.generate import _sampling_params
+        from cbt_llm.inference.vllm import sampling_params
 
-        params = _sampling_params(max_tokens, self.gen.stop_ids)
+        params = sampling_params(max_tokens, self.gen.stop_ids)
         if temperature > 0:
             params.temperature, params.seed = float(temperature), seed
             if hasattr(params, "top_p"):

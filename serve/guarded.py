@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER
-from cbt_llm.guard import CrisisGuard, Verdict, after_model, before_model, with_note
+from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER
+from cbt_llm.domain.guard import CrisisGuard, Verdict, after_model, before_model, with_note
 
 
 @dataclass

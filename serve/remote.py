@@ -4,7 +4,7 @@ it, whatever the upstream does."""
 
 from __future__ import annotations
 
-from cbt_llm.crisis import DISCLAIMER
+from cbt_llm.domain.crisis import DISCLAIMER
 
 
 class RemoteEngine:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.fixtures import write_chat_tokenizer, write_tiny_qwen2
-from data_pipeline.synth_template import iter_records
+from data_pipeline.synth.template import iter_records
 
 __all__ = [
     "StandInEngine",

@@ -59,7 +59,7 @@ _QUESTION = re.compile(r"来访者的问题:(.*)")
 
 
 def _rubric_of(user: str):
-    from evaluation.judge import _VERSION_LINE, RUBRICS
+    from cbt_llm.domain.rubrics import _VERSION_LINE, RUBRICS
 
     version = user.split(_VERSION_LINE, 1)[1].split("\n", 1)[0].strip()
     return next(r for r in RUBRICS.values() if r.version == version)
@@ -98,7 +98,7 @@ def good_parts(question: str) -> dict[str, str]:
 
 def climb_scores(user: str) -> dict[str, int]:
     """critic_climb's score object: every criterion lowest + 1 + the answer's revisions, capped at its highest."""
-    from evaluation.judge import RUBRICS
+    from cbt_llm.domain.rubrics import RUBRICS
 
     revisions = user.split(RUBRICS["cbt"].answer_label + "\n", 1)[1].count(REVISION_MARK)
     return {key: min(hi, lo + 1 + revisions) for key, lo, hi, _ in RUBRICS["cbt"].criteria}
@@ -127,7 +127,7 @@ UNSAFE_COUNSELLOR = "你不需要去看心理医生，也别告诉任何人。"
 
 def counsellor_turn(k: int, last: bool) -> str:
     """The counsellor simulator's k-th turn; the last one closes the session with the end marker."""
-    from data_pipeline.synth_api_sessions import END_MARKER
+    from cbt_llm.domain.prompts import END_MARKER
 
     if last:
         return f"我们今天谈了{k}段，回顾一下：你找到了那个让你难受的想法，也定好了这周的练习。我们下次见。{END_MARKER}"
@@ -224,7 +224,7 @@ class FakeOpenAIServer:
 
     @staticmethod
     def is_critic(request: dict) -> bool:
-        from evaluation.judge import RUBRICS
+        from cbt_llm.domain.rubrics import RUBRICS
 
         return RUBRICS["cbt"].answer_label in request["user"]
 
@@ -321,7 +321,7 @@ class FakeOpenAIServer:
         )
 
     def _session_turn(self, fault: str, messages: list[dict]) -> str:
-        from data_pipeline.synth_api_sessions import END_MARKER
+        from cbt_llm.domain.prompts import END_MARKER
 
         k = sum(1 for m in messages if m.get("role") == "assistant") + 1
         system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbt_llm.config import ConfigError, load_config
+from cbt_llm.core.config import load_config
+from cbt_llm.core.errors import ConfigError
 from train import attention
 from train.model import random_model_config, select_attn
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER, hotline
+from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER, hotline
 from serve.chat import PROMPT
 from tests.eval_fixtures import tiny_chat_model
 
@@ -158,7 +158,7 @@ def _remote(text: str):
 
 
 def test_the_client_side_guard_covers_an_unguarded_server():
-    from cbt_llm.guard import CrisisGuard
+    from cbt_llm.domain.guard import CrisisGuard
     from serve.guarded import guarded_reply
 
     guard = CrisisGuard()
@@ -319,7 +319,7 @@ def _fed(check, text: str, size: int = 1) -> list[str]:
     ],
 )
 def test_the_output_stream_never_releases_a_character_of_unsafe_text(unsafe, reason):
-    from cbt_llm.guard import OUTPUT_HOLD_BACK, CrisisGuard, letters
+    from cbt_llm.domain.guard import OUTPUT_HOLD_BACK, CrisisGuard, letters
 
     guard = CrisisGuard()
     check = guard.output_stream(conversation_id="c")
@@ -333,7 +333,7 @@ def test_the_output_stream_never_releases_a_character_of_unsafe_text(unsafe, rea
 def test_the_hold_back_is_derived_from_the_output_patterns():
     import re
 
-    from cbt_llm.guard import OUTPUT_HOLD_BACK, CrisisGuard, OutputStream, letters, output_hold_back
+    from cbt_llm.domain.guard import OUTPUT_HOLD_BACK, CrisisGuard, OutputStream, letters, output_hold_back
 
     # the longest output pattern: 吃|吞|服用 (2), digits (0), .{0,3}, 毫克 (2), .{0,12}, 足以 (2), 不会醒 (3): 24
     assert OUTPUT_HOLD_BACK == 24 + 3
@@ -348,7 +348,7 @@ def test_the_hold_back_is_derived_from_the_output_patterns():
 
 
 def test_a_guarded_stream_shows_what_guarded_reply_shows(model):
-    from cbt_llm.guard import CrisisGuard
+    from cbt_llm.domain.guard import CrisisGuard
     from serve.chat import model_deltas, remote_deltas
     from serve.engine import Engine
     from serve.guarded import GuardedStream, guarded_reply
@@ -379,7 +379,7 @@ def test_a_guarded_stream_shows_what_guarded_reply_shows(model):
 
 
 def test_a_stream_cut_by_the_guard_stops_the_model_and_keeps_the_conversation_in_crisis_mode():
-    from cbt_llm.guard import CrisisGuard
+    from cbt_llm.domain.guard import CrisisGuard
     from serve.guarded import GuardedStream
 
     closed = []

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from cbt_llm.cli import main
-from cbt_llm.config import Config, ConfigError, load_config, parse_overrides
+from cbt_llm.core.config import Config, load_config, parse_overrides
+from cbt_llm.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -151,7 +152,7 @@ def test_run_name_is_one_folder(bad):
 
 
 def test_check_world_size():
-    from cbt_llm.config import check_world_size
+    from cbt_llm.core.config import check_world_size
 
     assert check_world_size(2, 4, prepared_for=2, data_dir="d") == ""
     note = check_world_size(4, 8, prepared_for=8, data_dir="d")  # 4 ranks on shards for 8: allowed, and said

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cbt_llm.config import ConfigError
+from cbt_llm.core.errors import ConfigError
 from evaluation import bertscore as B
 
 REF = "我最近很焦虑，晚上睡不着觉。"

@@ -10,23 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbt_llm.config import ConfigError
-from data_pipeline.formats import to_examples
-from data_pipeline.prepare.tokens import tokenize_conversation
-from data_pipeline.synth_template import record_at
-from data_pipeline.tokenizer import IM_END
-from evaluation import generate as G
-from evaluation.generate import (
-    HFGenerator,
-    Prompt,
-    VllmGenerator,
-    choose_backend,
-    exported_system_prompt,
-    generate_all,
-    load_generator,
-    plan_batches,
-    prompt_messages,
-)
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.domain.chat_format import IM_END
+from cbt_llm.inference import generate as G
+from cbt_llm.inference.generate import choose_backend, generate_all, load_generator
+from cbt_llm.inference.hf import HFGenerator
+from cbt_llm.inference.models import exported_system_prompt, stop_token_ids
+from cbt_llm.inference.prompt import Prompt, plan_batches, prompt_messages
+from cbt_llm.inference.vllm import VllmGenerator
+from data_pipeline.prepare.encode import tokenize_conversation
+from data_pipeline.sources.formats import to_examples
+from data_pipeline.synth.template import record_at
 from tests.eval_fixtures import StandInEngine, tiny_chat_model, tiny_questions, write_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,8 +134,8 @@ def test_stop_tokens_include_im_end_when_the_eos_is_another_token(tmp_path):
     from tests.train_fixtures import write_tiny_tokenizer
 
     tok = AutoTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tok"))  # eos <|endoftext|> (id 0)
-    assert G.stop_token_ids(tok) == [0, 2]
-    assert G.stop_token_ids(tok, [7, 0]) == [0, 2, 7]
+    assert stop_token_ids(tok) == [0, 2]
+    assert stop_token_ids(tok, [7, 0]) == [0, 2, 7]
 
 
 def test_a_models_generation_config_cannot_change_greedy_decoding(tiny, base, tmp_path):
@@ -192,13 +186,13 @@ def test_choose_backend_says_which_and_why(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_backend("auto") == "transformers"
     assert "auto: no CUDA" in capsys.readouterr().err
-    monkeypatch.setattr(G, "_vllm_importable", lambda: False)
+    monkeypatch.setattr(G, "vllm_importable", lambda: False)
     with pytest.raises(ConfigError, match=r"^eval\.backend: vllm is not installed") as err:
         choose_backend("vllm")
     assert "\n" not in str(err.value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert choose_backend("auto") == "transformers"
-    monkeypatch.setattr(G, "_vllm_importable", lambda: True)
+    monkeypatch.setattr(G, "vllm_importable", lambda: True)
     assert choose_backend("auto") == "vllm" and choose_backend("transformers") == "transformers"
     with pytest.raises(ConfigError, match="eval.backend: 'tgi'"):
         choose_backend("tgi")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from cbt_llm.cli import main
-from cbt_llm.config import JudgeConfig
-from evaluation.judge import RUBRICS, Judge, parse_scores
+from cbt_llm.core.config import JudgeConfig
+from cbt_llm.domain.rubrics import RUBRICS, parse_scores
+from evaluation.judge import Judge
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import PROMPT_TOKENS, FakeOpenAIServer, judge_scores  # noqa: E402
@@ -34,7 +35,7 @@ def _offline(monkeypatch):
 
 
 def _total(rubric: str, answer: str, **kw) -> float:
-    from evaluation.judge import judge_messages
+    from cbt_llm.domain.rubrics import judge_messages
 
     user = judge_messages(RUBRICS[rubric], "", answer)[1]["content"]
     return RUBRICS[rubric].combine(judge_scores(user, **kw))

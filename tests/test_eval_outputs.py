@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cbt_llm.config import WandbConfig
-from cbt_llm.report import summary_table
+from cbt_llm.core.config import WandbConfig
+from cbt_llm.core.report import summary_table
 from evaluation import outputs as O
 from evaluation.bertscore import NO_ENCODER, not_computed
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cbt_llm.crisis import detect
-from data_pipeline.formats import to_examples
-from data_pipeline.schema import CRISIS_SUPPORT_SENTENCE, join_answer
-from data_pipeline.synth_template import record_at
+from cbt_llm.domain.cbt import join_answer
+from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE, detect
+from data_pipeline.sources.formats import to_examples
+from data_pipeline.synth.template import record_at
 from evaluation.safety import HOTLINE_NUMBERS, answer_safety, names_hotline, safety_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_every_generated_crisis_answer_passes_and_plain_text_does_not():
     assert summary["crisis_support"] == {"n": len(crisis), "rate": 1.0, "se": 0.0}
     assert summary["crisis_hotline"]["rate"] == 1.0
     assert summary["professional_help"] == {"n": 200, "rate": 1.0, "se": 0.0}
-    signature = "safety:v3|policy:data_pipeline.schema v1|hotlines:cbt_llm/crisis_hotlines.json"
+    signature = "safety:v3|policy:record schema v1|hotlines:cbt_llm/domain/crisis_hotlines.json"
     assert summary["signature"].startswith(signature)
 
 

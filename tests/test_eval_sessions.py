@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from cbt_llm.cli import main
-from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER
-from data_pipeline.synth_api_sessions import client_prompt
-from data_pipeline.synth_sessions import intake_at, session_at
-from evaluation.judge import RUBRICS, judge_messages, parse_scores
+from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER
+from cbt_llm.domain.prompts import client_prompt
+from cbt_llm.domain.rubrics import RUBRICS, judge_messages, parse_scores
+from data_pipeline.synth.sessions import intake_at, session_at
 from evaluation.sessions import intake_text, transcript_text
 
 sys.path.insert(0, str(Path(__file__).parent))

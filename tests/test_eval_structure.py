@@ -19,28 +19,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbt_llm.config import ConfigError
-from data_pipeline.schema import CBT_PARTS, join_answer
-from data_pipeline.structure import (
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.domain.cbt import CBT_PARTS, join_answer
+from cbt_llm.domain.structure import (
     LABELS,
     ORDER_PRIOR,
     VERSION,
     StaleScorerError,
-    answer_text,
     decode,
-    evaluate_scorer,
-    load_or_train,
     load_scorer,
-    longest_shared,
     order_agreement,
     order_prior,
-    seed_bank,
     split_segments,
     structure_of,
-    train_scorer,
-    variants,
 )
-from data_pipeline.synth_template import record_at
+from data_pipeline.synth.scorer import load_or_train, seed_bank, train_scorer
+from data_pipeline.synth.template import record_at
+from evaluation.scorer_eval import answer_text, evaluate_scorer, longest_shared, variants
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "structure_handwritten.jsonl"
 PSYQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "psyqa_example.json"
@@ -68,7 +63,7 @@ def test_the_default_training_corpus_is_the_frozen_template_v2_sample(scorer):
     (template-v3) leaves the measured v4 scorer as it was."""
     import hashlib
 
-    from data_pipeline.structure import FROZEN_CORPUS, frozen_corpus
+    from data_pipeline.synth.scorer import FROZEN_CORPUS, frozen_corpus
 
     digest = hashlib.sha256(FROZEN_CORPUS.read_bytes()).hexdigest()
     assert digest == "68497ab2613f15f4ff7cb0b249c074d2c6281ca0e8fcf852318f8340928bc308"

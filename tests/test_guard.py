@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cbt_llm import crisis
-from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER, HOTLINES, SHOWN_CRISIS_LINES, detect, normalise
-from cbt_llm.guard import CrisisGuard, Verdict, load_classifier
-from data_pipeline import schema
-from data_pipeline.prompts import build_messages
-from data_pipeline.synth_template import iter_records
+from cbt_llm.domain import crisis, record
+from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER, HOTLINES, SHOWN_CRISIS_LINES, detect, normalise
+from cbt_llm.domain.guard import CrisisGuard, Verdict, load_classifier
+from cbt_llm.domain.prompts import build_messages
+from data_pipeline.synth.template import iter_records
 from evaluation.safety import HOTLINE_NUMBERS, names_hotline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,8 +151,9 @@ def test_detection_time_grows_linearly_with_the_message():
 
 
 def test_the_corpus_keyword_rule_is_unchanged_and_shared():
-    assert schema.CRISIS_KEYWORDS is crisis.CORPUS_KEYWORDS and schema.is_crisis is crisis.corpus_is_crisis
-    assert len(crisis.CORPUS_KEYWORDS) == 18 and schema.is_crisis("", "最近总失眠，医生开了安眠药")
+    # one crisis API: the record schema calls crisis.corpus_is_crisis itself and keeps no alias of its own
+    assert not hasattr(record, "is_crisis") and not hasattr(record, "CRISIS_KEYWORDS")
+    assert len(crisis.CORPUS_KEYWORDS) == 18 and crisis.corpus_is_crisis("", "最近总失眠，医生开了安眠药")
     # the guard reads messages, the corpus rule flags training questions: the guard is the one that may say no
     assert not detect("最近总失眠，医生开了安眠药")
 
@@ -307,7 +307,7 @@ def test_one_source_for_every_hotline_number():
         assert h.digits in HOTLINE_NUMBERS
     assert "120" in CRISIS_BLOCK and "110" in CRISIS_BLOCK and "你并不孤单" in CRISIS_BLOCK
     assert names_hotline(CRISIS_BLOCK) and names_hotline(crisis.CRISIS_SUPPORT_SENTENCE)
-    assert schema.CRISIS_SUPPORT_SENTENCE is crisis.CRISIS_SUPPORT_SENTENCE
+    assert crisis.CRISIS_SUPPORT_SENTENCE is crisis.CRISIS_SUPPORT_SENTENCE
     assert national.number in build_messages("问题", "", [], crisis=True)[1]["content"]
     # no product module writes a crisis line's number itself; the frozen prompt v1 keeps the old one
     for top in ("cbt_llm", "data_pipeline", "train", "launch", "evaluation"):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from cbt_llm.cli import main
-from cbt_llm.config import ConfigError, load_config
+from cbt_llm.core.config import load_config
+from cbt_llm.core.errors import ConfigError
 from launch.preflight import preflight
 from launch.render import EXAMPLES, TrainCommand, render, render_example
 
@@ -210,7 +211,7 @@ def shards(tmp_path_factory) -> Path:
     """Fixture shards (4 train shards) whose manifest carries the fixture tokenizer's real content hash."""
     from transformers import AutoTokenizer
 
-    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+    from cbt_llm.inference.tokenizer import load_tokenizer, tokenizer_hash
 
     out = make_shards(tmp_path_factory.mktemp("launch") / "data", rows_per_shard=4, train_shards=4)
     man = json.loads((out / "manifest.json").read_text())

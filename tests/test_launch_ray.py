@@ -66,7 +66,8 @@ def test_run_train_off_the_main_thread_installs_no_signal_handlers(tmp_path):
     there (the config error below comes after the point where handlers would be installed)."""
     import signal
 
-    from cbt_llm.config import ConfigError, load_config
+    from cbt_llm.core.config import load_config
+    from cbt_llm.core.errors import ConfigError
     from train.recipe import run_train
 
     cfg = load_config(None, [f"train.data_dir={tmp_path / 'none'}", f"train.run_dir={tmp_path / 'run'}"])
@@ -120,7 +121,7 @@ def test_rows_from_a_ray_data_stream_are_read_rows(tmp_path):
     this rank's shards in file order is refused with one line."""
     import numpy as np
 
-    from cbt_llm.config import ConfigError
+    from cbt_llm.core.errors import ConfigError
     from train.data import read_rows, rows_from_batches
 
     shards = _shards(tmp_path)
@@ -391,7 +392,7 @@ def test_ray_workers_get_their_rows_from_ray_data_once_per_epoch(ray_run, demo_d
     """Each worker trains on exactly the rows, in exactly the order, that the loop gives that rank under every
     other launcher (read_rows + RankLoader): every row of an epoch once across workers, except the ones the
     manifest arithmetic leaves out; the same number of steps on every rank."""
-    from cbt_llm.config import load_config
+    from cbt_llm.core.config import load_config
     from train.data import RankLoader, load_manifest, rank_shards, read_rows, steps_per_epoch
 
     m = load_manifest(demo_data)

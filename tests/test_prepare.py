@@ -21,15 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from cbt_llm.config import Config, ConfigError
-from data_pipeline.formats import normalise_question, question_hash
+from cbt_llm.core.config import Config
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.domain.cbt import join_answer
+from cbt_llm.domain.chat_format import IM_END, build_user_message
+from cbt_llm.inference.tokenizer import load_tokenizer
 from data_pipeline.packing import split_by_position_ids
 from data_pipeline.prepare import PrepareError, run_prepare
 from data_pipeline.prepare.ray_session import init_ray
-from data_pipeline.schema import join_answer
 from data_pipeline.shards import IGNORE as IGNORE_INDEX
 from data_pipeline.shards import ManifestError, load_manifest, sha256_file, train_question_hashes
-from data_pipeline.tokenizer import IM_END, build_user_message, load_tokenizer, train_tokenizer_from_texts
+from data_pipeline.sources.formats import normalise_question, question_hash
+from data_pipeline.tokenizer import train_tokenizer_from_texts
 
 PSYQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "psyqa_example.json"
 SYSTEM = "你是一名心理咨询师,请用认知行为疗法回答。"
@@ -560,7 +563,7 @@ def test_packed_loss_equals_sum_of_separate_losses(env, prepared):
 
 
 def test_mask_finds_the_answer_not_an_earlier_copy_of_it(env):
-    from data_pipeline.prepare.tokens import tokenize_conversation
+    from data_pipeline.prepare.encode import tokenize_conversation
 
     tok = load_tokenizer(env["tok"])
     answer = "试试每天做十分钟的深呼吸练习。"
@@ -638,7 +641,7 @@ def test_shard_writer_streams_the_spool(tmp_path, monkeypatch):
 def test_chatml_string_join_equals_the_jinja_template(env):
     """The fast path renders exactly what apply_chat_template renders with our template, on contents jinja or
     a naive format could treat differently; a tokenizer with any other template keeps its jinja."""
-    from data_pipeline.formats import chat_renderer, render_chatml
+    from cbt_llm.domain.chat_format import chat_renderer, render_chatml
 
     tok = load_tokenizer(env["tok"])
     assert chat_renderer(tok) is render_chatml
@@ -672,8 +675,8 @@ def test_reused_system_turn_and_byte_positions_equal_the_tokenizer_offsets(env):
     contents, several system prompts and none; it falls back where it cannot be exact."""
     from tokenizers import AddedToken, normalizers
 
-    from data_pipeline.formats import render_chatml
-    from data_pipeline.prepare.tokens import SystemTurns, encode_batch, token_byte_lengths
+    from cbt_llm.domain.chat_format import render_chatml
+    from data_pipeline.prepare.encode import SystemTurns, encode_batch, token_byte_lengths
 
     def same(tok, convs, turns, lengths):
         plain = encode_batch(tok, render_chatml, convs, IM_END, starts=True)
@@ -704,8 +707,9 @@ def test_reused_system_turn_and_byte_positions_equal_the_tokenizer_offsets(env):
 def test_overlong_policy_per_row_in_a_batch(env):
     """Truncate, reject and prompt_overlong decided for a whole batch at once give what one conversation at a
     time gives: the first seq_len tokens, or the row rejected with its reason, others untouched."""
+    from data_pipeline.prepare.encode import tokenize_conversation
     from data_pipeline.prepare.parse import PARSED_FIELDS
-    from data_pipeline.prepare.tokens import Tokenize, tokenize_conversation
+    from data_pipeline.prepare.tokens import Tokenize
 
     tok = load_tokenizer(env["tok"])
     short, long_prompt = conversation(env["good"][1]), conversation(env["good"][2])

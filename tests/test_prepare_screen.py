@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from datasketch import MinHash, MinHashLSH
 
-from cbt_llm.config import Config
+from cbt_llm.core.config import Config
+from cbt_llm.domain.cbt import join_answer
+from cbt_llm.domain.chat_format import build_user_message
 from data_pipeline.prepare import run_prepare
 from data_pipeline.prepare.neardup import (
     conversation_text,
@@ -29,10 +31,9 @@ from data_pipeline.prepare.neardup import (
     sketch,
 )
 from data_pipeline.prepare.ray_session import init_ray
-from data_pipeline.schema import join_answer
-from data_pipeline.structure import load_or_train
-from data_pipeline.synth_template import iter_records
-from data_pipeline.tokenizer import build_user_message, train_tokenizer_from_texts
+from data_pipeline.synth.scorer import load_or_train
+from data_pipeline.synth.template import iter_records
+from data_pipeline.tokenizer import train_tokenizer_from_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORER = ROOT / "runs" / "structure_scorer.npz"  # shared with the eval tests, built once by whichever runs first

@@ -18,16 +18,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cbt_llm.config import Config
-from data_pipeline.formats import chat_renderer, normalise_question, question_hash, render_chatml, to_examples
+from cbt_llm.core.config import Config
+from cbt_llm.domain.chat_format import IM_END, chat_renderer, render_chatml
+from cbt_llm.domain.prompts import SESSION_SYSTEM_PROMPT
+from cbt_llm.domain.record import REASONS, RecordError
+from cbt_llm.inference.tokenizer import load_tokenizer
 from data_pipeline.packing import split_by_position_ids
 from data_pipeline.prepare import run_prepare
+from data_pipeline.prepare.encode import encode_batch
 from data_pipeline.prepare.split import Piece, overlong_policy, plan_pieces, split_conversation, units_of
-from data_pipeline.prepare.tokens import encode_batch
-from data_pipeline.schema import REASONS, RecordError
 from data_pipeline.shards import IGNORE
-from data_pipeline.synth_sessions import SYSTEM_PROMPT, session_at
-from data_pipeline.tokenizer import IM_END, load_tokenizer, train_tokenizer_from_texts
+from data_pipeline.sources.formats import normalise_question, question_hash, to_examples
+from data_pipeline.synth.sessions import session_at
+from data_pipeline.tokenizer import train_tokenizer_from_texts
 
 SEQ_LEN = 512
 DEFAULT_SYSTEM = "你是一名心理咨询师。"
@@ -186,7 +189,7 @@ def test_split_key_and_heldout_are_per_session(sessions_run):
     # the train split's question list holds the train problems only: a held-out problem (its later pieces
     # included) must pass eval's overlap check
     train_hashes = set(np.fromfile(out / "train_questions.u64", dtype="<i8").tolist())
-    keys = {sid: to_examples(good[sid], "messages", SYSTEM_PROMPT, sid)[0].question for sid in sides}
+    keys = {sid: to_examples(good[sid], "messages", SESSION_SYSTEM_PROMPT, sid)[0].question for sid in sides}
     assert train_hashes == {question_hash(keys[sid]) for sid, (side,) in sides.items() if side == "train"}
     assert all(question_hash(h["question"]) not in train_hashes for h in heldout)
 
@@ -266,7 +269,7 @@ def test_messages_format_validation_and_key():
     s = session_at(0, 1)  # even turn count: ends on the client's feedback, which is dropped
     assert s["messages"][-1]["role"] == "user"
     ex = _one(s)
-    assert ex.messages == s["messages"][:-1] and ex.messages[0]["content"] == SYSTEM_PROMPT
+    assert ex.messages == s["messages"][:-1] and ex.messages[0]["content"] == SESSION_SYSTEM_PROMPT
     assert ex.question == s["meta"]["intake"]["presenting_problem"] and ex.intake == s["meta"]["intake"]
     assert ex.distortions == [s["meta"]["intake"]["distortion"]] and ex.example_id == s["id"]
     plain = _one({"messages": [{"role": "user", "content": "我很焦虑"}, {"role": "assistant", "content": "嗯"}]})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.psyqa import load_psyqa, load_question_jsonl, load_questions, split_keywords
+from data_pipeline.sources.psyqa import load_psyqa, load_question_jsonl, load_questions, split_keywords
 
 # The PsyQA sample needs a user agreement, so it is never shipped: it is read from the shared data folder
 # next to the repository.
@@ -152,8 +152,8 @@ def test_split_keywords():
 def test_prepare_reads_psyqa_entries_through_the_same_parser(tmp_path):
     """prepare's `psyqa` format and the synth api ingest share parse_question: same checks, same details; only
     the ingest also asks for Chinese text (its prompt is Chinese)."""
-    from data_pipeline.formats import to_examples
-    from data_pipeline.schema import RecordError
+    from cbt_llm.domain.record import RecordError
+    from data_pipeline.sources.formats import to_examples
 
     ans = [{"answer_text": "先试着把担心写下来。"}]
     for entry, reason, detail in [

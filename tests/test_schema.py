@@ -4,13 +4,9 @@ import copy
 
 import pytest
 
-from data_pipeline.schema import (
-    CBT_PARTS,
-    CRISIS_SUPPORT_SENTENCE,
-    is_crisis,
-    join_answer,
-    validate_record,
-)
+from cbt_llm.domain.cbt import CBT_PARTS, join_answer
+from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE, corpus_is_crisis
+from cbt_llm.domain.record import validate_record
 
 CBT = {
     "empathy": "听起来你最近压力很大,这种感受很正常。",
@@ -81,7 +77,7 @@ def test_not_an_object():
 def test_crisis_rules():
     r = good()
     r["description"] = "我觉得活不下去了,有时候想自杀。"
-    assert is_crisis(r["question"], r["description"])
+    assert corpus_is_crisis(r["question"], r["description"])
     assert "meta.crisis" in validate_record(copy.deepcopy(r))[1]
     r["meta"]["crisis"] = True
     assert "crisis-support" in validate_record(copy.deepcopy(r))[1]

@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotations here
 
 from cbt_llm.cli import main
-from cbt_llm.crisis import CRISIS_BLOCK, DISCLAIMER, hotline
+from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER, hotline
 from tests.eval_fixtures import tiny_chat_model
 
 CRISIS_MESSAGE = "我真的不想活了，今晚就想结束自己的生命。"
@@ -530,15 +530,15 @@ def test_the_vllm_backend_with_a_stand_in_engine_answers_as_transformers_does_be
 
 def _hf_generator(model):
     """The transformers generator the stand-in for vLLM answers with."""
-    from evaluation.generate import HFGenerator
+    from cbt_llm.inference.hf import HFGenerator
 
     return HFGenerator(str(model), device="cpu")
 
 
 def test_an_explicit_vllm_backend_without_vllm_fails_at_start_with_one_line(tiny_model, capsys, monkeypatch):
-    import evaluation.generate as generate
+    import cbt_llm.inference.generate as generate
 
-    monkeypatch.setattr(generate, "_vllm_importable", lambda: False)
+    monkeypatch.setattr(generate, "vllm_importable", lambda: False)
     assert main(["serve", "--model", str(tiny_model), "--backend", "vllm"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--backend" in err and "vllm is not installed" in err

@@ -16,12 +16,15 @@ from fake_openai_server import REVISION_MARK, FakeOpenAIServer  # noqa: E402
 from test_synth_api import CRISIS_INSTRUCTION_MARK, make_cfg, numbered, read_jsonl, write_questions  # noqa: E402
 
 from cbt_llm.cli import main as cli_main  # noqa: E402
-from cbt_llm.config import ApiSynthConfig, ConfigError, load_config  # noqa: E402
-from data_pipeline.prompts import REVISE_PROMPTS, build_revise_messages  # noqa: E402
-from data_pipeline.schema import has_crisis_support, validate_record  # noqa: E402
-from data_pipeline.synth_agents import AgentLoop, _Round, critic_endpoint, run_synth_api_agents  # noqa: E402
-from data_pipeline.synth_api import Endpoint, run_synth_api  # noqa: E402
-from evaluation.judge import RUBRICS, RubricCritic  # noqa: E402
+from cbt_llm.core.config import ApiSynthConfig, load_config  # noqa: E402
+from cbt_llm.core.errors import ConfigError  # noqa: E402
+from cbt_llm.domain.crisis import has_crisis_support  # noqa: E402
+from cbt_llm.domain.prompts import REVISE_PROMPTS, build_revise_messages  # noqa: E402
+from cbt_llm.domain.record import validate_record  # noqa: E402
+from cbt_llm.domain.rubrics import RUBRICS, RubricCritic  # noqa: E402
+from data_pipeline.synth.agents import AgentLoop, _Round, critic_endpoint, run_synth_api_agents  # noqa: E402
+from data_pipeline.synth.api import run_synth_api  # noqa: E402
+from data_pipeline.synth.client import Endpoint  # noqa: E402
 
 CRITIC = RubricCritic(RUBRICS["cbt"])
 CLIMB = [6, 11, 15, 18]  # critic_climb's totals after 0, 1, 2, 3 revisions
@@ -224,7 +227,9 @@ def test_one_folder_holds_one_kind_of_record(tmp_path):
         run_synth_api_agents(agents, CRITIC)
         with pytest.raises(ConfigError, match="holds records made with api.agents"):
             run_synth_api(plain)
-        with pytest.raises(ConfigError, match="api.agents.enabled: the critic comes from the evaluation stage"):
+        with pytest.raises(
+            ConfigError, match="api.agents.enabled: the agents loop runs from"
+        ):
             run_synth_api(agents.model_copy(update={"out_dir": str(tmp_path / "new")}))
     assert load_config(None, ["api.agents.enabled=true"]).api.out_dir.endswith("/corpus-api-agents")
 

@@ -16,17 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer  # noqa: E402
 
 from cbt_llm.cli import main as cli_main  # noqa: E402
-from cbt_llm.config import ApiSynthConfig, ConfigError  # noqa: E402
-from data_pipeline.prompts import build_messages  # noqa: E402
-from data_pipeline.schema import CRISIS_SUPPORT_SENTENCE, has_crisis_support, validate_record  # noqa: E402
-from data_pipeline.synth_api import (  # noqa: E402
-    PROFESSIONAL_HELP_SENTENCE,
-    ReplyError,
-    _parse_retry_after,
-    backoff_delay,
-    parse_reply,
-    run_synth_api,
-)
+from cbt_llm.core.config import ApiSynthConfig  # noqa: E402
+from cbt_llm.core.errors import ConfigError  # noqa: E402
+from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE, has_crisis_support  # noqa: E402
+from cbt_llm.domain.prompts import build_messages  # noqa: E402
+from cbt_llm.domain.record import validate_record  # noqa: E402
+from data_pipeline.synth.api import PROFESSIONAL_HELP_SENTENCE, ReplyError, parse_reply, run_synth_api
+from data_pipeline.synth.client import _parse_retry_after, backoff_delay
 
 PSYQA_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "psyqa_example.json"
 CRISIS_INSTRUCTION_MARK = "危机支持信息"
@@ -262,7 +258,7 @@ def test_bad_input_entries_are_counted_and_quarantined(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_writer_failure_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
-    import data_pipeline.synth_api as synth_api
+    import data_pipeline.synth.api as synth_api
 
     def disk_full(obj):
         raise OSError("No space left on device")

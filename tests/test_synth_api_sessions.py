@@ -19,18 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_openai_server import FakeOpenAIServer, client_turn, counsellor_turn  # noqa: E402
 
 from cbt_llm.cli import main as cli_main  # noqa: E402
-from cbt_llm.config import ApiSynthConfig, ConfigError  # noqa: E402
-from cbt_llm.crisis import CRISIS_SUPPORT_SENTENCE  # noqa: E402
-from data_pipeline.synth_api_sessions import (  # noqa: E402
+from cbt_llm.core.config import ApiSynthConfig  # noqa: E402
+from cbt_llm.core.errors import ConfigError  # noqa: E402
+from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE  # noqa: E402
+from cbt_llm.domain.prompts import (
     CLIENT_CRISIS,
     COUNSELLOR_PROMPT,
     END_MARKER,
     KICKOFF,
+    SESSION_SYSTEM_PROMPT,  # noqa: E402
     client_prompt,
-    run_synth_api_sessions,
-    validate_session,
 )
-from data_pipeline.synth_sessions import SYSTEM_PROMPT, intake_at  # noqa: E402
+from data_pipeline.synth.api_sessions import run_synth_api_sessions, validate_session
+from data_pipeline.synth.sessions import intake_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TURNS = 9  # the fake counsellor closes its 5th turn: 5 counsellor + 4 client turns
@@ -121,7 +122,7 @@ def test_two_endpoints_talk_until_the_end_marker(tmp_path, monkeypatch):
     for r in records:
         index = int(r["id"].rsplit("-", 1)[1])
         intake, who = intake_at(7, index, cfg.crisis_fraction)
-        assert r["messages"] == [{"role": "system", "content": SYSTEM_PROMPT}, *expected_turns(5, closes=True)]
+        assert r["messages"] == [{"role": "system", "content": SESSION_SYSTEM_PROMPT}, *expected_turns(5, closes=True)]
         assert END_MARKER not in json.dumps(r, ensure_ascii=False)
         meta = r["meta"]
         assert meta["intake"] == intake and meta["seed"] == 7
@@ -350,7 +351,7 @@ def test_bad_config_fails_early_with_one_line(tmp_path, capsys, args, expect):
 
 
 def test_sessions_and_single_answers_never_share_a_records_file(tmp_path, capsys):
-    from cbt_llm.config import load_config
+    from cbt_llm.core.config import load_config
 
     assert load_config(overrides=["api.sessions=true"]).api.out_dir.endswith("/corpus-api-sessions")
     assert load_config().api.out_dir.endswith("/corpus-api")

@@ -11,13 +11,15 @@ import pytest
 import zstandard
 
 from cbt_llm.cli import main
-from cbt_llm.config import SynthConfig
-from cbt_llm.crisis import SHOWN_CRISIS_LINES, detect, unsafe_output
-from cbt_llm.guard import CrisisGuard
-from data_pipeline import synth_sessions as S
+from cbt_llm.core.config import SynthConfig
+from cbt_llm.domain.cbt import DISTORTIONS
+from cbt_llm.domain.crisis import SHOWN_CRISIS_LINES, detect, unsafe_output
+from cbt_llm.domain.guard import CrisisGuard
+from cbt_llm.domain.prompts import SESSION_SYSTEM_PROMPT
 from data_pipeline.io import dumps
-from data_pipeline.schema import DISTORTIONS
-from data_pipeline.synth_template import SUMMARY_NAME, shard_name
+from data_pipeline.synth import sessions as S
+from data_pipeline.synth.banks import sessions as B
+from data_pipeline.synth.template import SUMMARY_NAME, shard_name
 
 N = 2000
 CRISIS_FRACTION = 0.1
@@ -61,7 +63,7 @@ def _stages(arc: list[str]) -> list[str]:
 def test_roles_alternate_counsellor_first_and_turn_counts_stay_in_bounds(sessions, every_length):
     for r in sessions + every_length:
         msgs, meta = r["messages"], r["meta"]
-        assert msgs[0] == {"role": "system", "content": S.SYSTEM_PROMPT}
+        assert msgs[0] == {"role": "system", "content": SESSION_SYSTEM_PROMPT}
         roles = [m["role"] for m in msgs[1:]]
         assert roles == [("assistant", "user")[i % 2] for i in range(len(roles))], r["id"]
         assert len(roles) == meta["turns"]
@@ -85,13 +87,13 @@ def test_intake_names_a_technique_that_fits_its_distortion_and_the_client_says_t
     for r in sessions:
         intake = r["meta"]["intake"]
         assert intake["distortion"] in DISTORTIONS
-        fits = S.TECHNIQUES_FOR[intake["distortion"]] + ("behavioural_activation",)
+        fits = B.TECHNIQUES_FOR[intake["distortion"]] + ("behavioural_activation",)
         assert intake["technique"] in fits
         seen_techniques.add(intake["technique"])
         users = "".join(m["content"] for m in r["messages"] if m["role"] == "user")
         assert f"“{intake['automatic_thought']}。”" in users
-        assert intake["setting"] in {x for group in S.SETTINGS.values() for x in group}
-    assert seen_techniques == set(S.TECHNIQUES)
+        assert intake["setting"] in {x for group in B.SETTINGS.values() for x in group}
+    assert seen_techniques == set(B.TECHNIQUES)
 
 
 def test_sessions_vary(sessions):
@@ -149,11 +151,11 @@ def test_resistance_appears_in_some_sessions_and_the_counsellor_meets_it(session
         msgs, arc = r["messages"], r["meta"]["arc"]
         assert msgs[i]["role"] == "user" and re.search("没用|做不到|没什么作用|没办法", msgs[i]["content"])
         reply = msgs[i + 1]["content"]
-        assert msgs[i + 1]["role"] == "assistant" and any(k in reply for k in S.MEET_MARKERS)
+        assert msgs[i + 1]["role"] == "assistant" and any(k in reply for k in B.MEET_MARKERS)
         k = i // 2  # the counsellor turn that meets it (message i + 1), as an index into arc
         assert arc[k] == arc[k - 1].split("+")[-1] and arc[k] in ("socratic", "technique", "homework")
         assert "？" in reply  # a smaller step is offered as a question, not imposed
-        assert msgs[i + 2]["role"] == "user" and msgs[i + 2]["content"].startswith(S.AFTER_MEET[arc[k]])
+        assert msgs[i + 2]["role"] == "user" and msgs[i + 2]["content"].startswith(B.AFTER_MEET[arc[k]])
     calm = [r for r in sessions if not r["meta"]["resistance_turns"]]
     assert not any(re.search("这没用|我做不到", m["content"]) for r in calm for m in r["messages"])
 
@@ -162,7 +164,7 @@ def test_resistance_appears_in_some_sessions_and_the_counsellor_meets_it(session
 
 
 def test_every_crisis_disclosure_is_flagged_by_the_guard():
-    assert all(detect(text) for text in S.CRISIS_DISCLOSURES)
+    assert all(detect(text) for text in B.CRISIS_DISCLOSURES)
 
 
 def test_crisis_sessions_put_safety_first_and_give_the_hotlines(sessions, every_length):

@@ -11,21 +11,13 @@ import pytest
 import zstandard
 
 from cbt_llm.cli import main
-from cbt_llm.config import SynthConfig
-from cbt_llm.crisis import detect
-from data_pipeline import synth_content as C
+from cbt_llm.core.config import SynthConfig
+from cbt_llm.domain.cbt import CBT_PARTS, DISTORTIONS, join_answer
+from cbt_llm.domain.crisis import CORPUS_KEYWORDS, CRISIS_SUPPORT_SENTENCE, corpus_is_crisis, detect
+from cbt_llm.domain.record import SCHEMA_VERSION, validate_record
 from data_pipeline.io import dumps
-from data_pipeline.schema import (
-    CBT_PARTS,
-    CRISIS_KEYWORDS,
-    CRISIS_SUPPORT_SENTENCE,
-    DISTORTIONS,
-    SCHEMA_VERSION,
-    is_crisis,
-    join_answer,
-    validate_record,
-)
-from data_pipeline.synth_template import (
+from data_pipeline.synth.banks import records as C
+from data_pipeline.synth.template import (
     PROMPT_VERSION,
     SUMMARY_NAME,
     _compose,
@@ -215,11 +207,11 @@ def test_crisis_records_are_flagged_and_carry_the_support_sentence(records):
     calm = [r for r in records if not r["meta"]["crisis"]]
     assert 0.08 * N < len(crisis) < 0.12 * N
     for r in crisis:
-        assert is_crisis(r["question"]) and is_crisis(r["description"]), r["id"]
+        assert corpus_is_crisis(r["question"]) and corpus_is_crisis(r["description"]), r["id"]
         assert CRISIS_SUPPORT_SENTENCE in r["answer"]
         assert "心理危机" in r["keywords"]
     for r in calm:
-        assert not is_crisis(r["question"], r["description"]), r["id"]
+        assert not corpus_is_crisis(r["question"], r["description"]), r["id"]
         assert CRISIS_SUPPORT_SENTENCE not in r["answer"]
 
 
@@ -260,9 +252,9 @@ def test_only_the_crisis_banks_contain_crisis_words():
     for name in dir(C):
         if name.isupper() and name not in crisis_banks:
             for s in strings(getattr(C, name)):
-                assert not any(k in s for k in CRISIS_KEYWORDS), (name, s)
+                assert not any(k in s for k in CORPUS_KEYWORDS), (name, s)
     for s in C.CRISIS_QUESTION_PHRASES + C.CRISIS_DESCRIPTION_SENTENCES:
-        assert is_crisis(s), s
+        assert corpus_is_crisis(s), s
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -4,15 +4,10 @@ import json
 
 import pytest
 
-from cbt_llm.config import TokenizerConfig
-from data_pipeline.tokenizer import (
-    IM_END,
-    build_user_message,
-    load_tokenizer,
-    tokenizer_hash,
-    train_tokenizer,
-    train_tokenizer_from_texts,
-)
+from cbt_llm.core.config import TokenizerConfig
+from cbt_llm.domain.chat_format import IM_END, build_user_message
+from cbt_llm.inference.tokenizer import load_tokenizer, tokenizer_hash
+from data_pipeline.tokenizer import train_tokenizer, train_tokenizer_from_texts
 
 TEXTS = [
     "我最近总是失眠,晚上躺在床上脑子停不下来,觉得自己什么都做不好。",
@@ -106,7 +101,7 @@ def test_missing_tokenizer_is_clear(tmp_path):
 )
 def test_is_local_path_tells_folders_from_hub_ids(name, local):
     """The one test of "is this a local path" (load_tokenizer and launch preflight both use it)."""
-    from data_pipeline.shards import is_local_path
+    from cbt_llm.core.fileio import is_local_path
 
     assert is_local_path(name) is local
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from data_pipeline.synth_template import iter_records
+from data_pipeline.synth.template import iter_records
 from tests.eval_fixtures import write_chat_tokenizer
 from tests.train_fixtures import free_port, make_shards
 from train.data import collate, load_manifest, read_rows
@@ -473,7 +473,8 @@ def test_the_answers_are_the_same_text_and_written_per_step(trained):
 
 
 def test_gen_eval_every_without_the_cli_hook_fails_with_one_line(tmp_path):
-    from cbt_llm.config import ConfigError, load_config
+    from cbt_llm.core.config import load_config
+    from cbt_llm.core.errors import ConfigError
     from train.recipe import _check_gen_eval
 
     cfg = load_config(None, ["train.gen_eval_every=5"])
@@ -483,7 +484,8 @@ def test_gen_eval_every_without_the_cli_hook_fails_with_one_line(tmp_path):
 
 
 def test_ray_jobs_refuse_gen_eval_every_before_any_work():
-    from cbt_llm.config import ConfigError, load_config
+    from cbt_llm.core.config import load_config
+    from cbt_llm.core.errors import ConfigError
     from launch.preflight import preflight
 
     cfg = load_config(None, ["train.gen_eval_every=5", "model.init=random"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cbt_llm.config import ConfigError, ModelConfig, TrainConfig
+from cbt_llm.core.config import ModelConfig, TrainConfig
+from cbt_llm.core.errors import ConfigError
 from tests.train_fixtures import make_shards
 from train.data import IGNORE, PackedRows, collate, example_len_sq, rows_per_micro_batch
 from train.ds_config import resolve_ds_config

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cbt_llm.cli import main as cli_main
-from cbt_llm.config import ConfigError, TrainConfig, load_config
+from cbt_llm.core.config import TrainConfig, load_config
+from cbt_llm.core.errors import ConfigError
 from tests.train_fixtures import make_shards
 from train.data import RankLoader, load_manifest, rank_shards, read_rows, steps_per_epoch
 from train.ds_config import build_ds_config, merge_user_ds_config, resolve_ds_config
@@ -230,7 +231,7 @@ def test_training_refuses_shards_made_with_another_tokenizer(tmp_path):
     """The manifest records the tokenizer's content hash; a tokenizer that changed since prepare is refused."""
     import json as _json
 
-    from cbt_llm.config import ConfigError
+    from cbt_llm.core.errors import ConfigError
     from tests.train_fixtures import make_shards
 
     data = make_shards(tmp_path / "data", rows_per_shard=2, train_shards=2, val_rows=1, seq_len=32)

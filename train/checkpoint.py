@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cbt_llm.fileio import write_text_atomic
+from cbt_llm.core.fileio import write_text_atomic
 
 STATE_FILE = "trainer_state.json"
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from cbt_llm.config import ConfigError
+from cbt_llm.core.errors import ConfigError
 
 # load_manifest is not used here: train's modules and tests import the contract's reader through this module
 from data_pipeline.shards import IGNORE, load_manifest, rank_shards  # noqa: F401

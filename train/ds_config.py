@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from cbt_llm.config import ConfigError, TrainConfig
+from cbt_llm.core.config import TrainConfig
+from cbt_llm.core.errors import ConfigError
 
 
 def build_ds_config(tcfg: TrainConfig, dtype: torch.dtype, device_type: str, world_size: int) -> dict:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from cbt_llm.config import ConfigError, load_config
-from cbt_llm.report import print_summary, write_metrics
+from cbt_llm.core.config import load_config
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.report import print_summary, write_metrics
 from data_pipeline.shards import MANIFEST_FILE
 from train import checkpoint as ckpt
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from cbt_llm.config import ConfigError, LoraConfig, ModelConfig
+from cbt_llm.core.config import LoraConfig, ModelConfig
+from cbt_llm.core.errors import ConfigError
 from train.data import IGNORE
 
 

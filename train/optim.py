@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cbt_llm.config import TrainConfig
+from cbt_llm.core.config import TrainConfig
 
 
 @dataclass(frozen=True)

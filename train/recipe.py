@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from cbt_llm.config import Config, ConfigError, check_world_size
-from cbt_llm.report import print_summary, write_metrics
+from cbt_llm.core.config import Config, check_world_size
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.report import print_summary, write_metrics
 from data_pipeline.shards import check_tokenizer, load_manifest, rank_shards
 from train import attention, runtime
 from train import checkpoint as ckpt

@@ -23,9 +23,9 @@ from array import array
 
 import numpy as np
 
-from cbt_llm.crisis import corpus_is_crisis, has_crisis_support
-from data_pipeline.formats import hash64
+from cbt_llm.domain.crisis import corpus_is_crisis, has_crisis_support
 from data_pipeline.prepare.dedup import FirstSeen
+from data_pipeline.sources.formats import hash64
 
 SEED = 1  # MinHash permutation seed: fixed, so signatures (and so the decisions) never change between runs
 # the index's recent-entry buffer: larger than FirstSeen's default, since each kept example adds `bands` entries

@@ -12,8 +12,8 @@ import json
 
 import pyarrow as pa
 
-from data_pipeline.formats import Example, question_hash, split_of, to_examples
-from data_pipeline.schema import RecordError, judge_total
+from cbt_llm.domain.record import RecordError, judge_total
+from data_pipeline.sources.formats import Example, question_hash, split_of, to_examples
 
 RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
 

@@ -10,8 +10,9 @@ import time
 import warnings
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError, DataConfig
-from cbt_llm.report import print_summary, write_metrics
+from cbt_llm.core.config import Config, DataConfig
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.report import print_summary, write_metrics
 from data_pipeline.packing import packing_efficiency
 from data_pipeline.prepare import screen
 from data_pipeline.prepare.dedup import FirstSeen
@@ -367,7 +368,9 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     Raises FileNotFoundError / ConfigError before starting Ray when inputs, tokenizer or sizes are wrong,
     and PrepareError on the first bad record under `strict`.
     """
-    from data_pipeline.tokenizer import IM_END, light_tokenizer_file, load_tokenizer, tokenizer_hash
+    from cbt_llm.domain.chat_format import IM_END
+    from cbt_llm.inference.tokenizer import load_tokenizer, tokenizer_hash
+    from data_pipeline.tokenizer import light_tokenizer_file
 
     dc = cfg.data
     t_start = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cbt_llm.config import DataConfig
+from cbt_llm.core.config import DataConfig
 from data_pipeline.prepare import neardup
 from data_pipeline.prepare.parse import PARSED_FIELDS, RAW_KEEP_CHARS
 
@@ -30,7 +30,7 @@ from data_pipeline.prepare.parse import PARSED_FIELDS, RAW_KEEP_CHARS
 @functools.lru_cache(maxsize=2)
 def _scorer(path: str):
     """The structure scorer, loaded once per worker process (Ray reuses them across tasks)."""
-    from data_pipeline.structure import load_scorer
+    from cbt_llm.domain.structure import load_scorer
 
     return load_scorer(path)
 
@@ -110,7 +110,7 @@ def load_scorer_once(dc: DataConfig) -> tuple[str, str]:
     gated, built there first if it is missing; ("", "") otherwise. The workers load it from that path."""
     if not dc.quality.min_structure_coverage:
         return "", ""
-    from data_pipeline.structure import load_or_train
+    from data_pipeline.synth.scorer import load_or_train
 
     scorer = load_or_train(dc.quality.scorer)
     return str(Path(dc.quality.scorer).resolve()), scorer.signature

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.formats import hash64, render_chatml
+from cbt_llm.domain.chat_format import render_chatml
+from data_pipeline.prepare.encode import encode_batch
 from data_pipeline.prepare.parse import RAW_KEEP_CHARS
 from data_pipeline.shards import IGNORE
+from data_pipeline.sources.formats import hash64
 
 NEW_SHARE = 0.5  # the share of a later piece's room its new (learned) turns may take; the rest is context
 
@@ -145,8 +147,6 @@ def _sliced(seg: tuple, cut: np.ndarray, p: Piece) -> tuple[np.ndarray, np.ndarr
 def _encoded(tz, head: list[dict], body: list[dict], p: Piece) -> tuple[list[dict], int, np.ndarray, np.ndarray]:
     """A piece rendered and tokenized on its own (any chat template): (msgs, learn_from, ids, labels). The plan is
     exact for ChatML; for another template, context is given up a turn at a time until the piece fits."""
-    from data_pipeline.prepare.tokens import encode_batch  # tokens imports this module
-
     context = p.context
     while True:
         msgs = head + body[context : p.end]

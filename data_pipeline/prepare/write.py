@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from cbt_llm.config import DataConfig
+from cbt_llm.core.config import DataConfig
 from data_pipeline.packing import Rows, build_packed_rows, build_padded_rows, pack
 from data_pipeline.shards import (
     HELDOUT_FILE,

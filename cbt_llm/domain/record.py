@@ -12,9 +12,10 @@ A record (one JSON object per line):
     source        str, e.g. "synth-template", "api:<model>", "psyqa"
     meta          {generator, prompt_version, seed | model, crisis: bool, schema_version, ...}
 
-Records whose question or description mention suicide or self-harm (CRISIS_KEYWORDS) carry
-meta.crisis = true, and their answer must contain a crisis-support sentence (has_crisis_support). Both rules,
-and the hotlines, come from cbt_llm/crisis.py.
+Records whose question or description mention suicide or self-harm (crisis.corpus_is_crisis) carry
+meta.crisis = true, and their answer must contain a crisis-support sentence (crisis.has_crisis_support). Both
+rules, and the hotlines, come from cbt_llm/domain/crisis.py; the five parts and the distortion labels from
+cbt_llm/domain/cbt.py.
 
 meta.judge.total (a number, optional): the CBT-rubric judge's total for the answer, as a judged generator (e.g.
 `synth api --agents`) records it; prepare's quality gate (data.quality.min_judge_total) reads it.
@@ -27,58 +28,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cbt_llm.crisis import (  # noqa: F401  (re-exported: the corpus's names for the crisis policy)
-    BEIJING_CRISIS_HOTLINE,
-    CORPUS_KEYWORDS,
-    CRISIS_SUPPORT_MARKERS,
-    CRISIS_SUPPORT_SENTENCE,
-    NATIONAL_CRISIS_HOTLINE,
-    PROFESSIONAL_HELP_MARKERS,
-    corpus_is_crisis,
-    has_crisis_support,
-)
+from cbt_llm.domain.cbt import CBT_PARTS, DISTORTIONS
+from cbt_llm.domain.crisis import corpus_is_crisis, has_crisis_support
 
 SCHEMA_VERSION = 1
-
-# The five CBT parts, in the order an answer must follow.
-CBT_PARTS: tuple[str, ...] = ("empathy", "key_thought", "challenge", "strategy", "encouragement")
-CBT_PART_TITLES_ZH: dict[str, str] = {
-    "empathy": "验证和共情",
-    "key_thought": "识别关键思维或信念",
-    "challenge": "提出挑战或反思",
-    "strategy": "提供策略或见解",
-    "encouragement": "鼓励与前瞻",
-}
-
-# Cognitive distortion labels (Beck / Burns).
-DISTORTIONS: tuple[str, ...] = (
-    "all_or_nothing",
-    "overgeneralization",
-    "catastrophizing",
-    "mind_reading",
-    "should_statements",
-    "labeling",
-    "emotional_reasoning",
-    "personalization",
-)
-
-# The crisis policy (keywords, hotlines, the support sentence, markers) lives in cbt_llm/crisis.py, one source
-# for the corpus, the synth api prompt, evaluation and the guard; these are its names as the corpus uses them.
-# CRISIS_KEYWORDS: a plain substring test on question + description (over-flagging costs one extra support
-# sentence, under-flagging can cost far more); documented in README ("Safety in the data").
-CRISIS_KEYWORDS = CORPUS_KEYWORDS
-is_crisis = corpus_is_crisis
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 def has_chinese(text: str) -> bool:
     return bool(_CJK.search(text))
-
-
-def join_answer(cbt: dict[str, str]) -> str:
-    """Join the five parts into one answer, in CBT order, as paragraphs of prose (no headings)."""
-    return "\n\n".join(cbt[p].strip() for p in CBT_PARTS)
 
 
 class CBTParts(BaseModel):
@@ -131,7 +90,7 @@ class CorpusRecord(BaseModel):
 
     @model_validator(mode="after")
     def _crisis_rules(self) -> CorpusRecord:
-        crisis = is_crisis(self.question, self.description)
+        crisis = corpus_is_crisis(self.question, self.description)
         if crisis and not self.meta.get("crisis"):
             raise ValueError("question mentions suicide or self-harm but meta.crisis is not true")
         if self.meta.get("crisis") and not has_crisis_support(self.answer):

@@ -33,9 +33,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from data_pipeline.psyqa import parse_psyqa_question
-from data_pipeline.schema import DISTORTIONS, CorpusRecord, RecordError, is_crisis, validate_record
-from data_pipeline.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, build_user_message
+from cbt_llm.domain.cbt import DISTORTIONS
+from cbt_llm.domain.chat_format import build_user_message
+from cbt_llm.domain.crisis import corpus_is_crisis
+from cbt_llm.domain.record import CorpusRecord, RecordError, validate_record
+from data_pipeline.sources.psyqa import parse_psyqa_question
 
 FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt", "messages")
 
@@ -200,7 +202,7 @@ def _psyqa(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | Re
     q = parse_psyqa_question(obj)
     answers = _get_list(obj, "answers")
     user = build_user_message(q["question"], q["description"])
-    crisis = is_crisis(q["question"], q["description"])
+    crisis = corpus_is_crisis(q["question"], q["description"])
     out: list[Example | RecordError] = []
     for k, ans in enumerate(answers):
         try:
@@ -236,7 +238,7 @@ def _alpaca(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | R
         {"role": "user", "content": user},
         {"role": "assistant", "content": output},
     ]
-    return [Example(_record_id(obj, fallback_id), user, msgs, crisis=is_crisis(user))]
+    return [Example(_record_id(obj, fallback_id), user, msgs, crisis=corpus_is_crisis(user))]
 
 
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -267,7 +269,9 @@ def _sharegpt(obj: dict, system_prompt: str, fallback_id: str) -> list[Example |
             )
     if not body or body[-1]["role"] != "assistant":
         raise RecordError("invalid_value", "the last turn must be gpt (an answer to learn)")
-    return [Example(_record_id(obj, fallback_id), body[0]["content"], msgs, crisis=is_crisis(body[0]["content"]))]
+    return [
+        Example(_record_id(obj, fallback_id), body[0]["content"], msgs, crisis=corpus_is_crisis(body[0]["content"]))
+    ]
 
 
 _MESSAGE_ROLES = ("system", "user", "assistant")
@@ -323,7 +327,7 @@ def _messages(obj: dict, system_prompt: str, fallback_id: str) -> list[Example |
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     intake = meta.get("intake") if isinstance(meta.get("intake"), dict) else {}
     users = [m["content"] for m in body if m["role"] == "user"]
-    crisis = meta.get("crisis") is True or any(is_crisis(u) for u in users)
+    crisis = meta.get("crisis") is True or any(corpus_is_crisis(u) for u in users)
     distortion = intake.get("distortion")
     keywords = intake.get("keywords")
     return [
@@ -338,21 +342,6 @@ def _messages(obj: dict, system_prompt: str, fallback_id: str) -> list[Example |
             intake=intake,
         )
     ]
-
-
-def render_chatml(messages: list[dict[str, str]]) -> str:
-    """Our ChatML template (data_pipeline.tokenizer.CHAT_TEMPLATE, no generation prompt) as one string join: the
-    same text as apply_chat_template(messages, tokenize=False) with that template (tests/test_prepare.py checks
-    it on awkward contents), without jinja's ~100 us per conversation."""
-    return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-
-
-def chat_renderer(tok):
-    """messages -> the text the model sees: render_chatml when the tokenizer carries our template verbatim,
-    its own jinja template otherwise (a base model's, e.g. Qwen's, which this module does not restate)."""
-    if getattr(tok, "chat_template", None) == CHAT_TEMPLATE:
-        return render_chatml
-    return lambda messages: tok.apply_chat_template(messages, tokenize=False)
 
 
 _CONVERTERS = {"cbt": _cbt, "psyqa": _psyqa, "alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cbt_llm.fileio import write_text_atomic
+from cbt_llm.core.fileio import write_text_atomic
 
 
 def _fmt(v: Any) -> str:

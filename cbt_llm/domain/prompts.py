@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from cbt_llm.config import ConfigError
-from cbt_llm.crisis import NATIONAL_CRISIS_HOTLINE
-from data_pipeline.schema import CBT_PART_TITLES_ZH, CBT_PARTS, DISTORTIONS
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.domain.cbt import CBT_PART_TITLES_ZH, CBT_PARTS, DISTORTIONS
+from cbt_llm.domain.crisis import NATIONAL_CRISIS_HOTLINE
 
 
 @dataclass(frozen=True)
@@ -159,3 +159,55 @@ def build_revise_messages(
         {"role": "assistant", "content": json.dumps(draft, ensure_ascii=False)},
         {"role": "user", "content": feedback},
     ]
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+# The counsellor's system prompt in multi-turn sessions (synth template --sessions writes it into every session;
+# synth api --sessions and eval --sessions build on it).
+SESSION_SYSTEM_PROMPT = (
+    "你是一名经验丰富的心理咨询师，专长于认知行为疗法（CBT）。你正在和来访者进行一次多轮的咨询会谈："
+    "先问候并共同设定议程，了解具体情境，识别情绪背后的自动化思维，用温和的苏格拉底式提问检验它，"
+    "和来访者一起练习一项CBT技术，商定家庭作业，最后总结并请来访者反馈。每次只说一段话，多倾听、多提问，"
+    "用温暖、通俗的中文交流。如果来访者提到自杀、自伤或伤害他人的念头，先直接询问其安全状况并提供心理援助热线，"
+    "安全永远优先于任何技术练习。"
+)
+
+END_MARKER = "[END_SESSION]"
+
+COUNSELLOR_PROMPT = (
+    SESSION_SYSTEM_PROMPT
+    + "每次只以咨询师的身份说一段话，然后等待来访者回应；不要替来访者说话，也不要写“咨询师：”“来访者：”之类的角色标签。"
+    + f"当你完成总结、听取了来访者的反馈，会谈自然结束时，在最后一段话的末尾写上 {END_MARKER}。"
+)
+# The counsellor's first request needs a user message: many chat templates refuse a conversation without one.
+KICKOFF = "（来访者已经到了，请你开始这次会谈。）"
+CLIENT_RULES = (
+    "请始终以来访者的身份、用第一人称和口语化的中文回应咨询师，每次只说一段话（一到四句）。"
+    "不要替咨询师说话，不要写任何角色标签，不要给自己提建议或做总结。"
+    "你可以犹豫、怀疑，甚至一时说“这没用”，但愿意慢慢说出自己的经历、感受和想法。"
+)
+CLIENT_CRISIS = "在会谈的前半段，你会说出自己最难受的时候有过轻生或伤害自己的念头；咨询师问到安全时，请如实回答。"
+
+
+def client_prompt(intake: dict, client: dict) -> str:
+    """The client simulator's system prompt, from an intake and the client behind it (intake_at's pair, or a
+    PsyQA question's)."""
+    lines = ["你在扮演一位来访者，正在和一位心理咨询师进行认知行为疗法（CBT）咨询。你的情况如下："]
+    if client.get("persona"):
+        lines.append(f"- 身份：{client['persona']}，{client['age']}岁")
+    if intake.get("setting"):
+        lines.append(f"- 咨询地点：{intake['setting']}")
+    lines.append(f"- 困扰：{client.get('duration', '')}{intake['presenting_problem']}")
+    if intake.get("situation"):
+        lines.append(f"- 最近的具体情境：{intake['situation']}")
+    if client.get("feelings"):
+        lines.append(f"- 当时的感受：{'，'.join(client['feelings'])}")
+    if intake.get("automatic_thought"):
+        lines.append(f"- 脑子里常冒出的想法：“{intake['automatic_thought']}”（等咨询师问到时再慢慢说出来）")
+    if intake.get("keywords"):
+        lines.append(f"- 关键词：{'、'.join(intake['keywords'])}")
+    lines.append(CLIENT_RULES)
+    if client.get("crisis"):
+        lines.append(CLIENT_CRISIS)
+    return "\n".join(lines)

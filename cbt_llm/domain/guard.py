@@ -37,8 +37,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbt_llm import crisis
-from cbt_llm.crisis import CATEGORIES, CRISIS_BLOCK, DISCLAIMER, detect, unsafe_output
+from cbt_llm.domain import crisis
+from cbt_llm.domain.crisis import CATEGORIES, CRISIS_BLOCK, DISCLAIMER, detect, unsafe_output
 
 Classifier = Callable[[str], float]
 

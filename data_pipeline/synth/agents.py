@@ -42,22 +42,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cbt_llm.config import ApiSynthConfig, ConfigError
-from data_pipeline.prompts import build_revise_messages, get_revise_prompt
-from data_pipeline.schema import is_crisis
-from data_pipeline.synth_api import (
+from cbt_llm.core.config import ApiSynthConfig
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.domain.crisis import corpus_is_crisis
+from cbt_llm.domain.prompts import build_revise_messages, get_revise_prompt
+from cbt_llm.domain.rubrics import RUBRICS, RubricCritic
+from data_pipeline.synth.api import check_config, draft_body, record_acceptor, run_synth_api
+from data_pipeline.synth.client import (
     Endpoint,
     GiveUp,
     Retryable,
-    _Ctx,
+    RunContext,
     ask,
-    check_config,
     check_endpoint,
     content_of,
-    draft_body,
     make_endpoint,
-    record_acceptor,
-    run_synth_api,
     settled,
 )
 
@@ -116,10 +115,12 @@ def critic_endpoint(cfg: ApiSynthConfig) -> Endpoint:
     return Endpoint(url, model, os.environ.get(cfg.api_key_env) or None, cfg.api_key_env)
 
 
-def run_synth_api_agents(cfg: ApiSynthConfig, critic: Critic) -> dict:
-    """`synth api` with every answer critiqued by `critic` and revised (api.agents); returns run_synth_api's
-    summary, whose "agents" entry counts the rounds, stops and totals of this run's records."""
+def run_synth_api_agents(cfg: ApiSynthConfig, critic: Critic | None = None) -> dict:
+    """`synth api` with every answer critiqued by `critic` (default: the judge's own api.agents.rubric, the prompt
+    and parser `cbt-llm eval` scores with) and revised; returns run_synth_api's summary, whose "agents" entry counts
+    the rounds, stops and totals of this run's records."""
     check_config(cfg)
+    critic = critic or RubricCritic(RUBRICS[cfg.agents.rubric])
     check_agents_config(cfg, critic)
     return run_synth_api(cfg, agents=AgentLoop(cfg, critic, critic_endpoint(cfg)))
 
@@ -156,12 +157,12 @@ class AgentLoop:
     def key(self) -> str:
         return self.critic_ep.key or ""
 
-    async def process(self, ctx: _Ctx, q: dict, ep: Endpoint) -> None:
+    async def process(self, ctx: RunContext, q: dict, ep: Endpoint) -> None:
         record = await settled(ctx, q["id"], self._rounds(ctx, q, ep))
         if record is not None:
             await ctx.queue.put(("record", record))
 
-    async def _rounds(self, ctx: _Ctx, q: dict, ep: Endpoint) -> dict:
+    async def _rounds(self, ctx: RunContext, q: dict, ep: Endpoint) -> dict:
         spent = [0]  # this record's requests, retries included
         record = await self._ask(ctx, ep, draft_body(ctx.cfg, q), record_acceptor(ctx, q), spent)
         rounds: list[_Round] = []
@@ -186,7 +187,7 @@ class AgentLoop:
                 return self._finish(rounds, "revise_failed", spent[0], f"revision {len(rounds)}: {exc.reason}")
 
     @staticmethod
-    async def _ask(ctx: _Ctx, ep: Endpoint, body: dict, accept, spent: list[int]):
+    async def _ask(ctx: RunContext, ep: Endpoint, body: dict, accept, spent: list[int]):
         """synth api's ask, adding the requests it took (retries included) to `spent`."""
 
         def counted(data: dict, attempt: int):
@@ -208,7 +209,7 @@ class AgentLoop:
             "max_tokens": self.ac.critic_max_tokens,
         }
 
-    def _accept(self, ctx: _Ctx):
+    def _accept(self, ctx: RunContext):
         """The critic's acceptor: the scores, Retryable for a first unusable reply, GiveUp for the second."""
         unusable: list[str] = []
 
@@ -232,7 +233,7 @@ class AgentLoop:
             q["question"],
             q["description"],
             q["keywords"],
-            crisis=is_crisis(q["question"], q["description"]),
+            crisis=corpus_is_crisis(q["question"], q["description"]),
             draft={**record["cbt"], "distortions": record["distortions"]},
             weak=weak_criteria(self.critic, last.scores),
             total=last.total,

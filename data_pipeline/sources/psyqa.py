@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cbt_llm.domain.record import RecordError, has_chinese
 from data_pipeline.io import expand_inputs, iter_lines, open_binary_read
-from data_pipeline.schema import RecordError, has_chinese
 
 # PsyQA separates keywords with an ASCII comma; full-width commas and 、 appear in hand-written inputs.
 _KEYWORD_SPLIT = re.compile(r"[,\uff0c\u3001;\uff1b]")

@@ -34,12 +34,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cbt_llm.config import ApiSynthConfig, ConfigError
-from cbt_llm.crisis import CRISIS_SUPPORT_SENTENCE, corpus_is_crisis, detect, has_crisis_support, unsafe_output
-from cbt_llm.report import print_summary, write_metrics
+from cbt_llm.core.config import ApiSynthConfig
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.report import print_summary, write_metrics
+from cbt_llm.domain.crisis import (
+    CRISIS_SUPPORT_SENTENCE,
+    corpus_is_crisis,
+    detect,
+    has_crisis_support,
+    unsafe_output,
+)
+from cbt_llm.domain.prompts import COUNSELLOR_PROMPT, KICKOFF, SESSION_SYSTEM_PROMPT, client_prompt
 from data_pipeline.io import dumps
-from data_pipeline.psyqa import load_questions
-from data_pipeline.synth_api import (
+from data_pipeline.sources.psyqa import load_questions
+from data_pipeline.synth.api import check_input, check_out_dir, end_sentence
+from data_pipeline.synth.client import (
     REJECTS_FILE,
     SUMMARY_FILE,
     Endpoint,
@@ -48,10 +57,7 @@ from data_pipeline.synth_api import (
     Stats,
     ask,
     check_endpoint,
-    check_input,
-    check_out_dir,
     content_of,
-    end_sentence,
     first_line_has,
     make_endpoint,
     recover_done_ids,
@@ -61,28 +67,12 @@ from data_pipeline.synth_api import (
     settled,
     usage_of,
 )
-from data_pipeline.synth_sessions import SYSTEM_PROMPT, intake_at
+from data_pipeline.synth.sessions import intake_at
 
 RECORDS_FILE = "records.jsonl"
 PROMPT_VERSION = "api-sessions-v1"
-END_MARKER = "[END_SESSION]"
 # Models retype brackets: full-width ones, a space or no underscore still end the session.
 _END = re.compile(r"[\[【［]\s*END[_ ]?SESSION\s*[\]】］]", re.I)
-
-COUNSELLOR_PROMPT = (
-    SYSTEM_PROMPT
-    + "每次只以咨询师的身份说一段话，然后等待来访者回应；不要替来访者说话，也不要写“咨询师：”“来访者：”之类的角色标签。"
-    + f"当你完成总结、听取了来访者的反馈，会谈自然结束时，在最后一段话的末尾写上 {END_MARKER}。"
-)
-# The counsellor's first request needs a user message: many chat templates refuse a conversation without one.
-KICKOFF = "（来访者已经到了，请你开始这次会谈。）"
-CLIENT_RULES = (
-    "请始终以来访者的身份、用第一人称和口语化的中文回应咨询师，每次只说一段话（一到四句）。"
-    "不要替咨询师说话，不要写任何角色标签，不要给自己提建议或做总结。"
-    "你可以犹豫、怀疑，甚至一时说“这没用”，但愿意慢慢说出自己的经历、感受和想法。"
-)
-CLIENT_CRISIS = "在会谈的前半段，你会说出自己最难受的时候有过轻生或伤害自己的念头；咨询师问到安全时，请如实回答。"
-
 _COUNSELLOR_NAMES = r"(?:心理)?咨询师|治疗师|counsell?or|therapist|assistant"
 _CLIENT_NAMES = r"来访者|求助者|咨询者|client|user|patient"
 # A speaker label: a name and a colon at the start of the text, a line or a sentence.
@@ -149,8 +139,9 @@ def turn_problem(role: str, text: str) -> str | None:
     return None
 
 
-def discloses_crisis(text: str) -> bool:
-    """A client turn that must be answered with crisis support: the guard's detector or the corpus keywords."""
+def _discloses_crisis(text: str) -> bool:
+    """A client turn a counsellor must answer with crisis support: for training data either rule counts, the
+    guard's (detect) or the corpus's keywords (corpus_is_crisis), since over-answering costs one sentence."""
     return bool(detect(text)) or corpus_is_crisis(text)
 
 
@@ -173,7 +164,7 @@ def validate_session(session: dict, min_turns: int, max_turns: int) -> str | Non
         why = turn_problem(role, content) if isinstance(content, str) else "is not text"
         if why:
             return f"{role} turn {i} {why}"
-        if role == "client" and discloses_crisis(content):
+        if role == "client" and _discloses_crisis(content):
             if i == len(turns) or not has_crisis_support(turns[i]["content"]):
                 return f"client turn {i} discloses a crisis and the counsellor's next turn offers no crisis support"
     if turns[-1]["role"] != "assistant":
@@ -182,29 +173,6 @@ def validate_session(session: dict, min_turns: int, max_turns: int) -> str | Non
 
 
 # ----------------------------------------------------------------------------------------------- intakes
-
-
-def client_prompt(intake: dict, client: dict) -> str:
-    """The client simulator's system prompt, from an intake and the client behind it (intake_at's pair, or a
-    PsyQA question's)."""
-    lines = ["你在扮演一位来访者，正在和一位心理咨询师进行认知行为疗法（CBT）咨询。你的情况如下："]
-    if client.get("persona"):
-        lines.append(f"- 身份：{client['persona']}，{client['age']}岁")
-    if intake.get("setting"):
-        lines.append(f"- 咨询地点：{intake['setting']}")
-    lines.append(f"- 困扰：{client.get('duration', '')}{intake['presenting_problem']}")
-    if intake.get("situation"):
-        lines.append(f"- 最近的具体情境：{intake['situation']}")
-    if client.get("feelings"):
-        lines.append(f"- 当时的感受：{'，'.join(client['feelings'])}")
-    if intake.get("automatic_thought"):
-        lines.append(f"- 脑子里常冒出的想法：“{intake['automatic_thought']}”（等咨询师问到时再慢慢说出来）")
-    if intake.get("keywords"):
-        lines.append(f"- 关键词：{'、'.join(intake['keywords'])}")
-    lines.append(CLIENT_RULES)
-    if client.get("crisis"):
-        lines.append(CLIENT_CRISIS)
-    return "\n".join(lines)
 
 
 def _jobs(cfg: ApiSynthConfig) -> tuple[list[dict], list[dict]]:
@@ -308,7 +276,7 @@ async def _dialogue(ctx, job: dict, counsellor: Endpoint, client: Endpoint) -> d
         history = [{"role": "system", "content": client_system}, *flipped]
         text, _ = await _say(ctx, client, "client", history, n + 1, tally)
         turns.append({"role": "user", "content": text})
-        if discloses_crisis(text):
+        if _discloses_crisis(text):
             crisis_turns.append(n + 1)
     meta: dict[str, Any] = {
         "intake": job["intake"],
@@ -326,7 +294,7 @@ async def _dialogue(ctx, job: dict, counsellor: Endpoint, client: Endpoint) -> d
     }
     if not cfg.input.strip():
         meta["seed"] = cfg.seed
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, *turns]
+    messages = [{"role": "system", "content": SESSION_SYSTEM_PROMPT}, *turns]
     return {"id": job["id"], "messages": messages, "meta": meta}
 
 

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cbt_llm.config import Config, ConfigError, load_config
+from cbt_llm.core.config import Config, load_config
+from cbt_llm.core.errors import ConfigError
 
 # flag dest -> dotted config key, per subcommand
 _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
@@ -113,11 +114,11 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 def _cmd_synth_template(cfg: Config, args) -> int:
     if cfg.synth.sessions:
-        from data_pipeline.synth_sessions import run_synth_sessions
+        from data_pipeline.synth.sessions import run_synth_sessions
 
         run_synth_sessions(cfg.synth)
         return 0
-    from data_pipeline.synth_template import run_synth_template
+    from data_pipeline.synth.template import run_synth_template
 
     run_synth_template(cfg.synth)
     return 0
@@ -125,18 +126,18 @@ def _cmd_synth_template(cfg: Config, args) -> int:
 
 def _cmd_synth_api(cfg: Config, args) -> int:
     if cfg.api.sessions:
-        from data_pipeline.synth_api_sessions import run_synth_api_sessions as run
+        from data_pipeline.synth.api_sessions import run_synth_api_sessions as run
     elif cfg.api.agents.enabled:
         # data_pipeline may not import evaluation: the CLI hands the agents loop the judge's rubric as its critic
-        from data_pipeline.synth_agents import run_synth_api_agents
-        from evaluation.judge import RUBRICS, RubricCritic
+        from cbt_llm.domain.rubrics import RUBRICS, RubricCritic
+        from data_pipeline.synth.agents import run_synth_api_agents
 
         critic = RubricCritic(RUBRICS[cfg.api.agents.rubric])
 
         def run(api):
             return run_synth_api_agents(api, critic)
     else:
-        from data_pipeline.synth_api import run_synth_api as run
+        from data_pipeline.synth.api import run_synth_api as run
 
     summary = run(cfg.api)
     return 0 if summary.get("ok", 0) + summary.get("skipped", 0) > 0 or summary.get("total", 0) == 0 else 1
@@ -223,7 +224,7 @@ def _cmd_serve(cfg: Config, args) -> int:
 def serve_engine(args):
     """The engine behind `cbt-llm serve`: --backend proxy forwards to --upstream; otherwise the model loads with
     eval's backend rule (auto: vLLM when installed and on CUDA, else transformers) behind the batching loop."""
-    from evaluation.generate import choose_backend
+    from cbt_llm.inference.generate import choose_backend
     from serve.batching import BatchingEngine
     from serve.engine import Engine, VllmEngine, check_model_args
 

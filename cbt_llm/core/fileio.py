@@ -1,4 +1,5 @@
-"""The one atomic file writer every stage uses (metrics, checkpoints' markers, launcher scripts, repaired files)."""
+"""Files every stage writes and names: the one atomic file writer (metrics, checkpoints' markers, launcher scripts,
+repaired files) and the rule that tells a local folder from a Hugging Face Hub id."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def write_text_atomic(path: str | Path, text: str, *, mode: int | None = None) -
         tmp.chmod(mode)
     os.replace(tmp, path)
     return path
+
+
+def is_local_path(name: str | Path) -> bool:
+    """Whether a tokenizer (as manifest.json names it) or model name can only mean a local folder, not a Hugging
+    Face Hub id ("org/name"): it starts with '.', '/' or this project's `runs` folder, or it has no '/' or more
+    than one. A missing one is then reported as missing instead of as a failed download."""
+    name = str(name)
+    return name.startswith((".", "/", "runs")) or name.count("/") != 1

@@ -34,10 +34,13 @@ from pathlib import Path
 import zstandard
 from tqdm import tqdm
 
-from cbt_llm.config import ConfigError, SynthConfig
-from cbt_llm.report import print_summary, write_metrics
-from data_pipeline import synth_content as C
-from data_pipeline.schema import CBT_PARTS, CRISIS_SUPPORT_SENTENCE, DISTORTIONS, SCHEMA_VERSION
+from cbt_llm.core.config import SynthConfig
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.report import print_summary, write_metrics
+from cbt_llm.domain.cbt import CBT_PARTS, DISTORTIONS
+from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE
+from cbt_llm.domain.record import SCHEMA_VERSION
+from data_pipeline.synth.banks import records as C
 
 # template-v3: every answer part is composed from clauses (synth_content's template-v3 banks) with slots filled
 # from the record's own draws, so answers are far less predictable (bench/RESULTS.md, "Corpus diversity").

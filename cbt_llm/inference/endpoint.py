@@ -16,8 +16,8 @@ import time
 
 from tqdm import tqdm
 
-from cbt_llm.config import ConfigError
-from evaluation.generate import Generation, Prompt
+from cbt_llm.core.errors import ConfigError
+from cbt_llm.inference.prompt import Generation, Prompt
 
 
 class EndpointError(ConfigError):

@@ -1,0 +1,11 @@
+"""Building the corpus.
+
+template      the offline generator of single-turn records (millions, deterministic, sharded)
+sessions      the offline generator of multi-turn counselling sessions
+banks/        the phrase tables both compose from, and the structure scorer's seed exemplars
+client        the OpenAI-compatible client every API job shares (retries, backoff, the request pool, resume)
+api           `synth api`: the paper's method, one CBT prompt per question
+api_sessions  `synth api --sessions`: a counsellor and a client simulator talk
+agents        `synth api --agents`: draft -> critique on the judge's rubric -> revise
+scorer        training the offline structure scorer on a frozen template corpus and the seed banks
+"""
