@@ -1,5 +1,5 @@
-"""The Ray cluster job: `python -m launch.ray_job --config <file> [overrides]`, the entrypoint that
-`cbt-llm launch ray` submits with `ray job submit` (see launch/examples/ray-job-8gpu.sh).
+"""The Ray cluster job: `cbt-llm launch ray --entrypoint --config <file> [overrides]`, what `cbt-llm launch ray`
+submits with `ray job submit` (see launch/examples/ray-job-8gpu.sh).
 
 Ray Train's TorchTrainer (V2 API) starts one worker per training process and initialises the torch process
 group itself (gloo on CPU, nccl on GPU); each worker then runs the same `run_train` loop as every other
@@ -40,7 +40,6 @@ the same storage path and run name continues from storage too. The job exits 1 w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -49,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from cbt_llm.core.config import Config, load_config
+from cbt_llm.core.config import Config
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
 from launch.render import procs_per_node, ray_storage_path, world_size
@@ -192,10 +191,9 @@ def _train_worker(loop: dict) -> None:
     import ray.train
 
     # the config's relative paths (data_dir, run_dir) are relative to the submit folder, a shared file system.
-    # Imports need no sys.path edit: to unpickle this function the worker already imported launch.ray_job (or,
-    # under `python -m launch.ray_job`, cbt_llm.config for Config), so this checkout's packages, train among
-    # them, are importable there: from the install, or from the folder the driver ran in, which Ray puts on
-    # every worker's sys.path (the job's py_driver_sys_path).
+    # Imports need no sys.path edit: to unpickle this function the worker already imported launch.ray_job, so
+    # this checkout's packages, train among them, are importable there: from the install, or from the folder the
+    # driver ran in, which Ray puts on every worker's sys.path (the job's py_driver_sys_path).
     os.chdir(loop["cwd"])
     os.environ.update(loop["env"])
     ctx = ray.train.get_context()
@@ -314,35 +312,26 @@ def run_ray(cfg: Config) -> dict:
     return facts
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the Ray job: load and check the config, train, write <run_dir>/launch/ray_job.json."""
-    ap = argparse.ArgumentParser(prog="python -m launch.ray_job", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None, help="run config YAML (as for `cbt-llm train`)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    args = ap.parse_args(argv)
+def run_job(cfg: Config) -> int:
+    """The Ray job itself, what `ray job submit` starts on the cluster (`cbt-llm launch ray --entrypoint`): check
+    the config, train, write <run_dir>/launch/ray_job.json; returns the exit code (1 when training failed for
+    good). A config it refuses raises ConfigError before any work."""
     t0 = time.time()
+    if cfg.train.resume != "auto":
+        raise ConfigError(
+            f"train.resume is '{cfg.train.resume}'; a Ray job starts from the last checkpoint in "
+            "launch.ray.storage_path or, when there is none, train.run_dir's: set train.resume=auto"
+        )
     try:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.train.resume != "auto":
-            raise ConfigError(
-                f"train.resume is '{cfg.train.resume}'; a Ray job starts from the last checkpoint in "
-                "launch.ray.storage_path or, when there is none, train.run_dir's: set train.resume=auto"
-            )
         from launch.preflight import preflight
 
         preflight(cfg, "ray")
         facts = run_ray(cfg)
         rc = 0
-    except (ConfigError, RuntimeError, FileNotFoundError) as exc:
+    except (RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         facts, rc = {"error": str(exc).splitlines()[0]}, 1
-        if isinstance(exc, ConfigError) or "cfg" not in locals():
-            return 2 if isinstance(exc, ConfigError) else 1
     facts.update(exit_code=rc, seconds=round(time.time() - t0, 1))
     print_summary("cbt-llm ray job", facts, file=sys.stderr)
     write_metrics(Path(cfg.train.run_dir) / "launch" / "ray_job.json", facts)
     return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

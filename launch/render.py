@@ -227,7 +227,8 @@ def render_slurm(cfg: Config, cmd: TrainCommand) -> str:
 
 
 def render_ray(cfg: Config, cmd: TrainCommand) -> str:
-    """A bash script submitting a Ray job (`ray job submit` to $RAY_ADDRESS) that runs launch.ray_job."""
+    """A bash script submitting a Ray job (`ray job submit` to $RAY_ADDRESS) that runs `cbt-llm launch ray
+    --entrypoint` (launch.ray_job.run_job) on the cluster."""
     lc = cfg.launch
     addr = lc.ray.address
     L = ["#!/usr/bin/env bash", *_header(cfg, "Ray cluster job", cmd), "set -euo pipefail", *_cpu_env(cfg)]
@@ -239,7 +240,7 @@ def render_ray(cfg: Config, cmd: TrainCommand) -> str:
         f"# every checkpoint is reported to {ray_storage_path(cfg)} and restored workers load from there;",
         "# the job's exit code is the trainer's: non-zero when training failed after launch.ray.max_failures restarts",
         'exec ray job submit --submission-id "cbt-llm-' + cfg.run_name + '-$(date +%s)" -- \\',
-        f'  bash -c "cd $PWD && python -m launch.ray_job {train_args_escaped(cmd)}"',
+        f'  bash -c "cd $PWD && python -m cbt_llm.cli launch ray --entrypoint {train_args_escaped(cmd)}"',
     ]
     return "\n".join(L) + "\n"
 

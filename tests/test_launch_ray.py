@@ -4,7 +4,7 @@ Slow tests start `ray start --head --block` (with the dashboard's job server, fr
 process group under a short temp dir and stop exactly that process group in a fixture finalizer, even when a
 test fails (no `ray stop`, which would stop every Ray on the machine). Jobs reach the head the ways users do:
 `cbt-llm launch ray` with RAY_ADDRESS, `ray job submit --address http://<dashboard>`, and the driver
-`python -m launch.ray_job` run against the GCS address.
+`cbt-llm launch ray --entrypoint` run against the GCS address.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def _env(**extra: str) -> dict:
 
 def test_resume_must_be_auto(capsys):
     """Restored workers continue from train.run_dir, so another train.resume is refused up front (exit 2)."""
-    from launch.ray_job import main
+    from cbt_llm.cli import main
 
-    assert main(["--config", "configs/demo-cpu.yaml", "train.resume=never"]) == 2
+    assert main(["launch", "ray", "--entrypoint", "--config", "configs/demo-cpu.yaml", "train.resume=never"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.resume=auto" in err
 
@@ -335,7 +335,7 @@ def _args(data: Path, run: Path, *extra: str) -> list[str]:
 def _job(gcs: str, data: Path, run: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """The driver run directly against the head's GCS address (as the job server runs it)."""
     return subprocess.run(
-        [sys.executable, "-m", "launch.ray_job", *_args(data, run, *extra)],
+        [sys.executable, "-m", "cbt_llm.cli", "launch", "ray", "--entrypoint", *_args(data, run, *extra)],
         cwd=ROOT,
         env=_env(RAY_ADDRESS=gcs, **(env_extra or {})),
         capture_output=True,
@@ -480,7 +480,15 @@ def test_ray_job_submit_exits_non_zero_when_training_fails(ray_head, demo_data, 
     run = tmp_path / "run"
     env_json = json.dumps({"env_vars": {"CBT_LLM_FAULT": "after_step@1:1"}})  # the job's own environment
     entry = shlex.join(
-        ["python", "-m", "launch.ray_job", *_args(demo_data, run, "launch.ray.max_failures=0", "train.max_steps=3")]
+        [
+            "python",
+            "-m",
+            "cbt_llm.cli",
+            "launch",
+            "ray",
+            "--entrypoint",
+            *_args(demo_data, run, "launch.ray.max_failures=0", "train.max_steps=3"),
+        ]
     )
     r = subprocess.run(
         [

@@ -8,4 +8,4 @@ export RAY_ADDRESS="${RAY_ADDRESS:?set RAY_ADDRESS to the cluster, e.g. http://h
 # every checkpoint is reported to /shared/ray-results and restored workers load from there;
 # the job's exit code is the trainer's: non-zero when training failed after launch.ray.max_failures restarts
 exec ray job submit --submission-id "cbt-llm-qwen2.5-7b-lora-$(date +%s)" -- \
-  bash -c "cd $PWD && python -m launch.ray_job --config configs/train/qwen2.5-7b-lora.yaml launch.gpus_per_node=8 launch.ray.storage_path=/shared/ray-results"
+  bash -c "cd $PWD && python -m cbt_llm.cli launch ray --entrypoint --config configs/train/qwen2.5-7b-lora.yaml launch.gpus_per_node=8 launch.ray.storage_path=/shared/ray-results"

@@ -18,6 +18,7 @@ from cbt_llm.core.config.launch import LaunchConfig, RayLaunchConfig, SlurmConfi
 from cbt_llm.core.config.load import load_config, parse_overrides
 from cbt_llm.core.config.model import LoraConfig, ModelConfig
 from cbt_llm.core.config.root import Config, check_world_size
+from cbt_llm.core.config.serve import ServeConfig
 from cbt_llm.core.config.synth import AgentsConfig, ApiSynthConfig, SynthConfig
 from cbt_llm.core.config.train import DeepSpeedTuning, TrainConfig, WandbConfig
 from cbt_llm.core.errors import ConfigError
@@ -40,6 +41,7 @@ __all__ = [
     "QualityConfig",
     "RayLaunchConfig",
     "SessionClientConfig",
+    "ServeConfig",
     "SessionsConfig",
     "SlurmConfig",
     "SynthConfig",

@@ -34,6 +34,7 @@ from cbt_llm.core.config.data import DataConfig, TokenizerConfig
 from cbt_llm.core.config.eval import EvalConfig
 from cbt_llm.core.config.launch import LaunchConfig
 from cbt_llm.core.config.model import ModelConfig
+from cbt_llm.core.config.serve import ServeConfig
 from cbt_llm.core.config.synth import ApiSynthConfig, SynthConfig
 from cbt_llm.core.config.train import TrainConfig, WandbConfig
 from cbt_llm.core.errors import ConfigError
@@ -54,6 +55,7 @@ class Config(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("run_name")
     @classmethod

@@ -1,0 +1,57 @@
+"""`cbt-llm chat`: talk to a model in the terminal (a local model, or an OpenAI-compatible server), or answer a
+JSONL file of conversations with `--batch`; every reply goes through the crisis guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cbt_llm.core.config import Config
+from cbt_llm.core.errors import ConfigError
+
+
+def run(cfg: Config, args) -> int:
+    from serve.chat import run_batch, run_chat
+    from serve.engine import Engine, check_model_args
+    from serve.remote import RemoteEngine
+
+    if args.max_tokens < 1 or not 0.0 <= args.temperature <= 2.0 or not 0.0 < args.top_p <= 1.0:
+        raise ConfigError("--max-tokens must be >= 1, --temperature in [0, 2] and --top-p in (0, 1]")
+    if bool(args.model) == bool(args.url):
+        raise ConfigError("chat needs exactly one of --model (a local model) or --url (an OpenAI-compatible server)")
+    if bool(args.batch) != bool(args.out):
+        raise ConfigError("--batch and --out go together: --batch in.jsonl --out out.jsonl")
+    if args.batch and not Path(args.batch).is_file():
+        raise ConfigError(f"--batch: '{args.batch}' not found")
+    if args.url:
+        if args.adapter:
+            raise ConfigError("--adapter needs --model; a server behind --url serves its own model")
+        engine = RemoteEngine(args.url, model=args.remote_model)
+    else:
+        check_model_args(args.model, args.adapter or "")
+        engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
+    gen = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    if args.batch:
+        counts = run_batch(engine, args.batch, args.out, system=args.system, **gen)
+        print(
+            f"chat --batch: {counts['answered']} answered, {counts['bad']} bad lines (with their reason) in {args.out}"
+        )
+        return 0
+    return run_chat(engine, system=args.system, **gen)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal, through the crisis guard")
+    p.add_argument("--model", default=None, help="exported model folder (`cbt-llm export`) or base model")
+    p.add_argument("--url", default=None, help="an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--remote-model", default=None, help="model name to ask the --url server for (default: its first)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder on top of --model")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as `cbt-llm eval` decodes")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--system", default="", help="system prompt (default: the one export.json records, if any)")
+    p.add_argument("--batch", default=None, help="answer a JSONL file, one {id?, messages} or {id?, text} a line")
+    p.add_argument("--out", default=None, help="with --batch: the JSONL file of guarded replies")
+    p.set_defaults(func=run, config=None, overrides=[], dry_run=False)
