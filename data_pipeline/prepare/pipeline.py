@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,9 +12,9 @@ from pathlib import Path
 from cbt_llm.core.config import Config, DataConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
-from data_pipeline.packing import packing_efficiency
 from data_pipeline.prepare import screen
 from data_pipeline.prepare.dedup import FirstSeen
+from data_pipeline.prepare.manifest import build_manifest, run_metrics
 from data_pipeline.prepare.neardup import NearDupIndex
 from data_pipeline.prepare.parse import Parse
 from data_pipeline.prepare.ray_session import configure_ray_data, init_ray, short_ray_dir
@@ -23,7 +22,7 @@ from data_pipeline.prepare.read import read_files, resolve_inputs
 from data_pipeline.prepare.split import overlong_policy
 from data_pipeline.prepare.tokens import Tokenize
 from data_pipeline.prepare.write import QuestionFiles, SplitPacker, swap_into_place, write_shards
-from data_pipeline.shards import MANIFEST_SCHEMA_VERSION, SPLITS, write_manifest
+from data_pipeline.shards import SPLITS, write_manifest
 
 _LINE_BITS = 40  # the dedup index stores where a first copy came from as (file_idx << 40) | line
 # Logical CPUs each read+parse task and each tokenizer actor asks Ray for. At 1 each, a pool of one actor per
@@ -264,104 +263,6 @@ def _write_splits(
     return shards
 
 
-def _data_config_hash(dc: DataConfig) -> str:
-    """Hash of everything in data: that changes the shards (out_dir is where they go; the ray_* fields are how
-    Ray runs, never what the shards hold)."""
-    obj = {k: v for k, v in dc.model_dump(mode="json").items() if k != "out_dir" and not k.startswith("ray_")}
-    if not screen.enabled(dc):  # the pass off leaves the hash as it was before these settings existed
-        del obj["near_dup"], obj["quality"]
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _split_counts(dc: DataConfig, counts: dict[str, int]) -> dict[str, int]:
-    """Conversations split on turn boundaries (counted once each) and the pieces of them kept; only under the
-    split policy, so the other policies' manifests stay as they were."""
-    if overlong_policy(dc) != "split":
-        return {}
-    return {"split_sessions": counts["split_sessions"], "split_pieces": counts["split_pieces"]}
-
-
-def _manifest(
-    dc: DataConfig,
-    files: list[str],
-    tok_hash: str,
-    pad_id: int,
-    counts: dict[str, int],
-    rejected: dict[str, int],
-    packers: dict[str, SplitPacker],
-    shards: dict[str, list[dict]],
-    question_files: dict[str, dict],
-    scorer_signature: str = "",
-) -> dict:
-    """manifest.json's content (its format: data_pipeline/shards.py)."""
-    train_rows = packers["train"].rows
-    return {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "seq_len": dc.seq_len,
-        "packing": dc.packing,
-        "packer": dc.packer if dc.packing else None,
-        "pad_token_id": pad_id,
-        "tokenizer": {"name_or_path": dc.tokenizer, "hash": tok_hash},
-        "config_hash": _data_config_hash(dc),
-        "system_prompt": dc.system_prompt,
-        "format": dc.format,
-        "inputs": [{"path": f, "bytes": os.path.getsize(f) if "://" not in f else None} for f in files],
-        "counts": {
-            "read": counts["read"],
-            "kept": counts["kept"],
-            "rejected": dict(sorted(rejected.items())),
-            "rejected_total": sum(rejected.values()),
-            "truncated": counts["truncated"],
-            **_split_counts(dc, counts),
-            "examples": {s: packers[s].examples for s in SPLITS},
-            "rows": {s: packers[s].rows for s in SPLITS},
-            "tokens": {s: packers[s].tokens for s in SPLITS},
-            "label_tokens": {s: packers[s].label_tokens for s in SPLITS},
-        },
-        "packing_efficiency": {
-            s: round(packing_efficiency(packers[s].tokens, packers[s].rows, dc.seq_len), 6) for s in SPLITS
-        },
-        "world_size": dc.world_size,
-        # rank r reads train shards r, r+W, r+2W, ...; rows per rank differ by at most one
-        "rows_per_rank": [sum(e["rows"] for e in shards["train"][r :: dc.world_size]) for r in range(dc.world_size)],
-        "rows_uneven": train_rows % dc.world_size,
-        "splits": {s: {"shards": shards[s]} for s in SPLITS},
-        # how an example's split was chosen (data_pipeline.formats.split_of), and the questions as text / hashes
-        "split_rule": {"key": "normalised question", "val_fraction": dc.val_fraction, "seed": dc.seed},
-        **question_files,
-        # only when it ran: a run without it writes the manifest it always did
-        **({"screen": screen.manifest_entry(dc, scorer_signature)} if screen.enabled(dc) else {}),
-    }
-
-
-def _metrics(man: dict, pack_s: float, ray_s: float, stream_s: float, seconds: float, out: Path) -> dict:
-    """prepare_metrics.json and the summary table. Rates are over the stream only; Ray start-up is its own line."""
-    c = man["counts"]
-    total_tokens = sum(c["tokens"].values())
-    return {
-        "records_read": c["read"],
-        "examples_kept": c["kept"],
-        "rejected": c["rejected_total"],
-        **{f"rejected.{k}": v for k, v in c["rejected"].items()},
-        "truncated": c["truncated"],
-        **{k: c[k] for k in ("split_sessions", "split_pieces") if k in c},
-        "rows.train": c["rows"]["train"],
-        "rows.validation": c["rows"]["validation"],
-        "train_shards": len(man["splits"]["train"]["shards"]),
-        "rows_uneven(train % world_size)": man["rows_uneven"],
-        "tokens": total_tokens,
-        "label_tokens": sum(c["label_tokens"].values()),
-        "packing_efficiency.train": man["packing_efficiency"]["train"],
-        "packing_efficiency.validation": man["packing_efficiency"]["validation"],
-        "records/s": c["read"] / stream_s,
-        "tokens/s": total_tokens / stream_s,
-        "ray_startup_s": round(ray_s, 3),
-        "pack_s": round(pack_s, 3),
-        "seconds": round(seconds, 3),
-        "out_dir": str(out),
-    }
-
-
 def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = None) -> dict:
     """`cbt-llm prepare`: see the package docstring. Returns the manifest dict.
 
@@ -404,7 +305,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
             questions.heldout.close()
         t_stream = time.perf_counter()
         shards = _write_splits(packers, staging, dc, pad_id, counts["read"], rejects.total, out)
-        manifest = _manifest(
+        manifest = build_manifest(
             dc, files, tok_hash, pad_id, counts, rejects.counts, packers, shards, questions.close(), scorer_signature
         )
         write_manifest(staging, manifest)
@@ -419,7 +320,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
 
     stream_s = max(1e-9, t_stream - t_ray_ready)  # processing only; Ray start-up is reported on its own
     pack_s = sum(p.pack_s for p in packers.values())
-    metrics = _metrics(manifest, pack_s, ray_s, stream_s, time.perf_counter() - t_start, out)
+    metrics = run_metrics(manifest, pack_s, ray_s, stream_s, time.perf_counter() - t_start, out)
     write_metrics(out / "prepare_metrics.json", metrics)
     print_summary("prepare", metrics)
     if manifest["rows_uneven"]:
