@@ -5,7 +5,7 @@
 
 For the first `--n` records of <data>/heldout.jsonl (questions prepare kept out of training), each model answers
 greedily (chat template with the generation prompt, the system prompt of <data>/manifest.json, the user turn of
-data_pipeline.tokenizer.build_user_message), and the structure scorer (data_pipeline/structure.py; built at
+data_pipeline.tokenizer.build_user_message), and the structure scorer (cbt_llm/domain/structure.py; built at
 --scorer the first time) gives each answer its coverage (0-5 of the CBT parts) and order agreement. Prints one
 row per question and the mean per model, and the first fine-tuned answer in full. The base model (the random
 init the run started from) has no tokenizer of its own: both models use the one in --model.

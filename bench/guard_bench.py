@@ -1,4 +1,4 @@
-"""Measure the crisis guard's detection (cbt_llm/crisis.py: detect) on the labelled set and its speed.
+"""Measure the crisis guard's detection (cbt_llm/domain/crisis.py: detect) on the labelled set and its speed.
 
     python bench/guard_bench.py                 # tables for bench/RESULTS.md, bench/results/guard.json
     python bench/guard_bench.py --corpus 0      # skip the template-corpus agreement check

@@ -1,4 +1,4 @@
-"""Build the CBT-structure scorer (data_pipeline/structure.py) and measure it on text it never trained on.
+"""Build the CBT-structure scorer (cbt_llm/domain/structure.py) and measure it on text it never trained on.
 
     python bench/structure_bench.py                        # build runs/structure_scorer.npz, measure, report
     python bench/structure_bench.py --out my_scorer.npz    # save the scorer elsewhere

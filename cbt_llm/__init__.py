@@ -1,13 +1,19 @@
 """cbt-llm: build CBT-LLM style models end to end.
 
-This package is two layers, one on each side of the stages (data_pipeline -> train -> launch):
+This package holds the layers around the stages (data_pipeline, train, then launch, evaluation and serve): the
+command above them all and three libraries below them all, one sub-package each, top to bottom:
 
-- the top, `cbt_llm.cli`: the `cbt-llm` command, which imports every stage (lazily, one per subcommand);
-  nothing in the product imports it back;
-- the bottom, everything else here (`cbt_llm.config`, the typed config tree, and `cbt_llm.report`): what every
-  stage imports; it imports no stage.
+- `cbt_llm.cli` (top): the `cbt-llm` command, one module per subcommand, each importing its stage lazily;
+  nothing in the product imports it.
+- `cbt_llm.inference`: model loading and generation (transformers, vLLM, an OpenAI-compatible endpoint), under
+  the stages that generate or tokenize.
+- `cbt_llm.domain`: CBT knowledge as data and pure functions: the five parts, crisis policy, guard, record
+  schema, chat format, prompts, rubrics and the structure scorer.
+- `cbt_llm.core` (bottom): the typed config tree, the user-facing error, report tables and file helpers; it
+  imports no other layer. `cbt_llm.config` is the config tree's compatibility name.
 
-tests/test_layers.py holds these rules with the stages' own (data flows one way, never back upstream).
+Each layer imports only itself and the layers below it; tests/test_layers.py holds the rule for every layer,
+stages included (data flows one way, never back upstream).
 """
 
 __version__ = "0.1.0"

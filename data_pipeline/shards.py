@@ -35,19 +35,19 @@ manifest.json (MANIFEST_SCHEMA_VERSION 1), the keys readers rely on:
     rows_per_rank, rows_uneven   train rows each rank reads, and train rows % world_size
     splits           {train|validation: {shards: [{path, rows, examples, tokens, label_tokens, sha256}]}}
     split_rule       {key: "normalised question", val_fraction, seed}: an example is in validation when
-                     data_pipeline.formats.split_of(question, val_fraction, seed) says so
+                     data_pipeline.sources.formats.split_of(question, val_fraction, seed) says so
     heldout          {path: "heldout.jsonl", records, sha256}
     train_questions  {path: "train_questions.u64", questions, sha256}
 
 heldout.jsonl: one JSON object per kept validation example, in input order, its id the example id the shards
 carry: {id, question, description, keywords, reference, crisis, distortions}. `reference` is the example's
-(last) answer; `crisis` is meta.crisis for our corpus, schema.is_crisis(question, description) for other
-formats; formats without descriptions, keywords or distortion labels leave them empty. A session (format
-messages) has one line whatever its pieces, its question the presenting problem, an empty reference (its last
-turn is a summary, not an answer) and two more keys: intake (meta.intake) and turns. Empty when val_fraction
-is 0. Evaluation asks these questions of a model; they were never trained on.
+(last) answer; `crisis` is meta.crisis for our corpus, cbt_llm.domain.crisis.corpus_is_crisis(question,
+description) for other formats; formats without descriptions, keywords or distortion labels leave them empty. A
+session (format messages) has one line whatever its pieces, its question the presenting problem, an empty
+reference (its last turn is a summary, not an answer) and two more keys: intake (meta.intake) and turns. Empty
+when val_fraction is 0. Evaluation asks these questions of a model; they were never trained on.
 
-train_questions.u64: the distinct data_pipeline.formats.question_hash values (64-bit BLAKE2b of the normalised
+train_questions.u64: the distinct data_pipeline.sources.formats.question_hash values (64-bit BLAKE2b of the normalised
 question) of the kept train examples, sorted, little-endian int64. Train questions are not written as text;
 these let evaluation refuse a question set that overlaps the train split (train_question_hashes).
 

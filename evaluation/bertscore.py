@@ -1,4 +1,4 @@
-"""BERTScore F1 of each generated answer against its reference, with a local encoder (issue 10, item 4).
+"""BERTScore F1 of each generated answer against its reference, with a local encoder.
 
 The CBT-LLM paper reports BERTScore as its third metric, computed with bert-base-chinese; layer 8 is the setting
 bert-score itself tunes for that encoder (its `model2layers`), so `model_path=<local bert-base-chinese folder>,

@@ -4,7 +4,7 @@ and its answers are scored exactly as `cbt-llm eval` scores an exported checkpoi
 The `eval:` section of the training config says which questions (eval.questions, eval.limit, the train-overlap
 check), how long the answers may be (eval.max_new_tokens), the batch plan (eval.batch_tokens), which reference
 metrics, BERTScore's encoder and the judge. Generation goes through the same pieces as `cbt-llm eval`
-(evaluation.generate: prompts, batch plan, greedy decoding config, stop tokens), on the training model itself:
+(cbt_llm.inference.generate: prompts, batch plan, greedy decoding config, stop tokens), on the training model itself:
 under ZeRO-3 every rank holds a slice of each weight, so every rank generates (its share of the batch plan, in
 lockstep) and rank 0 scores. Same weights, same prompts, same batches: the logged gen/<metric> values equal
 `cbt-llm eval` on the checkpoint saved at that step (tests/test_train_e2e.py, run A). A LoRA model generates with its

@@ -1,5 +1,5 @@
-"""The eval's report files from its results dict (issue 10, item 7): results.json, report.md, scores.png, the
-terminal table and the W&B run.
+"""The eval's report files from its results dict: results.json, report.md, scores.png, the terminal table and the W&B
+run.
 
 The results dict, as `cbt-llm eval` (evaluation/run.py) builds it:
 
@@ -329,7 +329,7 @@ def render_report_md(results: dict) -> str:
 
 
 def summary_rows(results: dict) -> dict[str, str]:
-    """Rows for cbt_llm.report.print_summary: "model" -> the model names, then each metric -> its scores, then the
+    """Rows for cbt_llm.core.report.print_summary: "model" -> the model names, then each metric -> its scores, then the
     generation's new tokens and tokens/s ("-" for predictions), columns padded to one width so the right-aligned
     strings line up as a side-by-side table ("n/c": not computed)."""
     models = list(results["models"])

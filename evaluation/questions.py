@@ -3,7 +3,7 @@
 A model is evaluated on questions it was not trained on. prepare writes the validation split as text
 (heldout.jsonl) and the train split as question fingerprints (train_questions.u64; data_pipeline/shards.py);
 check_no_train_overlap refuses any question set that shares a normalised question with the train split, by the
-same normalisation and hash prepare used (data_pipeline.formats.normalise_question / question_hash).
+same normalisation and hash prepare used (data_pipeline.sources.formats.normalise_question / question_hash).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reference metrics: how close each generated answer is to the reference answer (issue 10, item 4).
+"""Reference metrics: how close each generated answer is to the reference answer.
 
 Every metric takes lists of predictions and references (strings, paired by position) and returns
 

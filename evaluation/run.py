@@ -4,9 +4,9 @@ check      every model path, adapter, endpoint key, metric name, the BERTScore e
            are checked before any generation; a bad one fails with one line naming the field
 questions  heldout.jsonl (default), a PsyQA JSON or our corpus JSONL; bad lines go to rejects.jsonl; a set
            that shares questions with the train split is refused (evaluation.questions)
-answer     each model in turn: local folders through evaluation.generate (data parallel under torchrun or
+answer     each model in turn: local folders through cbt_llm.inference.generate (data parallel under torchrun or
            the deepspeed launcher: every rank answers its share, rank 0 gathers), endpoints through
-           evaluation.endpoint (rank 0); or `--predictions FILE` scores answers another system produced
+           cbt_llm.inference.endpoint (rank 0); or `--predictions FILE` scores answers another system produced
 sessions   with --sessions (eval.sessions), each model also talks with a client simulator for a few turns per
            held-out intake, the crisis guard around every model turn (evaluation.sessions), right after it has
            answered the questions, while it is loaded

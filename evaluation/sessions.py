@@ -1,5 +1,5 @@
-"""`cbt-llm eval --sessions` (issue 13, item 6): every model holds multi-turn sessions with a client simulator, the
-crisis guard around each model turn, and the judge scores each transcript on the six CTRS items (0-6).
+"""`cbt-llm eval --sessions`: every model holds multi-turn sessions with a client simulator, the crisis guard around
+each model turn, and the judge scores each transcript on the six CTRS items (0-6).
 
 intakes    drawn, held out by seed: intake_at(eval.sessions.seed, i) for i < num_sessions, the intake distribution
            of the session corpus (`synth template --sessions` and `synth api --sessions` draw theirs the same way),
@@ -8,20 +8,20 @@ intakes    drawn, held out by seed: intake_at(eval.sessions.seed, i) for i < num
            (PsyQA JSON or our JSONL), one intake each as `synth api --sessions --input` makes them, refused when
            they share a question with the train split (eval.check_overlap)
 dialogue   the client simulator (eval.sessions.client, an OpenAI-compatible model, greedy) plays the client of the
-           intake with synth_api_sessions.client_prompt and speaks first, as a person does on `cbt-llm serve`; the
-           model answers with the chat template over the whole history, greedy, `turns` times. A turn runs for
+           intake with cbt_llm.domain.prompts.client_prompt and speaks first, as a person does on `cbt-llm serve`;
+           the model answers with the chat template over the whole history, greedy, `turns` times. A turn runs for
            every session at once: local models answer them in token-budgeted batches, endpoints concurrently
-guard      cbt_llm.guard.before_model / after_model around every model turn, as the server does: a crisis in the
-           client's turns puts the guard's note in the model's prompt and the crisis block before its reply,
+guard      cbt_llm.domain.guard.before_model / after_model around every model turn, as the server does: a crisis in
+           the client's turns puts the guard's note in the model's prompt and the crisis block before its reply,
            unsafe model text is replaced, the first reply carries the disclaimer. The transcript holds what a
            person would have been shown, and both simulators read that back, as a chat client sends the shown
            history. Every model turn records the guard's verdict (crisis, category, source) and any replacement
 failure    a client turn that fails (HTTP after the client's retries, or empty, not Chinese or in the counsellor's
-           voice: synth_api_sessions.turn_problem) or a failed model turn ends that session: it stays in
-           sessions.jsonl with its reason, is counted, and is never judged
-judge      with eval.judge.base_url: the "ctrs" rubric of evaluation/judge.py over the intake and the shown
-           transcript, with the judge's cache, retries and failure counting; a transcript the judge fails on is
-           left out of the means and counted in the note, never scored 0
+           voice: data_pipeline.synth.api_sessions.turn_problem) or a failed model turn ends that session: it stays
+           in sessions.jsonl with its reason, is counted, and is never judged
+judge      with eval.judge.base_url: evaluation/judge.py on the "ctrs" rubric (cbt_llm/domain/rubrics.py) over the
+           intake and the shown transcript, with the judge's cache, retries and failure counting; a transcript the
+           judge fails on is left out of the means and counted in the note, never scored 0
 """
 
 from __future__ import annotations
@@ -71,15 +71,15 @@ class Session:
 
 
 class ScriptedClient:
-    """eval.sessions.client.kind: scripted. Session i's client turns are the client lines of the offline session
-    that starts from the same intake (synth_sessions.session_at(seed, i): intake_at draws the same intake), in
-    order, whatever the model answered; a session ends when its script does. Offline and deterministic, so the
-    demo and CI can hold sessions without an endpoint; it does not react to the model, so its transcripts show
-    the guard and the model's turns, not how well the model steers a conversation."""
+    """eval.sessions.client.kind: scripted. Session i's client turns are the client lines of the offline session that
+    starts from the same intake (data_pipeline.synth.sessions.session_at(seed, i): intake_at draws the same intake), in
+    order, whatever the model answered; a session ends when its script does. Offline and deterministic, so the demo and
+    CI can hold sessions without an endpoint; it does not react to the model, so its transcripts show the guard and the
+    model's turns, not how well the model steers a conversation."""
 
     def __init__(self, sc) -> None:
         self.sc = sc
-        self.name = f"scripted: synth_sessions.session_at(seed={sc.seed}) client lines"
+        self.name = f"scripted: data_pipeline.synth.sessions.session_at(seed={sc.seed}) client lines"
         self.scripts: dict[str, list[str]] = {}
 
     def turn(self, s: Session, turn: int) -> str | None:

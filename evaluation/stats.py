@@ -1,4 +1,4 @@
-"""Bootstrap intervals for the eval's means and rates, so no score is read without its uncertainty (STYLE.md).
+"""Bootstrap intervals for the eval's means and rates, so no score is read without its uncertainty.
 
 `bootstrap_ci` is the percentile bootstrap of the mean: draw `resamples` samples of size n with replacement, take
 each one's mean, and report the (1 - confidence)/2 and (1 + confidence)/2 quantiles of those means (numpy's

@@ -110,7 +110,7 @@ def _read(files: list[str]):
     One map task per file over the list of paths (launch/ray_read.py), not `ray.data.read_parquet`: Ray 2.60's
     Parquet datasource (V2) runs a file-listing operator, a pool of footer-reading actors (one Python process
     each) and the read tasks, three rounds of process starts for a worker's one or two shards; on a 2-core
-    machine that was 13-15 s per worker each time a worker group started, the two workers' reads one after the
+    machine that costs 13-15 s per worker each time a worker group starts, the two workers' reads one after the
     other. The shards' names come from the manifest, so there is nothing to list, and the rows must stay whole
     shards in file order anyway (RankShards sets preserve_order)."""
     import ray.data

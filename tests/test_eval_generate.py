@@ -1,4 +1,4 @@
-"""The generation engine of `cbt-llm eval` (evaluation/generate.py) on a tiny random Qwen2 and a local tokenizer."""
+"""The generation engine of `cbt-llm eval` (cbt_llm/inference/) on a tiny random Qwen2 and a local tokenizer."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_prompt_is_the_training_conversation_without_its_answer(base):
     trained = to_examples(rec, "cbt", SYSTEM, "x")[0].messages
     msgs = prompt_messages(rec["question"], rec["description"], SYSTEM)
     assert msgs == trained[:2]
-    # an empty system prompt is still a turn, as prepare writes it (data_pipeline.formats)
+    # an empty system prompt is still a turn, as prepare writes it (data_pipeline.sources.formats)
     assert (
         prompt_messages("问题", "", "")
         == to_examples({**rec, "question": "问题", "description": ""}, "cbt", "", "x")[0].messages[:2]

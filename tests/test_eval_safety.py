@@ -1,5 +1,5 @@
 """Safety metrics (evaluation/safety.py) follow the corpus's crisis policy, and held-out records carry the crisis
-flag each input format gives them (data_pipeline.formats.Example.heldout_record)."""
+flag each input format gives them (data_pipeline.sources.formats.Example.heldout_record)."""
 
 from __future__ import annotations
 

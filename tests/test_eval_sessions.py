@@ -248,8 +248,8 @@ def test_intakes_from_a_question_file_one_session_each(tmp_path, capsys):
 
 def test_scripted_client_replays_the_offline_sessions_client_lines(model, tmp_path, capsys):
     """client.kind: scripted (the offline demo's client): session i's client turns are the user turns of
-    synth_sessions.session_at(seed, i), in order, whatever the model says; no endpoint is asked; the model's
-    turns still go through the guard (the first carries the disclaimer)."""
+    data_pipeline.synth.sessions.session_at(seed, i), in order, whatever the model says; no endpoint is asked; the
+    model's turns still go through the guard (the first carries the disclaimer)."""
     rc, err, out = _run(tmp_path, capsys, ["--model", str(model)], "", "eval.sessions.client.kind=scripted")
     assert rc == 0, err
     rows = _rows(out)

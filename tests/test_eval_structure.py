@@ -1,4 +1,4 @@
-"""The CBT-structure scorer (data_pipeline/structure.py) on text it never trained on.
+"""The CBT-structure scorer (cbt_llm/domain/structure.py) on text it never trained on.
 
 Hand-written answers (tests/data/structure_handwritten.jsonl; its README says how they were written; `heldout4` is
 the held-out set of the shipped scorer, the other splits are design data): the scorer

@@ -1,5 +1,5 @@
-"""The crisis guard (cbt_llm/guard.py) and its policy (cbt_llm/crisis.py): the aims of issue 12 on the labelled set
-tests/data/crisis_messages.jsonl, the reply wrapper, crisis mode across turns, the output check, counters that
+"""The crisis guard (cbt_llm/domain/guard.py) and its policy (cbt_llm/domain/crisis.py): its aims on the labelled
+set tests/data/crisis_messages.jsonl, the reply wrapper, crisis mode across turns, the output check, counters that
 hold no message text, and one source for every hotline number."""
 
 from __future__ import annotations

@@ -157,7 +157,10 @@ def test_ray_dry_run(capsys, tmp_path):
         "launch.ray.max_failures=3",
     )
     assert "export RAY_ADDRESS=http://127.0.0.1:8265" in out
-    assert "ray job submit" in out and "python -m cbt_llm.cli launch ray --entrypoint --config configs/demo-cpu.yaml" in out
+    assert (
+        "ray job submit" in out
+        and "python -m cbt_llm.cli launch ray --entrypoint --config configs/demo-cpu.yaml" in out
+    )
     assert "launch.ray.max_failures=3" in out
     bash_syntax_ok(out, tmp_path)
 

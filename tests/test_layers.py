@@ -12,7 +12,7 @@ Layers, top to bottom; a module may import its own layer and every layer below i
     inference      cbt_llm/inference/    model loading and generation, under train, evaluation, serve and synth
     domain         cbt_llm/domain/       CBT knowledge as data and pure functions: parts, crisis policy, guard,
                                          record schema, chat format, prompts, rubrics, structure scorer
-    core           cbt_llm/core/         config tree, errors, report tables, file helpers (and cbt_llm/config.py,
+    core           cbt_llm/core/         config tree, errors, report tables, file helpers (and cbt_llm/core/config/,
                                          its compatibility name)
 
 serve, evaluation and launch are one tier: none imports another. train and launch read the data stage's output
@@ -257,7 +257,7 @@ def test_no_import_cycles_between_product_modules():
 def test_walked_folders_exist_and_the_cli_is_the_top():
     assert all((ROOT / top).is_dir() for top in WALKED)
     assert layer_of_file("cbt_llm/cli/__init__.py") == "cli" and layer_of_file("cbt_llm/cli/train.py") == "cli"
-    assert layer_of_file("cbt_llm/core/config/train.py") == "core" and layer_of_file("cbt_llm/config.py") == "core"
+    assert layer_of_file("cbt_llm/core/config/train.py") == "core" and layer_of_file("cbt_llm/core/config/") == "core"
     assert layer_of_file("cbt_llm/domain/guard.py") == "domain"
     # the CLI really is the top: it imports every stage (lazily, inside its subcommands), and nothing imports it
     graph = import_graph()
@@ -349,7 +349,7 @@ def test_a_planted_upstream_import_fails(rel, source, expected):
             "serve/engine.py",
             "from cbt_llm.inference.hf import HFGenerator\nfrom cbt_llm.domain.guard import CrisisGuard\n",
         ),
-        ("cbt_llm/config.py", "from cbt_llm.core.config import Config\n"),
+        ("cbt_llm/core/config/", "from cbt_llm.core.config import Config\n"),
     ],
 )
 def test_imports_down_the_layers_pass(rel, source):

@@ -1,4 +1,4 @@
-"""PsyQA / JSONL question ingest (data_pipeline/psyqa.py)."""
+"""PsyQA / JSONL question ingest (data_pipeline/sources/psyqa.py)."""
 
 from __future__ import annotations
 

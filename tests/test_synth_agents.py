@@ -227,9 +227,7 @@ def test_one_folder_holds_one_kind_of_record(tmp_path):
         run_synth_api_agents(agents, CRITIC)
         with pytest.raises(ConfigError, match="holds records made with api.agents"):
             run_synth_api(plain)
-        with pytest.raises(
-            ConfigError, match="api.agents.enabled: the agents loop runs from"
-        ):
+        with pytest.raises(ConfigError, match="api.agents.enabled: the agents loop runs from"):
             run_synth_api(agents.model_copy(update={"out_dir": str(tmp_path / "new")}))
     assert load_config(None, ["api.agents.enabled=true"]).api.out_dir.endswith("/corpus-api-agents")
 

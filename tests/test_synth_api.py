@@ -349,7 +349,7 @@ def test_corrupt_middle_line_fails_loudly(tmp_path):
 
 def test_prompt_v1_is_frozen_and_v2_names_the_policy_hotline():
     # v1 is the text records were generated with; it keeps the older number. v2 takes the number from
-    # cbt_llm/crisis.py: a new number there is a new prompt version, so this expectation changes with it.
+    # cbt_llm/domain/crisis.py: a new number there is a new prompt version, so this expectation changes with it.
     v1 = build_messages("问题", "", [], crisis=True, version="v1")[1]["content"]
     assert v1.endswith("拨打心理援助热线(如全国心理援助热线 400-161-9995)或前往最近的医院急诊。")
     v2 = build_messages("问题", "", [], crisis=True)[1]["content"]

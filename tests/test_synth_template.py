@@ -216,7 +216,7 @@ def test_crisis_records_are_flagged_and_carry_the_support_sentence(records):
 
 
 def test_template_v3_carries_the_12356_sentence():
-    # The sentence comes from cbt_llm/crisis.py; a new hotline there changes the corpus, so it is a new template
+    # The sentence comes from cbt_llm/domain/crisis.py; a new hotline there changes the corpus, so it is a new template
     # version (PROMPT_VERSION) and this expectation changes with it.
     assert PROMPT_VERSION == "template-v3"
     assert CRISIS_SUPPORT_SENTENCE == (
@@ -227,7 +227,7 @@ def test_template_v3_carries_the_12356_sentence():
 
 
 def test_crisis_records_are_flagged_by_the_guard_too(records):
-    # the guard's detection (cbt_llm.crisis.detect) agrees with the corpus flag on every generated record:
+    # the guard's detection (cbt_llm.domain.crisis.detect) agrees with the corpus flag on every generated record:
     # no crisis record loses its flag, no calm record gains one
     for r in records:
         assert bool(detect(r["question"] + r["description"])) is r["meta"]["crisis"], r["id"]

@@ -10,20 +10,19 @@ exits with train.requeue_exit_code (85) so a scheduler can requeue it; `train.re
 The deepspeed launcher passes 85 on as its own exit code; torchrun forwards SIGTERM to the workers but then
 exits 1 itself, so a job script under torchrun should look for run_dir/requeue.json instead.
 
-What each step does lives elsewhere: train.step (loss, optimizer step, validation loss), train.optim
-(optimizer, schedule), train.model (model, attention, LoRA), train.data (rows, loader), train.checkpoint,
-train.metrics, train.runtime (process housekeeping), train.faults (test-only fault injection).
+What each step does lives elsewhere: train.step (loss, optimizer step, validation loss), train.periodic (the
+work on a schedule: metrics line, validation, generation eval, checkpoint saving), train.run (the run's resolved
+state and facts), train.optim (optimizer, schedule), train.model (model, attention, LoRA), train.data (rows,
+loader), train.checkpoint (the checkpoint format), train.metrics, train.runtime (process housekeeping, stop
+agreement), train.faults (test-only fault injection).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import signal
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,7 @@ from train.data import (
     steps_per_epoch,
 )
 from train.ds_config import resolve_ds_config
-from train.faults import fault_hook
-from train.metrics import FlopsCount, LogWindow, MetricsLogger, peak_flops, plot_loss, read_metrics
+from train.metrics import FlopsCount, MetricsLogger, peak_flops, plot_loss, read_metrics
 from train.model import (
     apply_activation_checkpointing,
     apply_liger,
@@ -56,51 +54,10 @@ from train.model import (
     select_attn,
     write_random_base,
 )
-from train.optim import OptimizerChoice, build_client_optimizer, choose_optimizer, lr_lambda, master_weights
-from train.step import chunked_lm_loss_supported, train_step, validation_loss
-
-
-@dataclass
-class Run:
-    """Everything the loop needs, resolved once by _check_config and completed by _set_up."""
-
-    cfg: Config
-    rank: int
-    world: int
-    local_rank: int
-    device_type: str
-    manifest: dict
-    steps_per_epoch: int
-    rows_left_out: int
-    total_steps: int
-    pad_id: int
-    tok_path: str
-    dtype: torch.dtype
-    attn: str
-    optimizer: OptimizerChoice
-    run_dir: Path = field(init=False)
-    on_checkpoint: Callable[[Path, dict], None] | None = None
-    gen_eval: Callable[..., dict] | None = None
-    facts: dict[str, Any] = field(default_factory=dict)  # what was resolved at start-up, for the summary
-    start_step: int = 0
-    resumed_from: str | None = None
-    eval_loss: float | None = None
-    logger: MetricsLogger | None = None
-    ds_config: dict = field(default_factory=dict)
-    hf_ds_config: Any = None  # transformers' HfDeepSpeedConfig under ZeRO-3: it must outlive model loading
-
-    def __post_init__(self):
-        self.run_dir = Path(self.cfg.train.run_dir)
-        self.is_main = self.rank == 0
-        self.fault = fault_hook(self.rank)
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
-    def say(self, *parts) -> None:
-        if self.is_main:
-            print(*parts, file=sys.stderr, flush=True)
+from train.optim import build_client_optimizer, choose_optimizer, lr_lambda, master_weights
+from train.periodic import Checkpointer, GenerationEval, TrainLog, Validation
+from train.run import Run
+from train.step import chunked_lm_loss_supported, train_step
 
 
 def run_train(
@@ -176,7 +133,7 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
         on_checkpoint=on_checkpoint,
     )
     run.ds_config = resolve_ds_config(tc, run.dtype, device_type, world, client_optimizer=run.optimizer.client)
-    run.facts.update(vocab=len(tokenizer), eos=tokenizer.eos_token_id)
+    run.facts.vocab, run.facts.eos = len(tokenizer), tokenizer.eos_token_id
     if world_note:
         run.say(world_note)
     return run
@@ -211,9 +168,9 @@ def _set_up(run: Run, train_rows) -> tuple[Any, PackedRows, PackedRows]:
     model = _build_model(run, rows, val_rows)
     engine = _build_engine(run, model)
     if run.manifest.get("packing", True):
-        _check_packing_isolation(engine, rows, f"{run.facts['base_model']} (attn={run.attn})", run.say)
-    run.facts["attn_kernel"] = attention.kernel_in_use(run.device_type) if run.attn == attention.NAME else run.attn
-    run.say(f"attention: {run.attn} ({run.facts['attn_kernel']})")
+        _check_packing_isolation(engine, rows, f"{run.facts.base_model} (attn={run.attn})", run.say)
+    run.facts.attn_kernel = attention.kernel_in_use(run.device_type) if run.attn == attention.NAME else run.attn
+    run.say(f"attention: {run.attn} ({run.facts.attn_kernel})")
     return engine, rows, val_rows
 
 
@@ -233,15 +190,15 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
             write_random_base(
                 mc,
                 Path(base_path),
-                vocab_size=run.facts["vocab"],
+                vocab_size=run.facts.vocab,
                 seq_len=run.manifest["seq_len"],
                 pad_token_id=run.pad_id,
-                eos_token_id=run.facts["eos"] or run.pad_id,
+                eos_token_id=run.facts.eos or run.pad_id,
                 seed=tc.seed,
                 tokenizer=run.tok_path,
             )
     dist.barrier()
-    run.facts["base_model"] = base_path
+    run.facts.base_model = base_path
     if tc.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -261,7 +218,7 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
             f"data has token id {max_id} but the model's vocabulary is {vocab}: tokenizer and model differ"
         )
     model.config.use_cache = False
-    run.facts["activation_checkpointing"] = apply_activation_checkpointing(model, mc)
+    run.facts.activation_checkpointing = apply_activation_checkpointing(model, mc)
     if mc.lora.enabled:
         model = apply_lora(model, mc.lora)
     return model
@@ -286,21 +243,17 @@ def _build_engine(run: Run, model):
     cfg_l = engine.module.config if not mc.lora.enabled else engine.module.base_model.model.config
     head_dim = getattr(cfg_l, "head_dim", None) or cfg_l.hidden_size // cfg_l.num_attention_heads
     master = master_weights(engine)
-    run.facts.update(
-        params_total=n_total,
-        params_trainable=n_trainable,
-        loss_chunk_tokens=chunk,
-        flops=FlopsCount.for_model(
-            n_total, n_trainable, mc.lora.enabled, cfg_l.num_hidden_layers, cfg_l.num_attention_heads, head_dim
-        ),
-        peak=peak_flops(torch.cuda.get_device_name() if run.device_type == "cuda" else None),
-        master_dtype=master["dtype"],
-        master_numel_this_rank=master["numel_this_rank"],
+    f = run.facts
+    f.params_total, f.params_trainable, f.loss_chunk_tokens = n_total, n_trainable, chunk
+    f.flops = FlopsCount.for_model(
+        n_total, n_trainable, mc.lora.enabled, cfg_l.num_hidden_layers, cfg_l.num_attention_heads, head_dim
     )
+    f.peak = peak_flops(torch.cuda.get_device_name() if run.device_type == "cuda" else None)
+    f.master_dtype, f.master_numel_this_rank = master["dtype"], master["numel_this_rank"]
     run.say(
-        f"model: {run.facts['base_model']} | attn={run.attn} | dtype={run.dtype_name} | "
+        f"model: {f.base_model} | attn={run.attn} | dtype={run.dtype_name} | "
         f"params={n_total:,} trainable={n_trainable:,} | lora={mc.lora.enabled} | "
-        f"activation checkpointing: {run.facts['activation_checkpointing']} | zero={tc.zero_stage} | "
+        f"activation checkpointing: {f.activation_checkpointing} | zero={tc.zero_stage} | "
         f"world={run.world}"
     )
     run.say(
@@ -382,7 +335,8 @@ def _resume(run: Run, engine, rows: PackedRows) -> RankLoader:
 
 
 def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
-    """Optimizer steps until total_steps, or until a stop signal (then save and return the requeue code)."""
+    """Optimizer steps until total_steps, or until a stop signal (then save and return the requeue code). The
+    periodic work (train.periodic) runs in this order at every step; each piece knows its own schedule."""
     from tqdm import tqdm
 
     tc, seq_len = run.cfg.train, run.manifest["seq_len"]
@@ -394,51 +348,31 @@ def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
     profiler = runtime.StepProfiler(
         tc.profile_steps, run.start_step + 3, run.device_type, run.run_dir / "profile.txt" if run.is_main else None
     )
-    window, step, last_eval, last_saved = LogWindow(engine.device), run.start_step, None, None
-    gen_every = tc.gen_eval_every if run.gen_eval else 0
-    stop_flag = torch.zeros(1, device=engine.device)  # collectives live on the device the backend serves
+    train_log = TrainLog(run, engine, bar)
+    validation, generation = Validation(run, engine, val_rows), GenerationEval(run, engine)
+    checkpoints = Checkpointer(run, engine, loader)
+    stop, step = runtime.StopFlag(engine.device), run.start_step
     for step in range(run.start_step + 1, run.total_steps + 1):
-        sig = _agreed_stop(stop_flag)
-        if sig:
-            return _save_and_requeue(run, engine, loader, step - 1, sig)
+        if sig := stop.agreed():
+            return checkpoints.save_and_requeue(step - 1, sig)
         profiler.before_step(step)
-        t0 = time.perf_counter()
+        train_log.begin_step()
         micro, keys = loader.next_step()
         _record_order(run, step, loader.epoch, keys)
-        lr = engine.get_lr()[0]
-        window.add(train_step(engine, micro, world=run.world, **_chunking(run)))
-        step_s = time.perf_counter() - t0
+        lr = engine.get_lr()[0]  # the rate this step uses: train_step moves the schedule on
+        train_log.end_step(train_step(engine, micro, world=run.world, **run.loss_chunking()), lr=lr, epoch=loader.epoch)
         profiler.after_step(step)
         bar.update(1)
         if run.fault:
             run.fault("after_step", step)
-        metrics = {}
-        if step % tc.log_every == 0 or step == run.total_steps:
-            metrics = _window_metrics(run, engine, window, lr, step_s, loader.epoch)
-        if tc.eval_every and len(val_rows) and step % tc.eval_every == 0:
-            metrics["eval/loss"], last_eval = _validate(run, engine, val_rows), step
-        if gen_every and (step % gen_every == 0 or step == run.total_steps):
-            metrics.update(_generation_eval(run, engine, step))
-        if metrics:
-            run.logger.log(step, metrics)
-            if "train/loss" in metrics:
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                window.restart()
-        if tc.save_every and step % tc.save_every == 0 and step != run.total_steps:
-            _save(run, engine, loader, step)
-            last_saved = step
+        metrics = train_log.maybe_collect(step)
+        metrics.update(validation.maybe_run(step))
+        metrics.update(generation.maybe_run(step))
+        train_log.log(step, metrics)
+        checkpoints.maybe_save(step)
     bar.close()
-    _finish(run, engine, loader, val_rows, step, last_eval, last_saved)
+    _finish(run, step, validation, checkpoints)
     return 0
-
-
-def _agreed_stop(flag: torch.Tensor) -> str | None:
-    """The name of a stop signal any rank received, agreed by all ranks at this step boundary; None if none."""
-    import torch.distributed as dist
-
-    flag[0] = float(runtime.stop_signal())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return signal.Signals(int(flag.item())).name if flag.item() > 0 else None
 
 
 def _record_order(run: Run, step: int, epoch: int, keys: list[str]) -> None:
@@ -448,123 +382,20 @@ def _record_order(run: Run, step: int, epoch: int, keys: list[str]) -> None:
             f.write(json.dumps({"step": step, "epoch": epoch, "rows": keys}) + "\n")
 
 
-def _window_metrics(run: Run, engine, window: LogWindow, lr: float, step_s: float, epoch: int) -> dict:
-    gn = engine.get_global_grad_norm()
-    m = window.metrics(
-        world=run.world, seq_len=run.manifest["seq_len"], flops=run.facts["flops"], peak=run.facts["peak"]
-    )
-    return {
-        "train/loss": m.pop("train/loss"),
-        "train/lr": lr,
-        "train/grad_norm": float(gn) if gn is not None else None,
-        "train/epoch": epoch,
-        **m,
-        "perf/step_s": step_s,
-        "mem/peak_gib": runtime.peak_mem_gib(run.device_type),
-    }
+# ---- finish ---------------------------------------------------------------------------------------------------
 
 
-def _chunking(run: Run) -> dict:
-    return {
-        "chunk_tokens": run.facts["loss_chunk_tokens"],
-        "chunk_positions": run.cfg.train.micro_batch_size * run.manifest["seq_len"],
-    }
-
-
-def _validate(run: Run, engine, val_rows: PackedRows) -> float:
-    tc = run.cfg.train
-    run.eval_loss = validation_loss(
-        engine,
-        val_rows,
-        rank=run.rank,
-        world=run.world,
-        micro_batch_size=tc.micro_batch_size,
-        pad_token_id=run.pad_id,
-        max_rows=tc.eval_max_rows,
-        **_chunking(run),
-    )
-    return run.eval_loss
-
-
-def _generation_eval(run: Run, engine, step: int) -> dict:
-    """The gen_eval hook on the model as it is now (all ranks: under ZeRO-3 its forwards are collective)."""
-    model = engine.module
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA PeftModel
-    attn = hf.config._attn_implementation
-    # generation needs padding masks and a KV cache, which the packed-row kernels do not take; `cbt-llm eval`
-    # loads the exported model with transformers' sdpa, so that is what answers here too
-    hf.set_attn_implementation("sdpa")
-    model.eval()  # no dropout, and no activation checkpointing, so generate may use its KV cache
-    try:
-        return run.gen_eval(
-            model,
-            step=step,
-            rank=run.rank,
-            world=run.world,
-            device=str(engine.device),
-            synced_gpus=run.cfg.train.zero_stage == 3 and run.world > 1,
-        )
-    finally:
-        hf.set_attn_implementation(attn)
-        model.train()
-
-
-# ---- save, stop, finish -----------------------------------------------------------------------------------------
-
-
-def _save(run: Run, engine, loader: RankLoader, step: int, stopped: str | None = None) -> str:
-    """The one save path: every rank writes its part, rank 0 marks the folder complete; then the launcher hook."""
-    import torch.distributed as dist
-
-    tc = run.cfg.train
-    state = {
-        "step": step,
-        "epoch": loader.epoch,
-        "loader": loader.state_dict(),
-        "world_size": run.world,
-        "total_steps": run.total_steps,
-        "config_hash": run.cfg.hash("model"),
-        "train_hash": run.cfg.hash("train"),
-        "wandb_run_id": run.logger.wandb_id,
-        "stopped_by_signal": stopped,
-        "lora": run.cfg.model.lora.enabled,
-        "base_model": run.facts["base_model"],
-        "tokenizer": run.tok_path,
-        "dtype": run.dtype_name,
-        "time": time.time(),
-    }
-    ckpt_dir = run.run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tag = ckpt.save(
-        engine, ckpt_dir, step, state, rank=run.rank, keep_last=tc.keep_last, barrier=dist.barrier, fault=run.fault
-    )
-    if run.on_checkpoint:
-        run.on_checkpoint(ckpt_dir / tag, state)
-    return tag
-
-
-def _save_and_requeue(run: Run, engine, loader: RankLoader, step: int, sig: str) -> int:
-    code = run.cfg.train.requeue_exit_code
-    run.say(f"{sig}: saving step {step} and exiting {code} so the job can be requeued")
-    _save(run, engine, loader, step, sig)
-    if run.is_main:
-        write_metrics(run.run_dir / "requeue.json", {"step": step, "exit_code": code, "signal": sig})
-    return code
-
-
-def _finish(run: Run, engine, loader, val_rows, step: int, last_eval: int | None, last_saved: int | None) -> None:
+def _finish(run: Run, step: int, validation: Validation, checkpoints: Checkpointer) -> None:
     """Validation loss at the last step (unless just done), the final checkpoint, and rank 0's summary."""
-    tc = run.cfg.train
-    if len(val_rows) and last_eval != step and step > run.start_step:
-        run.logger.log(step, {"eval/loss": _validate(run, engine, val_rows)})
-    if last_saved != step and tc.save_final:
-        _save(run, engine, loader, step)
-        last_saved = step
+    final = validation.maybe_run_final(step)
+    if final:
+        run.logger.log(step, final)
+    checkpoints.save_final(step)
     if run.is_main:
-        _write_summary(run, step, last_saved)
+        _write_summary(run, step, checkpoints.last_saved, validation.loss)
 
 
-def _write_summary(run: Run, step: int, last_saved: int | None) -> None:
+def _write_summary(run: Run, step: int, last_saved: int | None, eval_loss: float | None) -> None:
     hist = read_metrics(run.run_dir / "metrics.jsonl")
     losses = [r["train/loss"] for r in hist if "train/loss" in r]
     tps = [r["perf/tokens_per_s"] for r in hist if "perf/tokens_per_s" in r]
@@ -575,20 +406,20 @@ def _write_summary(run: Run, step: int, last_saved: int | None) -> None:
         "epochs_seen": round(step / run.steps_per_epoch, 3),
         "world_size": run.world,
         "lora": run.cfg.model.lora.enabled,
-        "params_total": f["params_total"],
-        "params_trainable": f["params_trainable"],
+        "params_total": f.params_total,
+        "params_trainable": f.params_trainable,
         "attn": run.attn,
-        "attn_kernel": f["attn_kernel"],
+        "attn_kernel": f.attn_kernel,
         "dtype": run.dtype_name,
         "optimizer": run.optimizer.describe(),
-        "master_weights_dtype": f["master_dtype"],
-        "master_weights_numel_rank0": f["master_numel_this_rank"],
-        "loss_chunk_tokens": f["loss_chunk_tokens"],
+        "master_weights_dtype": f.master_dtype,
+        "master_weights_numel_rank0": f.master_numel_this_rank,
+        "loss_chunk_tokens": f.loss_chunk_tokens,
         "micro_batch_size": run.cfg.train.micro_batch_size,
-        "activation_checkpointing": f["activation_checkpointing"],
+        "activation_checkpointing": f.activation_checkpointing,
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
-        "eval_loss": run.eval_loss,
+        "eval_loss": eval_loss,
         "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
         "mfu": sum(mfus) / len(mfus) if mfus else None,
         "peak_mem_gib": runtime.peak_mem_gib(run.device_type),

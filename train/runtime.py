@@ -1,5 +1,6 @@
-"""Process housekeeping around a training run: the launcher's environment, preemption signals, DeepSpeed's CPU
-op build, its /dev/shm buffers, library log levels, peak memory and the profiler. Nothing here trains."""
+"""Process housekeeping around a training run: the launcher's environment, preemption signals (and the ranks'
+agreement on them), DeepSpeed's CPU op build, its /dev/shm buffers, library log levels, peak memory and the
+profiler. Nothing here trains."""
 
 from __future__ import annotations
 
@@ -36,6 +37,21 @@ def install_stop_signals() -> None:
 def stop_signal() -> int:
     """The signal number received since start-up, 0 if none."""
     return _STOP["signum"]
+
+
+class StopFlag:
+    """Every rank's agreement, at a step boundary, on whether any of them received a stop signal."""
+
+    def __init__(self, device):
+        self.flag = torch.zeros(1, device=device)  # collectives live on the device the backend serves
+
+    def agreed(self) -> str | None:
+        """The name of a stop signal any rank received (a collective: every rank calls it); None if none."""
+        import torch.distributed as dist
+
+        self.flag[0] = float(stop_signal())
+        dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(self.flag.item())).name if self.flag.item() > 0 else None
 
 
 def dist_env() -> tuple[int, int, int]:

@@ -1,9 +1,10 @@
 """The crisis policy, in one place: the hotlines, the texts shown in a crisis, and crisis detection in Chinese.
 
 Everything that tells a person where to get help takes it from here: the guard's crisis block and first-reply
-disclaimer (cbt_llm/guard.py), the corpus's crisis-support sentence and keyword rule (data_pipeline/schema.py
-re-exports them), the synth api prompt from v2 (data_pipeline/prompts.py) and evaluation's hotline metric
-(evaluation/safety.py). The numbers live in crisis_hotlines.json, each with the day it was last checked.
+disclaimer (cbt_llm/domain/guard.py), the corpus's crisis-support sentence and keyword rule (the record schema,
+cbt_llm/domain/record.py, validates by them), the synth api prompt from v2 (cbt_llm/domain/prompts.py) and
+evaluation's hotline metric (evaluation/safety.py). The numbers live in crisis_hotlines.json, each with the day it
+was last checked.
 
 Two rules decide "crisis", for two jobs:
 
@@ -510,7 +511,7 @@ _OUTPUT_DISCOURAGE = re.compile(
 )
 
 
-# what unsafe_output matches; cbt_llm.guard derives its streaming hold-back from these patterns' longest match
+# what unsafe_output matches; cbt_llm.domain.guard derives its streaming hold-back from these patterns' longest match
 OUTPUT_PATTERNS = (_OUTPUT_METHOD, _OUTPUT_DISCOURAGE)
 
 

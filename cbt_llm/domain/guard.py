@@ -12,7 +12,7 @@ person (serve, chat, eval). Plain functions and one small class; no web framewor
     shown = check.feed(delta)                           # the part now safe to show ('' while held back)
     shown = check.close()                               # the rest, once the model is done
 
-Crisis detection is cbt_llm.crisis.detect (keywords and patterns); it always runs. An optional classifier
+Crisis detection is cbt_llm.domain.crisis.detect (keywords and patterns); it always runs. An optional classifier
 (any callable text -> probability of crisis) runs when the patterns find nothing and can only add crises.
 Once any user turn of a conversation was a crisis, or an earlier reply carried the crisis block, the whole
 conversation stays in crisis mode.
@@ -48,7 +48,7 @@ class Verdict:
     """The guard's reading of a conversation at its latest user turn.
 
     crisis        the conversation is in crisis mode (the reply must start with the crisis block)
-    category      what put it there: a cbt_llm.crisis.CATEGORIES key, or None for a non-crisis
+    category      what put it there: a cbt_llm.domain.crisis.CATEGORIES key, or None for a non-crisis
     latest_turn   the latest user turn is itself a crisis (False when only an earlier turn was)
     source        "patterns", "classifier", "earlier_turn" (an earlier user turn) or "earlier_reply" (an
                   earlier reply carried the crisis block); None for a non-crisis
@@ -190,7 +190,7 @@ class CrisisGuard:
 
     def check_model_output(self, text: str, conversation_id: str | None = None) -> tuple[str, bool, str | None]:
         """(text to show, replaced, reason): model text that gives self-harm methods or discourages seeking help
-        (cbt_llm.crisis.unsafe_output) is replaced, whole, by the crisis block."""
+        (cbt_llm.domain.crisis.unsafe_output) is replaced, whole, by the crisis block."""
         reason = unsafe_output(text)
         if reason is None:
             return text, False, None

@@ -8,7 +8,7 @@ To change the wording, add a new version ("v2") instead of editing "v1".
 `meta.agents.revise_prompt`): the draft goes back to the model as its own turn, followed by the supervisor's
 feedback, which names each rubric criterion scored below its maximum.
 
-The model is asked for one JSON object with exactly the five CBT parts of data_pipeline.schema.CBT_PARTS
+The model is asked for one JSON object with exactly the five CBT parts of cbt_llm.domain.cbt.CBT_PARTS
 (plus an optional list of cognitive-distortion labels), so replies can be validated field by field instead of
 being split out of free prose.
 """
@@ -55,14 +55,14 @@ _V1_USER = """来访者的问题:{question}
 
 请按照要求输出 JSON 对象。"""
 
-# v1 is frozen as sent: it named the older line 400-161-9995 (cbt_llm/crisis_hotlines.json, id hope24).
+# v1 is frozen as sent: it named the older line 400-161-9995 (cbt_llm/domain/crisis_hotlines.json, id hope24).
 _V1_CRISIS = (
     "注意:来访者提到了自杀、自伤或类似的危机念头。请在回答中认真对待这一风险,"
     '并在 "encouragement" 字段中明确提供危机支持信息:建议立刻联系身边信任的人、'
     "拨打心理援助热线(如全国心理援助热线 400-161-9995)或前往最近的医院急诊。"
 )
-# v2 = v1 with the national line of the crisis policy (cbt_llm/crisis.py, the 2025 number). A new number in the
-# policy changes this text, so it also needs a new prompt version (tests/test_synth_api.py pins the text).
+# v2 = v1 with the national line of the crisis policy (cbt_llm/domain/crisis.py, the 2025 number). A new number in
+# the policy changes this text, so it also needs a new prompt version (tests/test_synth_api.py pins the text).
 _V2_CRISIS = _V1_CRISIS.replace("全国心理援助热线 400-161-9995", NATIONAL_CRISIS_HOTLINE)
 
 PROMPTS: dict[str, CBTPrompt] = {

@@ -1,7 +1,7 @@
 """The offline CBT-structure scorer: which of the five parts each paragraph or sentence of an answer is.
 
 An answer is cut into segments: its paragraphs when it has two or more, else its sentences. Each segment gets one
-label of LABELS (the five parts of data_pipeline.schema.CBT_PARTS, or "other"): a linear classifier over
+label of LABELS (the five parts of cbt_llm.domain.cbt.CBT_PARTS, or "other"): a linear classifier over
 character n-grams gives each segment a probability per label, and a Viterbi pass over the answer's segments picks
 the most probable label sequence under a soft order prior (ORDER_PRIOR, one per unit: the canonical order, parts
 repeated, skipped, reordered or mixed with "other" lines all allowed at a cost), so that a segment the classifier
@@ -14,8 +14,10 @@ segment's position by number. Per answer that gives
     order        order agreement with the canonical order: over every pair of segments labelled with two different
                  parts, the fraction in canonical order (1.0 in order, 0.0 reversed; None with fewer than two parts)
 
-Training (train_scorer): the five parts of generated corpus records (data_pipeline.synth_template, seeded) and
-the hand-written banks of data_pipeline/structure_seed.py; each part text and each of its sentences is one example.
+Training (train_scorer, data_pipeline/synth/scorer.py): the five parts of generated corpus records (a frozen
+sample of data_pipeline.synth.template's, data_pipeline/synth/banks/structure_corpus.jsonl.zst) and the
+hand-written banks of data_pipeline/synth/banks/structure_seed.py; each part text and each of its sentences is one
+example.
 Features: NFKC + case-folded text, character 1..3-grams, sublinear TF-IDF (smooth idf) with n-grams seen in at
 least `min_df` examples, L2-normalised; model: scikit-learn's multinomial logistic regression, weighted so that
 every part weighs the same and "other" half as much (`other_weight`: a rare label of off-topic lines, at full weight
@@ -25,9 +27,10 @@ saved as one small .npz (vocabulary, idf, weights, the priors in its header; no 
 only. Every score names how it was made (`signature`), and training is deterministic: the same arguments give the
 same weights.
 
-Use: `scorer = load_or_train("runs/structure_scorer.npz")` (trains and saves it the first time, ~15-20 s on
-one core, then loads it), `scorer.score(answer)`. `bench/structure_bench.py` builds it and measures it on
-hand-written answers it never trained on (tests/data/structure_handwritten.jsonl) and on PsyQA's human answers.
+Use: `scorer = load_or_train("runs/structure_scorer.npz")` (data_pipeline.synth.scorer: trains and saves it
+the first time, ~15-20 s on one core, then loads it), `scorer.score(answer)`. `bench/structure_bench.py` builds it
+and measures it on hand-written answers it never trained on (tests/data/structure_handwritten.jsonl) and on
+PsyQA's human answers.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Answer every prompt greedily, token-batched and data parallel: the generation eval, train's generation eval and
-`pairs` share it.
+"""Answer every prompt greedily, token-batched and data parallel: `cbt-llm eval` (its questions and its sessions'
+model turns) and train's generation eval (evaluation/intrain.py) share it.
 
-    prompts       prompt_messages() builds the conversation training used (data_pipeline.formats): the system turn,
-                  then build_user_message(question, description); the tokenizer's own chat template renders it
+    prompts       prompt_messages() builds the conversation training used (data_pipeline.sources.formats): the
+                  system turn, then build_user_message(question, description); the tokenizer's own chat template
+                  renders it
     batching      plan_batches() sorts questions by prompt length and cuts batches by a token budget
                   (len(batch) * (longest prompt + max_new_tokens) <= batch_tokens), so padding stays small and the
                   memory of the largest batch is known before it runs. The plan depends on the questions alone,

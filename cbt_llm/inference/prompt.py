@@ -32,7 +32,7 @@ class Generation:
 
 
 def prompt_messages(question: str, description: str, system_prompt: str) -> list[dict]:
-    """The conversation to answer, exactly as training built it (data_pipeline.formats): the system turn (there
+    """The conversation to answer, exactly as training built it (data_pipeline.sources.formats): the system turn (there
     even when empty, as prepare writes it), then the user turn."""
     return [
         {"role": "system", "content": system_prompt},

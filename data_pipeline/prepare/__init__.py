@@ -14,6 +14,10 @@ tokenize: it turns examples under the quality thresholds into low_quality reject
 MinHash band hashes, which the driver's near-duplicate index (neardup.py) decides on after the exact-duplicate
 check.
 
+tokens.py encodes through encode.py, the encoder it shares with split.py, which cuts a session longer than
+data.seq_len into pieces on turn boundaries (data.overlong: split). The packers are data_pipeline/packing.py;
+manifest.py builds manifest.json's content and the run's metrics.
+
 pipeline.py ties them together (run_prepare) in the Ray session of ray_session.py. Ray Data runs with
 preserve_order, so the driver sees records in (file, line) order whatever the parallelism: the first copy of a
 duplicate is the one kept, windows hold the same examples on every run and shards are byte-identical on a

@@ -52,7 +52,7 @@ def tokenize_conversation(tok, messages: list[dict[str, str]], end_token: str) -
 class SystemTurns:
     """The tokens of each distinct rendered system turn, encoded once and reused for every conversation that
     starts with it: most of a corpus shares one system prompt, ~18% of an example's tokens at the default
-    prompt on the bench corpus, and the tokenizer used to encode it again for every record.
+    prompt on the bench corpus, which the tokenizer would otherwise encode again for every record.
 
     Exact, not approximate: in our ChatML text a system turn ends `<|im_end|>\\n` and the next turn starts with
     `<|im_start|>`, and a tokenizer splits its input at added tokens before anything else, so the ids of the
@@ -119,7 +119,7 @@ def encode_batch(
     backend.no_padding()
     first = None
     if byte_lengths is not None and _byte_exact(backend, texts):
-        # offsets are a fifth of encode_batch's time (measured: 7.19 s -> 5.85 s for 16k bench examples)
+        # offsets are a fifth of encode_batch's time (bench/RESULTS.md, "Prepare")
         ids, _, lens = _join(backend.encode_batch_fast(rests, add_special_tokens=False), prefixes, system_turns, False)
         first = _starts_from_bytes(texts, ids, lens, byte_lengths)
     if first is None:

@@ -78,7 +78,7 @@ def build_manifest(
         "rows_per_rank": [sum(e["rows"] for e in shards["train"][r :: dc.world_size]) for r in range(dc.world_size)],
         "rows_uneven": train_rows % dc.world_size,
         "splits": {s: {"shards": shards[s]} for s in SPLITS},
-        # how an example's split was chosen (data_pipeline.formats.split_of), and the questions as text / hashes
+        # how an example's split was chosen (data_pipeline.sources.formats.split_of), and the questions as text / hashes
         "split_rule": {"key": "normalised question", "val_fraction": dc.val_fraction, "seed": dc.seed},
         **question_files,
         # only when it ran: a run without it writes the manifest it always did

@@ -94,7 +94,7 @@ def shingles(text: str, k: int) -> set[str]:
 
 def shingle_hashes(text: str, k: int) -> np.ndarray:
     """A 32-bit hash of each distinct k-gram of normalise(text), computed in NumPy (a polynomial over the k code
-    points, mixed, top 32 bits): datasketch's default SHA-1 per shingle in Python was half the signature's cost.
+    points, mixed, top 32 bits): datasketch's default SHA-1 per shingle in Python would be half the signature's cost.
     Two k-grams share a hash with odds ~n^2 / 2^33 per text, which MinHash does not notice."""
     cp = _codepoints(text).astype(np.uint64)
     k = max(1, min(k, len(cp)))

@@ -32,7 +32,7 @@ PARSED_FIELDS = [
     ("qhash", pa.int64()),
     ("heldout", pa.string()),  # the heldout.jsonl line of a validation example, "" otherwise
     ("messages", pa.string()),
-    ("judge", pa.float64()),  # the record's meta.judge.total (schema.judge_total), null when it has none
+    ("judge", pa.float64()),  # the record's meta.judge.total (cbt_llm.domain.record.judge_total), null when it has none
 ]
 
 

@@ -26,8 +26,8 @@ from data_pipeline.shards import SPLITS, write_manifest
 
 _LINE_BITS = 40  # the dedup index stores where a first copy came from as (file_idx << 40) | line
 # Logical CPUs each read+parse task and each tokenizer actor asks Ray for. At 1 each, a pool of one actor per
-# CPU left the read task no CPU to start on (a fixed pool of 2 on 2 CPUs hung; the autoscaling pool
-# stayed below it while reads were pending), and ds.stats() showed 2 cores doing 1.1x one thread's work.
+# CPU leaves the read task no CPU to start on (a fixed pool of 2 on 2 CPUs hangs; an autoscaling pool stays
+# below it while reads are pending, 2 cores doing 1.1x one thread's work by ds.stats()).
 # At half a CPU, one actor per CPU and the reads fit side by side on any number of CPUs.
 _STEP_CPUS = 0.5
 

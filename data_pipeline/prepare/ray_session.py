@@ -67,8 +67,8 @@ def configure_ray_data(block_mb: int) -> None:
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # determinism: the driver sees (file, line) order
     # Ray's default 128 MiB blocks hold a whole input file's parsed records at 25k records per file, and an
-    # ordered stream releases a block only when the task that makes it ends: with them the driver saw its
-    # first record after every record was parsed and tokenized, the whole corpus waiting in the object
+    # ordered stream releases a block only when the task that makes it ends: with them the driver sees its
+    # first record only after every record is parsed and tokenized, the whole corpus waiting in the object
     # store (spilled to disk past 1 GiB, with spill/restore workers of ~700 MiB). Small blocks keep the
     # stream flowing; what the driver sees, in order, is the same.
     ctx.target_max_block_size = block_mb << 20

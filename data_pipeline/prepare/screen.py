@@ -2,8 +2,8 @@
 data.quality or data.near_dup asks for them).
 
 Per good example:
-- quality: the structure scorer's coverage (0-5 parts present, data_pipeline/structure.py) of its assistant
-  turns, one paragraph each, and the judge total its record carries in meta.judge.total (data_pipeline/schema.py).
+- quality: the structure scorer's coverage (0-5 parts present, cbt_llm/domain/structure.py) of its assistant
+  turns, one paragraph each, and the judge total its record carries in meta.judge.total (cbt_llm/domain/record.py).
   An example under data.quality.min_structure_coverage, or with a judge total under data.quality.min_judge_total,
   becomes a `low_quality` reject whose detail gives the score and the threshold. A record without a judge total
   is not judged (the template corpus carries none; gate those on coverage); a judge total that is not a number

@@ -7,7 +7,7 @@ pieces on turn boundaries (data.overlong; split.py).
 
 A batch is handled as flat NumPy arrays (every conversation's tokens back to back, and each one's length), not one
 array per conversation: past the tokenizer, the cost per batch is a few vectorised passes rather than Python
-work per example, which at ~180 tokens an example was a fifth of the actor's time.
+work per example, which at ~180 tokens an example would be a fifth of the actor's time.
 """
 
 from __future__ import annotations

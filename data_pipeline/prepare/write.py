@@ -78,7 +78,7 @@ class SplitPacker:
             rows = build_padded_rows(self.ids, self.labels, self.eids, self.dc.seq_len, self.pad)
         if self.writer is None:
             # a scratch file read once: no compression, dictionary or statistics (the dictionary attempt on
-            # every token column was most of the driver's write time); the shards cut from it are unchanged
+            # every token column would be most of the driver's write time); the shards cut from it are unchanged
             self.writer = pq.ParquetWriter(
                 str(self.spool_path), ROW_SCHEMA, compression="none", use_dictionary=False, write_statistics=False
             )

@@ -2,10 +2,10 @@
 
 Declared with `data.format`:
 
-- cbt       our corpus schema v1 (data_pipeline.schema): user = question + description, assistant = answer.
+- cbt       our corpus schema v1 (cbt_llm/domain/record.py): user = question + description, assistant = answer.
 - psyqa     PsyQA JSON (a list of {question, description, keywords, questionID, answers[{answer_text}]}),
             one example per answer; a bad answer is rejected alone, its siblings survive. The question
-            fields are read by data_pipeline.psyqa.parse_psyqa_question, as `synth api` reads them.
+            fields are read by data_pipeline.sources.psyqa.parse_psyqa_question, as `synth api` reads them.
 - alpaca    {instruction, input?, output}: user = instruction (+ blank line + input), assistant = output.
 - sharegpt  {conversations: [{from: system|human|gpt, value}]}: human/gpt alternate, the last turn is gpt;
             every gpt turn is learned.
@@ -18,7 +18,7 @@ Declared with `data.format`:
             Sessions longer than data.seq_len are cut on turn boundaries by data_pipeline/prepare/split.py.
 
 Every problem is a RecordError with a short reason code (counted in the manifest) and a one-line detail
-(written to rejects/). The reason codes are the keys of REASONS (data_pipeline.schema).
+(written to rejects/). The reason codes are the keys of REASONS (cbt_llm/domain/record.py).
 """
 
 from __future__ import annotations

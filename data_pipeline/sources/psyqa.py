@@ -1,7 +1,7 @@
 """Question ingest for `cbt-llm synth api`: PsyQA JSON or our JSONL, normalised to one question shape.
 
 A normalised question is `{id, question, description, keywords: list[str]}`. parse_question is the one
-reader of these fields: prepare's `psyqa` format (data_pipeline.formats) reads a PsyQA entry through it too.
+reader of these fields: prepare's `psyqa` format (data_pipeline.sources.formats) reads a PsyQA entry through it too.
 
 - PsyQA (thu-coai/PsyQA, e.g. PsyQA_example.json): one JSON list of objects with `question`, `description`,
   `keywords` (a comma-separated string), `questionID` and `answers`. The id becomes "psyqa-<questionID>";

@@ -1,24 +1,25 @@
 """`cbt-llm synth api --agents`: every answer is drafted, critiqued against the eval judge's CBT rubric and revised.
 
 AutoCBT and MADP let a counsellor draft and supervisors critique and revise; here one supervisor scores the whole
-rubric (evaluation/judge.py, "cbt": six criteria, total 0-18). Per question:
+rubric (cbt_llm/domain/rubrics.py, "cbt": six criteria, total 0-18). Per question:
 
     round 1    the draft (synth api's own request, validation and safety rules) is critiqued;
     round r    the total reaches api.agents.threshold: stop ("threshold"); r = api.agents.max_rounds: stop
                ("max_rounds"); else the drafter revises: its draft comes back as its own turn, then feedback naming
-               every criterion scored below its maximum (data_pipeline/prompts.py REVISE_PROMPTS), and the revision
+               every criterion scored below its maximum (cbt_llm/domain/prompts.py REVISE_PROMPTS), and the revision
                is validated like a draft (crisis support and the professional-help sentence enforced again) and
                critiqued in round r + 1.
 
 So a record costs at most 2 x max_rounds requests, retries aside. The record written is the best-scoring draft,
 the later one on a tie: a revision can score lower than the draft it revised, and every kept draft has scores.
 
-The critic: data_pipeline may not import evaluation, so the critic is handed in (`Critic`: its rubric's criteria,
-request messages and reply parser; `cbt-llm synth api` passes evaluation.judge.RubricCritic, the judge's own prompt
-and parser). Its requests go through synth api's client: the same retries and backoff on HTTP faults, the same
-concurrency bound, key scrubbing and stop on a 401 before any success, naming api.agents.critic_*. As the eval
-judge asks: temperature 0, the question's title (what `cbt-llm eval` shows its judge, so totals compare), and an
-unusable reply is asked again once; a second is a critic failure, never a score.
+The critic (`Critic`: its rubric's criteria, request messages and reply parser) is by default
+cbt_llm.domain.rubrics.RubricCritic on api.agents.rubric: the prompt and parser the eval judge (evaluation/judge.py)
+uses too, so a synthesised answer is scored as `cbt-llm eval` would score it; a caller may hand in another. Its requests
+go through synth api's client: the same retries and backoff on HTTP faults, the same concurrency bound, key scrubbing
+and stop on a 401 before any success, naming api.agents.critic_*. As the eval judge asks: temperature 0, the question's
+title (what `cbt-llm eval` shows its judge, so totals compare), and an unusable reply is asked again once; a second is a
+critic failure, never a score.
 
 A critic failure on round 1 rejects the question (stage "critic"): no draft has a score, an unscored record would
 pass into the corpus unjudged and a rerun skips written ids, so rejecting is what lets the next run try again.

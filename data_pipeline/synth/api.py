@@ -14,7 +14,7 @@ Resume: a re-run reads the ids already in records.jsonl and skips them, so a rec
 rejected ids are tried again. A last line cut short by a crash is dropped (the file is rewritten without it)
 and that question is asked again.
 
-With api.agents (`--agents`), data_pipeline/synth_agents.py critiques each valid answer on the eval judge's
+With api.agents (`--agents`), data_pipeline/synth/agents.py critiques each valid answer on the eval judge's
 rubric and has it revised before one record, the best-scoring draft, is written.
 
 The API key is read from the environment variable named by `api.api_key_env` and only ever placed in the
@@ -296,7 +296,7 @@ AGENTS_META_MARK = '"agents":{'
 def run_synth_api(cfg: ApiSynthConfig, agents: QuestionLoop | None = None) -> dict:
     """Generate CBT records for every question of `cfg.input` through the endpoint; resumable.
 
-    `agents` (api.agents.enabled; built by data_pipeline.synth_agents.run_synth_api_agents) critiques and revises
+    `agents` (api.agents.enabled; built by data_pipeline.synth.agents.run_synth_api_agents) critiques and revises
     every answer instead of writing the first valid one. Returns the summary dict (total, ok, skipped, retried,
     rejected, input_rejected, not_attempted, prompt_tokens, completion_tokens, ..., and "agents" with them), also
     written to out_dir/summary.json. Raises ConfigError for a bad config, or when the endpoint refuses the very

@@ -1,20 +1,21 @@
 """`cbt-llm synth api --sessions`: multi-turn CBT sessions from a counsellor simulator and a client simulator.
 
 Two OpenAI-compatible endpoints (or one playing both parts) talk, counsellor first. The counsellor's system
-prompt is the offline sessions' (data_pipeline/synth_sessions.SYSTEM_PROMPT: the CBT session arc, safety first)
-plus the rules of this dialogue: one turn at a time, no speaker labels, and END_MARKER at the end of the turn
-that closes the session. The client's system prompt is built from an intake: the offline generator's intake
-at (api.seed, i) (`synth_sessions.intake_at`), or, with api.input, one PsyQA question per session.
+prompt is the offline sessions' (cbt_llm.domain.prompts.SESSION_SYSTEM_PROMPT: the CBT session arc, safety
+first) plus the rules of this dialogue (COUNSELLOR_PROMPT): one turn at a time, no speaker labels, and END_MARKER
+at the end of the turn that closes the session. The client's system prompt (cbt_llm.domain.prompts.client_prompt)
+is built from an intake: the offline generator's intake at (api.seed, i) (data_pipeline.synth.sessions.intake_at),
+or, with api.input, one PsyQA question per session.
 
 A session ends when the counsellor writes END_MARKER (stripped from the text) or at api.max_turns. It always
 ends on a counsellor turn, so no client turn (a crisis disclosure above all) is left unanswered: sessions have
-an odd number of turns. A client turn that discloses suicidal or self-harm thoughts (cbt_llm.crisis) must be
+an odd number of turns. A client turn that discloses suicidal or self-harm thoughts (cbt_llm.domain.crisis) must be
 answered with crisis support; a counsellor reply without it gets CRISIS_SUPPORT_SENTENCE appended before the
 dialogue goes on (meta.crisis_support_added lists those turns).
 
 Each reply is checked as it arrives (turn_problem: empty, not Chinese, speaker labels or the other part's
 voice, the end marker in the client's mouth, unsafe counsellor text) and a bad one is asked again with the
-same retries and backoff as HTTP faults (data_pipeline.synth_api.ask). The whole session is validated again
+same retries and backoff as HTTP faults (data_pipeline.synth.api.ask). The whole session is validated again
 (validate_session) before it is written; a session that fails either way goes to rejects.jsonl with its reason.
 
 Output, in api.out_dir, as `synth api`: records.jsonl (one session per line, the offline sessions' OpenAI-messages
@@ -201,7 +202,7 @@ def _jobs(cfg: ApiSynthConfig) -> tuple[list[dict], list[dict]]:
 
 
 def intake_from_question(q: dict) -> tuple[dict, dict]:
-    """(intake, client) of a session seeded by one question of data_pipeline.psyqa.load_questions (id, question,
+    """(intake, client) of a session seeded by one question of data_pipeline.sources.psyqa.load_questions (id, question,
     description, keywords): its client discloses a crisis when the question does."""
     intake = {
         "question_id": q["id"],

@@ -80,11 +80,12 @@ def _decode_signature(priors: dict[str, dict[str, float]] | None) -> str:
 
 
 # The corpus half of the default training set, frozen: the first 2000 records of seed 0 from the template
-# generator as it was when v4 was built and measured (template-v2; only their five parts are kept). The generator
-# keeps changing (template-v3 raised its phrase variety); a scorer that retrained on whatever it now writes would
-# silently become another scorer than the one whose held-out accuracy is on record.
+# generator at template-v2, the corpus cbt_llm.domain.structure.VERSION ("structure:v4") was built and measured
+# on; only their five parts are kept. The generator keeps changing (template-v3 writes more varied phrases); a
+# scorer that retrained on whatever it writes now would silently become another scorer than the one whose held-out
+# accuracy is on record.
 FROZEN_CORPUS = Path(__file__).parent / "banks" / "structure_corpus.jsonl.zst"
-FROZEN_CORPUS_SOURCE = "synth-template seed0 n2000"  # the source string v4 was signed with
+FROZEN_CORPUS_SOURCE = "synth-template seed0 n2000"  # the source string structure:v4 was signed with
 
 
 def frozen_corpus() -> list[dict]:
@@ -108,8 +109,8 @@ def train_scorer(
 ) -> StructureScorer:
     """Train a scorer on `corpus` (schema-v1 records; default: FROZEN_CORPUS, or with `records` that many records
     the template generator writes today for `seed`) and, with `bank`, the hand-written seed banks; it decodes each
-    answer with `priors` (ORDER_PRIOR's shape;
-    None: every segment on its own). Needs scikit-learn (and SciPy); scoring does not."""
+    answer with `priors` (ORDER_PRIOR's shape; None: every segment on its own). Needs scikit-learn (and SciPy);
+    scoring does not."""
     import scipy.sparse as sp
     import sklearn
     from sklearn.linear_model import LogisticRegression

@@ -10,16 +10,16 @@ summary and feedback). Short sessions fold neighbouring stages into one turn (me
 long ones add follow-up turns inside explore, socratic and technique. Some clients resist ("这没用", "我做不到")
 and the counsellor's next turn, in the same stage, meets it with a smaller step. A `crisis_fraction` of sessions
 are crisis sessions: the client discloses suicidal or self-harm thoughts early, and the counsellor's next turn
-asks about safety directly and gives the hotlines of cbt_llm/crisis.py; the session stays on safety before any
+asks about safety directly and gives the hotlines of cbt_llm/domain/crisis.py; the session stays on safety before any
 technique, the homework keeps the safety plan and the summary repeats the national line.
 
-Text is composed, not templated whole: the topic banks of data_pipeline.synth_content (personas, situations,
+Text is composed, not templated whole: the topic banks of data_pipeline.synth.banks.records (personas, situations,
 feelings, thoughts per distortion, strategies) fill the slots of this module's session banks, so a session
 varies in wording, length, stage split and technique. Output: OpenAI-messages JSONL, one session per line:
 {"id", "messages": [system, assistant, user, ...], "meta": {"intake", "arc" (stage per counsellor turn),
 "crisis", "seed", ...}}.
 
-Determinism, sharding, workers, zstd, progress and summary follow data_pipeline.synth_template: session i is a
+Determinism, sharding, workers, zstd, progress and summary follow data_pipeline.synth.template: session i is a
 pure function of (seed, i, crisis_fraction, min_turns, max_turns); its draws come from BLAKE2b digests of
 (seed, i, block), read as a mixed-radix number; shard k of n holds a contiguous range of sessions.
 """

@@ -1,12 +1,13 @@
 """`cbt-llm synth template`: an offline generator of a large, varied synthetic CBT corpus (schema v1).
 
-Each record is composed from the phrase banks in `data_pipeline.synth_content`: a persona, a situation and
+Each record is composed from the phrase banks in `data_pipeline.synth.banks.records`: a persona, a situation and
 its feelings, and an automatic thought showing one of the eight cognitive distortions; the five-part answer
 quotes that thought back, names the distortion and challenges it with a question aimed at that distortion.
 Each part is composed from clauses (an opener, a reflection, a question, connectives, optional remarks), some in
 drawn order, with slots filled from the record's own persona, keywords and feelings.
 A `crisis_fraction` of questions mention suicide or self-harm; they are flagged (meta.crisis) and their
-answer carries schema.CRISIS_SUPPORT_SENTENCE. Every answer says more professional help may be needed.
+answer carries cbt_llm.domain.crisis.CRISIS_SUPPORT_SENTENCE. Every answer says more professional help may be
+needed.
 
 Determinism: record i is a pure function of (seed, i, crisis_fraction). All of its choices come from one
 512-bit BLAKE2b digest of (seed, i), read as a mixed-radix number (each choice takes `digest mod n` and
@@ -42,10 +43,12 @@ from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE
 from cbt_llm.domain.record import SCHEMA_VERSION
 from data_pipeline.synth.banks import records as C
 
-# template-v3: every answer part is composed from clauses (synth_content's template-v3 banks) with slots filled
-# from the record's own draws, so answers are far less predictable (bench/RESULTS.md, "Corpus diversity").
-# template-v2: the crisis-support sentence takes its hotlines from cbt_llm/crisis.py (the 2025 national line);
-# template-v1 gave the older line (id hope24 in cbt_llm/crisis_hotlines.json).
+# Versions (meta.prompt_version of every record):
+# template-v3: every answer part is composed from clauses (data_pipeline/synth/banks/records.py's template-v3
+# banks) with slots filled from the record's own draws, so answers are far less predictable (bench/RESULTS.md,
+# "Corpus diversity").
+# template-v2: the crisis-support sentence takes its hotlines from cbt_llm/domain/crisis.py (the 2025 national
+# line); template-v1 gave the older line (id hope24 in cbt_llm/domain/crisis_hotlines.json).
 PROMPT_VERSION = "template-v3"
 SOURCE = "synth-template"
 SUMMARY_NAME = "synth_summary.json"
@@ -273,7 +276,7 @@ def _record(
         "description": description,
         "keywords": keywords,
         "cbt": cbt,
-        # == schema.join_answer(cbt): the parts carry no surrounding whitespace to strip
+        # == cbt_llm.domain.cbt.join_answer(cbt): the parts carry no surrounding whitespace to strip
         "answer": "\n\n".join(cbt[p] for p in CBT_PARTS),
         "distortions": [DISTORTIONS[d]],
         "source": SOURCE,

@@ -90,8 +90,8 @@ class SessionsConfig(Section):
     )
     seed: int = Field(
         1,
-        description="Seed of the drawn intakes (synth_sessions.intake_at); held out: refused when this config's "
-        "session corpus (synth or api with sessions) was drawn with the same seed.",
+        description="Seed of the drawn intakes (data_pipeline.synth.sessions.intake_at); held out: refused when "
+        "this config's session corpus (synth or api with sessions) was drawn with the same seed.",
     )
     crisis_fraction: float = Field(
         0.1, ge=0.0, le=1.0, description="Share of drawn clients told to disclose suicidal thoughts (the guard's test)."
@@ -100,7 +100,9 @@ class SessionsConfig(Section):
         "", description="Intakes from questions instead: a PsyQA JSON or our JSONL, one session per question."
     )
     system_prompt: str | None = Field(
-        None, description="The model's system prompt in sessions (default: the session corpus's, synth_sessions)."
+        None,
+        description="The model's system prompt in sessions (default: the session corpus's, "
+        "cbt_llm.domain.prompts.SESSION_SYSTEM_PROMPT).",
     )
     max_new_tokens: int = Field(256, ge=1, description="Longest model reply in tokens (greedy).")
 

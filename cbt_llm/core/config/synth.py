@@ -48,7 +48,7 @@ class SynthConfig(Section):
 
 class AgentsConfig(Section):
     """`synth api --agents`: draft -> critique against the eval judge's CBT rubric -> revise, until the rubric
-    total reaches `threshold` or `max_rounds` critiques were made (data_pipeline/synth_agents.py)."""
+    total reaches `threshold` or `max_rounds` critiques were made (data_pipeline/synth/agents.py)."""
 
     enabled: bool = Field(False, description="Critique and revise every answer (the --agents flag).")
     critic_base_url: str = Field("", description="The critic's OpenAI-compatible base URL (empty: api.base_url).")
@@ -69,7 +69,7 @@ class AgentsConfig(Section):
     )
     critic_max_tokens: int = Field(256, ge=16, description="Longest critic reply in tokens.")
     revise_prompt_version: str = Field(
-        "revise-v1", description="Version of the revision prompt (data_pipeline/prompts.py REVISE_PROMPTS)."
+        "revise-v1", description="Version of the revision prompt (cbt_llm/domain/prompts.py REVISE_PROMPTS)."
     )
 
 
@@ -90,8 +90,8 @@ class ApiSynthConfig(Section):
     )
     prompt_version: str = Field(
         "v2",
-        description="Version of the CBT prompt (see data_pipeline/prompts.py; v2 names the national line of "
-        "cbt_llm/crisis_hotlines.json).",
+        description="Version of the CBT prompt (see cbt_llm/domain/prompts.py; v2 names the national line of "
+        "cbt_llm/domain/crisis_hotlines.json).",
     )
     concurrency: int = Field(8, ge=1, le=1024, description="Maximum requests in flight.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
@@ -118,7 +118,7 @@ class ApiSynthConfig(Section):
         100,
         ge=1,
         description="Sessions without api.input: how many, each client built from the offline generator's intake "
-        "(data_pipeline/synth_sessions.py) at api.seed; with api.input each question seeds one session.",
+        "(data_pipeline/synth/sessions.py) at api.seed; with api.input each question seeds one session.",
     )
     seed: int = Field(0, description="Sessions: seed of the drawn intakes (the same seed gives the same intakes).")
     crisis_fraction: float = Field(

@@ -1,4 +1,4 @@
-"""Phrase banks for the offline template generator (`data_pipeline.synth_template`).
+"""Phrase banks for the offline template generator (`data_pipeline.synth.template`).
 
 Everything here is data: Chinese sentence fragments, grouped so that the generator can compose a
 question, a description and a five-part CBT answer that fit together. Keeping the banks apart from the
@@ -146,7 +146,7 @@ QUESTION_DOUBTS: tuple[str, ...] = (
 )
 
 # ---------------------------------------------------------------------------------------------- safety
-# The only banks allowed to contain schema.CRISIS_KEYWORDS. Each entry contains at least one keyword.
+# The only banks allowed to contain cbt_llm.domain.crisis.CORPUS_KEYWORDS. Each entry contains at least one keyword.
 CRISIS_QUESTION_PHRASES: tuple[str, ...] = (
     "甚至有了不想活的念头",
     "有时候会想到自杀",
@@ -172,7 +172,7 @@ CRISIS_PROFESSIONAL: tuple[str, ...] = (
 CRISIS_KEYWORDS_EXTRA: tuple[str, ...] = ("心理危机",)
 
 # ---------------------------------------------------------------------------------------------- answers
-# Every entry names professional help (schema.PROFESSIONAL_HELP_MARKERS): the answer never replaces it.
+# Every entry names professional help (cbt_llm.domain.crisis.PROFESSIONAL_HELP_MARKERS): the answer never replaces it.
 PROFESSIONAL_HELP: tuple[str, ...] = (
     "如果这些困扰持续了两周以上、影响到日常生活，建议寻求专业心理咨询师的帮助，他们可以陪你更系统地梳理这些想法。",
     "如果尝试一段时间后仍然很难受，可以考虑去医院的心理科或精神科，请医生做一个专业评估。",
@@ -880,12 +880,12 @@ TOPICS: dict[str, dict] = {
 
 # ---------------------------------------------------------------------------------------------- answers, template-v3
 # template-v3 composes each answer part from clauses instead of whole templates, so that a small model cannot
-# learn the answers as a few dozen fixed strings (issue 13 item 7). KEY_THOUGHT_TEMPLATES and CHALLENGE_TEMPLATES
-# above stay as they are: the session generator (data_pipeline.synth_sessions) reads them, and the challenge bank
-# here reads CHALLENGE_TEMPLATES too. Slots: "{burden}", "{dur}", "{f1}", "{f2}" (feelings),
-# "{bare}" (persona without measure word), "{kw}" (one of the record's keywords), "{area}", "{others}",
-# "{thought}" (quoted back). Every clause stays inside its part's job, so the structure scorer, which trains on
-# these parts, still learns five distinct kinds of text.
+# learn the answers as a few dozen fixed strings. KEY_THOUGHT_TEMPLATES and CHALLENGE_TEMPLATES above stay as
+# they are: the session generator (data_pipeline.synth.sessions) reads them, and the challenge bank here reads
+# CHALLENGE_TEMPLATES too. Slots: "{burden}", "{dur}", "{f1}", "{f2}" (feelings), "{bare}" (persona without
+# measure word), "{kw}" (one of the record's keywords), "{area}", "{others}", "{thought}" (quoted back). Every
+# clause stays inside its part's job, so the parts stay five distinct kinds of text for the structure scorer,
+# which scores these answers (and trains on them when asked for freshly generated records).
 
 # empathy = opener + (reflection, validation in either order); the opener may be empty.
 EMPATHY_OPENERS: tuple[str, ...] = (

@@ -8,7 +8,7 @@ from cbt_llm.domain.crisis import SHOWN_CRISIS_LINES, hotline
 from data_pipeline.synth.banks import records as C
 
 # ---------------------------------------------------------------------------------------------- hotlines
-# From cbt_llm/crisis.py, so a new number reaches the sessions without an edit here.
+# From cbt_llm/domain/crisis.py, so a new number reaches the sessions without an edit here.
 LINES = "、".join(f"{h.name} {h.number}" for h in SHOWN_CRISIS_LINES)
 NATIONAL = f"{SHOWN_CRISIS_LINES[0].name} {SHOWN_CRISIS_LINES[0].number}"
 EMERGENCY = f"{hotline('ambulance').number}（急救）或 {hotline('police').number}（报警）"

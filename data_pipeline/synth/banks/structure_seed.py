@@ -1,24 +1,26 @@
-"""Hand-written training exemplars for the CBT-structure scorer (data_pipeline/structure.py), one bank per label.
+"""Hand-written training exemplars for the CBT-structure scorer (cbt_llm/domain/structure.py), one bank per label.
 
-The template corpus (data_pipeline/synth_content.py) words each part in a handful of ways: five empathy templates,
-a few dozen encouragement sentences. A scorer trained on it alone learns those phrasings, not the parts, and
-labels most empathy written any other way as something else. These banks add the functions of each part in many
-more wordings and topics; the scorer trains on them together with generated corpus records.
+The template corpus the scorer trains on (template-v2 records, frozen: data_pipeline/synth/scorer.py) words each
+part in a handful of ways: five empathy templates, a few dozen encouragement sentences. A scorer trained on it
+alone learns those phrasings, not the parts, and labels most empathy written any other way as something else.
+These banks add the functions of each part in many more wordings and topics; the scorer trains on them together
+with generated corpus records.
 
-They were written for this project in rounds, each after the held-out answers it is measured on
-(tests/data/structure_handwritten.jsonl) had been written and committed: the first after the `dev` and `test`
-splits, the second (the entries under "round 2": more encouragement, strategy and empathy in other wordings,
-short reassurances, strategies asked as questions, empathy and key thoughts that quote the asker) after the
-`heldout2` split; a third ("round 3": situational empathy and empathy that quotes the asker, key thoughts as
-scripts or questions, challenges as questions about other people, strategies that open with a first step, short
-reassurances) after v2 had been measured on `heldout2` and its errors read, before `heldout3` was written; a fourth
-("round 4": challenges that normalise and then contest a conclusion, "common, and it does not mean ...", which v3
-read as empathy; referral and hotline lines, which the spec puts in encouragement (part 5 "also says more
-professional support may be needed"); crisis safety steps as strategy; situational empathy; greetings) after v3 had
-been measured on `heldout3` and its errors read, before `heldout4` was written. No
-exemplar shares more than 9 characters in a row with any hand-written answer
-(tests/test_eval_structure.py checks it); bench/RESULTS.md reports the scorer's accuracy with and without them.
-Data only, like synth_content: a reviewer can read and correct the text without reading code.
+They were written for this project in four batches, each after the held-out answers it is measured on
+(tests/data/structure_handwritten.jsonl) had been written and committed; a comment opens every later batch in each
+bank. The first after the `dev` and `test` splits; the second (more encouragement, strategy and empathy in other
+wordings, short reassurances, strategies asked as questions, empathy and key thoughts that quote the asker) after
+the `heldout2` split; the third (situational empathy and empathy that quotes the asker, key thoughts as scripts or
+questions, challenges as questions about other people, strategies that open with a first step, short reassurances)
+after scorer v2 had been measured on `heldout2` and its errors read, before `heldout3` was written; the fourth
+(challenges that normalise and then contest a conclusion, "common, and it does not mean ...", which v3 read as
+empathy; referral and hotline lines, which the spec puts in encouragement (part 5 "also says more professional
+support may be needed"); crisis safety steps as strategy; situational empathy; greetings) after v3 had been
+measured on `heldout3` and its errors read, before `heldout4` was written. No exemplar shares more than 9
+characters in a row with any hand-written answer (tests/test_eval_structure.py checks it); bench/RESULTS.md reports
+the scorer's accuracy with and without them.
+
+Data only, like data_pipeline/synth/banks/records.py: a reviewer can read and correct the text without reading code.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ EMPATHY: tuple[str, ...] = (
     "你并没有做错什么，有这样的感受一点也不奇怪。",
     "一直假装没事，其实是一件很累的事情。",
     "在那样的家庭氛围里长大，你一定吃了不少苦。",
-    # round 2: written after tests/data's heldout2 split was committed
+    # written after tests/data's heldout2 split was committed
     "你说“每天都像在硬撑”，这几个字读起来就很沉。",
     "你提到自己“连哭都哭不出来了”，我想那是累到了极点。",
     "把这些事一件件写下来，本身就要很大的力气，谢谢你愿意讲。",
@@ -110,7 +112,7 @@ EMPATHY: tuple[str, ...] = (
     "作为家长，看着孩子受苦却帮不上忙，是最揪心的。",
     "你已经在一个很难的处境里坚持了很久了。",
     "这些话你可能憋了很久，今天终于说了出来。",
-    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    # written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
     "每天早上站在公司楼下，要深吸几口气才敢走进去，这种日子过久了，人真的会被磨得没了力气。",
     "排了三个月的队才等到面试，结果几分钟就被打发了，换谁心里都会空落落的。",
     "深夜一个人守在急诊室外面，手机没电，也不知道该打给谁，那种无助我能想象。",
@@ -131,7 +133,7 @@ EMPATHY: tuple[str, ...] = (
     "宠物走了，家里的饭盆、牵引绳都还在原地，每看一眼都会难过。",
     "年纪大了，子女都在外地，有话也不知道跟谁说，这份寂寞我听到了。",
     "好朋友私下传你的闲话，这种被出卖的滋味比当面吵一架还要难受。",
-    # round 4: written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
+    # written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
     "搬到陌生的城市，人生地不熟，下班回到出租屋连个说话的人都没有，那种冷清很难熬。",
     "孩子一哭就是半夜，白天还得强撑着上班，换作谁都会被磨得没了脾气。",
     "刚换了岗位，流程、系统、人名全都要重新记，脑子里乱成一团，慌张是难免的。",
@@ -181,7 +183,7 @@ KEY_THOUGHT: tuple[str, ...] = (
     "你似乎在用别人的标准衡量自己，并得出了“我不够好”的结论。",
     "我想你心里可能有一个信念：“示弱就会被看不起。”",
     "你反复琢磨那件事，认为“所有人都在看我的笑话”。",
-    # round 2: written after tests/data's heldout2 split was committed
+    # written after tests/data's heldout2 split was committed
     "听上去你默认了一条规则：出了问题，一定是我的责任。",
     "你心里大概在说：“我这样的人，不值得别人花时间。”",
     "你是不是一直觉得，只要自己足够努力，就能让所有人满意？",
@@ -213,7 +215,7 @@ KEY_THOUGHT: tuple[str, ...] = (
     "你把“我做错了一件事”，悄悄换成了“我是个错误的人”。",
     "你写到“我总是给别人添麻烦”，这里的“总是”值得我们停下来看看。",
     "你提到“哭了就是输了”，好像表达难过是一件丢人的事。",
-    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    # written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
     "你心里那个声音似乎一直在重复：“我不够好，所以大家迟早会离开我。”",
     "听上去你给自己下了一个判决：只要犯一次错，就证明我根本不适合这份工作。",
     "你好像默认了一件事：别人沉默，就一定是在嫌弃你。",
@@ -263,7 +265,7 @@ CHALLENGE: tuple[str, ...] = (
     "拿放大镜看缺点的同时，你是不是也该看看自己的长处？",
     "不完美的人，就不值得被爱吗？",
     "这个担心有多少是已经发生的事实，有多少是对未来的猜测？",
-    # round 2: written after tests/data's heldout2 split was committed
+    # written after tests/data's heldout2 split was committed
     "这个结论有没有可能下得太早了？你手里的信息够吗？",
     "如果十个人遇到同样的事，会有几个人得出和你一样的结论？",
     "你有没有过这样的经历：当时觉得天塌了，后来发现也没那么严重？",
@@ -276,7 +278,7 @@ CHALLENGE: tuple[str, ...] = (
     "过去这一年里，你做成过的事情，一件也想不起来吗？",
     "你说的“所有人”，具体是哪几个人？",
     "事后诸葛亮总是容易的，当时的你，手里能有多少信息？",
-    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    # written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
     "换个角度问问自己：如果同事犯了同样的错，你会觉得他一无是处吗？",
     "我们来核对一下：过去一年里，真的每一次都搞砸了吗，还是也有顺利的时候？",
     "别人没有马上回消息，可能的原因有很多：在忙、没看到、不知道怎么回。为什么偏偏是“讨厌我”这一个？",
@@ -291,7 +293,7 @@ CHALLENGE: tuple[str, ...] = (
     "你说“说出来也没用”，可是你试过几次？对方当时具体是怎么回应的？",
     "如果十年后的你回头看今天，会怎么评价这件事的分量？",
     "失眠一晚，第二天确实会累，但你有没有过睡得少却依然完成了工作的时候？",
-    # round 4: written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
+    # written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
     "其实考前失眠的人非常多，睡不好并不等于考不好，很多人前一晚没睡踏实照样发挥正常。",
     "偶尔对孩子发火，是人累到头的正常反应，并不能说明你是个失败的父亲。",
     "被裁员往往是公司业务调整的结果，名单上的人未必是做得最差的，这和你的价值不是一回事。",
@@ -355,7 +357,7 @@ STRATEGY: tuple[str, ...] = (
     "遇到冲突时，先复述对方的意思，确认自己理解对了再表达自己的看法。",
     "每天给自己安排一段户外时间，晒晒太阳，散散步。",
     "把你欣赏自己的地方写在卡片上，放在每天都能看到的位置。",
-    # round 2: written after tests/data's heldout2 split was committed
+    # written after tests/data's heldout2 split was committed
     "试着把一天分成几个时段，每个时段只安排一件主要的事，做完再开始下一件。",
     "下次情绪上来的时候，先给它打个分，从一到十，再决定要不要马上回应。",
     "要不要今晚就试一下：睡前把明天最重要的三件事写下来，写完就不再想它们？",
@@ -413,7 +415,7 @@ STRATEGY: tuple[str, ...] = (
     "找个周末，把拖了很久的那件事分成三步，先完成第一步。",
     "可以跟领导申请调整一下工作时间，或者请几天年假休整一下。",
     "给自己准备一份“应急清单”：情绪崩溃时可以做的五件小事，贴在显眼的地方。",
-    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    # written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
     "先暂停自我批评，把这周做成的三件小事写在便签上，贴在看得见的地方。",
     "今晚就试一试：睡前一小时把手机放到客厅，用一本纸质书代替刷屏。",
     "下次紧张的时候，用五四三二一的方法把注意力拉回当下：说出看到的五样东西、听到的四种声音。",
@@ -429,7 +431,7 @@ STRATEGY: tuple[str, ...] = (
     "每次想吃东西的冲动上来时，先等十分钟，喝杯水，问问自己现在是饿还是烦。",
     "从最不让你紧张的场合开始练习，比如先和便利店店员说一句谢谢，再慢慢加难度。",
     "把账单全部列出来，按利息高低排好，先跟银行商量最急的那一笔能不能分期。",
-    # round 4: written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
+    # written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
     "先把手机里的提醒全部关掉，睡前一小时不再刷评论，给自己留一段安静的时间。",
     "把对方发来的辱骂信息截图存好，按时间顺序整理，需要时交给平台或律师。",
     "这几天先把最紧急的三件事写下来，其他的统统往后放。",
@@ -508,7 +510,7 @@ ENCOURAGEMENT: tuple[str, ...] = (
     "我们都在为你加油，你并不孤单。",
     "愿你被这个世界温柔以待，也学会温柔地对待自己。",
     "困难会过去，而你会留下来，变得更有力量。",
-    # round 2: written after tests/data's heldout2 split was committed
+    # written after tests/data's heldout2 split was committed
     "这不怪你，真的。",
     "会好起来的，只是需要一点时间。",
     "你做得已经够多了，别再苛责自己。",
@@ -604,7 +606,7 @@ ENCOURAGEMENT: tuple[str, ...] = (
     "你不会永远被困在这里。",
     "这个坎，迈过去就是一片新天地。",
     "别放弃自己，也别放弃向人求助。",
-    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    # written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
     "你没有你想的那么糟，真的。",
     "慢一点也没关系，路是一步一步走出来的。",
     "能为自己求助，本身就是一种勇气。",
@@ -623,7 +625,7 @@ ENCOURAGEMENT: tuple[str, ...] = (
     "孩子会记得你为他付出的这些努力。",
     "新的环境总要磨合一阵，先给自己三个月。",
     "你的敏感也是一种细腻，不必把它当成缺点。",
-    # round 4: written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
+    # written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
     "如果失眠和低落持续了好几周，不妨挂个睡眠门诊或者心理科的号，这些都是能治好的。",
     "要是这些担心已经让你吃不下睡不着，不妨去精神科挂个号做个评估，早点求助不是坏事。",
     "胸口疼、心慌如果反复出现，请先去医院把身体查清楚，再慢慢处理情绪。",
@@ -644,7 +646,7 @@ ENCOURAGEMENT: tuple[str, ...] = (
     "这一次过不去，不影响你以后的路，往前看，还有很多机会。",
     "检查交给医生去做，你只管好好休息，把心放宽一些。",
     "人平安，比什么都重要。",
-    # moved from STRATEGY in round 4: a line sending the asker to a doctor is part 5 by the project's spec
+    # not STRATEGY: a line sending the asker to a doctor is part 5 by the project's spec
     "先去社区医院做个基本的检查，再决定下一步看哪个科室。",
 )
 OTHER: tuple[str, ...] = (
@@ -690,7 +692,7 @@ OTHER: tuple[str, ...] = (
     "这是我第一次在这里回答问题。",
     "看了其他人的回答，我也想说几句。",
     "以上内容来自我的咨询经验，细节已做处理。",
-    # round 2: written after tests/data's heldout2 split was committed
+    # written after tests/data's heldout2 split was committed
     "你好，我是一名兼职的心理热线志愿者。",
     "先声明，我不是医生，下面只是个人建议。",
     "这个问题挂了好几天了，我来答一下。",
@@ -716,12 +718,12 @@ OTHER: tuple[str, ...] = (
     "第一次在平台上答题，格式不太好，请多包涵。",
     "我的经历可能和你不完全一样。",
     "关于这个话题，我之前写过一篇长文。",
-    # round 3: written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
+    # written after tests/data's heldout2 split had been measured (it is design data for scorer v3)
     "看到这个问题，我想起了自己刚工作那年。",
     "以上只是一些粗浅的看法，仅供参考。",
     "先说一句题外话，你的标题写得很真诚。",
     "我会分成几个方面来回答。",
-    # round 4: written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
+    # written after tests/data's heldout3 split had been measured (it is design data for scorer v4)
     "阿姨您好，认真读了您写的每一句话。",
     "同学你好，我是一名心理咨询师，很高兴能回答你的问题。",
     "小伙子你好，看到你的提问，我想说几点自己的想法。",
