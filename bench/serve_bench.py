@@ -12,7 +12,7 @@ alone, then N together.
 
 Per side: requests/s, generated (completion) tokens/s from the usage chunk, latency p50/p99 (request sent to
 [DONE]) and time to first token p50/p99 (request sent to the first chunk with content). The server streams a
-reply only once it is whole and guarded (serve/app.py), so time to first token is close to latency by design.
+reply only once it is whole and guarded (serve/serving.py), so time to first token is close to latency by design.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Chat completions with the transformers backend (VllmEngine, at the end, is the same on vLLM): the model and
-tokenizer of evaluation's HFGenerator, plus what a chat server needs and eval does not (sampling with
-temperature / top_p / seed, stop strings).
+tokenizer of the inference library's HFGenerator (cbt_llm/inference/hf.py), plus what a chat server needs and eval
+does not (sampling with temperature / top_p / seed, stop strings).
 
     engine = Engine.load("exported/", adapter="", device=None)
     out = engine.generate_one(messages, max_new_tokens=256, temperature=0.7, top_p=0.9, seed=1, stop=["\\n\\n"])
@@ -187,7 +187,7 @@ def greedy_in_one_call(engine, requests: list[dict], generate_ids) -> list:
 
 
 class VllmEngine:
-    """The same chat engine on vLLM's offline engine (evaluation.generate.VllmGenerator: the same prompt ids and
+    """The same chat engine on vLLM's offline engine (cbt_llm.inference.vllm.VllmGenerator: the same prompt ids and
     stop tokens as the transformers backend, a LoRA adapter as a LoRA request), for `cbt-llm serve --backend vllm`
     on a CUDA machine. Greedy requests go to vLLM together (generate_greedy, from serve/batching.py); a sampled one
     gets its own SamplingParams with its temperature, top_p and seed. Not thread-safe, like Engine."""

@@ -1,6 +1,6 @@
-"""One guarded reply, the same for the server and the terminal chat: the crisis guard (cbt_llm/guard.py) before
-and after the model. Steps 1 and 3-4 are cbt_llm.guard.before_model and after_model, which `cbt-llm eval --sessions`
-puts around every model turn too.
+"""One guarded reply, the same for the server and the terminal chat: the crisis guard (cbt_llm/domain/guard.py)
+before and after the model. Steps 1 and 3-4 are cbt_llm.domain.guard.before_model and after_model, which
+`cbt-llm eval --sessions` puts around every model turn too.
 
     1. check_user_turn(messages)        a crisis adds the guard's system note to the prompt the model sees
     2. the model answers                engine.generate_one

@@ -12,7 +12,7 @@ class RemoteEngine:
     client, so the local guard (serve/guarded.py) wraps its replies exactly as it wraps a local model's.
 
     generate_one returns the whole reply (serve --backend proxy, chat --batch); `cbt-llm chat --url` streams it
-    instead through serve/chat.py, text shown only behind the guard's hold-back (cbt_llm.guard.OutputStream). A
+    instead through serve/chat.py, text shown only behind the guard's hold-back (cbt_llm.domain.guard.OutputStream). A
     guarded server's own disclaimer is dropped here, since the local guard adds it by the same rule; a crisis
     block the server put first is kept, and the local guard does not add a second one."""
 

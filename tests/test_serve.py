@@ -585,15 +585,14 @@ def test_the_proxy_backend_puts_the_guard_in_front_of_an_upstream_that_knows_not
     reply = "我们可以一起看看这个想法。"
     monkeypatch.setenv("CBT_UPSTREAM_KEY", "sk-upstream")
     with _running(_plain_upstream(reply, seen)) as upstream:
-        from argparse import Namespace
+        import os
 
-        from cbt_llm.cli import serve_engine
+        from serve.engines import build_engine
 
-        args = Namespace(
+        engine = build_engine(
             backend="proxy", upstream=upstream + "/v1", upstream_model=None, model=None, adapter=None,
-            upstream_api_key_env="CBT_UPSTREAM_KEY", max_batch=4,
+            upstream_api_key=os.environ["CBT_UPSTREAM_KEY"], max_batch=4,
         )  # fmt: skip
-        engine = serve_engine(args)
         assert isinstance(engine, RemoteEngine) and engine.name == "upstream-lora" and engine.concurrency == 4
         with _running(create_app(engine)) as base:
             client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)

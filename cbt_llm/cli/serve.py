@@ -46,12 +46,14 @@ def _key(env_name: str, flag: str) -> str | None:
 
 
 def run(cfg: Config, args) -> int:
-    from serve.engines import build_engine
-
     from serve.app import serve
+    from serve.engines import build_engine
 
     sc = cfg.serve
     api_key = _key(sc.api_key_env, "--api-key-env")
+    # the upstream's key matters only to a proxy that can start; build_engine names a missing --upstream first
+    proxies = sc.backend == "proxy" and sc.upstream and not (sc.model or sc.adapter)
+    upstream_key = _key(sc.upstream_api_key_env, "--upstream-api-key-env") if proxies else None
     engine = build_engine(
         backend=sc.backend,
         model=sc.model,
@@ -60,7 +62,7 @@ def run(cfg: Config, args) -> int:
         dtype=sc.dtype,
         upstream=sc.upstream,
         upstream_model=sc.upstream_model or None,
-        upstream_api_key=_key(sc.upstream_api_key_env, "--upstream-api-key-env") or "unused",
+        upstream_api_key=upstream_key or "unused",
         max_batch=sc.max_batch,
         batch_window_s=sc.batch_window_ms / 1000,
     )
