@@ -32,12 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fixtures import write_chat_tokenizer, write_tiny_qwen2  # noqa: E402
 from cbt_llm.core.config import DataConfig  # noqa: E402
 from cbt_llm.inference.generate import generate_all  # noqa: E402
 from cbt_llm.inference.hf import HFGenerator  # noqa: E402
 from cbt_llm.inference.prompt import Prompt, plan_batches, prompt_messages  # noqa: E402
 from data_pipeline.synth.template import iter_records  # noqa: E402
+from tests.fixtures.tiny import write_chat_tokenizer, write_tiny_qwen2  # noqa: E402
 
 
 def _prompts(n: int) -> list[Prompt]:

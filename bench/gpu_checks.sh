@@ -32,8 +32,8 @@ cat "$OUT/env.txt"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== pytest: GPU tests + the trainer's CPU perf tests on this transformers ($(($(date +%s) - t0)) s)"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_attention.py tests/test_gpu_train.py \
-    tests/test_train_perf.py > "$OUT/pytest-gpu.log" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/unit/train/test_attention.py tests/integration/test_gpu_train.py \
+    tests/integration/test_train_perf.py > "$OUT/pytest-gpu.log" 2>&1
   echo "pytest rc=$?"; tail -n 15 "$OUT/pytest-gpu.log"
 fi
 

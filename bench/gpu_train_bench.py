@@ -279,8 +279,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from bench.fixtures import make_shards
     from cbt_llm.core.report import print_summary, write_metrics
+    from tests.fixtures.tiny import make_shards
 
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here (use --smoke for a CPU plumbing check)")

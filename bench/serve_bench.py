@@ -4,7 +4,7 @@
     python bench/serve_bench.py --clients 4 --seconds 10 --max-tokens 32
 
 The server runs as a subprocess (`cbt-llm serve --device cpu` on a free loopback port) around a tiny random
-Qwen2 (hidden 32, 2 layers, built by bench/fixtures.py as tests/eval_fixtures.tiny_chat_model builds it), so the
+Qwen2 (hidden 32, 2 layers, built by tests/fixtures/tiny.py as the eval tests' tiny_chat_model), so the
 numbers measure the server's own overhead, its one-generation-at-a-time lock and the guard, not a real model's
 compute. Clients are threads, each with its own official `openai` client, sending streamed requests
 (stream_options.include_usage) of template-corpus questions back to back for the time given: first one client
@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fixtures import write_chat_tokenizer, write_tiny_qwen2  # noqa: E402
 from data_pipeline.synth.template import iter_records  # noqa: E402
+from tests.fixtures.tiny import write_chat_tokenizer, write_tiny_qwen2  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "serve.json"
 
@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 
 def tiny_chat_model(root: Path) -> Path:
-    """The tests' tiny chat model, built from bench/fixtures.py (bench may not import tests/)."""
+    """The tests' tiny chat model, built from tests/fixtures/tiny.py."""
     tok = write_chat_tokenizer(root / "tokenizer")
     return write_tiny_qwen2(root / "model", tok, hidden=32, layers=2, seed=0, init_std=0.2)
 

@@ -184,8 +184,8 @@ def main() -> None:
         hf_worker(args)
         return
 
-    from bench.fixtures import make_shards
     from cbt_llm.core.report import print_summary, write_metrics
+    from tests.fixtures.tiny import make_shards
 
     out = (ROOT / args.out).resolve()
     data = make_shards(

@@ -7,8 +7,8 @@ metrics, BERTScore's encoder and the judge. Generation goes through the same pie
 (cbt_llm.inference.generate: prompts, batch plan, greedy decoding config, stop tokens), on the training model itself:
 under ZeRO-3 every rank holds a slice of each weight, so every rank generates (its share of the batch plan, in
 lockstep) and rank 0 scores. Same weights, same prompts, same batches: the logged gen/<metric> values equal
-`cbt-llm eval` on the checkpoint saved at that step (tests/test_train_e2e.py, run A). A LoRA model generates with its
-adapter unmerged here, where `cbt-llm eval` merges it: the same function, rounding aside.
+`cbt-llm eval` on the checkpoint saved at that step (tests/integration/test_train_e2e.py, run A). A LoRA model
+generates with its adapter unmerged here, where `cbt-llm eval` merges it: the same function, rounding aside.
 
 Each call also writes the answers with their structure labels to <run_dir>/gen_eval/step_<N>.jsonl.
 """

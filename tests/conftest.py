@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch_fixtures import build_demo_data
+from tests.fixtures.launch import build_demo_data
 
 
 @pytest.fixture(scope="session")

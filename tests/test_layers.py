@@ -35,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fixtures.paths import ROOT
+
 WALKED = ("cbt_llm", "data_pipeline", "train", "launch", "evaluation", "serve", "bench")
 ORDER = ("cli", ("serve", "evaluation", "launch"), "train", "data_pipeline", "inference", "domain", "core")
 PRODUCT = ("cli", "serve", "evaluation", "launch", "train", "data_pipeline", "inference", "domain", "core")
@@ -300,9 +301,13 @@ def test_walked_folders_exist_and_the_cli_is_the_top():
         ("cbt_llm/domain/crisis.py", "from data_pipeline.synth import template\n", "domain imports data_pipeline"),
         ("cbt_llm/inference/models.py", "from data_pipeline.shards import IGNORE\n", "inference imports data_pipeline"),
         ("cbt_llm/inference/hf.py", "from evaluation import run\n", "inference imports evaluation.run"),
-        ("launch/submit.py", "from tests.train_fixtures import make_shards\n", "launch imports tests"),
-        ("launch/submit.py", "import bench.fixtures\n", "launch imports bench"),
-        ("bench/train_bench.py", "from tests import test_prepare\n", "bench imports tests.test_prepare"),
+        ("launch/submit.py", "from tests.fixtures.train import make_shards\n", "launch imports tests"),
+        ("launch/submit.py", "import tests.fixtures.tiny\n", "launch imports bench"),
+        (
+            "bench/train_bench.py",
+            "from tests.unit.data_pipeline import test_prepare\n",
+            "bench imports tests.unit.data_pipeline.test_prepare",
+        ),
         ("launch/ray_job.py", "import sys\nsys.path.insert(0, '.')\n", "edits sys.path"),
         ("train/data.py", "import sys\nsys.path = ['.']\n", "edits sys.path"),
         ("data_pipeline/prepare/pipeline.py", "from evaluation.questions import load_heldout\n", "(evaluation layer)"),

@@ -62,7 +62,7 @@ _V1_CRISIS = (
     "拨打心理援助热线(如全国心理援助热线 400-161-9995)或前往最近的医院急诊。"
 )
 # v2 = v1 with the national line of the crisis policy (cbt_llm/domain/crisis.py, the 2025 number). A new number in
-# the policy changes this text, so it also needs a new prompt version (tests/test_synth_api.py pins the text).
+# the policy changes this text, so it also needs a new prompt version (tests/unit/data_pipeline/test_synth_api.py pins the text).
 _V2_CRISIS = _V1_CRISIS.replace("全国心理援助热线 400-161-9995", NATIONAL_CRISIS_HOTLINE)
 
 PROMPTS: dict[str, CBTPrompt] = {

@@ -133,7 +133,8 @@ def _piece_hash(messages: list[dict], learn_from: int) -> int:
 def _sliced(seg: tuple, cut: np.ndarray, p: Piece) -> tuple[np.ndarray, np.ndarray]:
     """A piece's (ids, labels) cut out of the whole conversation's (ChatML, a system turn first): ChatML's
     special tokens delimit every message, so a message's tokens do not depend on its neighbours and the slices
-    equal the piece's own tokenization (tests/test_prepare_sessions.py checks it), without tokenizing again."""
+    equal the piece's own tokenization (tests/unit/data_pipeline/test_prepare_sessions.py checks it), without
+    tokenizing again."""
     ids, labels = seg
     ctx, new = slice(cut[p.context], cut[p.start]), slice(cut[p.start], cut[p.end])
     parts = (slice(0, cut[0]), ctx, new, slice(cut[-1], len(ids)))  # system, context, learned, tail

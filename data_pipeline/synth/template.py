@@ -17,7 +17,7 @@ the (uncompressed) shards in order gives exactly the one-shard file, byte for by
 
 Streaming: records are encoded and written in small batches; memory stays flat whatever num_records is.
 Records are not validated with pydantic here (that would cost more than generating them);
-tests/test_synth_template.py validates thousands of them against schema v1 instead.
+tests/unit/data_pipeline/test_synth_template.py validates thousands of them against schema v1 instead.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/test_launch_cluster.py::test_slurm_preemption_requeue_resume N times in a row (default 10) while two
+# tests/integration/test_launch_cluster.py::test_slurm_preemption_requeue_resume N times in a row (default 10) while two
 # CPU burners keep both cores of a small CI machine busy; stops at the first failure and prints how many passed.
 # Each run is a fresh pytest session: its own demo data and its own Slurm cluster, as in CI.
 #   usage: tests/cluster/preemption_under_load.sh [N]      (root, after tests/ci_setup.sh; PYTHON=... to pick one)
@@ -26,7 +26,7 @@ passed=0
 t0=$(date +%s)
 for i in $(seq "$N"); do
   t=$(date +%s)
-  if "$PY" -m pytest -q -p no:cacheprovider -x tests/test_launch_cluster.py \
+  if "$PY" -m pytest -q -p no:cacheprovider -x tests/integration/test_launch_cluster.py \
       -k test_slurm_preemption_requeue_resume; then
     passed=$((passed + 1))
     echo "run $i/$N: passed in $(($(date +%s) - t)) s"

@@ -12,7 +12,7 @@ Grammar conventions, which the generator relies on:
   them back, so the key thought and the challenge address the distortion the description actually shows.
 - `strategies` are imperative clauses without final punctuation.
 - No text outside CRISIS_QUESTION_PHRASES / CRISIS_DESCRIPTION_SENTENCES may contain a crisis keyword
-  (tests/test_synth_template.py checks this), so only records drawn as crisis records get flagged.
+  (tests/unit/data_pipeline/test_synth_template.py checks this), so only records drawn as crisis records get flagged.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ after scorer v2 had been measured on `heldout2` and its errors read, before `hel
 empathy; referral and hotline lines, which the spec puts in encouragement (part 5 "also says more professional
 support may be needed"); crisis safety steps as strategy; situational empathy; greetings) after v3 had been
 measured on `heldout3` and its errors read, before `heldout4` was written. No exemplar shares more than 9
-characters in a row with any hand-written answer (tests/test_eval_structure.py checks it); bench/RESULTS.md reports
-the scorer's accuracy with and without them.
+characters in a row with any hand-written answer (tests/unit/domain/test_structure_scorer.py checks it);
+bench/RESULTS.md reports the scorer's accuracy with and without them.
 
 Data only, like data_pipeline/synth/banks/records.py: a reviewer can read and correct the text without reading code.
 """
