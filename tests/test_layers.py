@@ -302,7 +302,8 @@ def test_walked_folders_exist_and_the_cli_is_the_top():
         ("cbt_llm/inference/models.py", "from data_pipeline.shards import IGNORE\n", "inference imports data_pipeline"),
         ("cbt_llm/inference/hf.py", "from evaluation import run\n", "inference imports evaluation.run"),
         ("launch/submit.py", "from tests.fixtures.train import make_shards\n", "launch imports tests"),
-        ("launch/submit.py", "import tests.fixtures.tiny\n", "launch imports bench"),
+        ("launch/submit.py", "import bench.train_bench\n", "launch imports bench.train_bench (bench layer)"),
+        ("serve/app.py", "import tests.fixtures.tiny\n", "serve imports tests.fixtures.tiny (fixtures layer)"),
         (
             "bench/train_bench.py",
             "from tests.unit.data_pipeline import test_prepare\n",

@@ -255,7 +255,7 @@ def test_bad_input_entries_are_counted_and_quarantined(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_writer_failure_stops_the_run_instead_of_hanging(tmp_path, monkeypatch):
-    import data_pipeline.synth.api as synth_api
+    import data_pipeline.synth.client as synth_api
 
     def disk_full(obj):
         raise OSError("No space left on device")
