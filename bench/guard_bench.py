@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from cbt_llm.domain.crisis import detect, unsafe_output  # noqa: E402
 from cbt_llm.domain.guard import CrisisGuard  # noqa: E402
 from data_pipeline.synth.template import iter_records  # noqa: E402
+from evaluation.stats import wilson  # noqa: E402
 
 LABELLED = ROOT / "tests" / "data" / "crisis_messages.jsonl"
 OUT = ROOT / "bench" / "results" / "guard.json"
@@ -41,16 +41,6 @@ CRISIS = ("direct", "euphemistic", "indirect", "method", "self_harm", "harm_othe
 NONE = ("hyperbole", "news", "grief", "fiction", "cbt_vocabulary", "everyday")
 # the label category -> the category detect() should name (obfuscated: whichever the words say)
 EXPECTED = {"direct": "suicide_direct", "euphemistic": "suicide_euphemism", "indirect": "suicide_indirect"}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of k successes in n: honest at 0 and at n, unlike the normal approximation."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def score(rows: list[dict]) -> dict:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from cbt_llm.core.config import Config, EvalConfig
+from cbt_llm.core.config import Config, EvalConfig, GuardConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.domain.guard import CrisisGuard, after_model, before_model
 from cbt_llm.domain.prompts import SESSION_SYSTEM_PROMPT, client_prompt
@@ -37,6 +37,7 @@ from cbt_llm.domain.rubrics import RUBRICS
 from cbt_llm.inference.endpoint import EndpointGenerator
 from cbt_llm.inference.generate import generate_all
 from cbt_llm.inference.prompt import Prompt
+from cbt_llm.inference.safety_model import build_guard
 from data_pipeline.sources.psyqa import load_questions
 from data_pipeline.synth.api_sessions import clean_turn, intake_from_question, turn_problem
 from data_pipeline.synth.sessions import intake_at, session_at
@@ -250,7 +251,7 @@ def _model_turns(generator, guard: CrisisGuard, live: list[Session], system: str
             {
                 "turn": turn,
                 "crisis": verdict.crisis,
-                "category": verdict.category,
+                "construct": verdict.construct,
                 "source": verdict.source,
                 "replaced": replaced,
                 "reason": reason,
@@ -260,12 +261,18 @@ def _model_turns(generator, guard: CrisisGuard, live: list[Session], system: str
 
 
 def run_sessions(
-    generator, name: str, client: EndpointGenerator | ScriptedClient, jobs: list[dict], ec: EvalConfig, system: str
+    generator,
+    name: str,
+    client: EndpointGenerator | ScriptedClient,
+    jobs: list[dict],
+    ec: EvalConfig,
+    system: str,
+    gc: GuardConfig | None = None,
 ) -> list[Session]:
     """Every job's session with `generator` (a local generator or an EndpointGenerator), turn by turn: the client
     speaks, then the model answers through the guard; a session that fails stops there. One guard per model, so
     its counters are that model's."""
-    guard = CrisisGuard()
+    guard = build_guard(gc or GuardConfig())
     sessions = [Session(j["id"], j["intake"], j["client"], index=j.get("index", -1)) for j in jobs]
     for turn in range(1, ec.sessions.turns + 1):
         live = [s for s in sessions if not s.error and not s.ended]

@@ -11,6 +11,7 @@ the numbers do not depend on the block size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,3 +56,13 @@ def with_ci(result: dict, *, values: Sequence[float] | None = None, resamples: i
     out["ci95"] = list(ci) if ci is not None else None
     out["ci_method"] = f"bootstrap-percentile|mean|resamples:{resamples}|seed:{seed}" if ci is not None else None
     return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of k successes in n: honest at 0 and at n, unlike the normal approximation."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -51,7 +51,9 @@ class GuardCollector:
         m = self.guard.metrics()
         turns = CounterMetricFamily("cbt_llm_guard_user_turns", "user turns checked by the crisis guard")
         turns.add_metric([], m["user_turns_total"])
-        crisis = CounterMetricFamily("cbt_llm_guard_crisis_turns", "crisis user turns by category", labels=["category"])
+        crisis = CounterMetricFamily(
+            "cbt_llm_guard_crisis_turns", "crisis user turns by risk construct", labels=["construct"]
+        )
         for cat, n in sorted(m["crisis_turns_total"].items()):
             crisis.add_metric([str(cat)], n)
         mode = CounterMetricFamily("cbt_llm_guard_crisis_mode_turns", "turns in crisis mode from an earlier turn")
@@ -61,7 +63,17 @@ class GuardCollector:
         )
         for reason, n in sorted(m["output_replaced_total"].items()):
             replaced.add_metric([str(reason)], n)
-        yield from (turns, crisis, mode, replaced)
+        layers = CounterMetricFamily(
+            "cbt_llm_guard_flags", "flags raised, by the layer that raised them", labels=["layer"]
+        )
+        for layer, n in sorted(m["flags_by_layer_total"].items()):
+            layers.add_metric([str(layer)], n)
+        errors = CounterMetricFamily(
+            "cbt_llm_guard_layer_errors", "optional guard layers that failed (their verdict skipped)", labels=["layer"]
+        )
+        errors.add_metric(["classifier"], m["classifier_errors_total"])
+        errors.add_metric(["model_tier"], m["model_tier_errors_total"])
+        yield from (turns, crisis, mode, replaced, layers, errors)
 
 
 class BatchCollector:

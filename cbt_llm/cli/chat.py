@@ -10,6 +10,7 @@ from cbt_llm.core.errors import ConfigError
 
 
 def run(cfg: Config, args) -> int:
+    from cbt_llm.inference.safety_model import build_guard
     from serve.chat import run_batch, run_chat
     from serve.engine import Engine, check_model_args
     from serve.remote import RemoteEngine
@@ -31,12 +32,12 @@ def run(cfg: Config, args) -> int:
         engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
     gen = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     if args.batch:
-        counts = run_batch(engine, args.batch, args.out, system=args.system, **gen)
+        counts = run_batch(engine, args.batch, args.out, build_guard(cfg.guard), system=args.system, **gen)
         print(
             f"chat --batch: {counts['answered']} answered, {counts['bad']} bad lines (with their reason) in {args.out}"
         )
         return 0
-    return run_chat(engine, system=args.system, **gen)
+    return run_chat(engine, build_guard(cfg.guard), system=args.system, **gen)
 
 
 def add_parser(sub) -> None:
@@ -54,4 +55,5 @@ def add_parser(sub) -> None:
     p.add_argument("--system", default="", help="system prompt (default: the one export.json records, if any)")
     p.add_argument("--batch", default=None, help="answer a JSONL file, one {id?, messages} or {id?, text} a line")
     p.add_argument("--out", default=None, help="with --batch: the JSONL file of guarded replies")
-    p.set_defaults(func=run, config=None, overrides=[], dry_run=False)
+    p.add_argument("--config", default=None, help="YAML config: its guard section (a trained guard, a model tier)")
+    p.set_defaults(func=run, overrides=[], dry_run=False)

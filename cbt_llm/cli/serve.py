@@ -46,6 +46,7 @@ def _key(env_name: str, flag: str) -> str | None:
 
 
 def run(cfg: Config, args) -> int:
+    from cbt_llm.inference.safety_model import build_guard
     from serve.app import serve
     from serve.engines import build_engine
 
@@ -68,6 +69,7 @@ def run(cfg: Config, args) -> int:
     )
     serve(
         engine,
+        guard=build_guard(cfg.guard),
         host=sc.host,
         port=sc.port,
         graceful_s=sc.graceful_timeout,

@@ -12,7 +12,7 @@ Two rules decide "crisis", for two jobs:
                       questions, where over-flagging costs one extra support sentence; it stays unchanged so that
                       records already written keep validating.
     detect            the guard's rule for a person's message: normalises the text (spaced-out, punctuated,
-                      pinyin and slang spellings), removes hyperbole, then matches patterns by category; news,
+                      pinyin and slang spellings), removes hyperbole, then matches patterns by construct; news,
                       fiction and another person's completed suicide (grief) do not count on their own.
 
 detect() is a keyword-and-pattern layer: it reads no context beyond one message and will miss phrasings nobody
@@ -155,16 +155,30 @@ def has_crisis_support(answer: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- detection
 
-# category -> how the guard names the risk to the model (system_note_for_model)
-CATEGORIES: dict[str, str] = {
-    "method": "自杀方法或准备（询问致死手段、已备好工具或身处危险地点）",
-    "suicide_direct": "直接表达自杀或不想活的念头",
-    "suicide_euphemism": "以委婉方式表达想死或想永远离开",
-    "suicide_indirect": "间接的自杀信号（告别、安排后事、觉得自己是负担、没有活下去的理由）",
+# The risk constructs a user turn is read for, after the Columbia Suicide Severity Rating Scale (wish to be dead,
+# active thoughts, thoughts with a method, intent, plan, preparatory behaviour, an attempt) plus self-harm, harm to
+# others and a third person at risk; each with how the guard names it to the model (system_note_for_model).
+CONSTRUCTS: dict[str, str] = {
+    "wish_to_be_dead": "希望自己死去或不再醒来（被动的求死念头、觉得自己是负担）",
+    "active_ideation": "有结束自己生命的念头",
+    "ideation_with_method": "想到或询问自杀的方法、手段或致死性",
+    "intent": "表示决定或打算结束自己的生命",
+    "plan": "有具体的自杀计划（时间、地点或方式）",
+    "preparatory": "已有准备行为（囤药、备好工具、写遗书、告别、安排后事、去往危险地点）",
+    "attempt_in_progress": "正在实施或刚刚实施自杀（已服药、已受伤、身处危险处）",
     "self_harm": "自伤行为或自伤冲动",
-    "harm_others": "伤害他人的念头或计划",
-    "third_party": "身边的人有自杀、自伤或伤害他人的风险",
-    "classifier": "分类模型判断存在危机风险",
+    "harm_to_others": "伤害他人的念头或计划",
+    "third_party_at_risk": "身边的人有自杀、自伤或被伤害的风险",
+}
+# the constructs whose every instance must be caught: a method, intent, a plan, preparation or an attempt
+ACUTE: frozenset[str] = frozenset({"ideation_with_method", "intent", "plan", "preparatory", "attempt_in_progress"})
+# What a model reply must never do, by kind (the output check names one).
+HARM_KINDS: dict[str, str] = {
+    "method_lethality": "gives or hints at how to kill or hurt oneself: a method, a dose, a height, how long it takes",
+    "encourages_self_harm": "encourages or validates suicide or self-harm: death as relief, a burden, 'your choice'",
+    "secrecy_discourages_help": "urges secrecy or turns a person away from help: tell no one, avoid doctors",
+    "dosing_beyond_prescription": "tells a person to take more medicine than prescribed, or to mix it",
+    "harm_to_others": "encourages or helps harming another person: revenge, threats, taking a child along",
 }
 
 
@@ -173,7 +187,7 @@ class CrisisResult:
     """detect()'s answer. `matched`: the normalised fragments that matched (message text: never log them)."""
 
     is_crisis: bool
-    category: str | None = None
+    construct: str | None = None
     matched: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
@@ -250,6 +264,15 @@ def _compact(text: str) -> str:
 _QUOTED = re.compile(r"“[^”]*”|「[^」]*」|\"[^\"]*\"|『[^』]*』")
 
 
+def fold_spellings(text: str) -> str:
+    """Traditional -> simplified for the crisis characters and homophone spellings of 自杀 turned into the word, on
+    text already NFKC and lower case; spaces and punctuation stay (the learned layer reads words apart)."""
+    t = text.translate(_TRAD)
+    for pattern, repl in _HOMOPHONES:
+        t = pattern.sub(repl, t)
+    return t
+
+
 def normalise(text: str) -> str:
     """The text detect() matches on: NFKC, lower case, traditional -> simplified for the pattern characters,
     spaces/punctuation/zero-width characters removed, pinyin and homophone spellings turned into characters."""
@@ -276,82 +299,79 @@ _HYPERBOLE = re.compile(
 # Clinical and statistical terms: 自杀率 in a news item, 自杀风险评估 in a counselling session.
 _ABSTRACT = re.compile(r"自杀率|自杀风险评估|风险评估|预防自杀|自杀预防|自杀干预|危机干预|干预热线|死于自杀|自杀式")
 
-# -- patterns, by category ----------------------------------------------------------------------------
-# The first category whose pattern matches names the result; a match whose subject is another person becomes
-# third_party. Lookarounds keep the common non-crisis senses out (想结束这段感情, 想消失几天, 紫砂壶).
+# -- patterns, by construct ---------------------------------------------------------------------------
+# The first group that matches names the result, so the groups run from the most acute down; a match whose subject
+# is another person becomes third_party_at_risk. Lookarounds keep the common non-crisis senses out (想结束这段感情,
+# 想消失几天, 紫砂壶).
 
 _GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    # asking how to die, holding the means, standing at the edge: the most urgent, so named first
+    # doing it now, or just done: pills taken, standing at the edge
     (
-        "method",
+        "attempt_in_progress",
+        re.compile(
+            r"吞了.{0,4}(?:一整瓶|整瓶|一瓶|一把|很多)的?药"
+            r"|(?:站|坐|蹲|爬)(?:在|到|上)?.{0,4}(?:天台|楼顶|顶楼|悬崖|栏杆|窗台)"
+            r".{0,10}(?:往下看|很久|小时|不肯下来|跳)"
+            r"|(?:坐|站)在.{0,4}栏杆上|在(?:天台|楼顶|顶楼).{0,4}坐了|开到了?悬崖"
+            r"|(?:楼顶|天台|顶楼|栏杆|窗台|桥).{0,6}不肯下来"
+        ),
+    ),
+    # a plan: the means for tonight, a time and a place
+    (
+        "plan",
+        re.compile(
+            r"绳子.{0,8}(?:打算|准备|今晚)|刀片.{0,10}(?:今晚|准备|打算|想好)"
+            r"|计划好了?(?:时间|地点)|(?:选|找)好了?(?:时间和)?地点|就等天黑|(?:很快|马上)一切都?(?:会|要|就)?结束"
+        ),
+    ),
+    # preparing: holding the means, a will, goodbyes, things given away
+    (
+        "preparatory",
+        re.compile(
+            r"(?:攒|囤|存|藏)了?.{0,4}安眠药|把.{0,6}药都?(?:攒|囤|藏)|一次(?:吃|吞)完"
+            r"|(?:很多|一瓶|几瓶|一整瓶|整瓶|一把)的?安眠药|分几次买"
+            r"|煤气.{0,8}(?:睡|醒|死)|(?:木炭|炭).{0,8}(?:胶带|封)"
+            r"|遗书|遗嘱.{0,4}(?:写好|立好|写了)|写好.{0,2}遗嘱|(?<!的)后事|我的葬礼"
+            r"|最后一次.{0,4}(?:说话|联系|聊天)|再见了.{0,3}(?:这个)?世界"
+            r"|(?:送人|送了人|送给别人|转给).{0,14}(?:用不|谢谢|交代)|该交代的"
+            r"|(?:所有人|所有朋友|每个人|大家)都?(?:道别|告别)|(?:话|信|视频|录音).{0,8}留给"
+        ),
+    ),
+    # asking how: the means, the dose, the height, what it feels like
+    (
+        "ideation_with_method",
         re.compile(
             r"(?:吃|吞|喝|服)多少.{0,12}(?:死|致死|致命|没命)|(?:几楼|多高).{0,6}(?:跳|摔|死)"
             r"|(?:什么|哪种|哪个)药.{0,10}(?:死|致命|不醒)|致死量|致死剂量|死法"
             r"|(?:该|要|想知道|想)怎么死|怎么死(?:才|最|比较)|(?:怎么|怎样|如何)(?:自杀|上吊|割腕|跳楼|烧炭)"
             r"|自杀的?方法"
             r"|割(?:腕|动脉|颈|手腕).{0,8}(?:多深|会不会|更快|有用|死)|割哪|动脉.{0,6}死"
-            r"|(?:攒|囤|存|藏)了?.{0,4}安眠药|把.{0,6}药都?(?:攒|囤|藏)|一次(?:吃|吞)完"
             r"|安眠药.{0,4}(?:加酒|一起吃|会死)"
-            r"|(?:很多|一瓶|几瓶|一整瓶|整瓶|一把)的?安眠药|分几次买|吞了.{0,4}(?:一整瓶|整瓶|一瓶|一把|很多)的?药"
             r"|烧炭|卧轨|上吊|百草枯|敌敌畏|农药.{0,8}(?:喝|毒性|救)|(?:喝|吃)农药"
-            r"|煤气.{0,8}(?:睡|醒|死)|(?:木炭|炭).{0,8}(?:胶带|封)"
-            r"|绳子.{0,8}(?:打算|准备|今晚)|刀片.{0,10}(?:今晚|准备|打算|想好)"
-            r"|(?:想|要|打算|准备)(?:从.{0,8})?跳(?:下去|楼|河|江|海|桥|崖)"
-            r"|(?:站|坐|蹲|爬)(?:在|到|上)?.{0,4}(?:天台|楼顶|顶楼|悬崖|栏杆|窗台)"
-            r".{0,10}(?:往下看|很久|小时|不肯下来|跳)"
-            r"|(?:坐|站)在.{0,4}栏杆上|在(?:天台|楼顶|顶楼).{0,4}坐了|开到了?悬崖"
-            r"|(?:楼顶|天台|顶楼|栏杆|窗台|桥).{0,6}不肯下来"
             r"|(?:淹死|溺死).{0,6}感觉|(?:跳楼|跳河|上吊|割腕).{0,4}(?:疼|痛|感觉|快)"
         ),
     ),
-    # saying it: wanting to die, to kill oneself, not wanting to live
+    # saying it will be done: decided, tonight, jumping
     (
-        "suicide_direct",
-        re.compile(
-            r"自杀|轻生|自尽|寻死|一死了之|不想再?活|活不下去|活不成|不如死了|死了算了|死了就好了"
-            r"|想死|(?:我|自己|想|要|就|该|好|真|怎么|准备好|今晚就|明天就)去死|(?:带着|和|跟).{0,6}一起去?死"
-            r"|结束掉?(?:自己的)?(?:生命|性命)|结束自己|了结(?:自己|生命)|自我了断"
-            r"|杀(?:了|死|掉)?我?自己|让自己死|把自己(?:饿|累|折磨|逼)?死|(?:饿|冻|累)死自己"
-        ),
+        "intent",
+        re.compile(r"(?:准备好|今晚就|明天就)去死|(?:想|要|打算|准备)(?:从.{0,8})?跳(?:下去|楼|河|江|海|桥|崖)"),
     ),
-    # saying it without the words: sleep that does not end, leaving the world, joining the dead
+    # hurting someone else: wanting to kill, poison, burn, attack; weapons brought along; taking someone along
     (
-        "suicide_euphemism",
+        "harm_to_others",
         re.compile(
-            r"不(?:想|愿)再醒|不想醒过来|再也不想醒|永远不要?醒|不用再?醒|再也不(?:用|会)?醒|一睡不醒"
-            r"|(?:就|再也|永远)不会再?醒|(?:睡过去|睡着).{0,4}(?:别|不要|不再|再也不)醒"
-            r"|永远地?(?:睡过去|睡下去|睡着|休息)|不再睁开|再也不睁开"
-            r"|(?:想|只想|不如|求|渴望)(?:彻底|早点|早日|永远)?解脱|一了百了"
-            r"|(?:想|只想|真想|好想|就想)(?:就这么|就这样|就此|彻底|永远)?(?:从这个世界上?)?"
-            r"消失(?!几|一会|一下|一段|一阵)"
-            r"|(?:我|想|要|打算)(?:就|早点)?离开(?:这个)?(?:世界|人世|人间)|告别(?:这个)?世界|(?:和|跟)这个世界说?再见"
-            r"|(?:想|要|好想|真想)去(?:天堂|天上|另一个世界|那个世界)|去(?:陪|找|见).{0,4}(?:那边|天上|天堂)"
-            r"|(?:去世|走了|离开|不在了|死了|自杀了).{0,20}"
-            r"(?P<at>想去陪|想去找|也想走|也想去|想跟着?(?:他|她)(?:一起)?(?:走|去))|想去陪(?:他|她)"
-            r"|(?:想|要)去见.{0,6}那边|没有痛苦的地方|(?:想|要|打算)(?:就这样)?永远地?离开"
-            r"|(?:想|要|打算)结束这?一切|就此了断|了断(?:自己|生命|残生)|人生就?到此为止|这辈子就到这"
-            r"|(?:人生|生命)画上句号|不想再?存在|不想再?留在(?:这个世界|世上)"
-            r"|安安?静静?地离开|(?:这个世界|世界|没人|没有人)不需要我|活够了|做傻事|想不开"
-            r"|从来没有?被?(?:出生|生下来)|不该(?:出生|被生下来)|(?:后悔|不该)来到这个世界|不想再?面对明天"
-            r"|(?:不想|不愿)再?拖累(?:家人|家里|大家|你们|所有人|父母|爸妈)|拖累了(?:我们|家人|大家)"
-        ),
-    ),
-    # the signs around it: goodbyes, a will, giving things away, no reason left, being a burden
-    (
-        "suicide_indirect",
-        re.compile(
-            r"遗书|遗嘱.{0,4}(?:写好|立好|写了)|写好.{0,2}遗嘱|(?<!的)后事|我的葬礼"
-            r"|如果我(?:不在|走|死)了|等我(?:走|死|不在)了|我(?:就|很快就|快)?不在了|如果我出了?什么事"
-            r"|最后一次.{0,4}(?:说话|联系|聊天)|再见了.{0,3}(?:这个)?世界"
-            r"|没有我.{0,6}会(?:过得)?(?:更好|更轻松|好|轻松)|少我一个|我是.{0,6}(?:负担|累赘)"
-            r"|(?:成为|成了).{0,4}(?:负担|累赘)"
-            r"|(?:送人|送了人|送给别人|转给).{0,14}(?:用不|谢谢|交代)|该交代的"
-            r"|计划好了?(?:时间|地点)|(?:选|找)好了?(?:时间和)?地点|就等天黑"
-            r"|坚持不到明天|撑不到明天|不(?:想|打算)?再?撑了|(?:所有人|所有朋友|每个人|大家)都?(?:道别|告别)"
-            r"|不配活|活着.{0,4}浪费(?:空气|粮食)|没有人会想念我|消失了也没人|不用再为我|不会再麻烦任何人"
-            r"|不会再给.{0,4}添麻烦"
-            r"|(?:很快|马上)一切都?(?:会|要|就)?结束|活下去的(?:理由|意义)|活着.{0,6}没有?(?:任何)?(?:意思|意义)"
-            r"|(?:话|信|视频|录音).{0,8}留给"
+            r"(?:想|要|会|打算|准备|恨不得|就|一定|迟早|总有一天)去?(?:拿刀|开车)?"
+            r"(?:杀(?:了|死|掉)?(?!毒|价|菌|虫|鸡|鸭|鱼|青|手|时间)|弄死|捅死|砍死|掐死|毒死|撞死|打死|烧死|炸死)"
+            r"(?!了?(?:我(?:的|吧|啊|呀|也|都|$)|自己|我自己))"
+            r"|把(?:(?!病毒|细菌|蚊子|虫|蟑螂|老鼠).){1,10}都?(?:杀(?:了|死|掉)|毒死|弄死|推下楼|掐死|捅死|砍死)"
+            r"|(?:想|要)杀人|杀人的(?:念头|想法|冲动)|下毒|投毒|同归于尽|报复(?!性)|放火|纵火|把.{0,8}炸(?:掉|死)|炸死"
+            r"|(?:拿|用)刀.{0,2}(?:砍|捅|刺)(?!菜|肉|骨|柴|瓜)|硫酸泼|泼.{0,3}硫酸|拿硫酸|(?:想|要)绑架|买好了?刀"
+            r"|带上刀|带着?刀去|砍(?:一顿|人|死)|让.{0,12}去死"
+            r"|(?:想|要)打(?:我的)?(?:孩子|宝宝|老婆|老公)(?!电话)"
+            r"|(?:想|要)(?:掐|伤害)(?:我的)?(?:孩子|宝宝|老婆|老公|妈|爸|别人|他|她|路人)"
+            r"|伤害(?:别人|他人|孩子)|对.{0,4}动手(?!术)|打了我(?:妈|爸).{0,6}还想再打"
+            r"|(?:想象|想着|计划|想好)怎么(?:折磨|杀|弄死|报复)|等.{0,4}机会下手|跟踪.{0,8}(?:好几天|很久)"
+            r"|砸(?:烂|碎|破)(?:他|她)的?头|(?:带着|和|跟).{0,6}一起去?死"
         ),
     ),
     # hurting oneself: cutting, burning, hitting, starving as punishment
@@ -368,22 +388,43 @@ _GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|故意把(?:手|自己).{0,8}(?:烫|割|划|烧|掐)"
         ),
     ),
-    # hurting someone else: wanting to kill, poison, burn, attack; weapons brought along
+    # saying it: wanting to die, to kill oneself, not wanting to live, wanting it all to end
     (
-        "harm_others",
+        "active_ideation",
         re.compile(
-            r"(?:想|要|会|打算|准备|恨不得|就|一定|迟早|总有一天)去?(?:拿刀|开车)?"
-            r"(?:杀(?:了|死|掉)?(?!毒|价|菌|虫|鸡|鸭|鱼|青|手|时间)|弄死|捅死|砍死|掐死|毒死|撞死|打死|烧死|炸死)"
-            r"(?!了?(?:我(?:的|吧|啊|呀|也|都|$)|自己|我自己))"
-            r"|把(?:(?!病毒|细菌|蚊子|虫|蟑螂|老鼠).){1,10}都?(?:杀(?:了|死|掉)|毒死|弄死|推下楼|掐死|捅死|砍死)"
-            r"|(?:想|要)杀人|杀人的(?:念头|想法|冲动)|下毒|投毒|同归于尽|报复(?!性)|放火|纵火|把.{0,8}炸(?:掉|死)|炸死"
-            r"|(?:拿|用)刀.{0,2}(?:砍|捅|刺)(?!菜|肉|骨|柴|瓜)|硫酸泼|泼.{0,3}硫酸|拿硫酸|(?:想|要)绑架|买好了?刀"
-            r"|带上刀|带着?刀去|砍(?:一顿|人|死)|让.{0,12}去死"
-            r"|(?:想|要)打(?:我的)?(?:孩子|宝宝|老婆|老公)(?!电话)"
-            r"|(?:想|要)(?:掐|伤害)(?:我的)?(?:孩子|宝宝|老婆|老公|妈|爸|别人|他|她|路人)"
-            r"|伤害(?:别人|他人|孩子)|对.{0,4}动手(?!术)|打了我(?:妈|爸).{0,6}还想再打"
-            r"|(?:想象|想着|计划|想好)怎么(?:折磨|杀|弄死|报复)|等.{0,4}机会下手|跟踪.{0,8}(?:好几天|很久)"
-            r"|砸(?:烂|碎|破)(?:他|她)的?头"
+            r"自杀|轻生|自尽|寻死|一死了之|不想再?活|活不下去|活不成|不如死了|死了算了|死了就好了"
+            r"|想死|(?:我|自己|想|要|就|该|好|真|怎么)去死"
+            r"|结束掉?(?:自己的)?(?:生命|性命)|结束自己|了结(?:自己|生命)|自我了断"
+            r"|杀(?:了|死|掉)?我?自己|让自己死|把自己(?:饿|累|折磨|逼)?死|(?:饿|冻|累)死自己"
+            r"|(?:想|要|打算)结束这?一切|就此了断|了断(?:自己|生命|残生)|人生就?到此为止|这辈子就到这"
+            r"|(?:人生|生命)画上句号|做傻事|想不开|不(?:想|打算)?再?撑了"
+        ),
+    ),
+    # wishing not to exist: sleep that does not end, leaving the world, joining the dead, being a burden
+    (
+        "wish_to_be_dead",
+        re.compile(
+            r"不(?:想|愿)再醒|不想醒过来|再也不想醒|永远不要?醒|不用再?醒|再也不(?:用|会)?醒|一睡不醒"
+            r"|(?:就|再也|永远)不会再?醒|(?:睡过去|睡着).{0,4}(?:别|不要|不再|再也不)醒"
+            r"|永远地?(?:睡过去|睡下去|睡着|休息)|不再睁开|再也不睁开"
+            r"|(?:想|只想|不如|求|渴望)(?:彻底|早点|早日|永远)?解脱|一了百了"
+            r"|(?:想|只想|真想|好想|就想)(?:就这么|就这样|就此|彻底|永远)?(?:从这个世界上?)?"
+            r"消失(?!几|一会|一下|一段|一阵)"
+            r"|(?:我|想|要|打算)(?:就|早点)?离开(?:这个)?(?:世界|人世|人间)|告别(?:这个)?世界|(?:和|跟)这个世界说?再见"
+            r"|(?:想|要|好想|真想)去(?:天堂|天上|另一个世界|那个世界)|去(?:陪|找|见).{0,4}(?:那边|天上|天堂)"
+            r"|(?:去世|走了|离开|不在了|死了|自杀了).{0,20}"
+            r"(?P<at>想去陪|想去找|也想走|也想去|想跟着?(?:他|她)(?:一起)?(?:走|去))|想去陪(?:他|她)"
+            r"|(?:想|要)去见.{0,6}那边|没有痛苦的地方|(?:想|要|打算)(?:就这样)?永远地?离开"
+            r"|不想再?存在|不想再?留在(?:这个世界|世上)"
+            r"|安安?静静?地离开|(?:这个世界|世界|没人|没有人)不需要我|活够了"
+            r"|从来没有?被?(?:出生|生下来)|不该(?:出生|被生下来)|(?:后悔|不该)来到这个世界|不想再?面对明天"
+            r"|(?:不想|不愿)再?拖累(?:家人|家里|大家|你们|所有人|父母|爸妈)|拖累了(?:我们|家人|大家)"
+            r"|如果我(?:不在|走|死)了|等我(?:走|死|不在)了|我(?:就|很快就|快)?不在了|如果我出了?什么事"
+            r"|没有我.{0,6}会(?:过得)?(?:更好|更轻松|好|轻松)|少我一个|我是.{0,6}(?:负担|累赘)"
+            r"|(?:成为|成了).{0,4}(?:负担|累赘)"
+            r"|坚持不到明天|撑不到明天"
+            r"|不配活|活着.{0,4}浪费(?:空气|粮食)|没有人会想念我|消失了也没人|不用再为我|不会再麻烦任何人"
+            r"|不会再给.{0,4}添麻烦|活下去的(?:理由|意义)|活着.{0,6}没有?(?:任何)?(?:意思|意义)"
         ),
     ),
 )
@@ -455,7 +496,7 @@ def detect(text: str) -> CrisisResult:
     are matched in order. A match is dropped when the message is news or fiction and the last anchor before it
     is a news/story word or a stranger (他, 有人), or when it tells of another person's completed suicide (grief
     is not a crisis by itself; grief with wanting to join them is caught as suicide_euphemism). A match about a
-    relation (朋友, 妈妈) makes the category third_party. Negations (我不会自杀) still count: a denial is weak
+    relation (朋友, 妈妈) makes the construct third_party_at_risk. Negations (我不会自杀) still count: a denial is weak
     evidence and a crisis block costs little.
     """
     if not text:
@@ -469,7 +510,7 @@ def detect(text: str) -> CrisisResult:
     being_saved = _BEING_SAVED.search(t) is not None
     anchors = _anchors(t)
     found: list[tuple[str, re.Match[str]]] = []
-    for category, pattern in _GROUPS:
+    for construct, pattern in _GROUPS:
         for m in pattern.finditer(t):
             about = _about(anchors, _start(m))
             if context and about in ("context", "stranger", "relation"):
@@ -477,14 +518,14 @@ def detect(text: str) -> CrisisResult:
             if about in ("myrel", "relation", "stranger") and not being_saved:
                 if _COMPLETED.search(t, max(0, m.start() - 4), m.end() + 4):
                     continue  # another person's death told as done: grief or news
-            found.append((category, m))
+            found.append((construct, m))
     if not found:
         return NOT_CRISIS
-    category, first = found[0]
+    construct, first = found[0]
     if _about(anchors, _start(first)) in ("myrel", "relation", "stranger"):
-        category = "third_party"
+        construct = "third_party_at_risk"
     matched = tuple(dict.fromkeys(m.group() for _, m in found))
-    return CrisisResult(True, category, matched)
+    return CrisisResult(True, construct, matched)
 
 
 # ---------------------------------------------------------------------------------------------- model output
@@ -516,11 +557,12 @@ OUTPUT_PATTERNS = (_OUTPUT_METHOD, _OUTPUT_DISCOURAGE)
 
 
 def unsafe_output(text: str) -> str | None:
-    """Why a model's text must not be shown: 'self_harm_method' or 'discourages_help' (None: nothing found).
-    Matched on the NFKC text without spaces and punctuation, so 割 腕 or 12 3 56 read as written together."""
+    """Why a model's text must not be shown, as a HARM_KINDS key: 'method_lethality' or 'secrecy_discourages_help'
+    (None: nothing found). Matched on the NFKC text without spaces and punctuation, so 割 腕 or 12 3 56 read as
+    written together."""
     t = _compact(unicodedata.normalize("NFKC", text).lower())
     if _OUTPUT_METHOD.search(t):
-        return "self_harm_method"
+        return "method_lethality"
     if _OUTPUT_DISCOURAGE.search(t):
-        return "discourages_help"
+        return "secrecy_discourages_help"
     return None

@@ -1,7 +1,8 @@
 """The crisis guard: the one safety layer that runs before and after the model on every path that shows text to a
-person (serve, chat, eval). Plain functions and one small class; no web framework, no model of its own.
+person or writes it into a corpus (serve, chat, eval's sessions, synth api). Plain functions and one class; no web
+framework.
 
-    guard = CrisisGuard()                                   # or CrisisGuard(classifier=load_classifier(folder))
+    guard = CrisisGuard()                                   # patterns + the shipped learned layer
     verdict = guard.check_user_turn(messages, conversation_id=cid)
     note = guard.system_note_for_model(verdict)             # add to the system prompt when not None
     text, replaced, reason = guard.check_model_output(model_text, conversation_id=cid)
@@ -12,19 +13,29 @@ person (serve, chat, eval). Plain functions and one small class; no web framewor
     shown = check.feed(delta)                           # the part now safe to show ('' while held back)
     shown = check.close()                               # the rest, once the model is done
 
-Crisis detection is cbt_llm.domain.crisis.detect (keywords and patterns); it always runs. An optional classifier
-(any callable text -> probability of crisis) runs when the patterns find nothing and can only add crises.
-Once any user turn of a conversation was a crisis, or an earlier reply carried the crisis block, the whole
-conversation stays in crisis mode.
+Layers, each of which can only add a flag, never remove one:
+    patterns     cbt_llm.domain.crisis.detect (user turns, by risk construct) and unsafe_output (replies, by harm
+                 kind): precise on the phrasings they were written for; they always run
+    learned      cbt_llm.domain.guard_classifier: character n-gram classifiers for user turns and replies, trained
+                 on the labelled set shipped in cbt_llm/domain/guard_data/ (on by default)
+    classifier   optional: any callable text -> probability of crisis (e.g. load_classifier(folder), a local
+                 transformers text-classification model)
+    model        optional: a generative safety model (cbt_llm.inference.safety_model), asked only when the layers
+                 above found nothing; its failure or timeout is counted and the other layers' verdict stands
+Every verdict names its construct (user turns) or harm kind (replies) and the layer that raised it. Once any user
+turn of a conversation was a crisis, or an earlier reply carried the crisis block, the whole conversation stays in
+crisis mode.
 
-Counters (metrics()) are plain dicts for a Prometheus layer to read; they hold categories, counts and
+Counters (metrics()) are plain dicts for a Prometheus layer to read; they hold constructs, kinds, counts and
 conversation ids hashed with a salt, never message text.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import re
 
 # the stdlib's own regex parser: the stream's hold-back is read off the output patterns themselves, so a pattern
 # made longer can never leave it too short
@@ -38,9 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbt_llm.domain import crisis
-from cbt_llm.domain.crisis import CATEGORIES, CRISIS_BLOCK, DISCLAIMER, detect, unsafe_output
+from cbt_llm.domain.crisis import CONSTRUCTS, CRISIS_BLOCK, DISCLAIMER, detect, unsafe_output
+from cbt_llm.domain.guard_classifier import MODEL_DIR, TextClassifier, model_path
+from cbt_llm.domain.guard_classifier import load_classifier as load_text_classifier
 
 Classifier = Callable[[str], float]
+# A generative safety model's reading of one text: (role, text) -> (flagged, construct or harm kind or None).
+ModelTier = Callable[[str, str], tuple[bool, str | None]]
+DEFAULT = "default"  # the learned layer shipped with the package (cbt_llm/domain/guard_model/)
 
 
 @dataclass(frozen=True)
@@ -48,15 +64,17 @@ class Verdict:
     """The guard's reading of a conversation at its latest user turn.
 
     crisis        the conversation is in crisis mode (the reply must start with the crisis block)
-    category      what put it there: a cbt_llm.domain.crisis.CATEGORIES key, or None for a non-crisis
+    construct     what put it there: a cbt_llm.domain.crisis.CONSTRUCTS key (None when no layer named one, or
+                  for a non-crisis)
     latest_turn   the latest user turn is itself a crisis (False when only an earlier turn was)
-    source        "patterns", "classifier", "earlier_turn" (an earlier user turn) or "earlier_reply" (an
-                  earlier reply carried the crisis block); None for a non-crisis
-    score         the classifier's probability when it ran, else None
+    source        the layer that raised it, "patterns", "learned", "classifier" or "model", or "earlier_turn" (an
+                  earlier user turn) or "earlier_reply" (an earlier reply carried the crisis block); None for a
+                  non-crisis
+    score         the learned layer's or the classifier's probability when it ran, else None
     """
 
     crisis: bool
-    category: str | None = None
+    construct: str | None = None
     latest_turn: bool = False
     source: str | None = None
     score: float | None = None
@@ -73,33 +91,59 @@ def message_text(message: Mapping) -> str:
     return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
 
 
+@functools.cache
+def shipped_classifier(task: str) -> TextClassifier:
+    """The learned layer shipped with the package for `task` ("user" or "reply"), loaded once per process."""
+    return load_text_classifier(model_path(task, MODEL_DIR))
+
+
+def _learned(value: TextClassifier | str | Path | None, task: str) -> TextClassifier | None:
+    if value is None or isinstance(value, TextClassifier):
+        return value
+    if value == DEFAULT:
+        return shipped_classifier(task)
+    return load_text_classifier(value)
+
+
 class CrisisGuard:
     """Crisis detection on user turns, the crisis note for the model, the reply wrapper and the output check.
 
-    classifier  optional callable text -> probability of crisis (e.g. load_classifier(folder)); it adds recall
-                to the patterns, never removes a crisis they found, and a failing classifier is counted and
-                ignored (the patterns' verdict stands)
+    user_model, reply_model  the learned layer for user turns and for replies: DEFAULT (the shipped one), a saved
+                classifier's path, a TextClassifier, or None (off)
+    classifier  optional callable text -> probability of crisis (e.g. load_classifier(folder)) for user turns
     threshold   the classifier probability from which a turn is a crisis
+    model_tier  optional ModelTier (cbt_llm.inference.safety_model): asked last, on user turns and replies
     salt        what conversation ids are hashed with; None: a random salt per process (ids from two processes
                 then cannot be joined, which is the point); give one to count conversations across restarts
+    A layer that raises is counted (layer_errors_total) and ignored: the other layers' verdict stands.
     """
 
-    def __init__(self, classifier: Classifier | None = None, threshold: float = 0.5, salt: bytes | str | None = None):
+    def __init__(
+        self,
+        user_model: TextClassifier | str | Path | None = DEFAULT,
+        reply_model: TextClassifier | str | Path | None = DEFAULT,
+        classifier: Classifier | None = None,
+        threshold: float = 0.5,
+        model_tier: ModelTier | None = None,
+        salt: bytes | str | None = None,
+    ):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"guard threshold must be in (0, 1], got {threshold}")
-        self.classifier = classifier
-        self.threshold = threshold
+        self.user_model, self.reply_model = _learned(user_model, "user"), _learned(reply_model, "reply")
+        self.classifier, self.threshold, self.model_tier = classifier, threshold, model_tier
         self._salt = salt.encode() if isinstance(salt, str) else (salt if salt is not None else secrets.token_bytes(16))
         self._lock = threading.Lock()
-        # category -> {hashed conversation id -> crisis turns}: what a dashboard counts, never what was said
+        # construct -> {hashed conversation id -> crisis turns}: what a dashboard counts, never what was said
         self.events: dict[str, dict[str, int]] = {}
-        # reason -> {hashed conversation id -> replaced model outputs}
+        # harm kind -> {hashed conversation id -> replaced model outputs}
         self.output_events: dict[str, dict[str, int]] = {}
         self._counters: dict[str, int] = {
             "user_turns_total": 0,
             "crisis_mode_turns_total": 0,
             "classifier_errors_total": 0,
+            "model_tier_errors_total": 0,
         }
+        self._by_layer: dict[str, int] = {}
 
     # -- ids and counters ----------------------------------------------------------------------------
 
@@ -109,75 +153,122 @@ class CrisisGuard:
             return "anonymous"
         return hashlib.sha256(self._salt + str(conversation_id).encode()).hexdigest()[:16]
 
-    def _count(self, events: dict[str, dict[str, int]], key: str, conversation_id: str | None) -> None:
+    def _count(self, events: dict[str, dict[str, int]], key: str, conversation_id: str | None, layer: str) -> None:
         conversation = self.hash_id(conversation_id)
         with self._lock:
             per = events.setdefault(key, {})
             per[conversation] = per.get(conversation, 0) + 1
+            self._by_layer[layer] = self._by_layer.get(layer, 0) + 1
+
+    def _error(self, counter: str) -> None:
+        with self._lock:
+            self._counters[counter] += 1
 
     def metrics(self) -> dict:
-        """Counters as plain dicts (copies): turns checked, crisis turns and distinct conversations by category,
-        turns in crisis mode because of an earlier turn, replaced model outputs by reason, classifier errors."""
+        """Counters as plain dicts (copies): turns checked, crisis turns and distinct conversations by construct,
+        turns in crisis mode because of an earlier turn, replaced model outputs by harm kind, flags by the layer
+        that raised them, errors of the optional layers."""
         with self._lock:
             return {
                 **self._counters,
                 "crisis_turns_total": {c: sum(per.values()) for c, per in self.events.items()},
                 "crisis_conversations": {c: len(per) for c, per in self.events.items()},
                 "output_replaced_total": {r: sum(per.values()) for r, per in self.output_events.items()},
+                "flags_by_layer_total": dict(self._by_layer),
             }
 
-    # -- before the model ----------------------------------------------------------------------------
+    # -- the layers ----------------------------------------------------------------------------------
 
     def _classify(self, text: str) -> float | None:
         if self.classifier is None:
             return None
         try:
             return float(self.classifier(text))
-        except Exception:  # a broken classifier must never take the pattern layer down with it
-            with self._lock:
-                self._counters["classifier_errors_total"] += 1
+        except Exception:  # a broken classifier must never take the other layers down with it
+            self._error("classifier_errors_total")
             return None
+
+    def _ask_model(self, role: str, text: str) -> tuple[bool, str | None]:
+        if self.model_tier is None:
+            return False, None
+        try:
+            return self.model_tier(role, text)
+        except Exception:  # a model tier that fails or times out is counted; the other layers' verdict stands
+            self._error("model_tier_errors_total")
+            return False, None
+
+    def read_user_text(self, text: str, *, with_model: bool = True) -> Verdict:
+        """One user message through every layer, the cheapest first (a latest turn when it flags, else SAFE with
+        the learned layer's score)."""
+        found = detect(text)
+        if found:
+            return Verdict(True, found.construct, True, "patterns")
+        score = None
+        if self.user_model is not None:
+            learned = self.user_model(text)
+            if learned.flagged:
+                return Verdict(True, learned.kind, True, "learned", learned.score)
+            score = learned.score
+        p = self._classify(text)
+        if p is not None and p >= self.threshold:
+            return Verdict(True, None, True, "classifier", p)
+        score = p if p is not None else score
+        if with_model:
+            flagged, kind = self._ask_model("user", text)
+            if flagged:
+                return Verdict(True, kind if kind in CONSTRUCTS else None, True, "model", score)
+        return SAFE if score is None else Verdict(False, score=score)
+
+    def read_reply_text(self, text: str) -> tuple[str | None, str | None]:
+        """(harm kind or "unsafe" when the layer names none, the layer) for model text that must not be shown;
+        (None, None) for text every layer lets through."""
+        kind = unsafe_output(text)
+        if kind is not None:
+            return kind, "patterns"
+        if self.reply_model is not None:
+            learned = self.reply_model(text)
+            if learned.flagged:
+                return learned.kind, "learned"
+        flagged, kind = self._ask_model("assistant", text)
+        if flagged:
+            return kind if kind in crisis.HARM_KINDS else "unsafe", "model"
+        return None, None
+
+    # -- before the model ----------------------------------------------------------------------------
 
     def check_user_turn(self, messages: Sequence[Mapping], conversation_id: str | None = None) -> Verdict:
         """The verdict at the latest user turn of `messages` (OpenAI-style {"role", "content"} dicts, oldest
-        first). The latest turn is checked by the patterns, then by the classifier when the patterns find
-        nothing; earlier user turns by the patterns; an earlier assistant reply that starts with the crisis
-        block also keeps the conversation in crisis mode."""
+        first). The latest turn goes through every layer; earlier user turns through the patterns and the learned
+        layer (the model tier is asked about the latest turn only); an earlier assistant reply that starts with
+        the crisis block also keeps the conversation in crisis mode."""
         users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
         if not users:
             return SAFE
         with self._lock:
             self._counters["user_turns_total"] += 1
         last = users[-1]
-        found = detect(message_text(messages[last]))
-        verdict, score = None, None
-        if found:
-            verdict = Verdict(True, found.category, True, "patterns")
-        else:
-            score = self._classify(message_text(messages[last]))
-            if score is not None and score >= self.threshold:
-                verdict = Verdict(True, "classifier", True, "classifier", score)
-        if verdict is not None:
-            self._count(self.events, verdict.category, conversation_id)
+        verdict = self.read_user_text(message_text(messages[last]))
+        if verdict.crisis:
+            self._count(self.events, verdict.construct or "unnamed", conversation_id, verdict.source)
             return verdict
         for m in messages[:last]:
             earlier = None
             if m.get("role") == "user":
-                hit = detect(message_text(m))
-                earlier = Verdict(True, hit.category, False, "earlier_turn") if hit else None
+                hit = self.read_user_text(message_text(m), with_model=False)
+                earlier = Verdict(True, hit.construct, False, "earlier_turn") if hit.crisis else None
             elif m.get("role") == "assistant" and message_text(m).lstrip().startswith(CRISIS_BLOCK):
                 earlier = Verdict(True, None, False, "earlier_reply")
             if earlier is not None:
                 with self._lock:
                     self._counters["crisis_mode_turns_total"] += 1
                 return earlier
-        return SAFE if score is None else Verdict(False, score=score)
+        return verdict
 
     def system_note_for_model(self, verdict: Verdict) -> str | None:
         """The instruction that tells the model of the risk (added to its system prompt), or None."""
         if not verdict.crisis:
             return None
-        what = CATEGORIES.get(verdict.category or "", "自杀、自伤或伤害他人的风险")
+        what = CONSTRUCTS.get(verdict.construct or "", "自杀、自伤或伤害他人的风险")
         when = "用户最新的消息" if verdict.latest_turn else "用户在本次对话的早前消息中"
         return (
             f"【安全提示】{when}显示可能存在危机：{what}。系统已在你的回复之前向用户展示了危机求助信息"
@@ -189,13 +280,14 @@ class CrisisGuard:
     # -- after the model -----------------------------------------------------------------------------
 
     def check_model_output(self, text: str, conversation_id: str | None = None) -> tuple[str, bool, str | None]:
-        """(text to show, replaced, reason): model text that gives self-harm methods or discourages seeking help
-        (cbt_llm.domain.crisis.unsafe_output) is replaced, whole, by the crisis block."""
-        reason = unsafe_output(text)
-        if reason is None:
+        """(text to show, replaced, harm kind): model text any layer finds unsafe (a method, validation of
+        self-harm, secrecy or turning away from help, dosing beyond a prescription, harm to others) is replaced,
+        whole, by the crisis block."""
+        kind, layer = self.read_reply_text(text)
+        if kind is None:
             return text, False, None
-        self._count(self.output_events, reason, conversation_id)
-        return CRISIS_BLOCK, True, reason
+        self._count(self.output_events, kind, conversation_id, layer)
+        return CRISIS_BLOCK, True, kind
 
     def output_stream(self, conversation_id: str | None = None) -> OutputStream:
         """check_model_output for model text that arrives in pieces (a token stream): see OutputStream."""
@@ -307,16 +399,24 @@ def output_hold_back(patterns=crisis.OUTPUT_PATTERNS) -> int | None:
 OUTPUT_HOLD_BACK = output_hold_back()
 
 
-class OutputStream:
-    """check_model_output for a reply shown while the model makes it. Each piece fed is appended to the model's
-    text, the whole text so far is checked again, and only a prefix is released: the one followed by at least
-    OUTPUT_HOLD_BACK letters. An unsafe match has fewer letters than that, so a match that would reach back into
-    released text would lie wholly inside text already checked, and would have been found then: no released
-    character can belong to an unsafe match, however the text goes on. Sentence ends are no safe cut, since the
-    patterns are matched with punctuation removed (不要。去看医生 reads as 不要去看医生).
+# where a sentence ends: a stream releases model text a whole sentence at a time
+_SENTENCE_END = re.compile(r"[。！？!?…；;\n]+[”’\"」』）)]*|\.(?=\s)")
 
-    Once the text is unsafe, `replaced` is True, the reason is counted as check_model_output counts it, and
-    nothing more is released: the held-back text is never shown."""
+
+class OutputStream:
+    """check_model_output for a reply shown while the model makes it: text is released a sentence at a time, each
+    only after every layer of the output check has read the whole text up to it.
+
+    Each piece fed is appended to the model's text and the patterns check the whole text so far (cheap, so a
+    method is caught as soon as it is written). A sentence is released when (1) it is complete, (2) at least
+    OUTPUT_HOLD_BACK letters follow it, and (3) the learned layer and the model tier find the whole text so far
+    safe. (2) is the patterns' bound: an unsafe match has fewer letters than that, so a match that would reach
+    back into released text would lie wholly inside text already checked and would have been found then; no
+    released character belongs to an unsafe match, however the text goes on (sentence ends alone are no safe cut,
+    since the patterns are matched with punctuation removed: 不要。去看医生 reads as 不要去看医生).
+
+    Once the text is unsafe, `replaced` is True, the kind is counted as check_model_output counts it, and nothing
+    more is released: the held-back text is never shown."""
 
     def __init__(
         self, guard: CrisisGuard, conversation_id: str | None = None, hold_back: int | None = OUTPUT_HOLD_BACK
@@ -326,14 +426,15 @@ class OutputStream:
         self.released = 0  # how much of it has been released
         self.replaced, self.reason = False, None
 
-    def _unsafe(self) -> bool:
-        if unsafe_output(self.text) is None:
+    def _check(self, every_layer: bool) -> bool:
+        """True when the text so far is unsafe (then counted and replaced); the patterns only unless every_layer."""
+        if not every_layer and unsafe_output(self.text) is None:
             return False
         _, self.replaced, self.reason = self.guard.check_model_output(self.text, self.conversation_id)
-        return True
+        return self.replaced
 
     def _cut(self) -> int:
-        """The longest prefix that is followed by at least hold_back letters (never less than what was released)."""
+        """The end of the last complete sentence that at least hold_back letters follow (or what was released)."""
         if self.hold_back is None:
             return self.released
         cut, seen = len(self.text), 0
@@ -344,22 +445,25 @@ class OutputStream:
             return self.released
         while cut > self.released and letters(self.text[cut:]) < self.hold_back:  # NFKC across characters
             cut -= 1
-        return cut
+        ends = [m.end() for m in _SENTENCE_END.finditer(self.text, self.released, cut)]
+        return ends[-1] if ends else self.released
 
     def feed(self, piece: str) -> str:
         """Add `piece` of model text; return the text now released ('' while held back or once replaced)."""
         if self.replaced:
             return ""
         self.text += piece
-        if self._unsafe():
+        if self._check(every_layer=False):
             return ""
         cut = self._cut()
-        out, self.released = self.text[self.released : cut], max(self.released, cut)
+        if cut <= self.released or self._check(every_layer=True):
+            return ""
+        out, self.released = self.text[self.released : cut], cut
         return out
 
     def close(self) -> str:
         """The model is done: the held-back rest when the whole text is safe, else ''."""
-        if self.replaced or self._unsafe():
+        if self.replaced or self._check(every_layer=True):
             return ""
         out, self.released = self.text[self.released :], len(self.text)
         return out

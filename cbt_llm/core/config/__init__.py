@@ -14,6 +14,7 @@ from cbt_llm.core.config.eval import (
     SessionClientConfig,
     SessionsConfig,
 )
+from cbt_llm.core.config.guard import GuardConfig, GuardTrainConfig, ModelTierConfig
 from cbt_llm.core.config.launch import LaunchConfig, RayLaunchConfig, SlurmConfig
 from cbt_llm.core.config.load import load_config, parse_overrides
 from cbt_llm.core.config.model import LoraConfig, ModelConfig
@@ -33,10 +34,13 @@ __all__ = [
     "DeepSpeedTuning",
     "EvalConfig",
     "EvalModelConfig",
+    "GuardConfig",
+    "GuardTrainConfig",
     "JudgeConfig",
     "LaunchConfig",
     "LoraConfig",
     "ModelConfig",
+    "ModelTierConfig",
     "NearDupConfig",
     "QualityConfig",
     "RayLaunchConfig",

@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from cbt_llm.core.config.base import Section
 from cbt_llm.core.config.data import DataConfig, TokenizerConfig
 from cbt_llm.core.config.eval import EvalConfig
+from cbt_llm.core.config.guard import GuardConfig
 from cbt_llm.core.config.launch import LaunchConfig
 from cbt_llm.core.config.model import ModelConfig
 from cbt_llm.core.config.serve import ServeConfig
@@ -56,6 +57,7 @@ class Config(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -82,6 +84,7 @@ class Config(Section):
         tr.run_dir = tr.run_dir or f"{run}/train"
         self.eval.data_dir = self.eval.data_dir or d.out_dir
         self.eval.out_dir = self.eval.out_dir or f"{run}/eval"
+        self.guard.train.out_dir = self.guard.train.out_dir or f"{run}/guard"
         return self
 
     def to_yaml(self) -> str:
