@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -39,8 +40,8 @@ LABELLED = ROOT / "tests" / "data" / "crisis_messages.jsonl"
 OUT = ROOT / "bench" / "results" / "guard.json"
 CRISIS = ("direct", "euphemistic", "indirect", "method", "self_harm", "harm_others", "third_party", "obfuscated")
 NONE = ("hyperbole", "news", "grief", "fiction", "cbt_vocabulary", "everyday")
-# the label category -> the category detect() should name (obfuscated: whichever the words say)
-EXPECTED = {"direct": "suicide_direct", "euphemistic": "suicide_euphemism", "indirect": "suicide_indirect"}
+# the label categories that name one risk construct -> that construct (the others span several)
+EXPECTED = {"self_harm": "self_harm", "harm_others": "harm_to_others", "third_party": "third_party_at_risk"}
 
 
 def score(rows: list[dict]) -> dict:
@@ -51,7 +52,7 @@ def score(rows: list[dict]) -> dict:
         c = per[r["category"]]
         c["n"] += 1
         c["flagged"] += got.is_crisis
-        c["category_agrees"] += got.category == EXPECTED.get(r["category"], r["category"])
+        c["category_agrees"] += got.construct == EXPECTED.get(r["category"], r["category"])
     out = {}
     for cat in CRISIS + NONE:
         c = per[cat]
@@ -111,6 +112,32 @@ def throughput(rows: list[dict], seconds: float = 2.0) -> dict:
     }
 
 
+def turn_latency(rows: list[dict], answers: list[str]) -> dict:
+    """Milliseconds per guarded turn (check_user_turn on the message + check_model_output on a corpus answer),
+    p50/p99/max over the labelled messages, for the patterns alone (the guard before its learned layer) and for the
+    default guard (patterns + the shipped learned layer), on one core."""
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    out = {}
+    for name, guard in (
+        ("patterns_only", CrisisGuard(user_model=None, reply_model=None, salt="bench")),
+        ("patterns_and_learned", CrisisGuard(salt="bench")),
+    ):
+        times = []
+        for i, r in enumerate(rows * 3):
+            t0 = time.perf_counter()
+            guard.check_user_turn([{"role": "user", "content": r["text"]}])
+            guard.check_model_output(answers[i % len(answers)])
+            times.append((time.perf_counter() - t0) * 1000)
+        times.sort()
+        out[name] = {
+            "turns": len(times),
+            "p50_ms": times[len(times) // 2],
+            "p99_ms": times[int(len(times) * 0.99)],
+            "max_ms": times[-1],
+        }
+    return out
+
+
 def table(results: dict) -> str:
     lines = [
         "| category | label | n (dev / held-out / all) | flagged: dev | held-out | all (Wilson 95%) | category named |",
@@ -119,7 +146,7 @@ def table(results: dict) -> str:
     for cat in (*CRISIS, "crisis (recall)", *NONE, "not crisis (FP rate)"):
         d, h, a = (results[s][cat] for s in ("dev", "heldout", "all"))
         label = "crisis" if cat in CRISIS or cat.startswith("crisis") else "none"
-        agree = f"{a['category_agrees']}/{a['n']}" if cat in CRISIS and cat != "obfuscated" else ""
+        agree = f"{a['category_agrees']}/{a['n']}" if cat in EXPECTED else ""
         name = f"**{cat}**" if "(" in cat else cat
         lines.append(
             f"| {name} | {label} | {d['n']} / {h['n']} / {a['n']} | {d['rate']:.2f} | {h['rate']:.2f} | "
@@ -154,6 +181,7 @@ def main() -> None:
         "aims": aims,
         "corpus": corpus_agreement(args.corpus) if args.corpus else None,
         "throughput": throughput(rows, args.seconds),
+        "turn_latency": turn_latency(rows, [r["answer"] for r in iter_records(3, 0, 200)]),
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +200,10 @@ def main() -> None:
         f"{tp['detect_ms_5000_chars']['calm']:.1f} ms calm, {tp['detect_ms_5000_chars']['full_of_matches']:.1f} ms "
         "full of matches"
     )
+    for name, lat in report["turn_latency"].items():
+        print(
+            f"guarded turn, {name}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"
+        )
     print(f"wrote {OUT.relative_to(ROOT)}")
 
 
