@@ -22,6 +22,11 @@ The results dict, as `cbt-llm eval` (evaluation/run.py) builds it:
         ],
     }
 
+With eval.safety_probes (evaluation/probes.py) the results also have "probes": {"source", "sha256", "n", "labels",
+"kinds", "guard_in_generation"}, and each model a "probes" entry: {"n", "of", "failed", "generation", "by_kind":
+{kind: {"label", "n", "crisis_support", "unsafe"}}, "unsafe_by_harm"}, besides its three probe metrics; report.md
+shows the rates by kind in a table of their own.
+
 With --sessions (evaluation/sessions.py) the results also have "sessions": {"source", "n", "rejects", "turns",
 "client", "max_new_tokens", "system_prompt_from", "decoding"}, and each model a "sessions" entry: {"n", "completed",
 "failed": {"client", "model"}, "turns", "new_tokens", "guard": {"model_turns", "crisis_turns", "disclosures",
@@ -32,11 +37,13 @@ their own beside the single-turn scores.
 Metric names: the reference metrics under evaluation.reference.METRICS ("bleu-4", "bleu-corpus", "rouge-1",
 "rouge-2", "rouge-l", "meteor", "distinct-1", "distinct-2", "length"), "bertscore-f1" (evaluation/bertscore.py),
 "structure-coverage" (0-5 parts) and "structure-order" (0-1), the safety rates "crisis-support",
-"crisis-hotline" and "professional-help" (0-1), and with an LLM judge (evaluation/judge.py) "judge-cbt-total"
-(0-18) with "judge-cbt-<criterion>", and "judge-counselling-mean" (1-10) with "judge-counselling-<quality>"; a
-judged model also has "judge": {"model", "rubrics", "repeats", "usage", "failures", "http_errors", "agreement"}.
-A score of None means not computed; its note says why (a bertscore not_computed note starts "not computed: ").
-Other metric names are shown after these, on the 0-100 panel of the plot unless listed in SCALES.
+"crisis-hotline" and "professional-help" (0-1), the crisis probes' "probe-crisis-support", "probe-unsafe-reply" and
+"probe-needless-crisis" (0-1, Wilson intervals: their "ci_method" says so), and with an LLM judge
+(evaluation/judge.py) "judge-cbt-total" (0-18) with "judge-cbt-<criterion>", and "judge-counselling-mean" (1-10)
+with "judge-counselling-<quality>"; a judged model also has "judge": {"model", "rubrics", "repeats", "usage",
+"failures", "http_errors", "agreement"}. A score of None means not computed; its note says why (a bertscore
+not_computed note starts "not computed: "). Other metric names are shown after these, on the 0-100 panel of the
+plot unless listed in SCALES.
 
 The per-generation rows that log_wandb puts in its samples table, one list per model:
 
@@ -61,6 +68,7 @@ from cbt_llm.domain.rubrics import RUBRICS as JUDGE_RUBRICS
 from evaluation.reference import METRICS as REFERENCE_METRICS
 
 RATES = ("crisis-support", "crisis-hotline", "professional-help")
+PROBE_RATES = ("probe-crisis-support", "probe-unsafe-reply", "probe-needless-crisis")
 JUDGE_CBT = tuple(f"judge-cbt-{k}" for k in JUDGE_RUBRICS["cbt"].keys)
 JUDGE_COUNSELLING = tuple(f"judge-counselling-{k}" for k in JUDGE_RUBRICS["counselling"].keys)
 SESSION_METRICS = ("judge-ctrs-total", *(f"judge-ctrs-{k}" for k in JUDGE_RUBRICS["ctrs"].keys))
@@ -71,6 +79,7 @@ ORDER: tuple[str, ...] = (
     "structure-coverage",
     "structure-order",
     *RATES,
+    *PROBE_RATES,
     "judge-cbt-total",
     *JUDGE_CBT,
     "judge-counselling-mean",
@@ -81,7 +90,7 @@ SCALES: dict[str, str] = {
     "length": "characters",
     "structure-coverage": "parts (0-5)",
     "structure-order": "fraction (0-1)",
-    **{rate: "fraction (0-1)" for rate in RATES},
+    **{rate: "fraction (0-1)" for rate in (*RATES, *PROBE_RATES)},
     "judge-cbt-total": "CBT judge total (0-18)",
     **{m: "CBT judge criteria (0-4)" for m in JUDGE_CBT},
     **{m: "counselling judge (1-10)" for m in ("judge-counselling-mean", *JUDGE_COUNSELLING)},
@@ -175,6 +184,30 @@ def _scores_section(results: dict, models: list[str]) -> list[str]:
         "judge-cbt-total is the LLM judge's 0-18 CBT total (its criteria 0-1 to 0-4 as in their signatures), "
         "judge-counselling-* are 1-10 ratings. Corpus-level metrics (bleu-corpus, distinct-n) have no interval.",
     ]
+
+
+def _probes_section(results: dict, models: list[str]) -> list[str]:
+    """The crisis probes by kind: per model, how many of each kind's answers gave crisis support and how many the
+    guard's output check flags (the rates over all of them are in the score table)."""
+    facts = results.get("probes")
+    held = {name: results["models"][name].get("probes") or {} for name in models}
+    if not facts or not any(h.get("by_kind") for h in held.values()):
+        return []
+    kinds = {k: v["label"] for h in held.values() for k, v in (h.get("by_kind") or {}).items()}
+    order = sorted(kinds, key=lambda k: (kinds[k] != "crisis", k))
+
+    def cell(name: str, kind: str) -> str:
+        k = (held[name].get("by_kind") or {}).get(kind)
+        return "-" if k is None else f"{k['crisis_support']}/{k['n']} support, {k['unsafe']} unsafe"
+
+    rows = [[_md(k), kinds[k], *(cell(name, k) for name in models)] for k in order]
+    head = (
+        f"{facts.get('n', '?')} probes from `{_md(facts.get('source', '?'))}` "
+        f"({', '.join(f'{v} {k}' for k, v in (facts.get('labels') or {}).items())}), answered with no guard in the "
+        "way: the models' own behaviour. Support: the answer gives crisis support (wanted for crisis, needless for "
+        "not_crisis); unsafe: the guard's output check flags the answer."
+    )
+    return ["## Crisis probes", "", head, ""] + _table(["kind", "label", *map(_md, models)], rows)
 
 
 def _models_section(results: dict, models: list[str]) -> list[str]:
@@ -315,6 +348,7 @@ def render_report_md(results: dict) -> str:
     sections = [
         head,
         _scores_section(results, models),
+        _probes_section(results, models),
         _sessions_section(results, models),
         _models_section(results, models),
         _judge_section(results, models),

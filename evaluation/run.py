@@ -7,13 +7,16 @@ questions  heldout.jsonl (default), a PsyQA JSON or our corpus JSONL; bad lines 
 answer     each model in turn: local folders through cbt_llm.inference.generate (data parallel under torchrun or
            the deepspeed launcher: every rank answers its share, rank 0 gathers), endpoints through
            cbt_llm.inference.endpoint (rank 0); or `--predictions FILE` scores answers another system produced
+probes     with eval.safety_probes (on by default), each model also answers the crisis probes
+           (evaluation.probes: 120 crises, 120 hard negatives) right after the questions, the same way, no guard
 sessions   with --sessions (eval.sessions), each model also talks with a client simulator for a few turns per
            held-out intake, the crisis guard around every model turn (evaluation.sessions), right after it has
            answered the questions, while it is loaded
-score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval; with
+score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval; the
+           probes' crisis-support, unsafe-reply and needless-crisis rates with Wilson intervals; with
            eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge), and the CTRS items of
            each session transcript
-write      generations.jsonl, sessions.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B
+write      generations.jsonl, probes.jsonl, sessions.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B
            (evaluation.outputs)
 """
 
@@ -33,8 +36,9 @@ from cbt_llm.inference.endpoint import EndpointGenerator
 from cbt_llm.inference.generate import generate_all, load_generator
 from cbt_llm.inference.models import exported_system_prompt, resolve_model
 from cbt_llm.inference.prompt import Generation, Prompt, prompt_messages
+from cbt_llm.inference.safety_model import build_guard
 from data_pipeline.synth.scorer import load_or_train
-from evaluation import bertscore, outputs, reference, safety, sessions, stats
+from evaluation import bertscore, outputs, probes, reference, safety, sessions, stats
 from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
 from train.runtime import dist_env
@@ -97,11 +101,17 @@ def _check_overlap(questions: list[str], data_dir: str, what: str) -> None:
     check_no_train_overlap(questions, data_dir, what=f"eval.questions ({what})")
 
 
-def _join_predictions(cfg: Config) -> tuple[list[EvalQuestion], list[Generation], list[dict], str]:
+def _join_predictions(
+    cfg: Config, probe_ids: set[str] = frozenset()
+) -> tuple[list[EvalQuestion], list[Generation], list[dict], str, list[Generation]]:
     """--predictions: the file's answers, with question text and reference from eval.questions (or the default
-    heldout.jsonl) when there is one; a prediction with no reference anywhere is scored on structure and safety."""
+    heldout.jsonl) when there is one; a prediction with no reference anywhere is scored on structure and safety.
+    Answers whose id is one of `probe_ids` (the crisis probes, with eval.safety_probes) are split off and returned
+    last, to be scored as probe answers."""
     ec = cfg.eval
     preds, rejects = load_predictions(ec.predictions)
+    probe_gens = [Generation(p["id"], p["output"].strip(), 0, 0, "stop") for p in preds if p["id"] in probe_ids]
+    preds = [p for p in preds if p["id"] not in probe_ids]
     qpath = _questions_path(cfg)
     by_id: dict[str, EvalQuestion] = {}
     if ec.questions or qpath.is_file():
@@ -123,7 +133,7 @@ def _join_predictions(cfg: Config) -> tuple[list[EvalQuestion], list[Generation]
         gens.append(Generation(p["id"], p["output"].strip(), 0, 0, "stop"))
     if not gens:
         raise ConfigError(f"eval.predictions: no usable prediction in '{ec.predictions}' ({len(rejects)} rejected)")
-    return questions, gens, rejects, str(qpath) if by_id else ec.predictions
+    return questions, gens, rejects, str(qpath) if by_id else ec.predictions, probe_gens
 
 
 # ------------------------------------------------------------------------------------------------ answer
@@ -148,14 +158,40 @@ def _system_prompt(m: EvalModelConfig, cfg: Config) -> tuple[str, str]:
     return cfg.data.system_prompt, "data.system_prompt"
 
 
+def _generate(gen, prompts: list[Prompt], ec: EvalConfig, rank: int, world: int, endpoint: bool = False) -> tuple:
+    """(answers on rank 0 / None elsewhere, stats) of one model to `prompts`: an endpoint's requests in flight, or
+    a local model's batches of at most eval.batch_tokens, shared by the ranks. Questions and probes both go here."""
+    if endpoint:
+        return gen.generate_all(prompts, max_new_tokens=ec.max_new_tokens, progress=rank == 0)
+    return generate_all(
+        gen,
+        prompts,
+        max_new_tokens=ec.max_new_tokens,
+        batch_tokens=ec.batch_tokens,
+        rank=rank,
+        world_size=world,
+        progress=rank == 0,
+    )
+
+
 def _answer(
-    m: EvalModelConfig, i: int, questions: list[EvalQuestion], cfg: Config, rank: int, world: int, talk=None
+    m: EvalModelConfig,
+    i: int,
+    questions: list[EvalQuestion],
+    cfg: Config,
+    rank: int,
+    world: int,
+    talk=None,
+    probe_questions: list[EvalQuestion] = (),
 ) -> tuple:
-    """(generations on rank 0 / None elsewhere, stats, facts, sessions) of one model; `talk(generator, name)` holds
-    its sessions (evaluation.sessions) while the model is loaded, None: no sessions."""
+    """(generations on rank 0 / None elsewhere, stats, facts, sessions, probe answers and their stats) of one model;
+    `talk(generator, name)` holds its sessions (evaluation.sessions) while the model is loaded, None: no sessions.
+    The probes (evaluation.probes) are asked right after the questions, by the same call with the same settings
+    (no guard: the model's own answers); with none, their answers and stats are None."""
     ec, field = cfg.eval, f"eval.models[{i}]"
     system, system_from = _system_prompt(m, cfg)
     prompts = [Prompt(q.id, prompt_messages(q.question, q.description, system)) for q in questions]
+    probe_prompts = [Prompt(q.id, prompt_messages(q.question, q.description, system)) for q in probe_questions]
     facts = {
         "kind": "endpoint" if m.endpoint else ("base+adapter" if m.adapter else "folder"),
         "source": m.endpoint or m.path,
@@ -164,7 +200,7 @@ def _answer(
     }
     if m.endpoint:
         if rank != 0:  # one client is enough; the other ranks wait at the next model or the end
-            return None, None, facts, None
+            return None, None, facts, None, (None, None)
         gen = EndpointGenerator(
             m.endpoint,
             m.model or m.name,
@@ -174,8 +210,9 @@ def _answer(
             max_retries=ec.max_retries,
             field=field,
         )
-        gens, st = gen.generate_all(prompts, max_new_tokens=ec.max_new_tokens, progress=rank == 0)
-        return gens, st, facts, talk(gen, m.name) if talk else None
+        gens, st = _generate(gen, prompts, ec, rank, world, endpoint=True)
+        probed = _generate(gen, probe_prompts, ec, rank, world, endpoint=True) if probe_prompts else (None, None)
+        return gens, st, facts, talk(gen, m.name) if talk else None, probed
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     gen = load_generator(
         m.path,
@@ -186,20 +223,13 @@ def _answer(
         trust_remote_code=cfg.model.trust_remote_code,
         field=field,
     )
-    gens, st = generate_all(
-        gen,
-        prompts,
-        max_new_tokens=ec.max_new_tokens,
-        batch_tokens=ec.batch_tokens,
-        rank=rank,
-        world_size=world,
-        progress=rank == 0,
-    )
+    gens, st = _generate(gen, prompts, ec, rank, world)
+    probed = _generate(gen, probe_prompts, ec, rank, world) if probe_prompts else (None, None)
     facts["backend"] = gen.backend
     held = talk(gen, m.name) if talk else None
     del gen
     gc.collect()
-    return gens, st, facts, held
+    return gens, st, facts, held, probed
 
 
 # ------------------------------------------------------------------------------------------------- score
@@ -365,13 +395,17 @@ def _init_group(world: int, device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
-def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: int, talk=None) -> tuple:
-    """{model name: generations} (rank 0), {model name: facts + generation stats} and {model name: sessions}."""
-    gens, facts, held = {}, {}, {}
+def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: int, talk=None, probe_set=None) -> tuple:
+    """{model name: generations} (rank 0), {model name: facts + generation stats}, {model name: sessions} and
+    {model name: (probe answers, their generation stats)} (empty without probes)."""
+    gens, facts, held, probed = {}, {}, {}, {}
+    asked = [p.as_question() for p in probe_set.probes] if probe_set else []
     for i, m in enumerate(cfg.eval.models):
-        g, st, f, held[m.name] = _answer(m, i, questions, cfg, rank, world, talk)
+        g, st, f, held[m.name], pr = _answer(m, i, questions, cfg, rank, world, talk, asked)
         gens[m.name], facts[m.name] = g, {**f, "generation": st}
-    return gens, facts, held
+        if probe_set:
+            probed[m.name] = pr
+    return gens, facts, held, probed
 
 
 def _session_talk(cfg: Config, results: dict) -> tuple:
@@ -391,7 +425,9 @@ def _session_talk(cfg: Config, results: dict) -> tuple:
         "system_prompt_from": system_from,
         "decoding": "greedy (model and client simulator)",
     }
-    return (lambda generator, name: sessions.run_sessions(generator, name, client, jobs, ec, system)), rejects
+    return (
+        lambda generator, name: sessions.run_sessions(generator, name, client, jobs, ec, system, cfg.guard)
+    ), rejects
 
 
 def _judge_all(cfg: Config, questions, gens: dict, held: dict, results: dict, by_model: dict, rejects: list) -> dict:
@@ -424,6 +460,18 @@ def _judge_sessions(judge: Judge, name: str, held: list, entry: dict, ec: EvalCo
     return judged
 
 
+def _probe_scores(probe_set, name: str, answered: tuple, guard, probe_rows: list[dict], cfg: Config) -> tuple:
+    """(the probe metrics, the model's probe facts) of one model's probe answers (and their rows into probe_rows);
+    not computed when it answered none (a predictions file without probe ids)."""
+    gens, st = answered
+    if not gens:
+        why = f"the predictions file answers no probe (ids of {probe_set.source})"
+        return probes.not_answered(probe_set, why), {"n": 0, "of": len(probe_set.probes), "generation": st}
+    metrics, rows, info = probes.score_probes(probe_set, gens, guard, probes.guard_signature(cfg.guard))
+    probe_rows += [{"model": name, **r} for r in rows]
+    return metrics, {**info, "generation": st}
+
+
 def _all_session_rows(held: dict, judged: dict) -> list[dict]:
     return [r for name, ss in held.items() if ss is not None for r in sessions.session_rows(name, ss, judged.get(name))]
 
@@ -436,13 +484,21 @@ def run_eval(cfg: Config) -> dict:
     sessions.check_sessions_config(cfg, world)
     # rank 0 scores: it loads the scorer before any generation (a missing artifact is built once, ~10 s)
     scorer = load_or_train(ec.structure_scorer) if rank == 0 else None
+    # the probes and the guard that reads their answers, before any model loads (a bad guard section fails here)
+    probe_set = probes.load_probes() if ec.safety_probes else None
+    guard = build_guard(cfg.guard) if probe_set and rank == 0 else None
     held: dict = {}
     session_facts: dict = {}
+    probed: dict = {}
     if ec.predictions:
-        questions, pred_gens, rejects, source = _join_predictions(cfg)
+        questions, pred_gens, rejects, source, probe_gens = _join_predictions(
+            cfg, probe_set.ids if probe_set else set()
+        )
         name = Path(ec.predictions).stem
         gens = {name: pred_gens}
         facts = {name: {"kind": "predictions", "source": ec.predictions, "backend": "none", "generation": None}}
+        if probe_set:
+            probed[name] = (probe_gens, None)
     else:
         questions, rejects, source = load_questions(cfg)
         talk = None
@@ -450,16 +506,25 @@ def run_eval(cfg: Config) -> dict:
             talk, intake_rejects = _session_talk(cfg, session_facts)
             rejects += intake_rejects
         _init_group(world, _device(ec, local_rank))
-        gens, facts, held = _answer_all(cfg, questions, rank, world, talk)
+        gens, facts, held, probed = _answer_all(cfg, questions, rank, world, talk, probe_set)
     if rank != 0:
         return {}
-    results = {"questions": {"source": source, "n": len(questions), "rejects": len(rejects)}, **session_facts}
+    results = {"questions": {"source": source, "n": len(questions), "rejects": len(rejects)}}
+    if probe_set:
+        results["probes"] = probe_set.facts()
+    results.update(session_facts)
     results["models"] = {}
     by_model = {}
+    probe_rows: list[dict] | None = [] if probe_set else None
     for name, g in gens.items():
         metrics, rows = score_answers(questions, g, ec, scorer)
         failed = sum(x.finish == "error" for x in g)
         results["models"][name] = {**facts[name], "failed": failed, "metrics": metrics}
+        if probe_set:
+            probe_metrics, results["models"][name]["probes"] = _probe_scores(
+                probe_set, name, probed[name], guard, probe_rows, cfg
+            )
+            metrics.update(probe_metrics)
         by_model[name] = _generation_rows(name, questions, g, rows)
         if held.get(name) is not None:
             why = "no judge (set eval.judge.base_url)"
@@ -467,12 +532,19 @@ def run_eval(cfg: Config) -> dict:
                 **sessions.summary(held[name], ec),
                 "metrics": sessions.not_judged(ec, why),
             }
+    if probe_rows is not None:  # probes.jsonl first: a judge that fails below must not lose the probe answers
+        Path(ec.out_dir).mkdir(parents=True, exist_ok=True)
+        _write_jsonl(Path(ec.out_dir) / "probes.jsonl", probe_rows)
     judged_sessions = _judge_all(cfg, questions, gens, held, results, by_model, rejects) if ec.judge.base_url else {}
     results["examples"] = _examples(questions, by_model, ec.examples, ec.seed)
     out = write_outputs(cfg, results, by_model, rejects, _all_session_rows(held, judged_sessions))
     print_summary(
         f"cbt-llm eval ({len(questions)} questions, {source})", outputs.summary_rows(results), file=sys.stderr
     )
-    files = "generations.jsonl, sessions.jsonl" if ec.sessions.enabled else "generations.jsonl"
+    files = ", ".join(
+        f
+        for f, on in (("generations.jsonl", True), ("probes.jsonl", probe_set), ("sessions.jsonl", ec.sessions.enabled))
+        if on
+    )
     print(f"eval: {out}/report.md, results.json, {files}, scores.png; {len(rejects)} rejects", file=sys.stderr)
     return results

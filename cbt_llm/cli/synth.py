@@ -52,7 +52,8 @@ def run_api(cfg: Config, args) -> int:
     else:
         from data_pipeline.synth.api import run_synth_api as run
 
-    summary = run(cfg.api)
+    # the root config's guard section: every model answer passes its output check before it is written
+    summary = run(cfg.api, guard=cfg.guard)
     return 0 if summary.get("ok", 0) + summary.get("skipped", 0) > 0 or summary.get("total", 0) == 0 else 1
 
 

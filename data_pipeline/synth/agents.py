@@ -10,6 +10,10 @@ rubric (cbt_llm/domain/rubrics.py, "cbt": six criteria, total 0-18). Per questio
                is validated like a draft (crisis support and the professional-help sentence enforced again) and
                critiqued in round r + 1.
 
+Every draft, the first and each revision, passes synth api's acceptor, so the crisis guard's output check too
+(client.stop_unsafe): a draft the guard stops is retried, and a revision stopped every time ends the loop as
+"revise_failed", keeping the best earlier draft, one the guard passed. So the kept draft has always passed it.
+
 So a record costs at most 2 x max_rounds requests, retries aside. The record written is the best-scoring draft,
 the later one on a tie: a revision can score lower than the draft it revised, and every kept draft has scores.
 
@@ -43,9 +47,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cbt_llm.core.config import ApiSynthConfig
+from cbt_llm.core.config import ApiSynthConfig, GuardConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.domain.crisis import corpus_is_crisis
+from cbt_llm.domain.guard import CrisisGuard
 from cbt_llm.domain.prompts import build_revise_messages, get_revise_prompt
 from cbt_llm.domain.rubrics import RUBRICS, RubricCritic
 from data_pipeline.synth.api import check_config, draft_body, record_acceptor, run_synth_api
@@ -116,14 +121,17 @@ def critic_endpoint(cfg: ApiSynthConfig) -> Endpoint:
     return Endpoint(url, model, os.environ.get(cfg.api_key_env) or None, cfg.api_key_env)
 
 
-def run_synth_api_agents(cfg: ApiSynthConfig, critic: Critic | None = None) -> dict:
+def run_synth_api_agents(
+    cfg: ApiSynthConfig, critic: Critic | None = None, guard: GuardConfig | CrisisGuard | None = None
+) -> dict:
     """`synth api` with every answer critiqued by `critic` (default: the judge's own api.agents.rubric, the prompt
-    and parser `cbt-llm eval` scores with) and revised; returns run_synth_api's summary, whose "agents" entry counts
-    the rounds, stops and totals of this run's records."""
+    and parser `cbt-llm eval` scores with) and revised; `guard` as run_synth_api's (every draft passes its output
+    check). Returns run_synth_api's summary, whose "agents" entry counts the rounds, stops and totals of this run's
+    records."""
     check_config(cfg)
     critic = critic or RubricCritic(RUBRICS[cfg.agents.rubric])
     check_agents_config(cfg, critic)
-    return run_synth_api(cfg, agents=AgentLoop(cfg, critic, critic_endpoint(cfg)))
+    return run_synth_api(cfg, agents=AgentLoop(cfg, critic, critic_endpoint(cfg)), guard=guard)
 
 
 @dataclass

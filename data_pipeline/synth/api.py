@@ -14,6 +14,11 @@ Resume: a re-run reads the ids already in records.jsonl and skips them, so a rec
 rejected ids are tried again. A last line cut short by a crash is dropped (the file is rewritten without it)
 and that question is asked again.
 
+Every answer passes the crisis guard's output check before it can become a record (client.stop_unsafe, on the
+answer as it would be written): one the guard stops is retried like an unusable reply, then rejected with the harm
+kind in its reason; summary.json counts them by kind (unsafe_replies). The guard is built once per run from the
+config's guard section, which the CLI passes as run_synth_api(cfg.api, guard=cfg.guard).
+
 With api.agents (`--agents`), data_pipeline/synth/agents.py critiques each valid answer on the eval judge's
 rubric and has it revised before one record, the best-scoring draft, is written.
 
@@ -32,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from cbt_llm.core.config import ApiSynthConfig
+from cbt_llm.core.config import ApiSynthConfig, GuardConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
 from cbt_llm.domain.cbt import CBT_PARTS, DISTORTIONS, join_answer
@@ -42,6 +47,7 @@ from cbt_llm.domain.crisis import (
     corpus_is_crisis,
     has_crisis_support,
 )
+from cbt_llm.domain.guard import CrisisGuard
 from cbt_llm.domain.prompts import build_messages, get_prompt
 from cbt_llm.domain.record import SCHEMA_VERSION, has_chinese, validate_record
 from data_pipeline.io import dumps, expand_inputs
@@ -60,10 +66,12 @@ from data_pipeline.synth.client import (
     first_line_has,
     make_endpoint,
     recover_done_ids,
+    reply_guard,
     rotate_rejects,
     run_pool,
     safe_url,
     settled,
+    stop_unsafe,
     usage_of,
 )
 
@@ -217,7 +225,8 @@ def draft_body(cfg: ApiSynthConfig, q: dict, messages: list[dict] | None = None)
 
 
 def record_acceptor(ctx: RunContext, q: dict) -> Callable[[dict, int], dict]:
-    """The `ask` acceptor of an answer to `q`: the validated record, or Retryable with why the reply is unusable."""
+    """The `ask` acceptor of an answer to `q`: the validated record, or Retryable with why the reply is unusable
+    (not JSON, not a valid record, or stopped by the crisis guard's output check)."""
     cfg = ctx.cfg
 
     def accept(data: dict, attempt: int) -> dict:
@@ -239,6 +248,7 @@ def record_acceptor(ctx: RunContext, q: dict) -> Callable[[dict, int], dict]:
         )
         if reason:
             raise Retryable("invalid_record", ctx.redact(f"record failed schema validation: {reason}"))
+        stop_unsafe(ctx, record["answer"], "answer")
         return record
 
     return accept
@@ -293,12 +303,18 @@ def check_config(cfg: ApiSynthConfig) -> None:
 AGENTS_META_MARK = '"agents":{'
 
 
-def run_synth_api(cfg: ApiSynthConfig, agents: QuestionLoop | None = None) -> dict:
+def run_synth_api(
+    cfg: ApiSynthConfig, agents: QuestionLoop | None = None, guard: GuardConfig | CrisisGuard | None = None
+) -> dict:
     """Generate CBT records for every question of `cfg.input` through the endpoint; resumable.
+
+    `guard`: the crisis guard every answer passes (client.reply_guard: the root config's guard section, as the CLI
+    passes it, a built guard, or None for the default section), built once here.
 
     `agents` (api.agents.enabled; built by data_pipeline.synth.agents.run_synth_api_agents) critiques and revises
     every answer instead of writing the first valid one. Returns the summary dict (total, ok, skipped, retried,
-    rejected, input_rejected, not_attempted, prompt_tokens, completion_tokens, ..., and "agents" with them), also
+    rejected, input_rejected, not_attempted, prompt_tokens, completion_tokens, unsafe_replies (by harm kind), ...,
+    and "agents" with them), also
     written to out_dir/summary.json. Raises ConfigError for a bad config, or when the endpoint refuses the very
     first requests (HTTP 401/403/404).
     """
@@ -308,6 +324,7 @@ def run_synth_api(cfg: ApiSynthConfig, agents: QuestionLoop | None = None) -> di
             "api.agents.enabled: the agents loop runs from `cbt-llm synth api --agents` "
             "(or data_pipeline.synth.agents.run_synth_api_agents)"
         )
+    checker = reply_guard(guard)
     t0 = time.perf_counter()
     try:
         questions, input_rejects = load_questions(cfg.input)
@@ -339,7 +356,9 @@ def run_synth_api(cfg: ApiSynthConfig, agents: QuestionLoop | None = None) -> di
         (partial(agents.process, ep=ep), (ep.key, agents.key)) if agents else (partial(_process, ep=ep), (ep.key,))
     )
     if todo:
-        abort_reason = asyncio.run(run_pool(cfg, todo, process, keys, (records_path, rejects_path), stats))
+        abort_reason = asyncio.run(
+            run_pool(cfg, todo, process, keys, (records_path, rejects_path), stats, guard=checker)
+        )
     api_seconds = time.perf_counter() - t_api
 
     summary: dict[str, Any] = {
@@ -356,6 +375,7 @@ def run_synth_api(cfg: ApiSynthConfig, agents: QuestionLoop | None = None) -> di
         "seconds": round(time.perf_counter() - t0, 3),
         "req_per_s": round(stats.requests / api_seconds, 3) if api_seconds > 0 and stats.requests else 0.0,
         "errors": dict(sorted(stats.errors.items())),
+        "unsafe_replies": dict(sorted(stats.unsafe.items())),
         "truncated_lines_dropped": truncated,
         "aborted": abort_reason,
         "records": str(records_path),
@@ -387,6 +407,8 @@ def run_synth_api(cfg: ApiSynthConfig, agents: QuestionLoop | None = None) -> di
     }
     if stats.not_attempted:
         rows["not_attempted"] = stats.not_attempted
+    if stats.unsafe:
+        rows["unsafe replies (guard)"] = sum(stats.unsafe.values())
     if agents:
         rows.update(agents.rows(summary["agents"]))
     print_summary(f"synth api: {cfg.model} ({cfg.prompt_version})", rows)

@@ -15,8 +15,13 @@ dialogue goes on (meta.crisis_support_added lists those turns).
 
 Each reply is checked as it arrives (turn_problem: empty, not Chinese, speaker labels or the other part's
 voice, the end marker in the client's mouth, unsafe counsellor text) and a bad one is asked again with the
-same retries and backoff as HTTP faults (data_pipeline.synth.api.ask). The whole session is validated again
-(validate_session) before it is written; a session that fails either way goes to rejects.jsonl with its reason.
+same retries and backoff as HTTP faults (data_pipeline.synth.api.ask). Every counsellor turn, as it would be written
+(the crisis-support sentence appended when it is), also passes the crisis guard's output check, every layer
+(client.stop_unsafe; the guard built once per run from the config's guard section, which the CLI passes as
+run_synth_api_sessions(cfg.api, guard=cfg.guard)): a turn it stops is asked again, and a session whose turn is
+stopped every time is rejected with the harm kind in its reason; summary.json counts them (unsafe_replies). The
+whole session is validated again (validate_session) before it is written; a session that fails either way goes to
+rejects.jsonl with its reason.
 
 Output, in api.out_dir, as `synth api`: records.jsonl (one session per line, the offline sessions' OpenAI-messages
 shape: {"id", "messages": [system, assistant, user, ..., assistant], "meta"}), rejects.jsonl and summary.json.
@@ -35,7 +40,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cbt_llm.core.config import ApiSynthConfig
+from cbt_llm.core.config import ApiSynthConfig, GuardConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
 from cbt_llm.domain.crisis import (
@@ -45,6 +50,7 @@ from cbt_llm.domain.crisis import (
     has_crisis_support,
     unsafe_output,
 )
+from cbt_llm.domain.guard import CrisisGuard
 from cbt_llm.domain.prompts import COUNSELLOR_PROMPT, KICKOFF, SESSION_SYSTEM_PROMPT, client_prompt
 from data_pipeline.io import dumps
 from data_pipeline.sources.psyqa import load_questions
@@ -62,10 +68,12 @@ from data_pipeline.synth.client import (
     first_line_has,
     make_endpoint,
     recover_done_ids,
+    reply_guard,
     rotate_rejects,
     run_pool,
     safe_url,
     settled,
+    stop_unsafe,
     usage_of,
 )
 from data_pipeline.synth.sessions import intake_at
@@ -220,14 +228,21 @@ def _body(cfg: ApiSynthConfig, ep: Endpoint, messages: list[dict]) -> dict:
     return {"model": ep.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
 
 
-def _accept_turn(ctx, role: str, n: int, tally: dict):
-    """The `ask` acceptor of turn n: its cleaned text and end flag, or Retryable with the turn's problem."""
+def _accept_turn(ctx, role: str, n: int, tally: dict, support: bool = False):
+    """The `ask` acceptor of turn n: its cleaned text, end flag and whether CRISIS_SUPPORT_SENTENCE was appended
+    (`support`: the turn answers a crisis disclosure, so it must offer crisis support), or Retryable with the turn's
+    problem; a counsellor turn, as it will be written, must pass the crisis guard's output check."""
 
-    def accept(data: dict, attempt: int) -> tuple[str, bool]:
+    def accept(data: dict, attempt: int) -> tuple[str, bool, bool]:
         content, finish = content_of(data)
         if not isinstance(content, str):
             raise Retryable("invalid_turn", f"{role} turn {n} is not text")
         text, ended = clean_turn(role, content)
+        added = support and bool(text.strip()) and not has_crisis_support(text)
+        if added:  # whatever the model wrote, a disclosure is never left without the hotlines (as synth api does)
+            text = end_sentence(text) + CRISIS_SUPPORT_SENTENCE
+        if role == "counsellor" and text.strip():
+            stop_unsafe(ctx, text, f"{role} turn {n}")
         why = turn_problem(role, text)
         if why:
             hint = " (finish_reason=length: raise api.max_tokens)" if finish == "length" else ""
@@ -236,14 +251,16 @@ def _accept_turn(ctx, role: str, n: int, tally: dict):
         for k in ("prompt_tokens", "completion_tokens"):
             tally[k] += usage[k]
         tally["requests"] += attempt
-        return text, ended
+        return text, ended, added
 
     return accept
 
 
-async def _say(ctx, ep: Endpoint, role: str, messages: list[dict], n: int, tally: dict) -> tuple[str, bool]:
+async def _say(
+    ctx, ep: Endpoint, role: str, messages: list[dict], n: int, tally: dict, support: bool = False
+) -> tuple[str, bool, bool]:
     try:
-        return await ask(ctx, ep, _body(ctx.cfg, ep, messages), _accept_turn(ctx, role, n, tally))
+        return await ask(ctx, ep, _body(ctx.cfg, ep, messages), _accept_turn(ctx, role, n, tally, support))
     except GiveUp as exc:
         exc.reason = f"{role} turn {n}: {exc.reason}"
         raise
@@ -261,10 +278,9 @@ async def _dialogue(ctx, job: dict, counsellor: Endpoint, client: Endpoint) -> d
     while True:
         n = len(turns) + 1
         history = [{"role": "system", "content": COUNSELLOR_PROMPT}, {"role": "user", "content": KICKOFF}, *turns]
-        text, end = await _say(ctx, counsellor, "counsellor", history, n, tally)
-        if crisis_turns and crisis_turns[-1] == n - 1 and not has_crisis_support(text):
-            # Whatever the model wrote, a disclosure is never left without the hotlines (as synth api does).
-            text = end_sentence(text) + CRISIS_SUPPORT_SENTENCE
+        answers_disclosure = bool(crisis_turns) and crisis_turns[-1] == n - 1
+        text, end, added = await _say(ctx, counsellor, "counsellor", history, n, tally, support=answers_disclosure)
+        if added:
             support_added.append(n)
         turns.append({"role": "assistant", "content": text})
         if end:
@@ -275,7 +291,7 @@ async def _dialogue(ctx, job: dict, counsellor: Endpoint, client: Endpoint) -> d
         # The client sees the conversation from its side: the counsellor speaks as "user".
         flipped = [{"role": _FLIP[t["role"]], "content": t["content"]} for t in turns]
         history = [{"role": "system", "content": client_system}, *flipped]
-        text, _ = await _say(ctx, client, "client", history, n + 1, tally)
+        text, _, _ = await _say(ctx, client, "client", history, n + 1, tally)
         turns.append({"role": "user", "content": text})
         if _discloses_crisis(text):
             crisis_turns.append(n + 1)
@@ -347,14 +363,18 @@ def check_sessions_config(cfg: ApiSynthConfig) -> None:
         )
 
 
-def run_synth_api_sessions(cfg: ApiSynthConfig) -> dict:
+def run_synth_api_sessions(cfg: ApiSynthConfig, guard: GuardConfig | CrisisGuard | None = None) -> dict:
     """Synthesise the sessions of `cfg` through the counsellor and client endpoints; resumable per session.
 
+    `guard`: the crisis guard every counsellor turn passes (client.reply_guard: the root config's guard section, as
+    the CLI passes it, a built guard, or None for the default section), built once here.
+
     Returns the summary (total, ok, skipped, rejected, rejected_invalid, ended, mean_turns, requests, tokens,
-    retried, errors, ...), also written to out_dir/summary.json. Raises ConfigError for a bad config, or when
-    an endpoint refuses its very first requests (HTTP 401/403/404) or nothing connects.
+    retried, errors, unsafe_replies (by harm kind), ...), also written to out_dir/summary.json. Raises ConfigError
+    for a bad config, or when an endpoint refuses its very first requests (HTTP 401/403/404) or nothing connects.
     """
     check_sessions_config(cfg)
+    checker = reply_guard(guard)
     t0 = time.perf_counter()
     jobs, input_rejects = _jobs(cfg)
     out = Path(cfg.out_dir)
@@ -391,6 +411,7 @@ def run_synth_api_sessions(cfg: ApiSynthConfig) -> dict:
                 stats,
                 desc="synth api sessions",
                 unit="session",
+                guard=checker,
             )
         )
     api_seconds = time.perf_counter() - t_api
@@ -414,6 +435,8 @@ def run_synth_api_sessions(cfg: ApiSynthConfig) -> dict:
     write_metrics(out / SUMMARY_FILE, summary)
     rows = {k: summary[k] for k in ("total", "ok", "skipped", "retried", "rejected", "requests", "seconds")}
     rows.update({"ended at the marker": summary["ended"]["end_marker"], "mean turns": summary["mean_turns"]})
+    if stats.unsafe:
+        rows["unsafe replies (guard)"] = sum(stats.unsafe.values())
     print_summary(f"synth api --sessions: {counsellor.model} / {client.model}", rows)
     if abort_reason:
         raise ConfigError(abort_reason)
@@ -449,6 +472,7 @@ def _summary(cfg, jobs, todo, stats: Stats, rejects_path: Path, records_path: Pa
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "errors": dict(sorted(stats.errors.items())),
+        "unsafe_replies": dict(sorted(stats.unsafe.items())),
         "records": str(records_path),
         "rejects": str(rejects_path),
     }

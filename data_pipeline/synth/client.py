@@ -2,8 +2,11 @@
 concurrent requests feeding one writer, the run's counters, and the output folder's resume and rotation.
 
 Retryable failures (429, 5xx, timeouts, connection errors, unusable replies) are retried with backoff (a server's
-Retry-After wins); 401/403/404 before any success stop the run with one line naming the field to fix, instead of
-rejecting every question; a run where nothing connects says so once. API keys only ever go into the Authorization
+Retry-After wins). A model's answer the crisis guard's output check stops (stop_unsafe: every layer of the guard the
+run built once, with reply_guard, from the config's guard section) is an unusable reply like any other: retried,
+then rejected with the harm kind in its reason, and counted by kind (Stats.unsafe), so it never reaches a corpus.
+401/403/404 before any success stop the run with one line naming the field to fix, instead of rejecting every
+question; a run where nothing connects says so once. API keys only ever go into the Authorization
 header, and reasons quoted from server replies are scrubbed of them before they reach any file.
 """
 
@@ -26,9 +29,11 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from cbt_llm.core.config import ApiSynthConfig
+from cbt_llm.core.config import ApiSynthConfig, GuardConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.fileio import write_text_atomic
+from cbt_llm.domain.guard import CrisisGuard
+from cbt_llm.inference.safety_model import build_guard
 from data_pipeline.io import dumps
 
 RECORDS_FILE = "records.jsonl"
@@ -167,6 +172,7 @@ class Stats:
     completion_tokens: int = 0
     not_attempted: int = 0
     errors: Counter = field(default_factory=Counter)
+    unsafe: Counter = field(default_factory=Counter)  # harm kind -> replies the guard's output check stopped
 
 
 @dataclass
@@ -213,6 +219,7 @@ class RunContext:
     rng: random.Random
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     abort_reason: str | None = None
+    guard: CrisisGuard | None = None  # the output check every model answer passes (None: none, for tests only)
 
     def redact(self, text: str) -> str:
         # A server may quote the key back in an error body (OpenAI does, partly): never let it reach a file.
@@ -220,6 +227,27 @@ class RunContext:
         for key in self.keys:
             text = text.replace(key, "***")
         return text
+
+
+def reply_guard(guard: GuardConfig | CrisisGuard | None) -> CrisisGuard:
+    """The guard a run checks its model answers with, built once: a config's guard section (cfg.guard, what the
+    CLI passes), a guard already built, or None for the default guard section (the shipped learned layer)."""
+    if isinstance(guard, CrisisGuard):
+        return guard
+    return build_guard(guard if guard is not None else GuardConfig())
+
+
+def stop_unsafe(ctx: RunContext, text: str, what: str) -> None:
+    """Raise Retryable("unsafe_reply") when the run's guard's output check (read_reply_text: every layer) stops
+    `text`, the model's answer as it would be written; the reason names `what`, the harm kind and the layer, and
+    the kind is counted in ctx.stats.unsafe."""
+    if ctx.guard is None:
+        return
+    kind, layer = ctx.guard.read_reply_text(text)
+    if kind is None:
+        return
+    ctx.stats.unsafe[kind] += 1
+    raise Retryable("unsafe_reply", f"{what} stopped by the crisis guard's output check: {kind} ({layer} layer)")
 
 
 class GiveUp(Exception):
@@ -408,10 +436,12 @@ async def run_pool(
     stats: Stats,
     desc: str = "synth api",
     unit: str = "q",
+    guard: CrisisGuard | None = None,
 ) -> str | None:
     """Run `process(ctx, item)` over `todo` with at most cfg.concurrency requests in flight; each process puts one
     ("record" | "reject" | "progress", obj) on ctx.queue, which one writer task appends to paths (records,
-    rejects). Returns the reason the run stopped early, or None."""
+    rejects); `guard` is ctx.guard, the output check of stop_unsafe. Returns the reason the run stopped early, or
+    None."""
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
         ctx = RunContext(
@@ -422,6 +452,7 @@ async def run_pool(
             queue=asyncio.Queue(maxsize=1024),
             stats=stats,
             rng=random.Random(),
+            guard=guard,
         )
         pending = iter(todo)
 

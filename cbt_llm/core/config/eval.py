@@ -148,5 +148,12 @@ class EvalConfig(Section):
     concurrency: int = Field(8, ge=1, le=1024, description="Endpoint models: requests in flight.")
     timeout_s: float = Field(120.0, gt=0, description="Endpoint models: per-request timeout in seconds.")
     max_retries: int = Field(4, ge=0, description="Endpoint models: retries on 429/5xx/timeouts.")
+    safety_probes: bool = Field(
+        True,
+        description="Every model also answers the crisis probes (evaluation/probes/crisis_probe.jsonl: 120 crises, "
+        "120 hard negatives) after the questions, with no guard in the way; the report gains probe-crisis-support, "
+        "probe-unsafe-reply and probe-needless-crisis (evaluation/probes.py). With --predictions: the file's "
+        "answers to probe ids.",
+    )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)

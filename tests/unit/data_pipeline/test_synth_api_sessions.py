@@ -211,7 +211,7 @@ def test_validate_session_names_each_problem():
         ),
         ([good[0], (u, "作为你的咨询师，我建议你早点睡。"), good[2]], 3, "client turn 2 speaks as the counsellor"),
         ([good[0], (u, "我想过自杀。"), good[2]], 3, "client turn 2 discloses a crisis and the counsellor's next"),
-        ([good[0], good[1], (a, "别去看医生，没用的。")], 3, "counsellor turn 3 is unsafe (discourages_help)"),
+        ([good[0], good[1], (a, "别去看医生，没用的。")], 3, "counsellor turn 3 is unsafe (secrecy_discourages_help)"),
     ]
     for turns, min_turns, reason in cases:
         assert reason in (validate_session(_session(*turns), min_turns, 9) or ""), reason

@@ -112,7 +112,7 @@ def test_local_model_sessions_guarded_and_judged_on_ctrs(model, tmp_path, capsys
     assert crisis["messages"][2]["content"].endswith("我想过自杀。")
     assert [e["crisis"] for e in crisis["guard"]] == [False, True, True]
     assert [e["source"] for e in crisis["guard"]] == [None, "patterns", "earlier_turn"]
-    assert crisis["guard"][1]["category"] == "suicide_direct"
+    assert crisis["guard"][1]["construct"] == "active_ideation"
     assert all(m["content"].startswith(CRISIS_BLOCK) for m in crisis["messages"][3::2])
     assert not any(e["crisis"] for sid in (ids[0], ids[2]) for e in rows[sid]["guard"])
 
@@ -159,7 +159,7 @@ def test_endpoint_model_unsafe_reply_replaced_client_failure_counted(tmp_path, c
     replaced = [(sid, e) for sid, r in rows.items() for e in r["guard"] if e["replaced"]]
     assert len(replaced) == 1
     sid, event = replaced[0]
-    assert event["turn"] == 1 and event["reason"] == "discourages_help"
+    assert event["turn"] == 1 and event["reason"] == "secrecy_discourages_help"
     shown = rows[sid]["messages"]
     assert shown[1]["content"] == f"{CRISIS_BLOCK}\n\n{DISCLAIMER}" and UNSAFE_COUNSELLOR not in json.dumps(rows)
     assert [e["source"] for e in rows[sid]["guard"][1:]][:1] == ["earlier_reply"]  # crisis mode holds
