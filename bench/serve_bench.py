@@ -1,18 +1,24 @@
-"""Load on `cbt-llm serve`: N concurrent clients against one-request-at-a-time, in one run, on a tiny random model.
+"""Load on `cbt-llm serve`: N concurrent clients against one-request-at-a-time, in one run, on a tiny random model
+(or the model you name), and how soon a streamed reply starts against when it ends.
 
     python bench/serve_bench.py                       # 8 clients, 20 s a side, bench/results/serve.json
     python bench/serve_bench.py --clients 4 --seconds 10 --max-tokens 32
+    python bench/serve_bench.py --model runs/demo/export --max-tokens 256 --out bench/results/serve-demo.json
 
-The server runs as a subprocess (`cbt-llm serve --device cpu` on a free loopback port) around a tiny random
-Qwen2 (hidden 32, 2 layers, built by tests/fixtures/tiny.py as the eval tests' tiny_chat_model), so the
+The server runs as a subprocess (`cbt-llm serve --device cpu` on a free loopback port). By default it serves a tiny
+random Qwen2 (hidden 32, 2 layers, built by tests/fixtures/tiny.py as the eval tests' tiny_chat_model), so the
 numbers measure the server's own overhead, its one-generation-at-a-time lock and the guard, not a real model's
-compute. Clients are threads, each with its own official `openai` client, sending streamed requests
-(stream_options.include_usage) of template-corpus questions back to back for the time given: first one client
-alone, then N together.
+compute. --model serves a model folder instead, e.g. `make demo`'s trained export (runs/demo/export: the demo's
+size, hidden 64, 2 layers, 1.1M parameters), whose replies are sentences. Clients are threads, each with its own
+official `openai` client, sending streamed requests (stream_options.include_usage) of template-corpus questions
+back to back for the time given: first one client alone, then N together.
 
 Per side: requests/s, generated (completion) tokens/s from the usage chunk, latency p50/p99 (request sent to
-[DONE]) and time to first token p50/p99 (request sent to the first chunk with content). The server streams a
-reply only once it is whole and guarded (serve/serving.py), so time to first token is close to latency by design.
+[DONE]: the whole reply) and time to first content p50/p99 (request sent to the first chunk with content), and
+first content / whole reply per request (p50). The server streams the model's text as the guard releases it, a
+sentence at a time once the output check has read past it (serve/serving.py), so the first content comes with
+the first sentence (and the hold-back after it), not with the end; a random model's text has no sentence ends, so
+with the default model it comes at the end.
 """
 
 from __future__ import annotations
@@ -84,7 +90,8 @@ def one_request(client, question: str, max_tokens: int) -> dict:
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     latency = time.perf_counter() - t0
-    return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens}
+    ttft = first if first is not None else latency
+    return {"latency": latency, "ttft": ttft, "ttft_share": ttft / latency, "tokens": tokens}
 
 
 def run_side(url: str, clients: int, seconds: float, max_tokens: int, questions: list[str]) -> dict:
@@ -132,6 +139,8 @@ def run_side(url: str, clients: int, seconds: float, max_tokens: int, questions:
         "latency_p99_s": pct("latency", 0.99),
         "ttft_p50_s": pct("ttft", 0.5),
         "ttft_p99_s": pct("ttft", 0.99),
+        "ttft_share_p50": pct("ttft_share", 0.5),  # first content / whole reply, per request
+        "tokens_p50": pct("tokens", 0.5),
     }
 
 
@@ -140,12 +149,13 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--model", type=Path, default=None, help="a model folder to serve (default: the tiny random one)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
     questions = [r["question"][: 8 + (k * 13) % 52] for k, r in enumerate(iter_records(1, 0, 64))]
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(tiny_chat_model(Path(tmp)))
+        proc, url = start_server(args.model or tiny_chat_model(Path(tmp)))
         try:
             run_side(url, 1, 2.0, args.max_tokens, questions)  # warm-up, not reported
             sides = [run_side(url, n, args.seconds, args.max_tokens, questions) for n in (1, args.clients)]
@@ -153,7 +163,8 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=30)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    print(f"machine: {machine}; max_tokens {args.max_tokens}, {args.seconds:g} s a side")
+    model = str(args.model) if args.model else "tiny random Qwen2 (hidden 32, 2 layers)"
+    print(f"machine: {machine}; model {model}; max_tokens {args.max_tokens}, {args.seconds:g} s a side")
     print("| clients | requests | req/s | gen tok/s | latency p50 / p99 (ms) | TTFT p50 / p99 (ms) | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for s in sides:
@@ -163,8 +174,18 @@ def main() -> int:
             f"{ms['latency_p50_s']:.0f} / {ms['latency_p99_s']:.0f} | {ms['ttft_p50_s']:.0f} / {ms['ttft_p99_s']:.0f} "
             f"| {s['errors']} |"
         )
+    print()
+    print("| clients | first content p50 / p99 (ms) | whole reply p50 / p99 (ms) | first / whole p50 | tokens p50 |")
+    print("|---:|---:|---:|---:|---:|")
+    for s in sides:
+        ms = {k: 1000 * s[k] for k in ("latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s")}
+        print(
+            f"| {s['clients']} | {ms['ttft_p50_s']:.0f} / {ms['ttft_p99_s']:.0f} | "
+            f"{ms['latency_p50_s']:.0f} / {ms['latency_p99_s']:.0f} | {s['ttft_share_p50']:.2f} | {s['tokens_p50']} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "max_tokens": args.max_tokens, "sides": sides}, indent=2))
+    report = {"machine": machine, "model": model, "max_tokens": args.max_tokens, "sides": sides}
+    args.out.write_text(json.dumps(report, indent=2))
     return 0
 
 

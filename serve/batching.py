@@ -12,12 +12,17 @@ not depend on each other, so every reply is the text the request gets alone.
 Sampled requests (temperature > 0) run alone, one at a time, between batches: a seed must give the same reply
 whatever else is being served, and torch's random generator is one per process.
 
+Streamed requests (serve/streaming.py) are not batched either: each takes the model alone (`alone()`, the same lock)
+for as long as its tokens come, through the underlying engine's own token stream, greedy or sampled, and counts as
+one generate call. They wait for the model in the same `concurrency` slots of the server as everything else.
+
 `batches` counts the engine's generate calls (batches and lone sampled requests), `requests` the requests they
 answered; /metrics shows both (cbt_serve_batches_total, cbt_serve_batched_requests_total).
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -43,6 +48,14 @@ class BatchingEngine:
             self.batches += 1
             self.requests += n
 
+    @contextlib.contextmanager
+    def alone(self):
+        """The underlying engine, held for one generation of its own between batches (a sampled request, or a
+        streamed one); counted as one generate call when it succeeds."""
+        with self._model:
+            yield self.engine
+        self._count(1)
+
     def generate_one(
         self,
         messages: list[dict],
@@ -53,10 +66,8 @@ class BatchingEngine:
         stop: list[str] | None = None,
     ):
         if temperature > 0:  # sampled: alone, so its seed means the same thing every time
-            with self._model:
-                out = self.engine.generate_one(messages, max_new_tokens, temperature, top_p, seed, stop)
-            self._count(1)
-            return out
+            with self.alone() as engine:
+                return engine.generate_one(messages, max_new_tokens, temperature, top_p, seed, stop)
         done: Future = Future()
         self._queue.put(({"messages": messages, "max_new_tokens": max_new_tokens, "stop": stop}, done))
         return done.result()

@@ -5,22 +5,20 @@ Ctrl-D ends it. The conversation lives in this process only; nothing is written 
 answers a JSONL file of conversations, one per line, through the same guard.
 
 Replies are shown as the model makes them (serve/guarded.py's GuardedStream): the crisis block before any model
-text, then the model's text a little behind the model (the guard's OutputStream holds back the end until the
-output check has seen enough after it), then the disclaimer. model_deltas gives the text in pieces: tokens from
-a local transformers model, SSE chunks from a server, or the whole reply at once from any other engine."""
+text, then the model's text a sentence at a time, a little behind the model (the guard's OutputStream releases a
+sentence once every layer of the output check has read the text up to it), then the disclaimer.
+serve/streaming.py's model_deltas gives the text in pieces, as it does for the server's SSE stream: tokens from a
+local transformers model, SSE chunks from a server, or the whole reply at once from any other engine."""
 
 from __future__ import annotations
 
 import json
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from cbt_llm.domain.crisis import DISCLAIMER
 from cbt_llm.domain.guard import CrisisGuard
-from serve.engine import Engine
 from serve.guarded import GuardedStream, guarded_reply
-from serve.remote import RemoteEngine
+from serve.streaming import model_deltas
 
 PROMPT = "你> "
 BANNER = "cbt-llm chat: 输入消息后回车；/reset 开始新的对话，/exit 或 Ctrl-D 退出。"
@@ -68,89 +66,6 @@ def run_chat(
         write("\n\n")
         # the guarded reply is kept: a crisis block in it keeps the conversation in crisis mode (the guard reads it)
         messages.append({"role": "assistant", "content": stream.reply.text})
-
-
-# -- the model's text in pieces ----------------------------------------------------------------------------------
-
-
-def model_deltas(engine) -> Callable[..., Iterator[str]]:
-    """deltas(messages, **gen) for GuardedStream: what `engine` says, in the pieces it comes in."""
-    if isinstance(engine, RemoteEngine):
-        return lambda messages, **gen: remote_deltas(engine, messages, **gen)
-    if isinstance(engine, Engine):
-        return lambda messages, **gen: local_deltas(engine, messages, **gen)
-    return lambda messages, **gen: iter([engine.generate_one(messages, **gen).text])  # no token stream
-
-
-def remote_deltas(
-    engine: RemoteEngine, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None
-) -> Iterator[str]:
-    """The server's SSE chunks, as RemoteEngine.generate_one reads them, less a guarded server's disclaimer (the
-    local guard adds its own by the same rule): text that could be the start of it waits for what follows."""
-    kw = {"seed": seed} if seed is not None else {}
-    stream = engine.client.chat.completions.create(
-        model=engine.name,
-        messages=messages,
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stream=True,
-        **kw,
-    )
-    held = ""
-    try:
-        for chunk in stream:
-            held += "".join(choice.delta.content or "" for choice in chunk.choices)
-            if cut := _disclaimer_start(held):
-                yield held[:cut]
-                held = held[cut:]
-    finally:
-        getattr(stream, "close", lambda: None)()  # the guard stopped reading: the server stops generating
-    held = held.rstrip()
-    yield held[: -len(DISCLAIMER)] if held.endswith(DISCLAIMER) else held
-
-
-def _disclaimer_start(text: str) -> int:
-    """Where the end of `text` (trailing whitespace aside) may be the start of DISCLAIMER; its length if nowhere."""
-    body = text.rstrip()
-    k = body.find(DISCLAIMER[0], max(0, len(body) - len(DISCLAIMER)))
-    while k != -1 and not DISCLAIMER.startswith(body[k:]):
-        k = body.find(DISCLAIMER[0], k + 1)
-    return len(body) if k == -1 else k
-
-
-def local_deltas(engine: Engine, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None):
-    """A local transformers model's text as its tokens are made: Engine.generate_one's prompt, context check and
-    decoding (greedy or sampled) with a streamer, the model running in a worker thread. Closing the generator
-    stops the model after its next token."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    ids = engine.start(messages, max_new_tokens, seed)
-    streamer = TextIteratorStreamer(engine.gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop, failed = threading.Event(), []
-
-    class Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    def generate() -> None:
-        try:
-            stopping = StoppingCriteriaList([Stop()])
-            engine.run_generate(ids, max_new_tokens, temperature, top_p, streamer=streamer, stopping_criteria=stopping)
-        except Exception as exc:  # raised in the reader's thread below, not lost in this one
-            failed.append(exc)
-            streamer.end()
-
-    worker = threading.Thread(target=generate, name="cbt-chat-generate", daemon=True)
-    worker.start()
-    try:
-        yield from streamer
-    finally:
-        stop.set()
-        worker.join()
-    if failed:
-        raise failed[0]
 
 
 # -- scripted use: one conversation per line --------------------------------------------------------------------

@@ -8,9 +8,10 @@ before and after the model. Steps 1 and 3-4 are cbt_llm.domain.guard.before_mode
     4. wrap_reply(text, verdict, first) crisis block first in a crisis; the disclaimer on the first reply of a
                                         conversation (messages with no earlier assistant turn)
 
-GuardedStream is the same reply shown while the model makes it (`cbt-llm chat`): the crisis block is shown before
-the model starts, the model's text goes through the guard's OutputStream (which holds back the end of it until
-the output check has seen enough text after it), and the disclaimer comes last.
+GuardedStream is the same reply shown while the model makes it (`cbt-llm chat`, and the server's SSE stream): the
+crisis block is shown before the model starts, the model's text goes through the guard's OutputStream (which
+releases it a sentence at a time, each only once every layer of the output check has read the text up to it), and
+the disclaimer comes last. serve/streaming.py gives the model's text in pieces.
 """
 
 from __future__ import annotations
@@ -65,22 +66,26 @@ class _ModelPart:
         return out
 
     def finish(self) -> str:
-        """The end of the model text: a start of the block that never became all of it is shown after all."""
+        """The end of the model text: a start of the block that never became all of it is shown after all (the
+        whole block, all the model text there was, is not)."""
         out = "" if self.started else self.pending.strip()
         self.pending = ""
-        return out
+        return "" if self.drop_block and out == CRISIS_BLOCK else out
 
 
 class GuardedStream:
     """guarded_reply shown as the model makes it. Iterate for the pieces to show, in order; afterwards `reply`
-    holds the GuardedReply (completion None: a stream has no token counts here).
+    holds the GuardedReply (completion None: the token counts are the deltas' own, e.g. serve.streaming.Generation).
 
-    deltas   called as deltas(messages, **gen): the model's text in pieces as it is made; closed early when
-             the output check trips, so a generator can stop its model in a `finally`
+    deltas   called as deltas(messages, **gen): the model's text in pieces as it is made; closed when the stream
+             ends early (the output check tripped, or the reader closed the stream), so a generator can stop its
+             model in a `finally`
 
-    Joined, the pieces are reply.text, except when the output check trips mid-stream: then the text shown so
-    far stays, nothing held back is shown, and the crisis block (then the disclaimer on a first reply) follows;
-    reply.text is then what guarded_reply gives for unsafe text (the block first), so that the conversation
+    start() reads the user turn and asks `deltas` for the model's text (which may raise, e.g. PromptTooLong, before
+    anything is shown); iterating calls it when it was not called. Joined, the pieces are reply.text, except when
+    the output check trips mid-stream: then the text shown so far stays, nothing held back is shown, and the crisis
+    block follows (not again when it was shown first and no model text since), then the disclaimer on a first
+    reply; reply.text is then what guarded_reply gives for unsafe text (the block first), so that the conversation
     stays in crisis mode as it would without streaming."""
 
     def __init__(
@@ -94,35 +99,51 @@ class GuardedStream:
         self.deltas, self.guard, self.messages = deltas, guard, messages
         self.conversation_id, self.gen = conversation_id, gen
         self.reply: GuardedReply | None = None
+        self.verdict: Verdict | None = None
+        self._source: Iterable[str] | None = None
+
+    def start(self) -> Verdict:
+        """The guard's verdict on the user turn, and the model's text asked for (not read yet)."""
+        if self.verdict is None:
+            self.verdict = self.guard.check_user_turn(self.messages, conversation_id=self.conversation_id)
+        if self._source is None:
+            note = self.guard.system_note_for_model(self.verdict)
+            self._source = self.deltas(with_note(self.messages, note), **self.gen)
+        return self.verdict
 
     def __iter__(self) -> Iterator[str]:
-        verdict = self.guard.check_user_turn(self.messages, conversation_id=self.conversation_id)
-        first = not any(m.get("role") == "assistant" for m in self.messages)
-        check = self.guard.output_stream(self.conversation_id)
-        join = _Joiner()
-        if verdict.crisis:
-            yield join("block", CRISIS_BLOCK)
-        yield from self._model_text(verdict, check, join)
-        if check.replaced:
-            yield join("replacement", CRISIS_BLOCK)
-        if first:
-            yield join("disclaimer", DISCLAIMER)
-        text = CRISIS_BLOCK if check.replaced else check.text
-        self.reply = GuardedReply(self.guard.wrap_reply(text, verdict, first), None, verdict, check.replaced)
-
-    def _model_text(self, verdict: Verdict, check, join: _Joiner) -> Iterator[str]:
-        model = _ModelPart(verdict.crisis)
-        source = self.deltas(with_note(self.messages, self.guard.system_note_for_model(verdict)), **self.gen)
+        verdict = self.start()
+        source = self._source
         try:
-            for delta in source:
-                if piece := model.add(check.feed(delta)):
-                    yield join("model", piece)
-                if check.replaced:
-                    return
+            first = not any(m.get("role") == "assistant" for m in self.messages)
+            check = self.guard.output_stream(self.conversation_id)
+            join = _Joiner()
+            if verdict.crisis:
+                yield join("block", CRISIS_BLOCK)
+            yield from self._model_text(verdict, source, check, join)
+            if check.replaced and join.part != "block":  # right after the block it would say the same again
+                yield join("replacement", CRISIS_BLOCK)
+            if first:
+                yield join("disclaimer", DISCLAIMER)
+            text = CRISIS_BLOCK if check.replaced else check.text
+            self.reply = GuardedReply(self.guard.wrap_reply(text, verdict, first), None, verdict, check.replaced)
         finally:
-            getattr(source, "close", lambda: None)()  # stops the model when the check tripped (or the reader left)
+            _close(source)  # stops the model when the reader left early (a no-op once it is done)
+
+    def _model_text(self, verdict: Verdict, source: Iterable[str], check, join: _Joiner) -> Iterator[str]:
+        model = _ModelPart(verdict.crisis)
+        for delta in source:
+            if piece := model.add(check.feed(delta)):
+                yield join("model", piece)
+            if check.replaced:
+                _close(source)  # the model stops now, before the replacement is shown
+                return
         if rest := model.add(check.close()) + model.finish():
             yield join("model", rest)
+
+
+def _close(source) -> None:
+    getattr(source, "close", lambda: None)()
 
 
 class _Joiner:

@@ -11,10 +11,11 @@ class RemoteEngine:
     """An OpenAI-compatible server (`cbt-llm serve`, vLLM, ...) behind engine.generate_one, through the openai
     client, so the local guard (serve/guarded.py) wraps its replies exactly as it wraps a local model's.
 
-    generate_one returns the whole reply (serve --backend proxy, chat --batch); `cbt-llm chat --url` streams it
-    instead through serve/chat.py, text shown only behind the guard's hold-back (cbt_llm.domain.guard.OutputStream). A
-    guarded server's own disclaimer is dropped here, since the local guard adds it by the same rule; a crisis
-    block the server put first is kept, and the local guard does not add a second one."""
+    generate_one returns the whole reply (serve --backend proxy, chat --batch); `cbt-llm chat --url` and a streamed
+    request to `serve --backend proxy` stream it instead through serve/streaming.py, text shown only as the guard's
+    OutputStream (cbt_llm.domain.guard) releases it. A guarded server's own disclaimer is dropped here, since the
+    local guard adds it by the same rule; a crisis block the server put first is kept, and the local guard does
+    not add a second one."""
 
     def __init__(
         self, url: str, model: str | None = None, api_key: str = "unused", timeout: float = 600.0, concurrency: int = 1

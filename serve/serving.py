@@ -5,16 +5,29 @@ Every completion goes through the crisis guard, streaming or not (serve/guarded.
 turn and its note for the model, the output check, the crisis block first and the disclaimer on a conversation's
 first reply).
 
-Streaming does not stream tokens as the model makes them: the whole reply is generated, checked and wrapped first,
-then sent as SSE chunks. A token stream would show model text before the output check could replace it, and the
-crisis block must come before any model text anyway.
+Streaming (`"stream": true`) streams the model's text as it is made, through the guard (serve/guarded.py's
+GuardedStream over serve/streaming.py's token stream, the same path as `cbt-llm chat`): the role first, then the
+crisis block in a crisis (before the model starts), then the model's text a sentence at a time as the guard's
+OutputStream releases it (each sentence only once every layer of the output check has read the text up to it), then
+the disclaimer on a conversation's first reply, the finish reason, the usage chunk when
+stream_options.include_usage asks, and `data: [DONE]`. When the output check trips mid-stream, the text already
+sent stays, nothing held back is sent, the crisis block follows as the replacement, the model is stopped and the
+finish reason is "stop". A prompt too long for the context is a 400 before the stream starts; a generation that fails
+once it has started ends the stream with an error event in OpenAI's shape. Usage of a streamed reply: prompt
+tokens as for a plain one, completion tokens the tokens the model generated (a local model's counted off its
+generated ids by the plain reply's rule; other engines' as they report them).
+
+A stream holds its slot (below) until the model is done; the generation runs in a worker thread, which hands the
+pieces to the response through a queue. A client that hangs up mid-stream stops the model after its next token
+(serve.streaming.Generation.cancel) and frees the slot once it has stopped.
 
 One generation at a time, or `engine.concurrency` at once for an engine that batches them (serve/batching.py)
 or forwards them (serve/remote.py): requests wait on an asyncio semaphore (queue depth is the /metrics gauge
 cbt_llm_queue_depth) and the generation itself runs in a worker thread, so /health and /metrics answer while a
-request is being served. At most `max_queue` requests wait; one more gets a 503 with Retry-After instead of
-growing memory. A request whose client went away while it waited is skipped (counted as status 499), not
-generated.
+request is being served. A streamed request to the batching engine is not batched: it holds the model alone for
+as long as its tokens come (serve/batching.py). At most `max_queue` requests wait; one more gets a 503 with
+Retry-After instead of growing memory. A request whose client went away while it waited is skipped (counted as
+status 499), not generated.
 
 Security and limits: with `api_key` set, /v1/* needs `Authorization: Bearer <key>` (compared in constant time;
 otherwise a 401 in OpenAI's error shape); /health and /metrics stay open (they hold no message text, and health
@@ -32,14 +45,14 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cbt_llm.domain.guard import CrisisGuard
 from serve.engine import PromptTooLong
-from serve.guarded import GuardedReply, guarded_reply
+from serve.guarded import GuardedReply, GuardedStream, guarded_reply
 from serve.metrics import ServeMetrics
 from serve.protocol import (
     SSE_DONE,
@@ -57,9 +70,10 @@ from serve.protocol import (
     Usage,
     parse_chat_request,
 )
+from serve.streaming import Generation, model_deltas
 
-CHUNK_CHARS = 8  # characters per streamed chunk
 RETRY_AFTER_S = 1
+_END = object()  # the last item a stream's worker hands over
 
 
 class ClientGone(Exception):
@@ -117,6 +131,8 @@ class ChatService:
         try:
             self.authorize(request)
             req = await self.read_request(request)
+            if req.stream:
+                return await self._stream(request, req, started)
             async with self._slot(request):
                 answer = await self._generate(req)
         except APIError as exc:
@@ -127,22 +143,13 @@ class ChatService:
             return Response(status_code=499)
         completion = answer.completion
         usage = Usage.of(completion.prompt_tokens, completion.completion_tokens)
-        self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
-        self.metrics.tokens.labels("completion").inc(usage.completion_tokens)
+        self._count_tokens(usage)
         self.metrics.count(200)
         self.metrics.latency.observe(time.perf_counter() - started)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if not req.stream:
-            choice = Choice(message=AssistantMessage(content=answer.text), finish_reason=completion.finish)
-            reply = ChatCompletion(id=rid, created=created, model=self.engine.name, choices=[choice], usage=usage)
-            return JSONResponse(reply.model_dump())
-        return StreamingResponse(
-            sse_chunks(
-                rid, created, self.engine.name, answer.text, completion.finish, usage if req.include_usage else None
-            ),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        choice = Choice(message=AssistantMessage(content=answer.text), finish_reason=completion.finish)
+        reply = ChatCompletion(id=rid, created=created, model=self.engine.name, choices=[choice], usage=usage)
+        return JSONResponse(reply.model_dump())
 
     # -- the steps of a request ----------------------------------------------------------------------------------
 
@@ -173,6 +180,14 @@ class ChatService:
     async def _slot(self, request: Request) -> AsyncIterator[None]:
         """Wait for one of the model's `concurrency` slots and hold it: a 503 APIError when `max_queue` requests
         wait already, ClientGone when the client left while this one waited."""
+        await self._take_slot(request)
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self, request: Request) -> None:
+        """_slot's wait, for a holder that gives the slot back itself (self._slots.release(), once)."""
         if self._waiting >= self.max_queue:
             raise APIError(
                 f"the server is busy ({self._waiting} requests waiting); retry shortly",
@@ -190,9 +205,9 @@ class ChatService:
         try:
             if await request.is_disconnected():  # the client gave up while it waited: nobody to answer
                 raise ClientGone
-            yield
-        finally:
+        except BaseException:
             self._slots.release()
+            raise
 
     async def _generate(self, req: ChatCompletionRequest) -> GuardedReply:
         """The guarded reply, made in a worker thread: a 400 APIError naming `messages` when the prompt does not fit
@@ -212,6 +227,109 @@ class ChatService:
         finally:
             self.metrics.in_flight.dec()
 
+    def _count_tokens(self, usage: Usage) -> None:
+        self.metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(usage.completion_tokens)
+
+    # -- a streamed reply -----------------------------------------------------------------------------------------
+
+    async def _stream(self, request: Request, req: ChatCompletionRequest, started: float) -> StreamingResponse:
+        """The guarded reply as server-sent events while the model makes it. The slot is taken here (a 503, or
+        ClientGone) and the prompt checked (a 400) before the stream starts; from then on a worker thread runs the
+        GuardedStream and hands its pieces over, and gives the slot back once the model is done."""
+        await self._take_slot(request)
+        loop = asyncio.get_running_loop()
+        run = Generation()
+        gen = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stop": req.stop}
+        stream = GuardedStream(
+            model_deltas(self.engine, run),
+            self.guard,
+            req.message_dicts(),
+            req.user,
+            max_new_tokens=req.max_tokens,
+            **gen,
+        )
+        self.metrics.in_flight.inc()
+        try:
+            await loop.run_in_executor(self._workers, stream.start)
+        except BaseException as exc:
+            self.metrics.in_flight.dec()
+            self._slots.release()
+            if isinstance(exc, PromptTooLong):
+                raise APIError(str(exc), "messages") from None
+            if isinstance(exc, Exception):
+                raise APIError(
+                    f"generation failed: {exc.__class__.__name__}", status=500, kind="server_error"
+                ) from None
+            raise
+        self.metrics.count(200)
+        pieces: asyncio.Queue = asyncio.Queue()
+        worker = self._workers.submit(_drive, stream, run, loop, pieces)
+
+        def finished(_) -> None:  # in the loop: the model is done, the slot goes back
+            self.metrics.in_flight.dec()
+            self._slots.release()
+            self._count_tokens(Usage.of(run.prompt_tokens, run.completion_tokens))
+            self.metrics.latency.observe(time.perf_counter() - started)
+
+        worker.add_done_callback(lambda _: _call_soon(loop, finished, None))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        events = self._events(rid, created, stream, run, pieces, req.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _events(
+        self, rid: str, created: int, stream: GuardedStream, run: Generation, pieces: asyncio.Queue, usage: bool
+    ) -> AsyncIterator[str]:
+        """chat.completion.chunk events: the role, each piece as it comes, the finish reason, the usage chunk when
+        asked for, then [DONE]; an error event in OpenAI's shape instead when the generation fails. Leaving early
+        (the client hung up) stops the model."""
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            return ChatCompletionChunk(
+                id=rid, created=created, model=self.engine.name, choices=choices, usage=usage
+            ).sse()
+
+        try:
+            yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
+            while (item := await pieces.get()) is not _END:
+                if isinstance(item, BaseException):
+                    err = APIError(f"generation failed: {item.__class__.__name__}", status=500, kind="server_error")
+                    yield f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
+                    return
+                yield chunk([ChunkChoice(delta=Delta(content=item))])
+            # a reply the guard cut ends with the crisis block: "stop", as its model was stopped (not cut by length)
+            finish = "stop" if stream.reply is not None and stream.reply.replaced else run.finish
+            yield chunk([ChunkChoice(delta=Delta(), finish_reason=finish)])
+            if usage:
+                yield chunk([], Usage.of(run.prompt_tokens, run.completion_tokens))
+            yield SSE_DONE
+        finally:
+            run.cancel()  # a client gone mid-stream: the model stops after its next token (a no-op once it is done)
+
+
+def _drive(stream: GuardedStream, run: Generation, loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue) -> None:
+    """A stream's worker thread: the GuardedStream's pieces into `pieces` (in the loop's thread), then an exception
+    if it failed, then _END; stops early once the reader cancelled `run`."""
+    it = iter(stream)
+    try:
+        for piece in it:
+            if run.cancelled.is_set() or not _call_soon(loop, pieces.put_nowait, piece):
+                break
+    except Exception as exc:
+        _call_soon(loop, pieces.put_nowait, exc)
+    finally:
+        it.close()  # the model stops (when the loop above ended early) and is waited for
+        _call_soon(loop, pieces.put_nowait, _END)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, arg) -> bool:
+    """fn(arg) in the loop's thread; False when the loop is gone (the server stopped)."""
+    try:
+        loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:
+        return False
+    return True
+
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most `limit` bytes: a 413 APIError by Content-Length, or once more was read."""
@@ -230,20 +348,3 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(f"the request body is over {limit} bytes", status=413)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def sse_chunks(rid: str, created: int, model: str, reply: str, finish: str, usage: Usage | None) -> Iterator[str]:
-    """The already guarded reply as chat.completion.chunk events of CHUNK_CHARS characters, then [DONE]: the role
-    first, the text, the finish reason, and with `usage` (stream_options.include_usage) a last chunk with no
-    choices."""
-
-    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage).sse()
-
-    yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
-    for i in range(0, len(reply), CHUNK_CHARS):
-        yield chunk([ChunkChoice(delta=Delta(content=reply[i : i + CHUNK_CHARS]))])
-    yield chunk([ChunkChoice(delta=Delta(), finish_reason=finish)])
-    if usage is not None:
-        yield chunk([], usage)
-    yield SSE_DONE

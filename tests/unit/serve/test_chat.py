@@ -159,7 +159,7 @@ def test_the_client_side_guard_covers_an_unguarded_server():
     from cbt_llm.domain.guard import CrisisGuard
     from serve.guarded import guarded_reply
 
-    guard = CrisisGuard()
+    guard = CrisisGuard(user_model=None, reply_model=None)  # placeholder model text: the patterns' verdicts
     out = _remote("模型说的话").generate_one([{"role": "user", "content": "你好"}])
     assert (out.text, out.prompt_tokens, out.completion_tokens, out.finish) == ("模型说的话", 5, 7, "stop")
     crisis = guarded_reply(_remote("模型说的话"), guard, [{"role": "user", "content": "我想自杀。"}])
@@ -268,7 +268,8 @@ class _PacedHandler(BaseHTTPRequestHandler):
 
 EARLY = "谢谢你愿意说出来。失眠确实会让白天也很难熬，我们可以一起看看是什么让你睡不着，也许和最近的压力有关。"
 LATE = "先试着每天固定时间起床。"
-SAFE = "我明白你现在很难受，很多人在压力大的时候都会睡不好，这很正常，并不说明你有什么问题，我们慢慢来。"
+# two sentences: a stream releases whole sentences, each once enough text follows it to rule out an unsafe match
+SAFE = "我明白你现在很难受。很多人在压力大的时候都会睡不好，这很正常，并不说明你有什么问题，我们慢慢来。"
 HELD = "如果实在睡不着，"  # within the hold-back window when the unsafe text completes: never shown
 UNSAFE = "安眠药吃30片就会死。"
 
@@ -283,7 +284,7 @@ def test_chat_streams_the_reply_and_the_guard_cuts_unsafe_text_mid_stream():
         term.read_until(PROMPT)
         term.send("睡不着怎么办？")
         # the model is paused mid-reply (gate): what shows now was streamed, not printed once complete
-        partial = term.read_until("谢谢你愿意说出来。失眠")
+        partial = term.read_until("谢谢你愿意说出来。")  # the first sentence, released while the model is paused
         assert "助手> 谢谢你愿意说出来" in partial and LATE not in partial and DISCLAIMER not in partial
         gate.set()
         reply = term.read_until(PROMPT).split(PROMPT)[0]
@@ -310,10 +311,10 @@ def _fed(check, text: str, size: int = 1) -> list[str]:
 @pytest.mark.parametrize(
     "unsafe, reason",
     [
-        ("安眠药吃 3 0 片就会死。", "self_harm_method"),  # digits and spaces inside the match
-        ("割腕要竖着割，割深一点才能成功。", "self_harm_method"),
-        ("不要。去看医生，他们只会给你开药。", "discourages_help"),  # punctuation does not cut a match
-        ("心 理 咨 询 都 是 骗 钱 的。", "discourages_help"),
+        ("安眠药吃 3 0 片就会死。", "method_lethality"),  # digits and spaces inside the match
+        ("割腕要竖着割，割深一点才能成功。", "method_lethality"),
+        ("不要。去看医生，他们只会给你开药。", "secrecy_discourages_help"),  # punctuation does not cut a match
+        ("心 理 咨 询 都 是 骗 钱 的。", "secrecy_discourages_help"),
     ],
 )
 def test_the_output_stream_never_releases_a_character_of_unsafe_text(unsafe, reason):
@@ -339,41 +340,49 @@ def test_the_hold_back_is_derived_from_the_output_patterns():
     assert output_hold_back((re.compile(r"不要.*医生"),)) is None  # no bound: nothing shows before the end
     assert letters("割 腕，１２3 ｍｇ\u0301") == 4  # no spaces, punctuation, digits or marks; NFKC: ｍｇ is mg
     check = CrisisGuard().output_stream()
-    pieces = _fed(check, SAFE, 3)
-    assert sum(1 for p in pieces if p) >= 5 and "".join(pieces) + check.close() == SAFE  # several pieces, all of it
+    pieces = _fed(check, SAFE * 3, 3)
+    released = [p for p in pieces if p]
+    # a sentence at a time, before the text ends, and all of it in the end
+    assert len(released) >= 3 and all(p.endswith("。") for p in released)
+    assert "".join(pieces) + check.close() == SAFE * 3
     nothing = OutputStream(CrisisGuard(), hold_back=None)
     assert _fed(nothing, SAFE) == [""] * len(SAFE) and nothing.close() == SAFE
 
 
 def test_a_guarded_stream_shows_what_guarded_reply_shows(model):
     from cbt_llm.domain.guard import CrisisGuard
-    from serve.chat import model_deltas, remote_deltas
     from serve.engine import Engine
     from serve.guarded import GuardedStream, guarded_reply
+    from serve.streaming import model_deltas, remote_deltas
 
     asked = []
+
+    def _patterns_only():  # placeholder and random-model text: the learned layers' verdicts are tested elsewhere
+        return CrisisGuard(user_model=None, reply_model=None)
 
     def deltas(messages, **gen):
         asked.append(messages)
         yield from ("  模型", "说的话  ", " ")
 
     user = [{"role": "user", "content": "我想自杀。"}]
-    stream = GuardedStream(deltas, CrisisGuard(), user)
+    stream = GuardedStream(deltas, _patterns_only(), user)
     pieces = iter(stream)
     assert next(pieces) == CRISIS_BLOCK and not asked  # the crisis block shows before the model is asked
     assert CRISIS_BLOCK + "".join(pieces) == stream.reply.text == f"{CRISIS_BLOCK}\n\n模型说的话\n\n{DISCLAIMER}"
     assert "【安全提示】" in asked[0][0]["content"]  # the model was told of the risk
     # a guarded server's own crisis block and disclaimer are shown once, as guarded_reply shows them
     served = f"{CRISIS_BLOCK}\n\n模型说的话\n\n{DISCLAIMER}"
-    stream = GuardedStream(lambda m, **g: remote_deltas(_remote(served), m, **g), CrisisGuard(), user)
-    assert "".join(stream) == stream.reply.text == guarded_reply(_remote(served), CrisisGuard(), user).text
+    stream = GuardedStream(lambda m, **g: remote_deltas(_remote(served), m, **g), _patterns_only(), user)
+    assert "".join(stream) == stream.reply.text == guarded_reply(_remote(served), _patterns_only(), user).text
     # a local model's tokens arrive one by one and join to its non-streamed reply
     engine = Engine.load(str(model), device="cpu")
     hello = [{"role": "user", "content": "最近总是失眠，怎么办？"}]
     pieces = list(model_deltas(engine)(hello, max_new_tokens=12))
     assert len(pieces) > 2 and "".join(pieces).strip() == engine.generate_one(hello, max_new_tokens=12).text
-    stream = GuardedStream(model_deltas(engine), CrisisGuard(), hello, max_new_tokens=12)
-    assert "".join(stream) == stream.reply.text == guarded_reply(engine, CrisisGuard(), hello, max_new_tokens=12).text
+    stream = GuardedStream(model_deltas(engine), _patterns_only(), hello, max_new_tokens=12)
+    assert (
+        "".join(stream) == stream.reply.text == guarded_reply(engine, _patterns_only(), hello, max_new_tokens=12).text
+    )
 
 
 def test_a_stream_cut_by_the_guard_stops_the_model_and_keeps_the_conversation_in_crisis_mode():

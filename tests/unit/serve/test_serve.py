@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request  # at module level: FastAPI resolves the ha
 
 from cbt_llm.cli import main
 from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER, hotline
+from cbt_llm.domain.guard import CrisisGuard
 from tests.fixtures.eval import tiny_chat_model
 from tests.fixtures.paths import TEST_DATA
 
@@ -63,7 +64,9 @@ def server(tiny_model):
     from serve.engine import Engine
 
     model = tiny_model
-    with _running(create_app(Engine.load(str(model), device="cpu"), max_tokens_limit=64)) as base:
+    # a random model's text is noise the learned layer may read either way: the server's own tests use the patterns
+    guard = CrisisGuard(user_model=None, reply_model=None)
+    with _running(create_app(Engine.load(str(model), device="cpu"), guard, max_tokens_limit=64)) as base:
         yield base
 
 
@@ -138,7 +141,7 @@ def test_every_labelled_crisis_message_gets_the_block_before_any_model_text_thro
 def test_a_crisis_gets_the_block_first_and_counts_in_metrics_without_text(client, server):
     def crisis_count() -> float:
         page = httpx.get(server + "/metrics").text
-        found = re.findall(r'^cbt_llm_guard_crisis_turns_total\{category="[^"]+"\} (\S+)$', page, re.M)
+        found = re.findall(r'^cbt_llm_guard_crisis_turns_total\{construct="[^"]+"\} (\S+)$', page, re.M)
         return sum(float(x) for x in found)
 
     before = crisis_count()
@@ -517,7 +520,8 @@ def test_the_vllm_backend_with_a_stand_in_engine_answers_as_transformers_does_be
 
     stand_in = StandInEngine(base=_hf_generator(tiny_model))
     engine = BatchingEngine(VllmEngine.load(str(tiny_model), engine=stand_in), max_batch=8, window_s=0.05)
-    with _running(create_app(engine, max_tokens_limit=64)) as base:
+    # random-model text, compared with the patterns-only server fixture's answers: the same guard on both
+    with _running(create_app(engine, _patterns_only(), max_tokens_limit=64)) as base:
         vllm = _post_all(base, _bodies(), together=True)
         crisis = _post_all(base, [{"messages": [{"role": "user", "content": CRISIS_MESSAGE}], "max_tokens": 8}], False)
     hf = _post_all(server, _bodies(), together=False)  # the plain transformers engine, one at a time
@@ -605,3 +609,244 @@ def test_the_proxy_backend_puts_the_guard_in_front_of_an_upstream_that_knows_not
     # the upstream saw the guard's note for the model on the crisis turn, and the request's own settings
     assert seen[0]["messages"][0]["role"] == "system" and seen[0]["model"] == "upstream-lora"
     assert len(seen[1]["messages"]) == 1 and seen[1]["max_tokens"] == 12
+
+
+# ---- token streaming through the guard ----
+
+SENTENCES = [  # each well over the guard's hold-back (OUTPUT_HOLD_BACK letters), so each releases the one before
+    "谢谢你愿意把这些说出来，最近睡不好一定让你白天也很辛苦，我们可以慢慢来看看。",
+    "你可以先回想一下，这几天晚上躺下以后，脑子里最常出现的是哪些念头和画面呢？",
+    "把这些念头写在纸上，看看哪些是事实，哪些是担心，这样往往会让心里轻松一些。",
+    "也可以试着每天固定时间起床，白天少喝咖啡，睡前一小时放下手机，给身体一点准备。",
+]
+SAFE_TEXT = "我明白你现在很难受，很多人在压力大的时候都会睡不好，这很正常，并不说明你有什么问题，我们慢慢来。"
+HELD_TEXT = "如果实在睡不着，"  # within the hold-back window when the unsafe text completes: never sent
+UNSAFE_TEXT = "安眠药吃30片就会死。"
+
+
+class PacedEngine:
+    """A stand-in model with a token stream of its own (serve.streaming.model_deltas reads `.deltas`): `script`
+    pieces, each after `pause` seconds. Records the messages it was asked, how many pieces each stream handed out
+    when it was closed, and stops when the server cancels its run (as a local model's stopping criteria do)."""
+
+    name = "paced"
+
+    def __init__(self, script: list[str], pause: float):
+        self.script, self.pause = script, pause
+        self.asked: list[list[dict]] = []
+        self.closed: list[int] = []
+
+    def generate_one(self, messages, max_new_tokens=16, **_):
+        from serve.engine import Completion
+
+        self.asked.append(messages)
+        return Completion("".join(self.script).strip(), 7, len(self.script), "stop")
+
+    def deltas(self, messages, run, max_new_tokens=16, **_):
+        self.asked.append(messages)
+        run.prompt_tokens = 7
+        return self._pieces(run)
+
+    def _pieces(self, run):
+        sent = 0
+        try:
+            for piece in self.script:
+                if run.cancelled.is_set():
+                    return
+                time.sleep(self.pause)
+                if isinstance(piece, Exception):  # the model fails here
+                    raise piece
+                sent += 1
+                run.completion_tokens = sent
+                yield piece
+        finally:
+            self.closed.append(sent)
+
+
+def _patterns_only():
+    """The guard with its patterns only: what these tests check is the stream, not the learned layers' verdicts
+    (tests/unit/domain holds those), and the patterns catch UNSAFE_TEXT and CRISIS_MESSAGE."""
+    from cbt_llm.domain.guard import CrisisGuard
+
+    return CrisisGuard(user_model=None, reply_model=None)
+
+
+@contextlib.contextmanager
+def _paced(script: list[str], pause: float):
+    from serve.app import create_app
+
+    engine = PacedEngine(script, pause)
+    with _running(create_app(engine, _patterns_only())) as base:
+        yield base, engine, openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def _timed_stream(client, messages, **kw) -> tuple[list[tuple[float, str]], list, float]:
+    """[(seconds since the request, content)] of the content chunks, all chunks, and the seconds to the end."""
+    t0 = time.perf_counter()
+    timed, chunks = [], []
+    for chunk in client.chat.completions.create(model="x", messages=messages, max_tokens=64, stream=True, **kw):
+        chunks.append(chunk)
+        for choice in chunk.choices:
+            if choice.delta.content:
+                timed.append((time.perf_counter() - t0, choice.delta.content))
+    return timed, chunks, time.perf_counter() - t0
+
+
+def test_a_streamed_reply_comes_a_sentence_at_a_time_while_the_model_is_still_writing():
+    pause = 0.5
+    with _paced(SENTENCES, pause) as (_, engine, client):
+        timed, chunks, end = _timed_stream(client, [{"role": "user", "content": "最近总是睡不好，怎么办？"}])
+        plain = _ask(client, [{"role": "user", "content": "最近总是睡不好，怎么办？"}]).choices[0].message.content
+    first_at, first = timed[0]
+    print(f"streaming: first sentence at {first_at:.2f} s, whole reply at {end:.2f} s")
+    # the first sentence is out once the second is written (the guard has read past it), long before the end
+    assert first == SENTENCES[0] and first_at < end - pause
+    assert [text for _, text in timed[:3]] == SENTENCES[:3]  # a sentence a chunk
+    assert "".join(text for _, text in timed) == plain == "".join(SENTENCES) + f"\n\n{DISCLAIMER}"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert all(c.usage is None for c in chunks)  # no usage chunk unless stream_options asks for one
+    assert engine.closed[0] == len(SENTENCES)
+
+
+def test_the_crisis_block_is_streamed_first_before_the_model_writes_anything():
+    pause = 0.4
+    with _paced(SENTENCES[:2], pause) as (_, engine, client):
+        timed, _, _ = _timed_stream(client, [{"role": "user", "content": CRISIS_MESSAGE}])
+    (block_at, block), (model_at, model) = timed[:2]
+    assert block == CRISIS_BLOCK and block_at < pause <= model_at  # before the model's first piece exists
+    assert model == "\n\n" + SENTENCES[0]
+    assert "".join(text for _, text in timed) == f"{CRISIS_BLOCK}\n\n{''.join(SENTENCES[:2])}\n\n{DISCLAIMER}"
+    assert "【安全提示】" in engine.asked[0][0]["content"]  # the model was told of the risk
+
+
+def test_a_stream_that_turns_unsafe_shows_the_crisis_block_and_none_of_the_unsafe_sentence():
+    script = [SAFE_TEXT, HELD_TEXT, UNSAFE_TEXT, "后面的话。", "还有更多的话。"]
+    with _paced(script, 0.05) as (base, engine, client):
+        timed, chunks, _ = _timed_stream(client, [{"role": "user", "content": "还是睡不着。"}])
+        page = httpx.get(base + "/metrics").text
+    text = "".join(t for _, t in timed)
+    shown, replacement = text.split(CRISIS_BLOCK)
+    # safe text already sent stays; the replacement follows; the held-back and the unsafe text are never sent
+    assert SAFE_TEXT.startswith(shown.rstrip("\n")) and replacement == f"\n\n{DISCLAIMER}"
+    assert HELD_TEXT not in text and "安眠药" not in text and "后面" not in text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert engine.closed == [3]  # the model was stopped right after the unsafe sentence
+    assert re.search(r"^cbt_llm_guard_output_replaced_total\{reason=\"\w+\"\} 1\.0$", page, re.M)
+
+
+def test_a_client_that_hangs_up_mid_stream_stops_the_model_and_frees_its_slot():
+    pause = 0.1
+    with _paced(SENTENCES * 10, pause) as (base, engine, client):
+        stream = client.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "睡不着。"}], max_tokens=64, stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # one sentence, then hang up
+        stream.close()
+        deadline = time.monotonic() + 10
+        while not engine.closed:
+            assert time.monotonic() < deadline, "the model was not stopped"
+            time.sleep(0.05)
+        assert engine.closed[0] < 10  # stopped within a few pieces of the hang-up, not after all 40
+        _wait_for_metric(base, "cbt_llm_in_flight 0.0")  # the stream gave its slot back
+        engine.script = SENTENCES[:1]
+        assert _ask(client, [{"role": "user", "content": "你好"}]).choices[0].message.content.startswith(SENTENCES[0])
+
+
+def test_a_generation_that_fails_mid_stream_ends_it_with_an_error_and_the_server_keeps_serving():
+    with _paced([*SENTENCES[:2], RuntimeError("the model broke")], 0.05) as (base, _, client):
+        shown = []
+        with pytest.raises(openai.APIError, match="generation failed: RuntimeError"):
+            for chunk in client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "睡不着。"}], max_tokens=64, stream=True
+            ):
+                shown.extend(c.delta.content for c in chunk.choices if c.delta.content)
+        assert shown == [SENTENCES[0]]  # what the guard had released; nothing more
+        _wait_for_metric(base, "cbt_llm_in_flight 0.0")  # the slot came back
+        assert 'cbt_llm_requests_total{status="200"} 1.0' in httpx.get(base + "/metrics").text
+        assert httpx.get(base + "/health").status_code == 200
+
+
+def _wait_for_metric(base: str, line: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while line not in httpx.get(base + "/metrics").text:
+        assert time.monotonic() < deadline, f"no {line!r} on /metrics"
+        time.sleep(0.05)
+
+
+def test_streamed_and_plain_replies_of_the_batching_engine_are_the_same_text_and_usage(tiny_model):
+    """The tiny random model behind the batching loop (`cbt-llm serve`'s engine): a streamed greedy request takes
+    the model alone through its token stream; joined, its text is the plain reply's, and so are its usage counts
+    (stop strings aside: a streamed reply stops the model at the stop string, a plain one lets it run)."""
+    from serve.app import create_app
+    from serve.batching import BatchingEngine
+    from serve.engine import Engine
+
+    engine = BatchingEngine(Engine.load(str(tiny_model), device="cpu"), max_batch=8, window_s=0.05)
+    with _running(create_app(engine, _patterns_only(), max_tokens_limit=64)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for body in _bodies():
+            plain = client.chat.completions.create(model="x", **body)
+            chunks = list(
+                client.chat.completions.create(model="x", stream=True, stream_options={"include_usage": True}, **body)
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == plain.choices[0].message.content and CRISIS_BLOCK not in text
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            assert finish == plain.choices[0].finish_reason
+            usage = chunks[-1].usage
+            assert not chunks[-1].choices and usage.prompt_tokens == plain.usage.prompt_tokens
+            if "stop" in body:
+                assert 0 < usage.completion_tokens <= plain.usage.completion_tokens
+            else:
+                assert usage.completion_tokens == plain.usage.completion_tokens
+            assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        sampled = {"messages": [{"role": "user", "content": "怎样才能不拖延？"}], "max_tokens": 12}
+        sampled |= {"temperature": 1.5, "top_p": 0.9, "seed": 7}
+        plain = client.chat.completions.create(model="x", **sampled).choices[0].message.content
+        chunks = client.chat.completions.create(model="x", stream=True, **sampled)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain  # the seed holds
+        long = {"messages": [{"role": "user", "content": "我最近睡不好觉，" * 1200}], "max_tokens": 8, "stream": True}
+        r = httpx.post(base + "/v1/chat/completions", json=long, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"  # before the stream starts
+    assert engine.batches >= 2 * len(BATCH_QUESTIONS) + 2  # every streamed request was a generate call of its own
+
+
+def test_a_streamed_request_through_the_proxy_backend_streams_the_upstream_behind_the_guard():
+    from serve.app import create_app
+    from serve.remote import RemoteEngine
+
+    seen: list = []
+    reply = "我们可以一起看看这个想法。"
+    with _running(_plain_upstream(reply, seen)) as upstream:
+        with _running(create_app(RemoteEngine(upstream + "/v1"), _patterns_only())) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
+            chunks = list(
+                _ask(client, [{"role": "user", "content": CRISIS_MESSAGE}], stream=True, stop=["。。"],
+                     stream_options={"include_usage": True})
+            )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == f"{CRISIS_BLOCK}\n\n{reply}\n\n{DISCLAIMER}"
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (11, 7)  # the upstream's counts
+    assert seen[0]["stream"] is True and seen[0]["stop"] == ["。。"] and seen[0]["messages"][0]["role"] == "system"
+
+
+def test_stop_strings_cut_a_stream_as_they_cut_the_whole_text():
+    from serve.streaming import until_stop
+
+    def cut(pieces, stop):
+        gen = until_stop(iter(pieces), stop)
+        out = []
+        try:
+            while True:
+                out.append(next(gen))
+        except StopIteration as end:
+            return "".join(out), end.value
+
+    text = "我们先聊聊，最近是什么让你睡不着。然后再看看。"
+    for stop in (["睡不着"], ["。"], ["然后", "聊"], ["最近是什么让你睡", "让"], ["没有的"], ["。然后再看看。还有"]):
+        whole = min((text.find(s) for s in stop if s in text), default=len(text))
+        for size in (1, 2, 3, 7, len(text)):
+            pieces = [text[i : i + size] for i in range(0, len(text), size)]
+            assert cut(pieces, stop) == (text[:whole], whole < len(text)), (stop, size)
