@@ -4,7 +4,8 @@ Three outputs: a full fine-tune becomes a consolidated model; a LoRA run becomes
 PeftModel.from_pretrained on the base), or with --merge-lora a merged model loadable by transformers alone.
 Runs in one process without a process group: DeepSpeed's zero_to_fp32 reads every rank's shard files.
 export.json beside the weights says what was exported and how to prompt it: the system prompt the run trained with
-and whether the saved tokenizer has a chat template (`cbt-llm eval` reads them).
+and whether the saved tokenizer has a chat template (`cbt-llm eval` reads them). README.md is the model card
+(train/model_card.py): base, training, intended use, limits, the disclaimer, the crisis lines, the latest eval.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
 from data_pipeline.shards import MANIFEST_FILE
 from train import checkpoint as ckpt
+from train.model_card import eval_entry_for, write_card
 
 
 def _gather_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -39,6 +41,38 @@ def _trained_system_prompt(cfg) -> str:
         return json.loads((Path(cfg.train.data_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))["system_prompt"]
     except (OSError, ValueError, KeyError):
         return cfg.data.system_prompt
+
+
+def _training_facts(run: Path, cfg) -> dict:
+    """What the model card says of the training run: its data (the manifest's counts) and its summary."""
+    facts = {"data": f"the shards in {cfg.train.data_dir}"}
+    try:
+        man = json.loads((Path(cfg.train.data_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+        c = man["counts"]
+        facts["data"] = (
+            f"{c['kept']:,} examples ({man.get('format', 'cbt')} format; {c['rows']['train']:,} packed rows of "
+            f"{man['seq_len']} tokens) prepared from {len(man.get('inputs', []))} corpus file(s)"
+        )
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        s = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
+        facts["details"] = (
+            f"{s['steps']} optimizer steps on {s['world_size']} rank(s), LoRA {s['lora']}, training loss "
+            f"{s['first_train_loss']:.3f} -> {s['last_train_loss']:.3f}, validation loss {s['eval_loss']}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        facts["details"] = "the run's train_summary.json was not found"
+    return facts
+
+
+def _latest_eval(out: Path, cfg) -> dict | None:
+    """This folder's numbers in the run's latest eval (eval.out_dir/results.json), when it evaluated this folder."""
+    try:
+        results = json.loads((Path(cfg.eval.out_dir) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return eval_entry_for(out, results)
 
 
 def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, tag: str | None = None) -> dict:
@@ -111,5 +145,6 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
         "chat_template": bool(getattr(tok, "chat_template", None)),
     }
     write_metrics(out / "export.json", summary)
-    print_summary("cbt-llm export", summary, file=sys.stderr)
+    card = write_card(out, summary, _training_facts(run, cfg), _latest_eval(out, cfg))
+    print_summary("cbt-llm export", {**summary, "model_card": str(card)}, file=sys.stderr)
     return summary

@@ -4,9 +4,11 @@ config's serve section, so a YAML can hold the server's settings too."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import sys
 
-from cbt_llm.cli.args import Flag, add_common
+from cbt_llm.cli.args import Flag, add_common, add_switch
 from cbt_llm.core.config import Config
 from cbt_llm.core.errors import ConfigError
 
@@ -45,12 +47,38 @@ def _key(env_name: str, flag: str) -> str | None:
     return key
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(sc) -> str | None:
+    """Refuse (one line naming the flag) to listen beyond loopback without a key unless told to; the warning to log
+    when told to, else None."""
+    if _loopback(sc.host) or sc.api_key_env:
+        return None
+    if not sc.allow_unauthenticated:
+        raise ConfigError(
+            f"--host {sc.host}: a counselling chat open to the network with no authentication; set --api-key-env NAME "
+            "(clients send `Authorization: Bearer <key>`), or pass --allow-unauthenticated to serve it anyway"
+        )
+    return (
+        f"warning: serving on {sc.host}:{sc.port} WITHOUT authentication (--allow-unauthenticated): anyone who can "
+        "reach this address can talk to the model"
+    )
+
+
 def run(cfg: Config, args) -> int:
     from cbt_llm.inference.safety_model import build_guard
     from serve.app import serve
     from serve.engines import build_engine
 
     sc = cfg.serve
+    warning = check_exposure(sc)
     api_key = _key(sc.api_key_env, "--api-key-env")
     # the upstream's key matters only to a proxy that can start; build_engine names a missing --upstream first
     proxies = sc.backend == "proxy" and sc.upstream and not (sc.model or sc.adapter)
@@ -67,6 +95,8 @@ def run(cfg: Config, args) -> int:
         max_batch=sc.max_batch,
         batch_window_s=sc.batch_window_ms / 1000,
     )
+    print(warning or f"serve: {sc.host}:{sc.port}, " + ("API key required" if api_key else "loopback only, no key"),
+          file=sys.stderr, flush=True)  # fmt: skip
     serve(
         engine,
         guard=build_guard(cfg.guard),
@@ -91,4 +121,6 @@ def add_parser(sub) -> None:
         choices=("auto", "transformers", "vllm", "proxy"),
         help="auto (vllm when installed and on CUDA, else transformers), transformers, vllm, or proxy (--upstream)",
     )
+    add_switch(p, "--allow-unauthenticated", "serve.allow_unauthenticated",
+               "listen beyond loopback without --api-key-env (refused otherwise)")  # fmt: skip
     p.set_defaults(func=run)

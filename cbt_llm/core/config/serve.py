@@ -35,6 +35,11 @@ class ServeConfig(Section):
         description="Require `Authorization: Bearer <key>` on /v1/*, the key read from this environment variable "
         "(empty: no authentication).",
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Listen beyond loopback without api_key_env (refused otherwise: a counselling chat open to the "
+        "network with no authentication).",
+    )
     max_queue: int = Field(64, ge=0, description="Requests that may wait; more get a 503.")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Larger request bodies get a 413.")
     graceful_timeout: int = Field(30, ge=0, description="Seconds in-flight requests get on SIGTERM.")
