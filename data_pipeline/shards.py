@@ -51,8 +51,17 @@ train_questions.u64: the distinct data_pipeline.sources.formats.question_hash va
 question) of the kept train examples, sorted, little-endian int64. Train questions are not written as text;
 these let evaluation refuse a question set that overlaps the train split (train_question_hashes).
 
+    quarantined      only when data.on_input_error: quarantine left damaged input files out:
+                     [{path, reason, lines_read, bytes_read, bytes}] (bytes: the file's size), in input order
+
 Rank r of W reads train shards r, r+W, r+2W, ... (rank_shards). Shard sizes differ by at most one row, so ranks
 do too. A re-run with the same inputs and config writes byte-identical shards and manifest.
+
+Before training reads a shard, verify_shards checks it against the manifest (train start-up and launch
+preflight, per train.verify_shards): always that it is a whole Parquet file with the manifest's row count,
+and the SHA-256 of all of them (full) or of some (sample). Shards are written with Parquet page checksums and
+every reader verifies them, so a page that changed on disk fails when it is read (train reads its rows at
+start-up, before the first step) with one line naming the shard, in every mode.
 """
 
 from __future__ import annotations
@@ -85,6 +94,8 @@ ROW_SCHEMA = pa.schema(
 
 _REQUIRED = ("schema_version", "seq_len", "pad_token_id", "tokenizer", "splits", "counts")
 _RERUN = "re-run `cbt-llm prepare`"
+VERIFY_MODES = ("size", "sample", "full")  # train.verify_shards
+_SAMPLE_EVERY = 8  # verify_shards(mode="sample") hashes one shard in this many (at least one)
 
 
 class ManifestError(ConfigError):
@@ -158,6 +169,73 @@ def load_manifest(data_dir: str | Path, tokenizer=None, verify_checksums: bool =
     if tokenizer is not None:
         check_tokenizer(man, out, tokenizer)
     return man
+
+
+def _whole_parquet(path: Path, rows: int) -> None:
+    """Raise ManifestError unless `path` is a whole Parquet file of `rows` rows: its footer reads, its row
+    groups end no later than the footer starts (a file cut short, grown, or missing bytes in the middle fails),
+    and its row count is the manifest's. Reads the footer only."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        why = " ".join(str(exc).split())[:160]
+        raise ManifestError(
+            f"shard '{path}' is not a readable Parquet file ({why}): cut short or overwritten; {_RERUN}"
+        ) from None
+    size = path.stat().st_size
+    footer_start = size - 8 - meta.serialized_size  # ... data | footer | 4-byte footer length | PAR1
+    data_end = 4
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            first = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+            data_end = max(data_end, (first or col.data_page_offset) + col.total_compressed_size)
+    if data_end > footer_start:
+        raise ManifestError(
+            f"shard '{path}' is {size:,} bytes, too short for the {data_end + 8 + meta.serialized_size:,} its "
+            f"row groups and footer take (bytes lost); {_RERUN}"
+        )
+    if meta.num_rows != rows:
+        raise ManifestError(f"shard '{path}' has {meta.num_rows} rows, manifest.json says {rows}; {_RERUN}")
+
+
+def verify_shards(
+    data_dir: str | Path, manifest: dict, mode: str = "size", shards: list[dict] | None = None, seed: int = 0
+) -> int:
+    """Check shards (manifest entries; default every train and validation shard) against the manifest before
+    anything reads them: present, whole Parquet files with the manifest's row counts (_whole_parquet: footers
+    only, cheap), and by `mode` (train.verify_shards) their SHA-256: full = every one, sample = one in
+    _SAMPLE_EVERY (at least one) picked by `seed`, size = none. Returns how many were hashed.
+
+    Raises ManifestError (one line naming the shard and the fix)."""
+    if mode not in VERIFY_MODES:
+        raise ConfigError(f"train.verify_shards: '{mode}' is not one of {', '.join(VERIFY_MODES)}")
+    out = Path(data_dir)
+    if shards is None:
+        shards = [sh for split in SPLITS for sh in manifest["splits"].get(split, {}).get("shards", [])]
+    for sh in shards:
+        p = out / sh["path"]
+        if not p.is_file():
+            raise ManifestError(f"shard '{p}' listed in manifest.json is missing; {_RERUN}")
+        _whole_parquet(p, sh["rows"])
+    if mode == "full":
+        chosen = list(shards)
+    elif mode == "sample" and shards:
+        rng = np.random.default_rng([seed % 2**32, len(shards)])
+        k = max(1, -(-len(shards) // _SAMPLE_EVERY))
+        chosen = [shards[i] for i in sorted(rng.choice(len(shards), size=k, replace=False))]
+    else:
+        chosen = []
+    for sh in chosen:
+        p = out / sh["path"]
+        if sha256_file(p) != sh["sha256"]:
+            raise ManifestError(
+                f"shard '{p}' does not match its sha256 in manifest.json (changed or corrupt); {_RERUN}"
+            )
+    return len(chosen)
 
 
 def check_tokenizer(man: dict, out: Path, tokenizer) -> None:

@@ -1,5 +1,5 @@
 """Checks run before a launcher script is started or submitted, so a bad run fails in seconds on the login
-node rather than after hours in a queue: shards and tokenizer present and matching, run folder writable,
+node rather than after hours in a queue: shards whole and tokenizer present and matching, run folder writable,
 world size dividing the shards, at least one optimizer step per epoch.
 """
 
@@ -12,7 +12,7 @@ from cbt_llm.core.config import Config, check_world_size
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.fileio import is_local_path
 from data_pipeline import shards
-from data_pipeline.shards import load_manifest
+from data_pipeline.shards import load_manifest, verify_shards
 from launch.render import procs_per_node, slurm_log_dir, world_size
 
 
@@ -53,6 +53,8 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
 
     # every shard present (load_manifest), then the tokenizer the shards were made with, by content hash
     manifest = load_manifest(tc.data_dir)
+    # every shard whole, with the manifest's rows (and SHA-256 per train.verify_shards), before anything queues
+    hashed = verify_shards(tc.data_dir, manifest, tc.verify_shards, seed=tc.seed)
     tok_path = manifest["tokenizer"]["name_or_path"]
     if check_tokenizer:
         if is_local_path(tok_path) and not Path(tok_path).exists():
@@ -87,6 +89,7 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
         "nodes": cfg.launch.nodes,
         "procs_per_node": g,
         "train_shards": len(train_shards),
+        "shards_verified": f"{tc.verify_shards} ({hashed} hashed)",
         "steps_per_epoch": spe,
         "tokenizer": tok_path,
         "data_dir": tc.data_dir,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -96,7 +97,11 @@ def read_rows(data_dir: str | Path, shards: list[dict], pad_token_id: int) -> Pa
         path = Path(data_dir) / s["path"]
         if not path.is_file():
             raise ConfigError(f"shard '{path}' listed in manifest.json is missing; re-run `cbt-llm prepare`")
-        t = pq.read_table(path, columns=list(TOKEN_COLUMNS))
+        try:  # pages that carry a CRC are checked against it (shards.py's docstring)
+            t = pq.read_table(path, columns=list(TOKEN_COLUMNS), page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as exc:
+            why = " ".join(str(exc).split())[:160]
+            raise ConfigError(f"shard '{path}' cannot be read ({why}): corrupt; re-run `cbt-llm prepare`") from None
         if t.num_rows != s["rows"]:
             raise ConfigError(f"shard '{path}' has {t.num_rows} rows, manifest says {s['rows']}; re-run prepare")
         b.add(t, s["path"], 0)

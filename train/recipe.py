@@ -31,7 +31,7 @@ import torch
 from cbt_llm.core.config import Config, check_world_size
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
-from data_pipeline.shards import check_tokenizer, load_manifest, rank_shards
+from data_pipeline.shards import check_tokenizer, load_manifest, rank_shards, verify_shards
 from train import attention, runtime
 from train import checkpoint as ckpt
 from train.data import (
@@ -108,6 +108,9 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb})})
     tc, mc = cfg.train, cfg.model
     spe, left_out = steps_per_epoch(manifest, world, mb, tc.grad_accum)
+    # the shards this rank will read, whole and as the manifest lists them (hashed per train.verify_shards)
+    mine = rank_shards(manifest, "train", rank, world) + manifest["splits"].get("validation", {}).get("shards", [])
+    verify_shards(tc.data_dir, manifest, tc.verify_shards, mine, seed=tc.seed + rank)
     if mc.init == "pretrained" and not mc.name_or_path:
         raise ConfigError("model.name_or_path is empty; set it (e.g. Qwen/Qwen2.5-7B-Instruct) or model.init=random")
     from transformers import AutoTokenizer

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(cfg, args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, OSError) as exc:  # a bad setting, a missing or damaged file: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,10 @@ duplicate is the one kept, windows hold the same examples on every run and shard
 re-run. The heavy per-record work (JSON, schema, chat template, tokenizer) runs in Ray workers; the driver only
 does set look-ups, packing arithmetic and Parquet writes.
 
+A damaged input file (read.py's docstring) ends its blocks with one input_error row instead of raising in a Ray
+task; the driver stops the run with one line naming it (InputFileError; data.on_input_error: stop) or starts
+over without it and lists it in the manifest (quarantine).
+
 The output folder (its format: data_pipeline/shards.py): train/ and validation/ Parquet shards, rejects/,
 heldout.jsonl and train_questions.u64 (the questions as evaluation needs them) and manifest.json. Shards are
 written to a staging folder and moved in; manifest.json is replaced last, so a reader that goes through

@@ -22,6 +22,8 @@ def data_config_hash(dc: DataConfig) -> str:
     obj = {k: v for k, v in dc.model_dump(mode="json").items() if k != "out_dir" and not k.startswith("ray_")}
     if not screen.enabled(dc):  # the pass off leaves the hash as it was before these settings existed
         del obj["near_dup"], obj["quality"]
+    if obj.get("on_input_error") == "stop":  # so does the default: a run that writes shards read every file
+        del obj["on_input_error"]
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -44,8 +46,10 @@ def build_manifest(
     shards: dict[str, list[dict]],
     question_files: dict[str, dict],
     scorer_signature: str = "",
+    quarantined: list[dict] | None = None,
 ) -> dict:
-    """manifest.json's content (its format: data_pipeline/shards.py)."""
+    """manifest.json's content (its format: data_pipeline/shards.py). `quarantined`: the damaged input files
+    data.on_input_error: quarantine left out ({path, reason, lines_read, bytes_read, bytes}), in input order."""
     train_rows = packers["train"].rows
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -58,6 +62,8 @@ def build_manifest(
         "system_prompt": dc.system_prompt,
         "format": dc.format,
         "inputs": [{"path": f, "bytes": os.path.getsize(f) if "://" not in f else None} for f in files],
+        # only when a file was left out: a clean run writes the manifest it always did
+        **({"quarantined": quarantined} if quarantined else {}),
         "counts": {
             "read": counts["read"],
             "kept": counts["kept"],
@@ -86,11 +92,21 @@ def build_manifest(
     }
 
 
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def run_metrics(man: dict, pack_s: float, ray_s: float, stream_s: float, seconds: float, out: Path) -> dict:
     """prepare_metrics.json and the summary table. Rates are over the stream only; Ray start-up is its own line."""
     c = man["counts"]
     total_tokens = sum(c["tokens"].values())
+    quarantined = man.get("quarantined", [])
     return {
+        **({"quarantined_files": len(quarantined)} if quarantined else {}),
+        **{
+            f"quarantined: {Path(q['path']).name}": f"{_short(q['reason'], 56)} ({q['lines_read']:,} lines read)"
+            for q in quarantined
+        },
         "records_read": c["read"],
         "examples_kept": c["kept"],
         "rejected": c["rejected_total"],

@@ -18,7 +18,15 @@ from data_pipeline.prepare.manifest import build_manifest, run_metrics
 from data_pipeline.prepare.neardup import NearDupIndex
 from data_pipeline.prepare.parse import Parse
 from data_pipeline.prepare.ray_session import configure_ray_data, init_ray, short_ray_dir
-from data_pipeline.prepare.read import read_files, resolve_inputs
+from data_pipeline.prepare.read import (
+    INPUT_ERROR,
+    check_file,
+    damage_record,
+    read_files,
+    resolve_inputs,
+    size_damage,
+    synth_expectations,
+)
 from data_pipeline.prepare.split import overlong_policy
 from data_pipeline.prepare.tokens import Tokenize
 from data_pipeline.prepare.write import QuestionFiles, SplitPacker, swap_into_place, write_shards
@@ -34,6 +42,36 @@ _STEP_CPUS = 0.5
 
 class PrepareError(RuntimeError):
     """A prepare run that must stop (bad record under --strict, empty output): one line for the user."""
+
+
+class InputFileError(PrepareError):
+    """A damaged or unreadable input file under data.on_input_error: stop (read.py's docstring says which)."""
+
+
+class _Damaged(Exception):
+    """Raised on the driver when the stream brings a damaged file's INPUT_ERROR row."""
+
+    def __init__(self, file_idx: int, damage: dict):
+        super().__init__(damage["reason"])
+        self.file_idx, self.damage = file_idx, damage
+
+
+def how_far(damage: dict) -> str:
+    """How far the read of a damaged file got, in words: lines and bytes."""
+    read, size = damage.get("bytes_read"), damage.get("bytes")
+    if read is None:
+        of = f"{size:,}-byte file" if size is not None else "file"
+        return f"{damage['lines_read']:,} lines read of the {of}"
+    of = f" of {size:,}" if size is not None else ""
+    return f"{damage['lines_read']:,} lines read, {read:,}{of} bytes"
+
+
+def input_error_message(path: str, damage: dict) -> str:
+    """The one line a damaged input stops the run with: the file, what is wrong, how far the read got, the fix."""
+    return (
+        f"input file {path}: {damage['reason']} ({how_far(damage)}); nothing was written. Restore or re-create the "
+        "file (or drop it from data.inputs), or set data.on_input_error=quarantine to prepare without it"
+    )
 
 
 def _check_sizes(dc: DataConfig) -> None:
@@ -60,16 +98,37 @@ class ParseAndTokenize:
         return self.tokenize(self.screen(parsed) if self.screen else parsed)
 
 
-def build_dataset(files: list[str], dc: DataConfig, end_token: str, scorer: str = "", light_tokenizer: str = ""):
+def build_dataset(
+    files: list[str],
+    dc: DataConfig,
+    end_token: str,
+    scorer: str = "",
+    light_tokenizer: str = "",
+    expect: dict[str, dict] | None = None,
+):
     """The Ray Data graph: read (tasks) -> parse + validate [+ screen] + tokenize + mask (actors), in (file, line)
     order. `scorer`: the structure scorer's path when data.quality gates on coverage; `light_tokenizer`: the
-    tokenizer.json the actors may load without transformers (tokenizer.light_tokenizer_file)."""
+    tokenizer.json the actors may load without transformers (tokenizer.light_tokenizer_file); `expect`: what
+    synth_summary.json says of some files (read.synth_expectations), checked as they are read."""
     import ray
 
     configure_ray_data(dc.ray_block_mb)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     stems = [Path(f).name for f in files]
-    ds = ray.data.from_items([{"path": f, "file_idx": i} for i, f in enumerate(files)], override_num_blocks=len(files))
+    expect = expect or {}
+    items = []
+    for i, f in enumerate(files):
+        e = expect.get(f, {})
+        records = e.get("records")
+        items.append(
+            {
+                "path": f,
+                "file_idx": i,
+                "records": records if isinstance(records, int) else -1,
+                "content_sha256": e.get("content_sha256") or "",
+            }
+        )
+    ds = ray.data.from_items(items, override_num_blocks=len(files))
     ds = ds.map_batches(
         read_files, batch_size=1, batch_format="numpy", fn_kwargs={"lines": dc.ray_read_lines}, num_cpus=_STEP_CPUS
     )
@@ -178,6 +237,8 @@ def _consume_batch(
             new_records += 1
             counts["split_sessions"] += int(d["pieced"][i])
         if not d["ok"][i]:
+            if d["reason"][i] == INPUT_ERROR:  # the file read so far is damaged: not a record reject
+                raise _Damaged(fidx, damage_record(d["detail"][i], d["raw"][i]))
             rejects.add(fidx, line, sub, d["reason"][i], d["detail"][i], d["raw"][i])
             continue
         h = d["chash"][i]
@@ -220,12 +281,21 @@ def _consume(
     seen = FirstSeen()  # content hash -> (file_idx << 40 | line) of the copy that was kept
     counts = {"read": 0, "kept": 0, "truncated": 0, "split_sessions": 0, "split_pieces": 0}
     bar = tqdm(desc="prepare", unit="rec", mininterval=1.0, smoothing=0.1)
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        for batch in batches:
             new_records = _consume_batch(batch, seen, packers, rejects, counts, questions, near)
             counts["read"] += new_records
             bar.update(new_records)
             bar.set_postfix(kept=counts["kept"], rejected=rejects.total, refresh=False)
+    except BaseException:
+        close = getattr(batches, "close", None)
+        if close is not None:  # stops the streaming executor now rather than when the iterator is collected
+            close()
+        for p in packers.values():
+            if p.writer is not None:
+                p.writer.close()
+        raise
     finally:
         bar.close()
         rejects.close()
@@ -263,21 +333,49 @@ def _write_splits(
     return shards
 
 
+def _find_damaged(files: list[str], expect: dict[str, dict]) -> dict[str, dict]:
+    """{path: damage} of every damaged file among `files`, each read whole in a Ray task (records discarded)."""
+    if not files:
+        return {}
+    import ray
+
+    check = ray.remote(num_cpus=_STEP_CPUS, max_retries=0)(check_file)
+    found = ray.get([check.remote(f, expect.get(f)) for f in files])
+    return {f: d for f, d in zip(files, found) if d is not None}
+
+
+def _quarantine(damaged: dict[str, dict], quarantined: dict[str, dict]) -> None:
+    for path, dmg in damaged.items():
+        quarantined[path] = dmg
+        print(f"quarantined: {path}: {dmg['reason']} ({how_far(dmg)})", flush=True)
+
+
 def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = None) -> dict:
     """`cbt-llm prepare`: see the package docstring. Returns the manifest dict.
 
     Raises FileNotFoundError / ConfigError before starting Ray when inputs, tokenizer or sizes are wrong,
-    and PrepareError on the first bad record under `strict`.
+    PrepareError on the first bad record under `strict`, and InputFileError (a PrepareError) on a damaged
+    input file under data.on_input_error: stop; then nothing is written (a folder this run made is removed,
+    an earlier run's output is left as it was). Under quarantine the damaged files are left out (the run
+    starts over without them when the damage shows mid-stream) and listed in the manifest's `quarantined`.
     """
     from cbt_llm.domain.chat_format import IM_END
     from cbt_llm.inference.tokenizer import load_tokenizer, tokenizer_hash
     from data_pipeline.tokenizer import light_tokenizer_file
 
     dc = cfg.data
+    stop = dc.on_input_error == "stop"
     t_start = time.perf_counter()
     # fail early, before any expensive work
     _check_sizes(dc)
-    files = resolve_inputs(dc.inputs)
+    all_files = resolve_inputs(dc.inputs)
+    expect = synth_expectations(all_files)
+    quarantined: dict[str, dict] = {}
+    cut = size_damage(all_files, expect)  # a stat per listed file: sizes that differ fail before Ray starts
+    if cut and stop:
+        path, dmg = next(iter(cut.items()))
+        raise InputFileError(input_error_message(path, dmg))
+    _quarantine(cut, quarantined)
     tok = load_tokenizer(dc.tokenizer)
     tok_hash = tokenizer_hash(tok)
     end_token = IM_END if IM_END in tok.get_vocab() else (tok.eos_token or "")
@@ -285,31 +383,58 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     scorer, scorer_signature = screen.load_scorer_once(dc)
 
     out = Path(dc.out_dir).resolve()
+    made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "rejects").mkdir(parents=True)
     ray_dir = short_ray_dir(out)
 
     started, ray_s = init_ray(ray_address, ray_dir, dc.ray_object_store_mb)
     t_ray_ready = time.perf_counter()
+    done = False
     try:
-        ds = build_dataset(files, dc, end_token, scorer, light_tokenizer_file(tok, dc.tokenizer))
-        packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
-        rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
-        questions = QuestionFiles(staging)
-        try:
-            near = NearDupIndex(dc.near_dup.threshold) if dc.near_dup.enabled else None
-            counts = _consume(ds, packers, rejects, questions, near)
-        finally:
-            questions.heldout.close()
+        while True:  # once, unless quarantine finds a damaged file mid-stream: then again without it
+            files = [f for f in all_files if f not in quarantined]
+            if not files:
+                raise PrepareError(
+                    f"every input file is damaged ({len(quarantined)} quarantined: see above); nothing was written"
+                )
+            shutil.rmtree(staging, ignore_errors=True)
+            (staging / "rejects").mkdir(parents=True)
+            ds = build_dataset(files, dc, end_token, scorer, light_tokenizer_file(tok, dc.tokenizer), expect)
+            packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
+            rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
+            questions = QuestionFiles(staging)
+            try:
+                near = NearDupIndex(dc.near_dup.threshold) if dc.near_dup.enabled else None
+                counts = _consume(ds, packers, rejects, questions, near)
+                break
+            except _Damaged as exc:
+                if stop:
+                    raise InputFileError(input_error_message(files[exc.file_idx], exc.damage)) from None
+                # the files before it were read whole; find every damaged one after it in one pass, start over
+                found = {files[exc.file_idx]: exc.damage} | _find_damaged(files[exc.file_idx + 1 :], expect)
+                _quarantine(found, quarantined)
+                print(f"prepare: starting over without {len(quarantined)} quarantined file(s)", flush=True)
+            finally:
+                questions.heldout.close()
         t_stream = time.perf_counter()
         shards = _write_splits(packers, staging, dc, pad_id, counts["read"], rejects.total, out)
         manifest = build_manifest(
-            dc, files, tok_hash, pad_id, counts, rejects.counts, packers, shards, questions.close(), scorer_signature
+            dc,
+            files,
+            tok_hash,
+            pad_id,
+            counts,
+            rejects.counts,
+            packers,
+            shards,
+            questions.close(),
+            scorer_signature,
+            quarantined=[{"path": f, **quarantined[f]} for f in all_files if f in quarantined],
         )
         write_manifest(staging, manifest)
         swap_into_place(staging, out)
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if started:
@@ -317,6 +442,8 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
 
             ray.shutdown()
             shutil.rmtree(ray_dir, ignore_errors=True)
+        if not done and made_out:  # a failed run leaves no folder of its own behind
+            shutil.rmtree(out, ignore_errors=True)
 
     stream_s = max(1e-9, t_stream - t_ray_ready)  # processing only; Ray start-up is reported on its own
     pack_s = sum(p.pack_s for p in packers.values())

@@ -29,7 +29,14 @@ from data_pipeline.shards import (
 
 _SHARD_ROW_GROUP = 1024  # rows per Parquet row group in a shard, and per read of the spool when writing one
 # Fixed writer settings: part of what makes a re-run byte-identical.
-_PARQUET_KW = dict(compression="zstd", compression_level=3, use_dictionary=["example_ids"], write_statistics=False)
+# page CRCs: a page that changed on disk fails its read (every reader verifies them) instead of decoding to other tokens
+_PARQUET_KW = dict(
+    compression="zstd",
+    compression_level=3,
+    use_dictionary=["example_ids"],
+    write_statistics=False,
+    write_page_checksum=True,
+)
 
 
 def _rows_table(rows: Rows) -> pa.Table:
@@ -79,8 +86,15 @@ class SplitPacker:
         if self.writer is None:
             # a scratch file read once: no compression, dictionary or statistics (the dictionary attempt on
             # every token column would be most of the driver's write time); the shards cut from it are unchanged
+            # page CRCs: the spool goes to disk between the packing stage and the shard writer, which checks
+            # them (write_shards), so a page that changed on the way fails there, never reaches a shard
             self.writer = pq.ParquetWriter(
-                str(self.spool_path), ROW_SCHEMA, compression="none", use_dictionary=False, write_statistics=False
+                str(self.spool_path),
+                ROW_SCHEMA,
+                compression="none",
+                use_dictionary=False,
+                write_statistics=False,
+                write_page_checksum=True,
             )
         self.writer.write_table(_rows_table(rows))
         self.examples += len(self.ids)
@@ -160,7 +174,9 @@ def write_shards(spool: Path, out: Path, split: str, num_shards: int, pad_token_
     (out / split).mkdir(parents=True, exist_ok=True)
     # pre_buffer off: with it (pyarrow's default) iter_batches reads the whole spool into memory before the
     # first batch, ~800 MB for a 750 MB spool (1M records make ~2 GB)
-    spool_file = pq.ParquetFile(str(spool), pre_buffer=False) if spool.exists() else None
+    spool_file = (
+        pq.ParquetFile(str(spool), pre_buffer=False, page_checksum_verification=True) if spool.exists() else None
+    )
     total = spool_file.metadata.num_rows if spool_file else 0
     # the spool's schema as read back (lists of "element"), not ROW_SCHEMA ("item"): shards have always
     # carried the read-back one, and it is part of their bytes

@@ -414,8 +414,9 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
     stages: dict[str, int] = {}
     crisis = resist = turns = jsonl_bytes = 0
     raw = open(tmp, "wb")
+    # a content checksum ends the frame: a reader (data_pipeline.io) tells a corrupt shard from a good one
     out = (
-        zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=True)
+        zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).stream_writer(raw, closefd=True)
         if job["compress"] == "zstd"
         else raw
     )

@@ -82,6 +82,13 @@ class DataConfig(Section):
         "(data_pipeline/prepare/split.py); auto: split for format messages, truncate otherwise.",
     )
     max_chars: int = Field(20_000, ge=1, description="Records with more characters than this are rejected.")
+    on_input_error: Literal["stop", "quarantine"] = Field(
+        "stop",
+        description="A damaged input file (unreadable, a zstd stream cut short or failing its checksum, a JSONL "
+        "file ending mid-record, a synth shard that differs from its synth_summary.json): stop = fail with one "
+        "line naming the file and how far the read got, writing nothing; quarantine = prepare without it and list "
+        "it (reason, lines read) in the manifest's `quarantined` and the summary.",
+    )
     num_shards: int = Field(0, ge=0, description="Train shards to write (0: a multiple of world_size).")
     world_size: int = Field(
         8,

@@ -110,6 +110,12 @@ class TrainConfig(Section):
         "rank 0 writes the top operators to run_dir/profile.txt.",
     )
     record_order: bool = Field(False, description="Write the rows each rank saw per step to run_dir/order/ (tests).")
+    verify_shards: Literal["size", "sample", "full"] = Field(
+        "size",
+        description="Before the first step (and in `cbt-llm launch`'s preflight) every shard a rank reads must be a "
+        "whole Parquet file with the manifest's row count (footers only, always); full also checks every shard's "
+        "SHA-256 against manifest.json, sample one shard in eight (at least one per rank), size none.",
+    )
 
 
 class WandbConfig(Section):

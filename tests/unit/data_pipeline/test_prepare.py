@@ -145,46 +145,46 @@ def make_cfg(env, out: str, inputs=None, **data) -> Config:
     return Config.model_validate({"data": base})
 
 
-# Digests of a run's outputs on the fixed corpora below (seeded records, tokenizer trained on them), recorded
-# with the implementation before the issue-15 speed work: the shards, rejects, question files and manifest
-# must stay byte-identical whatever the pipeline does inside.
+# Digests of a run's outputs on the fixed corpora below (seeded records, tokenizer trained on them): the shards,
+# rejects, question files and manifest must stay byte-identical whatever the pipeline does inside. The shards'
+# (and so the manifest's) moved once, on purpose, when shards gained Parquet page checksums (bench/RESULTS.md).
 _DIGESTS: dict[str, dict[str, str]] = {
     "out": {
         "heldout.jsonl": "62ea85900848776e",
         "rejects/rejects-00000.jsonl": "30f21620080f6d26",
-        "train/part-00000-of-00002.parquet": "378a5132f72d1560",
-        "train/part-00001-of-00002.parquet": "bb884fdc6bdbfcfa",
+        "train/part-00000-of-00002.parquet": "a317f0f39b4d06cc",
+        "train/part-00001-of-00002.parquet": "649bb253002c99fc",
         "train_questions.u64": "84b41a66fcee9c52",
-        "validation/part-00000-of-00001.parquet": "bc3d0ab352be424b",
-        "manifest.json(content)": "b79825681f06cb74",
+        "validation/part-00000-of-00001.parquet": "3738fed2ab9b8270",
+        "manifest.json(content)": "9c90a7a86db1c5c2",
     },
     "padded": {
         "heldout.jsonl": "e3b0c44298fc1c14",
         "rejects/rejects-00000.jsonl": "46f4c12dd51494fc",
-        "train/part-00000-of-00004.parquet": "a2d396ea02333763",
-        "train/part-00001-of-00004.parquet": "b6299456ac832d28",
-        "train/part-00002-of-00004.parquet": "0f10dbd8e509bc7a",
-        "train/part-00003-of-00004.parquet": "0ac9718c6816a3d0",
+        "train/part-00000-of-00004.parquet": "7d9f175c46849ff7",
+        "train/part-00001-of-00004.parquet": "0375a9cf371509d6",
+        "train/part-00002-of-00004.parquet": "b32cdec6eb0413c0",
+        "train/part-00003-of-00004.parquet": "43aaf87d4e58d76b",
         "train_questions.u64": "be265b87869aabd5",
-        "manifest.json(content)": "3fa4fcb64501f293",
+        "manifest.json(content)": "7ddada957ba0d277",
     },
     "alp": {
         "heldout.jsonl": "d90dca34b3643662",
         "rejects/rejects-00000.jsonl": "37dd65585bd3352e",
-        "train/part-00000-of-00002.parquet": "3d81cedf83b50ff1",
-        "train/part-00001-of-00002.parquet": "896b6c6062559042",
+        "train/part-00000-of-00002.parquet": "110321374a4d3a65",
+        "train/part-00001-of-00002.parquet": "f7544dd178b7a716",
         "train_questions.u64": "da31eebac7670b85",
-        "validation/part-00000-of-00001.parquet": "b7683658e6077054",
-        "manifest.json(content)": "4cbc4e93de7708cc",
+        "validation/part-00000-of-00001.parquet": "fe4a4d2e9bf6e1c6",
+        "manifest.json(content)": "8e104ef459cc2f26",
     },
     "sg": {
         "heldout.jsonl": "28f6b7734f4a7539",
         "rejects/rejects-00000.jsonl": "a07b2e252bc44259",
-        "train/part-00000-of-00002.parquet": "81a4391e599f97f9",
-        "train/part-00001-of-00002.parquet": "5c9c360ecd6a652a",
+        "train/part-00000-of-00002.parquet": "1c598115aa0bee8e",
+        "train/part-00001-of-00002.parquet": "d1a177d06599f8f4",
         "train_questions.u64": "0c48ad44d2f12260",
-        "validation/part-00000-of-00001.parquet": "eb39887cba95258a",
-        "manifest.json(content)": "9168c8249e5d931e",
+        "validation/part-00000-of-00001.parquet": "01ab564d3ace4eca",
+        "manifest.json(content)": "36a9bb09c695eb87",
     },
 }
 _RUN_SPECIFIC = ("config_hash",)  # hashes data.inputs and data.tokenizer, which are temp paths here

@@ -170,7 +170,8 @@ def test_every_crisis_disclosure_is_flagged_by_the_guard():
 def test_crisis_sessions_put_safety_first_and_give_the_hotlines(sessions, every_length):
     crisis = [r for r in sessions + every_length if r["meta"]["crisis"]]
     assert 0.06 * N < sum(r["meta"]["crisis"] for r in sessions) < 0.14 * N
-    guard = CrisisGuard()
+    # the generator's own property (the client discloses at crisis_turn, not before), read by the patterns
+    guard = CrisisGuard(user_model=None, reply_model=None)
     numbers = [h.number for h in SHOWN_CRISIS_LINES]
     for r in crisis:
         msgs, arc, i = r["messages"], r["meta"]["arc"], r["meta"]["crisis_turn"]
