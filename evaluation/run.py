@@ -17,7 +17,8 @@ score      reference metrics, BERTScore, CBT structure, safety, each with n and 
            eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge), and the CTRS items of
            each session transcript
 write      generations.jsonl, probes.jsonl, sessions.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B
-           (evaluation.outputs)
+           (evaluation.outputs); then the model card (README.md) of every evaluated folder with an export.json
+           gets these numbers (train.model_card.refresh_cards)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from data_pipeline.synth.scorer import load_or_train
 from evaluation import bertscore, outputs, probes, reference, safety, sessions, stats
 from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
+from train.model_card import refresh_cards
 from train.runtime import dist_env
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -538,6 +540,8 @@ def run_eval(cfg: Config) -> dict:
     judged_sessions = _judge_all(cfg, questions, gens, held, results, by_model, rejects) if ec.judge.base_url else {}
     results["examples"] = _examples(questions, by_model, ec.examples, ec.seed)
     out = write_outputs(cfg, results, by_model, rejects, _all_session_rows(held, judged_sessions))
+    for card in refresh_cards(results):  # an exported model's card carries its latest eval
+        print(f"eval: model card {card} updated", file=sys.stderr)
     print_summary(
         f"cbt-llm eval ({len(questions)} questions, {source})", outputs.summary_rows(results), file=sys.stderr
     )

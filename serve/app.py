@@ -29,15 +29,19 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = MAX_QUEUE,
     max_body_bytes: int = MAX_BODY_BYTES,
+    trim_history: bool = False,
 ) -> FastAPI:
     """The app around `engine` (serve.engine.Engine or anything with .name and .generate_one; with
     .concurrency, that many requests may be in generate_one at once).
 
     max_tokens_limit    the largest max_tokens a request may ask for (more is a 400)
-    default_max_tokens  what a request that names no max_tokens gets (at most max_tokens_limit)
+    default_max_tokens  what a request that names no max_tokens gets when the model's context is unknown (with a
+                        known context: what it has left after the prompt); at most max_tokens_limit
     api_key             when set, /v1/* needs `Authorization: Bearer <api_key>`
     max_queue           requests that may wait for the model; one more gets a 503 with Retry-After
     max_body_bytes      larger request bodies get a 413
+    trim_history        drop a conversation's oldest turns to fit the model's context (else it is a 400 naming
+                        `messages`)
     """
     guard = guard or CrisisGuard()
     service = ChatService(
@@ -47,6 +51,7 @@ def create_app(
         api_key=api_key,
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
+        trim_history=trim_history,
     )
     app = FastAPI(title="cbt-llm serve", docs_url=None, redoc_url=None)
     app.state.engine, app.state.guard, app.state.service = engine, guard, service

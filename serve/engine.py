@@ -38,14 +38,26 @@ class Completion:
 
 
 class PromptTooLong(ValueError):
-    """The prompt's tokens plus max_new_tokens exceed the model's context."""
+    """The prompt's tokens plus max_new_tokens exceed the model's context. `param` is what to change: "messages"
+    (no room for a reply) or "max_tokens" (an explicit reply length that does not fit); `message` replaces the
+    default wording (serve/context.py words its own)."""
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int):
+    def __init__(
+        self,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        context: int,
+        *,
+        param: str = "messages",
+        message: str | None = None,
+    ):
         super().__init__(
-            f"the messages are {prompt_tokens} tokens; with max_tokens {max_new_tokens} that is more than the "
+            message
+            or f"the messages are {prompt_tokens} tokens; with max_tokens {max_new_tokens} that is more than the "
             f"model's context of {context} tokens: shorten the messages or lower max_tokens"
         )
         self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context
+        self.param = param
 
 
 def check_model_args(model: str, adapter: str = "") -> None:

@@ -12,6 +12,11 @@ GuardedStream is the same reply shown while the model makes it (`cbt-llm chat`, 
 crisis block is shown before the model starts, the model's text goes through the guard's OutputStream (which
 releases it a sentence at a time, each only once every layer of the output check has read the text up to it), and
 the disclaimer comes last. serve/streaming.py gives the model's text in pieces.
+
+`fit` (serve/context.py's ReplyBudget, or any fit(messages, max_new_tokens) -> Fitted) sizes the reply and drops
+a long conversation's oldest turns from what the model sees: it runs after the guard has read the whole
+conversation and its note is in the system turn, so trimming never changes the verdict, and the note is kept.
+Without one, the engine gets the messages and max_new_tokens as they are.
 """
 
 from __future__ import annotations
@@ -21,24 +26,80 @@ from dataclasses import dataclass
 
 from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER
 from cbt_llm.domain.guard import CrisisGuard, Verdict, after_model, before_model, with_note
+from serve.engine import Completion, PromptTooLong
 
 
 @dataclass
 class GuardedReply:
-    """The reply a person sees, the model's completion it was made from, and the guard's verdict."""
+    """The reply a person sees, the model's completion it was made from, the guard's verdict, and how many of the
+    oldest messages the model did not see (`fit` dropped them to fit its context; 0: none)."""
 
     text: str
     completion: object  # serve.engine.Completion
     verdict: Verdict
     replaced: bool
+    dropped: int = 0
 
 
-def guarded_reply(engine, guard: CrisisGuard, messages: list[dict], conversation_id: str | None = None, **gen):
+def fitted(seen: list[dict], fit, gen: dict) -> tuple[list[dict], dict, int]:
+    """(the messages the model gets, generate_one's options with the reply length set, messages dropped)."""
+    if fit is None:
+        return seen, gen, 0
+    out = fit(seen, gen.get("max_new_tokens"))
+    return out.messages, {**gen, "max_new_tokens": out.max_new_tokens}, out.dropped
+
+
+def _block_alone(guard: CrisisGuard, verdict: Verdict, messages: list[dict]) -> GuardedReply:
+    """A crisis whose conversation leaves the model no room to answer: the crisis block (and the disclaimer on a
+    first reply) instead of an error, so a person in crisis never gets a 400 where the hotlines should be (the
+    server's choice, block_when_no_room; the terminal chat shows the block and says the message was too long)."""
+    first = not any(m.get("role") == "assistant" for m in messages)
+    return GuardedReply(guard.wrap_reply("", verdict, first), Completion("", 0, 0, "length"), verdict, False, 0)
+
+
+def guarded_reply(
+    engine, guard: CrisisGuard, messages: list[dict], conversation_id: str | None = None, *, fit=None, **gen
+) -> GuardedReply:
     """Answer `messages` (the last one a user turn) through the guard; `gen`: engine.generate_one's options."""
+    return guarded_replies(engine, guard, messages, conversation_id, fit=fit, **gen)[0]
+
+
+def guarded_replies(
+    engine,
+    guard: CrisisGuard,
+    messages: list[dict],
+    conversation_id: str | None = None,
+    n: int = 1,
+    *,
+    fit=None,
+    block_when_no_room: bool = False,
+    **gen,
+) -> list[GuardedReply]:
+    """`n` answers to `messages` (a request's `n`), each through the output check; the user turn is read once.
+    Sampled (temperature > 0), each is generated on its own, with seed + i when a seed is given (so they differ and
+    repeat); greedy, the model answers once and every choice is that reply (greedy decoding gives nothing else)."""
     verdict, seen = before_model(guard, messages, conversation_id)
-    out = engine.generate_one(seen, **gen)
-    text, replaced, _ = after_model(guard, out.text, verdict, messages, conversation_id)
-    return GuardedReply(text, out, verdict, replaced)
+    try:
+        seen, gen, dropped = fitted(seen, fit, gen)
+    except PromptTooLong:
+        if not (verdict.crisis and block_when_no_room):
+            raise
+        return [_block_alone(guard, verdict, messages)] * n
+    replies: list[GuardedReply] = []
+    for i in range(n):
+        if i and not gen.get("temperature"):
+            replies.append(replies[0])
+            continue
+        seed = gen.get("seed")
+        try:
+            out = engine.generate_one(seen, **{**gen, **({"seed": seed + i} if seed is not None else {})})
+        except PromptTooLong:
+            if not (verdict.crisis and block_when_no_room):
+                raise
+            return [_block_alone(guard, verdict, messages)] * n
+        text, replaced, _ = after_model(guard, out.text, verdict, messages, conversation_id)
+        replies.append(GuardedReply(text, out, verdict, replaced, dropped))
+    return replies
 
 
 class _ModelPart:
@@ -94,12 +155,18 @@ class GuardedStream:
         guard: CrisisGuard,
         messages: list[dict],
         conversation_id: str | None = None,
+        *,
+        fit=None,
+        verdict: Verdict | None = None,
+        block_when_no_room: bool = False,
         **gen,
     ):
+        self.block_when_no_room = block_when_no_room
         self.deltas, self.guard, self.messages = deltas, guard, messages
-        self.conversation_id, self.gen = conversation_id, gen
+        self.conversation_id, self.gen, self.fit = conversation_id, gen, fit
         self.reply: GuardedReply | None = None
-        self.verdict: Verdict | None = None
+        self.verdict: Verdict | None = verdict  # given: the user turn was read already (another choice of `n`)
+        self.dropped = 0  # the oldest messages `fit` kept from the model, once started
         self._source: Iterable[str] | None = None
 
     def start(self) -> Verdict:
@@ -108,7 +175,13 @@ class GuardedStream:
             self.verdict = self.guard.check_user_turn(self.messages, conversation_id=self.conversation_id)
         if self._source is None:
             note = self.guard.system_note_for_model(self.verdict)
-            self._source = self.deltas(with_note(self.messages, note), **self.gen)
+            try:
+                seen, gen, self.dropped = fitted(with_note(self.messages, note), self.fit, self.gen)
+                self._source = self.deltas(seen, **gen)
+            except PromptTooLong:
+                if not (self.verdict.crisis and self.block_when_no_room):
+                    raise
+                self._source = iter(())  # no room for the model: the block (and disclaimer) alone, never a 400
         return self.verdict
 
     def __iter__(self) -> Iterator[str]:
@@ -126,7 +199,8 @@ class GuardedStream:
             if first:
                 yield join("disclaimer", DISCLAIMER)
             text = CRISIS_BLOCK if check.replaced else check.text
-            self.reply = GuardedReply(self.guard.wrap_reply(text, verdict, first), None, verdict, check.replaced)
+            wrapped = self.guard.wrap_reply(text, verdict, first)
+            self.reply = GuardedReply(wrapped, None, verdict, check.replaced, self.dropped)
         finally:
             _close(source)  # stops the model when the reader left early (a no-op once it is done)
 

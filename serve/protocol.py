@@ -1,11 +1,28 @@
 """The wire format of the OpenAI-compatible API as typed pydantic models: what a client may send to
 /v1/chat/completions, and what it gets back (a completion, stream chunks, the models list, an error).
 
-Requests are checked here and nowhere else. The fields accepted are the part of OpenAI's chat completions this
-server acts on: `messages` (system, user and assistant turns, the last one a user turn; content a string or a list
-of parts, whose text parts the model reads), `max_tokens` (or its newer name `max_completion_tokens`),
-`temperature`, `top_p`, `seed`, `stop`, `stream` with `stream_options.include_usage`, `n` (1 only) and `user`.
-Other fields, `model` among them, are ignored, as a server of one model may.
+Requests are checked here and nowhere else. What a request may carry, as OpenAI's chat completions define it:
+
+    acted on    `messages` (system, developer, user and assistant turns, the last one a user turn; `developer` is
+                a system turn, as OpenAI's newer clients send it; content a string or a list of parts, whose text
+                parts the model reads), `max_tokens` or its newer name `max_completion_tokens` (left out: what the
+                model's context has left after the prompt, at most the server's limit: serve/context.py),
+                `temperature`, `top_p`, `seed`, `stop`, `n` (1 to MAX_N choices, each through the guard's output
+                check; sampled choices are generated one by one, with seed + i for choice i when a seed is given;
+                with temperature 0 every choice is the one greedy reply, as greedy decoding gives no other),
+                `stream` with `stream_options.include_usage`, and `user` (the guard counts conversations by a
+                salted hash of it)
+    IGNORED     accepted with any value and ignored, as they ask for nothing a server of one model without storage
+                does differently: `model`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`,
+                `prompt_cache_key`, `safety_identifier`, `reasoning_effort`, `verbosity`
+    NEUTRAL     accepted at the value that asks for nothing (null, or the value in parentheses) and a 400 naming the
+                field otherwise, since this server cannot do what they ask: `logprobs` (false), `top_logprobs` (0),
+                `logit_bias` ({}), `response_format` ({"type": "text"}), `tools` ([]), `tool_choice` ("none" or
+                "auto": without tools both mean plain text), `functions` ([]), `function_call` ("none", "auto"),
+                `frequency_penalty` and `presence_penalty` (0), `modalities` (["text"]), `audio`, `prediction`,
+                `web_search_options`
+Fields OpenAI does not define (another server's extensions, e.g. vLLM's `top_k`) are ignored, as vLLM ignores what
+it does not know.
 
 A request that breaks a rule gets a 400 in OpenAI's error shape, {"error": {"message", "type", "param", "code"}},
 which the official clients raise as BadRequestError. Pydantic reports every broken rule in its own words; a client
@@ -21,7 +38,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,11 +48,17 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-ROLES = ("system", "user", "assistant")
+from cbt_llm.domain.guard import message_text
+
+ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # stop strings a request may give, as OpenAI allows
+MAX_N = 16  # choices a request may ask for
+IGNORED = ("model", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
+           "reasoning_effort", "verbosity")  # fmt: skip
 INVALID = "invalid_request"  # the pydantic error type of a rule checked here, whose message is already the reply's
 
 
@@ -68,8 +90,8 @@ class APIError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What the server allows a request: the largest `max_tokens`, and what a request that names none gets
-    (never more than the largest)."""
+    """What the server allows a request: the largest `max_tokens`, and what a request that names none gets when
+    the model's context is unknown (never more than the largest; with a known context it gets what fits)."""
 
     max_tokens: int
     default_max_tokens: int
@@ -104,17 +126,35 @@ def _number(default, lo: float, hi: float, *, integer: bool = False, lo_open: bo
     return PlainValidator(check)
 
 
-def _max_tokens(value, info: ValidationInfo) -> int:
-    """An integer up to the server's limit (the validation context's Limits); absent or null: the default."""
+def _max_tokens(value, info: ValidationInfo) -> int | None:
+    """An integer up to the server's limit (the validation context's Limits); absent or null: None (what fits)."""
     limits: Limits = info.context
-    asked = _checked_number(value, "max_tokens", 1, limits.max_tokens, integer=True)
-    return min(limits.default_max_tokens, limits.max_tokens) if asked is None else asked
+    return _checked_number(value, info.field_name, 1, limits.max_tokens, integer=True)
 
 
-def _only_one(value):
-    if value != 1:
-        raise _invalid("only n=1 is supported", "n")
-    return value
+def _neutral(accepts, what: str) -> PlainValidator:
+    """An OpenAI field this server does not act on: null, or a value `accepts` (the one that asks for nothing), is
+    None; anything else is a 400 naming it."""
+
+    def check(value, info: ValidationInfo):
+        if value is None or accepts(value):
+            return None
+        name = info.field_name
+        raise _invalid(f"'{name}' is not supported here ({what}); leave it out", name)
+
+    return PlainValidator(check)
+
+
+def _zero(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v == 0
+
+
+def _plain_choice(v) -> bool:
+    return v in ("none", "auto")
+
+
+def _never(v) -> bool:
+    return False
 
 
 def _stop_list(value):
@@ -140,7 +180,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
 
 
@@ -150,14 +190,14 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """A /v1/chat/completions request, checked. Validate it with parse_chat_request, which gives the Limits
-    that `max_tokens` needs and answers a broken rule with an APIError. Fields are checked in this order."""
+    that `max_tokens` needs and answers a broken rule with an APIError. Fields are checked in this order; fields
+    not declared here (IGNORED, and any other) are ignored."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, PlainValidator(_max_tokens)] = Field(
-        None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"), validate_default=True
-    )
+    max_tokens: Annotated[int | None, PlainValidator(_max_tokens)] = None
+    max_completion_tokens: Annotated[int | None, PlainValidator(_max_tokens)] = None
     stop: Annotated[list[str], BeforeValidator(_stop_list), Field(max_length=MAX_STOP)] = Field(default_factory=list)
-    n: Annotated[int, PlainValidator(_only_one)] = 1
+    n: Annotated[int, _number(1, 1, MAX_N, integer=True)] = 1
     stream: StrictBool = False
     temperature: Annotated[float, _number(0.0, 0.0, 2.0)] = 0.0  # 0: greedy
     top_p: Annotated[float, _number(1.0, 0.0, 1.0, lo_open=True)] = 1.0
@@ -165,6 +205,23 @@ class ChatCompletionRequest(BaseModel):
     stream_options: Annotated[StreamOptions | None, BeforeValidator(lambda v: v or None)] = None
     # the guard counts conversations by a salted hash of this; anything but a string is ignored
     user: Annotated[str | None, PlainValidator(lambda v: v if isinstance(v, str) else None)] = None
+    # NEUTRAL: OpenAI's fields this server cannot act on, accepted when they ask for nothing
+    logprobs: Annotated[None, _neutral(lambda v: v is False, "no log probabilities are returned")] = None
+    top_logprobs: Annotated[None, _neutral(_zero, "no log probabilities are returned")] = None
+    logit_bias: Annotated[None, _neutral(lambda v: v == {}, "no logit bias")] = None
+    response_format: Annotated[
+        None, _neutral(lambda v: isinstance(v, dict) and v.get("type") == "text", "replies are plain text")
+    ] = None
+    tools: Annotated[None, _neutral(lambda v: v == [], "no tools")] = None
+    tool_choice: Annotated[None, _neutral(_plain_choice, "no tools")] = None
+    functions: Annotated[None, _neutral(lambda v: v == [], "no functions")] = None
+    function_call: Annotated[None, _neutral(_plain_choice, "no functions")] = None
+    frequency_penalty: Annotated[None, _neutral(_zero, "no penalties")] = None
+    presence_penalty: Annotated[None, _neutral(_zero, "no penalties")] = None
+    modalities: Annotated[None, _neutral(lambda v: v == ["text"], "replies are text only")] = None
+    audio: Annotated[None, _neutral(_never, "replies are text only")] = None
+    prediction: Annotated[None, _neutral(_never, "no predicted outputs")] = None
+    web_search_options: Annotated[None, _neutral(_never, "no web search")] = None
 
     @field_validator("messages")
     @classmethod
@@ -173,14 +230,43 @@ class ChatCompletionRequest(BaseModel):
             raise _invalid("the last message must be a user turn", "messages")
         return messages
 
+    @model_validator(mode="after")
+    def _one_reply_length(self) -> ChatCompletionRequest:
+        both = (self.max_tokens, self.max_completion_tokens)
+        if None not in both and both[0] != both[1]:
+            raise _invalid("give max_completion_tokens or max_tokens (its older name), not both", "max_tokens")
+        return self
+
+    @property
+    def reply_tokens(self) -> int | None:
+        """The reply length asked for (max_completion_tokens or max_tokens); None: what fits."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def reply_tokens_field(self) -> str:
+        """The name the request gave its reply length by, for an error about it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
         return self.stream_options is not None and self.stream_options.include_usage
 
     def message_dicts(self) -> list[dict]:
-        """The messages as the guard and the engines take them: plain dicts, extra fields included."""
-        return [m.model_dump() for m in self.messages]
+        """The messages as the guard and the engines take them: plain dicts, extra fields included, a developer
+        turn as a system turn, and the system turns the conversation starts with joined into one (the guard adds
+        its note to the first, and the model was trained with one)."""
+        out: list[dict] = []
+        for m in self.messages:
+            d = m.model_dump()
+            if d["role"] == "developer":
+                d["role"] = "system"
+            if d["role"] == "system" and out and len(out) == sum(x["role"] == "system" for x in out):
+                first = out[0]
+                out[0] = {**first, "content": f"{message_text(first)}\n\n{message_text(d)}".strip()}
+                continue
+            out.append(d)
+        return out
 
 
 # Pydantic's own errors, in this server's words, by field (the numbers' and n's messages are raised as they are).

@@ -34,20 +34,25 @@ class RemoteEngine:
             return "default"
         return models[0].id if models else "default"
 
+    @staticmethod
+    def options(max_new_tokens: int | None, seed: int | None) -> dict:
+        """The optional fields of a request upstream: max_tokens (None: none sent, the server sizes the reply to
+        what fits its model, as vLLM and OpenAI do) and seed."""
+        kw = {"max_tokens": max_new_tokens} if max_new_tokens is not None else {}
+        return kw | ({"seed": seed} if seed is not None else {})
+
     def generate_one(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None):
         from serve.engine import Completion
 
-        kw = {"seed": seed} if seed is not None else {}
         stream = self.client.chat.completions.create(
             model=self.name,
             messages=messages,
-            max_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             stop=stop or None,
             stream=True,
             stream_options={"include_usage": True},
-            **kw,
+            **self.options(max_new_tokens, seed),
         )
         parts, finish, usage = [], "stop", None
         for chunk in stream:

@@ -33,6 +33,13 @@ Security and limits: with `api_key` set, /v1/* needs `Authorization: Bearer <key
 otherwise a 401 in OpenAI's error shape); /health and /metrics stay open (they hold no message text, and health
 checks and Prometheus scrapers carry no key). A body over `max_body_bytes` (by Content-Length or as read) is a
 413, a prompt that does not fit the model's context a 400 naming `messages`. Nothing here logs message text.
+
+The reply length and a long conversation (serve/context.py): a request without max_tokens gets what the model's
+context has left after the prompt (at most the server's max_tokens_limit); an explicit one that does not fit is a 400
+naming it. A conversation longer than the context is a 400 naming `messages`, unless the service trims (`trim_history`,
+serve.trim_history): then its oldest turns are dropped from what the model sees, after the guard has read them all.
+`n` > 1 answers with n choices, each through the guard's output check (serve/guarded.py's guarded_replies); streamed,
+the choices come one after another, each with its own index, role and finish reason.
 """
 
 from __future__ import annotations
@@ -51,8 +58,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cbt_llm.domain.guard import CrisisGuard
+from serve.context import ReplyBudget
 from serve.engine import PromptTooLong
-from serve.guarded import GuardedReply, GuardedStream, guarded_reply
+from serve.guarded import GuardedReply, GuardedStream, guarded_replies
 from serve.metrics import ServeMetrics
 from serve.protocol import (
     SSE_DONE,
@@ -74,6 +82,7 @@ from serve.streaming import Generation, model_deltas
 
 RETRY_AFTER_S = 1
 _END = object()  # the last item a stream's worker hands over
+_CHOICE_DONE = object()  # a choice's stream is done
 
 
 class ClientGone(Exception):
@@ -91,7 +100,9 @@ class ChatService:
     api_key         when set, /v1/* needs `Authorization: Bearer <api_key>`
     max_queue       requests that may wait for the model; one more gets a 503 with Retry-After
     max_body_bytes  larger request bodies get a 413
-    limits          the largest max_tokens a request may ask for, and what one that names none gets
+    limits          the largest max_tokens a request may ask for, and what one that names none gets when the
+                    model's context is unknown
+    trim_history    drop a conversation's oldest turns to fit the model's context (else a 400 naming `messages`)
     """
 
     def __init__(
@@ -103,8 +114,18 @@ class ChatService:
         api_key: str | None,
         max_queue: int,
         max_body_bytes: int,
+        trim_history: bool = False,
     ):
         self.engine, self.guard, self.limits = engine, guard, limits
+        advice = (
+            "shorten the latest message"
+            if trim_history
+            else "shorten the conversation, or start the server with serve.trim_history: true (--trim-history) to "
+            "drop its oldest turns"
+        )
+        self.budget = ReplyBudget(
+            engine, cap=limits.max_tokens, trim=trim_history, fallback=limits.default_max_tokens, advice=advice
+        )
         self.max_queue, self.max_body_bytes = max_queue, max_body_bytes
         self.concurrency = max(1, int(getattr(engine, "concurrency", 1)))
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -134,21 +155,24 @@ class ChatService:
             if req.stream:
                 return await self._stream(request, req, started)
             async with self._slot(request):
-                answer = await self._generate(req)
+                answers = await self._generate(req)
         except APIError as exc:
             self.metrics.count(exc.status)
             return error_response(exc)
         except ClientGone:
             self.metrics.count(499)
             return Response(status_code=499)
-        completion = answer.completion
-        usage = Usage.of(completion.prompt_tokens, completion.completion_tokens)
+        done = [a.completion for a in answers]
+        usage = Usage.of(done[0].prompt_tokens, sum(c.completion_tokens for c in done))
         self._count_tokens(usage)
         self.metrics.count(200)
         self.metrics.latency.observe(time.perf_counter() - started)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        choice = Choice(message=AssistantMessage(content=answer.text), finish_reason=completion.finish)
-        reply = ChatCompletion(id=rid, created=created, model=self.engine.name, choices=[choice], usage=usage)
+        choices = [
+            Choice(index=i, message=AssistantMessage(content=a.text), finish_reason=a.completion.finish)
+            for i, a in enumerate(answers)
+        ]
+        reply = ChatCompletion(id=rid, created=created, model=self.engine.name, choices=choices, usage=usage)
         return JSONResponse(reply.model_dump())
 
     # -- the steps of a request ----------------------------------------------------------------------------------
@@ -209,21 +233,37 @@ class ChatService:
             self._slots.release()
             raise
 
-    async def _generate(self, req: ChatCompletionRequest) -> GuardedReply:
-        """The guarded reply, made in a worker thread: a 400 APIError naming `messages` when the prompt does not fit
-        the model's context, a 500 when generation fails (the server keeps serving)."""
-        gen = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stop": req.stop}
+    def _gen(self, req: ChatCompletionRequest) -> dict:
+        """generate_one's options of a request, and the fit that sizes its reply to the model's context."""
+        return {
+            "max_new_tokens": req.reply_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "seed": req.seed,
+            "stop": req.stop,
+            "fit": functools.partial(self.budget, field=req.reply_tokens_field),
+        }
+
+    async def _generate(self, req: ChatCompletionRequest) -> list[GuardedReply]:
+        """The request's `n` guarded replies, made in a worker thread: a 400 APIError when the prompt does not fit
+        the model's context (naming `messages`, or the reply length asked for), a 500 when generation fails (the
+        server keeps serving)."""
         # the guard runs in the worker thread too: it is thread-safe, and cheap next to the model
         call = functools.partial(
-            guarded_reply, self.engine, self.guard, req.message_dicts(), req.user, max_new_tokens=req.max_tokens, **gen
+            guarded_replies,
+            self.engine,
+            self.guard,
+            req.message_dicts(),
+            req.user,
+            req.n,
+            block_when_no_room=True,
+            **self._gen(req),
         )
         self.metrics.in_flight.inc()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._workers, call)
-        except PromptTooLong as exc:
-            raise APIError(str(exc), "messages") from None
         except Exception as exc:
-            raise APIError(f"generation failed: {exc.__class__.__name__}", status=500, kind="server_error") from None
+            raise failure(exc) from None
         finally:
             self.metrics.in_flight.dec()
 
@@ -236,53 +276,69 @@ class ChatService:
     async def _stream(self, request: Request, req: ChatCompletionRequest, started: float) -> StreamingResponse:
         """The guarded reply as server-sent events while the model makes it. The slot is taken here (a 503, or
         ClientGone) and the prompt checked (a 400) before the stream starts; from then on a worker thread runs the
-        GuardedStream and hands its pieces over, and gives the slot back once the model is done."""
+        GuardedStreams (one per choice of `n`, one after another) and hands their pieces over, and gives the slot
+        back once the model is done."""
         await self._take_slot(request)
         loop = asyncio.get_running_loop()
-        run = Generation()
-        gen = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stop": req.stop}
-        stream = GuardedStream(
-            model_deltas(self.engine, run),
-            self.guard,
-            req.message_dicts(),
-            req.user,
-            max_new_tokens=req.max_tokens,
-            **gen,
-        )
+        runs = [Generation() for _ in range(req.n)]
+        gen = self._gen(req)
+        messages = req.message_dicts()
+
+        def start() -> list[GuardedStream]:  # in a worker: the guard reads the user turn once, for every choice
+            streams: list[GuardedStream] = []
+            for i, run in enumerate(runs):
+                seed = {"seed": req.seed + i} if req.seed is not None else {}
+                verdict = streams[0].verdict if streams else None
+                stream = GuardedStream(
+                    model_deltas(self.engine, run),
+                    self.guard,
+                    messages,
+                    req.user,
+                    verdict=verdict,
+                    block_when_no_room=True,
+                    **(gen | seed),
+                )
+                stream.start()
+                streams.append(stream)
+            return streams
+
         self.metrics.in_flight.inc()
         try:
-            await loop.run_in_executor(self._workers, stream.start)
+            streams = await loop.run_in_executor(self._workers, start)
         except BaseException as exc:
             self.metrics.in_flight.dec()
             self._slots.release()
-            if isinstance(exc, PromptTooLong):
-                raise APIError(str(exc), "messages") from None
             if isinstance(exc, Exception):
-                raise APIError(
-                    f"generation failed: {exc.__class__.__name__}", status=500, kind="server_error"
-                ) from None
+                raise failure(exc) from None
             raise
         self.metrics.count(200)
         pieces: asyncio.Queue = asyncio.Queue()
-        worker = self._workers.submit(_drive, stream, run, loop, pieces)
+        worker = self._workers.submit(_drive, streams, runs, loop, pieces)
 
         def finished(_) -> None:  # in the loop: the model is done, the slot goes back
             self.metrics.in_flight.dec()
             self._slots.release()
-            self._count_tokens(Usage.of(run.prompt_tokens, run.completion_tokens))
+            self._count_tokens(_usage(runs))
             self.metrics.latency.observe(time.perf_counter() - started)
 
         worker.add_done_callback(lambda _: _call_soon(loop, finished, None))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = self._events(rid, created, stream, run, pieces, req.include_usage)
+        events = self._events(rid, created, streams, runs, pieces, req.include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _events(
-        self, rid: str, created: int, stream: GuardedStream, run: Generation, pieces: asyncio.Queue, usage: bool
+        self,
+        rid: str,
+        created: int,
+        streams: list[GuardedStream],
+        runs: list[Generation],
+        pieces: asyncio.Queue,
+        usage: bool,
     ) -> AsyncIterator[str]:
-        """chat.completion.chunk events: the role, each piece as it comes, the finish reason, the usage chunk when
-        asked for, then [DONE]; an error event in OpenAI's shape instead when the generation fails. Leaving early
-        (the client hung up) stops the model."""
+        """chat.completion.chunk events: the role of every choice, then each piece as it comes (with its choice's
+        index) and each choice's finish reason once it is done, the usage chunk when asked for, then [DONE]; an
+        error event in OpenAI's shape instead when the generation fails. Leaving early (the client hung up) stops
+        the model."""
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             return ChatCompletionChunk(
@@ -290,35 +346,68 @@ class ChatService:
             ).sse()
 
         try:
-            yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
+            for i in range(len(streams)):
+                yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             while (item := await pieces.get()) is not _END:
                 if isinstance(item, BaseException):
                     err = APIError(f"generation failed: {item.__class__.__name__}", status=500, kind="server_error")
                     yield f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
                     return
-                yield chunk([ChunkChoice(delta=Delta(content=item))])
-            # a reply the guard cut ends with the crisis block: "stop", as its model was stopped (not cut by length)
-            finish = "stop" if stream.reply is not None and stream.reply.replaced else run.finish
-            yield chunk([ChunkChoice(delta=Delta(), finish_reason=finish)])
+                i, piece = item
+                if piece is not _CHOICE_DONE:
+                    yield chunk([ChunkChoice(index=i, delta=Delta(content=piece))])
+                    continue
+                # a reply the guard cut ends with the crisis block: "stop", as its model was stopped (not cut by
+                # length)
+                reply = streams[i].reply
+                finish = "stop" if reply is not None and reply.replaced else runs[i].finish
+                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=finish)])
             if usage:
-                yield chunk([], Usage.of(run.prompt_tokens, run.completion_tokens))
+                yield chunk([], _usage(runs))
             yield SSE_DONE
         finally:
-            run.cancel()  # a client gone mid-stream: the model stops after its next token (a no-op once it is done)
+            for run in runs:  # a client gone mid-stream: the model stops after its next token (a no-op once done)
+                run.cancel()
 
 
-def _drive(stream: GuardedStream, run: Generation, loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue) -> None:
-    """A stream's worker thread: the GuardedStream's pieces into `pieces` (in the loop's thread), then an exception
-    if it failed, then _END; stops early once the reader cancelled `run`."""
-    it = iter(stream)
+def failure(exc: Exception) -> APIError:
+    """A generation's exception as the reply the client gets: a prompt that does not fit is a 400 naming what to
+    change (`messages` or the reply length), an upstream's 400 (serve --backend proxy) its reason as a 400, anything
+    else a 500 that names the exception's class only."""
+    if isinstance(exc, PromptTooLong):
+        return APIError(str(exc), exc.param)
+    if getattr(exc, "status_code", None) == 400:  # the openai client's BadRequestError from an upstream
+        body = getattr(exc, "body", None)
+        reason = body.get("message") if isinstance(body, dict) else None
+        return APIError(f"the upstream server refused the request: {reason or exc}", getattr(exc, "param", None))
+    return APIError(f"generation failed: {exc.__class__.__name__}", status=500, kind="server_error")
+
+
+def _usage(runs: list[Generation]) -> Usage:
+    """The usage of a streamed request: its prompt once, the tokens of every choice."""
+    return Usage.of(runs[0].prompt_tokens, sum(r.completion_tokens for r in runs))
+
+
+def _drive(
+    streams: list[GuardedStream], runs: list[Generation], loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue
+) -> None:
+    """A stream's worker thread: each GuardedStream's pieces, as (choice index, piece), into `pieces` (in the loop's
+    thread), then (index, _CHOICE_DONE); an exception if one failed; then _END. Stops early once the reader
+    cancelled the runs."""
     try:
-        for piece in it:
-            if run.cancelled.is_set() or not _call_soon(loop, pieces.put_nowait, piece):
-                break
+        for i, (stream, run) in enumerate(zip(streams, runs)):
+            it = iter(stream)
+            try:
+                for piece in it:
+                    if run.cancelled.is_set() or not _call_soon(loop, pieces.put_nowait, (i, piece)):
+                        return
+            finally:
+                it.close()  # the model stops (when the loop above ended early) and is waited for
+            if run.cancelled.is_set() or not _call_soon(loop, pieces.put_nowait, (i, _CHOICE_DONE)):
+                return
     except Exception as exc:
         _call_soon(loop, pieces.put_nowait, exc)
     finally:
-        it.close()  # the model stops (when the loop above ended early) and is waited for
         _call_soon(loop, pieces.put_nowait, _END)
 
 

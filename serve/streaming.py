@@ -194,17 +194,15 @@ def remote_deltas(
     local guard adds its own by the same rule): text that could be the start of it waits for what follows. The
     server cuts at the stop strings; its usage chunk gives the counts."""
     run = run or Generation()
-    kw = {"seed": seed} if seed is not None else {}
     stream = engine.client.chat.completions.create(
         model=engine.name,
         messages=messages,
-        max_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         stop=stop or None,
         stream=True,
         stream_options={"include_usage": True},
-        **kw,
+        **engine.options(max_new_tokens, seed),
     )
     held = ""
     try:

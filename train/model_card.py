@@ -137,13 +137,22 @@ the disclaimer. Serving the raw model without such a layer is outside its intend
 {_eval_section(eval_entry)}"""
 
 
+def _evaluated_folder(m: dict) -> str | None:
+    """The folder an eval's model entry answered with: the model folder, or the adapter on a base model."""
+    if m.get("kind") == "folder" and not m.get("adapter"):
+        return m.get("source") or None
+    if m.get("kind") == "base+adapter":
+        return m.get("adapter") or None
+    return None
+
+
 def eval_entry_for(out: str | Path, results: dict) -> dict | None:
     """This export's entry in an eval's results.json ({name, questions, n, metrics}), or None when the eval did not
-    answer with this folder."""
+    answer with this folder (as the model, or as the adapter on its base)."""
     target = Path(out).resolve()
     for name, m in results.get("models", {}).items():
-        src = m.get("source")
-        if m.get("kind") == "folder" and src and Path(src).resolve() == target and not m.get("adapter"):
+        src = _evaluated_folder(m)
+        if src and Path(src).resolve() == target:
             metrics = {k: m["metrics"][k] for k in CARD_METRICS if m["metrics"].get(k, {}).get("score") is not None}
             q = results.get("questions", {})
             return {"name": name, "questions": q.get("source", ""), "n": q.get("n", 0), "metrics": metrics}
@@ -152,3 +161,38 @@ def eval_entry_for(out: str | Path, results: dict) -> dict | None:
 
 def write_card(out: str | Path, export: dict, training: dict, eval_entry: dict | None = None) -> Path:
     return write_text_atomic(Path(out) / CARD_FILE, render_card(export, training, eval_entry))
+
+
+def refresh_card(out: str | Path, results: dict) -> Path | None:
+    """Rewrite the card of exported folder `out` (one with export.json) with its entry in an eval's `results`: the
+    model-index header and the Evaluation section, the rest kept as export wrote it (a folder without a card gets a
+    whole one). None, and nothing written, when `out` is no export or the eval has no entry for it."""
+    out = Path(out)
+    try:
+        export = json.loads((out / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = eval_entry_for(out, results)
+    if entry is None or not isinstance(export, dict):
+        return None
+    card = out / CARD_FILE
+    old = card.read_text(encoding="utf-8") if card.is_file() else ""
+    return write_text_atomic(card, _with_eval(old, export, entry) or render_card(export, {}, entry))
+
+
+def refresh_cards(results: dict) -> list[Path]:
+    """refresh_card for every folder an eval answered with (`cbt-llm eval` calls it once results.json is
+    written): the cards rewritten."""
+    folders = {src for m in results.get("models", {}).values() if (src := _evaluated_folder(m))}
+    return [card for f in sorted(folders) if (card := refresh_card(f, results)) is not None]
+
+
+def _with_eval(old: str, export: dict, entry: dict) -> str | None:
+    """`old` (a card render_card wrote) with the header and Evaluation section of `entry`; None when it is not one."""
+    marker = "\n## Evaluation\n"
+    end = old.find("\n---\n", 3)
+    if not old.startswith("---\n") or end < 0 or marker not in old:
+        return None
+    header = yaml.safe_dump(_metadata(export, entry), sort_keys=False, allow_unicode=True)
+    body = old[end + len("\n---\n") : old.rindex(marker)]
+    return f"---\n{header}---\n{body}{marker}\n{_eval_section(entry)}"

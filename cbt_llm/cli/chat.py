@@ -8,14 +8,18 @@ from pathlib import Path
 from cbt_llm.core.config import Config
 from cbt_llm.core.errors import ConfigError
 
+DEFAULT_MAX_TOKENS = 512  # the longest reply when --max-tokens is not given (less when the context has less left)
+
 
 def run(cfg: Config, args) -> int:
     from cbt_llm.inference.safety_model import build_guard
     from serve.chat import run_batch, run_chat
+    from serve.context import ReplyBudget
     from serve.engine import Engine, check_model_args
     from serve.remote import RemoteEngine
 
-    if args.max_tokens < 1 or not 0.0 <= args.temperature <= 2.0 or not 0.0 < args.top_p <= 1.0:
+    bad_length = args.max_tokens is not None and args.max_tokens < 1
+    if bad_length or not 0.0 <= args.temperature <= 2.0 or not 0.0 < args.top_p <= 1.0:
         raise ConfigError("--max-tokens must be >= 1, --temperature in [0, 2] and --top-p in (0, 1]")
     if bool(args.model) == bool(args.url):
         raise ConfigError("chat needs exactly one of --model (a local model) or --url (an OpenAI-compatible server)")
@@ -30,14 +34,19 @@ def run(cfg: Config, args) -> int:
     else:
         check_model_args(args.model, args.adapter or "")
         engine = Engine.load(args.model, args.adapter or "", device=args.device, dtype=args.dtype)
-    gen = {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    # a local model: each reply gets what its context has left, at most --max-tokens, the oldest turns dropped when
+    # there is too little left (unless --no-trim); a server sizes the reply itself unless --max-tokens says
+    advice = "写短一些，或 /reset 开始新的对话" if not args.batch else "shorten the conversation"
+    fit = ReplyBudget(engine, cap=args.max_tokens or DEFAULT_MAX_TOKENS, trim=not args.no_trim, advice=advice)
+    asked = args.max_tokens if isinstance(engine, RemoteEngine) else None
+    gen = {"max_new_tokens": asked, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     if args.batch:
-        counts = run_batch(engine, args.batch, args.out, build_guard(cfg.guard), system=args.system, **gen)
+        counts = run_batch(engine, args.batch, args.out, build_guard(cfg.guard), system=args.system, fit=fit, **gen)
         print(
             f"chat --batch: {counts['answered']} answered, {counts['bad']} bad lines (with their reason) in {args.out}"
         )
         return 0
-    return run_chat(engine, build_guard(cfg.guard), system=args.system, **gen)
+    return run_chat(engine, build_guard(cfg.guard), system=args.system, fit=fit, **gen)
 
 
 def add_parser(sub) -> None:
@@ -48,7 +57,18 @@ def add_parser(sub) -> None:
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder on top of --model")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"longest reply in tokens (default: what the model's context has left, at most {DEFAULT_MAX_TOKENS}; "
+        "with --url: what the server gives)",
+    )
+    p.add_argument(
+        "--no-trim",
+        action="store_true",
+        help="a conversation longer than the model's context fails instead of dropping its oldest turns",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as `cbt-llm eval` decodes")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")

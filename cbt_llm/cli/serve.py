@@ -24,7 +24,12 @@ FLAGS: list[Flag] = [
     ("--upstream-api-key-env", "serve.upstream_api_key_env", str, "the upstream's key, from this environment variable"),
     ("--host", "serve.host", str, "address to listen on (default: loopback only)"),
     ("--port", "serve.port", int, "port (default 8000)"),
-    ("--max-tokens-limit", "serve.max_tokens_limit", int, "largest max_tokens a request may ask for"),
+    (
+        "--max-tokens-limit",
+        "serve.max_tokens_limit",
+        int,
+        "largest max_tokens a request may ask for, and the most a request without one gets",
+    ),
     (
         "--api-key-env",
         "serve.api_key_env",
@@ -107,6 +112,7 @@ def run(cfg: Config, args) -> int:
         api_key=api_key,
         max_queue=sc.max_queue,
         max_body_bytes=sc.max_body_bytes,
+        trim_history=sc.trim_history,
     )
     return 0
 
@@ -123,4 +129,6 @@ def add_parser(sub) -> None:
     )
     add_switch(p, "--allow-unauthenticated", "serve.allow_unauthenticated",
                "listen beyond loopback without --api-key-env (refused otherwise)")  # fmt: skip
+    add_switch(p, "--trim-history", "serve.trim_history",
+               "drop a conversation's oldest turns to fit the model's context (else a 400)")  # fmt: skip
     p.set_defaults(func=run)

@@ -29,7 +29,18 @@ class ServeConfig(Section):
     upstream_api_key_env: str = Field("", description="Environment variable that holds the upstream's key.")
     host: str = Field("127.0.0.1", description="Address to listen on (default: loopback only).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
-    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_tokens_limit: int = Field(
+        4096,
+        ge=1,
+        description="Largest max_tokens a request may ask for; a request without one gets what the model's context "
+        "has left after the prompt, at most this.",
+    )
+    trim_history: bool = Field(
+        False,
+        description="Drop a conversation's oldest turns (never the system turn, the crisis state or the latest user "
+        "turn) when it no longer fits the model's context; off: such a request is a 400 naming messages (the client "
+        "owns the history).",
+    )
     api_key_env: str = Field(
         "",
         description="Require `Authorization: Bearer <key>` on /v1/*, the key read from this environment variable "
