@@ -288,6 +288,55 @@ def build_padded_rows(
     return rows
 
 
+def build_pair_rows(
+    input_ids: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    pair_ids: Sequence[str],
+    cuts: Sequence[int],
+    bins: list[list[int]],
+    seq_len: int | None = None,
+    pad_token_id: int = 0,
+) -> Rows:
+    """Rows of preference pairs: item k is pair k's chosen sequence (its first cuts[k] tokens) followed by its
+    rejected one; `bins` group items into rows (a packer's output over the items' whole lengths, or one item per
+    row). Each pair's two sequences stay adjacent, chosen first, as sequences of their own (position_ids restart
+    at 0 at each; example_ids "<pair id>/chosen", "<pair id>/rejected"; num_examples counts sequences). With
+    `seq_len`, every row is padded to it with pad_token_id (labels IGNORE), position_ids running on from the last
+    sequence's, so the padding never reads as a sequence of its own."""
+    seq_ids, seq_labels, seq_names = [], [], []
+    for ids, lab, pid, c in zip(input_ids, labels, pair_ids, cuts):
+        seq_ids += [ids[:c], ids[c:]]
+        seq_labels += [lab[:c], lab[c:]]
+        seq_names += [f"{pid}/chosen", f"{pid}/rejected"]
+    rows = build_packed_rows(seq_ids, seq_labels, seq_names, [[s for k in b for s in (2 * k, 2 * k + 1)] for b in bins])
+    if seq_len is None:
+        return rows
+    n = rows.num_rows
+    lens = np.diff(rows.offsets)
+    if (lens > seq_len).any():
+        raise ValueError(f"a pair row has {int(lens.max())} tokens > seq_len {seq_len}")
+    ids = np.full((n, seq_len), pad_token_id, dtype=np.int32)
+    lab = np.full((n, seq_len), IGNORE, dtype=np.int32)
+    pos = np.zeros((n, seq_len), dtype=np.int32)
+    for r in range(n):
+        a, b = rows.offsets[r], rows.offsets[r + 1]
+        m = b - a
+        ids[r, :m] = rows.input_ids[a:b]
+        lab[r, :m] = rows.labels[a:b]
+        pos[r, :m] = rows.position_ids[a:b]
+        pos[r, m:] = np.arange(int(pos[r, m - 1]) + 1, int(pos[r, m - 1]) + 1 + seq_len - m)
+    padded = Rows(
+        input_ids=ids.reshape(-1),
+        labels=lab.reshape(-1),
+        position_ids=pos.reshape(-1),
+        offsets=np.arange(n + 1, dtype=np.int64) * seq_len,
+        num_examples=rows.num_examples,
+        example_ids=rows.example_ids,
+    )
+    padded.pad_tokens = n * seq_len - int(lens.sum())
+    return padded
+
+
 def packing_efficiency(real_tokens: int, num_rows: int, seq_len: int) -> float:
     """Real tokens / (rows * seq_len): 1.0 means no padding would be needed to batch the rows at seq_len."""
     return real_tokens / (num_rows * seq_len) if num_rows else 0.0

@@ -9,6 +9,7 @@ imports the other. An output folder (data.out_dir = train.data_dir) holds:
     rejects/rejects-00000.jsonl               one line per bad record: source_file, line, sub, reason, detail, raw
     heldout.jsonl                             the validation split as text, for evaluation (below)
     train_questions.u64                       the train split's question fingerprints (below)
+    heldout_pairs.jsonl                       data.format preference only: the validation pairs as text (below)
     prepare_metrics.json                      throughput and timings of the run (not part of the contract)
 
 A shard row (ROW_SCHEMA) is one training row of at most seq_len tokens:
@@ -54,6 +55,26 @@ these let evaluation refuse a question set that overlaps the train split (train_
     quarantined      only when data.on_input_error: quarantine left damaged input files out:
                      [{path, reason, lines_read, bytes_read, bytes}] (bytes: the file's size), in input order
 
+Preference shards (data.format: preference, for train.objective dpo; tests/fixtures/tiny.py's
+make_preference_shards writes the same layout). The manifest also has `"objective": "preference"` (SFT manifests
+have no objective key and mean "sft": objective_of), `counts.examples` and each shard entry's `examples` count
+pairs, `counts.pairs` {split: pairs} repeats them, `split_rule.key` is "normalised last user turn", and
+`heldout_pairs` {path: "heldout_pairs.jsonl", records, sha256} names the validation pairs as text. In a row:
+
+    - a pair is two sequences, adjacent, chosen first: example_ids "<pair id>/chosen", "<pair id>/rejected" in
+      row order, position_ids restarting at 0 at each; num_examples counts sequences (2 per pair). A pair never
+      straddles rows (so never ranks or micro-batches); a pair whose sequences exceed seq_len together is
+      rejected (pair_overlong), never truncated.
+    - each sequence is the rendered prompt (data.system_prompt first when the prompt has none), the answer and
+      its end token; labels are the answer and end token only (the SFT rule), IGNORE on the prompt.
+    - data.packing=false: one pair per row, padded to seq_len after the rejected sequence, whose position_ids
+      run on through the padding (so padding never starts a sequence of its own; its labels are IGNORE).
+
+heldout_pairs.jsonl: one JSON object per kept validation pair, in input order: {id, messages (the prompt as
+trained, system turn first), chosen, rejected, crisis, meta (the record's own: source, scores, flaw, ...)}.
+heldout.jsonl then holds one line per validation pair too: the prompt's last user turn as the question, the
+chosen answer as reference.
+
 Rank r of W reads train shards r, r+W, r+2W, ... (rank_shards). Shard sizes differ by at most one row, so ranks
 do too. A re-run with the same inputs and config writes byte-identical shards and manifest.
 
@@ -79,6 +100,8 @@ MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 HELDOUT_FILE = "heldout.jsonl"
 TRAIN_QUESTIONS_FILE = "train_questions.u64"
+HELDOUT_PAIRS_FILE = "heldout_pairs.jsonl"
+OBJECTIVES = ("sft", "preference")  # what shards are for (manifest "objective"; absent means sft)
 SPLITS = ("train", "validation")
 IGNORE = -100  # the label of a token the loss skips (torch's cross_entropy ignore_index default)
 
@@ -159,7 +182,7 @@ def load_manifest(data_dir: str | Path, tokenizer=None, verify_checksums: bool =
                 raise ManifestError(
                     f"shard '{p}' does not match its sha256 in the manifest (changed or corrupt); {_RERUN}"
                 )
-    for key in ("heldout", "train_questions"):  # absent from manifests of older prepare runs
+    for key in ("heldout", "train_questions", "heldout_pairs"):  # absent from older (or SFT) manifests
         if key in man:
             p = out / man[key]["path"]
             if not p.is_file():
@@ -169,6 +192,12 @@ def load_manifest(data_dir: str | Path, tokenizer=None, verify_checksums: bool =
     if tokenizer is not None:
         check_tokenizer(man, out, tokenizer)
     return man
+
+
+def objective_of(manifest: dict) -> str:
+    """What the shards are for: "preference" (pairs, data.format preference) or "sft" (every other format;
+    their manifests carry no objective key)."""
+    return manifest.get("objective", "sft")
 
 
 def _whole_parquet(path: Path, rows: int) -> None:

@@ -1,5 +1,5 @@
-"""`cbt-llm synth template` (the offline generator, records or sessions) and `cbt-llm synth api` (a CBT prompt on an
-OpenAI-compatible endpoint: single answers, sessions, or the agents' draft-critique-revise loop)."""
+"""`cbt-llm synth template` (the offline generator: records, sessions or preference pairs) and `cbt-llm synth api` (a
+CBT prompt on an OpenAI-compatible endpoint: single answers, sessions, or the agents' draft-critique-revise loop)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ API_FLAGS: list[Flag] = [
 
 
 def run_template(cfg: Config, args) -> int:
+    if cfg.synth.pairs:
+        from data_pipeline.synth.pairs import run_synth_pairs
+
+        run_synth_pairs(cfg.synth)
+        return 0
     if cfg.synth.sessions:
         from data_pipeline.synth.sessions import run_synth_sessions
 
@@ -66,6 +71,12 @@ def add_parser(sub) -> None:
         "--sessions",
         "synth.sessions",
         "multi-turn counselling sessions instead of single-turn records (synth.sessions)",
+    )
+    add_switch(
+        p,
+        "--pairs",
+        "synth.pairs",
+        "preference pairs: a five-part answer against a flawed one (synth.pairs, mix in synth.pair_flaws)",
     )
     p.set_defaults(func=run_template)
     p = synth.add_parser("api", help="CBT prompt to an OpenAI-compatible endpoint (the paper's method)")

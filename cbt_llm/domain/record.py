@@ -131,6 +131,9 @@ REASONS: dict[str, str] = {
     "turn_overlong": "a counsellor turn and its client turn need more than data.seq_len (data.overlong=split)",
     "near_duplicate": "near-copy of an earlier kept conversation (data.near_dup: MinHash LSH)",
     "low_quality": "under a data.quality threshold (structure coverage or meta.judge.total)",
+    "same_answers": "a preference pair whose chosen and rejected answers are the same text (after strip)",
+    "empty_side": "a preference pair with an empty chosen or rejected answer",
+    "pair_overlong": "a preference pair's two sequences need more than data.seq_len together (never truncated)",
 }
 
 

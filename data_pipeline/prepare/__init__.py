@@ -24,6 +24,11 @@ duplicate is the one kept, windows hold the same examples on every run and shard
 re-run. The heavy per-record work (JSON, schema, chat template, tokenizer) runs in Ray workers; the driver only
 does set look-ups, packing arithmetic and Parquet writes.
 
+data.format: preference carries answer pairs the same way: parse reads the three pair shapes (sources/formats.py),
+tokens.py encodes each pair as its chosen and rejected sequences back to back, and write.py packs a pair as one item
+whose two sequences stay adjacent in a row (the layout: data_pipeline/shards.py); the manifest says
+"objective": "preference" and the validation pairs are also written as text (heldout_pairs.jsonl).
+
 A damaged input file (read.py's docstring) ends its blocks with one input_error row instead of raising in a Ray
 task; the driver stops the run with one line naming it (InputFileError; data.on_input_error: stop) or starts
 over without it and lists it in the manifest (quarantine).

@@ -51,7 +51,8 @@ def build_manifest(
     """manifest.json's content (its format: data_pipeline/shards.py). `quarantined`: the damaged input files
     data.on_input_error: quarantine left out ({path, reason, lines_read, bytes_read, bytes}), in input order."""
     train_rows = packers["train"].rows
-    return {
+    pairs = dc.format == "preference"
+    man = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "seq_len": dc.seq_len,
         "packing": dc.packing,
@@ -61,6 +62,8 @@ def build_manifest(
         "config_hash": data_config_hash(dc),
         "system_prompt": dc.system_prompt,
         "format": dc.format,
+        # pairs for preference optimisation; an SFT manifest has no objective key (shards.objective_of)
+        **({"objective": "preference"} if pairs else {}),
         "inputs": [{"path": f, "bytes": os.path.getsize(f) if "://" not in f else None} for f in files],
         # only when a file was left out: a clean run writes the manifest it always did
         **({"quarantined": quarantined} if quarantined else {}),
@@ -72,6 +75,7 @@ def build_manifest(
             "truncated": counts["truncated"],
             **split_counts(dc, counts),
             "examples": {s: packers[s].examples for s in SPLITS},
+            **({"pairs": {s: packers[s].examples for s in SPLITS}} if pairs else {}),
             "rows": {s: packers[s].rows for s in SPLITS},
             "tokens": {s: packers[s].tokens for s in SPLITS},
             "label_tokens": {s: packers[s].label_tokens for s in SPLITS},
@@ -85,11 +89,16 @@ def build_manifest(
         "rows_uneven": train_rows % dc.world_size,
         "splits": {s: {"shards": shards[s]} for s in SPLITS},
         # how an example's split was chosen (data_pipeline.sources.formats.split_of), and the questions as text / hashes
-        "split_rule": {"key": "normalised question", "val_fraction": dc.val_fraction, "seed": dc.seed},
+        "split_rule": {
+            "key": "normalised last user turn" if pairs else "normalised question",
+            "val_fraction": dc.val_fraction,
+            "seed": dc.seed,
+        },
         **question_files,
         # only when it ran: a run without it writes the manifest it always did
         **({"screen": screen.manifest_entry(dc, scorer_signature)} if screen.enabled(dc) else {}),
     }
+    return man
 
 
 def _short(text: str, width: int) -> str:

@@ -3,7 +3,7 @@
 A record may give several examples (a PsyQA question, one per answer) and a bad answer rejects only itself, so
 the rows are keyed (file_idx, line, sub). Each good example gets its split (a hash of its question), the
 content hash that dedup compares, the fingerprint of its question (train_questions.u64) and, in the validation
-split, its source text as a heldout.jsonl line.
+split, its source text as a heldout.jsonl line (and a preference pair's as a heldout_pairs.jsonl line).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import pyarrow as pa
 
 from cbt_llm.domain.record import RecordError, judge_total
-from data_pipeline.sources.formats import Example, question_hash, split_of, to_examples
+from data_pipeline.sources.formats import Example, PairExample, question_hash, split_of, to_examples
 
 RAW_KEEP_CHARS = 1000  # how much of a bad record the rejects file keeps
 
@@ -31,6 +31,7 @@ PARSED_FIELDS = [
     ("chash", pa.int64()),
     ("qhash", pa.int64()),
     ("heldout", pa.string()),  # the heldout.jsonl line of a validation example, "" otherwise
+    ("heldout_pair", pa.string()),  # the heldout_pairs.jsonl line of a validation preference pair, "" otherwise
     ("messages", pa.string()),
     ("judge", pa.float64()),  # the record's meta.judge.total (cbt_llm.domain.record.judge_total), null when it has none
 ]
@@ -68,6 +69,8 @@ class Parse:
             cols["chash"].append(ex.content_hash(messages) if ok else 0)
             cols["qhash"].append(question_hash(ex.question) if ex else 0)
             cols["heldout"].append(json.dumps(ex.heldout_record(), ensure_ascii=False) if split == "validation" else "")
+            pair = split == "validation" and isinstance(ex, PairExample)
+            cols["heldout_pair"].append(json.dumps(ex.heldout_pair(), ensure_ascii=False) if pair else "")
             cols["messages"].append(messages)
             cols["judge"].append(judge)
 

@@ -74,6 +74,22 @@ def input_error_message(path: str, damage: dict) -> str:
     )
 
 
+def _check_format(dc: DataConfig) -> None:
+    """Settings that do not apply to preference pairs fail before any work."""
+    if dc.format != "preference":
+        return
+    if dc.overlong not in ("auto", "reject"):
+        raise ConfigError(
+            f"data.overlong={dc.overlong}: a preference pair is never truncated or split (one over data.seq_len is "
+            "rejected as pair_overlong); use auto or reject"
+        )
+    if screen.enabled(dc):
+        raise ConfigError(
+            "data.quality / data.near_dup screen single answers, not preference pairs; turn them off for "
+            "data.format=preference (score the pairs where they are made)"
+        )
+
+
 def _check_sizes(dc: DataConfig) -> None:
     if dc.num_shards and dc.num_shards % dc.world_size:
         raise ConfigError(
@@ -143,7 +159,14 @@ def build_dataset(
             fn_constructor_args=(
                 parse,
                 screen_step,
-                (dc.tokenizer, dc.seq_len, overlong_policy(dc), end_token, light_tokenizer),
+                (
+                    dc.tokenizer,
+                    dc.seq_len,
+                    overlong_policy(dc),
+                    end_token,
+                    light_tokenizer,
+                    dc.format == "preference",
+                ),
             ),
             batch_size=dc.ray_tokenize_batch,
             batch_format="pyarrow",
@@ -203,6 +226,7 @@ _BATCH_COLUMNS = [
     "truncated",
     "pieced",
 ]
+_PAIR_COLUMNS = ["heldout_pair", "cut"]  # data.format preference: its heldout_pairs.jsonl line, the chosen length
 
 
 def _where(files: list[str], loc: int) -> str:
@@ -222,7 +246,8 @@ def _consume_batch(
     """One tokenized batch: reject the bad rows, drop duplicates and (with `near`) near-duplicates of kept
     examples (the first copy is kept), hand the rest to its split's packer and its question to the question
     files. Returns how many records (not examples) the batch began."""
-    d = batch.select(_BATCH_COLUMNS).to_pydict()
+    pairs = "cut" in batch.column_names
+    d = batch.select(_BATCH_COLUMNS + (_PAIR_COLUMNS if pairs else [])).to_pydict()
     ids_col = batch.column("input_ids").combine_chunks()
     lab_col = batch.column("labels").combine_chunks()
     ids_vals, lab_vals = ids_col.values.to_numpy(), lab_col.values.to_numpy()
@@ -260,11 +285,14 @@ def _consume_batch(
         s, e = offs[i], offs[i + 1]
         # copies, not views: a view keeps the whole batch alive until its window is packed, and
         # the validation window (2% of examples) would pin every batch it has seen
-        packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i])
+        cut = d["cut"][i] if pairs else 0
+        packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i], cut)
         if d["split"][i] == "train":
             questions.add_train(d["qhash"][i])
         elif d["heldout"][i]:  # a split session's heldout line goes with its first piece only
             questions.add_heldout(d["heldout"][i])
+            if pairs:
+                questions.add_heldout_pair(d["heldout_pair"][i])
     seen.merge_if_full()
     if near is not None:
         near.end_batch()
@@ -330,6 +358,10 @@ def _write_splits(
     )
     for p in packers.values():
         p.spool_path.unlink(missing_ok=True)
+    if dc.format == "preference":  # a shard's examples are pairs, as the manifest's counts (rows hold whole pairs)
+        for entries in shards.values():
+            for e in entries:
+                e["examples"] //= 2
     return shards
 
 
@@ -368,6 +400,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     t_start = time.perf_counter()
     # fail early, before any expensive work
     _check_sizes(dc)
+    _check_format(dc)
     all_files = resolve_inputs(dc.inputs)
     expect = synth_expectations(all_files)
     quarantined: dict[str, dict] = {}
@@ -403,7 +436,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
             ds = build_dataset(files, dc, end_token, scorer, light_tokenizer_file(tok, dc.tokenizer), expect)
             packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
             rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
-            questions = QuestionFiles(staging)
+            questions = QuestionFiles(staging, pairs=dc.format == "preference")
             try:
                 near = NearDupIndex(dc.near_dup.threshold) if dc.near_dup.enabled else None
                 counts = _consume(ds, packers, rejects, questions, near)
@@ -416,7 +449,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
                 _quarantine(found, quarantined)
                 print(f"prepare: starting over without {len(quarantined)} quarantined file(s)", flush=True)
             finally:
-                questions.heldout.close()
+                questions.close_files()
         t_stream = time.perf_counter()
         shards = _write_splits(packers, staging, dc, pad_id, counts["read"], rejects.total, out)
         manifest = build_manifest(

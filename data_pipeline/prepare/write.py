@@ -1,7 +1,8 @@
 """Spool and write shards on the driver: windows of examples are packed (or padded) into rows, rows appended to a
 spool file per split, and at the end the spool is cut into shards (ROW_SCHEMA, data_pipeline/shards.py) in a
 staging folder that is then moved into place. Beside them, the questions as evaluation needs them (QuestionFiles):
-the validation split's source text and the train split's question fingerprints.
+the validation split's source text (and, for preference pairs, the validation pairs) and the train split's
+question fingerprints.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from cbt_llm.core.config import DataConfig
-from data_pipeline.packing import Rows, build_packed_rows, build_padded_rows, pack
+from data_pipeline.packing import Rows, build_packed_rows, build_padded_rows, build_pair_rows, pack
 from data_pipeline.shards import (
     HELDOUT_FILE,
+    HELDOUT_PAIRS_FILE,
     IGNORE,
     MANIFEST_FILE,
     ROW_SCHEMA,
@@ -54,7 +56,11 @@ def _rows_table(rows: Rows) -> pa.Table:
 
 
 class SplitPacker:
-    """Collects one split's examples in windows, packs (or pads) each window, appends rows to a spool file."""
+    """Collects one split's examples in windows, packs (or pads) each window, appends rows to a spool file.
+
+    Under data.format preference an item is a pair (its two sequences back to back, `cut` the chosen one's
+    length): the packer places whole pairs, and each row keeps a pair's sequences adjacent, chosen first
+    (packing.build_pair_rows); `examples` counts pairs."""
 
     def __init__(self, name: str, dc: DataConfig, pad_token_id: int, spool: Path):
         self.name, self.dc, self.pad = name, dc, pad_token_id
@@ -63,13 +69,16 @@ class SplitPacker:
         self.ids: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.eids: list[str] = []
+        self.cuts: list[int] | None = [] if dc.format == "preference" else None
         self.examples = self.rows = self.tokens = self.label_tokens = 0
         self.pack_s = 0.0  # driver time spent choosing bins (prepare_metrics.json: pack_s)
 
-    def add(self, ids: np.ndarray, labels: np.ndarray, eid: str) -> None:
+    def add(self, ids: np.ndarray, labels: np.ndarray, eid: str, cut: int = 0) -> None:
         self.ids.append(ids)
         self.labels.append(labels)
         self.eids.append(eid)
+        if self.cuts is not None:
+            self.cuts.append(cut)
         if len(self.ids) >= self.dc.pack_window:
             self.flush()
 
@@ -80,7 +89,13 @@ class SplitPacker:
             t0 = time.perf_counter()
             bins = pack([len(a) for a in self.ids], self.dc.seq_len, self.dc.packer)
             self.pack_s += time.perf_counter() - t0
-            rows = build_packed_rows(self.ids, self.labels, self.eids, bins)
+            if self.cuts is not None:
+                rows = build_pair_rows(self.ids, self.labels, self.eids, self.cuts, bins)
+            else:
+                rows = build_packed_rows(self.ids, self.labels, self.eids, bins)
+        elif self.cuts is not None:
+            bins = [[k] for k in range(len(self.ids))]
+            rows = build_pair_rows(self.ids, self.labels, self.eids, self.cuts, bins, self.dc.seq_len, self.pad)
         else:
             rows = build_padded_rows(self.ids, self.labels, self.eids, self.dc.seq_len, self.pad)
         if self.writer is None:
@@ -102,6 +117,8 @@ class SplitPacker:
         self.tokens += rows.real_tokens
         self.label_tokens += rows.label_tokens
         self.ids, self.labels, self.eids = [], [], []
+        if self.cuts is not None:
+            self.cuts = []
 
     def close(self) -> None:
         self.flush()
@@ -117,16 +134,28 @@ class QuestionFiles:
     question on the driver, not a Python int each.
     """
 
-    def __init__(self, folder: Path, chunk: int = 1 << 20):
+    def __init__(self, folder: Path, chunk: int = 1 << 20, pairs: bool = False):
         self.folder, self.chunk = folder, chunk
         self.heldout = open(folder / HELDOUT_FILE, "w", encoding="utf-8", newline="\n")
         self.heldout_records = 0
+        # preference pairs: the validation pairs as text too (heldout_pairs.jsonl)
+        self.pairs = open(folder / HELDOUT_PAIRS_FILE, "w", encoding="utf-8", newline="\n") if pairs else None
+        self.pair_records = 0
         self.pending: list[int] = []
         self.hashes = np.zeros(0, np.int64)
 
     def add_heldout(self, line: str) -> None:
         self.heldout.write(line + "\n")
         self.heldout_records += 1
+
+    def add_heldout_pair(self, line: str) -> None:
+        self.pairs.write(line + "\n")
+        self.pair_records += 1
+
+    def close_files(self) -> None:
+        self.heldout.close()
+        if self.pairs is not None:
+            self.pairs.close()
 
     def add_train(self, qhash: int) -> None:
         self.pending.append(qhash)
@@ -138,10 +167,17 @@ class QuestionFiles:
         self.pending = []
 
     def close(self) -> dict[str, dict]:
-        """Write train_questions.u64; returns the manifest entries of both files."""
-        self.heldout.close()
+        """Write train_questions.u64; returns the manifest entries of the files (heldout_pairs only for pairs)."""
+        self.close_files()
         self._merge()
         self.hashes.astype("<i8").tofile(self.folder / TRAIN_QUESTIONS_FILE)
+        pairs = {}
+        if self.pairs is not None:
+            pairs["heldout_pairs"] = {
+                "path": HELDOUT_PAIRS_FILE,
+                "records": self.pair_records,
+                "sha256": sha256_file(self.folder / HELDOUT_PAIRS_FILE),
+            }
         return {
             "heldout": {
                 "path": HELDOUT_FILE,
@@ -153,6 +189,7 @@ class QuestionFiles:
                 "questions": int(len(self.hashes)),
                 "sha256": sha256_file(self.folder / TRAIN_QUESTIONS_FILE),
             },
+            **pairs,
         }
 
 
@@ -228,7 +265,7 @@ def swap_into_place(staging: Path, out: Path) -> None:
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # readers now see "no data" rather than a mix
     old = staging / "_old"
     old.mkdir(exist_ok=True)
-    for name in ("train", "validation", "rejects", HELDOUT_FILE, TRAIN_QUESTIONS_FILE):
+    for name in ("train", "validation", "rejects", HELDOUT_FILE, HELDOUT_PAIRS_FILE, TRAIN_QUESTIONS_FILE):
         if (out / name).exists():
             os.replace(out / name, old / name)
         if (staging / name).exists():

@@ -16,6 +16,15 @@ Declared with `data.format`:
             feedback) is dropped, as nothing learns from it. Every assistant (counsellor) turn is learned.
             The split key is meta.intake.presenting_problem, else the first user turn (_session_key).
             Sessions longer than data.seq_len are cut on turn boundaries by data_pipeline/prepare/split.py.
+- preference  answer pairs for preference optimisation (train.objective: dpo), three shapes detected per record:
+            ours {id?, messages: [system?, user, (assistant, user)*], chosen, rejected, meta?} (what
+            `synth template --pairs` and `synth api --agents`'s pairs.jsonl write); OpenAI's preference
+            fine-tuning {input: {messages}, preferred_output: [{role: assistant, content}], non_preferred_output};
+            TRL's {prompt: text | [messages], chosen: text | [messages], rejected: ...} (a text prompt is one user
+            turn; a message-list side gives its last assistant message; without `prompt`, TRL's implicit form,
+            the prompt is what chosen and rejected share before their last turn). The prompt ends on a user turn;
+            a pair whose sides are equal (same_answers) or empty (empty_side) is rejected. The split key is the
+            prompt's last user turn (PairExample).
 
 Every problem is a RecordError with a short reason code (counted in the manifest) and a one-line detail
 (written to rejects/). The reason codes are the keys of REASONS (cbt_llm/domain/record.py).
@@ -39,7 +48,7 @@ from cbt_llm.domain.crisis import corpus_is_crisis
 from cbt_llm.domain.record import CorpusRecord, RecordError, validate_record
 from data_pipeline.sources.psyqa import parse_psyqa_question
 
-FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt", "messages")
+FORMATS = ("cbt", "psyqa", "alpaca", "sharegpt", "messages", "preference")
 
 
 @dataclass
@@ -91,6 +100,40 @@ class Example:
             "reference": reference,
             "crisis": self.crisis,
             "distortions": self.distortions,
+        }
+
+
+@dataclass
+class PairExample(Example):
+    """One preference pair: `messages` is the prompt (the conversation before the answer, system turn first),
+    `chosen` and `rejected` the two answers to it, `meta` the record's meta (source, scores, ...)."""
+
+    chosen: str = ""
+    rejected: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def chars(self, system_prompt: str) -> int:
+        return super().chars(system_prompt) + len(self.chosen) + len(self.rejected)
+
+    def messages_json(self) -> str:
+        """The pair as prepare carries it between steps: {prompt, chosen, rejected} (tokens.Tokenize reads it);
+        two pairs are duplicates when this text is equal."""
+        pair = {"prompt": self.messages, "chosen": self.chosen, "rejected": self.rejected}
+        return json.dumps(pair, ensure_ascii=False)
+
+    def heldout_record(self) -> dict:
+        """heldout.jsonl's line: the prompt's last user turn as the question, the chosen answer as reference."""
+        return self._heldout_fields(self.chosen)
+
+    def heldout_pair(self) -> dict:
+        """heldout_pairs.jsonl's line (data_pipeline/shards.py): the pair as text, for preference accuracy."""
+        return {
+            "id": self.example_id,
+            "messages": self.messages,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "crisis": self.crisis,
+            "meta": self.meta,
         }
 
 
@@ -344,7 +387,94 @@ def _messages(obj: dict, system_prompt: str, fallback_id: str) -> list[Example |
     ]
 
 
-_CONVERTERS = {"cbt": _cbt, "psyqa": _psyqa, "alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
+def _pair_side(obj: dict, key: str, where: str = "") -> str:
+    """One answer of a pair: a string, or a message list whose last assistant message is the answer."""
+    name = f"{where}{key}"
+    if key not in obj or obj[key] is None:
+        raise RecordError("missing_field", f"missing '{name}'")
+    v = obj[key]
+    if isinstance(v, list):
+        if not all(isinstance(m, dict) for m in v):
+            raise RecordError("wrong_type", f"'{name}' must be a string or a list of messages")
+        answers = [m.get("content") for m in v if m.get("role") == "assistant"]
+        if not answers:
+            raise RecordError("empty_side", f"'{name}' has no assistant message")
+        v = answers[-1]
+    if not isinstance(v, str):
+        raise RecordError("wrong_type", f"'{name}' must be a string (got {_type_name(v)})")
+    if not v.strip():
+        raise RecordError("empty_side", f"'{name}' is empty")
+    return v.strip()
+
+
+def _pair_prompt(turns: list, where: str) -> list[dict[str, str]]:
+    if not turns:
+        raise RecordError("empty_field", f"'{where}' is empty")
+    try:
+        msgs = _message_turns(turns)
+    except RecordError as err:
+        raise RecordError(err.reason, f"{where}: {err.detail}") from None
+    body = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    _check_alternation(body)
+    if body[-1]["role"] != "user":
+        raise RecordError("turn_order", f"'{where}' must end with a user turn (the answers answer it)")
+    return msgs
+
+
+def _preference(obj: dict, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:
+    if any(k in obj for k in ("input", "preferred_output", "non_preferred_output")):  # OpenAI preference fine-tuning
+        inp = obj.get("input")
+        if not isinstance(inp, dict):
+            reason = "missing_field" if inp is None else "wrong_type"
+            raise RecordError(reason, "'input' must be an object with messages")
+        prompt = _pair_prompt(_get_list(inp, "messages"), "input.messages")
+        chosen, rejected = _pair_side(obj, "preferred_output"), _pair_side(obj, "non_preferred_output")
+    elif "messages" in obj:  # ours
+        prompt = _pair_prompt(_get_list(obj, "messages"), "messages")
+        chosen, rejected = _pair_side(obj, "chosen"), _pair_side(obj, "rejected")
+    elif "prompt" in obj:  # TRL, explicit prompt
+        p = obj["prompt"]
+        if isinstance(p, str):
+            if not p.strip():
+                raise RecordError("empty_field", "'prompt' is empty")
+            prompt = [{"role": "user", "content": p.strip()}]
+        elif isinstance(p, list):
+            prompt = _pair_prompt(p, "prompt")
+        else:
+            raise RecordError("wrong_type", f"'prompt' must be a string or a list of messages (got {_type_name(p)})")
+        chosen, rejected = _pair_side(obj, "chosen"), _pair_side(obj, "rejected")
+    elif isinstance(obj.get("chosen"), list) and isinstance(obj.get("rejected"), list):  # TRL, implicit prompt
+        c, r = obj["chosen"], obj["rejected"]
+        if not c or not r or c[:-1] != r[:-1]:
+            raise RecordError("invalid_value", "implicit prompt: chosen and rejected differ before their last turn")
+        prompt = _pair_prompt(c[:-1], "chosen[:-1]")
+        chosen, rejected = _pair_side(obj, "chosen"), _pair_side(obj, "rejected")
+    else:
+        raise RecordError(
+            "missing_field", "no 'messages', 'input' or 'prompt': not a preference pair (ours, OpenAI's or TRL's)"
+        )
+    if chosen == rejected:
+        raise RecordError("same_answers", "chosen and rejected are the same text")
+    if prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system_prompt})
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    crisis = meta["crisis"] if isinstance(meta.get("crisis"), bool) else any(corpus_is_crisis(u) for u in users)
+    return [
+        PairExample(
+            _record_id(obj, fallback_id), users[-1], prompt, crisis=crisis, chosen=chosen, rejected=rejected, meta=meta
+        )
+    ]
+
+
+_CONVERTERS = {
+    "cbt": _cbt,
+    "psyqa": _psyqa,
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "messages": _messages,
+    "preference": _preference,
+}
 
 
 def to_examples(obj: Any, fmt: str, system_prompt: str, fallback_id: str) -> list[Example | RecordError]:

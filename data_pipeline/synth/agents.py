@@ -33,8 +33,18 @@ a record that stopped there.
 
 meta of each record, besides synth api's:
     agents  {rounds, scores (the total of each round), criteria (the kept draft's per-criterion scores), kept (its
-             round), stopped, threshold, max_rounds, rubric, critic (model), revise_prompt, requests, error?}
+             round), stopped, threshold, max_rounds, rubric, critic (model), revise_prompt, requests, error?,
+             drafts (every round's answer text, in round order: drafts[i] scored scores[i])}
     judge   {total, rubric, model}: the kept draft's total, where prepare's quality gate reads a judge score.
+
+Preference pairs (pairs.jsonl beside records.jsonl, prepare's data.format: preference): after the run, every record
+of records.jsonl that keeps its drafts gives one pair per lower-scored draft, the kept draft chosen and that draft
+rejected, when the kept total is at least api.agents.pair_margin higher (pairs_of). The file is rewritten from
+records.jsonl each run, so resumed runs and earlier runs' records are covered and it never holds a pair twice. A
+pair line: {id "<record id>-r<round>", messages [the user turn: question + description], chosen, rejected, meta
+{source "synth-api-agents", record_id, crisis, scores {chosen, rejected}, rounds {chosen, rejected}, margin,
+rubric, critic, model}}. Every draft passed the guard's output check, so a rejected answer is a weaker answer, not
+an unsafe one.
 
 Resume as synth api: a record is written once, after its last round, so a rerun never asks again for a finished
 one; a question cut off mid-round is redone from a new draft.
@@ -42,19 +52,26 @@ one; a question cut off mid-round is redone from a new draft.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from cbt_llm.core.config import ApiSynthConfig, GuardConfig
 from cbt_llm.core.errors import ConfigError
+from cbt_llm.core.report import write_metrics
+from cbt_llm.domain.chat_format import build_user_message
 from cbt_llm.domain.crisis import corpus_is_crisis
 from cbt_llm.domain.guard import CrisisGuard
 from cbt_llm.domain.prompts import build_revise_messages, get_revise_prompt
 from cbt_llm.domain.rubrics import RUBRICS, RubricCritic
+from data_pipeline.io import dumps
 from data_pipeline.synth.api import check_config, draft_body, record_acceptor, run_synth_api
 from data_pipeline.synth.client import (
+    RECORDS_FILE,
+    SUMMARY_FILE,
     Endpoint,
     GiveUp,
     Retryable,
@@ -69,6 +86,8 @@ from data_pipeline.synth.client import (
 # As evaluation/judge.py: an unusable judge reply is asked again once; the second is a failure.
 CRITIC_TRIES = 2
 STOPS = ("threshold", "max_rounds", "critic_failed", "revise_failed")
+PAIRS_FILE = "pairs.jsonl"
+PAIRS_SOURCE = "synth-api-agents"
 
 
 class Critic(Protocol):
@@ -131,7 +150,77 @@ def run_synth_api_agents(
     check_config(cfg)
     critic = critic or RubricCritic(RUBRICS[cfg.agents.rubric])
     check_agents_config(cfg, critic)
-    return run_synth_api(cfg, agents=AgentLoop(cfg, critic, critic_endpoint(cfg)), guard=guard)
+    out = Path(cfg.out_dir)
+    try:
+        summary = run_synth_api(cfg, agents=AgentLoop(cfg, critic, critic_endpoint(cfg)), guard=guard)
+    except BaseException:
+        if (out / RECORDS_FILE).is_file():  # the records written so far still give their pairs
+            write_pairs(out, cfg.agents.pair_margin)
+        raise
+    summary["pairs"] = write_pairs(out, cfg.agents.pair_margin)
+    write_metrics(out / SUMMARY_FILE, summary)
+    print(f"synth api --agents: {summary['pairs']['pairs']} preference pairs in {out / PAIRS_FILE}", flush=True)
+    return summary
+
+
+def pairs_of(record: dict, margin: float) -> list[dict]:
+    """The preference pairs of one agents record: its kept draft against each draft whose total is lower by at
+    least `margin` (none when the record keeps no drafts: made before they were kept)."""
+    agents = record.get("meta", {}).get("agents", {})
+    drafts, scores = agents.get("drafts"), agents.get("scores")
+    if not isinstance(drafts, list) or not isinstance(scores, list) or len(drafts) != len(scores):
+        return []
+    kept = agents.get("kept", 0) - 1
+    if not 0 <= kept < len(drafts):
+        return []
+    best = scores[kept]
+    user = build_user_message(record["question"], record.get("description", ""))
+    pairs = []
+    for i, (text, total) in enumerate(zip(drafts, scores)):
+        if i == kept or not isinstance(text, str) or best - total < margin or total >= best or text == drafts[kept]:
+            continue
+        pairs.append(
+            {
+                "id": f"{record['id']}-r{i + 1}",
+                "messages": [{"role": "user", "content": user}],
+                "chosen": drafts[kept],
+                "rejected": text,
+                "meta": {
+                    "source": PAIRS_SOURCE,
+                    "record_id": record["id"],
+                    "crisis": bool(record.get("meta", {}).get("crisis")),
+                    "scores": {"chosen": best, "rejected": total},
+                    "rounds": {"chosen": kept + 1, "rejected": i + 1},
+                    "margin": best - total,
+                    "rubric": agents.get("rubric"),
+                    "critic": agents.get("critic"),
+                    "model": record.get("meta", {}).get("model"),
+                },
+            }
+        )
+    return pairs
+
+
+def write_pairs(out: Path, margin: float) -> dict:
+    """Rewrite out/pairs.jsonl from out/records.jsonl (pairs_of each record, in file order; a line that does not
+    parse, such as a crash-cut last one, is skipped); returns {pairs, records_with_pairs, margin, path}."""
+    records_path, path = out / RECORDS_FILE, out / PAIRS_FILE
+    tmp = path.with_name(f".{PAIRS_FILE}.inprogress")
+    n = with_pairs = 0
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        if records_path.is_file():
+            with open(records_path, encoding="utf-8") as src:
+                for line in src:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    pairs = pairs_of(record, margin) if isinstance(record, dict) else []
+                    fh.writelines(dumps(p) + "\n" for p in pairs)
+                    n += len(pairs)
+                    with_pairs += bool(pairs)
+    os.replace(tmp, path)
+    return {"pairs": n, "records_with_pairs": with_pairs, "margin": margin, "path": str(path)}
 
 
 @dataclass
@@ -270,6 +359,7 @@ class AgentLoop:
         }
         if error:
             agents["error"] = error
+        agents["drafts"] = [r.record.get("answer") for r in rounds]  # every round's text: pairs_of reads them
         record = best.record
         record["meta"]["agents"] = agents
         record["meta"]["judge"] = {"total": best.total, "rubric": self.critic.version, "model": self.critic_ep.model}

@@ -53,8 +53,10 @@ class DataConfig(Section):
     """`cbt-llm prepare`: Ray Data validates, splits, templates, tokenizes, masks, packs and writes shards."""
 
     inputs: list[str] = Field(default_factory=list, description="Globs or URIs (empty: [<synth.out_dir>/*.jsonl*]).")
-    format: Literal["cbt", "psyqa", "alpaca", "sharegpt", "messages"] = Field(
-        "cbt", description="Declared input format (messages: OpenAI-messages sessions, as synth --sessions writes)."
+    format: Literal["cbt", "psyqa", "alpaca", "sharegpt", "messages", "preference"] = Field(
+        "cbt",
+        description="Declared input format (messages: OpenAI-messages sessions, as synth --sessions writes; "
+        "preference: chosen/rejected answer pairs, ours, OpenAI's or TRL's, for train.objective dpo).",
     )
     out_dir: str = Field(
         "", description="Output folder (train/, validation/, rejects/, manifest.json; empty: runs/<run_name>/data)."

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cbt_llm.core.config.base import Section
+
+# The flaws of `synth template --pairs`' rejected answers (data_pipeline/synth/pairs.py) and their default mix.
+PairFlaw = Literal["missing_part", "order", "no_empathy", "no_crisis_support", "unsafe"]
+DEFAULT_PAIR_FLAWS: dict[str, float] = {
+    "missing_part": 0.25,
+    "order": 0.2,
+    "no_empathy": 0.2,
+    "no_crisis_support": 0.2,
+    "unsafe": 0.15,
+}
 
 
 class SynthConfig(Section):
@@ -44,6 +54,23 @@ class SynthConfig(Section):
         "counsellor turns); at most max_turns.",
     )
     max_turns: int = Field(24, ge=8, le=40, description="Sessions: most turns, system prompt not counted.")
+    pairs: bool = Field(
+        False,
+        description="Generate preference pairs (prepare's data.format: preference; num_records counts pairs): a "
+        "five-part answer against a flawed one to the same question (data_pipeline/synth/pairs.py).",
+    )
+    pair_flaws: dict[PairFlaw, float] = Field(
+        default_factory=lambda: dict(DEFAULT_PAIR_FLAWS),
+        description="Pairs: the mix of flaws in the rejected answers, flaw -> weight (normalised; flaws left out "
+        "are not drawn): missing_part, order, no_empathy, no_crisis_support (on crisis questions), unsafe.",
+    )
+
+    @field_validator("pair_flaws")
+    @classmethod
+    def _mix(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return v
 
 
 class AgentsConfig(Section):
@@ -70,6 +97,12 @@ class AgentsConfig(Section):
     critic_max_tokens: int = Field(256, ge=16, description="Longest critic reply in tokens.")
     revise_prompt_version: str = Field(
         "revise-v1", description="Version of the revision prompt (cbt_llm/domain/prompts.py REVISE_PROMPTS)."
+    )
+    pair_margin: float = Field(
+        2.0,
+        ge=0.0,
+        description="pairs.jsonl: the kept draft against each lower-scored draft of the same question whose rubric "
+        "total is at least this much lower (on cbt's 0-18).",
     )
 
 
