@@ -53,6 +53,9 @@ def preflight(cfg: Config, launcher: str, *, check_tokenizer: bool = True) -> di
 
     # every shard present (load_manifest), then the tokenizer the shards were made with, by content hash
     manifest = load_manifest(tc.data_dir)
+    from train.dpo import check_objective
+
+    check_objective(tc.objective, manifest, tc.data_dir)  # shards prepared for the run's train.objective
     # every shard whole, with the manifest's rows (and SHA-256 per train.verify_shards), before anything queues
     hashed = verify_shards(tc.data_dir, manifest, tc.verify_shards, seed=tc.seed)
     tok_path = manifest["tokenizer"]["name_or_path"]

@@ -84,9 +84,10 @@ class RankShards(DataConfig):
     """Worker r streams the train shards of rank r, in manifest order (see the module docstring for why not
     `streaming_split`)."""
 
-    def __init__(self, files_per_rank: list[list[str]]):
+    def __init__(self, files_per_rank: list[list[str]], columns: tuple[str, ...] | None = None):
         super().__init__(datasets_to_split=["train"])
         self.files_per_rank = files_per_rank
+        self.columns = columns
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         if "train" not in datasets:
@@ -95,7 +96,7 @@ class RankShards(DataConfig):
             raise ValueError(f"{len(self.files_per_rank)} shard lists for {world_size} Ray Train workers")
         out = []
         for files in self.files_per_rank:
-            ds = _read(files)
+            ds = _read(files, self.columns)
             options = self._resolve_execution_options("train")
             options.preserve_order = True
             ds.context.execution_options = options
@@ -104,8 +105,9 @@ class RankShards(DataConfig):
         return out
 
 
-def _read(files: list[str]):
-    """A lazy Ray Data read of packed shards: the token columns and `path`, the file each row came from.
+def _read(files: list[str], columns: tuple[str, ...] | None = None):
+    """A lazy Ray Data read of packed shards: the token columns (`columns`; default train.data.TOKEN_COLUMNS, and
+    example_ids for preference shards: train.data.columns_for) and `path`, the file each row came from.
 
     One map task per file over the list of paths (launch/ray_read.py), not `ray.data.read_parquet`: Ray 2.60's
     Parquet datasource (V2) runs a file-listing operator, a pool of footer-reading actors (one Python process
@@ -120,7 +122,7 @@ def _read(files: list[str]):
 
     paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
     return paths.map_batches(
-        read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": list(TOKEN_COLUMNS)}
+        read_shard_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": list(columns or TOKEN_COLUMNS)}
     )
 
 
@@ -246,6 +248,7 @@ def run_ray(cfg: Config) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from data_pipeline.shards import load_manifest, rank_shards
+    from train.data import columns_for
 
     rc = cfg.launch.ray
     world = world_size(cfg)
@@ -255,7 +258,8 @@ def run_ray(cfg: Config) -> dict:
     files_per_rank = [
         [str(data_dir / s["path"]) for s in rank_shards(manifest, "train", r, world)] for r in range(world)
     ]
-    train_ds = _read([str(data_dir / s["path"]) for s in manifest["splits"]["train"]["shards"]])
+    columns = columns_for(cfg.train.objective)
+    train_ds = _read([str(data_dir / s["path"]) for s in manifest["splits"]["train"]["shards"]], columns)
     _check_cpus(world, rc.cpus_per_worker)
     loop = {
         "config": cfg.model_dump(mode="json"),
@@ -274,7 +278,7 @@ def run_ray(cfg: Config) -> dict:
             num_workers=world, use_gpu=not cfg.launch.cpu, resources_per_worker={"CPU": rc.cpus_per_worker}
         ),
         datasets={"train": train_ds},
-        dataset_config=RankShards(files_per_rank),
+        dataset_config=RankShards(files_per_rank, columns),
         run_config=RunConfig(
             name=f"cbt-llm-{cfg.run_name}",
             storage_path=storage,

@@ -5,6 +5,11 @@ broadcasts data. The order inside an epoch is a permutation seeded by (seed, epo
 position is (epoch, step_in_epoch), which is what goes into a checkpoint. The rows come from the Parquet files
 (read_rows) or, under Ray Train, from this worker's Ray Data stream of the same files (rows_from_batches):
 both give the same PackedRows, so the order and the resume state are the same under every launcher.
+
+Preference shards (train.objective=dpo; data_pipeline/shards.py) are read with their example_ids too
+(PAIR_COLUMNS): each row holds pairs, "<id>/chosen" then "<id>/rejected", as adjacent sequences, and `pairs`
+counts them per row; collate then adds each sequence's span and, once train.reference has attached them, the
+reference log-probabilities.
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ class PackedRows:
     real_len: np.ndarray  # non-padding tokens per row (= row length when packed)
     keys: list[str]  # "shard_path:row" identifies a row across ranks and runs
     len_sq: np.ndarray | None = None  # per row: sum of squared example lengths (computed once, from the rows)
+    pairs: np.ndarray | None = None  # preference rows only: pairs per row (sequences 2k, 2k+1 of a row)
+    ref: np.ndarray | None = None  # (sequences, 2) float64 reference [logp, avg] in row order (train.reference)
 
     def __post_init__(self):
         if self.len_sq is None:  # rows never change, so the attention count of each is worked out once here
             bounds = zip(self.offsets[:-1], self.offsets[1:], self.real_len)
             self.len_sq = np.array([example_len_sq(self.position_ids[a:b], int(n)) for a, b, n in bounds], np.int64)
+        self.seq_offsets = None if self.pairs is None else np.concatenate([[0], np.cumsum(2 * self.pairs)])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -50,6 +58,12 @@ class PackedRows:
 
 
 TOKEN_COLUMNS = ("input_ids", "labels", "position_ids")
+PAIR_COLUMNS = (*TOKEN_COLUMNS, "example_ids")  # preference shards: the pairs are found from the example ids
+
+
+def columns_for(objective: str) -> tuple[str, ...]:
+    """The shard columns a run of train.objective reads."""
+    return PAIR_COLUMNS if objective == "dpo" else TOKEN_COLUMNS
 
 
 def _flat(col) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +78,7 @@ class _RowsBuilder:
 
     def __init__(self):
         self.ids, self.lab, self.pos, self.offs, self.keys, self.base = [], [], [], [np.zeros(1, np.int64)], [], 0
+        self.pairs: list[int] | None = None
 
     def add(self, t, shard_path: str, first_row: int) -> None:
         ids, off = _flat(t["input_ids"])
@@ -75,6 +90,10 @@ class _RowsBuilder:
         self.offs.append(off[1:] + self.base)
         self.base += len(ids)
         self.keys += [f"{shard_path}:{r}" for r in range(first_row, first_row + t.num_rows)]
+        if "example_ids" in t.column_names:
+            self.pairs = self.pairs or []
+            for r, ids in enumerate(t["example_ids"].to_pylist()):
+                self.pairs.append(_pairs_of(ids or [], f"{shard_path}:{first_row + r}"))
 
     def build(self, pad_token_id: int) -> PackedRows:
         input_ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
@@ -87,18 +106,58 @@ class _RowsBuilder:
             useful = np.nonzero((input_ids[a:b] != pad_token_id) | (labels[a:b] != IGNORE))[0]
             real[i] = useful[-1] + 1 if len(useful) else 0
         pos = np.concatenate(self.pos) if self.pos else labels.copy()
-        return PackedRows(input_ids, labels, pos, offsets, real, self.keys)
+        pairs = None if self.pairs is None else np.array(self.pairs, np.int64)
+        rows = PackedRows(input_ids, labels, pos, offsets, real, self.keys, pairs=pairs)
+        if pairs is not None:
+            for i in range(len(rows)):
+                sequence_spans(rows, i)  # every sequence of every pair is there and has label tokens
+        return rows
 
 
-def read_rows(data_dir: str | Path, shards: list[dict], pad_token_id: int) -> PackedRows:
-    """Load the given shards into one PackedRows; a shard whose row count disagrees with the manifest fails."""
+def _pairs_of(ids: list[str], where: str) -> int:
+    """Pairs in one preference row: its example ids must be "<id>/chosen", "<id>/rejected", ...
+    (data_pipeline/shards.py)."""
+    ok = len(ids) % 2 == 0 and all(
+        c.endswith("/chosen") and r.endswith("/rejected") and c[: -len("/chosen")] == r[: -len("/rejected")]
+        for c, r in zip(ids[::2], ids[1::2])
+    )
+    if not ok or not ids:
+        raise ConfigError(
+            f"row {where}: example_ids {ids[:4]} are not consecutive '<id>/chosen', '<id>/rejected' pairs: not "
+            "preference shards; prepare with data.format=preference or set train.objective=sft"
+        )
+    return len(ids) // 2
+
+
+def sequence_spans(rows: PackedRows, i: int) -> list[tuple[int, int]]:
+    """[start, end) of each sequence (chosen, rejected, chosen, ...) of preference row i, from where its positions
+    restart at 0; padding after them is not a sequence. Raises ConfigError when the row has fewer sequences than
+    its example_ids say or a sequence has no label token."""
+    _, labels, pos = rows.row(i)
+    n = 2 * int(rows.pairs[i])
+    starts = np.flatnonzero(pos == 0).tolist()
+    if not starts or starts[0] != 0 or len(starts) < n:
+        raise ConfigError(f"row {rows.keys[i]}: {len(starts)} sequences by position_ids, example_ids name {n}")
+    ends = starts[1:] + [len(pos)]
+    spans = list(zip(starts[:n], ends[:n]))
+    for a, b in spans:
+        if not (labels[a + 1 : b] != IGNORE).any():
+            raise ConfigError(f"row {rows.keys[i]}: a sequence has no label tokens (an empty answer); re-run prepare")
+    return spans
+
+
+def read_rows(
+    data_dir: str | Path, shards: list[dict], pad_token_id: int, columns: tuple[str, ...] = TOKEN_COLUMNS
+) -> PackedRows:
+    """Load the given shards into one PackedRows; a shard whose row count disagrees with the manifest fails.
+    columns=PAIR_COLUMNS reads preference shards (their pairs per row from example_ids)."""
     b = _RowsBuilder()
     for s in shards:
         path = Path(data_dir) / s["path"]
         if not path.is_file():
             raise ConfigError(f"shard '{path}' listed in manifest.json is missing; re-run `cbt-llm prepare`")
         try:  # pages that carry a CRC are checked against it (shards.py's docstring)
-            t = pq.read_table(path, columns=list(TOKEN_COLUMNS), page_checksum_verification=True)
+            t = pq.read_table(path, columns=list(columns), page_checksum_verification=True)
         except (OSError, pa.ArrowException) as exc:
             why = " ".join(str(exc).split())[:160]
             raise ConfigError(f"shard '{path}' cannot be read ({why}): corrupt; re-run `cbt-llm prepare`") from None
@@ -109,10 +168,11 @@ def read_rows(data_dir: str | Path, shards: list[dict], pad_token_id: int) -> Pa
 
 
 def rows_from_batches(batches: Iterable, shards: list[dict], pad_token_id: int) -> PackedRows:
-    """PackedRows from a stream of Arrow tables: the token columns plus `path`, the shard file each row came from
-    (Ray Data's `include_paths`). The stream must deliver exactly `shards`, each whole and in that order, with
-    the manifest's row counts: then rows, order and keys are those of read_rows, so the loader's order and its
-    resume state do not depend on how the rows arrived. Anything else is a one-line ConfigError."""
+    """PackedRows from a stream of Arrow tables: the token columns (and example_ids for preference shards) plus
+    `path`, the shard file each row came from (Ray Data's `include_paths`). The stream must deliver exactly
+    `shards`, each whole and in that order, with the manifest's row counts: then rows, order and keys are those of
+    read_rows, so the loader's order and its resume state do not depend on how the rows arrived. Anything else is
+    a one-line ConfigError."""
     want = [s["path"] for s in shards]
     of_file: dict[str, str] = {}  # path as the stream names it -> manifest path (resolved once per file)
 
@@ -166,13 +226,40 @@ def collate(rows: PackedRows, idx: list[int], pad_token_id: int) -> dict[str, to
         n = len(a)
         ids[j, :n], lab[j, :n], pos[j, :n] = a, b, c
         pos[j, n:] = np.arange(width - n)
-    return {
+    batch = {
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(lab),
         "position_ids": torch.from_numpy(pos),
         "real_tokens": int(rows.real_len[idx].sum()),
         "attn_len_sq": int(rows.len_sq[idx].sum()),
     }
+    if rows.pairs is not None:
+        batch.update(_pair_layout(rows, idx, width))
+    return batch
+
+
+def _pair_layout(rows: PackedRows, idx: list[int], width: int) -> dict:
+    """The sequences of a preference batch, on the host: target_seq[j, t] is the sequence (numbered over the
+    batch, chosen 2k, rejected 2k+1) whose label token t+1 of row j is, -1 where position t+1 is no target (the
+    rule of masked_ce_sum: not a label, or the start of a sequence); seq_tokens counts each sequence's targets;
+    ref holds the reference [logp, avg] of each sequence when attached (train.reference)."""
+    target_seq = np.full((len(idx), width - 1), -1, np.int64)
+    k = 0
+    for j, i in enumerate(idx):
+        _, labels, _ = rows.row(i)
+        for a, b in sequence_spans(rows, i):
+            target_seq[j, a : b - 1] = np.where(labels[a + 1 : b] != IGNORE, k, -1)
+            k += 1
+    out = {
+        "pairs": k // 2,
+        "target_seq": torch.from_numpy(target_seq),
+        "seq_tokens": torch.from_numpy(np.bincount(target_seq[target_seq >= 0], minlength=k).astype(np.float64)),
+    }
+    if rows.ref is not None:
+        out["ref"] = torch.from_numpy(
+            np.concatenate([rows.ref[rows.seq_offsets[i] : rows.seq_offsets[i + 1]] for i in idx])
+        )
+    return out
 
 
 def example_len_sq(position_ids: np.ndarray, real_len: int) -> int:

@@ -61,6 +61,13 @@ def _training_facts(run: Path, cfg) -> dict:
             f"{s['steps']} optimizer steps on {s['world_size']} rank(s), LoRA {s['lora']}, training loss "
             f"{s['first_train_loss']:.3f} -> {s['last_train_loss']:.3f}, validation loss {s['eval_loss']}"
         )
+        if s.get("objective") == "dpo":
+            facts["details"] = (
+                f"Preference optimisation (train.objective dpo, loss {s['dpo_loss']}, beta {s['dpo_beta']}, "
+                f"reference {s['reference']}): "
+                + facts["details"]
+                + f", validation preference accuracy (rewards) {s.get('eval_rewards_accuracies')}"
+            )
     except (OSError, ValueError, KeyError, TypeError):
         facts["details"] = "the run's train_summary.json was not found"
     return facts

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -84,6 +86,39 @@ def write_random_base(
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer:
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+MERGED_FROM = "merged_from.json"
+
+
+def _files_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def write_merged_base(base: str, adapter: str, out_dir: Path, *, dtype: torch.dtype, trust_remote_code: bool) -> Path:
+    """model.lora.init_adapter: the base with that (SFT) adapter merged in, saved once as a model folder, so that
+    every rank loads it as its base (under ZeRO-3 straight into partitions) and a fresh adapter trains on top:
+    with the adapters disabled the model is then the SFT model, the DPO reference. Kept while base and adapter
+    are unchanged (merged_from.json), so a resumed run finds the same base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"model.lora.init_adapter: '{adapter}' is not a LoRA adapter folder (no adapter_config.json)")
+    record = {"base": str(base), "adapter": str(Path(adapter).resolve()), "adapter_hash": _files_hash(Path(adapter))}
+    marker = out_dir / MERGED_FROM
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == record:
+        return out_dir
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # written last: a folder without it (or with another record) is merged again
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    marker.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out_dir
 
 

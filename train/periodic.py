@@ -19,6 +19,7 @@ from cbt_llm.core.report import write_metrics
 from train import checkpoint as ckpt
 from train import runtime
 from train.data import PackedRows, RankLoader
+from train.dpo import DpoWindow
 from train.metrics import LogWindow
 from train.run import Run
 from train.step import StepResult, validation_loss
@@ -31,7 +32,7 @@ class TrainLog:
     def __init__(self, run: Run, engine, bar):
         self.run, self.engine, self.bar = run, engine, bar
         self.every = run.cfg.train.log_every
-        self.window = LogWindow(engine.device)
+        self.window = DpoWindow(engine.device) if run.pref else LogWindow(engine.device)
         self.t0 = self.lr = self.step_s = 0.0
         self.epoch = 0
 
@@ -84,26 +85,28 @@ class Validation:
         self.run, self.engine, self.rows = run, engine, rows
         self.every = run.cfg.train.eval_every
         self.loss: float | None = None
+        self.metrics: dict = {}  # the latest validation's metrics (dpo: eval/rewards/... too)
         self.last_step: int | None = None
 
     def maybe_run(self, step: int) -> dict:
-        """{"eval/loss": ...} at an eval step, else {}."""
+        """{"eval/loss": ...} at an eval step (and eval/rewards/... for train.objective=dpo), else {}."""
         if self.every and len(self.rows) and step % self.every == 0:
-            loss = self.run_now()
+            metrics = self.run_now()
             self.last_step = step
-            return {"eval/loss": loss}
+            return metrics
         return {}
 
     def maybe_run_final(self, step: int) -> dict:
         """{"eval/loss": ...} at the last step, unless it ran there already or this process trained no step (a run
         resumed from its last checkpoint); else {}."""
         if len(self.rows) and self.last_step != step and step > self.run.start_step:
-            return {"eval/loss": self.run_now()}
+            return self.run_now()
         return {}
 
-    def run_now(self) -> float:
+    def run_now(self) -> dict:
         tc = self.run.cfg.train
-        self.loss = validation_loss(
+        evaluate = self.run.pref.validation if self.run.pref else validation_loss
+        out = evaluate(
             self.engine,
             self.rows,
             rank=self.run.rank,
@@ -113,7 +116,10 @@ class Validation:
             max_rows=tc.eval_max_rows,
             **self.run.loss_chunking(),
         )
-        return self.loss
+        metrics = out if isinstance(out, dict) else {"eval/loss": out}
+        self.loss = metrics["eval/loss"]
+        self.metrics = metrics
+        return metrics
 
 
 class GenerationEval:
@@ -190,6 +196,7 @@ class Checkpointer:
             "world_size": run.world,
             "total_steps": run.total_steps,
             "config_hash": run.cfg.hash("model"),
+            "objective": run.cfg.train.objective,
             "train_hash": run.cfg.hash("train"),
             "wandb_run_id": run.logger.wandb_id,
             "stopped_by_signal": stopped,

@@ -10,11 +10,12 @@ exits with train.requeue_exit_code (85) so a scheduler can requeue it; `train.re
 The deepspeed launcher passes 85 on as its own exit code; torchrun forwards SIGTERM to the workers but then
 exits 1 itself, so a job script under torchrun should look for run_dir/requeue.json instead.
 
-What each step does lives elsewhere: train.step (loss, optimizer step, validation loss), train.periodic (the
-work on a schedule: metrics line, validation, generation eval, checkpoint saving), train.run (the run's resolved
-state and facts), train.optim (optimizer, schedule), train.model (model, attention, LoRA), train.data (rows,
-loader), train.checkpoint (the checkpoint format), train.metrics, train.runtime (process housekeeping, stop
-agreement), train.faults (test-only fault injection).
+What each step does lives elsewhere: train.step (loss, optimizer step, validation loss), train.dpo (the same for
+train.objective=dpo: preference losses on packed pairs) and train.reference (its precomputed reference),
+train.periodic (the work on a schedule: metrics line, validation, generation eval, checkpoint saving),
+train.run (the run's resolved state and facts), train.optim (optimizer, schedule), train.model (model,
+attention, LoRA), train.data (rows, loader), train.checkpoint (the checkpoint format), train.metrics,
+train.runtime (process housekeeping, stop agreement), train.faults (test-only fault injection).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from train import checkpoint as ckpt
 from train.data import (
     PackedRows,
     RankLoader,
+    columns_for,
     read_rows,
     rows_per_micro_batch,
     steps_per_epoch,
 )
+from train.dpo import check_objective, sequence_logps
 from train.ds_config import resolve_ds_config
 from train.metrics import FlopsCount, MetricsLogger, peak_flops, plot_loss, read_metrics
 from train.model import (
@@ -52,10 +55,12 @@ from train.model import (
     packing_isolation,
     resolve_dtype,
     select_attn,
+    write_merged_base,
     write_random_base,
 )
 from train.optim import build_client_optimizer, choose_optimizer, lr_lambda, master_weights
 from train.periodic import Checkpointer, GenerationEval, TrainLog, Validation
+from train.reference import ensure_reference
 from train.run import Run
 from train.step import chunked_lm_loss_supported, train_step
 
@@ -98,6 +103,13 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
     rank, world, local_rank = runtime.dist_env()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = load_manifest(cfg.train.data_dir)
+    check_objective(cfg.train.objective, manifest, cfg.train.data_dir)
+    if cfg.model.lora.init_adapter and not cfg.model.lora.enabled:
+        raise ConfigError(
+            "model.lora.init_adapter merges an adapter into the base for a new LoRA adapter: set "
+            "model.lora.enabled=true (to fully fine-tune from it, export it with --merge-lora and set "
+            "model.name_or_path)"
+        )
     world_note = check_world_size(
         world,
         len(manifest["splits"]["train"]["shards"]),
@@ -165,11 +177,34 @@ def _set_up(run: Run, train_rows) -> tuple[Any, PackedRows, PackedRows]:
         verbose=False,
     )
     torch.manual_seed(tc.seed)
-    read_train = train_rows or (lambda shards, pad: read_rows(tc.data_dir, shards, pad))
+    cols = columns_for(tc.objective)
+    read_train = train_rows or (lambda shards, pad: read_rows(tc.data_dir, shards, pad, cols))
     rows = read_train(rank_shards(run.manifest, "train", run.rank, run.world), run.pad_id)
-    val_rows = read_rows(tc.data_dir, run.manifest["splits"].get("validation", {}).get("shards", []), run.pad_id)
+    val_rows = read_rows(tc.data_dir, run.manifest["splits"].get("validation", {}).get("shards", []), run.pad_id, cols)
+    if run.pref and rows.pairs is None:
+        raise ConfigError(
+            "train.objective=dpo: the train rows came without example_ids (a train_rows hook must read them)"
+        )
     model = _build_model(run, rows, val_rows)
     engine = _build_engine(run, model)
+    if run.pref and run.pref.reference == "precomputed":
+        # before a checkpoint is loaded (train.resume): the reference is the starting model
+        folder, reused = ensure_reference(
+            engine,
+            rows,
+            val_rows,
+            data_dir=tc.data_dir,
+            manifest=run.manifest,
+            model=run.facts.base_model,
+            dtype=run.dtype_name,
+            rank=run.rank,
+            world=run.world,
+            micro_batch_size=tc.micro_batch_size,
+            pad_token_id=run.pad_id,
+            logps=lambda batch: sequence_logps(engine, batch, **run.loss_chunking()),
+            say=run.say,
+        )
+        run.facts.reference, run.facts.reference_reused = str(folder), reused
     if run.manifest.get("packing", True):
         _check_packing_isolation(engine, rows, f"{run.facts.base_model} (attn={run.attn})", run.say)
     run.facts.attn_kernel = attention.kernel_in_use(run.device_type) if run.attn == attention.NAME else run.attn
@@ -200,8 +235,17 @@ def _build_model(run: Run, rows: PackedRows, val_rows: PackedRows):
                 seed=tc.seed,
                 tokenizer=run.tok_path,
             )
+    if mc.lora.init_adapter:
+        merged = run.run_dir / "base_merged"
+        if run.is_main:
+            write_merged_base(
+                base_path, mc.lora.init_adapter, merged, dtype=run.dtype, trust_remote_code=mc.trust_remote_code
+            )
+        base_path = str(merged)
     dist.barrier()
     run.facts.base_model = base_path
+    if mc.lora.init_adapter:
+        run.say(f"model.lora.init_adapter: {mc.lora.init_adapter} merged into the base -> {base_path}")
     if tc.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -251,6 +295,10 @@ def _build_engine(run: Run, model):
     f.flops = FlopsCount.for_model(
         n_total, n_trainable, mc.lora.enabled, cfg_l.num_hidden_layers, cfg_l.num_attention_heads, head_dim
     )
+    if run.pref and run.pref.reference == "adapters_off":
+        # each micro-batch also runs the reference's forward pass (adapters off): 2N per token, a third of the
+        # attention's 12 L H d_head per squared length
+        f.flops = FlopsCount(f.flops.dense_per_token + 2 * n_total, f.flops.attn_per_len_sq * 16 / 12)
     f.peak = peak_flops(torch.cuda.get_device_name() if run.device_type == "cuda" else None)
     f.master_dtype, f.master_numel_this_rank = master["dtype"], master["numel_this_rank"]
     run.say(
@@ -264,6 +312,8 @@ def _build_engine(run: Run, model):
         f"{master['numel_this_rank']} elements on rank 0 | loss: "
         f"{f'chunked ({chunk} tokens)' if chunk else 'full logits'}"
     )
+    if run.pref:
+        run.say(f"objective: {run.pref.describe()}")
     return engine
 
 
@@ -318,8 +368,13 @@ def _resume(run: Run, engine, rows: PackedRows) -> RankLoader:
         state = ckpt.load(engine, src_dir, tag, run.rank)
         if state["world_size"] != run.world:
             raise ConfigError(f"checkpoint {tag} was written by {state['world_size']} ranks; relaunch with that many")
-        if state["config_hash"] != run.cfg.hash("model"):
+        if state["config_hash"] not in _model_hashes(run.cfg):
             raise ConfigError(f"checkpoint {tag} is for a different model config; use a new train.run_dir")
+        if state.get("objective", "sft") != tc.objective:
+            raise ConfigError(
+                f"checkpoint {tag} was trained with train.objective={state.get('objective', 'sft')}, this run says "
+                f"{tc.objective}; use a new train.run_dir (to start DPO from an SFT LoRA run: model.lora.init_adapter)"
+            )
         loader.load_state_dict(state["loader"])
         run.start_step, run.resumed_from = state["step"], tag
         run.say(f"resumed from {src_dir / tag} at step {run.start_step}")
@@ -332,6 +387,19 @@ def _resume(run: Run, engine, rows: PackedRows) -> RankLoader:
         resume_step=run.start_step if run.resumed_from else None,
     )
     return loader
+
+
+def _model_hashes(cfg: Config) -> set[str]:
+    """The model section's hash, and the one it had before model.lora.init_adapter existed (when it is unset), so
+    checkpoints written before that field still resume."""
+    hashes = {cfg.hash("model")}
+    if not cfg.model.lora.init_adapter:
+        import hashlib
+
+        obj = cfg.model.model_dump(mode="json")
+        obj["lora"].pop("init_adapter", None)
+        hashes.add(hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16])
+    return hashes
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------
@@ -355,6 +423,7 @@ def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
     validation, generation = Validation(run, engine, val_rows), GenerationEval(run, engine)
     checkpoints = Checkpointer(run, engine, loader)
     stop, step = runtime.StopFlag(engine.device), run.start_step
+    step_fn = run.pref.train_step if run.pref else train_step
     for step in range(run.start_step + 1, run.total_steps + 1):
         if sig := stop.agreed():
             return checkpoints.save_and_requeue(step - 1, sig)
@@ -363,7 +432,7 @@ def _loop(run: Run, engine, loader: RankLoader, val_rows: PackedRows) -> int:
         micro, keys = loader.next_step()
         _record_order(run, step, loader.epoch, keys)
         lr = engine.get_lr()[0]  # the rate this step uses: train_step moves the schedule on
-        train_log.end_step(train_step(engine, micro, world=run.world, **run.loss_chunking()), lr=lr, epoch=loader.epoch)
+        train_log.end_step(step_fn(engine, micro, world=run.world, **run.loss_chunking()), lr=lr, epoch=loader.epoch)
         profiler.after_step(step)
         bar.update(1)
         if run.fault:
@@ -395,10 +464,12 @@ def _finish(run: Run, step: int, validation: Validation, checkpoints: Checkpoint
         run.logger.log(step, final)
     checkpoints.save_final(step)
     if run.is_main:
-        _write_summary(run, step, checkpoints.last_saved, validation.loss)
+        _write_summary(run, step, checkpoints.last_saved, validation.loss, validation.metrics)
 
 
-def _write_summary(run: Run, step: int, last_saved: int | None, eval_loss: float | None) -> None:
+def _write_summary(
+    run: Run, step: int, last_saved: int | None, eval_loss: float | None, eval_metrics: dict | None = None
+) -> None:
     hist = read_metrics(run.run_dir / "metrics.jsonl")
     losses = [r["train/loss"] for r in hist if "train/loss" in r]
     tps = [r["perf/tokens_per_s"] for r in hist if "perf/tokens_per_s" in r]
@@ -430,10 +501,31 @@ def _write_summary(run: Run, step: int, last_saved: int | None, eval_loss: float
         "resumed_from": run.resumed_from,
         "rows_left_out_per_epoch": run.rows_left_out,
     }
+    if run.pref:
+        summary.update(_preference_summary(run, hist, eval_metrics or {}))
     run.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     write_metrics(run.run_dir / "train_summary.json", summary)
     plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
     print_summary("cbt-llm train", {k: ("-" if v is None else v) for k, v in summary.items()}, file=sys.stderr)
+
+
+def _preference_summary(run: Run, hist: list[dict], eval_metrics: dict) -> dict:
+    """A dpo run's lines of the summary: its loss and reference, and the last logged rewards (train and eval)."""
+    dc = run.cfg.train.dpo
+    last = next((r for r in reversed(hist) if "rewards/accuracies" in r), {})
+    out = {
+        "objective": "dpo",
+        "dpo_loss": dc.loss,
+        "dpo_beta": dc.orpo_lambda if dc.loss == "orpo" else dc.beta,
+        "reference": run.pref.reference,
+        "reference_store": run.facts.reference,
+        "reference_reused": run.facts.reference_reused,
+    }
+    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        out[f"last_{k.replace('/', '_')}"] = last.get(k)
+    for k in ("eval/rewards/accuracies", "eval/rewards/margins"):
+        out[k.replace("/", "_")] = eval_metrics.get(k)
+    return out
 
 
 def _tear_down(run: Run) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cbt_llm.core.config import Config
+from train.dpo import Preference
 from train.faults import fault_hook
 from train.metrics import FlopsCount, MetricsLogger
 from train.optim import OptimizerChoice
@@ -38,6 +39,8 @@ class RunFacts:
     master_dtype: str | None = None  # dtype of the optimizer's fp32 master copy under ZeRO; None without one
     master_numel_this_rank: int | None = None  # its elements on this rank (a partition, not a full copy)
     attn_kernel: str = ""  # what the attention implementation runs on this device
+    reference: str | None = None  # train.objective=dpo, full fine-tuning: the reference store's folder
+    reference_reused: bool | None = None  # whether that store was there already (same model, dtype, shards)
 
 
 @dataclass
@@ -67,11 +70,14 @@ class Run:
     logger: MetricsLogger | None = None
     ds_config: dict = field(default_factory=dict)
     hf_ds_config: Any = None  # transformers' HfDeepSpeedConfig under ZeRO-3: it must outlive model loading
+    pref: Preference | None = None  # train.objective=dpo: the preference loss and its reference (train.dpo)
 
     def __post_init__(self):
         self.run_dir = Path(self.cfg.train.run_dir)
         self.is_main = self.rank == 0
         self.fault = fault_hook(self.rank)
+        if self.cfg.train.objective == "dpo":
+            self.pref = Preference(self.cfg.train.dpo, self.cfg.model.lora.enabled)
 
     @property
     def dtype_name(self) -> str:

@@ -83,21 +83,28 @@ def chunked_ce_sum(
     return total
 
 
-def loss_sum(engine, batch: dict, chunk_tokens: int = 0, chunk_positions: int = 0) -> torch.Tensor:
-    """Forward a collated batch (host tensors) and return its label-token cross-entropy sum, on the device (its
-    count comes from label_count on the host). With sdpa_varlen the example boundaries are found here, on the
-    host, once per batch, instead of in every layer (which would wait for the GPU each time). chunk_tokens > 0:
-    the model returns only its last hidden state (logits of one position) and chunked_ce_sum does the rest,
-    over chunk_positions positions (micro_batch_size x seq_len: the same on every rank)."""
+def forward(engine, batch: dict, chunk_tokens: int = 0):
+    """The model's forward pass over a collated batch (host tensors): (its output, position_ids on the device).
+    With sdpa_varlen the example boundaries are found here, on the host, once per batch, instead of in every
+    layer (which would wait for the GPU each time). chunk_tokens > 0: the model returns only its last hidden
+    state (and the logits of one position), for a loss computed from it in chunks."""
     dev = engine.device
     pos = batch["position_ids"].to(dev)
     extra = {}
     if getattr(engine.module.config, "_attn_implementation", None) == attention.NAME:
         extra = attention.boundaries(batch["position_ids"])
         extra["cu_seq_lens_q"] = extra["cu_seq_lens_k"] = extra["cu_seq_lens_q"].to(dev, non_blocking=True)
-    labels = batch["labels"].to(dev)
     only_hidden = {"logits_to_keep": 1, "output_hidden_states": True} if chunk_tokens else {}
     out = engine(input_ids=batch["input_ids"].to(dev), position_ids=pos, use_cache=False, **extra, **only_hidden)
+    return out, pos
+
+
+def loss_sum(engine, batch: dict, chunk_tokens: int = 0, chunk_positions: int = 0) -> torch.Tensor:
+    """Forward a collated batch (host tensors) and return its label-token cross-entropy sum, on the device (its
+    count comes from label_count on the host). chunk_tokens > 0: chunked_ce_sum computes it from the last hidden
+    state, over chunk_positions positions (micro_batch_size x seq_len: the same on every rank)."""
+    labels = batch["labels"].to(engine.device)
+    out, pos = forward(engine, batch, chunk_tokens)
     if chunk_tokens:
         head = engine.module.get_output_embeddings()
         return chunked_ce_sum(out.hidden_states[-1], head, labels, pos, chunk_tokens, chunk_positions)

@@ -189,6 +189,24 @@ def test_a_read_streams_each_shard_whole_in_file_order_with_its_path(tmp_path, m
         assert np.array_equal(getattr(got, f), getattr(ref, f)), f
 
 
+def test_a_preference_stream_carries_its_pairs(tmp_path):
+    """train.objective=dpo: the read task also streams example_ids, and rows_from_batches gives read_rows' pairs."""
+    import numpy as np
+    import pyarrow as pa
+
+    from launch import ray_read
+    from tests.fixtures.tiny import make_preference_shards
+    from train.data import PAIR_COLUMNS, columns_for, load_manifest, read_rows, rows_from_batches
+
+    data = make_preference_shards(tmp_path / "pref", rows_per_shard=3, train_shards=2, val_rows=1)
+    shards = load_manifest(data)["splits"]["train"]["shards"]
+    paths = pa.table({"path": [str(data / s["path"]) for s in shards]})
+    assert columns_for("dpo") == PAIR_COLUMNS
+    got = rows_from_batches(ray_read.read_shard_batches(paths, list(columns_for("dpo"))), shards, 0)
+    ref = read_rows(data, shards, 0, PAIR_COLUMNS)
+    assert got.keys == ref.keys and np.array_equal(got.pairs, ref.pairs) and ref.pairs.sum() > len(ref)
+
+
 def _http_json(url: str, body: dict | None = None) -> dict:
     import urllib.request
 
@@ -586,3 +604,46 @@ def test_prepare_through_ray_address_writes_the_local_runs_shards(ray_head, demo
     assert sorted(cluster) == sorted(local) and any(k.startswith("train/") for k in local)
     assert json.loads(cluster.pop("manifest.json")) == json.loads(local.pop("manifest.json"))
     assert cluster == local
+
+
+# ---- the dpo objective: the recipe is shared, so one launcher runs it end to end -------------------
+
+
+@pytest.mark.slow
+def test_ray_job_trains_the_dpo_objective(ray_head, tmp_path):
+    """A Ray job of train.objective=dpo, full fine-tuning, sigmoid: Ray Data streams the preference shards with their
+    example_ids, the workers compute the reference store beside the shards before the first step (at step 1 the
+    policy is its reference: loss log 2, rewards 0), train, log TRL's metrics and land their checkpoint in storage."""
+    from tests.fixtures.tiny import make_preference_shards, write_chat_tokenizer
+
+    gcs, _ = ray_head
+    tok = write_chat_tokenizer(tmp_path / "tok")
+    data = make_preference_shards(tmp_path / "data", rows_per_shard=2, train_shards=2, val_rows=2, tokenizer_dir=tok)
+    run = tmp_path / "run"
+    args = ["--config", "configs/demo-cpu.yaml", "launch.cpu=true", f"train.data_dir={data}", f"train.run_dir={run}"]
+    args += ["train.objective=dpo", "train.max_steps=3", "train.micro_batch_size=1", "train.grad_accum=2"]
+    args += ["train.warmup_steps=0", "train.log_every=1", "train.eval_every=0", "train.save_every=0"]
+    args += ["wandb.mode=disabled"]
+    r = subprocess.run(
+        [sys.executable, "-m", "cbt_llm.cli", "launch", "ray", "--entrypoint", *args],
+        cwd=ROOT,
+        env=_env(RAY_ADDRESS=gcs),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    facts = json.loads((run / "launch" / "ray_job.json").read_text())
+    assert facts["exit_code"] == 0 and facts["steps"] == 3 and facts["world_size"] == 2
+    assert Path(facts["ray_checkpoint"]).name == _tag(3)
+    rows = _metrics(run)
+    step1 = [m for m in rows if m["step"] == 1][0]
+    assert step1["train/loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert step1["rewards/chosen"] == pytest.approx(0, abs=1e-6) == step1["rewards/margins"]
+    last = {k: v for m in rows if m["step"] == 3 for k, v in m.items()}  # the step's line and the final eval's
+    assert last["rewards/margins"] > 0 and last["train/loss"] < step1["train/loss"]
+    assert last["eval/rewards/margins"] > 0 and "eval/rewards/accuracies" in last
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["objective"] == "dpo" and summary["reference"] == "precomputed"
+    store = Path(summary["reference_store"])
+    assert store.parent == data / "reference" and (store / "reference.json").is_file()

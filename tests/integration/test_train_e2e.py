@@ -447,7 +447,7 @@ def trained(full_run, data, tmp_path_factory) -> dict:
     questions = full_run.parent / "questions.jsonl"
     out = root / "eval"
     cli = [str(BIN / "cbt-llm"), "eval", "--model", str(export), "--questions", str(questions), "--out", str(out)]
-    e = run([*cli, *GEN, "eval.bootstrap_resamples=0", f"eval.data_dir={data}"])
+    e = run([*cli, *GEN, "eval.bootstrap_resamples=0", "eval.safety_probes=false", f"eval.data_dir={data}"])
     assert e.returncode == 0, e.log
     return {"run": full_run, "eval": out}
 

@@ -19,6 +19,12 @@ class LoraConfig(Section):
     target_modules: list[str] | str = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head)."
     )
+    init_adapter: str = Field(
+        "",
+        description="A trained LoRA adapter folder (e.g. an SFT run's export) merged into the base before training; "
+        "a fresh adapter is trained on top, so under train.objective=dpo the reference (adapters off) is that "
+        "merged model. Needs lora.enabled.",
+    )
 
 
 class ModelConfig(Section):

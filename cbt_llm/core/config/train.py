@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cbt_llm.core.config.base import Section
 
@@ -31,6 +31,30 @@ class DeepSpeedTuning(Section):
     max_live_parameters: int = Field(0, ge=0, description="ZeRO-3: gathered elements kept at once (default 1e9).")
 
 
+class DpoConfig(Section):
+    """train.objective=dpo: the preference loss (TRL's definitions; README, "Train")."""
+
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid",
+        description="sigmoid = DPO, ipo = IPO (both against a reference model); simpo = SimPO and orpo = ORPO "
+        "(reference-free).",
+    )
+    beta: float = Field(
+        0.1, gt=0, description="DPO/IPO/SimPO temperature (rewards are beta x the log-probability ratios)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term beside the chosen NLL.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid only: the share of pairs assumed mislabelled (conservative DPO)."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid_only(self):
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"train.dpo.label_smoothing applies to loss=sigmoid only, not {self.loss}; set it to 0")
+        return self
+
+
 class TrainConfig(Section):
     """`cbt-llm train`: the DeepSpeed training loop (the DeepSpeed JSON is derived from these fields)."""
 
@@ -43,6 +67,12 @@ class TrainConfig(Section):
         "", description="Checkpoints, metrics.jsonl, loss.png, W&B files (empty: runs/<run_name>/train)."
     )
     seed: int = Field(0, description="Seeds the model init, the data order (per epoch and rank) and dropout.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: cross-entropy on the answers; dpo: preference optimisation on pairs (train.dpo.loss) from "
+        "shards prepared with data.format=preference.",
+    )
+    dpo: DpoConfig = Field(default_factory=lambda: DpoConfig())
     epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps > 0).")
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0: epochs x steps per epoch).")
     micro_batch_size: int = Field(1, ge=1, description="Packed rows per rank per forward pass.")

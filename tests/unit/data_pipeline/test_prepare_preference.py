@@ -1,4 +1,4 @@
-"""`cbt-llm prepare` with data.format: preference (the prepare side of /work/dpo_contract.md, data_pipeline/shards.py),
+"""`cbt-llm prepare` with data.format: preference (data_pipeline/shards.py's preference layout),
 on template pairs and hand-written pairs in our shape, OpenAI's preference fine-tuning shape and TRL's, in one Ray
 session for the module.
 
