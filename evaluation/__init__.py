@@ -7,6 +7,8 @@
     bertscore.py    BERTScore F1 with a local encoder
     safety.py       the safety metrics of every answer, by the corpus's crisis policy (cbt_llm/domain/crisis.py)
     probes.py       the crisis probes (probes/crisis_probe.jsonl) every model answers unguarded, and their rates
+    preference.py   pref-accuracy: how often a model gives a held-out pair's chosen answer the higher mean
+                    log-probability per token (cbt_llm/inference/logprobs.py)
     judge.py        the LLM judge on a rubric (cbt_llm/domain/rubrics.py), cached and resumable
     sessions.py     `cbt-llm eval --sessions`: multi-turn sessions with a client simulator, judged on CTRS items
     stats.py        bootstrap intervals for every mean and rate

@@ -27,6 +27,8 @@ With eval.safety_probes (evaluation/probes.py) the results also have "probes": {
 {kind: {"label", "n", "crisis_support", "unsafe"}}, "unsafe_by_harm"}, besides its three probe metrics; report.md
 shows the rates by kind in a table of their own.
 
+With held-out preference pairs the results also have "pairs": {"source", "sha256", "n", "rejects"}.
+
 With --sessions (evaluation/sessions.py) the results also have "sessions": {"source", "n", "rejects", "turns",
 "client", "max_new_tokens", "system_prompt_from", "decoding"}, and each model a "sessions" entry: {"n", "completed",
 "failed": {"client", "model"}, "turns", "new_tokens", "guard": {"model_turns", "crisis_turns", "disclosures",
@@ -38,7 +40,9 @@ Metric names: the reference metrics under evaluation.reference.METRICS ("bleu-4"
 "rouge-2", "rouge-l", "meteor", "distinct-1", "distinct-2", "length"), "bertscore-f1" (evaluation/bertscore.py),
 "structure-coverage" (0-5 parts) and "structure-order" (0-1), the safety rates "crisis-support",
 "crisis-hotline" and "professional-help" (0-1), the crisis probes' "probe-crisis-support", "probe-unsafe-reply" and
-"probe-needless-crisis" (0-1, Wilson intervals: their "ci_method" says so), and with an LLM judge
+"probe-needless-crisis" (0-1, Wilson intervals: their "ci_method" says so), with held-out preference pairs
+(evaluation/preference.py) "pref-accuracy" (0-1, Wilson interval; not computed for endpoints and predictions), and
+with an LLM judge
 (evaluation/judge.py) "judge-cbt-total" (0-18) with "judge-cbt-<criterion>", and "judge-counselling-mean" (1-10)
 with "judge-counselling-<quality>"; a judged model also has "judge": {"model", "rubrics", "repeats", "usage",
 "failures", "http_errors", "agreement"}. A score of None means not computed; its note says why (a bertscore
@@ -80,6 +84,7 @@ ORDER: tuple[str, ...] = (
     "structure-order",
     *RATES,
     *PROBE_RATES,
+    "pref-accuracy",
     "judge-cbt-total",
     *JUDGE_CBT,
     "judge-counselling-mean",
@@ -90,7 +95,7 @@ SCALES: dict[str, str] = {
     "length": "characters",
     "structure-coverage": "parts (0-5)",
     "structure-order": "fraction (0-1)",
-    **{rate: "fraction (0-1)" for rate in (*RATES, *PROBE_RATES)},
+    **{rate: "fraction (0-1)" for rate in (*RATES, *PROBE_RATES, "pref-accuracy")},
     "judge-cbt-total": "CBT judge total (0-18)",
     **{m: "CBT judge criteria (0-4)" for m in JUDGE_CBT},
     **{m: "counselling judge (1-10)" for m in ("judge-counselling-mean", *JUDGE_COUNSELLING)},
@@ -180,7 +185,8 @@ def _scores_section(results: dict, models: list[str]) -> list[str]:
     return lines + [
         "",
         "Cells: score [95% interval] (n). Reference metrics and BERTScore are x100, length is characters, "
-        "structure-coverage counts CBT parts (0-5), structure-order and the safety rates are fractions (0-1); "
+        "structure-coverage counts CBT parts (0-5), structure-order, the safety rates and pref-accuracy (the share "
+        "of held-out pairs whose chosen answer has the higher mean log-probability per token) are fractions (0-1); "
         "judge-cbt-total is the LLM judge's 0-18 CBT total (its criteria 0-1 to 0-4 as in their signatures), "
         "judge-counselling-* are 1-10 ratings. Corpus-level metrics (bleu-corpus, distinct-n) have no interval.",
     ]
@@ -345,6 +351,13 @@ def render_report_md(results: dict) -> str:
         "",
         f"Questions: `{q.get('source', '?')}`, n = {q.get('n', '?')} ({q.get('rejects', 0)} rejected).",
     ]
+    pairs = results.get("pairs")
+    if pairs:
+        head += [
+            "",
+            f"Preference pairs (pref-accuracy): `{pairs.get('source', '?')}`, n = {pairs.get('n', '?')} "
+            f"({pairs.get('rejects', 0)} rejected).",
+        ]
     sections = [
         head,
         _scores_section(results, models),

@@ -12,13 +12,16 @@ probes     with eval.safety_probes (on by default), each model also answers the 
 sessions   with --sessions (eval.sessions), each model also talks with a client simulator for a few turns per
            held-out intake, the crisis guard around every model turn (evaluation.sessions), right after it has
            answered the questions, while it is loaded
+pairs      with held-out preference pairs (eval.pairs, or the data folder's heldout_pairs.jsonl), each local model
+           also scores both answers of every pair by their mean log-probability per token while it is loaded
+           (evaluation.preference): pref-accuracy, n/c for endpoints and predictions
 score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval; the
-           probes' crisis-support, unsafe-reply and needless-crisis rates with Wilson intervals; with
+           probes' crisis-support, unsafe-reply and needless-crisis rates and pref-accuracy with Wilson intervals; with
            eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge), and the CTRS items of
            each session transcript
-write      generations.jsonl, probes.jsonl, sessions.jsonl, results.json, report.md, scores.png, rejects.jsonl, W&B
-           (evaluation.outputs); then the model card (README.md) of every evaluated folder with an export.json
-           gets these numbers (train.model_card.refresh_cards)
+write      generations.jsonl, probes.jsonl, sessions.jsonl, preference.jsonl, results.json, report.md, scores.png,
+           rejects.jsonl, W&B (evaluation.outputs); then the model card (README.md) of every evaluated folder with
+           an export.json gets these numbers (train.model_card.refresh_cards)
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from cbt_llm.inference.models import exported_system_prompt, resolve_model
 from cbt_llm.inference.prompt import Generation, Prompt, prompt_messages
 from cbt_llm.inference.safety_model import build_guard
 from data_pipeline.synth.scorer import load_or_train
-from evaluation import bertscore, outputs, probes, reference, safety, sessions, stats
+from evaluation import bertscore, outputs, preference, probes, reference, safety, sessions, stats
 from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
 from train.model_card import refresh_cards
@@ -176,6 +179,21 @@ def _generate(gen, prompts: list[Prompt], ec: EvalConfig, rank: int, world: int,
     )
 
 
+def _transformers_twin(m: EvalModelConfig, i: int, cfg: Config):
+    """The model of eval.models[i] loaded with transformers: pref-accuracy's log-probabilities behind vLLM, which
+    gives none for a given answer (loaded once vLLM's engine is gone)."""
+    from cbt_llm.inference.hf import HFGenerator
+
+    return HFGenerator(
+        m.path,
+        adapter=m.adapter,
+        device=_device(cfg.eval, int(os.environ.get("LOCAL_RANK", 0))),
+        dtype=cfg.eval.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        field=f"eval.models[{i}]",
+    )
+
+
 def _answer(
     m: EvalModelConfig,
     i: int,
@@ -185,11 +203,13 @@ def _answer(
     world: int,
     talk=None,
     probe_questions: list[EvalQuestion] = (),
+    pair_set=None,
 ) -> tuple:
-    """(generations on rank 0 / None elsewhere, stats, facts, sessions, probe answers and their stats) of one model;
-    `talk(generator, name)` holds its sessions (evaluation.sessions) while the model is loaded, None: no sessions.
-    The probes (evaluation.probes) are asked right after the questions, by the same call with the same settings
-    (no guard: the model's own answers); with none, their answers and stats are None."""
+    """(generations on rank 0 / None elsewhere, stats, facts, sessions, probe answers and their stats, pref rows) of
+    one model; `talk(generator, name)` holds its sessions (evaluation.sessions) while the model is loaded, None: no
+    sessions. The probes (evaluation.probes) are asked right after the questions, by the same call with the same
+    settings (no guard: the model's own answers); with none, their answers and stats are None. With `pair_set`, a
+    local model scores the held-out pairs last (evaluation.preference: rows on rank 0); an endpoint gives None."""
     ec, field = cfg.eval, f"eval.models[{i}]"
     system, system_from = _system_prompt(m, cfg)
     prompts = [Prompt(q.id, prompt_messages(q.question, q.description, system)) for q in questions]
@@ -214,7 +234,7 @@ def _answer(
         )
         gens, st = _generate(gen, prompts, ec, rank, world, endpoint=True)
         probed = _generate(gen, probe_prompts, ec, rank, world, endpoint=True) if probe_prompts else (None, None)
-        return gens, st, facts, talk(gen, m.name) if talk else None, probed
+        return gens, st, facts, talk(gen, m.name) if talk else None, probed, None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     gen = load_generator(
         m.path,
@@ -229,9 +249,16 @@ def _answer(
     probed = _generate(gen, probe_prompts, ec, rank, world) if probe_prompts else (None, None)
     facts["backend"] = gen.backend
     held = talk(gen, m.name) if talk else None
+    pair_rows = None
+    if pair_set is not None:
+        if gen.backend != "transformers":
+            del gen  # vLLM's engine goes before the transformers model loads
+            gc.collect()
+            gen = _transformers_twin(m, i, cfg)
+        pair_rows = preference.score_pairs(gen, pair_set, system, ec, rank, world)
     del gen
     gc.collect()
-    return gens, st, facts, held, probed
+    return gens, st, facts, held, probed, pair_rows
 
 
 # ------------------------------------------------------------------------------------------------- score
@@ -397,17 +424,22 @@ def _init_group(world: int, device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
-def _answer_all(cfg: Config, questions: list[EvalQuestion], rank: int, world: int, talk=None, probe_set=None) -> tuple:
-    """{model name: generations} (rank 0), {model name: facts + generation stats}, {model name: sessions} and
-    {model name: (probe answers, their generation stats)} (empty without probes)."""
-    gens, facts, held, probed = {}, {}, {}, {}
+def _answer_all(
+    cfg: Config, questions: list[EvalQuestion], rank: int, world: int, talk=None, probe_set=None, pair_set=None
+) -> tuple:
+    """{model name: generations} (rank 0), {model name: facts + generation stats}, {model name: sessions},
+    {model name: (probe answers, their generation stats)} (empty without probes) and {model name: pref rows, None
+    for an endpoint} (empty without pairs)."""
+    gens, facts, held, probed, paired = {}, {}, {}, {}, {}
     asked = [p.as_question() for p in probe_set.probes] if probe_set else []
     for i, m in enumerate(cfg.eval.models):
-        g, st, f, held[m.name], pr = _answer(m, i, questions, cfg, rank, world, talk, asked)
+        g, st, f, held[m.name], pr, rows = _answer(m, i, questions, cfg, rank, world, talk, asked, pair_set)
         gens[m.name], facts[m.name] = g, {**f, "generation": st}
         if probe_set:
             probed[m.name] = pr
-    return gens, facts, held, probed
+        if pair_set is not None:
+            paired[m.name] = rows
+    return gens, facts, held, probed, paired
 
 
 def _session_talk(cfg: Config, results: dict) -> tuple:
@@ -474,6 +506,16 @@ def _probe_scores(probe_set, name: str, answered: tuple, guard, probe_rows: list
     return metrics, {**info, "generation": st}
 
 
+def _pref_metric(name: str, facts: dict, rows: list[dict] | None, pair_set, out_rows: list[dict]) -> dict:
+    """pref-accuracy of one model (its rows into out_rows), or not computed where no log-probabilities exist."""
+    if facts["kind"] == "predictions":
+        return preference.not_computed(pair_set, "a predictions file has no model to give log-probabilities")
+    if rows is None:
+        return preference.not_computed(pair_set, "an endpoint gives no log-probabilities of a given answer")
+    out_rows += [{"model": name, **r} for r in rows]
+    return preference.metric(rows, pair_set)
+
+
 def _all_session_rows(held: dict, judged: dict) -> list[dict]:
     return [r for name, ss in held.items() if ss is not None for r in sessions.session_rows(name, ss, judged.get(name))]
 
@@ -489,9 +531,14 @@ def run_eval(cfg: Config) -> dict:
     # the probes and the guard that reads their answers, before any model loads (a bad guard section fails here)
     probe_set = probes.load_probes() if ec.safety_probes else None
     guard = build_guard(cfg.guard) if probe_set and rank == 0 else None
+    # the held-out preference pairs (eval.pairs or the data folder's), read and checked before any model loads
+    pair_set = preference.load_pair_set(cfg)
+    if pair_set is not None and ec.pairs and ec.check_overlap:
+        _check_overlap([p.question for p in pair_set.pairs], ec.data_dir, f"eval.pairs {ec.pairs}")
     held: dict = {}
     session_facts: dict = {}
     probed: dict = {}
+    paired: dict = {}
     if ec.predictions:
         questions, pred_gens, rejects, source, probe_gens = _join_predictions(
             cfg, probe_set.ids if probe_set else set()
@@ -508,16 +555,20 @@ def run_eval(cfg: Config) -> dict:
             talk, intake_rejects = _session_talk(cfg, session_facts)
             rejects += intake_rejects
         _init_group(world, _device(ec, local_rank))
-        gens, facts, held, probed = _answer_all(cfg, questions, rank, world, talk, probe_set)
+        gens, facts, held, probed, paired = _answer_all(cfg, questions, rank, world, talk, probe_set, pair_set)
     if rank != 0:
         return {}
     results = {"questions": {"source": source, "n": len(questions), "rejects": len(rejects)}}
     if probe_set:
         results["probes"] = probe_set.facts()
+    if pair_set is not None:
+        results["pairs"] = pair_set.facts()
+        rejects += pair_set.rejects
     results.update(session_facts)
     results["models"] = {}
     by_model = {}
     probe_rows: list[dict] | None = [] if probe_set else None
+    pair_rows: list[dict] = []
     for name, g in gens.items():
         metrics, rows = score_answers(questions, g, ec, scorer)
         failed = sum(x.finish == "error" for x in g)
@@ -527,6 +578,8 @@ def run_eval(cfg: Config) -> dict:
                 probe_set, name, probed[name], guard, probe_rows, cfg
             )
             metrics.update(probe_metrics)
+        if pair_set is not None:
+            metrics[preference.METRIC] = _pref_metric(name, facts[name], paired.get(name), pair_set, pair_rows)
         by_model[name] = _generation_rows(name, questions, g, rows)
         if held.get(name) is not None:
             why = "no judge (set eval.judge.base_url)"
@@ -537,6 +590,9 @@ def run_eval(cfg: Config) -> dict:
     if probe_rows is not None:  # probes.jsonl first: a judge that fails below must not lose the probe answers
         Path(ec.out_dir).mkdir(parents=True, exist_ok=True)
         _write_jsonl(Path(ec.out_dir) / "probes.jsonl", probe_rows)
+    if pair_set is not None:
+        Path(ec.out_dir).mkdir(parents=True, exist_ok=True)
+        _write_jsonl(Path(ec.out_dir) / "preference.jsonl", pair_rows)
     judged_sessions = _judge_all(cfg, questions, gens, held, results, by_model, rejects) if ec.judge.base_url else {}
     results["examples"] = _examples(questions, by_model, ec.examples, ec.seed)
     out = write_outputs(cfg, results, by_model, rejects, _all_session_rows(held, judged_sessions))
@@ -547,7 +603,12 @@ def run_eval(cfg: Config) -> dict:
     )
     files = ", ".join(
         f
-        for f, on in (("generations.jsonl", True), ("probes.jsonl", probe_set), ("sessions.jsonl", ec.sessions.enabled))
+        for f, on in (
+            ("generations.jsonl", True),
+            ("probes.jsonl", probe_set),
+            ("sessions.jsonl", ec.sessions.enabled),
+            ("preference.jsonl", pair_set is not None),
+        )
         if on
     )
     print(f"eval: {out}/report.md, results.json, {files}, scores.png; {len(rejects)} rejects", file=sys.stderr)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cbt_llm.cli import chat, eval, export, guard, launch, prepare, serve, synth, tokenizer, train
+from cbt_llm.cli import chat, eval, export, guard, launch, pairs, prepare, serve, synth, tokenizer, train
 from cbt_llm.cli.args import resolve
 from cbt_llm.core.errors import ConfigError
 
-SUBCOMMANDS = (synth, tokenizer, prepare, train, export, eval, launch, serve, chat, guard)
+SUBCOMMANDS = (synth, pairs, tokenizer, prepare, train, export, eval, launch, serve, chat, guard)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,11 +11,12 @@ from cbt_llm.inference.models import (
     stop_token_ids,
     torch_dtype,
 )
-from cbt_llm.inference.prompt import Generation, Prompt, cut_at_stop
+from cbt_llm.inference.prompt import Generation, Prompt, cut_at_stop, sample_seed
 
 
 class HFGenerator:
-    """Greedy generation with transformers in this process, on CPU or one CUDA device."""
+    """Generation with transformers in this process, on CPU or one CUDA device: greedy (generate_batch, what eval
+    and the server's temperature 0 use) or sampled with a seed per prompt (sample)."""
 
     backend = "transformers"
     batches_internally = False
@@ -110,3 +111,41 @@ class HFGenerator:
             Generation(p.id, self.tokenizer.decode(toks, skip_special_tokens=True).strip(), len(x), len(toks), fin)
             for p, x, (toks, fin) in zip(prompts, ids, outs)
         ]
+
+    def sample(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        top_p: float,
+        seed: int,
+    ) -> list[list[Generation]]:
+        """`n` sampled answers to each prompt (temperature, top_p; top_k off, no penalties). Each prompt is one
+        generate call of n rows with the sampler seeded by sample_seed(seed, prompt id), so a prompt's answers
+        depend on the seed, the prompt and the model alone: not on the other prompts, their order or a resumed
+        run's starting point."""
+        import torch
+
+        if temperature <= 0 or n < 1:
+            raise ValueError(f"sampling needs temperature > 0 and n >= 1 (got {temperature}, {n})")
+        cfg = self.decoding_config(max_new_tokens)
+        cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = True, float(temperature), float(top_p), 0
+        out: list[list[Generation]] = []
+        for p in prompts:
+            ids = self.prompt_ids(p)
+            x = torch.tensor([ids] * n, device=self.device)
+            torch.manual_seed(sample_seed(seed, p.id))  # seeds CUDA too
+            with torch.inference_mode():
+                rows = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=cfg)
+            cut = [cut_at_stop(r, self.stop_ids) for r in rows[:, len(ids) :].tolist()]
+            out.append(
+                [
+                    Generation(
+                        p.id, self.tokenizer.decode(toks, skip_special_tokens=True).strip(), len(ids), len(toks), fin
+                    )
+                    for toks, fin in cut
+                ]
+            )
+        return out

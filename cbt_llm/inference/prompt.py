@@ -4,6 +4,7 @@ the transformers and vLLM generators, the OpenAI-endpoint client and the server.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from cbt_llm.domain.chat_format import build_user_message
@@ -64,3 +65,10 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], str]
         if t in stops:
             return tokens[: k + 1], "stop"
     return tokens, "length"
+
+
+def sample_seed(seed: int, prompt_id: str, k: int | None = None) -> int:
+    """The sampler's seed for one prompt (and, where each answer is its own request, its k-th answer): a 63-bit
+    BLAKE2b digest of (seed, prompt id[, k]), so sampled answers repeat run after run whatever else is asked."""
+    key = f"{seed}\x00{prompt_id}" + ("" if k is None else f"\x00{k}")
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") >> 1

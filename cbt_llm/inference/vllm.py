@@ -17,7 +17,7 @@ from cbt_llm.inference.models import (
     resolve_model,
     stop_token_ids,
 )
-from cbt_llm.inference.prompt import Generation, Prompt
+from cbt_llm.inference.prompt import Generation, Prompt, sample_seed
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -43,12 +43,22 @@ class LoraSpec:
     lora_path: str
 
 
-def sampling_params(max_tokens: int, stop_ids: list[int]):
-    kwargs = asdict(GreedyParams(max_tokens, list(stop_ids)))
+@dataclass
+class SampledParams(GreedyParams):
+    """GreedyParams for one sampled answer (`cbt-llm pairs`): temperature, top_p and the answer's own seed."""
+
+    top_p: float = 1.0
+
+
+def sampling_params(max_tokens: int, stop_ids: list[int], **sampled):
+    """vllm.SamplingParams (or its stand-in without vLLM): greedy, or with `sampled` (temperature, top_p, seed)
+    one sampled answer."""
+    kind = SampledParams if sampled else GreedyParams
+    kwargs = asdict(kind(max_tokens, list(stop_ids), **sampled))
     try:
         from vllm import SamplingParams
     except ImportError:
-        return GreedyParams(**kwargs)
+        return kind(**kwargs)
     return SamplingParams(**kwargs)
 
 
@@ -109,6 +119,33 @@ class VllmGenerator:
         params = sampling_params(max_new_tokens, self.stop_ids)
         outs = self.engine.generate(requests, params, lora_request=self.lora)
         return [_from_request_output(p, o) for p, o in zip(prompts, outs)]
+
+    def sample(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        top_p: float,
+        seed: int,
+    ) -> list[list[Generation]]:
+        """`n` sampled answers to each prompt, all in one engine call: answer k of a prompt is its own request
+        seeded by sample_seed(seed, prompt id, k), so it repeats whatever else is in the batch."""
+        if temperature <= 0 or n < 1:
+            raise ValueError(f"sampling needs temperature > 0 and n >= 1 (got {temperature}, {n})")
+        ids = [self.prompt_ids(p) for p in prompts]
+        requests = [{"prompt_token_ids": x} for x in ids for _ in range(n)]
+        params = [
+            sampling_params(
+                max_new_tokens, self.stop_ids, temperature=temperature, top_p=top_p, seed=sample_seed(seed, p.id, k)
+            )
+            for p in prompts
+            for k in range(n)
+        ]
+        outs = self.engine.generate(requests, params, lora_request=self.lora)
+        flat = [_from_request_output(p, o) for p, o in zip((p for p in prompts for _ in range(n)), outs)]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def _vllm_engine(source: ModelSource, dtype: str, trust_remote_code: bool, **kwargs):

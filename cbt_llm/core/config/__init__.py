@@ -18,6 +18,7 @@ from cbt_llm.core.config.guard import GuardConfig, GuardTrainConfig, ModelTierCo
 from cbt_llm.core.config.launch import LaunchConfig, RayLaunchConfig, SlurmConfig
 from cbt_llm.core.config.load import load_config, parse_overrides
 from cbt_llm.core.config.model import LoraConfig, ModelConfig
+from cbt_llm.core.config.pairs import PairsConfig, PairsJudgeConfig
 from cbt_llm.core.config.root import Config, check_world_size
 from cbt_llm.core.config.serve import ServeConfig
 from cbt_llm.core.config.synth import AgentsConfig, ApiSynthConfig, SynthConfig
@@ -42,6 +43,8 @@ __all__ = [
     "ModelConfig",
     "ModelTierConfig",
     "NearDupConfig",
+    "PairsConfig",
+    "PairsJudgeConfig",
     "QualityConfig",
     "RayLaunchConfig",
     "SessionClientConfig",

@@ -155,5 +155,13 @@ class EvalConfig(Section):
         "probe-unsafe-reply and probe-needless-crisis (evaluation/probes.py). With --predictions: the file's "
         "answers to probe ids.",
     )
+    pairs: str = Field(
+        "",
+        description="Held-out preference pairs for pref-accuracy (our pair format, OpenAI's or TRL's; empty: "
+        "<data_dir>/heldout_pairs.jsonl when data_dir holds preference data, else no pref-accuracy).",
+    )
+    logprob_batch_tokens: int = Field(
+        8192, ge=1, description="pref-accuracy: tokens per log-probability batch (its logits are tokens x vocab)."
+    )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)

@@ -11,7 +11,8 @@ Paths: one run folder, `runs/<run_name>/`. A path field left empty is derived in
     data.inputs       [<synth.out_dir>/*.jsonl*]       data.out_dir      runs/<run_name>/data
     data.tokenizer    <tokenizer.out_dir>              train.data_dir    <data.out_dir>
     train.run_dir     runs/<run_name>/train            eval.out_dir      runs/<run_name>/eval
-    eval.data_dir     <data.out_dir>
+    eval.data_dir     <data.out_dir>                   pairs.out         runs/<run_name>/model-pairs/pairs.jsonl
+    pairs.questions   <data.out_dir>/heldout.jsonl
 
 A path that is set wins. So train.data_dir differs from data.out_dir only when it is set on purpose (train
 reads shards prepared elsewhere), and `cbt-llm train --dry-run` says which folder it reads.
@@ -35,6 +36,7 @@ from cbt_llm.core.config.eval import EvalConfig
 from cbt_llm.core.config.guard import GuardConfig
 from cbt_llm.core.config.launch import LaunchConfig
 from cbt_llm.core.config.model import ModelConfig
+from cbt_llm.core.config.pairs import PairsConfig
 from cbt_llm.core.config.serve import ServeConfig
 from cbt_llm.core.config.synth import ApiSynthConfig, SynthConfig
 from cbt_llm.core.config.train import TrainConfig, WandbConfig
@@ -58,6 +60,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -85,6 +88,8 @@ class Config(Section):
         self.eval.data_dir = self.eval.data_dir or d.out_dir
         self.eval.out_dir = self.eval.out_dir or f"{run}/eval"
         self.guard.train.out_dir = self.guard.train.out_dir or f"{run}/guard"
+        self.pairs.out = self.pairs.out or f"{run}/model-pairs/pairs.jsonl"
+        self.pairs.questions = self.pairs.questions or f"{d.out_dir}/heldout.jsonl"
         return self
 
     def to_yaml(self) -> str:

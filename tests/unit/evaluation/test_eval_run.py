@@ -160,21 +160,32 @@ def test_bad_input_fails_before_generation_with_one_line(tmp_path, capsys, args,
     assert not (tmp_path / "out" / "generations.jsonl").exists()
 
 
-def _torchrun_eval(n: int, model: Path, qfile: Path, out: Path) -> subprocess.Popen:
+def _torchrun_eval(n: int, model: Path, qfile: Path, out: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
     cmd += ["-m", "cbt_llm.cli", "eval", "--model", str(model), "--questions", str(qfile), "--out", str(out)]
     cmd += ["eval.check_overlap=false", "eval.max_new_tokens=12", "eval.batch_tokens=150", "wandb.mode=disabled"]
+    cmd += list(extra)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
 def test_two_ranks_answer_exactly_as_one(tmp_path):
     """`cbt-llm eval` under torchrun on CPU (gloo), 1 and 2 ranks side by side: every rank answers its share of
-    batches that do not depend on the number of ranks, rank 0 writes all in question order; same answers."""
+    batches that do not depend on the number of ranks, rank 0 writes all in question order; same answers, and the
+    same pref-accuracy log-probabilities (scored data parallel the same way)."""
     model = tiny_chat_model(tmp_path / "tiny")
     qfile = write_questions(tmp_path / "q.jsonl")
-    procs = {n: _torchrun_eval(n, model, qfile, tmp_path / f"out{n}") for n in (1, 2)}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"id": i, "messages": [{"role": "user", "content": q}], "chosen": _cbt_answer(q),
+                        "rejected": f"{d}别想太多。"}, ensure_ascii=False) + "\n"
+            for i, q, d in QUESTIONS
+        ), encoding="utf-8",
+    )  # fmt: skip
+    extra = (f"eval.pairs={pairs}", "eval.logprob_batch_tokens=300")
+    procs = {n: _torchrun_eval(n, model, qfile, tmp_path / f"out{n}", extra) for n in (1, 2)}
     for proc in procs.values():
         log, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, log[-3000:]
@@ -188,3 +199,10 @@ def test_two_ranks_answer_exactly_as_one(tmp_path):
     (model_result,) = json.loads((tmp_path / "out2" / "results.json").read_text())["models"].values()
     gen = model_result["generation"]
     assert gen["batches"] >= 2 and gen["new_tokens"] == sum(r["new_tokens"] for r in rows[2])
+    pref = {
+        n: [json.loads(x) for x in (tmp_path / f"out{n}" / "preference.jsonl").read_text().splitlines()] for n in (1, 2)
+    }
+    assert [r["id"] for r in pref[2]] == ["q1", "q2", "q3", "q4"]
+    for a, b in zip(pref[1], pref[2]):
+        assert a["chosen_mean"] == pytest.approx(b["chosen_mean"], abs=1e-6) and a["correct"] == b["correct"]
+    assert model_result["metrics"]["pref-accuracy"]["n"] == 4
