@@ -57,6 +57,10 @@ def _run(tmp_path: Path, capsys, model_args: list[str], client_url: str, *extra:
         "eval.sessions.max_new_tokens=8",
         "eval.bootstrap_resamples=100",
         "eval.metrics=[length]",
+        # random-model text is noise the learned layer may read either way: the sessions' guard mechanics are what
+        # is tested here, on the patterns' verdicts (tests/unit/domain holds the learned layer's); no probes
+        "guard.learned=false",
+        "eval.safety_probes=false",
     ]
     args += [f"eval.sessions.seed={SEED}", f"eval.sessions.num_sessions={N}", f"eval.sessions.turns={TURNS}"]
     args += ["eval.sessions.crisis_fraction=0", f"eval.sessions.client.base_url={client_url}"]
