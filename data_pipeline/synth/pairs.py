@@ -1,19 +1,10 @@
 """`cbt-llm synth template --pairs`: offline preference pairs (prepare's data.format: preference) for the demo and
 tests: a template record's five-part answer (chosen) against a flawed answer to the same question (rejected).
 
-Each pair draws one flaw from synth.pair_flaws (weights, normalised):
-
-    missing_part       one of the five parts left out (never empathy on a crisis question, which holds its crisis
-                       support: the pair would then differ in two ways)
-    order              the five parts in a drawn order other than the canonical one
-    no_empathy         advice without empathy: the empathy part dropped and the strategy moved first (strategy,
-                       key thought, challenge, encouragement); drawn on non-crisis questions only, for the same
-                       reason as missing_part
-    no_crisis_support  a crisis question (always: the record is drawn as one) answered without crisis support: the
-                       crisis-support sentence (cbt_llm.domain.crisis.CRISIS_SUPPORT_SENTENCE) removed
-    unsafe             the answer with one short harmful line added after its strategy, of the kinds the crisis
-                       guard's output check stops (cbt_llm.domain.crisis.unsafe_output: turning the person away from
-                       help, or keeping it secret). Deliberately vague: no method, means or dose is ever written.
+Each pair draws one flaw from synth.pair_flaws (weights, normalised), one of data_pipeline/synth/flaws.py's:
+a part missing, the parts out of order, no empathy, a crisis question without crisis support (the record is then
+drawn as a crisis question), an unsafe line. A missing part is never empathy on a crisis question and no_empathy is
+drawn on non-crisis questions only: the empathy part holds the crisis support, and a pair should differ one way.
 
 The chosen answer is exactly data_pipeline.synth.template's record answer (template-v3: five parts, crisis support on
 crisis questions, professional help in the encouragement). A pair line:
@@ -35,7 +26,6 @@ bytes and content SHA-256 as the template's does, so prepare checks the files th
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import time
 from collections.abc import Callable
@@ -47,12 +37,11 @@ from cbt_llm.core.config import SynthConfig
 from cbt_llm.core.config.synth import DEFAULT_PAIR_FLAWS
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
-from cbt_llm.domain.cbt import CBT_PARTS
 from cbt_llm.domain.chat_format import build_user_message
-from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE
 from cbt_llm.domain.record import SCHEMA_VERSION
+from data_pipeline.synth.draws import PPM, digest
+from data_pipeline.synth.flaws import FLAWS, flaw_thresholds, flawed_parts
 from data_pipeline.synth.template import (
-    _PPM,
     _ZSTD_LEVEL,
     PROMPT_VERSION,
     SUCCESS_NAME,
@@ -60,79 +49,30 @@ from data_pipeline.synth.template import (
     _available_cpus,
     _compose,
     _crisis_ppm,
-    _digest,
     _encode,
     run_shard_jobs,
     shard_jobs,
 )
 
-FLAWS = ("missing_part", "order", "no_empathy", "no_crisis_support", "unsafe")
 PAIRS_VERSION = "template-pairs-v1"
 SOURCE = "synth-template-pairs"
 _BATCH = 2048
-
-# Short harmful lines of the kinds the guard's output check stops (secrecy_discourages_help): each turns the person
-# away from help or asks them to keep it secret. None names a method, a means or a dose.
-UNSAFE_LINES: tuple[str, ...] = (
-    "其实心理咨询都是骗钱的，没必要去。",
-    "这些事别告诉任何人，自己扛着就好。",
-    "热线都没用，打了也没人真的在乎。",
-    "不用去看医生，过段时间自己就好了。",
-    "觉得药没效果的话，直接停药就行。",
-    "别告诉家人，他们只会更担心。",
-)
-# every order of the five parts but the canonical one, in a fixed order
-_ORDERS = tuple(p for p in itertools.permutations(range(len(CBT_PARTS))) if list(p) != sorted(p))
-_NO_EMPATHY = ("strategy", "key_thought", "challenge", "encouragement")
 
 
 def _pair_prefix(seed: int) -> bytes:
     return f"cbt-llm/synth-template-pairs/v1/{seed}/".encode()
 
 
-def flaw_thresholds(mix: dict[str, float]) -> list[tuple[int, str]]:
-    """(cumulative ppm bound, flaw) in FLAWS order over the flaws with weight > 0; the last bound is _PPM."""
-    total = sum(w for w in mix.values() if w > 0)
-    out, acc = [], 0.0
-    for f in FLAWS:
-        w = mix.get(f, 0.0)
-        if w > 0:
-            acc += w
-            out.append((round(acc / total * _PPM), f))
-    out[-1] = (_PPM, out[-1][1])
-    return out
-
-
 def _compose_pair(h: int, seed: int, index: int, crisis_ppm: int, thresholds: list[tuple[int, str]]) -> dict:
-    h, r = divmod(h, _PPM)
+    h, r = divmod(h, PPM)
     flaw = next(f for bound, f in thresholds if r < bound)
     if flaw == "no_crisis_support":
-        crisis_ppm = _PPM  # drawn as a crisis question
+        crisis_ppm = PPM  # drawn as a crisis question
     elif flaw == "no_empathy":
         crisis_ppm = 0
     record, h = _compose(h, seed, index, crisis_ppm)
-    cbt, crisis = record["cbt"], record["meta"]["crisis"]
-    parts = list(CBT_PARTS)
-    if flaw == "missing_part":
-        choices = parts[1:] if crisis else parts
-        h, r = divmod(h, len(choices))
-        detail = {"part": choices[r]}
-        rejected = [cbt[p] for p in parts if p != choices[r]]
-    elif flaw == "order":
-        h, r = divmod(h, len(_ORDERS))
-        order = [parts[i] for i in _ORDERS[r]]
-        detail = {"order": order}
-        rejected = [cbt[p] for p in order]
-    elif flaw == "no_empathy":
-        detail = {"order": list(_NO_EMPATHY)}
-        rejected = [cbt[p] for p in _NO_EMPATHY]
-    elif flaw == "no_crisis_support":
-        detail = {"removed": CRISIS_SUPPORT_SENTENCE}
-        rejected = [cbt[p].replace(CRISIS_SUPPORT_SENTENCE, "") for p in parts]
-    else:  # unsafe
-        h, r = divmod(h, len(UNSAFE_LINES))
-        detail = {"line": UNSAFE_LINES[r]}
-        rejected = [cbt[p] + UNSAFE_LINES[r] if p == "strategy" else cbt[p] for p in parts]
+    h, rejected, detail = flawed_parts(h, record["cbt"], record["meta"]["crisis"], flaw)
+    crisis = record["meta"]["crisis"]
     return {
         "id": f"pair-{seed}-{index:09d}",
         "messages": [{"role": "user", "content": build_user_message(record["question"], record["description"])}],
@@ -158,7 +98,7 @@ def _compose_pair(h: int, seed: int, index: int, crisis_ppm: int, thresholds: li
 def pair_at(seed: int, index: int, crisis_fraction: float = 0.02, mix: dict[str, float] | None = None) -> dict:
     """Pair `index` for `seed`: a pure function of its arguments (mix: synth.pair_flaws; None: its default)."""
     thresholds = flaw_thresholds(mix or DEFAULT_PAIR_FLAWS)
-    return _compose_pair(_digest(_pair_prefix(seed), index), seed, index, _crisis_ppm(crisis_fraction), thresholds)
+    return _compose_pair(digest(_pair_prefix(seed), index), seed, index, _crisis_ppm(crisis_fraction), thresholds)
 
 
 def iter_pairs(seed: int, start: int, stop: int, crisis_fraction: float = 0.02, mix: dict[str, float] | None = None):
@@ -166,7 +106,7 @@ def iter_pairs(seed: int, start: int, stop: int, crisis_fraction: float = 0.02, 
     thresholds = flaw_thresholds(mix or DEFAULT_PAIR_FLAWS)
     prefix, ppm = _pair_prefix(seed), _crisis_ppm(crisis_fraction)
     for i in range(start, stop):
-        yield _compose_pair(_digest(prefix, i), seed, i, ppm, thresholds)
+        yield _compose_pair(digest(prefix, i), seed, i, ppm, thresholds)
 
 
 def _write_pair_shard(job: dict, progress: Callable[[int], None] | None = None) -> dict:

@@ -41,6 +41,7 @@ from cbt_llm.domain.cbt import DISTORTIONS
 from cbt_llm.domain.prompts import SESSION_SYSTEM_PROMPT
 from data_pipeline.synth.banks import records as C
 from data_pipeline.synth.banks import sessions as B
+from data_pipeline.synth.draws import PPM
 from data_pipeline.synth.template import (
     SUCCESS_NAME,
     SUMMARY_NAME,
@@ -56,7 +57,6 @@ STAGES = ("agenda", "explore", "identify", "socratic", "technique", "homework", 
 SAFETY = "safety"
 _BATCH = 512  # sessions per write (about 1.5 MB)
 _ZSTD_LEVEL = 3
-_PPM = 1_000_000
 _RESIST_PPM = 350_000  # share of sessions (with a spare turn) in which the client resists once
 
 
@@ -158,7 +158,7 @@ def _turn_specs(d: _Draw, turns: int, crisis: bool) -> tuple[list[tuple[list[str
     disclose = next(i for i, u in enumerate(units) if u[0] == SAFETY) - 1 if crisis else None
     extra = n - len(units)  # > 0 only when nothing was folded
     resist = None
-    if extra and d.below(_PPM) < _RESIST_PPM:
+    if extra and d.below(PPM) < _RESIST_PPM:
         resist = d.pick([i for i, u in enumerate(units) if u[-1] in _RESISTED])
         extra -= 1
     follow = [0] * len(units)
@@ -185,7 +185,7 @@ def _turn_specs(d: _Draw, turns: int, crisis: bool) -> tuple[list[tuple[list[str
 
 def _intake(d: _Draw, crisis_ppm: int) -> dict:
     """The drawn intake and the slots the session's text is filled from."""
-    crisis = d.below(_PPM) < crisis_ppm
+    crisis = d.below(PPM) < crisis_ppm
     key, zh, personas, cores, situations, feelings, burden, area, others, strategies, thoughts, techs = d.pick(_TOPICS)
     di = d.below(len(DISTORTIONS))
     (full, bare, lo, hi), group = d.pick(personas)
@@ -374,14 +374,14 @@ def _compose(d: _Draw, seed: int, index: int, crisis_ppm: int, min_turns: int, m
 def session_at(seed: int, index: int, crisis_fraction: float = 0.02, min_turns: int = 8, max_turns: int = 24) -> dict:
     """The session at `index` for `seed`: a pure function of its arguments."""
     d = _Draw(_seed_prefix(seed) + index.to_bytes(8, "little"))
-    return _compose(d, seed, index, round(crisis_fraction * _PPM), min_turns, max_turns)
+    return _compose(d, seed, index, round(crisis_fraction * PPM), min_turns, max_turns)
 
 
 def intake_at(seed: int, index: int, crisis_fraction: float = 0.02) -> tuple[dict, dict]:
     """The intake that session_at(seed, index, crisis_fraction) starts from (the same first draws), and the
     client behind it: {crisis, persona, age, feelings, duration}. `synth api --sessions` builds its client
     simulator from these, so the API sessions and the offline ones share one intake distribution."""
-    it = _intake(_Draw(_seed_prefix(seed) + index.to_bytes(8, "little")), round(crisis_fraction * _PPM))
+    it = _intake(_Draw(_seed_prefix(seed) + index.to_bytes(8, "little")), round(crisis_fraction * PPM))
     s = it["slots"]
     client = {
         "crisis": it["crisis"],

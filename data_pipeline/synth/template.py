@@ -36,12 +36,15 @@ import zstandard
 from tqdm import tqdm
 
 from cbt_llm.core.config import SynthConfig
+from cbt_llm.core.config.synth import DEFAULT_FLAWED_MIX
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
 from cbt_llm.domain.cbt import CBT_PARTS, DISTORTIONS
 from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE
 from cbt_llm.domain.record import SCHEMA_VERSION
 from data_pipeline.synth.banks import records as C
+from data_pipeline.synth.draws import PPM, digest
+from data_pipeline.synth.flaws import CorpusFlaws
 
 # Versions (meta.prompt_version of every record):
 # template-v3: every answer part is composed from clauses (data_pipeline/synth/banks/records.py's template-v3
@@ -98,11 +101,6 @@ _CHALLENGE = tuple(
 )
 _ENCOURAGEMENT = (C.ENCOURAGEMENT_OPENERS, C.ENCOURAGEMENT_HOPES)
 _QUESTION_ENDS = C.QUESTION_ENDINGS + C.QUESTION_DOUBTS
-_PPM = 1_000_000
-
-
-def _digest(prefix: bytes, index: int) -> int:
-    return int.from_bytes(hashlib.blake2b(prefix + index.to_bytes(8, "little"), digest_size=64).digest(), "little")
 
 
 def _seed_prefix(seed: int) -> bytes:
@@ -110,7 +108,7 @@ def _seed_prefix(seed: int) -> bytes:
 
 
 def _crisis_ppm(crisis_fraction: float) -> int:
-    return round(crisis_fraction * _PPM)
+    return round(crisis_fraction * PPM)
 
 
 def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]:
@@ -118,7 +116,7 @@ def _compose(h: int, seed: int, index: int, crisis_ppm: int) -> tuple[dict, int]
 
     Every `h, r = divmod(h, n)` draws a uniform choice among n and consumes it from h.
     """
-    h, r = divmod(h, _PPM)
+    h, r = divmod(h, PPM)
     crisis = r < crisis_ppm
     h, r = divmod(h, _N_TOPICS)
     key, personas, keywords, cores, situations, feelings, burden, area, others, strategies, thoughts = _TOPICS[r]
@@ -291,16 +289,45 @@ def _record(
     }
 
 
-def record_at(seed: int, index: int, crisis_fraction: float = 0.02) -> dict:
-    """The record at `index` for `seed`: a pure function of its arguments."""
-    return _compose(_digest(_seed_prefix(seed), index), seed, index, _crisis_ppm(crisis_fraction))[0]
+def _corpus_flaws(seed: int, flawed_fraction: float, flawed_mix: dict[str, float] | None):
+    """synth.flawed_fraction's per-record flaws (data_pipeline/synth/flaws.py), None when it is 0."""
+    if not flawed_fraction:
+        return None
+    return CorpusFlaws(seed, flawed_fraction, flawed_mix or DEFAULT_FLAWED_MIX)
 
 
-def iter_records(seed: int, start: int, stop: int, crisis_fraction: float = 0.02):
+def record_at(
+    seed: int,
+    index: int,
+    crisis_fraction: float = 0.02,
+    flawed_fraction: float = 0.0,
+    flawed_mix: dict[str, float] | None = None,
+) -> dict:
+    """The record at `index` for `seed`: a pure function of its arguments (flawed_*: synth.flawed_fraction and
+    synth.flawed_mix; None: its default)."""
+    rec = _compose(digest(_seed_prefix(seed), index), seed, index, _crisis_ppm(crisis_fraction))[0]
+    flaws = _corpus_flaws(seed, flawed_fraction, flawed_mix)
+    if flaws:
+        flaws.apply(rec, index)
+    return rec
+
+
+def iter_records(
+    seed: int,
+    start: int,
+    stop: int,
+    crisis_fraction: float = 0.02,
+    flawed_fraction: float = 0.0,
+    flawed_mix: dict[str, float] | None = None,
+):
     """Yield records start..stop-1 one at a time (nothing is accumulated)."""
     prefix, ppm = _seed_prefix(seed), _crisis_ppm(crisis_fraction)
+    flaws = _corpus_flaws(seed, flawed_fraction, flawed_mix)
     for i in range(start, stop):
-        yield _compose(_digest(prefix, i), seed, i, ppm)[0]
+        rec = _compose(digest(prefix, i), seed, i, ppm)[0]
+        if flaws:
+            flaws.apply(rec, i)
+        yield rec
 
 
 def shard_ranges(num_records: int, num_shards: int) -> list[tuple[int, int]]:
@@ -325,6 +352,8 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
     topics: dict[str, int] = {}
     dists: dict[str, int] = {}
     crisis = 0
+    flaws = _corpus_flaws(seed, job.get("flawed_fraction", 0.0), job.get("flawed_mix"))
+    flawed: dict[str, int] = {}
     raw = open(tmp, "wb")
     # a content checksum ends the frame: a reader (data_pipeline.io) tells a corrupt shard from a good one
     out = (
@@ -335,7 +364,11 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
     try:
         batch: list[str] = []
         for i in range(start, stop):
-            rec = _compose(_digest(prefix, i), seed, i, ppm)[0]
+            rec = _compose(digest(prefix, i), seed, i, ppm)[0]
+            if flaws:
+                flaw = flaws.apply(rec, i)
+                if flaw:
+                    flawed[flaw] = flawed.get(flaw, 0) + 1
             batch.append(_encode(rec))
             meta = rec["meta"]
             t = meta["topic"]
@@ -369,6 +402,7 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
         "crisis": crisis,
         "topics": topics,
         "distortions": dists,
+        "flaws": flawed,
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
     }
@@ -483,7 +517,7 @@ def run_synth_template(cfg: SynthConfig) -> dict:
     sizes and content hashes) and an empty `_SUCCESS` marker last. Raises ConfigError on a bad out_dir or
     shard count before any work.
     """
-    out, jobs = shard_jobs(cfg)
+    out, jobs = shard_jobs(cfg, flawed_fraction=cfg.flawed_fraction, flawed_mix=dict(cfg.flawed_mix))
     workers = cfg.workers or _available_cpus()
     workers = max(1, min(workers, cfg.num_shards))
 
@@ -493,7 +527,10 @@ def run_synth_template(cfg: SynthConfig) -> dict:
 
     topics = {k: 0 for k in C.TOPICS}
     dists = {d: 0 for d in DISTORTIONS}
+    flawed: dict[str, int] = {}
     for r in results:
+        for k, v in r.pop("flaws").items():
+            flawed[k] = flawed.get(k, 0) + v
         for k, v in r.pop("topics").items():
             topics[k] += v
         for k, v in r.pop("distortions").items():
@@ -521,6 +558,11 @@ def run_synth_template(cfg: SynthConfig) -> dict:
         "distortions": dists,
         "files": sorted(results, key=lambda r: r["shard"]),
     }
+    if cfg.flawed_fraction:  # only then: the summary of an unflawed corpus keeps its keys
+        summary["flawed_fraction"] = cfg.flawed_fraction
+        summary["flawed_mix"] = dict(cfg.flawed_mix)
+        summary["flawed"] = sum(flawed.values())
+        summary["flaws"] = {f: flawed.get(f, 0) for f in cfg.flawed_mix}
     write_metrics(out / SUMMARY_NAME, summary)
     (out / SUCCESS_NAME).write_text("")
     print_summary(
@@ -534,6 +576,7 @@ def run_synth_template(cfg: SynthConfig) -> dict:
             "shards": cfg.num_shards,
             "bytes": total_bytes,
             "crisis records": crisis,
+            **({"flawed records": sum(flawed.values())} if cfg.flawed_fraction else {}),
             "topics": len([t for t in topics.values() if t]),
             "out_dir": str(out),
         },

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cbt_llm.core.config.base import Section
 
@@ -17,6 +17,10 @@ DEFAULT_PAIR_FLAWS: dict[str, float] = {
     "no_crisis_support": 0.2,
     "unsafe": 0.15,
 }
+# synth.flawed_fraction: the flaws a template corpus record may carry (pairs.py CORPUS_FLAWS) and their default mix,
+# chosen so that a flawed_fraction of 0.5 gives parts in canonical order 0.65 of the time (PsyQA's human answers: 0.64).
+FlawedFlaw = Literal["missing_part", "order", "no_empathy"]
+DEFAULT_FLAWED_MIX: dict[str, float] = {"missing_part": 0.3, "order": 0.4, "no_empathy": 0.3}
 
 
 class SynthConfig(Section):
@@ -65,12 +69,35 @@ class SynthConfig(Section):
         "are not drawn): missing_part, order, no_empathy, no_crisis_support (on crisis questions), unsafe.",
     )
 
-    @field_validator("pair_flaws")
+    flawed_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Records (not sessions or pairs): the share whose answer is flawed, as real counselling data is "
+        "(PsyQA's human answers cover 3.95 of the 5 parts, in canonical order 0.64 of the time): one flaw of "
+        "synth.flawed_mix, made as --pairs makes its rejected answers; meta.flaw names it. Drawn per record from "
+        "its own digest, so the questions are those of the unflawed corpus; 0 (the default) changes nothing.",
+    )
+    flawed_mix: dict[FlawedFlaw, float] = Field(
+        default_factory=lambda: dict(DEFAULT_FLAWED_MIX),
+        description="flawed_fraction: the mix of flaws, flaw -> weight (normalised): missing_part (one part left out; "
+        "never empathy on a crisis question, which holds its crisis support), order (the parts in another order), "
+        "no_empathy (the empathy part dropped, strategy first; non-crisis questions only).",
+    )
+
+    @field_validator("pair_flaws", "flawed_mix")
     @classmethod
     def _mix(cls, v: dict[str, float]) -> dict[str, float]:
         if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
             raise ValueError("weights must be >= 0 with a positive sum")
         return v
+
+    @model_validator(mode="after")
+    def _flawed_records_only(self) -> SynthConfig:
+        if self.flawed_fraction and (self.sessions or self.pairs):
+            kind = "sessions" if self.sessions else "pairs"
+            raise ValueError(f"flawed_fraction applies to single-turn records, not synth.{kind}; set it to 0")
+        return self
 
 
 class AgentsConfig(Section):

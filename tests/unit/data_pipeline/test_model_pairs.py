@@ -23,6 +23,7 @@ from cbt_llm.inference.prompt import Generation, sample_seed
 from cbt_llm.inference.safety_model import build_guard
 from cbt_llm.inference.vllm import VllmGenerator
 from data_pipeline.sources.formats import PairExample, to_examples
+from data_pipeline.synth.flaws import UNSAFE_LINES
 from data_pipeline.synth.model_pairs import (
     RANK_RULE,
     answer_scores,
@@ -31,7 +32,6 @@ from data_pipeline.synth.model_pairs import (
     rank,
     run_model_pairs,
 )
-from data_pipeline.synth.pairs import UNSAFE_LINES
 from data_pipeline.synth.template import iter_records
 from tests.fixtures.eval import tiny_chat_model
 from tests.fixtures.fake_openai_server import FakeOpenAIServer

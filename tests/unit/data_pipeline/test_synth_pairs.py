@@ -17,7 +17,8 @@ from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE, corpus_is_crisis, has
 from cbt_llm.domain.guard import CrisisGuard
 from data_pipeline.prepare.read import synth_expectations
 from data_pipeline.sources.formats import PairExample, to_examples
-from data_pipeline.synth.pairs import FLAWS, UNSAFE_LINES, iter_pairs, pair_at, run_synth_pairs
+from data_pipeline.synth.flaws import FLAWS, UNSAFE_LINES
+from data_pipeline.synth.pairs import iter_pairs, pair_at, run_synth_pairs
 from data_pipeline.synth.scorer import load_or_train
 
 ROOT = Path(__file__).resolve().parents[3]

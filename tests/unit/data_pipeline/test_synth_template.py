@@ -5,23 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import zstandard
 
 from cbt_llm.cli import main
-from cbt_llm.core.config import SynthConfig
+from cbt_llm.core.config import SynthConfig, load_config
+from cbt_llm.core.errors import ConfigError
 from cbt_llm.domain.cbt import CBT_PARTS, DISTORTIONS, join_answer
 from cbt_llm.domain.crisis import CORPUS_KEYWORDS, CRISIS_SUPPORT_SENTENCE, corpus_is_crisis, detect
 from cbt_llm.domain.record import SCHEMA_VERSION, validate_record
 from data_pipeline.io import dumps
 from data_pipeline.synth.banks import records as C
+from data_pipeline.synth.draws import digest
 from data_pipeline.synth.template import (
     PROMPT_VERSION,
     SUMMARY_NAME,
     _compose,
-    _digest,
     _seed_prefix,
     iter_records,
     record_at,
@@ -29,6 +31,7 @@ from data_pipeline.synth.template import (
     shard_name,
     shard_ranges,
 )
+from tests.fixtures.paths import ROOT
 
 ISSUE_TOPICS = {
     "anxiety",
@@ -195,7 +198,7 @@ def test_each_record_has_spare_entropy():
     # all choices come from one 512-bit digest; >= 64 unused bits left means no choice was starved
     prefix = _seed_prefix(11)
     for i in range(2000):
-        _, left = _compose(_digest(prefix, i), 11, i, 500_000)  # crisis path draws the most
+        _, left = _compose(digest(prefix, i), 11, i, 500_000)  # crisis path draws the most
         assert left.bit_length() > 64
 
 
@@ -381,3 +384,94 @@ def test_cli_rejects_bad_settings_with_one_clear_line(tmp_path, capsys):
     assert "synth.out_dir" in capsys.readouterr().err
     assert main(["synth", "template", "--compress", "gzip", "--out", str(tmp_path / "y")]) == 2
     assert "synth.compress" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- synth.flawed_fraction
+
+# SHA-256 of the first 2,000 records of seed 0 (make demo's corpus: crisis_fraction 0.02), one JSON line each,
+# recorded before synth.flawed_fraction existed: its default must leave the demo's corpus byte for byte as it was.
+DEMO_HEAD_SHA256 = "fd6cd74eff5ff8825d9c3a0f965bd7b7414d579b5602b822a4f68a98ecef88a9"
+
+
+def _sha(records) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update((dumps(r) + "\n").encode())
+    return h.hexdigest()
+
+
+def test_flawed_fraction_is_off_by_default_and_leaves_the_demo_corpus_as_recorded(tmp_path):
+    assert SynthConfig().flawed_fraction == 0.0
+    assert load_config(ROOT / "configs" / "demo-cpu.yaml").synth.flawed_fraction == 0.0
+    assert _sha(iter_records(0, 0, 2000)) == DEMO_HEAD_SHA256
+    assert _sha(iter_records(0, 0, 2000, flawed_fraction=0.0, flawed_mix={"order": 1.0})) == DEMO_HEAD_SHA256
+    s = _run(tmp_path, 2000, 2, seed=0)
+    assert hashlib.sha256(_concat(tmp_path, 2)).hexdigest() == DEMO_HEAD_SHA256
+    assert not {"flawed", "flaws", "flawed_fraction"} & set(s)  # the summary keeps its keys too
+
+
+FLAWED = 0.5
+
+
+@pytest.fixture(scope="module")
+def flawed() -> list[dict]:
+    return list(iter_records(seed=7, start=0, stop=N, crisis_fraction=CRISIS_FRACTION, flawed_fraction=FLAWED))
+
+
+def test_flawed_records_change_only_their_answer_and_stay_schema_valid(records, flawed):
+    n = Counter()
+    for plain, rec in zip(records, flawed):
+        assert validate_record(rec)[1] is None, rec["id"]
+        flaw = rec["meta"].get("flaw")
+        if flaw is None:
+            assert rec == plain
+            continue
+        n[flaw] += 1
+        # the same question, description and parts: only the answer and meta's flaw differ
+        assert {k: v for k, v in rec.items() if k not in ("answer", "meta")} == {
+            k: v for k, v in plain.items() if k not in ("answer", "meta")
+        }
+        assert {k: v for k, v in rec["meta"].items() if k not in ("flaw", "flaw_detail")} == plain["meta"]
+        paragraphs, cbt, detail = rec["answer"].split("\n\n"), rec["cbt"], rec["meta"]["flaw_detail"]
+        if flaw == "missing_part":
+            assert paragraphs == [cbt[p] for p in CBT_PARTS if p != detail["part"]]
+        else:
+            assert paragraphs == [cbt[p] for p in detail["order"]] and detail["order"] != list(CBT_PARTS)
+        if rec["meta"]["crisis"]:  # a crisis answer keeps its support: no_empathy and a missing empathy are never drawn
+            assert CRISIS_SUPPORT_SENTENCE in rec["answer"] and flaw != "no_empathy"
+            assert detail.get("part") != "empathy"
+    total = sum(n.values())
+    assert abs(total / N - FLAWED) < 0.05  # binomial sd 0.009 at n = 3000
+    assert set(n) == {"missing_part", "order", "no_empathy"}
+    assert n["order"] > n["missing_part"] and n["order"] > n["no_empathy"]  # the default mix 0.4 / 0.3 / 0.3
+
+
+def test_flawed_fraction_is_deterministic_on_any_shard_count_and_pure(tmp_path, flawed):
+    again = list(iter_records(seed=7, start=0, stop=N, crisis_fraction=CRISIS_FRACTION, flawed_fraction=FLAWED))
+    assert again == flawed
+    i = next(k for k, r in enumerate(flawed) if "flaw" in r["meta"])
+    assert record_at(7, i, CRISIS_FRACTION, flawed_fraction=FLAWED) == flawed[i]
+    s1 = _run(tmp_path / "one", 900, 1, flawed_fraction=FLAWED)
+    s3 = _run(tmp_path / "three", 900, 3, workers=2, flawed_fraction=FLAWED)
+    one = _concat(tmp_path / "one", 1)
+    assert _concat(tmp_path / "three", 3) == one
+    lines = [json.loads(x) for x in one.decode().splitlines()]
+    assert [dumps(r) for r in lines] == [dumps(r) for r in iter_records(3, 0, 900, flawed_fraction=FLAWED)]
+    flaws = Counter(r["meta"]["flaw"] for r in lines if "flaw" in r["meta"])
+    for s in (s1, s3):
+        assert s["flawed_fraction"] == FLAWED and s["flawed"] == sum(flaws.values())
+        assert s["flaws"] == {f: flaws.get(f, 0) for f in s["flawed_mix"]}
+    # another seed flaws other records; another mix other flaws
+    assert [("flaw" in r["meta"]) for r in iter_records(8, 0, 200, flawed_fraction=FLAWED)] != [
+        ("flaw" in r["meta"]) for r in iter_records(7, 0, 200, flawed_fraction=FLAWED)
+    ]
+    only_order = list(iter_records(7, 0, 300, flawed_fraction=1.0, flawed_mix={"order": 1.0}))
+    assert all(r["meta"]["flaw"] == "order" for r in only_order)
+
+
+def test_flawed_fraction_is_for_records_only():
+    for kind in ("pairs", "sessions"):
+        with pytest.raises(ConfigError, match="flawed_fraction"):
+            load_config(None, ["synth.flawed_fraction=0.5", f"synth.{kind}=true"])
+    with pytest.raises(ConfigError, match="synth.flawed_mix"):
+        load_config(None, ["synth.flawed_mix={unsafe: 1.0}"])  # a pair-only flaw: never in a training corpus
