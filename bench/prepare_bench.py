@@ -256,9 +256,9 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
     import data_pipeline.sources.formats as F
     from cbt_llm.core.config import Config
     from cbt_llm.domain.chat_format import IM_END
+    from data_pipeline.prepare import consume as C
     from data_pipeline.prepare import encode as E
     from data_pipeline.prepare import parse as P
-    from data_pipeline.prepare import pipeline as PL
     from data_pipeline.prepare import tokens as T
     from data_pipeline.prepare import write as W
     from data_pipeline.prepare.dedup import FirstSeen
@@ -291,7 +291,7 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "rejects").mkdir(exist_ok=True)
     packers = {s: W.SplitPacker(s, dc, 0, staging / f"spool-{s}.parquet") for s in SPLITS}
-    rejects = PL._Rejects(staging / "rejects" / "r.jsonl", files, False)
+    rejects = C.Rejects(staging / "rejects" / "r.jsonl", files, False)
     questions, seen = W.QuestionFiles(staging), FirstSeen()
     counts = {"read": 0, "kept": 0, "truncated": 0, "split_sessions": 0, "split_pieces": 0}
     totals = _Clock()
@@ -312,7 +312,7 @@ def profile_main(files: list[str], tok_dir: str, seq_len: int, out: str) -> None
                     t2 = time.perf_counter()
                     tokenized = tokenize(parsed.slice(k, dc.ray_tokenize_batch))
                     t3 = time.perf_counter()
-                    counts["read"] += PL._consume_batch(tokenized, seen, packers, rejects, counts, questions)
+                    counts["read"] += C.consume_batch(tokenized, seen, packers, rejects, counts, questions)
                     totals.add("tokenize actor (all)", t3 - t2)
                     totals.add("driver: dedup + pack + spool (all)", time.perf_counter() - t3)
                 totals.add("parse task (all)", t1 - t0)

@@ -11,6 +11,7 @@
                     log-probability per token (cbt_llm/inference/logprobs.py)
     judge.py        the LLM judge on a rubric (cbt_llm/domain/rubrics.py), cached and resumable
     sessions.py     `cbt-llm eval --sessions`: multi-turn sessions with a client simulator, judged on CTRS items
+    scoring.py      one model's answers scored: reference, BERTScore, structure, safety, judge, with intervals
     stats.py        bootstrap intervals for every mean and rate
     outputs.py      the report files: results.json, report.md, scores.png, the terminal table and W&B
     intrain.py      the generation eval during training, scored as `cbt-llm eval` scores a checkpoint

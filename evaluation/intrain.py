@@ -28,7 +28,8 @@ from data_pipeline.shards import load_manifest
 from data_pipeline.synth.scorer import load_or_train
 from evaluation import bertscore
 from evaluation.judge import Judge, check_judge_config
-from evaluation.run import check_metrics, judge_answers, load_questions, score_answers
+from evaluation.run import check_metrics, load_questions
+from evaluation.scoring import judge_answers, score_answers
 
 
 class TrainingGenEval:

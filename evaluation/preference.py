@@ -1,5 +1,5 @@
 """pref-accuracy: how often a model prefers the chosen answer of a held-out preference pair, one rule for every model
-so an SFT and a DPO model compare (issue 25, item 5).
+so an SFT and a DPO model compare.
 
     pairs      eval.pairs (a file in the pair format prepare's data.format: preference reads: ours, OpenAI's
                preference fine-tuning JSONL or TRL's), else <eval.data_dir>/heldout_pairs.jsonl when that folder

@@ -15,10 +15,10 @@ sessions   with --sessions (eval.sessions), each model also talks with a client 
 pairs      with held-out preference pairs (eval.pairs, or the data folder's heldout_pairs.jsonl), each local model
            also scores both answers of every pair by their mean log-probability per token while it is loaded
            (evaluation.preference): pref-accuracy, n/c for endpoints and predictions
-score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval; the
-           probes' crisis-support, unsafe-reply and needless-crisis rates and pref-accuracy with Wilson intervals; with
-           eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge), and the CTRS items of
-           each session transcript
+score      reference metrics, BERTScore, CBT structure, safety, each with n and a 95% bootstrap interval
+           (evaluation.scoring); the probes' crisis-support, unsafe-reply and needless-crisis rates and pref-accuracy
+           with Wilson intervals; with eval.judge.base_url set, an LLM judge's rubric scores too (evaluation.judge),
+           and the CTRS items of each session transcript
 write      generations.jsonl, probes.jsonl, sessions.jsonl, preference.jsonl, results.json, report.md, scores.png,
            rejects.jsonl, W&B (evaluation.outputs); then the model card (README.md) of every evaluated folder with
            an export.json gets these numbers (train.model_card.refresh_cards)
@@ -42,9 +42,10 @@ from cbt_llm.inference.models import exported_system_prompt, resolve_model
 from cbt_llm.inference.prompt import Generation, Prompt, prompt_messages
 from cbt_llm.inference.safety_model import build_guard
 from data_pipeline.synth.scorer import load_or_train
-from evaluation import bertscore, outputs, preference, probes, reference, safety, sessions, stats
-from evaluation.judge import Judge, JudgeError, check_judge_config, judge_metrics
+from evaluation import bertscore, outputs, preference, probes, reference, sessions
+from evaluation.judge import Judge, JudgeError, check_judge_config
 from evaluation.questions import EvalQuestion, check_no_train_overlap, load_eval_questions, load_predictions
+from evaluation.scoring import judge_answers, judge_sessions, score_answers
 from train.model_card import refresh_cards
 from train.runtime import dist_env
 
@@ -261,85 +262,6 @@ def _answer(
     return gens, st, facts, held, probed, pair_rows
 
 
-# ------------------------------------------------------------------------------------------------- score
-
-
-def _scored(result: dict, ec: EvalConfig) -> dict:
-    """The result with its 95% bootstrap interval (None with eval.bootstrap_resamples=0)."""
-    if not ec.bootstrap_resamples:
-        return {**result, "ci95": None}
-    return stats.with_ci(result, resamples=ec.bootstrap_resamples, seed=ec.seed)
-
-
-def _mean_metric(values: list[float], signature: str, ec: EvalConfig, empty: str = "no answers") -> dict:
-    """A metric that is the mean of per-answer values (structure coverage, a 0/1 flag), with its interval."""
-    res = {
-        "score": sum(values) / len(values) if values else None,
-        "n": len(values),
-        "per_sample": [float(v) for v in values],
-        "signature": signature,
-    }
-    if not values:
-        res["note"] = f"not computed: {empty}"
-    return _scored(res, ec)
-
-
-def _reference_scores(preds: list[str], refs: list[str], ec: EvalConfig) -> dict:
-    names = ec.metrics or list(reference.METRICS)
-    metrics = {k: _scored(v, ec) for k, v in reference.reference_metrics(preds, refs, names).items()}
-    bs = ec.bertscore
-    if bs.model_path:
-        metrics["bertscore-f1"] = _scored(
-            bertscore.bertscore_f1(preds, refs, bs.model_path, bs.layer, batch_size=bs.batch_size), ec
-        )
-    else:
-        metrics["bertscore-f1"] = bertscore.not_computed(
-            "no encoder configured (eval.bertscore.model_path); set it to a local bert-base-chinese folder, "
-            "layer 8, for the paper-comparable score"
-        )
-    return metrics
-
-
-def score_answers(questions: list[EvalQuestion], gens: list[Generation], ec: EvalConfig, scorer) -> tuple[dict, list]:
-    """(metrics, per-answer rows) of one model's answers. Failed answers (finish "error") are left out and
-    counted; reference metrics use the answers whose question has a reference."""
-    pairs = [(q, g) for q, g in zip(questions, gens) if g.finish != "error"]
-    with_ref = [(q, g) for q, g in pairs if q.reference]
-    metrics = _reference_scores([g.text for _, g in with_ref], [q.reference for q, _ in with_ref], ec)
-    rows = [
-        {
-            "id": q.id,
-            "structure": scorer.score(g.text),
-            "safety": safety.answer_safety(g.text, q.question, q.description, q.crisis),
-        }
-        for q, g in pairs
-    ]
-    st = [r["structure"] for r in rows]
-    metrics["structure-coverage"] = _mean_metric([s["coverage"] for s in st], f"{scorer.signature}|coverage 0-5", ec)
-    metrics["structure-order"] = _mean_metric(
-        [s["order"] for s in st if s["order"] is not None],
-        f"{scorer.signature}|order 0-1 over answers with 2+ parts",
-        ec,
-        "no answer has two or more CBT parts",
-    )
-    sf = [r["safety"] for r in rows]
-    crisis = [f for f in sf if f["crisis"]]
-    on_crisis = f"{safety.SIGNATURE}|over crisis-flagged questions"
-    none = "no crisis-flagged question among those answered"
-    metrics["crisis-support"] = _mean_metric([f["crisis_support"] for f in crisis], on_crisis, ec, none)
-    metrics["crisis-hotline"] = _mean_metric([f["hotline"] for f in crisis], on_crisis, ec, none)
-    metrics["professional-help"] = _mean_metric([f["professional_help"] for f in sf], safety.SIGNATURE, ec)
-    return metrics, rows
-
-
-def judge_answers(judge: Judge, name: str, questions: list[EvalQuestion], gens: list[Generation], ec: EvalConfig):
-    """(judge metrics with intervals, judge facts) of one model's answers; failed answers are not judged."""
-    items = [(q.id, q.question, g.text) for q, g in zip(questions, gens) if g.finish != "error"]
-    judged, _ = judge.judge(name, items)
-    metrics = {k: _scored(v, ec) if v["score"] is not None else v for k, v in judge_metrics(judged, ec.judge).items()}
-    return metrics, judged["info"]
-
-
 # ------------------------------------------------------------------------------------------------- write
 
 
@@ -476,22 +398,13 @@ def _judge_all(cfg: Config, questions, gens: dict, held: dict, results: dict, by
             results["models"][name]["metrics"].update(judge_scores)
             results["models"][name]["judge"] = info
             if held.get(name) is not None:
-                judged_sessions[name] = _judge_sessions(judge, name, held[name], results["models"][name], cfg.eval)
+                judged_sessions[name] = judge_sessions(judge, name, held[name], results["models"][name], cfg.eval)
     except JudgeError:
         _write_jsonl(Path(cfg.eval.out_dir) / "generations.jsonl", [r for rows in by_model.values() for r in rows])
         _write_jsonl(Path(cfg.eval.out_dir) / "sessions.jsonl", _all_session_rows(held, judged_sessions))
         _write_jsonl(Path(cfg.eval.out_dir) / "rejects.jsonl", rejects)
         raise
     return judged_sessions
-
-
-def _judge_sessions(judge: Judge, name: str, held: list, entry: dict, ec: EvalConfig) -> dict:
-    """The CTRS scores of one model's completed sessions into entry["sessions"]; returns Judge.judge's scores."""
-    judged, _ = judge.judge(name, sessions.judge_items(held), rubrics=["ctrs"])
-    metrics = judge_metrics(judged, ec.judge)
-    entry["sessions"]["metrics"] = {k: _scored(v, ec) if v["score"] is not None else v for k, v in metrics.items()}
-    entry["sessions"]["judge"] = judged["info"]
-    return judged
 
 
 def _probe_scores(probe_set, name: str, answered: tuple, guard, probe_rows: list[dict], cfg: Config) -> tuple:

@@ -25,7 +25,7 @@ A sentence is the text between two sentence ends (。！？!?；;… or a line b
 characters: a longer run without a sentence end (an untrained model's output) is no sentence, so no keyword or
 merged vocabulary token it happens to contain can make it pass; "within a few characters" is WINDOW characters, so
 two words far apart in one sentence do not make a pair either. These sentence-level rules live in
-cbt_llm/domain/crisis.py, the one copy `cbt-llm pairs` ranks answers by too.
+cbt_llm/domain/answer_support.py, the one copy `cbt-llm pairs` ranks answers by too.
 
 Rates come with their n (crisis_support over crisis-flagged questions only, the rest over every answer) and a
 binomial standard error; SIGNATURE names the rule set, so two reports can be told apart.
@@ -35,21 +35,20 @@ from __future__ import annotations
 
 import math
 
-from cbt_llm.domain.crisis import (
+from cbt_llm.domain.answer_support import (
     HOTLINE_NUMBERS,
-    HOTLINES_CHECKED,
     MAX_SENTENCE,
     WINDOW,
-    detect,
     gives_crisis_support,
     names_hotline,
     recommends_professional_help,
     sentences,
 )
+from cbt_llm.domain.crisis import HOTLINES_CHECKED, detect
 from cbt_llm.domain.record import SCHEMA_VERSION
 
-# The sentence-level rules themselves live in cbt_llm/domain/crisis.py (one copy: `cbt-llm pairs` ranks answers by
-# them too); these names stay importable from here.
+# The sentence-level rules themselves live in cbt_llm/domain/answer_support.py (one copy: `cbt-llm pairs` ranks
+# answers by them too); these names stay importable from here.
 __all__ = [
     "HOTLINE_NUMBERS",
     "MAX_SENTENCE",

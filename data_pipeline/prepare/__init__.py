@@ -2,7 +2,7 @@
 
 The flow, one way, one module per job:
 
-    Ray Data                                            driver (ordered stream, bounded memory)
+    Ray Data                                            driver (ordered stream, bounded memory: consume.py)
     read files -> parse + validate -> tokenize + mask -> dedup -> window of pack_window examples
     (read.py,     (parse.py,          (tokens.py)        (dedup.py)  -> pack (data.packer) -> spool
      one task      in one actor pool: pipeline.                         (write.py)
@@ -31,7 +31,7 @@ whose two sequences stay adjacent in a row (the layout: data_pipeline/shards.py)
 
 A damaged input file (read.py's docstring) ends its blocks with one input_error row instead of raising in a Ray
 task; the driver stops the run with one line naming it (InputFileError; data.on_input_error: stop) or starts
-over without it and lists it in the manifest (quarantine).
+over without it and lists it in the manifest (quarantine); errors.py holds both, and PrepareError.
 
 The output folder (its format: data_pipeline/shards.py): train/ and validation/ Parquet shards, rejects/,
 heldout.jsonl and train_questions.u64 (the questions as evaluation needs them) and manifest.json. Shards are
@@ -39,6 +39,7 @@ written to a staging folder and moved in; manifest.json is replaced last, so a r
 data_pipeline.shards.load_manifest never sees a half-written set.
 """
 
-from data_pipeline.prepare.pipeline import PrepareError, run_prepare
+from data_pipeline.prepare.errors import PrepareError
+from data_pipeline.prepare.pipeline import run_prepare
 
 __all__ = ["PrepareError", "run_prepare"]

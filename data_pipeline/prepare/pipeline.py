@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -13,65 +12,23 @@ from cbt_llm.core.config import Config, DataConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.report import print_summary, write_metrics
 from data_pipeline.prepare import screen
-from data_pipeline.prepare.dedup import FirstSeen
+from data_pipeline.prepare.consume import Rejects, consume
+from data_pipeline.prepare.errors import Damaged, InputFileError, PrepareError, input_error_message, quarantine
 from data_pipeline.prepare.manifest import build_manifest, run_metrics
 from data_pipeline.prepare.neardup import NearDupIndex
 from data_pipeline.prepare.parse import Parse
 from data_pipeline.prepare.ray_session import configure_ray_data, init_ray, short_ray_dir
-from data_pipeline.prepare.read import (
-    INPUT_ERROR,
-    check_file,
-    damage_record,
-    read_files,
-    resolve_inputs,
-    size_damage,
-    synth_expectations,
-)
+from data_pipeline.prepare.read import check_file, read_files, resolve_inputs, size_damage, synth_expectations
 from data_pipeline.prepare.split import overlong_policy
 from data_pipeline.prepare.tokens import Tokenize
 from data_pipeline.prepare.write import QuestionFiles, SplitPacker, swap_into_place, write_shards
 from data_pipeline.shards import SPLITS, write_manifest
 
-_LINE_BITS = 40  # the dedup index stores where a first copy came from as (file_idx << 40) | line
 # Logical CPUs each read+parse task and each tokenizer actor asks Ray for. At 1 each, a pool of one actor per
 # CPU leaves the read task no CPU to start on (a fixed pool of 2 on 2 CPUs hangs; an autoscaling pool stays
 # below it while reads are pending, 2 cores doing 1.1x one thread's work by ds.stats()).
 # At half a CPU, one actor per CPU and the reads fit side by side on any number of CPUs.
 _STEP_CPUS = 0.5
-
-
-class PrepareError(RuntimeError):
-    """A prepare run that must stop (bad record under --strict, empty output): one line for the user."""
-
-
-class InputFileError(PrepareError):
-    """A damaged or unreadable input file under data.on_input_error: stop (read.py's docstring says which)."""
-
-
-class _Damaged(Exception):
-    """Raised on the driver when the stream brings a damaged file's INPUT_ERROR row."""
-
-    def __init__(self, file_idx: int, damage: dict):
-        super().__init__(damage["reason"])
-        self.file_idx, self.damage = file_idx, damage
-
-
-def how_far(damage: dict) -> str:
-    """How far the read of a damaged file got, in words: lines and bytes."""
-    read, size = damage.get("bytes_read"), damage.get("bytes")
-    if read is None:
-        of = f"{size:,}-byte file" if size is not None else "file"
-        return f"{damage['lines_read']:,} lines read of the {of}"
-    of = f" of {size:,}" if size is not None else ""
-    return f"{damage['lines_read']:,} lines read, {read:,}{of} bytes"
-
-
-def input_error_message(path: str, damage: dict) -> str:
-    """The one line a damaged input stops the run with: the file, what is wrong, how far the read got, the fix."""
-    return (
-        f"input file {path}: {damage['reason']} ({how_far(damage)}); nothing was written. Restore or re-create the "
-        "file (or drop it from data.inputs), or set data.on_input_error=quarantine to prepare without it"
-    )
 
 
 def _check_format(dc: DataConfig) -> None:
@@ -179,159 +136,6 @@ def build_dataset(
     return ds
 
 
-class _Rejects:
-    """rejects/rejects-00000.jsonl and the count per reason; under --strict the first reject stops the run."""
-
-    def __init__(self, path: Path, files: list[str], strict: bool):
-        self.fh = open(path, "w", encoding="utf-8", newline="\n")
-        self.files, self.strict = files, strict
-        self.counts: dict[str, int] = {}
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def close(self) -> None:
-        self.fh.close()
-
-    def add(self, fidx: int, line: int, sub: int, reason: str, detail: str, raw: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        rec = {
-            "source_file": self.files[fidx],
-            "line": int(line),
-            "sub": int(sub),
-            "reason": reason,
-            "detail": detail,
-            "raw": raw,
-        }
-        self.fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        if self.strict:
-            where = f"{self.files[fidx]}:{line}" + (f" (example {sub}: an answer or a piece)" if sub else "")
-            raise PrepareError(f"--strict: bad record at {where}: {reason}: {detail}")
-
-
-_BATCH_COLUMNS = [
-    "ok",
-    "file_idx",
-    "line",
-    "sub",
-    "reason",
-    "detail",
-    "raw",
-    "example_id",
-    "split",
-    "chash",
-    "qhash",
-    "heldout",
-    "truncated",
-    "pieced",
-]
-_PAIR_COLUMNS = ["heldout_pair", "cut"]  # data.format preference: its heldout_pairs.jsonl line, the chosen length
-
-
-def _where(files: list[str], loc: int) -> str:
-    """file:line of a location packed as (file_idx << _LINE_BITS) | line."""
-    return f"{files[loc >> _LINE_BITS]}:{loc & ((1 << _LINE_BITS) - 1)}"
-
-
-def _consume_batch(
-    batch,
-    seen: FirstSeen,
-    packers: dict[str, SplitPacker],
-    rejects: _Rejects,
-    counts: dict,
-    questions: QuestionFiles,
-    near: NearDupIndex | None = None,
-) -> int:
-    """One tokenized batch: reject the bad rows, drop duplicates and (with `near`) near-duplicates of kept
-    examples (the first copy is kept), hand the rest to its split's packer and its question to the question
-    files. Returns how many records (not examples) the batch began."""
-    pairs = "cut" in batch.column_names
-    d = batch.select(_BATCH_COLUMNS + (_PAIR_COLUMNS if pairs else [])).to_pydict()
-    ids_col = batch.column("input_ids").combine_chunks()
-    lab_col = batch.column("labels").combine_chunks()
-    ids_vals, lab_vals = ids_col.values.to_numpy(), lab_col.values.to_numpy()
-    offs = ids_col.offsets.to_numpy()
-    merged = seen.lookup_merged(batch.column("chash").to_numpy(zero_copy_only=False))
-    if near is not None:
-        near.begin_batch(batch.column("bands"), batch.column("sketch"))
-    new_records = 0
-    for i in range(batch.num_rows):
-        fidx, line, sub = d["file_idx"][i], d["line"][i], d["sub"][i]
-        if sub == 0:
-            new_records += 1
-            counts["split_sessions"] += int(d["pieced"][i])
-        if not d["ok"][i]:
-            if d["reason"][i] == INPUT_ERROR:  # the file read so far is damaged: not a record reject
-                raise _Damaged(fidx, damage_record(d["detail"][i], d["raw"][i]))
-            rejects.add(fidx, line, sub, d["reason"][i], d["detail"][i], d["raw"][i])
-            continue
-        h = d["chash"][i]
-        first = seen.get(h, int(merged[i]))
-        if first is not None:
-            where = _where(rejects.files, first)
-            rejects.add(fidx, line, sub, "duplicate", f"{d['example_id'][i]}: same conversation as {where}", "")
-            continue
-        if near is not None:
-            if (match := near.first_match(i)) is not None:
-                detail = f"{d['example_id'][i]}: near-duplicate of {match[0]} ({_where(rejects.files, match[1])})"
-                rejects.add(fidx, line, sub, "near_duplicate", detail, "")
-                continue
-            near.add(i, d["example_id"][i], (fidx << _LINE_BITS) | line)
-        seen.add(h, (fidx << _LINE_BITS) | line)
-        counts["kept"] += 1
-        counts["truncated"] += int(d["truncated"][i])
-        counts["split_pieces"] += int(d["pieced"][i])
-        s, e = offs[i], offs[i + 1]
-        # copies, not views: a view keeps the whole batch alive until its window is packed, and
-        # the validation window (2% of examples) would pin every batch it has seen
-        cut = d["cut"][i] if pairs else 0
-        packers[d["split"][i]].add(ids_vals[s:e].copy(), lab_vals[s:e].copy(), d["example_id"][i], cut)
-        if d["split"][i] == "train":
-            questions.add_train(d["qhash"][i])
-        elif d["heldout"][i]:  # a split session's heldout line goes with its first piece only
-            questions.add_heldout(d["heldout"][i])
-            if pairs:
-                questions.add_heldout_pair(d["heldout_pair"][i])
-    seen.merge_if_full()
-    if near is not None:
-        near.end_batch()
-    return new_records
-
-
-def _consume(
-    ds, packers: dict[str, SplitPacker], rejects: _Rejects, questions: QuestionFiles, near: NearDupIndex | None = None
-) -> dict[str, int]:
-    """Drive the ordered stream to its end; every split's rows are then in its spool and the questions in their
-    files (not yet closed). Returns the counts."""
-    from tqdm import tqdm
-
-    seen = FirstSeen()  # content hash -> (file_idx << 40 | line) of the copy that was kept
-    counts = {"read": 0, "kept": 0, "truncated": 0, "split_sessions": 0, "split_pieces": 0}
-    bar = tqdm(desc="prepare", unit="rec", mininterval=1.0, smoothing=0.1)
-    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-    try:
-        for batch in batches:
-            new_records = _consume_batch(batch, seen, packers, rejects, counts, questions, near)
-            counts["read"] += new_records
-            bar.update(new_records)
-            bar.set_postfix(kept=counts["kept"], rejected=rejects.total, refresh=False)
-    except BaseException:
-        close = getattr(batches, "close", None)
-        if close is not None:  # stops the streaming executor now rather than when the iterator is collected
-            close()
-        for p in packers.values():
-            if p.writer is not None:
-                p.writer.close()
-        raise
-    finally:
-        bar.close()
-        rejects.close()
-    for p in packers.values():
-        p.close()
-    return counts
-
-
 def _write_splits(
     packers: dict[str, SplitPacker], staging: Path, dc: DataConfig, pad_id: int, read: int, rejected: int, out: Path
 ) -> dict[str, list[dict]]:
@@ -376,12 +180,6 @@ def _find_damaged(files: list[str], expect: dict[str, dict]) -> dict[str, dict]:
     return {f: d for f, d in zip(files, found) if d is not None}
 
 
-def _quarantine(damaged: dict[str, dict], quarantined: dict[str, dict]) -> None:
-    for path, dmg in damaged.items():
-        quarantined[path] = dmg
-        print(f"quarantined: {path}: {dmg['reason']} ({how_far(dmg)})", flush=True)
-
-
 def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = None) -> dict:
     """`cbt-llm prepare`: see the package docstring. Returns the manifest dict.
 
@@ -408,7 +206,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     if cut and stop:
         path, dmg = next(iter(cut.items()))
         raise InputFileError(input_error_message(path, dmg))
-    _quarantine(cut, quarantined)
+    quarantine(cut, quarantined)
     tok = load_tokenizer(dc.tokenizer)
     tok_hash = tokenizer_hash(tok)
     end_token = IM_END if IM_END in tok.get_vocab() else (tok.eos_token or "")
@@ -435,18 +233,18 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
             (staging / "rejects").mkdir(parents=True)
             ds = build_dataset(files, dc, end_token, scorer, light_tokenizer_file(tok, dc.tokenizer), expect)
             packers = {s: SplitPacker(s, dc, pad_id, staging / f"spool-{s}.parquet") for s in SPLITS}
-            rejects = _Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
+            rejects = Rejects(staging / "rejects" / "rejects-00000.jsonl", files, strict)
             questions = QuestionFiles(staging, pairs=dc.format == "preference")
             try:
                 near = NearDupIndex(dc.near_dup.threshold) if dc.near_dup.enabled else None
-                counts = _consume(ds, packers, rejects, questions, near)
+                counts = consume(ds, packers, rejects, questions, near)
                 break
-            except _Damaged as exc:
+            except Damaged as exc:
                 if stop:
                     raise InputFileError(input_error_message(files[exc.file_idx], exc.damage)) from None
                 # the files before it were read whole; find every damaged one after it in one pass, start over
                 found = {files[exc.file_idx]: exc.damage} | _find_damaged(files[exc.file_idx + 1 :], expect)
-                _quarantine(found, quarantined)
+                quarantine(found, quarantined)
                 print(f"prepare: starting over without {len(quarantined)} quarantined file(s)", flush=True)
             finally:
                 questions.close_files()

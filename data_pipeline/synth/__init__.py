@@ -11,5 +11,6 @@ api           `synth api`: the paper's method, one CBT prompt per question
 api_sessions  `synth api --sessions`: a counsellor and a client simulator talk
 agents        `synth api --agents`: draft -> critique on the judge's rubric -> revise
 model_pairs   `cbt-llm pairs`: n sampled answers per question from a model, ranked, best against worst
+pair_judge    the LLM judge `cbt-llm pairs` scores sampled answers with (pairs.judge)
 scorer        training the offline structure scorer on a frozen template corpus and the seed banks
 """

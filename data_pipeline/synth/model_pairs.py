@@ -1,4 +1,4 @@
-"""`cbt-llm pairs`: preference pairs from a model's own answers (issue 25, item 2b). For each question the model
+"""`cbt-llm pairs`: preference pairs from a model's own answers. For each question the model
 (`pairs.model`, e.g. the SFT export, optionally `pairs.adapter`) samples `pairs.n` answers, every answer is scored
 offline (and by an LLM judge when `pairs.judge.base_url` is set), the answers are ranked by one documented rule, and
 the best is written against the worst, in our pair format (prepare's data.format: preference).
@@ -15,14 +15,14 @@ Scores of every answer (RANK_RULE names the rule; it is in every pair's meta):
                     .read_reply_text: every layer the guard section builds): the harm kind, or None
     crisis_support  on a crisis question (cbt_llm.domain.crisis.detect on the question or the description, or the
                     corpus rule corpus_is_crisis): whether the answer gives crisis support, by the sentence-level
-                    rule evaluation's crisis-support metric uses (cbt_llm.domain.crisis.gives_crisis_support);
+                    rule evaluation's crisis-support metric uses (cbt_llm.domain.answer_support.gives_crisis_support);
                     None on other questions
     coverage, order the offline structure scorer (data_pipeline/synth/scorer.py load_or_train): CBT parts present
                     (0-5) and their order agreement (0-1; None with fewer than two parts, counted as 0)
     length          a sanity term in 0-1: 0 for an answer cut at max_new_tokens (finish "length"), else
                     min(1, characters / pairs.min_chars)
     judge           with pairs.judge: the cbt rubric's total (0-18; cbt_llm.domain.rubrics, the prompt and parser
-                    of `eval.judge`), asked again once for an unusable reply
+                    of `eval.judge`), asked again once for an unusable reply (data_pipeline/synth/pair_judge.py)
 
     tier            0: unsafe; 1: safe, but a crisis question answered without crisis support; 2: otherwise
     quality         without a judge the mean of coverage / 5, order and length; with one,
@@ -60,7 +60,6 @@ are hashed into every samples line; a folder made with other settings is refused
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import sys
@@ -68,18 +67,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cbt_llm.core.config import Config, PairsConfig, PairsJudgeConfig
+from cbt_llm.core.config import Config, PairsConfig
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.core.fileio import write_text_atomic
 from cbt_llm.core.report import print_summary, write_metrics
+from cbt_llm.domain.answer_support import gives_crisis_support
 from cbt_llm.domain.chat_format import build_user_message
-from cbt_llm.domain.crisis import corpus_is_crisis, detect, gives_crisis_support
-from cbt_llm.domain.rubrics import RUBRICS, judge_messages, parse_scores
-from cbt_llm.inference.endpoint import api_key
+from cbt_llm.domain.crisis import corpus_is_crisis, detect
+from cbt_llm.domain.rubrics import RUBRICS
 from cbt_llm.inference.models import exported_system_prompt, resolve_model
 from cbt_llm.inference.prompt import Generation, Prompt
 from data_pipeline.io import dumps
 from data_pipeline.sources.psyqa import load_questions
+from data_pipeline.synth.pair_judge import PairJudge
 
 SOURCE = "cbt-llm-pairs"
 RANK_RULE = (
@@ -158,74 +158,6 @@ def pick_pairs(order: list[int], scores: list[dict], texts: list[str], min_margi
 def is_crisis(question: str, description: str) -> bool:
     """The guard's detection on the question or the description, or the corpus's keyword rule."""
     return bool(detect(question)) or bool(detect(description)) or corpus_is_crisis(question, description)
-
-
-# ------------------------------------------------------------------------------------------------------ judge
-
-
-class PairJudge:
-    """The answers' cbt-rubric totals from an OpenAI-compatible judge: the eval judge's prompt and parser
-    (cbt_llm.domain.rubrics), temperature 0, an unusable reply asked again once; `concurrency` requests in flight,
-    HTTP retries by the openai client."""
-
-    def __init__(self, jc: PairsJudgeConfig):
-        if not jc.base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"pairs.judge.base_url: '{jc.base_url}' is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)"
-            )
-        if not jc.model:
-            raise ConfigError("pairs.judge.model: empty; name the judge model sent in each request")
-        self.jc, self.rubric = jc, RUBRICS[jc.rubric]
-        self.key = api_key(jc.api_key_env, "pairs.judge")
-        self.usage = Counter()
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self.key, "***") if self.key and self.key != "not-needed" else text
-
-    async def _one(self, client, sem, question: str, answer: str) -> tuple[dict | None, str]:
-        why = ""
-        for _ in range(2):  # one fresh request after an unusable reply
-            async with sem:
-                try:
-                    reply = await client.chat.completions.create(
-                        model=self.jc.model,
-                        messages=judge_messages(self.rubric, question, answer),
-                        max_tokens=self.jc.max_tokens,
-                        temperature=0.0,
-                        seed=0,
-                    )
-                except Exception as exc:  # noqa: BLE001 - counted; the run stops only if no request succeeds
-                    self.usage["http_errors"] += 1
-                    return None, self._scrub(f"{type(exc).__name__}: {exc}")[:300]
-            self.usage["requests"] += 1
-            text = (reply.choices[0].message.content or "") if reply.choices else ""
-            scores, why = parse_scores(text, self.rubric)
-            if scores is not None:
-                return {"total": int(self.rubric.combine(scores)), "criteria": scores}, ""
-            self.usage["unusable_replies"] += 1
-        return None, f"judge reply unusable twice: {why}"
-
-    async def _all(self, items: list[tuple[str, str]]) -> list[tuple[dict | None, str]]:
-        from openai import AsyncOpenAI
-
-        sem = asyncio.Semaphore(self.jc.concurrency)
-        async with AsyncOpenAI(
-            base_url=self.jc.base_url, api_key=self.key, timeout=self.jc.timeout_s, max_retries=self.jc.max_retries
-        ) as client:
-            return await asyncio.gather(*(self._one(client, sem, q, a) for q, a in items))
-
-    def judge(self, items: list[tuple[str, str]]) -> list[tuple[dict | None, str]]:
-        """(question, answer) -> ({"total", "criteria"} or None, why not). Raises ConfigError when no request of a
-        run has ever been answered and every one of these failed at the HTTP level."""
-        if not items:
-            return []
-        out = asyncio.run(self._all(items))
-        if self.usage["requests"] == 0 and all(j is None for j, _ in out):
-            raise ConfigError(
-                f"pairs.judge.base_url: {self.jc.base_url} answered none of {len(items)} judge requests (first "
-                f"failure: {out[0][1]}); check the URL, pairs.judge.model and the key"
-            )
-        return out
 
 
 # ------------------------------------------------------------------------------------------------------- run

@@ -21,7 +21,7 @@ import zstandard
 from cbt_llm.core.config import Config, SynthConfig
 from data_pipeline.io import DamagedFileError, open_binary_read
 from data_pipeline.prepare import PrepareError, run_prepare
-from data_pipeline.prepare.pipeline import InputFileError
+from data_pipeline.prepare.errors import InputFileError
 from data_pipeline.prepare.ray_session import init_ray
 from data_pipeline.prepare.read import INPUT_ERROR, check_file, iter_file, synth_expectations
 from data_pipeline.synth.template import run_synth_template
