@@ -27,7 +27,6 @@ uses: summed for sigmoid, per-token means for the others); eval/ the same on the
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -38,9 +37,9 @@ from torch.utils.checkpoint import checkpoint
 
 from cbt_llm.core.errors import ConfigError
 from data_pipeline.shards import objective_of
-from train.data import IGNORE, collate
+from train.data import IGNORE
 from train.metrics import LogWindow
-from train.step import StepResult, _head_function, forward
+from train.step import StepResult, _head_function, forward, loss_scale, validation_batches
 
 REFERENCE_FREE = ("simpo", "orpo")
 # per-pair sums a step and the log window carry (rewards/margins is their difference of the first two)
@@ -213,9 +212,7 @@ class Preference:
         """Forward (and the reference's), backward over the micro-batches of one optimizer step, then the update:
         the gradient is that of sum(pair losses) / (pairs of the whole step, all ranks and micro-batches)."""
         pairs = [m["pairs"] for m in micro]
-        count = torch.tensor([float(sum(pairs))]).to(engine.device)
-        dist.all_reduce(count)
-        scale = world / max(count.item(), 1.0)  # DeepSpeed averages over ranks: world undoes it
+        scale = loss_scale(engine, sum(pairs), world)
         total = torch.zeros((), dtype=torch.float64, device=engine.device)
         stats = torch.zeros(len(STATS), dtype=torch.float64, device=engine.device)
         for m, p in zip(micro, pairs):
@@ -225,14 +222,7 @@ class Preference:
             engine.step()  # on every micro-batch: DeepSpeed counts them (see train.step.train_step)
             total += s.detach()
             stats += stat_sums(metrics, p, engine.device)
-        return DpoStepResult(
-            total,
-            float(sum(pairs)),
-            float(sum(m["real_tokens"] for m in micro)),
-            float(sum(m["input_ids"].shape[0] for m in micro)),
-            float(sum(m["attn_len_sq"] for m in micro)),
-            stats=stats,
-        )
+        return DpoStepResult.of(total, sum(pairs), micro, stats=stats)
 
     @torch.no_grad()
     def validation(
@@ -250,18 +240,20 @@ class Preference:
     ) -> dict:
         """eval/loss and the eval/ rewards on the validation rows (row i on rank i % world), over all pairs. Every
         rank runs the same number of forward passes (ZeRO-3); a rank without a row runs row 0 and drops it."""
-        n = min(len(rows), max_rows) if max_rows else len(rows)
-        mine = list(range(rank, n, world))
-        batches = math.ceil(math.ceil(n / world) / micro_batch_size)
         dev = engine.device
         loss, stats = (
             torch.zeros(1, dtype=torch.float64, device=dev),
             torch.zeros(len(STATS), dtype=torch.float64, device=dev),
         )
         engine.eval()
-        for b in range(batches):
-            idx = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
-            batch = collate(rows, idx or [0], pad_token_id)
+        for idx, batch in validation_batches(
+            rows,
+            rank=rank,
+            world=world,
+            micro_batch_size=micro_batch_size,
+            pad_token_id=pad_token_id,
+            max_rows=max_rows,
+        ):
             pair_loss, metrics = self.batch_losses(engine, batch, chunk_tokens, chunk_positions)
             if idx:
                 loss += pair_loss.sum()

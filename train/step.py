@@ -121,14 +121,43 @@ class StepResult:
     rows: float
     attn_len_sq: float  # sum of squared example lengths (the attention work, see train.metrics)
 
+    @classmethod
+    def of(cls, loss_sum: torch.Tensor, label_tokens: float, micro: list[dict], **extra):
+        """The result of a step over `micro`: its host counts summed from the collated micro-batches."""
+        return cls(
+            loss_sum,
+            float(label_tokens),
+            float(sum(m["real_tokens"] for m in micro)),
+            float(sum(m["input_ids"].shape[0] for m in micro)),
+            float(sum(m["attn_len_sq"] for m in micro)),
+            **extra,
+        )
+
+
+def loss_scale(engine, count: float, world: int) -> float:
+    """What a rank's loss sum is multiplied by before backward, `count` being its share of the step's divisor
+    (label tokens, pairs): DeepSpeed averages gradients over ranks, so world / (global count) makes the update
+    that of sum / global count. The count is all-reduced once per step."""
+    total = torch.tensor([float(count)]).to(engine.device)
+    dist.all_reduce(total)
+    return world / max(total.item(), 1.0)
+
+
+def validation_batches(rows, *, rank: int, world: int, micro_batch_size: int, pad_token_id: int, max_rows: int):
+    """(idx, batch) for each validation forward pass of this rank: its rows (row i on rank i % world, the first
+    `max_rows` rows; 0: all) collated `micro_batch_size` at a time. Every rank gets the same number of batches
+    (ZeRO-3 gathers weights collectively); a rank without a row left gets row 0 with idx empty, to drop."""
+    n = min(len(rows), max_rows) if max_rows else len(rows)
+    mine = list(range(rank, n, world))
+    for b in range(math.ceil(math.ceil(n / world) / micro_batch_size)):
+        idx = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
+        yield idx, collate(rows, idx or [0], pad_token_id)
+
 
 def train_step(engine, micro: list[dict], *, world: int, chunk_tokens: int, chunk_positions: int) -> StepResult:
     """Forward and backward over the micro-batches of one optimizer step, then the update."""
     counts = [label_count(m["labels"], m["position_ids"]) for m in micro]
-    count = torch.tensor([float(sum(counts))]).to(engine.device)
-    dist.all_reduce(count)
-    # DeepSpeed averages gradients over ranks; multiplying by world makes the result sum / global count
-    scale = world / max(count.item(), 1.0)
+    scale = loss_scale(engine, sum(counts), world)
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for m in micro:
         s = loss_sum(engine, m, chunk_tokens, chunk_positions)
@@ -137,13 +166,7 @@ def train_step(engine, micro: list[dict], *, world: int, chunk_tokens: int, chun
         # zeroes the gradients) at its gradient_accumulation_steps boundary; skipping calls would break its count
         engine.step()
         total += s.detach().double()
-    return StepResult(
-        total,
-        float(sum(counts)),
-        float(sum(m["real_tokens"] for m in micro)),
-        float(sum(m["input_ids"].shape[0] for m in micro)),
-        float(sum(m["attn_len_sq"] for m in micro)),
-    )
+    return StepResult.of(total, sum(counts), micro)
 
 
 @torch.no_grad()
@@ -165,14 +188,11 @@ def validation_loss(
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively); a rank without
     a row left runs row 0 and drops its result.
     """
-    n = min(len(rows), max_rows) if max_rows else len(rows)
-    mine = list(range(rank, n, world))
-    batches = math.ceil(math.ceil(n / world) / micro_batch_size)
     loss, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     engine.eval()
-    for b in range(batches):
-        idx = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
-        batch = collate(rows, idx or [0], pad_token_id)
+    for idx, batch in validation_batches(
+        rows, rank=rank, world=world, micro_batch_size=micro_batch_size, pad_token_id=pad_token_id, max_rows=max_rows
+    ):
         s = loss_sum(engine, batch, chunk_tokens, chunk_positions)
         if idx:
             loss += s.detach().double()
