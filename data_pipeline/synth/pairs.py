@@ -25,33 +25,25 @@ bytes and content SHA-256 as the template's does, so prepare checks the files th
 
 from __future__ import annotations
 
-import hashlib
-import os
-import time
 from collections.abc import Callable
-from pathlib import Path
-
-import zstandard
 
 from cbt_llm.core.config import SynthConfig
 from cbt_llm.core.config.synth import DEFAULT_PAIR_FLAWS
 from cbt_llm.core.errors import ConfigError
-from cbt_llm.core.report import print_summary, write_metrics
+from cbt_llm.core.report import print_summary
 from cbt_llm.domain.chat_format import build_user_message
 from cbt_llm.domain.record import SCHEMA_VERSION
 from data_pipeline.synth.draws import PPM, digest
 from data_pipeline.synth.flaws import FLAWS, flaw_thresholds, flawed_parts
+from data_pipeline.synth.shard_writer import ShardWriter
 from data_pipeline.synth.template import (
-    _ZSTD_LEVEL,
     PROMPT_VERSION,
-    SUCCESS_NAME,
-    SUMMARY_NAME,
-    _available_cpus,
     _compose,
     _crisis_ppm,
     _encode,
-    run_shard_jobs,
+    generate_shards,
     shard_jobs,
+    write_summary,
 )
 
 PAIRS_VERSION = "template-pairs-v1"
@@ -110,53 +102,15 @@ def iter_pairs(seed: int, start: int, stop: int, crisis_fraction: float = 0.02, 
 
 
 def _write_pair_shard(job: dict, progress: Callable[[int], None] | None = None) -> dict:
-    """Pairs [start, stop) into one shard, written under a hidden temp name and renamed when complete."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    final = Path(job["path"])
-    tmp = final.with_name(f".{final.name}.inprogress")
-    sha = hashlib.sha256()
+    """Pairs [start, stop) into one shard (ShardWriter)."""
     flaws = dict.fromkeys(FLAWS, 0)
     crisis = 0
-    raw = open(tmp, "wb")
-    out = (
-        zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).stream_writer(raw, closefd=True)
-        if job["compress"] == "zstd"
-        else raw
-    )
-    try:
-        batch: list[str] = []
-
-        def write() -> None:
-            data = ("\n".join(batch) + "\n").encode()
-            sha.update(data)
-            out.write(data)
-            if progress:
-                progress(len(batch))
-            batch.clear()
-
+    with ShardWriter(job, progress, _BATCH) as shard:
         for pair in iter_pairs(job["seed"], job["start"], job["stop"], job["crisis_fraction"], job["pair_flaws"]):
-            batch.append(_encode(pair))
+            shard.add(_encode(pair))
             flaws[pair["meta"]["flaw"]] += 1
             crisis += pair["meta"]["crisis"]
-            if len(batch) == _BATCH:
-                write()
-        if batch:
-            write()
-    finally:
-        out.close()
-    os.replace(tmp, final)
-    return {
-        "shard": job["shard"],
-        "file": final.name,
-        "first_index": job["start"],
-        "records": job["stop"] - job["start"],
-        "bytes": final.stat().st_size,
-        "content_sha256": sha.hexdigest(),
-        "crisis": crisis,
-        "flaws": flaws,
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-    }
+    return shard.result(crisis=crisis, flaws=flaws)
 
 
 def run_synth_pairs(cfg: SynthConfig) -> dict:
@@ -165,10 +119,7 @@ def run_synth_pairs(cfg: SynthConfig) -> dict:
     if cfg.sessions:
         raise ConfigError("synth.pairs and synth.sessions: pairs are single-turn; pick one")
     out, jobs = shard_jobs(cfg, pair_flaws=dict(cfg.pair_flaws))
-    workers = max(1, min(cfg.workers or _available_cpus(), cfg.num_shards))
-    t0 = time.perf_counter()
-    results = run_shard_jobs(jobs, _write_pair_shard, workers, cfg.num_records, "pair", "synth pairs")
-    seconds = time.perf_counter() - t0
+    results, seconds, workers = generate_shards(cfg, jobs, _write_pair_shard, "pair", "synth pairs")
     flaws = dict.fromkeys(FLAWS, 0)
     for r in results:
         for k, v in r.pop("flaws").items():
@@ -193,8 +144,7 @@ def run_synth_pairs(cfg: SynthConfig) -> dict:
         "flaws": flaws,
         "files": sorted(results, key=lambda r: r["shard"]),
     }
-    write_metrics(out / SUMMARY_NAME, summary)
-    (out / SUCCESS_NAME).write_text("")
+    write_summary(out, summary)
     print_summary(
         "synth template --pairs",
         {

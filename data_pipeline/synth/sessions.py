@@ -27,28 +27,22 @@ pure function of (seed, i, crisis_fraction, min_turns, max_turns); its draws com
 from __future__ import annotations
 
 import hashlib
-import os
-import time
 from collections.abc import Callable
-from pathlib import Path
-
-import zstandard
 
 from cbt_llm.core.config import SynthConfig
 from cbt_llm.core.errors import ConfigError
-from cbt_llm.core.report import print_summary, write_metrics
+from cbt_llm.core.report import print_summary
 from cbt_llm.domain.cbt import DISTORTIONS
 from cbt_llm.domain.prompts import SESSION_SYSTEM_PROMPT
 from data_pipeline.synth.banks import records as C
 from data_pipeline.synth.banks import sessions as B
 from data_pipeline.synth.draws import PPM
+from data_pipeline.synth.shard_writer import ShardWriter
 from data_pipeline.synth.template import (
-    SUCCESS_NAME,
-    SUMMARY_NAME,
-    _available_cpus,
     _encode,
-    run_shard_jobs,
+    generate_shards,
     shard_jobs,
+    write_summary,
 )
 
 PROMPT_VERSION = "sessions-v1"
@@ -56,7 +50,6 @@ SOURCE = "synth-template-sessions"
 STAGES = ("agenda", "explore", "identify", "socratic", "technique", "homework", "summary")
 SAFETY = "safety"
 _BATCH = 512  # sessions per write (about 1.5 MB)
-_ZSTD_LEVEL = 3
 _RESIST_PPM = 350_000  # share of sessions (with a spare turn) in which the client resists once
 
 
@@ -405,37 +398,14 @@ def iter_sessions(
 
 
 def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> dict:
-    """Generate sessions [start, stop) into one shard; written under a hidden temp name, renamed when complete."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    final = Path(job["path"])
-    tmp = final.with_name(f".{final.name}.inprogress")
-    sha = hashlib.sha256()
+    """Generate sessions [start, stop) into one shard (ShardWriter)."""
     topics: dict[str, int] = {}
     stages: dict[str, int] = {}
-    crisis = resist = turns = jsonl_bytes = 0
-    raw = open(tmp, "wb")
-    # a content checksum ends the frame: a reader (data_pipeline.io) tells a corrupt shard from a good one
-    out = (
-        zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).stream_writer(raw, closefd=True)
-        if job["compress"] == "zstd"
-        else raw
-    )
-
-    def flush(batch: list[str]) -> None:
-        nonlocal jsonl_bytes
-        data = ("\n".join(batch) + "\n").encode()
-        jsonl_bytes += len(data)
-        sha.update(data)
-        out.write(data)
-        if progress:
-            progress(len(batch))
-        batch.clear()
-
-    try:
-        batch: list[str] = []
+    crisis = resist = turns = 0
+    with ShardWriter(job, progress, _BATCH) as shard:
         for i in range(job["start"], job["stop"]):
             rec = session_at(job["seed"], i, job["crisis_fraction"], job["min_turns"], job["max_turns"])
-            batch.append(_encode(rec))
+            shard.add(_encode(rec))
             meta = rec["meta"]
             t = meta["intake"]["topic"]
             topics[t] = topics.get(t, 0) + 1
@@ -445,29 +415,16 @@ def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> di
             crisis += meta["crisis"]
             resist += bool(meta["resistance_turns"])
             turns += meta["turns"]
-            if len(batch) == _BATCH:
-                flush(batch)
-        if batch:
-            flush(batch)
-    finally:
-        out.close()
-    os.replace(tmp, final)
-    return {
-        "shard": job["shard"],
-        "file": final.name,
-        "first_index": job["start"],
-        "sessions": job["stop"] - job["start"],
-        "bytes": final.stat().st_size,
-        "jsonl_bytes": jsonl_bytes,  # uncompressed, what MB/s counts
-        "content_sha256": sha.hexdigest(),  # of the uncompressed JSONL, so none and zstd runs compare
-        "crisis": crisis,
-        "resistance": resist,
-        "turns": turns,
-        "topics": topics,
-        "stage_turns": stages,
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-    }
+    # jsonl_bytes: uncompressed, what MB/s counts
+    return shard.result(
+        unit="sessions",
+        jsonl_bytes=True,
+        crisis=crisis,
+        resistance=resist,
+        turns=turns,
+        topics=topics,
+        stage_turns=stages,
+    )
 
 
 def check_turns(cfg: SynthConfig) -> None:
@@ -487,13 +444,9 @@ def run_synth_sessions(cfg: SynthConfig) -> dict:
     """
     check_turns(cfg)
     out, jobs = shard_jobs(cfg, min_turns=cfg.min_turns, max_turns=cfg.max_turns)
-    workers = max(1, min(cfg.workers or _available_cpus(), cfg.num_shards))
-    t0 = time.perf_counter()
-    results = run_shard_jobs(jobs, _write_shard, workers, cfg.num_records, "session", "synth sessions")
-    seconds = time.perf_counter() - t0
+    results, seconds, workers = generate_shards(cfg, jobs, _write_shard, "session", "synth sessions")
     summary = _summary(cfg, results, seconds, workers)
-    write_metrics(out / SUMMARY_NAME, summary)
-    (out / SUCCESS_NAME).write_text("")
+    write_summary(out, summary)
     print_summary(
         "synth template --sessions",
         {

@@ -23,7 +23,6 @@ tests/unit/data_pipeline/test_synth_template.py validates thousands of them agai
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -32,7 +31,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import zstandard
 from tqdm import tqdm
 
 from cbt_llm.core.config import SynthConfig
@@ -45,6 +43,7 @@ from cbt_llm.domain.record import SCHEMA_VERSION
 from data_pipeline.synth.banks import records as C
 from data_pipeline.synth.draws import PPM, digest
 from data_pipeline.synth.flaws import CorpusFlaws
+from data_pipeline.synth.shard_writer import ShardWriter
 
 # Versions (meta.prompt_version of every record):
 # template-v3: every answer part is composed from clauses (data_pipeline/synth/banks/records.py's template-v3
@@ -57,7 +56,6 @@ SOURCE = "synth-template"
 SUMMARY_NAME = "synth_summary.json"
 SUCCESS_NAME = "_SUCCESS"
 _BATCH = 2048  # records per write; bounds memory to a few MB
-_ZSTD_LEVEL = 3
 
 # Same bytes as data_pipeline.io.dumps, without building a new JSONEncoder on every call.
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -341,71 +339,29 @@ def shard_name(k: int, num_shards: int, compress: str) -> str:
 
 
 def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> dict:
-    """Generate records [start, stop) into one shard; written under a hidden temp name, renamed when complete."""
-    t0, c0 = time.perf_counter(), time.process_time()
+    """Generate records [start, stop) into one shard (ShardWriter)."""
     seed, start, stop = job["seed"], job["start"], job["stop"]
     prefix, ppm = _seed_prefix(seed), _crisis_ppm(job["crisis_fraction"])
-    final = Path(job["path"])
-    # leading dot + suffix: a downstream glob such as *.jsonl* never picks up a half-written shard
-    tmp = final.with_name(f".{final.name}.inprogress")
-    sha = hashlib.sha256()
     topics: dict[str, int] = {}
     dists: dict[str, int] = {}
     crisis = 0
     flaws = _corpus_flaws(seed, job.get("flawed_fraction", 0.0), job.get("flawed_mix"))
     flawed: dict[str, int] = {}
-    raw = open(tmp, "wb")
-    # a content checksum ends the frame: a reader (data_pipeline.io) tells a corrupt shard from a good one
-    out = (
-        zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).stream_writer(raw, closefd=True)
-        if job["compress"] == "zstd"
-        else raw
-    )
-    try:
-        batch: list[str] = []
+    with ShardWriter(job, progress, _BATCH) as shard:
         for i in range(start, stop):
             rec = _compose(digest(prefix, i), seed, i, ppm)[0]
             if flaws:
                 flaw = flaws.apply(rec, i)
                 if flaw:
                     flawed[flaw] = flawed.get(flaw, 0) + 1
-            batch.append(_encode(rec))
+            shard.add(_encode(rec))
             meta = rec["meta"]
             t = meta["topic"]
             topics[t] = topics.get(t, 0) + 1
             dd = rec["distortions"][0]
             dists[dd] = dists.get(dd, 0) + 1
             crisis += meta["crisis"]
-            if len(batch) == _BATCH:
-                data = ("\n".join(batch) + "\n").encode()
-                sha.update(data)
-                out.write(data)
-                batch.clear()
-                if progress:
-                    progress(_BATCH)
-        if batch:
-            data = ("\n".join(batch) + "\n").encode()
-            sha.update(data)
-            out.write(data)
-            if progress:
-                progress(len(batch))
-    finally:
-        out.close()
-    os.replace(tmp, final)
-    return {
-        "shard": job["shard"],
-        "file": final.name,
-        "first_index": start,
-        "records": stop - start,
-        "bytes": final.stat().st_size,
-        "content_sha256": sha.hexdigest(),  # of the uncompressed JSONL, so none and zstd runs compare
-        "crisis": crisis,
-        "topics": topics,
-        "distortions": dists,
-        "flaws": flawed,
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-    }
+    return shard.result(crisis=crisis, topics=topics, distortions=dists, flaws=flawed)
 
 
 # Worker-process side of the parallel mode: one shared counter slot per shard, polled by the parent.
@@ -455,6 +411,23 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def generate_shards(
+    cfg: SynthConfig, jobs: list[dict], write_shard: Callable[..., dict], unit: str, desc: str
+) -> tuple[list[dict], float, int]:
+    """run_shard_jobs over cfg.workers processes (0: one per CPU; never more than there are shards):
+    (the results, the seconds it took, the workers)."""
+    workers = max(1, min(cfg.workers or _available_cpus(), cfg.num_shards))
+    t0 = time.perf_counter()
+    results = run_shard_jobs(jobs, write_shard, workers, cfg.num_records, unit, desc)
+    return results, time.perf_counter() - t0, workers
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """synth_summary.json, then the empty _SUCCESS marker: a reader that finds the marker finds the run complete."""
+    write_metrics(out / SUMMARY_NAME, summary)
+    (out / SUCCESS_NAME).write_text("")
 
 
 def shard_jobs(cfg: SynthConfig, **extra) -> tuple[Path, list[dict]]:
@@ -518,13 +491,7 @@ def run_synth_template(cfg: SynthConfig) -> dict:
     shard count before any work.
     """
     out, jobs = shard_jobs(cfg, flawed_fraction=cfg.flawed_fraction, flawed_mix=dict(cfg.flawed_mix))
-    workers = cfg.workers or _available_cpus()
-    workers = max(1, min(workers, cfg.num_shards))
-
-    t0 = time.perf_counter()
-    results = run_shard_jobs(jobs, _write_shard, workers, cfg.num_records, "rec", "synth template")
-    seconds = time.perf_counter() - t0
-
+    results, seconds, workers = generate_shards(cfg, jobs, _write_shard, "rec", "synth template")
     topics = {k: 0 for k in C.TOPICS}
     dists = {d: 0 for d in DISTORTIONS}
     flawed: dict[str, int] = {}
@@ -563,8 +530,7 @@ def run_synth_template(cfg: SynthConfig) -> dict:
         summary["flawed_mix"] = dict(cfg.flawed_mix)
         summary["flawed"] = sum(flawed.values())
         summary["flaws"] = {f: flawed.get(f, 0) for f in cfg.flawed_mix}
-    write_metrics(out / SUMMARY_NAME, summary)
-    (out / SUCCESS_NAME).write_text("")
+    write_summary(out, summary)
     print_summary(
         "synth template",
         {
