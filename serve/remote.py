@@ -41,10 +41,9 @@ class RemoteEngine:
         kw = {"max_tokens": max_new_tokens} if max_new_tokens is not None else {}
         return kw | ({"seed": seed} if seed is not None else {})
 
-    def generate_one(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None):
-        from serve.engine import Completion
-
-        stream = self.client.chat.completions.create(
+    def stream(self, messages, max_new_tokens, temperature, top_p, seed, stop):
+        """The server's reply as SSE chunks, the last of them with the token counts (usage)."""
+        return self.client.chat.completions.create(
             model=self.name,
             messages=messages,
             temperature=temperature,
@@ -54,6 +53,11 @@ class RemoteEngine:
             stream_options={"include_usage": True},
             **self.options(max_new_tokens, seed),
         )
+
+    def generate_one(self, messages, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None):
+        from serve.engine import Completion
+
+        stream = self.stream(messages, max_new_tokens, temperature, top_p, seed, stop)
         parts, finish, usage = [], "stop", None
         for chunk in stream:
             usage = chunk.usage or usage

@@ -194,16 +194,7 @@ def remote_deltas(
     local guard adds its own by the same rule): text that could be the start of it waits for what follows. The
     server cuts at the stop strings; its usage chunk gives the counts."""
     run = run or Generation()
-    stream = engine.client.chat.completions.create(
-        model=engine.name,
-        messages=messages,
-        temperature=temperature,
-        top_p=top_p,
-        stop=stop or None,
-        stream=True,
-        stream_options={"include_usage": True},
-        **engine.options(max_new_tokens, seed),
-    )
+    stream = engine.stream(messages, max_new_tokens, temperature, top_p, seed, stop)
     held = ""
     try:
         for chunk in stream:
