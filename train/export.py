@@ -86,6 +86,8 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
     """Write the exported model/adapter to `out`; returns a summary dict (also written to out/export.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cbt_llm.inference.tokenizer import as_written
+
     run, out = Path(run), Path(out)
     ckpt_dir = run / "checkpoints"
     tag = tag or ckpt.latest_tag(ckpt_dir)
@@ -136,7 +138,10 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
     else:
         kind = "full"
     model.to(dtype).save_pretrained(out, safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code)
+    tok = as_written(
+        AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code),
+        state["tokenizer"],
+    )
     tok.save_pretrained(out)
     summary = {
         "kind": kind,

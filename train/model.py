@@ -79,13 +79,15 @@ def write_random_base(
     id) the folder also gets the tokenizer, so the untrained base is a whole model `cbt-llm eval` can answer with."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cbt_llm.inference.tokenizer import as_written
+
     torch.manual_seed(seed)
     cfg = random_model_config(mcfg, vocab_size, seq_len, pad_token_id, eos_token_id)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer:
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out_dir)
+        as_written(AutoTokenizer.from_pretrained(tokenizer), str(tokenizer)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -127,8 +127,10 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
         raise ConfigError("model.name_or_path is empty; set it (e.g. Qwen/Qwen2.5-7B-Instruct) or model.init=random")
     from transformers import AutoTokenizer
 
+    from cbt_llm.inference.tokenizer import as_written
+
     tok_path = manifest["tokenizer"]["name_or_path"]
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=mc.trust_remote_code)
+    tokenizer = as_written(AutoTokenizer.from_pretrained(tok_path, trust_remote_code=mc.trust_remote_code), tok_path)
     check_tokenizer(manifest, Path(tc.data_dir), tokenizer)  # refuses shards made with a different tokenizer
     run = Run(
         cfg=cfg,

@@ -110,3 +110,22 @@ def test_build_user_message():
     assert build_user_message("问题", "") == "问题"
     assert build_user_message("问题", "问题") == "问题"
     assert build_user_message(" 问题 ", "描述") == "问题\n描述"
+
+
+def test_a_model_folder_gives_the_ids_the_model_was_trained_on(tok_dir, tmp_path):
+    """Beside a qwen2 config.json, transformers rebuilds our byte-level BPE as a Qwen2Tokenizer that splits every
+    digit; load_tokenizer keeps tokenizer.json's pipeline, so an exported model reads "12356" as training did."""
+    from transformers import AutoTokenizer
+
+    from tests.fixtures.tiny import write_tiny_qwen2
+
+    model_dir = write_tiny_qwen2(tmp_path / "model", tok_dir)
+    text = "拨打心理援助热线 12356、010-82951332,第 3 次"
+    trained = load_tokenizer(str(tok_dir))
+    exported = load_tokenizer(str(model_dir))
+    assert exported(text, add_special_tokens=False)["input_ids"] == trained(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer_hash(exported) == tokenizer_hash(trained)
+    rebuilt = AutoTokenizer.from_pretrained(model_dir)  # a plain AutoTokenizer load: another pre-tokenizer
+    assert type(rebuilt).__name__ == "Qwen2Tokenizer"
+    pre = [json.loads(t.backend_tokenizer.to_str())["pre_tokenizer"] for t in (rebuilt, trained)]
+    assert pre[0] != pre[1]
