@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install ops demo demo-sessions test lint lock bench clean
+.PHONY: install ops demo demo-sessions demo-dpo test lint lock bench clean
 
 install: $(STAMP)
 
@@ -53,6 +53,25 @@ demo-sessions: $(STAMP) ops
 	@echo "sessions demo: runs/demo-sessions/data/manifest.json (counts.split_sessions, split_pieces),"
 	@echo "  runs/demo-sessions/train/metrics.jsonl, runs/demo-sessions/eval/ (report.md, sessions.jsonl)"
 
+# preference optimisation: SFT on a corpus with flawed answers (configs/demo-dpo-sft.yaml), then DPO of that model on
+# template pairs under ZeRO-3 on 2 CPU ranks (configs/demo-dpo.yaml), then both on held-out questions and pairs
+demo-dpo: $(STAMP) ops
+	$(BIN)/cbt-llm synth template --config configs/demo-dpo-sft.yaml
+	$(BIN)/cbt-llm tokenizer train --config configs/demo-dpo-sft.yaml
+	$(BIN)/cbt-llm prepare --config configs/demo-dpo-sft.yaml
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-dpo-sft.yaml
+	$(BIN)/cbt-llm export --run runs/demo-dpo/train-sft --out runs/demo-dpo/export-sft
+	$(BIN)/cbt-llm synth template --config configs/demo-dpo.yaml
+	$(BIN)/cbt-llm prepare --config configs/demo-dpo.yaml
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m cbt_llm.cli train --config configs/demo-dpo.yaml
+	$(BIN)/cbt-llm export --run runs/demo-dpo/train-dpo --out runs/demo-dpo/export-dpo
+	@echo ""
+	@echo "eval: the SFT model against its DPO on held-out questions (crisis questions among them) and held-out pairs"
+	$(BIN)/cbt-llm eval --config configs/demo-dpo.yaml
+	@echo ""
+	@echo "demo-dpo: runs/demo-dpo/ (corpus with flawed answers, pairs/, train-sft/ and train-dpo/ metrics.jsonl,"
+	@echo "  export-sft/, export-dpo/, eval/report.md and preference.jsonl); bench/RESULTS.md, \"make demo-dpo\""
+
 # DeepSpeed JIT-compiles a shared-memory comm op for CPU ranks; build it once here, not in parallel tests
 ops: $(STAMP)
 	$(BIN)/python -c "from train.runtime import prebuild_ops; prebuild_ops()"
@@ -72,6 +91,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/loss_memory_bench.py
 	$(BIN)/python bench/structure_bench.py
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'  # TRL, for the DPO comparison
+	$(BIN)/python bench/dpo_bench.py
 
 # Regenerate constraints.txt from the current venv (after changing dependencies in pyproject.toml).
 lock: $(STAMP)

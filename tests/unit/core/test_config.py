@@ -205,3 +205,32 @@ def test_every_shipped_config_loads_and_names_its_command(path):
 
 def test_there_are_shipped_configs():
     assert any(p.name == "demo-cpu.yaml" for p in SHIPPED)
+
+
+def test_demo_dpo_configs_chain_sft_into_dpo():
+    """`make demo-dpo`: the SFT half trains on a corpus with flawed answers; the DPO half starts from its export,
+    reads its tokenizer, trains dpo on template pairs, and evaluates both models as `sft` and `dpo`."""
+    sft = load_config(ROOT / "configs" / "demo-dpo-sft.yaml")
+    dpo = load_config(ROOT / "configs" / "demo-dpo.yaml")
+    assert sft.run_name == dpo.run_name == "demo-dpo"
+    assert 0 < sft.synth.flawed_fraction < 1 and not sft.synth.pairs and sft.data.format == "cbt"
+    assert sft.train.objective == "sft" and sft.train.run_dir == "runs/demo-dpo/train-sft"
+    assert dpo.synth.pairs and dpo.synth.flawed_fraction == 0 and dpo.data.format == "preference"
+    assert dpo.data.inputs == [f"{dpo.synth.out_dir}/*.jsonl*"] and dpo.synth.out_dir != sft.synth.out_dir
+    assert dpo.data.out_dir != sft.data.out_dir and dpo.train.data_dir == dpo.data.out_dir
+    assert dpo.data.tokenizer == sft.tokenizer.out_dir  # the SFT model's own tokenizer
+    assert dpo.train.objective == "dpo" and dpo.train.zero_stage == 3 and dpo.data.world_size == 2
+    assert dpo.model.init == "pretrained" and dpo.model.name_or_path == "runs/demo-dpo/export-sft"
+    assert dpo.train.run_dir == "runs/demo-dpo/train-dpo"
+    assert [(m.name, m.path) for m in dpo.eval.models] == [
+        ("sft", "runs/demo-dpo/export-sft"),
+        ("dpo", "runs/demo-dpo/export-dpo"),
+    ]
+    assert dpo.eval.data_dir == dpo.data.out_dir  # questions and pairs held out of the DPO data
+    # the Makefile exports each run where the next step reads it
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
+    target = make.split("\ndemo-dpo:", 1)[1].split("\n\n", 1)[0]
+    assert f"export --run {sft.train.run_dir} --out {dpo.model.name_or_path}" in target
+    assert f"export --run {dpo.train.run_dir} --out {dpo.eval.models[1].path}" in target
+    for name in ("demo-dpo-sft.yaml", "demo-dpo.yaml"):
+        assert f"--config configs/{name}" in target
