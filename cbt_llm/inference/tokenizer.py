@@ -28,7 +28,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def as_written(tok, name_or_path: str):
     """The tokenizer its folder's tokenizer.json describes. Beside a model's config.json, transformers may rebuild it
     as that model type's class: a byte-level BPE trained here, exported with a qwen2 model, comes back as a
-    Qwen2Tokenizer whose pre-tokenizer splits every digit, so "12356" gets other ids than the model was trained on.
+    Qwen2Tokenizer whose pre-tokenizer splits every digit, so "2026" gets other ids than the model was trained on.
     When the loaded normalizer or pre-tokenizer differs from the file's, the file's pipeline is loaded as written."""
     path = Path(name_or_path) / "tokenizer.json"
     if not (is_local_path(name_or_path) and path.is_file()):
