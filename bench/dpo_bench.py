@@ -30,12 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.ours import log_windows, pythonpath, tokens_and_seconds  # noqa: E402
+
 BIN = Path(sys.executable).parent
 LR = 1e-3
-
-
-def _pythonpath() -> str:
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _train_pairs(data: Path, pairs_glob: str) -> list[dict]:
@@ -192,13 +191,10 @@ def _ours(args, data: Path, model: Path, out: Path, env: dict) -> dict:
         "train.save_final=false",
     ]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "perf/tokens" in r]
-    tokens = sum(r["perf/tokens"] for r in steps[1:])
-    seconds = sum(r["perf/tokens"] / r["perf/tokens_per_s"] for r in steps[1:])
+    tokens, seconds = tokens_and_seconds(log_windows(run_dir))  # from the end of step 1, as TRL's side
     summary = json.loads((run_dir / "train_summary.json").read_text())
     return {
-        "steps": len(steps),
+        "steps": summary["steps"],
         "real_tokens": tokens,
         "train_s": seconds,
         "tokens_per_s": tokens / seconds,
@@ -266,7 +262,7 @@ def main() -> None:
         WANDB_MODE="disabled",
         TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"),
         OMP_NUM_THREADS="1",
-        PYTHONPATH=_pythonpath(),
+        PYTHONPATH=pythonpath(),
         TQDM_DISABLE="1",
     )
     cli = [str(BIN / "cbt-llm")]

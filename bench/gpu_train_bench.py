@@ -28,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: bench/, cbt_llm/ and train/ import from the repo
+
+from bench.ours import log_windows, pythonpath, tokens_and_seconds  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 CASES = {
@@ -82,20 +85,9 @@ SMOKE_MODEL = [
 ]
 
 
-def _pythonpath() -> str:
-    """The repo first, then whatever PYTHONPATH already holds (the GPU image adds carried wheels there)."""
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-
-
-def _log_windows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in rows if "perf/tokens_per_s_per_device" in r]
-    return windows[1:] or windows  # the first holds start-up and warm-up; a run of one window keeps it
-
-
 def run_ours(run_dir: Path, data: Path, overrides: list[str], timeout: int) -> dict:
     """One `cbt-llm train` through torchrun on one device; tokens/s, MFU over the log windows after the first."""
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=_pythonpath())
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=pythonpath())
     cmd = [
         str(BIN / "torchrun"),
         "--standalone",
@@ -118,10 +110,9 @@ def run_ours(run_dir: Path, data: Path, overrides: list[str], timeout: int) -> d
     ]
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    steps = _log_windows(run_dir)
+    steps = log_windows(run_dir)
     s = json.loads((run_dir / "train_summary.json").read_text())
-    tokens = sum(r["perf/tokens"] for r in steps)
-    secs = sum(r["perf/tokens"] / r["perf/tokens_per_s"] for r in steps)
+    tokens, secs = tokens_and_seconds(steps)
     mfus = [r["perf/mfu"] for r in steps if r["perf/mfu"] is not None]
     return {
         "tokens_per_s": tokens / secs,
@@ -171,7 +162,7 @@ def run_hf(out: Path, data: Path, base: Path, hf_batch: int, hf: dict, gpu: bool
         subprocess.run(
             cmd,
             cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=_pythonpath()),
+            env=dict(os.environ, PYTHONPATH=pythonpath()),
             check=True,
             stdout=log,
             stderr=subprocess.STDOUT,

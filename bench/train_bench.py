@@ -26,12 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.ours import log_windows, pythonpath, tokens_and_seconds  # noqa: E402
+
 BIN = Path(sys.executable).parent
-
-
-def _pythonpath() -> str:
-    """The repo first, then whatever PYTHONPATH already holds (the GPU image adds carried wheels there)."""
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _examples(data_dir: Path) -> list[dict]:
@@ -202,7 +200,7 @@ def main() -> None:
         WANDB_MODE="disabled",
         TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"),
         OMP_NUM_THREADS="1",
-        PYTHONPATH=_pythonpath(),
+        PYTHONPATH=pythonpath(),
     )
     run_dir = out / "ours"
     ours_cmd = [
@@ -229,12 +227,8 @@ def main() -> None:
         "train.save_every=0",
     ]
     subprocess.run(ours_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "perf/tokens" in r]
-    # from the end of step 1 to the end of the last step, like the HF side; wall time of a one-step log window
-    # (everything between two log points, not only the forward/backward) = its tokens / its tokens per second
-    ours_tokens = sum(r["perf/tokens"] for r in steps[1:])
-    ours_s = sum(r["perf/tokens"] / r["perf/tokens_per_s"] for r in steps[1:])
+    # from the end of step 1 to the end of the last step, like the HF side (one-step log windows)
+    ours_tokens, ours_s = tokens_and_seconds(log_windows(run_dir))
 
     # same examples per optimizer step: one packed row holds this many examples on average
     per_row = manifest["counts"]["examples"]["train"] / manifest["counts"]["rows"]["train"]
@@ -267,7 +261,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "train_examples": manifest["counts"]["examples"]["train"],
         "packing_efficiency": manifest["packing_efficiency"]["train"],
-        "ours_steps": len(steps),
+        "ours_steps": json.loads((run_dir / "train_summary.json").read_text())["steps"],
         "ours_real_tokens_after_step1": ours_tokens,
         "ours_train_s": ours_s,
         "ours_tokens_per_s": ours_tps,
