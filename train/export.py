@@ -84,9 +84,9 @@ def _latest_eval(out: Path, cfg) -> dict | None:
 
 def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, tag: str | None = None) -> dict:
     """Write the exported model/adapter to `out`; returns a summary dict (also written to out/export.json)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from cbt_llm.inference.tokenizer import as_written
+    from cbt_llm.inference.tokenizer import open_tokenizer
 
     run, out = Path(run), Path(out)
     ckpt_dir = run / "checkpoints"
@@ -138,10 +138,7 @@ def run_export(run: str | Path, out: str | Path, *, merge_lora: bool = False, ta
     else:
         kind = "full"
     model.to(dtype).save_pretrained(out, safe_serialization=True)
-    tok = as_written(
-        AutoTokenizer.from_pretrained(state["tokenizer"], trust_remote_code=cfg.model.trust_remote_code),
-        state["tokenizer"],
-    )
+    tok = open_tokenizer(state["tokenizer"], cfg.model.trust_remote_code)
     tok.save_pretrained(out)
     summary = {
         "kind": kind,

@@ -77,9 +77,9 @@ def write_random_base(
     """Build the seeded random model once and save it: every rank then loads the same weights the same way a
     pretrained model is loaded, and LoRA export has a real base folder to point at. With `tokenizer` (a folder or
     id) the folder also gets the tokenizer, so the untrained base is a whole model `cbt-llm eval` can answer with."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from cbt_llm.inference.tokenizer import as_written
+    from cbt_llm.inference.tokenizer import open_tokenizer
 
     torch.manual_seed(seed)
     cfg = random_model_config(mcfg, vocab_size, seq_len, pad_token_id, eos_token_id)
@@ -87,7 +87,7 @@ def write_random_base(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer:
-        as_written(AutoTokenizer.from_pretrained(tokenizer), str(tokenizer)).save_pretrained(out_dir)
+        open_tokenizer(str(tokenizer)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -125,12 +125,10 @@ def _check_config(cfg: Config, on_checkpoint) -> Run:
     verify_shards(tc.data_dir, manifest, tc.verify_shards, mine, seed=tc.seed + rank)
     if mc.init == "pretrained" and not mc.name_or_path:
         raise ConfigError("model.name_or_path is empty; set it (e.g. Qwen/Qwen2.5-7B-Instruct) or model.init=random")
-    from transformers import AutoTokenizer
-
-    from cbt_llm.inference.tokenizer import as_written
+    from cbt_llm.inference.tokenizer import open_tokenizer
 
     tok_path = manifest["tokenizer"]["name_or_path"]
-    tokenizer = as_written(AutoTokenizer.from_pretrained(tok_path, trust_remote_code=mc.trust_remote_code), tok_path)
+    tokenizer = open_tokenizer(tok_path, mc.trust_remote_code)
     check_tokenizer(manifest, Path(tc.data_dir), tokenizer)  # refuses shards made with a different tokenizer
     run = Run(
         cfg=cfg,

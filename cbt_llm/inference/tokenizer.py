@@ -10,14 +10,13 @@ from cbt_llm.core.fileio import is_local_path
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """Load a tokenizer folder or Hugging Face id. Fails with one line when it is missing or has no template."""
-    from transformers import AutoTokenizer
-
+    """Load a tokenizer folder or Hugging Face id for chat. Fails with one line when it is missing or has no
+    template."""
     if is_local_path(name_or_path) and not Path(name_or_path).exists():
         raise FileNotFoundError(
             f"tokenizer '{name_or_path}' not found; run `cbt-llm tokenizer train` or give a Hugging Face id"
         )
-    tok = as_written(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code), name_or_path)
+    tok = open_tokenizer(name_or_path, trust_remote_code)
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"tokenizer '{name_or_path}' has no chat template; use an instruct/chat model's tokenizer")
     if tok.pad_token_id is None:
@@ -25,16 +24,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def as_written(tok, name_or_path: str):
-    """The tokenizer its folder's tokenizer.json describes. Beside a model's config.json, transformers may rebuild it
-    as that model type's class: a byte-level BPE trained here, exported with a qwen2 model, comes back as a
-    Qwen2Tokenizer whose pre-tokenizer splits every digit, so "2026" gets other ids than the model was trained on.
+def open_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer as its folder's tokenizer.json describes it. Beside a model's config.json, transformers may
+    rebuild it as that model type's class: a byte-level BPE trained here, exported with a qwen2 model, comes back as
+    a Qwen2Tokenizer whose pre-tokenizer splits every digit, so "2026" gets other ids than the model was trained on.
     When the loaded normalizer or pre-tokenizer differs from the file's, the file's pipeline is loaded as written."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     path = Path(name_or_path) / "tokenizer.json"
-    if not (is_local_path(name_or_path) and path.is_file()):
+    backend = getattr(tok, "backend_tokenizer", None)  # None: a slow (Python) tokenizer, which reads no such file
+    if backend is None or not (is_local_path(name_or_path) and path.is_file()):
         return tok
     written = json.loads(path.read_text(encoding="utf-8"))
-    loaded = json.loads(tok.backend_tokenizer.to_str())
+    loaded = json.loads(backend.to_str())
     if all(written.get(k) == loaded.get(k) for k in ("normalizer", "pre_tokenizer")):
         return tok
     from transformers import TokenizersBackend
