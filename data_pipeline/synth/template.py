@@ -303,11 +303,7 @@ def record_at(
 ) -> dict:
     """The record at `index` for `seed`: a pure function of its arguments (flawed_*: synth.flawed_fraction and
     synth.flawed_mix; None: its default)."""
-    rec = _compose(digest(_seed_prefix(seed), index), seed, index, _crisis_ppm(crisis_fraction))[0]
-    flaws = _corpus_flaws(seed, flawed_fraction, flawed_mix)
-    if flaws:
-        flaws.apply(rec, index)
-    return rec
+    return next(iter_records(seed, index, index + 1, crisis_fraction, flawed_fraction, flawed_mix))
 
 
 def iter_records(
@@ -318,7 +314,8 @@ def iter_records(
     flawed_fraction: float = 0.0,
     flawed_mix: dict[str, float] | None = None,
 ):
-    """Yield records start..stop-1 one at a time (nothing is accumulated)."""
+    """Yield records start..stop-1 one at a time (nothing is accumulated); a flawed one names its flaw in
+    meta.flaw."""
     prefix, ppm = _seed_prefix(seed), _crisis_ppm(crisis_fraction)
     flaws = _corpus_flaws(seed, flawed_fraction, flawed_mix)
     for i in range(start, stop):
@@ -340,22 +337,24 @@ def shard_name(k: int, num_shards: int, compress: str) -> str:
 
 def _write_shard(job: dict, progress: Callable[[int], None] | None = None) -> dict:
     """Generate records [start, stop) into one shard (ShardWriter)."""
-    seed, start, stop = job["seed"], job["start"], job["stop"]
-    prefix, ppm = _seed_prefix(seed), _crisis_ppm(job["crisis_fraction"])
+    records = iter_records(
+        job["seed"],
+        job["start"],
+        job["stop"],
+        job["crisis_fraction"],
+        job.get("flawed_fraction", 0.0),
+        job.get("flawed_mix"),
+    )
     topics: dict[str, int] = {}
     dists: dict[str, int] = {}
     crisis = 0
-    flaws = _corpus_flaws(seed, job.get("flawed_fraction", 0.0), job.get("flawed_mix"))
     flawed: dict[str, int] = {}
     with ShardWriter(job, progress, _BATCH) as shard:
-        for i in range(start, stop):
-            rec = _compose(digest(prefix, i), seed, i, ppm)[0]
-            if flaws:
-                flaw = flaws.apply(rec, i)
-                if flaw:
-                    flawed[flaw] = flawed.get(flaw, 0) + 1
+        for rec in records:
             shard.add(_encode(rec))
             meta = rec["meta"]
+            if "flaw" in meta:
+                flawed[meta["flaw"]] = flawed.get(meta["flaw"], 0) + 1
             t = meta["topic"]
             topics[t] = topics.get(t, 0) + 1
             dd = rec["distortions"][0]
