@@ -105,20 +105,19 @@ class CorpusFlaws:
         self.prefix, self.ppm = _flawed_prefix(seed), round(fraction * PPM)
         self.thresholds = corpus_flaw_thresholds(mix)
 
-    def apply(self, record: dict, index: int) -> str | None:
+    def apply(self, record: dict, index: int) -> None:
         """Flaw `record` in place when it is drawn (answer rebuilt from the flawed paragraphs, meta.flaw and
-        meta.flaw_detail added; cbt keeps the five parts as drawn); returns the flaw or None."""
+        meta.flaw_detail added; cbt keeps the five parts as drawn)."""
         if not self.ppm:
-            return None
+            return
         h, r = divmod(digest(self.prefix, index), PPM)
         crisis = record["meta"]["crisis"]
         thresholds = self.thresholds[1 if crisis else 0]
         if r >= self.ppm or not thresholds:
-            return None
+            return
         h, r = divmod(h, PPM)
         flaw = next(f for bound, f in thresholds if r < bound)
         _, paragraphs, detail = flawed_parts(h, record["cbt"], crisis, flaw)
         record["answer"] = "\n\n".join(paragraphs)
         record["meta"]["flaw"] = flaw
         record["meta"]["flaw_detail"] = detail
-        return flaw
