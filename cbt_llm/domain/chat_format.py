@@ -1,5 +1,6 @@
 """The chat format the project trains and serves in: ChatML, the template family of Qwen2.5, with its special
-tokens, the user turn a question becomes, and the one-string rendering prepare uses for speed.
+tokens, the user turn a question becomes, the one-string rendering prepare uses for speed, and where the answers
+sit in a rendered conversation (what training learns and eval scores).
 
 Real runs use the base model's own tokenizer and template; the demo's tokenizer carries CHAT_TEMPLATE, so prompt
 masking behaves the same way on the demo and on real models.
@@ -43,3 +44,26 @@ def chat_renderer(tok):
     if getattr(tok, "chat_template", None) == CHAT_TEMPLATE:
         return render_chatml
     return lambda messages: tok.apply_chat_template(messages, tokenize=False)
+
+
+def label_spans(
+    text: str, messages: list[dict[str, str]], end_token: str, learn_from: int = 0
+) -> list[tuple[int, int]]:
+    """Character spans of the learned text in a rendered conversation: each assistant answer from message
+    `learn_from` on (a split piece's earlier turns are context) plus the end token right after it. Messages are
+    located in order, so text repeated in an earlier turn is skipped. Prepare masks labels by these spans and eval
+    scores an answer's log-probability over them, so both read the same tokens."""
+    spans = []
+    cursor = 0
+    for k, m in enumerate(messages):
+        pos = text.find(m["content"], cursor)
+        if pos < 0:
+            raise ValueError(f"chat template changed a {m['role']} message; cannot locate it in the rendered text")
+        end = pos + len(m["content"])
+        cursor = end
+        if m["role"] == "assistant" and k >= learn_from:
+            if end_token and text.startswith(end_token, end):
+                end += len(end_token)
+                cursor = end
+            spans.append((pos, end))
+    return spans

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from cbt_llm.domain.chat_format import IM_END, chat_renderer
+from cbt_llm.domain.chat_format import IM_END, chat_renderer, label_spans
 
 
 @dataclass
@@ -49,14 +49,7 @@ def encode_answer(tokenizer, messages: list[dict], answer: str, render=None, end
     end_token = end_token_of(tokenizer) if end_token is None else end_token
     conv = [*messages, {"role": "assistant", "content": answer}]
     text = render(conv)
-    cursor = lo = hi = 0
-    for m in conv:  # located in order, as prepare's label_spans: text repeated in an earlier turn is skipped
-        lo = text.find(m["content"], cursor)
-        if lo < 0:
-            raise ValueError(f"chat template changed a {m['role']} message; cannot locate it to score the answer")
-        hi = cursor = lo + len(m["content"])
-    if end_token and text.startswith(end_token, hi):
-        hi += len(end_token)
+    ((lo, hi),) = label_spans(text, conv, end_token, learn_from=len(conv) - 1)
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     return list(enc.ids), [lo <= start < hi for start, _ in enc.offsets]
 

@@ -15,30 +15,8 @@ from itertools import chain
 
 import numpy as np
 
-from cbt_llm.domain.chat_format import IM_END, IM_START, chat_renderer, render_chatml
+from cbt_llm.domain.chat_format import IM_END, IM_START, chat_renderer, label_spans, render_chatml
 from data_pipeline.shards import IGNORE
-
-
-def label_spans(
-    text: str, messages: list[dict[str, str]], end_token: str, learn_from: int = 0
-) -> list[tuple[int, int]]:
-    """Character spans of the learned text in a rendered conversation: each assistant answer from message
-    `learn_from` on (a split piece's earlier turns are context) plus the end token right after it. Messages are
-    located in order, so text repeated in an earlier turn is skipped."""
-    spans = []
-    cursor = 0
-    for k, m in enumerate(messages):
-        pos = text.find(m["content"], cursor)
-        if pos < 0:
-            raise ValueError(f"chat template changed a {m['role']} message; cannot locate it to build the label mask")
-        end = pos + len(m["content"])
-        cursor = end
-        if m["role"] == "assistant" and k >= learn_from:
-            if end_token and text.startswith(end_token, end):
-                end += len(end_token)
-                cursor = end
-            spans.append((pos, end))
-    return spans
 
 
 def tokenize_conversation(tok, messages: list[dict[str, str]], end_token: str) -> tuple[np.ndarray, np.ndarray]:
