@@ -21,7 +21,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from cbt_llm.domain.chat_format import IM_END, chat_renderer, label_spans
+from cbt_llm.domain.chat_format import chat_renderer, label_spans
+from cbt_llm.inference.tokenizer import end_token_of
 
 
 @dataclass
@@ -34,11 +35,6 @@ class AnswerLogprob:
     @property
     def mean(self) -> float:
         return self.logp / self.tokens if self.tokens else float("-inf")
-
-
-def end_token_of(tokenizer) -> str:
-    """The token an answer ends with, as prepare labels it: <|im_end|> when the vocabulary has it, else eos."""
-    return IM_END if IM_END in tokenizer.get_vocab() else (tokenizer.eos_token or "")
 
 
 def encode_answer(tokenizer, messages: list[dict], answer: str, render=None, end_token: str | None = None):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from cbt_llm.core.fileio import is_local_path
+from cbt_llm.domain.chat_format import IM_END
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -43,6 +44,12 @@ def open_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import TokenizersBackend
 
     return TokenizersBackend.from_pretrained(name_or_path)
+
+
+def end_token_of(tokenizer) -> str:
+    """The token an answer ends with, labelled by prepare and scored by eval: <|im_end|> when the vocabulary has
+    it, else eos."""
+    return IM_END if IM_END in tokenizer.get_vocab() else (tokenizer.eos_token or "")
 
 
 def tokenizer_hash(tok) -> str:

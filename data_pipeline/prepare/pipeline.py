@@ -189,8 +189,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     an earlier run's output is left as it was). Under quarantine the damaged files are left out (the run
     starts over without them when the damage shows mid-stream) and listed in the manifest's `quarantined`.
     """
-    from cbt_llm.domain.chat_format import IM_END
-    from cbt_llm.inference.tokenizer import load_tokenizer, tokenizer_hash
+    from cbt_llm.inference.tokenizer import end_token_of, load_tokenizer, tokenizer_hash
     from data_pipeline.tokenizer import light_tokenizer_file
 
     dc = cfg.data
@@ -209,7 +208,7 @@ def run_prepare(cfg: Config, strict: bool = False, ray_address: str | None = Non
     quarantine(cut, quarantined)
     tok = load_tokenizer(dc.tokenizer)
     tok_hash = tokenizer_hash(tok)
-    end_token = IM_END if IM_END in tok.get_vocab() else (tok.eos_token or "")
+    end_token = end_token_of(tok)
     pad_id = int(tok.pad_token_id)
     scorer, scorer_signature = screen.load_scorer_once(dc)
 
