@@ -33,7 +33,8 @@ def run_train(cfg: Config, args) -> int:
     data, bad = read_labelled(files, list(CONSTRUCTS), list(HARM_KINDS))
     rows: dict = {"files": len(files), "bad_lines": len(bad)}
     for task, kinds in (("user", CONSTRUCTS), ("reply", HARM_KINDS)):
-        model = train_classifier(data[task], task, list(kinds), target_recall=tc.target_recall)
+        weight = {"acute_weight": tc.acute_weight} if task == "user" else {}
+        model = train_classifier(data[task], task, list(kinds), target_recall=tc.target_recall, **weight)
         model.save(model_path(task, tc.out_dir))
         held = model.meta["held_out_authors"]
         rows.update({

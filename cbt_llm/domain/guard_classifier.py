@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cbt_llm.core.errors import ConfigError
-from cbt_llm.domain.crisis import fold_spellings
+from cbt_llm.domain.crisis import ACUTE, fold_spellings
 
 VERSION = "guard-classifier:v2"
 NONE = "none"
@@ -191,9 +191,10 @@ def data_hash(examples: Sequence[Example]) -> str:
 
 def fit(
     examples: Sequence[Example], task: str, labels: Sequence[str], n_min: int = 1, n_max: int = 4, min_df: int = 2,
-    C: float = 10.0,
+    C: float = 10.0, acute_weight: float = 1.0,
 ) -> TextClassifier:  # fmt: skip
-    """A classifier trained on `examples` (threshold 0.5 until train_classifier sets it). Deterministic."""
+    """A classifier trained on `examples` (threshold 0.5 until train_classifier sets it). Deterministic. Lines of an
+    acute construct weigh `acute_weight` in the risk model's loss: a missed plan costs more than a missed wish."""
     import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
@@ -215,7 +216,8 @@ def fit(
         vals += v.tolist()
     X = sp.csr_matrix((vals, (rows, cols)), shape=(n, len(terms)))
     risky = np.array([e.label != NONE for e in examples])
-    risk = LogisticRegression(C=C, max_iter=5000).fit(X, risky)
+    weight = np.array([acute_weight if e.label in ACUTE else 1.0 for e in examples])
+    risk = LogisticRegression(C=C, max_iter=5000).fit(X, risky, sample_weight=weight)
     clf.risk_coef, clf.risk_intercept = risk.coef_[0], float(risk.intercept_[0])
     y = np.array([labels.index(e.label) for e in examples if e.label != NONE])
     if len(set(y)) > 1:

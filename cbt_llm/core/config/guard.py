@@ -50,6 +50,12 @@ class GuardTrainConfig(Section):
         0.95, gt=0, le=1, description="Recall the threshold is chosen for, on held-out authors of the training set."
     )
     shipped_data: bool = Field(True, description="Train on the shipped labelled set too (false: the inputs alone).")
+    acute_weight: float = Field(
+        3.0,
+        ge=1,
+        description="Weight of user lines of an acute construct (method, intent, plan, preparatory, attempt) "
+        "in the risk model's loss: they rank above other crises, so a threshold set for overall recall misses fewer.",
+    )
 
 
 class GuardConfig(Section):
