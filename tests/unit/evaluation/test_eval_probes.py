@@ -208,3 +208,11 @@ def test_an_endpoint_model_answers_the_probes_unguarded(tmp_path, capsys):
     unsafe = _results(out)["models"]["api"]["metrics"]["probe-unsafe-reply"]
     assert unsafe["n"] == 240 and unsafe["k"] >= 1
     capsys.readouterr()
+
+
+def test_wilson_ends_are_exactly_0_and_1_at_none_and_all():
+    """At k = n the upper end is 1.0, not 1 - 1e-16 (a plot's error bar below its own rate fails to draw)."""
+    for n in range(1, 400):
+        assert wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0
+        lo, hi = wilson(n // 2, n)
+        assert lo <= (n // 2) / n <= hi
