@@ -13,7 +13,8 @@ from cbt_llm.core.errors import ConfigError
 
 TRAIN_FLAGS: list[Flag] = [
     ("--out", "guard.train.out_dir", str, "folder for user.npz and reply.npz"),
-    ("--target-recall", "guard.train.target_recall", float, "recall on held-out authors the threshold is set for"),
+    ("--target-recall", "guard.train.target_recall", float, "crisis recall on held-out authors for user turns"),
+    ("--reply-target-recall", "guard.train.reply_target_recall", float, "unsafe replies stopped on held-out authors"),
 ]
 USE_FLAGS: list[Flag] = [
     ("--model-dir", "guard.model_dir", str, "a folder from `cbt-llm guard train` (default: shipped)")
@@ -33,8 +34,10 @@ def run_train(cfg: Config, args) -> int:
     data, bad = read_labelled(files, list(CONSTRUCTS), list(HARM_KINDS))
     rows: dict = {"files": len(files), "bad_lines": len(bad)}
     for task, kinds in (("user", CONSTRUCTS), ("reply", HARM_KINDS)):
-        weight = {"acute_weight": tc.acute_weight} if task == "user" else {}
-        model = train_classifier(data[task], task, list(kinds), target_recall=tc.target_recall, **weight)
+        if task == "user":
+            model = train_classifier(data[task], task, list(kinds), tc.target_recall, acute_weight=tc.acute_weight)
+        else:
+            model = train_classifier(data[task], task, list(kinds), tc.reply_target_recall)
         model.save(model_path(task, tc.out_dir))
         held = model.meta["held_out_authors"]
         rows.update({

@@ -6,7 +6,8 @@ answer on every machine, and train in seconds on a few thousand labelled lines, 
 on its own labelled data. A multinomial logistic regression (scikit-learn, deterministic lbfgs) over sublinear
 TF-IDF of character 1..4-grams fits those bounds and reads Chinese without a word segmenter; spelling variants are
 folded first (NFKC, case, traditional -> simplified for the crisis characters, pinyin and homophone spellings of
-crisis words: crisis.normalise's reading, without its removal of spaces, which keeps English words apart).
+crisis words: crisis.normalise's reading, without its removal of spaces between Latin words, which keeps English
+words apart).
 
 Two models per task on the same features: a binary one (risk or none) that decides, and a multinomial one over the
 task's kinds (crisis.CONSTRUCTS for user turns, crisis.HARM_KINDS for replies), trained on the risky lines only,
@@ -37,11 +38,13 @@ import numpy as np
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.domain.crisis import ACUTE, fold_spellings
 
-VERSION = "guard-classifier:v2"
+VERSION = "guard-classifier:v3"
 NONE = "none"
 TASKS = ("user", "reply")
 MODEL_DIR = Path(__file__).with_name("guard_model")
 _SPACE = re.compile(r"\s+")
+_CJK = r"[\u3400-\u9fff\uf900-\ufaff]"
+_SPACE_BY_CJK = re.compile(rf"(?<={_CJK}) | (?={_CJK})")
 
 
 def model_path(task: str, folder: str | Path = MODEL_DIR) -> Path:
@@ -49,8 +52,12 @@ def model_path(task: str, folder: str | Path = MODEL_DIR) -> Path:
 
 
 def features_text(text: str) -> str:
-    """The text the n-grams are read from: spelling variants folded, runs of white space one space."""
-    return _SPACE.sub(" ", fold_spellings(unicodedata.normalize("NFKC", text).lower())).strip()
+    """The text the n-grams are read from: spelling variants folded, runs of white space one space, and no space
+    next to a Chinese character. Spaces between Chinese phrases are a way of typing (voice input, phones), not a
+    sign of risk; read as n-grams they made unpunctuated everyday messages look like crises. Spaces between Latin
+    words stay: they keep English words apart."""
+    folded = _SPACE.sub(" ", fold_spellings(unicodedata.normalize("NFKC", text).lower())).strip()
+    return _SPACE_BY_CJK.sub("", folded)
 
 
 def char_ngrams(text: str, n_min: int, n_max: int) -> Counter:

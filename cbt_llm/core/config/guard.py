@@ -47,7 +47,17 @@ class GuardTrainConfig(Section):
     )
     out_dir: str = Field("", description="Where user.npz and reply.npz go (empty: runs/<run_name>/guard).")
     target_recall: float = Field(
-        0.95, gt=0, le=1, description="Recall the threshold is chosen for, on held-out authors of the training set."
+        0.95,
+        gt=0,
+        le=1,
+        description="Crisis recall the user-turn threshold is chosen for, on held-out authors of the training set.",
+    )
+    reply_target_recall: float = Field(
+        0.97,
+        gt=0,
+        le=1,
+        description="Share of unsafe replies the reply threshold is chosen to stop, on held-out "
+        "authors: higher than for user turns, since an unsafe reply shown is worse than a safe one replaced.",
     )
     shipped_data: bool = Field(True, description="Train on the shipped labelled set too (false: the inputs alone).")
     acute_weight: float = Field(
