@@ -69,7 +69,7 @@ def test_spaces_between_chinese_phrases_are_not_read_but_english_words_stay_apar
 def test_acute_lines_weigh_more_in_the_risk_model():
     """acute_weight raises what the risk model gives an acute crisis relative to a non-acute one."""
     data, _ = _shipped()
-    sample = data["user"][::4]
+    sample = data["user"][::8]
     plain = fit(sample, "user", list(CONSTRUCTS))
     weighted = fit(sample, "user", list(CONSTRUCTS), acute_weight=3.0)
     acute = [e.text for e in sample if e.label in ACUTE]
