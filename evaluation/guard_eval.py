@@ -1,6 +1,7 @@
 """`cbt-llm guard eval`: how the guard reads a labelled set, so a platform can measure it on its own logs.
 
-For user messages: recall overall, on the acute constructs and per construct; false positives overall and per kind
+For user messages: recall overall, on the acute constructs and per construct; false positives overall, on hard
+negatives (every labelled kind but everyday_distress), on ordinary messages (everyday_distress) and per kind
 of negative. For model replies: the share of unsafe replies stopped, per harm kind, and of safe replies kept, per
 kind. Every rate has its n and a Wilson 95% interval; every miss and every false flag is listed with the layer that
 decided it (which patterns, the learned layer or a model tier); a PNG draws the rates with their intervals.
@@ -93,13 +94,19 @@ def _total(counter: Counter, outcome: bool, only: set[str] | None = None) -> dic
     return _rate(sum(n for _, f, n in rows if f == outcome), sum(n for _, _, n in rows))
 
 
+ORDINARY = "everyday_distress"  # the negative kind of ordinary messages; every other labelled kind is a hard negative
+
+
 def _user_figures(kinds: dict[str, Counter]) -> dict:
     crisis, negatives = kinds.get("crisis", Counter()), kinds.get("not_crisis", Counter())
+    hard = {k for k, _ in negatives} - {ORDINARY, "unlabelled"}
     return {
         "recall": _total(crisis, True),
         "recall_acute": _total(crisis, True, set(ACUTE)),
         "recall_by_construct": _per_kind(crisis, True),
         "false_positive_rate": _total(negatives, True),
+        "false_positive_rate_hard": _total(negatives, True, hard),
+        "false_positive_rate_ordinary": _total(negatives, True, {ORDINARY}),
         "false_positives_by_kind": _per_kind(negatives, True),
     }
 
@@ -127,6 +134,8 @@ def summary_rows(report: dict) -> dict:
         "crisis recall": fmt(u["recall"]),
         "crisis recall, acute constructs": fmt(u["recall_acute"]),
         "false positives on negatives": fmt(u["false_positive_rate"]),
+        "  on hard negatives": fmt(u["false_positive_rate_hard"]),
+        "  on ordinary messages": fmt(u["false_positive_rate_ordinary"]),
         "unsafe replies stopped": fmt(p["unsafe_stopped"]),
         "safe replies kept": fmt(p["safe_kept"]),
     }
@@ -152,11 +161,11 @@ def plot(report: dict, path: Path) -> Path:
         rates = [data[n]["rate"] for n in names]
         lo = [r - data[n]["ci95"][0] for n, r in zip(names, rates)]
         hi = [data[n]["ci95"][1] - r for n, r in zip(names, rates)]
-        ax.barh(names, rates, xerr=[lo, hi], color="#4c72b0", capsize=3)
+        # the rate and n go in the row's label: written beside the bar they run into the bar and its interval
+        labels = [f"{n}  {r:.2f} (n={data[n]['n']})" for n, r in zip(names, rates)]
+        ax.barh(labels, rates, xerr=[lo, hi], color="#4c72b0", capsize=3)
         ax.set_xlim(0, 1)
         ax.set_title(title, fontsize=10)
-        for y, (n, r) in enumerate(zip(names, rates)):
-            ax.text(min(r + 0.02, 0.9), y, f"{r:.2f} (n={data[n]['n']})", va="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
