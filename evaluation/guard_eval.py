@@ -22,6 +22,9 @@ from cbt_llm.domain.guard import CrisisGuard
 from cbt_llm.domain.guard_classifier import REPLY_LABELS, USER_LABELS
 from evaluation.stats import wilson
 
+UNLABELLED = "unlabelled"  # the kind of a negative or safe line that names none
+ORDINARY = "everyday_distress"  # the negative kind of ordinary messages; every other named kind is a hard negative
+
 
 def _rate(k: int, n: int) -> dict:
     lo, hi = wilson(k, n)
@@ -61,12 +64,12 @@ def evaluate_guard(guard: CrisisGuard, rows: list[dict]) -> dict:
         if r["label"] in USER_LABELS:
             v = guard.read_user_text(r["text"])
             flagged, layer, named = v.crisis, v.source, v.construct
-            kind = r.get("construct") if r["label"] == "crisis" else r.get("negative_kind") or "unlabelled"
+            kind = r.get("construct") if r["label"] == "crisis" else r.get("negative_kind") or UNLABELLED
             group = "crisis" if r["label"] == "crisis" else "not_crisis"
         else:
             named, layer = guard.read_reply_text(r["text"])
             flagged = named is not None
-            kind = r.get("harm_kind") if r["label"] == "unsafe" else r.get("safe_kind") or "unlabelled"
+            kind = r.get("harm_kind") if r["label"] == "unsafe" else r.get("safe_kind") or UNLABELLED
             group = "unsafe" if r["label"] == "unsafe" else "safe"
         kinds[group][(kind, flagged)] += 1
         if flagged:
@@ -94,12 +97,9 @@ def _total(counter: Counter, outcome: bool, only: set[str] | None = None) -> dic
     return _rate(sum(n for _, f, n in rows if f == outcome), sum(n for _, _, n in rows))
 
 
-ORDINARY = "everyday_distress"  # the negative kind of ordinary messages; every other labelled kind is a hard negative
-
-
 def _user_figures(kinds: dict[str, Counter]) -> dict:
     crisis, negatives = kinds.get("crisis", Counter()), kinds.get("not_crisis", Counter())
-    hard = {k for k, _ in negatives} - {ORDINARY, "unlabelled"}
+    hard = {k for k, _ in negatives} - {ORDINARY, UNLABELLED}
     return {
         "recall": _total(crisis, True),
         "recall_acute": _total(crisis, True, set(ACUTE)),

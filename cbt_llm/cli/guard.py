@@ -33,11 +33,12 @@ def run_train(cfg: Config, args) -> int:
         raise ConfigError("guard train: no labelled data; pass --input FILE or keep guard.train.shipped_data=true")
     data, bad = read_labelled(files, list(CONSTRUCTS), list(HARM_KINDS))
     rows: dict = {"files": len(files), "bad_lines": len(bad)}
-    for task, kinds in (("user", CONSTRUCTS), ("reply", HARM_KINDS)):
-        if task == "user":
-            model = train_classifier(data[task], task, list(kinds), tc.target_recall, acute_weight=tc.acute_weight)
-        else:
-            model = train_classifier(data[task], task, list(kinds), tc.reply_target_recall)
+    tasks = (  # task, its kinds, the recall its threshold is set for, what else its fit takes
+        ("user", CONSTRUCTS, tc.target_recall, {"acute_weight": tc.acute_weight}),
+        ("reply", HARM_KINDS, tc.reply_target_recall, {}),
+    )
+    for task, kinds, target, fit_kw in tasks:
+        model = train_classifier(data[task], task, list(kinds), target, **fit_kw)
         model.save(model_path(task, tc.out_dir))
         held = model.meta["held_out_authors"]
         rows.update({
