@@ -14,8 +14,9 @@ Two rules decide "crisis", for two jobs:
                       questions, where over-flagging costs one extra support sentence; it stays unchanged so that
                       records already written keep validating.
     detect            the guard's rule for a person's message: normalises the text (spaced-out, punctuated,
-                      pinyin and slang spellings), removes hyperbole, then matches patterns by construct; news,
-                      fiction and another person's completed suicide (grief) do not count on their own.
+                      traditional, pinyin and slang spellings), removes hyperbole, then matches patterns by
+                      construct; news, fiction, another person's completed suicide (grief) and a question about
+                      the subject itself (psychoeducation) do not count on their own.
 
 detect() is a keyword-and-pattern layer: it reads no context beyond one message and will miss phrasings nobody
 wrote a pattern for. bench/RESULTS.md ("Crisis guard") gives its recall and false-positive rate on the labelled
@@ -30,6 +31,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+
+import opencc
 
 # ---------------------------------------------------------------------------------------------- hotlines
 
@@ -200,16 +203,15 @@ NOT_CRISIS = CrisisResult(False)
 
 # -- normalisation -------------------------------------------------------------------------------
 
-# Traditional forms of the characters the patterns use (not a general converter: enough that 我想自殺 or
-# 不想活了 typed in traditional characters reads like the simplified text).
-_TRAD = str.maketrans(
-    "殺輕盡殘傷樓藥絕結書遺燒劃鬥斷聽說話們這個來會為沒見過還開門讓醫熱線電幫顧農無頭"
-    "燙學後麼嗎煩爺媽妳鄰場橋當時間題實難應該聯繫對邊視頻給離覺夠經計準備買繩處囉發鐘"
-    "點夢睜終於遠歸",
-    "杀轻尽残伤楼药绝结书遗烧划斗断听说话们这个来会为没见过还开门让医热线电帮顾农无头"
-    "烫学后么吗烦爷妈你邻场桥当时间题实难应该联系对边视频给离觉够经计准备买绳处啰发钟"
-    "点梦睁终于远归",
-)
+# Traditional characters (Taiwan, Hong Kong) read as simplified, with OpenCC's dictionaries (every character and
+# phrase, not only the ones the patterns use), then the two variant forms t2s keeps as they are.
+_T2S = opencc.OpenCC("t2s.json")
+_VARIANTS = str.maketrans("妳著", "你着")
+
+
+def to_simplified(text: str) -> str:
+    return _T2S.convert(text).translate(_VARIANTS)
+
 
 # Pinyin syllables people type instead of the characters of crisis words (自sha, zisha, 跳lou, qing生). A latin
 # run is replaced only when it splits entirely into these syllables, so English words and "ppt" stay as they are.
@@ -267,18 +269,18 @@ _QUOTED = re.compile(r"“[^”]*”|「[^」]*」|\"[^\"]*\"|『[^』]*』")
 
 
 def fold_spellings(text: str) -> str:
-    """Traditional -> simplified for the crisis characters and homophone spellings of 自杀 turned into the word, on
-    text already NFKC and lower case; spaces and punctuation stay (the learned layer reads words apart)."""
-    t = text.translate(_TRAD)
+    """Traditional -> simplified and homophone spellings of 自杀 turned into the word, on text already NFKC and
+    lower case; spaces and punctuation stay (the learned layer reads words apart)."""
+    t = to_simplified(text)
     for pattern, repl in _HOMOPHONES:
         t = pattern.sub(repl, t)
     return t
 
 
 def normalise(text: str) -> str:
-    """The text detect() matches on: NFKC, lower case, traditional -> simplified for the pattern characters,
+    """The text detect() matches on: NFKC, lower case, traditional -> simplified (OpenCC),
     spaces/punctuation/zero-width characters removed, pinyin and homophone spellings turned into characters."""
-    t = _compact(unicodedata.normalize("NFKC", text).lower().translate(_TRAD))
+    t = _compact(to_simplified(unicodedata.normalize("NFKC", text).lower()))
     t = re.sub(r"[a-z]+", lambda m: _pinyin_run(m.group()), t)
     for pattern, repl in _HOMOPHONES:
         t = pattern.sub(repl, t)
@@ -438,13 +440,13 @@ _RELATION = (
     r"朋友|闺蜜|室友|同学|同桌|同事|男朋友|女朋友|男友|女友|老公|老婆|丈夫|妻子|爸爸|妈妈|爸|妈|父亲|母亲|爷爷|奶奶|"
     r"外公|外婆|姥姥|姥爷|哥哥|姐姐|弟弟|妹妹|表妹|表弟|表姐|表哥|儿子|女儿|孩子|学生|病人|家属|网友|邻居|老人"
 )
-_STRANGER = r"(?<![所没])有个?人|女生|男生|女孩|男孩"
+_STRANGER = r"(?<![所没])有个?人|女生|男生|女孩|男孩|明星|歌手|艺人|网红|博主|名人|演员|主播|偶像|考生|一家三口"
 _PRONOUN = r"他们|她们|他|她"
 # news, reports and stories: a match whose last anchor is one of these (or a stranger) is about someone else
 _CONTEXT = (
     r"新闻|报道|报纸|纪录片|据悉|研究(?:显示|表明|发现|称)|数据显示|统计|世卫|专家|科普|文章|听说|通知|热搜|历史课|"
     r"小说|剧本|剧里|电视剧|这部剧|日剧|韩剧|美剧|电影|影片|恐怖片|丧尸片|动漫|动画|漫画|游戏|角色|主角|男主|女主|"
-    r"反派|凶手|侦探|推理|情节|故事|童话|公主|书里|这本书|诗里|诗中|这首诗|写诗|编剧|台词|独白|武侠"
+    r"反派|凶手|侦探|推理|情节|故事|童话|公主|书里|这本书|诗里|诗中|这首诗|写诗|编剧|台词|独白|武侠|刷屏|网传|媒体"
 )
 _ANCHOR = re.compile(
     rf"(?P<myrel>(?:我们?的?)(?:{_RELATION}))|(?P<me>我们|咱们|我)|(?P<relation>{_RELATION})|(?P<stranger>{_STRANGER})"
@@ -454,11 +456,36 @@ _HAS_CONTEXT = re.compile(_CONTEXT)
 _FICTION_QUOTES = re.compile(r"小说|剧本|故事|诗|台词|独白|角色|主角|《")
 # another person's suicide told as done (grief, news), unless they are being saved right now
 _COMPLETED = re.compile(r"(?:自杀|跳楼|上吊|卧轨|烧炭|投河|投江)(?:了|身亡|去世|死亡|而死|而亡|死了|走了|离世)")
+# a match named as an event someone reported: 烧炭的新闻, 自杀的消息 (a report about it, not the writer's act)
+# unless the writer sets themselves beside it (我也, 羡慕他, 一直想做的事: the contagion that follows such news)
+_REPORTED = re.compile(r"了?的?(?:新闻|消息|报道|事件|案子|热搜)")
+_IDENTIFIES = re.compile(r"我也|也想|羡慕|一直想|想跟(?:他|她)")
 _BEING_SAVED = re.compile(r"医院|抢救|急诊|救护车|icu|还活着|没死|未遂")
 
 
 # 我/他/她 as an object (给我, 找他, 让她) or 他的 (a possessive) is not who a sentence is about
 _OBJECT_BEFORE = "给跟和对找让帮陪教问叫把"
+
+# A question about the subject itself (what ideation is, why people self-harm, how to answer a friend who might
+# say so one day, a course's homework): the non-acute words in it name a topic, not the writer's state. Such a
+# match is dropped unless the writer says the thing of themselves (我也想死, 我会自残); acute matches (a method,
+# a plan) always stand, and the learned layer still reads the whole message.
+_TOPIC_QUESTION = re.compile(
+    r"什么是|什么叫|啥叫|是什么意思|什么意思|有什么区别|有啥区别|的区别|一回事|定义|诊断标准|心理机制|背后的?原因"
+    r"|为什么有(?:些|的)?人会|是不是都|一定会去做|通常是为了|(?:征兆|信号|苗头|迹象)(?:有哪些|是什么)"
+    r"|有(?:什么|哪些)(?:征兆|信号|苗头|迹象)|课题|(?<!改)作业|报告|论文|课上|心理课|社工课|讲座|培训|海报|展板"
+    r"|书上(?:写|说)|科普|想(?:多)?了解|弄明白|想理解|(?:如果|要是|万一)(?:以后)?(?:有人|有朋友|朋友|同学|身边的人|别人|对方)"
+    r"|会不会反而|怎么(?:回应|开口|回复)|直接问"
+)
+_RISK_WORD = r"想死|去死|不想活|自杀|自残|自伤|轻生|活不下去|想结束|这种想法|这种念头|这样的想法"
+_STUDY_NOUN = r"的?(?:课题|作业|报告|资料|研究|海报|展板|论文|科普|量表|定义|区别|讲座|培训)"
+# the writer's own state (on the text without punctuation): 我 and a risk word within eight characters (not
+# 我在做自伤的课题), an act on oneself, a mind full of it
+_SELF_DISCLOSURE = re.compile(
+    rf"(?<![{_OBJECT_BEFORE}])我.{{0,8}}?(?:{_RISK_WORD})(?!{_STUDY_NOUN})"
+    r"|(?:扎|划|割|烫|烧|掐)了?(?:几下)?自己|满脑子.{0,4}(?:自杀|死)|在想(?:要不要)?(?:去死|自杀)"
+)
+_NON_ACUTE_TOPIC = frozenset({"wish_to_be_dead", "active_ideation", "self_harm", "harm_to_others"})
 
 
 def _anchors(t: str) -> tuple[list[int], list[str]]:
@@ -496,14 +523,16 @@ def detect(text: str) -> CrisisResult:
 
     The text is normalised (normalise), hyperbole and clinical terms are taken out, then the pattern groups
     are matched in order. A match is dropped when the message is news or fiction and the last anchor before it
-    is a news/story word or a stranger (他, 有人), or when it tells of another person's completed suicide (grief
-    is not a crisis by itself; grief with wanting to join them is caught as suicide_euphemism). A match about a
-    relation (朋友, 妈妈) makes the construct third_party_at_risk. Negations (我不会自杀) still count: a denial is weak
-    evidence and a crisis block costs little.
+    is a news/story word or a stranger (他, 有人, 明星) or it names a reported event (自杀的新闻), unless the writer
+    sets themselves beside it (我也...); when it tells of another person's completed suicide (grief is not a
+    crisis by itself; grief with wanting to join them is caught as suicide_euphemism); and when the message asks
+    about the subject itself (什么是自杀意念, a course's homework) and the match is not acute, unless the writer
+    says it of themselves (_SELF_DISCLOSURE). A match about a relation (朋友, 妈妈) makes the construct
+    third_party_at_risk. Negations (我不会自杀) still count: a denial is weak evidence and a crisis block costs little.
     """
     if not text:
         return NOT_CRISIS
-    raw = unicodedata.normalize("NFKC", text).lower().translate(_TRAD)
+    raw = to_simplified(unicodedata.normalize("NFKC", text).lower())
     if _FICTION_QUOTES.search(raw):
         raw = _QUOTED.sub("", raw)
     t = normalise(raw)
@@ -511,12 +540,18 @@ def detect(text: str) -> CrisisResult:
     context = _HAS_CONTEXT.search(t) is not None
     being_saved = _BEING_SAVED.search(t) is not None
     anchors = _anchors(t)
+    identifies = _IDENTIFIES.search(t) is not None
+    topic = _TOPIC_QUESTION.search(t) is not None and _SELF_DISCLOSURE.search(t) is None
     found: list[tuple[str, re.Match[str]]] = []
     for construct, pattern in _GROUPS:
         for m in pattern.finditer(t):
+            if topic and construct in _NON_ACUTE_TOPIC:
+                continue  # the topic of a question, not the writer's state
             about = _about(anchors, _start(m))
-            if context and about in ("context", "stranger", "relation"):
+            if context and about in ("context", "stranger", "relation") and not identifies:
                 continue  # news or a story about someone else
+            if _REPORTED.match(t, m.end()) and about != "me" and not identifies:
+                continue  # the news item's event
             if about in ("myrel", "relation", "stranger") and not being_saved:
                 if _COMPLETED.search(t, max(0, m.start() - 4), m.end() + 4):
                     continue  # another person's death told as done: grief or news

@@ -38,7 +38,7 @@ import numpy as np
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.domain.crisis import ACUTE, fold_spellings
 
-VERSION = "guard-classifier:v3"
+VERSION = "guard-classifier:v4"
 NONE = "none"
 TASKS = ("user", "reply")
 MODEL_DIR = Path(__file__).with_name("guard_model")

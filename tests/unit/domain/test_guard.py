@@ -118,6 +118,34 @@ def test_grief_news_and_fiction_alone_are_not_a_crisis_but_a_wish_to_join_or_die
     assert detect("我朋友割腕了，现在在医院。").construct == "third_party_at_risk"  # done, but alive: still a crisis
 
 
+def test_a_question_about_the_subject_is_not_the_writers_state_but_a_disclosure_inside_it_is():
+    assert not detect("什么是自杀意念？和抑郁有什么区别？")
+    assert not detect("为什么有些人会用自残来缓解压力？我在写心理课的报告。")
+    assert not detect("如果以后有同学跟我说想死，我该怎么回应？")
+    assert not detect("我在做青少年自伤的课题，想了解一下相关研究。")
+    # the writer's own state inside the same question
+    assert detect("什么是自杀意念？我最近每天都想自杀，这算吗？").construct == "active_ideation"
+    assert detect("为什么我会一直想自残？想了解一下自己。").construct == "self_harm"
+    assert detect("改作业改到半夜，拿圆规扎了自己几下才好受。").construct == "self_harm"  # 改作业: not homework
+    # an acute match stands whatever the frame
+    assert detect("什么是致死量？吃多少安眠药会死？").construct == "ideation_with_method"
+
+
+def test_a_reported_event_is_not_the_writers_act_unless_they_set_themselves_beside_it():
+    assert not detect("看到那个歌手自杀的消息，一晚上都很难过。")
+    assert not detect("某地一家人烧炭的新闻让人心里很堵。")
+    assert detect("那个明星自杀的新闻出来后，我觉得他做了我一直想做的事。")
+    assert detect("看到网红轻生的热搜，我也想这样。")
+
+
+def test_traditional_characters_are_read_whole():
+    """Every traditional character and phrase (OpenCC), not only the ones the patterns spell."""
+    assert crisis.to_simplified("我已經把遺書寫好了，帶著孩子一起走") == "我已经把遗书写好了，带着孩子一起走"
+    assert detect("我已經把遺書寫好了").construct == "preparatory"
+    assert detect("我想帶著孩子一起去死").construct == "harm_to_others"
+    assert crisis.to_simplified("我想自杀") == "我想自杀"  # simplified text stays as it is
+
+
 @pytest.mark.parametrize(
     "text, category",
     [
