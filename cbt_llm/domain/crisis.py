@@ -473,16 +473,17 @@ _OBJECT_BEFORE = "给跟和对找让帮陪教问叫把"
 _TOPIC_QUESTION = re.compile(
     r"什么是|什么叫|啥叫|是什么意思|什么意思|有什么区别|有啥区别|的区别|一回事|定义|诊断标准|心理机制|背后的?原因"
     r"|为什么有(?:些|的)?人会|是不是都|一定会去做|通常是为了|(?:征兆|信号|苗头|迹象)(?:有哪些|是什么)"
-    r"|有(?:什么|哪些)(?:征兆|信号|苗头|迹象)|课题|(?<!改)作业|报告|论文|课上|心理课|社工课|讲座|培训|海报|展板"
+    r"|有(?:什么|哪些)(?:征兆|信号|苗头|迹象)|课上|心理课|社工课|讲座|培训"
+    r"|的(?:课题|作业|报告|论文|海报|展板)|(?:课题|作业|报告|论文|海报|展板)(?:要用|要做|是关于|的题目)"
     r"|书上(?:写|说)|科普|想(?:多)?了解|弄明白|想理解|(?:如果|要是|万一)(?:以后)?(?:有人|有朋友|朋友|同学|身边的人|别人|对方)"
     r"|会不会反而|怎么(?:回应|开口|回复)|直接问"
 )
-_RISK_WORD = r"想死|去死|不想活|自杀|自残|自伤|轻生|活不下去|想结束|这种想法|这种念头|这样的想法"
+_RISK_WORD = r"死|不想活|自杀|自残|自伤|轻生|活不下去|结束|了结|了断|伤害自己|这种想法|这种念头|这样的想法|这种冲动"
 _STUDY_NOUN = r"的?(?:课题|作业|报告|资料|研究|海报|展板|论文|科普|量表|定义|区别|讲座|培训)"
-# the writer's own state (on the text without punctuation): 我 and a risk word within eight characters (not
+# the writer's own state (on the text without punctuation): 我 and a risk word within twelve characters (not
 # 我在做自伤的课题), an act on oneself, a mind full of it
 _SELF_DISCLOSURE = re.compile(
-    rf"(?<![{_OBJECT_BEFORE}])我.{{0,8}}?(?:{_RISK_WORD})(?!{_STUDY_NOUN})"
+    rf"(?<![{_OBJECT_BEFORE}])我.{{0,12}}?(?:{_RISK_WORD})(?!{_STUDY_NOUN})"
     r"|(?:扎|划|割|烫|烧|掐)了?(?:几下)?自己|满脑子.{0,4}(?:自杀|死)|在想(?:要不要)?(?:去死|自杀)"
 )
 _NON_ACUTE_TOPIC = frozenset({"wish_to_be_dead", "active_ideation", "self_harm", "harm_to_others"})
