@@ -478,7 +478,10 @@ _TOPIC_QUESTION = re.compile(
     r"|书上(?:写|说)|科普|想(?:多)?了解|弄明白|想理解|(?:如果|要是|万一)(?:以后)?(?:有人|有朋友|朋友|同学|身边的人|别人|对方)"
     r"|会不会反而|怎么(?:回应|开口|回复)|直接问"
 )
-_RISK_WORD = r"死|不想活|自杀|自残|自伤|轻生|活不下去|结束|了结|了断|伤害自己|这种想法|这种念头|这样的想法|这种冲动"
+# (harm to others too: 我会杀了他 inside a question is said of the writer)
+_RISK_WORD = (
+    r"死|不想活|自杀|自残|自伤|轻生|活不下去|结束|了结|了断|伤害|杀|砍|捅|报复|这种想法|这种念头|这样的想法|这种冲动"
+)
 _STUDY_NOUN = r"的?(?:课题|作业|报告|资料|研究|海报|展板|论文|科普|量表|定义|区别|讲座|培训)"
 # the writer's own state (on the text without punctuation): 我 and a risk word within twelve characters (not
 # 我在做自伤的课题), an act on oneself, a mind full of it

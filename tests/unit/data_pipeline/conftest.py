@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from data_pipeline.prepare.ray_session import init_ray
 @pytest.fixture(scope="package", autouse=True)
 def one_local_ray():
     tmp = tempfile.mkdtemp(prefix="cbtray", dir="/tmp")  # Ray's socket paths must stay short
-    started, _ = init_ray(None, __import__("pathlib").Path(tmp))
+    started, _ = init_ray(None, Path(tmp))
     yield
     if started:
         import ray

@@ -129,6 +129,7 @@ def test_a_question_about_the_subject_is_not_the_writers_state_but_a_disclosure_
     assert detect("改作业改到半夜，拿圆规扎了自己几下才好受。").construct == "self_harm"
     # homework as the writer's burden, not a question's subject
     assert detect("论文一直写不完，我有时候躺着就会想，要是就此结束生命，是不是就轻松了").construct == "active_ideation"
+    assert detect("如果有人再欺负我妹妹，我会杀了他，这算什么心理？").construct == "harm_to_others"
     # an acute match stands whatever the frame
     assert detect("什么是致死量？吃多少安眠药会死？").construct == "ideation_with_method"
 
