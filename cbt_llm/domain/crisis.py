@@ -475,9 +475,11 @@ _TOPIC_QUESTION = re.compile(
     r"|为什么有(?:些|的)?人会|是不是都|一定会去做|通常是为了|(?:征兆|信号|苗头|迹象)(?:有哪些|是什么)"
     r"|有(?:什么|哪些)(?:征兆|信号|苗头|迹象)|课上|心理课|社工课|讲座|培训"
     r"|的(?:课题|作业|报告|论文|海报|展板)|(?:课题|作业|报告|论文|海报|展板)(?:要用|要做|是关于|的题目)"
-    r"|书上(?:写|说)|科普|想(?:多)?了解|弄明白|想理解|(?:如果|要是|万一)(?:以后)?(?:有人|有朋友|朋友|同学|身边的人|别人|对方)"
-    r"|会不会反而|怎么(?:回应|开口|回复)|直接问"
+    r"|书上(?:写|说)|科普|想(?:多)?了解|弄明白|想理解|会不会反而|怎么(?:回应|开口|回复)|直接问"
+    r"|(?:如果|要是|万一)(?:以后)?(?:有人|有朋友|朋友|同学|身边的人|别人|对方)"
 )
+# someone who might say it one day; a named person in the writer's life who says it now stays at risk
+_HYPOTHETICAL = re.compile(r"(?:如果|要是|万一|假如)(?:以后|哪天|有一天)?有?(?:人|朋友|同学|身边的人|别人|对方|孩子)")
 # (harm to others too: 我会杀了他 inside a question is said of the writer)
 _RISK_WORD = (
     r"死|不想活|自杀|自残|自伤|轻生|活不下去|结束|了结|了断|伤害|杀|砍|捅|报复|这种想法|这种念头|这样的想法|这种冲动"
@@ -546,12 +548,13 @@ def detect(text: str) -> CrisisResult:
     anchors = _anchors(t)
     identifies = _IDENTIFIES.search(t) is not None
     topic = _TOPIC_QUESTION.search(t) is not None and _SELF_DISCLOSURE.search(t) is None
+    hypothetical = _HYPOTHETICAL.search(t) is not None
     found: list[tuple[str, re.Match[str]]] = []
     for construct, pattern in _GROUPS:
         for m in pattern.finditer(t):
-            if topic and construct in _NON_ACUTE_TOPIC:
-                continue  # the topic of a question, not the writer's state
             about = _about(anchors, _start(m))
+            if topic and construct in _NON_ACUTE_TOPIC and (about not in ("myrel", "relation") or hypothetical):
+                continue  # the topic of a question, not the writer's state nor a friend's now
             if context and about in ("context", "stranger", "relation") and not identifies:
                 continue  # news or a story about someone else
             if _REPORTED.match(t, m.end()) and about != "me" and not identifies:

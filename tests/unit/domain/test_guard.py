@@ -130,6 +130,7 @@ def test_a_question_about_the_subject_is_not_the_writers_state_but_a_disclosure_
     # homework as the writer's burden, not a question's subject
     assert detect("论文一直写不完，我有时候躺着就会想，要是就此结束生命，是不是就轻松了").construct == "active_ideation"
     assert detect("如果有人再欺负我妹妹，我会杀了他，这算什么心理？").construct == "harm_to_others"
+    assert detect("什么是自杀意念？同桌昨天说她不想活了").construct == "third_party_at_risk"  # someone now
     # an acute match stands whatever the frame
     assert detect("什么是致死量？吃多少安眠药会死？").construct == "ideation_with_method"
 
