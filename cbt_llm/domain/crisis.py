@@ -456,9 +456,10 @@ _HAS_CONTEXT = re.compile(_CONTEXT)
 _FICTION_QUOTES = re.compile(r"小说|剧本|故事|诗|台词|独白|角色|主角|《")
 # another person's suicide told as done (grief, news), unless they are being saved right now
 _COMPLETED = re.compile(r"(?:自杀|跳楼|上吊|卧轨|烧炭|投河|投江)(?:了|身亡|去世|死亡|而死|而亡|死了|走了|离世)")
-# a match named as an event someone reported: 烧炭的新闻, 自杀的消息 (a report about it, not the writer's act)
+# a match named as an event someone reported: 烧炭的新闻, 自杀的报道 (a report about it, not the writer's act)
 # unless the writer sets themselves beside it (我也, 羡慕他, 一直想做的事: the contagion that follows such news)
-_REPORTED = re.compile(r"了?的?(?:新闻|消息|报道|事件|案子|热搜)")
+# (not 消息: a friend's 想自杀的消息 is a message from someone at risk, not news)
+_REPORTED = re.compile(r"了?的?(?:新闻|报道|事件|案子|热搜)")
 _IDENTIFIES = re.compile(r"我也|也想|羡慕|一直想|想跟(?:他|她)")
 _BEING_SAVED = re.compile(r"医院|抢救|急诊|救护车|icu|还活着|没死|未遂")
 
@@ -492,21 +493,28 @@ _SELF_DISCLOSURE = re.compile(
     r"|(?:扎|划|割|烫|烧|掐)了?(?:几下)?自己|满脑子.{0,4}(?:自杀|死)|在想(?:要不要)?(?:去死|自杀)"
 )
 _NON_ACUTE_TOPIC = frozenset({"wish_to_be_dead", "active_ideation", "self_harm", "harm_to_others"})
+_RELATIONS = ("myrel", "relation", "story_relation")
+_SOMEONE_ELSE = (*_RELATIONS, "stranger")
 
 
 def _anchors(t: str) -> tuple[list[int], list[str]]:
     """Who the text is about from each anchor on: (end positions, kinds) with kind 'me', 'myrel', 'relation',
-    'stranger' or 'context'. Computed once per message, so a long message costs linear time, not quadratic."""
-    ends, kinds, kind = [], [], None
+    'story_relation' (a relation named after a news or story word: the story's people), 'stranger' or 'context'.
+    他/她 is the last person named before it, across a news or story word (朋友看了新闻, 说她想自杀: the friend).
+    Computed once per message, so a long message costs linear time, not quadratic."""
+    ends, kinds, kind, person, seen_context = [], [], None, None, False
     for a in _ANCHOR.finditer(t):
-        if a.lastgroup in ("me", "pronoun") and a.start() > 0 and t[a.start() - 1] in _OBJECT_BEFORE:
+        group = a.lastgroup
+        if group in ("me", "pronoun") and a.start() > 0 and t[a.start() - 1] in _OBJECT_BEFORE:
             continue
-        if a.lastgroup == "pronoun" and t[a.end() : a.end() + 1] == "的":
+        if group == "pronoun" and t[a.end() : a.end() + 1] == "的":
             continue
-        if a.lastgroup != "pronoun":
-            kind = a.lastgroup
-        elif kind not in ("myrel", "relation"):
-            kind = "stranger"  # 他/她 with no relation before it
+        if group == "pronoun":
+            kind = person if person in _RELATIONS else "stranger"  # 他/她 with no relation before it
+        else:
+            kind = "story_relation" if group == "relation" and seen_context else group
+            seen_context = seen_context or group == "context"
+            person = kind if group != "context" else person
         ends.append(a.end())
         kinds.append(kind)
     return ends, kinds
@@ -555,18 +563,18 @@ def detect(text: str) -> CrisisResult:
             about = _about(anchors, _start(m))
             if topic and construct in _NON_ACUTE_TOPIC and (about not in ("myrel", "relation") or hypothetical):
                 continue  # the topic of a question, not the writer's state nor a friend's now
-            if context and about in ("context", "stranger", "relation") and not identifies:
+            if context and about in ("context", "stranger", "story_relation") and not identifies:
                 continue  # news or a story about someone else
-            if _REPORTED.match(t, m.end()) and about != "me" and not identifies:
+            if _REPORTED.match(t, m.end()) and about not in ("me", "myrel", "relation") and not identifies:
                 continue  # the news item's event
-            if about in ("myrel", "relation", "stranger") and not being_saved:
+            if about in _SOMEONE_ELSE and not being_saved:
                 if _COMPLETED.search(t, max(0, m.start() - 4), m.end() + 4):
                     continue  # another person's death told as done: grief or news
             found.append((construct, m))
     if not found:
         return NOT_CRISIS
     construct, first = found[0]
-    if _about(anchors, _start(first)) in ("myrel", "relation", "stranger"):
+    if _about(anchors, _start(first)) in _SOMEONE_ELSE:
         construct = "third_party_at_risk"
     matched = tuple(dict.fromkeys(m.group() for _, m in found))
     return CrisisResult(True, construct, matched)

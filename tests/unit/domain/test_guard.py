@@ -136,7 +136,13 @@ def test_a_question_about_the_subject_is_not_the_writers_state_but_a_disclosure_
 
 
 def test_a_reported_event_is_not_the_writers_act_unless_they_set_themselves_beside_it():
-    assert not detect("看到那个歌手自杀的消息，一晚上都很难过。")
+    assert not detect("看到那个歌手自杀的新闻，一晚上都很难过。")
+    # a message from someone at risk is not news
+    assert detect("闺蜜刚给我发了想自杀的消息").construct == "third_party_at_risk"
+    assert detect("她半夜发来想自杀的消息，我该怎么办")
+    # 她 is the friend named before the news, not a person in it
+    assert detect("朋友看了那个新闻以后说她想自杀").construct == "third_party_at_risk"
+    assert not detect("新闻里一个妈妈跳楼了，看得我很难受")
     assert not detect("某地一家人烧炭的新闻让人心里很堵。")
     assert detect("那个明星自杀的新闻出来后，我觉得他做了我一直想做的事。")
     assert detect("看到网红轻生的热搜，我也想这样。")
