@@ -6,7 +6,7 @@ answer on every machine, and train in seconds on a few thousand labelled lines, 
 on its own labelled data. A multinomial logistic regression (scikit-learn, deterministic lbfgs) over sublinear
 TF-IDF of character 1..4-grams fits those bounds and reads Chinese without a word segmenter; spelling variants are
 folded first (NFKC, case, traditional -> simplified for the crisis characters, pinyin and homophone spellings of
-crisis words: crisis.normalise's reading, without its removal of spaces between Latin words, which keeps English
+crisis words: spelling.normalise's reading, without its removal of spaces between Latin words, which keeps English
 words apart).
 
 Two models per task on the same features: a binary one (risk or none) that decides, and a multinomial one over the
@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from cbt_llm.core.errors import ConfigError
-from cbt_llm.domain.crisis import ACUTE, fold_spellings
+from cbt_llm.domain.crisis import ACUTE
+from cbt_llm.domain.spelling import fold_spellings
 
 VERSION = "guard-classifier:v4"
 NONE = "none"

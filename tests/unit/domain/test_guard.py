@@ -13,9 +13,10 @@ from collections import defaultdict
 import pytest
 
 from cbt_llm.domain import crisis, record
-from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER, HOTLINES, SHOWN_CRISIS_LINES, detect, normalise
+from cbt_llm.domain.crisis import CRISIS_BLOCK, DISCLAIMER, HOTLINES, SHOWN_CRISIS_LINES, detect
 from cbt_llm.domain.guard import CrisisGuard, Verdict, load_classifier
 from cbt_llm.domain.prompts import build_messages
+from cbt_llm.domain.spelling import normalise, to_simplified
 from data_pipeline.synth.template import iter_records
 from evaluation.safety import HOTLINE_NUMBERS, names_hotline
 from tests.fixtures.paths import ROOT
@@ -150,10 +151,10 @@ def test_a_reported_event_is_not_the_writers_act_unless_they_set_themselves_besi
 
 def test_traditional_characters_are_read_whole():
     """Every traditional character and phrase (OpenCC), not only the ones the patterns spell."""
-    assert crisis.to_simplified("我已經把遺書寫好了，帶著孩子一起走") == "我已经把遗书写好了，带着孩子一起走"
+    assert to_simplified("我已經把遺書寫好了，帶著孩子一起走") == "我已经把遗书写好了，带着孩子一起走"
     assert detect("我已經把遺書寫好了").construct == "preparatory"
     assert detect("我想帶著孩子一起去死").construct == "harm_to_others"
-    assert crisis.to_simplified("我想自杀") == "我想自杀"  # simplified text stays as it is
+    assert to_simplified("我想自杀") == "我想自杀"  # simplified text stays as it is
 
 
 @pytest.mark.parametrize(
