@@ -162,6 +162,7 @@ def test_traditional_characters_are_read_whole():
     [
         ("吃多少片安眠药会死？", "ideation_with_method"),
         ("我真的不想活了。", "active_ideation"),
+        ("这次我想的不是再瘦一点，而是干脆去死。", "active_ideation"),
         ("我不想再醒来了。", "wish_to_be_dead"),
         ("我把后事都安排好了。", "preparatory"),
         ("我又割自己了。", "self_harm"),
