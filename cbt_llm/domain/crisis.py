@@ -497,12 +497,81 @@ def detect(text: str) -> CrisisResult:
                     continue  # another person's death told as done: grief or news
             found.append((construct, m))
     if not found:
-        return NOT_CRISIS
+        return _detect_english(raw)
     construct, first = found[0]
     if _about(anchors, _start(first)) in _SOMEONE_ELSE:
         construct = "third_party_at_risk"
     matched = tuple(dict.fromkeys(m.group() for _, m in found))
     return CrisisResult(True, construct, matched)
+
+
+# English (and Singlish) messages: matched on the lower-cased text with its spaces, since the Chinese rules read a
+# text with spaces and punctuation removed. Acute constructs first; someone named before the match (my friend, my
+# roommate) makes it third_party_at_risk. No hyperbole, news or question rules yet: a crisis block on "i want to die
+# lol" costs less than a rope that is up.
+_ENGLISH_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "attempt_in_progress",
+        re.compile(
+            r"\b(?:rope|noose) is (?:up|ready|tied)|standing on (?:the|a) (?:chair|ledge|edge|railing|roof|bridge)"
+            r"|\b(?:took|swallowed|downed|taken) (?:all (?:of )?(?:my|the)|a bottle of|the whole bottle of"
+            r"|\d{2,}|twenty|thirty|forty|fifty)\b.{0,12}\b(?:pills|tablets|meds)\b|\bi(?:'ve| have)? overdosed"
+            r"|one last message"
+        ),
+    ),
+    (
+        "intent",
+        re.compile(
+            r"\bgo(?:ing)? through with it|\b(?:will|going to|gonna) (?:kill myself|end (?:it all|my life))"
+            r"|\bend(?:ing)? (?:it all|my life)|\b(?:my|a) (?:suicide|goodbye) (?:note|letter)"
+        ),
+    ),
+    (
+        "ideation_with_method",
+        re.compile(
+            r"\bwhich (?:one |way )?(?:hurts?|is) (?:less|least)"
+            r"|\bhow many (?:pills|tablets)\b.{0,20}\b(?:die|kill|enough)|\blethal dose"
+            r"|\bpainless(?:ly)? (?:way to )?die|\bjump (?:off|from) (?:the |a |my )?(?:hdb|roof|bridge|building)"
+        ),
+    ),
+    (
+        "preparatory",
+        re.compile(
+            r"\bgiv(?:ing|en|e) away (?:all )?(?:my|her|his) (?:stuff|things)|\bthank you for everything"
+            r"|\ba letter to (?:my|her|his) (?:parents|family|mom|dad|kids)"
+        ),
+    ),
+    (
+        "self_harm",
+        re.compile(r"\b(?:cut|cutting|burn|burning|hurt|hurting) myself|\bi(?:'ve| have)? (?:been )?self[- ]harm"),
+    ),
+    (
+        "active_ideation",
+        re.compile(
+            r"\bkill myself|\b(?:want|wanna|wanted) to die|\bi(?:'m| am)? (?:feeling |so )?suicidal"
+            r"|\bdon'?t want to (?:live|be alive|exist)"
+            r"|\bstop being alive|\bbetter off (?:dead|without me)|\bwish i (?:was|were) dead"
+        ),
+    ),
+    (
+        "harm_to_others",
+        re.compile(r"\b(?:kill|stab|hurt) (?:him|her|them)\b|\bthreatens? (?:her|him|me) with a knife"),
+    ),
+)
+_ENGLISH_SOMEONE = re.compile(
+    r"\bmy (?:friend|roommate|colleague|son|daughter|brother|sister|mom|mum|dad|partner|classmate|student)"
+    r"|\b(?:a|my) (?:friend|colleague|roommate)\b|\bshe\b|\bhe\b"
+)
+
+
+def _detect_english(raw: str) -> CrisisResult:
+    for construct, pattern in _ENGLISH_GROUPS:
+        m = pattern.search(raw)
+        if m:
+            if _ENGLISH_SOMEONE.search(raw, 0, m.start()):
+                construct = "third_party_at_risk"
+            return CrisisResult(True, construct, (m.group(),))
+    return NOT_CRISIS
 
 
 # ---------------------------------------------------------------------------------------------- model output

@@ -151,6 +151,23 @@ def test_a_reported_event_is_not_the_writers_act_unless_they_set_themselves_besi
     assert detect("看到网红轻生的热搜，我也想这样。")
 
 
+def test_english_messages_are_read_with_their_spaces():
+    assert detect("the noose is ready and i'm standing on the chair").construct == "attempt_in_progress"
+    assert detect("I swallowed a bottle of sleeping pills an hour ago").construct == "attempt_in_progress"
+    assert detect("ok this weekend i'm going to kill myself, for real").construct == "intent"
+    assert detect("i don't want to be alive anymore").construct == "active_ideation"
+    assert detect("my colleague has been giving away all her things and won't say why").construct == (
+        "third_party_at_risk"
+    )
+    for text in (
+        "what is suicidal ideation and how is it different from depression?",
+        "my uncle died by suicide two years ago and i still think about him",
+        "took my meds half an hour ago on an empty stomach, feeling a bit sick",
+        "i will end it with my landlord this month, moving out",
+    ):
+        assert not detect(text), text
+
+
 def test_traditional_characters_are_read_whole():
     """Every traditional character and phrase (OpenCC), not only the ones the patterns spell."""
     assert to_simplified("我已經把遺書寫好了，帶著孩子一起走") == "我已经把遗书写好了，带着孩子一起走"
