@@ -31,8 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cbt_llm.domain.crisis import detect, unsafe_output  # noqa: E402
+from cbt_llm.domain.crisis import detect  # noqa: E402
 from cbt_llm.domain.guard import CrisisGuard  # noqa: E402
+from cbt_llm.domain.reply_check import unsafe_output  # noqa: E402
 from data_pipeline.synth.template import iter_records  # noqa: E402
 from evaluation.stats import wilson  # noqa: E402
 

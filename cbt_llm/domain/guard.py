@@ -14,8 +14,8 @@ framework.
     shown = check.close()                               # the rest, once the model is done
 
 Layers, each of which can only add a flag, never remove one:
-    patterns     cbt_llm.domain.crisis.detect (user turns, by risk construct) and unsafe_output (replies, by harm
-                 kind): precise on the phrasings they were written for; they always run
+    patterns     cbt_llm.domain.crisis.detect (user turns, by risk construct) and reply_check.unsafe_output
+                 (replies, by harm kind): precise on the phrasings they were written for; they always run
     learned      cbt_llm.domain.guard_classifier: character n-gram classifiers for user turns and replies, trained
                  on the labelled set shipped in cbt_llm/domain/guard_data/ (on by default)
     classifier   optional: any callable text -> probability of crisis (e.g. load_classifier(folder), a local
@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbt_llm.domain import crisis
-from cbt_llm.domain.crisis import CONSTRUCTS, CRISIS_BLOCK, DISCLAIMER, detect, unsafe_output
+from cbt_llm.domain.crisis import CONSTRUCTS, CRISIS_BLOCK, DISCLAIMER, detect
 from cbt_llm.domain.guard_classifier import MODEL_DIR, TextClassifier, model_path
 from cbt_llm.domain.guard_classifier import load_classifier as load_text_classifier
+from cbt_llm.domain.reply_check import OUTPUT_PATTERNS, unsafe_output
 
 Classifier = Callable[[str], float]
 # A generative safety model's reading of one text: (role, text) -> (flagged, construct or harm kind or None).
@@ -388,7 +389,7 @@ def letters(text: str) -> int:
     return sum(1 for c in t if unicodedata.category(c)[0] not in "PSZCM" and not c.isdecimal())
 
 
-def output_hold_back(patterns=crisis.OUTPUT_PATTERNS) -> int | None:
+def output_hold_back(patterns=OUTPUT_PATTERNS) -> int | None:
     """How many letters (see `letters`) of model text a stream must hold back: one more than the longest match
     of any output pattern, plus 2 because NFKC can fold up to two characters right after a cut into the one
     before it (Hangul jamo). None when a pattern has no bound: then nothing may be shown before the end."""

@@ -48,10 +48,10 @@ from cbt_llm.domain.crisis import (
     corpus_is_crisis,
     detect,
     has_crisis_support,
-    unsafe_output,
 )
 from cbt_llm.domain.guard import CrisisGuard
 from cbt_llm.domain.prompts import COUNSELLOR_PROMPT, KICKOFF, SESSION_SYSTEM_PROMPT, client_prompt
+from cbt_llm.domain.reply_check import unsafe_output
 from data_pipeline.io import dumps
 from data_pipeline.sources.psyqa import load_questions
 from data_pipeline.synth.api import check_input, check_out_dir, end_sentence

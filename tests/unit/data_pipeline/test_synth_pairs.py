@@ -13,8 +13,9 @@ import pytest
 from cbt_llm.cli import main
 from cbt_llm.core.config import SynthConfig
 from cbt_llm.domain.cbt import CBT_PARTS
-from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE, corpus_is_crisis, has_crisis_support, unsafe_output
+from cbt_llm.domain.crisis import CRISIS_SUPPORT_SENTENCE, corpus_is_crisis, has_crisis_support
 from cbt_llm.domain.guard import CrisisGuard
+from cbt_llm.domain.reply_check import unsafe_output
 from data_pipeline.prepare.read import synth_expectations
 from data_pipeline.sources.formats import PairExample, to_examples
 from data_pipeline.synth.flaws import FLAWS, UNSAFE_LINES

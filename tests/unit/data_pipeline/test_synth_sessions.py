@@ -13,9 +13,10 @@ import zstandard
 from cbt_llm.cli import main
 from cbt_llm.core.config import SynthConfig
 from cbt_llm.domain.cbt import DISTORTIONS
-from cbt_llm.domain.crisis import SHOWN_CRISIS_LINES, detect, unsafe_output
+from cbt_llm.domain.crisis import SHOWN_CRISIS_LINES, detect
 from cbt_llm.domain.guard import CrisisGuard
 from cbt_llm.domain.prompts import SESSION_SYSTEM_PROMPT
+from cbt_llm.domain.reply_check import unsafe_output
 from data_pipeline.io import dumps
 from data_pipeline.synth import sessions as S
 from data_pipeline.synth.banks import sessions as B
