@@ -28,11 +28,10 @@ from __future__ import annotations
 import bisect
 import json
 import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbt_llm.domain.spelling import normalise, to_simplified
+from cbt_llm.domain.spelling import compact_spellings, read_lower
 
 # ---------------------------------------------------------------------------------------------- hotlines
 
@@ -460,7 +459,7 @@ def _start(m: re.Match[str]) -> int:
 def detect(text: str) -> CrisisResult:
     """Is this one message a crisis (suicide, self-harm, harm to others, a third person at risk)?
 
-    The text is normalised (normalise), hyperbole and clinical terms are taken out, then the pattern groups
+    The text is normalised (spelling.normalise), hyperbole and clinical terms are taken out, then the pattern groups
     are matched in order. A match is dropped when the message is news or fiction and the last anchor before it
     is a news/story word or a stranger (他, 有人, 明星) or it names a reported event (自杀的新闻), unless the writer
     sets themselves beside it (我也...); when it tells of another person's completed suicide (grief is not a
@@ -471,10 +470,10 @@ def detect(text: str) -> CrisisResult:
     """
     if not text:
         return NOT_CRISIS
-    raw = to_simplified(unicodedata.normalize("NFKC", text).lower())
+    raw = read_lower(text)
     if _FICTION_QUOTES.search(raw):
         raw = _QUOTED.sub("", raw)
-    t = normalise(raw)
+    t = compact_spellings(raw)  # raw is read_lower already: OpenCC runs once a message
     t = _ABSTRACT.sub("〇", _HYPERBOLE.sub("〇", t))
     context = _HAS_CONTEXT.search(t) is not None
     being_saved = _BEING_SAVED.search(t) is not None

@@ -79,11 +79,20 @@ def fold_spellings(text: str) -> str:
     return t
 
 
-def normalise(text: str) -> str:
-    """The text detect() matches on: NFKC, lower case, traditional -> simplified (OpenCC),
-    spaces/punctuation/zero-width characters removed, pinyin and homophone spellings turned into characters."""
-    t = compact(to_simplified(unicodedata.normalize("NFKC", text).lower()))
-    t = re.sub(r"[a-z]+", lambda m: _pinyin_run(m.group()), t)
+def read_lower(text: str) -> str:
+    """NFKC, lower case, traditional -> simplified (OpenCC): the text as written, punctuation and spaces kept."""
+    return to_simplified(unicodedata.normalize("NFKC", text).lower())
+
+
+def compact_spellings(text: str) -> str:
+    """read_lower's text with spaces/punctuation/zero-width characters removed and pinyin and homophone spellings
+    turned into characters."""
+    t = re.sub(r"[a-z]+", lambda m: _pinyin_run(m.group()), compact(text))
     for pattern, repl in _HOMOPHONES:
         t = pattern.sub(repl, t)
     return _SI_FRAME.sub("死", t)
+
+
+def normalise(text: str) -> str:
+    """The text detect() matches on: read_lower, then compact_spellings."""
+    return compact_spellings(read_lower(text))
