@@ -274,7 +274,8 @@ _GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|(?:该|要|想知道|想)怎么死|怎么死(?:才|最|比较)|(?:怎么|怎样|如何)(?:自杀|上吊|割腕|跳楼|烧炭)"
             r"|自杀的?方法"
             r"|割(?:腕|动脉|颈|手腕).{0,8}(?:多深|会不会|更快|有用|死)|割哪|动脉.{0,6}死"
-            r"|安眠药.{0,4}(?:加酒|一起吃|会死)"
+            r"|安眠药.{0,4}(?:加酒|一起吃|会死)|安眠药.{0,20}(?:多少|几)(?:片|粒).{0,12}(?:不醒|醒不|睡过去|不会醒|不再起|离世|死)|(?:吃|吞|服)(?:下|了)?大量的?安眠药"
+            r"|无痛(?:地|的)?(?:离世|死去|死掉|走掉)"
             r"|烧炭|卧轨|上吊|百草枯|敌敌畏|农药.{0,8}(?:喝|毒性|救)|(?:喝|吃)农药"
             r"|(?:淹死|溺死).{0,6}感觉|(?:跳楼|跳河|上吊|割腕).{0,4}(?:疼|痛|感觉|快)"
         ),
@@ -324,7 +325,7 @@ _GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|想死|(?:我|自己|想|要|就|该|好|真|怎么|主动|干脆|直接)去死"
             r"|结束掉?(?:自己的)?(?:生命|性命)|结束自己|了结(?:自己|生命)|自我了断"
             r"|杀(?:了|死|掉)?我?自己|让自己死|把自己(?:饿|累|折磨|逼)?死|(?:饿|冻|累)死自己"
-            r"|(?:想|要|打算)结束这?一切|就此了断|了断(?:自己|生命|残生)|人生就?到此为止|这辈子就到这"
+            r"|(?:想|要|打算)结束这?一切|就此了断|了断(?:自己|生命|残生)|(?:人生|此生|这一生|这辈子|我的一生)就?到此为止|这辈子就到这"
             r"|(?:人生|生命)画上句号|做傻事|想不开|不(?:想|打算)?再?撑了"
         ),
     ),
@@ -519,6 +520,13 @@ _ENGLISH_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
     (
+        "plan",
+        re.compile(
+            r"\b(?:gonna|going to|will|i'?ll|wanna|want to|plan to) (?:take|swallow|down) (?:all|every)\b.{0,30}"
+            r"\b(?:pills|meds|tablets)\b|\ball\b.{0,30}\b(?:pills|meds|tablets)\b.{0,8}\b(?:at once|in one go)"
+        ),
+    ),
+    (
         "intent",
         re.compile(
             r"\bgo(?:ing)? through with it|\b(?:will|going to|gonna) (?:kill myself|end (?:it all|my life))"
@@ -538,11 +546,16 @@ _ENGLISH_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
         re.compile(
             r"\bgiv(?:ing|en|e) away (?:all )?(?:my|her|his) (?:stuff|things)|\bthank you for everything"
             r"|\ba letter to (?:my|her|his) (?:parents|family|mom|dad|kids)"
+            r"|\b(?:saving|saved|stockpil\w*|hoard\w*) (?:up )?(?:my |the |his |her )?(?:\w+ )?(?:pills|meds|tablets)\b"
+            r"|\b(?:bought|ordered|buying|ordering) (?:a |some )?(?:rope|noose|charcoal)\b"
         ),
     ),
     (
         "self_harm",
-        re.compile(r"\b(?:cut|cutting|burn|burning|hurt|hurting) myself|\bi(?:'ve| have)? (?:been )?self[- ]harm"),
+        re.compile(
+            r"\b(?:cut|cutting|burn|burning|hurt|hurting) myself|\bi(?:'ve| have)? (?:been )?self[- ]harm"
+            r"|(?<!hair )\bcut (?:myself )?again\b|\bcut(?:ting)?\b.{0,20}\bdeeper\b"
+        ),
     ),
     (
         "active_ideation",
@@ -550,6 +563,8 @@ _ENGLISH_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"\bkill myself|\b(?:want|wanna|wanted) to die|\bi(?:'m| am)? (?:feeling |so )?suicidal"
             r"|\bdon'?t want to (?:live|be alive|exist)"
             r"|\bstop being alive|\bbetter off (?:dead|without me)|\bwish i (?:was|were) dead"
+            r"|\bmy suicid(?:e|al) (?:thoughts|urges)|\bsuicid(?:e|al) (?:thoughts|urges)\b.{0,12}"
+            r"\b(?:getting (?:louder|worse|stronger)|are back|came back|won'?t (?:stop|go away))"
         ),
     ),
     (
