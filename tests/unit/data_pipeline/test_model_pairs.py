@@ -293,7 +293,8 @@ def test_unsafe_answers_rank_last_judge_and_bad_questions(tmp_path, guard, monke
             ("", "stop"),
             ("", "length"),
         ],
-        "few": [("只有这一个回答。", "stop"), ("", "stop"), ("", "stop"), ("", "stop")],
+        # a counsellor's sentence: bland meta-text ("只有这一个回答。") sits at the reply layer's threshold
+        "few": [("我在这里听你说，我们慢慢来。", "stop"), ("", "stop"), ("", "stop"), ("", "stop")],
     }
     gen = ScriptedGenerator(answers)
     with FakeOpenAIServer(default="judge") as srv:
