@@ -199,6 +199,7 @@ def test_traditional_characters_are_read_whole():
         ("有没有办法无痛地死去？", "ideation_with_method"),
         ("反复思量之后，我的此生就到此为止吧。", "active_ideation"),
         ("忍了两个月，昨天还是又划了。", "self_harm"),
+        ("最近老有寻短见的念头。", "active_ideation"),
         ("我爸走了半年了，我真想快点去陪他。", "wish_to_be_dead"),
         ("我表弟说他明天要去跳河。", "third_party_at_risk"),
         ("我真的不想活了。", "active_ideation"),
