@@ -73,7 +73,12 @@ class GuardCollector:
         )
         errors.add_metric(["classifier"], m["classifier_errors_total"])
         errors.add_metric(["model_tier"], m["model_tier_errors_total"])
-        yield from (turns, crisis, mode, replaced, layers, errors)
+        uncorroborated = CounterMetricFamily(
+            "cbt_llm_guard_patterns_not_corroborated",
+            "user turns a non-acute pattern matched and the learned layer read as no crisis (not flagged)",
+        )
+        uncorroborated.add_metric([], m["patterns_not_corroborated_total"])
+        yield from (turns, crisis, mode, replaced, layers, errors, uncorroborated)
 
 
 class BatchCollector:

@@ -38,7 +38,8 @@ def run_train(cfg: Config, args) -> int:
         ("reply", HARM_KINDS, tc.reply_target_recall, {}),
     )
     for task, kinds, target, fit_kw in tasks:
-        model = train_classifier(data[task], task, list(kinds), target, **fit_kw)
+        keep = tc.pattern_keep if task == "user" else None
+        model = train_classifier(data[task], task, list(kinds), target, pattern_keep=keep, **fit_kw)
         model.save(model_path(task, tc.out_dir))
         held = model.meta["held_out_authors"]
         rows.update({
@@ -47,6 +48,13 @@ def run_train(cfg: Config, args) -> int:
             f"{task}.held_out_recall": held["recall"],
             f"{task}.held_out_false_positive_rate": held["false_positive_rate"],
         })  # fmt: skip
+        if model.corroborate is not None:
+            both = model.meta["patterns_corroborated"]
+            rows.update({
+                f"{task}.pattern_floor": round(model.corroborate, 4),
+                f"{task}.held_out_with_patterns_recall": both["corroborated"]["recall"],
+                f"{task}.held_out_with_patterns_false_positive_rate": both["corroborated"]["false_positive_rate"],
+            })  # fmt: skip
     write_metrics(f"{tc.out_dir}/guard_train.json", {**rows, "bad": bad})
     print_summary(f"cbt-llm guard train -> {tc.out_dir}", rows)
     for b in bad[:20]:

@@ -19,7 +19,9 @@ Two rules decide "crisis", for two jobs:
                       the subject itself (psychoeducation) do not count on their own.
 
 detect() is a keyword-and-pattern layer: it reads no context beyond one message and will miss phrasings nobody
-wrote a pattern for. bench/RESULTS.md ("Crisis guard") gives its recall and false-positive rate on the labelled
+wrote a pattern for, and flags the words of a crisis in a question, a story or advice about a relative's safety.
+The guard (guard.py) lets its acute matches (CrisisResult.acute) stand alone and asks its learned layer to
+corroborate the others. bench/RESULTS.md ("Crisis guard") gives its recall and false-positive rate on the labelled
 set tests/data/crisis_messages.jsonl.
 """
 
@@ -188,11 +190,14 @@ HARM_KINDS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class CrisisResult:
-    """detect()'s answer. `matched`: the normalised fragments that matched (message text: never log them)."""
+    """detect()'s answer. `matched`: the normalised fragments that matched (message text: never log them).
+    `acute`: the first match is of an acute construct (ACUTE), also when it is said of another person (a friend
+    who will jump tonight is third_party_at_risk, and acute)."""
 
     is_crisis: bool
     construct: str | None = None
     matched: tuple[str, ...] = ()
+    acute: bool = False
 
     def __bool__(self) -> bool:
         return self.is_crisis
@@ -501,10 +506,11 @@ def detect(text: str) -> CrisisResult:
     if not found:
         return _detect_english(raw)
     construct, first = found[0]
+    acute = construct in ACUTE
     if _about(anchors, _start(first)) in _SOMEONE_ELSE:
         construct = "third_party_at_risk"
     matched = tuple(dict.fromkeys(m.group() for _, m in found))
-    return CrisisResult(True, construct, matched)
+    return CrisisResult(True, construct, matched, acute)
 
 
 # English (and Singlish) messages: matched on the lower-cased text with its spaces, since the Chinese rules read a
@@ -584,7 +590,8 @@ def _detect_english(raw: str) -> CrisisResult:
     for construct, pattern in _ENGLISH_GROUPS:
         m = pattern.search(raw)
         if m:
+            acute = construct in ACUTE
             if _ENGLISH_SOMEONE.search(raw, 0, m.start()):
                 construct = "third_party_at_risk"
-            return CrisisResult(True, construct, (m.group(),))
+            return CrisisResult(True, construct, (m.group(),), acute)
     return NOT_CRISIS

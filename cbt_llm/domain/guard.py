@@ -13,9 +13,13 @@ framework.
     shown = check.feed(delta)                           # the part now safe to show ('' while held back)
     shown = check.close()                               # the rest, once the model is done
 
-Layers, each of which can only add a flag, never remove one:
+Layers, each of which can only add a flag, never remove one (but for the one rule under patterns):
     patterns     cbt_llm.domain.crisis.detect (user turns, by risk construct) and reply_check.unsafe_output
-                 (replies, by harm kind): precise on the phrasings they were written for; they always run
+                 (replies, by harm kind): precise on the phrasings they were written for; they always run. On
+                 user turns an acute match (a method, intent, a plan, preparation, an attempt) always stands; any
+                 other match stands when the learned layer gives the message at least the floor recorded in its
+                 file (corroborate=True, the default): the patterns read words, not context (想死 in a question
+                 about warning signs, in a novel, about a relative's pills locked away)
     learned      cbt_llm.domain.guard_classifier: character n-gram classifiers for user turns and replies, trained
                  on the labelled set shipped in cbt_llm/domain/guard_data/ (on by default)
     classifier   optional: any callable text -> probability of crisis (e.g. load_classifier(folder), a local
@@ -113,6 +117,8 @@ class CrisisGuard:
                 classifier's path, a TextClassifier, or None (off)
     classifier  optional callable text -> probability of crisis (e.g. load_classifier(folder)) for user turns
     threshold   the classifier probability from which a turn is a crisis
+    corroborate a non-acute pattern match on a user turn stands only with the learned layer's corroboration (its
+                user model's `corroborate` floor); no effect without a user model or a floor
     model_tier  optional ModelTier (cbt_llm.inference.safety_model): asked last, on user turns and replies
     salt        what conversation ids are hashed with; None: a random salt per process (ids from two processes
                 then cannot be joined, which is the point); give one to count conversations across restarts
@@ -127,11 +133,14 @@ class CrisisGuard:
         threshold: float = 0.5,
         model_tier: ModelTier | None = None,
         salt: bytes | str | None = None,
+        corroborate: bool = True,
     ):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"guard threshold must be in (0, 1], got {threshold}")
         self.user_model, self.reply_model = _learned(user_model, "user"), _learned(reply_model, "reply")
         self.classifier, self.threshold, self.model_tier = classifier, threshold, model_tier
+        floor = self.user_model.corroborate if corroborate and self.user_model is not None else None
+        self.pattern_floor: float | None = floor
         self._salt = salt.encode() if isinstance(salt, str) else (salt if salt is not None else secrets.token_bytes(16))
         self._lock = threading.Lock()
         # construct -> {hashed conversation id -> crisis turns}: what a dashboard counts, never what was said
@@ -143,6 +152,7 @@ class CrisisGuard:
             "crisis_mode_turns_total": 0,
             "classifier_errors_total": 0,
             "model_tier_errors_total": 0,
+            "patterns_not_corroborated_total": 0,
         }
         self._by_layer: dict[str, int] = {}
 
@@ -161,7 +171,7 @@ class CrisisGuard:
             per[conversation] = per.get(conversation, 0) + 1
             self._by_layer[layer] = self._by_layer.get(layer, 0) + 1
 
-    def _error(self, counter: str) -> None:
+    def _increment(self, counter: str) -> None:
         with self._lock:
             self._counters[counter] += 1
 
@@ -186,7 +196,7 @@ class CrisisGuard:
         try:
             return float(self.classifier(text))
         except Exception:  # a broken classifier must never take the other layers down with it
-            self._error("classifier_errors_total")
+            self._increment("classifier_errors_total")
             return None
 
     def _ask_model(self, role: str, text: str) -> tuple[bool, str | None]:
@@ -195,20 +205,24 @@ class CrisisGuard:
         try:
             return self.model_tier(role, text)
         except Exception:  # a model tier that fails or times out is counted; the other layers' verdict stands
-            self._error("model_tier_errors_total")
+            self._increment("model_tier_errors_total")
             return False, None
 
     def read_user_text(self, text: str, *, with_model: bool = True) -> Verdict:
         """One user message through every layer, the cheapest first (a latest turn when it flags, else SAFE with
         the learned layer's score)."""
         found = detect(text)
-        if found:
+        if found and (found.acute or self.pattern_floor is None):
             return Verdict(True, found.construct, True, "patterns")
         score = None
         if self.user_model is not None:
             learned = self.user_model(text)
+            if found and learned.score >= self.pattern_floor:
+                return Verdict(True, found.construct, True, "patterns", learned.score)
             if learned.flagged:
                 return Verdict(True, learned.kind, True, "learned", learned.score)
+            if found:  # what a platform watches: pattern matches the learned layer read as not a crisis
+                self._increment("patterns_not_corroborated_total")
             score = learned.score
         p = self._classify(text)
         if p is not None and p >= self.threshold:

@@ -1,5 +1,7 @@
 """The guard's learned layer: a classifier over character n-grams for user turns (which risk construct, if any) and
-for model replies (which harm kind, if any), beside the patterns of cbt_llm/domain/crisis.py. It only adds flags.
+for model replies (which harm kind, if any), beside the patterns of cbt_llm/domain/crisis.py. It adds flags; on user
+turns it also decides whether a non-acute pattern match stands (choose_corroboration: the patterns read words, this
+layer the whole message).
 
 Why this model: it must run on every turn of every conversation on one CPU core in well under 5 ms, give the same
 answer on every machine, and train in seconds on a few thousand labelled lines, so that a platform can retrain it
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from cbt_llm.core.errors import ConfigError
-from cbt_llm.domain.crisis import ACUTE
+from cbt_llm.domain.crisis import ACUTE, detect
 from cbt_llm.domain.spelling import fold_spellings
 
 VERSION = "guard-classifier:v4"
@@ -93,6 +95,8 @@ class TextClassifier:
     n_min: int = 1
     n_max: int = 4
     meta: dict = field(default_factory=dict)
+    # user turns: the P(risk) from which a non-acute pattern match stands (choose_corroboration); None: every one
+    corroborate: float | None = None
 
     def _row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(columns, values) of one text's L2-normalised sublinear TF-IDF vector."""
@@ -132,6 +136,7 @@ class TextClassifier:
             "task": self.task,
             "labels": list(self.labels),
             "threshold": self.threshold,
+            "corroborate": self.corroborate,
             "risk_intercept": self.risk_intercept,
             "n_min": self.n_min,
             "n_max": self.n_max,
@@ -169,6 +174,7 @@ def load_classifier(path: str | Path) -> TextClassifier:
         vocab={t: i for i, t in enumerate(terms)},
         labels=tuple(header["labels"]),
         threshold=float(header["threshold"]),
+        corroborate=None if header.get("corroborate") is None else float(header["corroborate"]),
         risk_intercept=float(header["risk_intercept"]),
         n_min=int(header["n_min"]),
         n_max=int(header["n_max"]),
@@ -259,11 +265,42 @@ def choose_threshold(scores: np.ndarray, positive: np.ndarray, target_recall: fl
     return float(pos[min(k, len(pos) - 1)]) if len(pos) else 0.5
 
 
+def choose_corroboration(
+    texts: Sequence[str], scores: np.ndarray, positive: np.ndarray, threshold: float, keep: float
+) -> tuple[float, dict]:
+    """(floor, figures): the highest P(risk) a non-acute pattern match needs from the learned layer to stand, such
+    that at least `keep` of the crisis lines that the patterns and the learned layer catch together (on held-out
+    authors' scores) are still caught. Acute matches (a method, a plan, an attempt) always stand.
+
+    Why: the patterns read words, not context; on fresh sets their non-acute matches (想死, 不想活, 自杀 in a
+    question about warning signs, a novel, locking away a relative's pills) were most of the hard-negative false
+    positives, while the learned layer, which reads the whole message, scored the crises among them well above
+    the floor that removes most of the false ones. figures: recall and false-positive rate of the union and of the
+    corroborated union on the same scores."""
+    found = [detect(t) for t in texts]
+    acute = np.array([bool(f) and f.acute for f in found])
+    gated = np.array([bool(f) and not f.acute for f in found])
+    learned = scores >= threshold
+    union = acute | gated | learned
+    at_stake = np.sort(scores[positive & gated & ~learned])  # crises only a non-acute pattern catches
+    lose = int(math.floor((1.0 - keep) * (union & positive).sum() + 1e-9))
+    floor = float(at_stake[lose]) if lose < len(at_stake) else threshold
+    kept = acute | learned | (gated & (scores >= floor))
+
+    def rates(flagged: np.ndarray) -> dict:
+        return {"recall": round(float(flagged[positive].mean()), 4),
+                "false_positive_rate": round(float(flagged[~positive].mean()), 4)}  # fmt: skip
+
+    return floor, {"keep": keep, "floor": round(floor, 4), "union": rates(union), "corroborated": rates(kept)}
+
+
 def train_classifier(
-    examples: Iterable[Example], task: str, labels: Sequence[str], target_recall: float = 0.95, **fit_kw
-) -> TextClassifier:
+    examples: Iterable[Example], task: str, labels: Sequence[str], target_recall: float = 0.95,
+    pattern_keep: float | None = None, **fit_kw,
+) -> TextClassifier:  # fmt: skip
     """Train on every example; the threshold is the one that reaches `target_recall` on held-out authors, and the
-    header records it with the recall and false-positive rate it gave there, the data's hash and its counts."""
+    header records it with the recall and false-positive rate it gave there, the data's hash and its counts. For
+    user turns with `pattern_keep`, also the floor a non-acute pattern match needs (choose_corroboration)."""
     import sklearn
 
     examples = list(examples)
@@ -277,6 +314,11 @@ def train_classifier(
     model = fit(examples, task, labels, **fit_kw)
     flagged = scores >= threshold
     model.threshold = threshold
+    corroboration = None
+    if task == "user" and pattern_keep is not None:
+        model.corroborate, corroboration = choose_corroboration(
+            [e.text for e in examples], scores, positive, threshold, pattern_keep
+        )
     model.meta = {
         "data_sha256": data_hash(examples),
         "examples": dict(sorted(Counter(e.label for e in examples).items())),
@@ -287,6 +329,7 @@ def train_classifier(
             "recall": round(float(flagged[positive].mean()), 4),
             "false_positive_rate": round(float(flagged[~positive].mean()), 4),
         },
+        **({"patterns_corroborated": corroboration} if corroboration else {}),
         "sklearn": sklearn.__version__,
         "fit": {"n_min": model.n_min, "n_max": model.n_max, **{k: v for k, v in fit_kw.items()}},
     }

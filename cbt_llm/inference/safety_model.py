@@ -306,7 +306,9 @@ def build_guard(gc: GuardConfig, **kw) -> CrisisGuard:
                 raise ConfigError(f"guard.model_dir: {p} not found; write it with `cbt-llm guard train --out DIR`")
     else:
         user, reply = DEFAULT, DEFAULT
-    return CrisisGuard(user_model=user, reply_model=reply, model_tier=model_tier(gc.model_tier), **kw)
+    return CrisisGuard(
+        user_model=user, reply_model=reply, model_tier=model_tier(gc.model_tier), corroborate=gc.corroborate, **kw
+    )
 
 
 def model_tier(tc: ModelTierConfig) -> ModelTier | None:

@@ -60,6 +60,14 @@ class GuardTrainConfig(Section):
         "authors: higher than for user turns, since an unsafe reply shown is worse than a safe one replaced.",
     )
     shipped_data: bool = Field(True, description="Train on the shipped labelled set too (false: the inputs alone).")
+    pattern_keep: float = Field(
+        0.999,
+        gt=0,
+        le=1,
+        description="Share of the crisis lines the patterns and the learned layer catch together, on held-out "
+        "authors, that must still be caught when a non-acute pattern match (not a method, plan, intent, "
+        "preparation or attempt) stands only with the learned layer's corroboration; sets that floor.",
+    )
     acute_weight: float = Field(
         3.0,
         ge=1,
@@ -73,6 +81,11 @@ class GuardConfig(Section):
 
     learned: bool = Field(
         True, description="The learned layer (character n-gram classifiers) on user turns and replies."
+    )
+    corroborate: bool = Field(
+        True,
+        description="A non-acute pattern match stands only when the learned layer gives it at least the floor "
+        "recorded in user.npz (acute matches always stand); false: every pattern match flags on its own.",
     )
     model_dir: str = Field(
         "", description="Folder with user.npz and reply.npz from `cbt-llm guard train` (empty: the shipped ones)."

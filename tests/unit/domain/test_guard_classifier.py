@@ -12,11 +12,13 @@ import pytest
 from cbt_llm.cli import main
 from cbt_llm.core.errors import ConfigError
 from cbt_llm.domain.crisis import ACUTE, CONSTRUCTS, HARM_KINDS, detect
-from cbt_llm.domain.guard import CrisisGuard, shipped_classifier
+from cbt_llm.domain.guard import CrisisGuard, Verdict, shipped_classifier
 from cbt_llm.domain.guard_classifier import (
     DATA_DIR,
     NONE,
     Example,
+    TextClassifier,
+    choose_corroboration,
     choose_threshold,
     data_hash,
     features_text,
@@ -87,16 +89,55 @@ def test_ordinary_chat_is_not_a_risk():
         assert not model(text).flagged, text
 
 
-def test_the_learned_layer_only_adds_flags():
-    """Every message the patterns flag stays flagged, by the patterns, with the learned layer on."""
+def test_acute_pattern_matches_stand_alone_and_every_labelled_crisis_stays_caught():
+    """An acute match (a method, a plan, an attempt) is flagged by the patterns whatever the learned layer says; the
+    labelled set's every crisis is still caught with the shipped guard, corroboration and all."""
     rows = [json.loads(line) for line in (TEST_DATA / "crisis_messages.jsonl").read_text().splitlines()]
     guard = CrisisGuard()
     for r in rows:
-        if detect(r["text"]):
+        if detect(r["text"]).acute:
             v = guard.read_user_text(r["text"])
             assert v.crisis and v.source == "patterns", r["text"]
-    # and the labelled set's recall stays 1.0 with both layers
     assert all(guard.read_user_text(r["text"]).crisis for r in rows if r["label"] == "crisis")
+
+
+def _constant(p: float, floor: float | None) -> TextClassifier:
+    """A user model that gives every text P(risk) = p (no features: the intercept alone)."""
+    k = len(CONSTRUCTS)
+    return TextClassifier("user", {}, np.zeros(0), np.zeros(0), float(np.log(p / (1 - p))), np.zeros((k, 0)),
+                          np.zeros(k), tuple(CONSTRUCTS), 0.5, corroborate=floor)  # fmt: skip
+
+
+def test_a_non_acute_pattern_match_needs_the_learned_layers_corroboration():
+    wish, plan, friend = "我真的不想活了", "我已经写好遗书了", "我朋友说她今晚要去跳楼"
+    assert not detect(wish).acute and detect(plan).acute and detect(friend).acute
+    assert detect(friend).construct == "third_party_at_risk"
+    doubting = CrisisGuard(user_model=_constant(0.1, floor=0.2))
+    v = doubting.read_user_text(wish)
+    assert not v.crisis and abs(v.score - 0.1) < 1e-9
+    assert doubting.metrics()["patterns_not_corroborated_total"] == 1
+    assert doubting.read_user_text(plan) == Verdict(True, "preparatory", True, "patterns")
+    assert doubting.read_user_text(friend).construct == "third_party_at_risk"
+    agreeing = CrisisGuard(user_model=_constant(0.3, floor=0.2))
+    v = agreeing.read_user_text(wish)
+    assert (v.crisis, v.construct, v.source) == (True, "active_ideation", "patterns") and abs(v.score - 0.3) < 1e-9
+    # switched off, or no floor, or no learned layer: every pattern match stands
+    for guard in (CrisisGuard(user_model=_constant(0.1, 0.2), corroborate=False),
+                  CrisisGuard(user_model=_constant(0.1, None)), CrisisGuard(user_model=None)):  # fmt: skip
+        assert guard.read_user_text(wish) == Verdict(True, "active_ideation", True, "patterns")
+
+
+def test_choose_corroboration_keeps_the_share_of_crises_it_is_given():
+    wish, plan, plain = "我真的不想活了", "我已经写好遗书了", "今天吃了火锅"
+    texts = [wish] * 4 + [plan] + [wish] * 3 + [plain]
+    scores = np.array([0.05, 0.2, 0.3, 0.9, 0.01, 0.01, 0.02, 0.15, 0.1])
+    positive = np.array([True] * 5 + [False] * 4)
+    floor, figures = choose_corroboration(texts, scores, positive, 0.5, keep=1.0)
+    assert floor == 0.05  # no crisis lost: the lowest crisis only a non-acute match catches
+    assert figures["union"] == {"recall": 1.0, "false_positive_rate": 0.75}
+    assert figures["corroborated"] == {"recall": 1.0, "false_positive_rate": 0.25}
+    floor, figures = choose_corroboration(texts, scores, positive, 0.5, keep=0.75)
+    assert floor == 0.2 and figures["corroborated"] == {"recall": 0.8, "false_positive_rate": 0.0}
 
 
 def test_one_guarded_turn_costs_little():

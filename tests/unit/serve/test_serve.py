@@ -156,6 +156,7 @@ def test_a_crisis_gets_the_block_first_and_counts_in_metrics_without_text(client
     assert 'cbt_llm_requests_total{status="200"}' in page and "cbt_llm_request_seconds_bucket" in page
     assert "cbt_llm_queue_depth 0.0" in page and "cbt_llm_in_flight 0.0" in page
     assert re.search(r'^cbt_llm_tokens_total\{kind="completion"\} [1-9]', page, re.M)
+    assert re.search(r"^cbt_llm_guard_patterns_not_corroborated_total \d", page, re.M)  # counted, never shown
 
 
 @pytest.mark.parametrize(
