@@ -192,12 +192,14 @@ HARM_KINDS: dict[str, str] = {
 class CrisisResult:
     """detect()'s answer. `matched`: the normalised fragments that matched (message text: never log them).
     `acute`: the first match is of an acute construct (ACUTE), also when it is said of another person (a friend
-    who will jump tonight is third_party_at_risk, and acute)."""
+    who will jump tonight is third_party_at_risk, and acute). `context`: how many characters of the message lie
+    outside every match (spaces and punctuation not counted): what a reader has to judge the match by."""
 
     is_crisis: bool
     construct: str | None = None
     matched: tuple[str, ...] = ()
     acute: bool = False
+    context: int = 0
 
     def __bool__(self) -> bool:
         return self.is_crisis
@@ -510,7 +512,8 @@ def detect(text: str) -> CrisisResult:
     if _about(anchors, _start(first)) in _SOMEONE_ELSE:
         construct = "third_party_at_risk"
     matched = tuple(dict.fromkeys(m.group() for _, m in found))
-    return CrisisResult(True, construct, matched, acute)
+    covered = set().union(*(range(m.start(), m.end()) for _, m in found))
+    return CrisisResult(True, construct, matched, acute, len(t) - len(covered))
 
 
 # English (and Singlish) messages: matched on the lower-cased text with its spaces, since the Chinese rules read a
@@ -586,6 +589,9 @@ _ENGLISH_SOMEONE = re.compile(
 )
 
 
+_NOT_READ = re.compile(r"[\W_]+")
+
+
 def _detect_english(raw: str) -> CrisisResult:
     for construct, pattern in _ENGLISH_GROUPS:
         m = pattern.search(raw)
@@ -593,5 +599,6 @@ def _detect_english(raw: str) -> CrisisResult:
             acute = construct in ACUTE
             if _ENGLISH_SOMEONE.search(raw, 0, m.start()):
                 construct = "third_party_at_risk"
-            return CrisisResult(True, construct, (m.group(),), acute)
+            context = len(_NOT_READ.sub("", raw[: m.start()] + raw[m.end() :]))
+            return CrisisResult(True, construct, (m.group(),), acute, context)
     return NOT_CRISIS

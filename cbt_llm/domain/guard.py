@@ -16,10 +16,11 @@ framework.
 Layers, each of which can only add a flag, never remove one (but for the one rule under patterns):
     patterns     cbt_llm.domain.crisis.detect (user turns, by risk construct) and reply_check.unsafe_output
                  (replies, by harm kind): precise on the phrasings they were written for; they always run. On
-                 user turns an acute match (a method, intent, a plan, preparation, an attempt) always stands; any
-                 other match stands when the learned layer gives the message at least the floor recorded in its
-                 file (corroborate=True, the default): the patterns read words, not context (想死 in a question
-                 about warning signs, in a novel, about a relative's pills locked away)
+                 user turns an acute match (a method, intent, a plan, preparation, an attempt) always stands, and so
+                 does a match with less than a sentence around it; any other match stands when the learned layer
+                 gives the message at least the floor recorded in its file (corroborate=True): the patterns read
+                 words, not context (想死 in a question about warning signs, in a novel, about a relative's pills
+                 locked away)
     learned      cbt_llm.domain.guard_classifier: character n-gram classifiers for user turns and replies, trained
                  on the labelled set shipped in cbt_llm/domain/guard_data/ (on by default)
     classifier   optional: any callable text -> probability of crisis (e.g. load_classifier(folder), a local
@@ -54,7 +55,7 @@ from pathlib import Path
 
 from cbt_llm.domain import crisis
 from cbt_llm.domain.crisis import CONSTRUCTS, CRISIS_BLOCK, DISCLAIMER, detect
-from cbt_llm.domain.guard_classifier import MODEL_DIR, TextClassifier, model_path
+from cbt_llm.domain.guard_classifier import MODEL_DIR, TextClassifier, model_path, needs_corroboration
 from cbt_llm.domain.guard_classifier import load_classifier as load_text_classifier
 from cbt_llm.domain.reply_check import OUTPUT_PATTERNS, unsafe_output
 
@@ -212,7 +213,7 @@ class CrisisGuard:
         """One user message through every layer, the cheapest first (a latest turn when it flags, else SAFE with
         the learned layer's score)."""
         found = detect(text)
-        if found and (found.acute or self.pattern_floor is None):
+        if found and (self.pattern_floor is None or not needs_corroboration(found)):
             return Verdict(True, found.construct, True, "patterns")
         score = None
         if self.user_model is not None:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from cbt_llm.core.errors import ConfigError
-from cbt_llm.domain.crisis import ACUTE, detect
+from cbt_llm.domain.crisis import ACUTE, CrisisResult, detect
 from cbt_llm.domain.spelling import fold_spellings
 
 VERSION = "guard-classifier:v4"
@@ -265,12 +265,25 @@ def choose_threshold(scores: np.ndarray, positive: np.ndarray, target_recall: fl
     return float(pos[min(k, len(pos) - 1)]) if len(pos) else 0.5
 
 
+# A pattern match with fewer characters than this around it (about a sentence) stands without corroboration: the
+# learned layer has nothing to read it against, and its score is then how often those words alone were hyperbole in
+# training ("我想死" alone: 0.12). The labelled crisis set's longest such crises have 13 and 17 around the match.
+CONTEXT_TO_READ = 20
+
+
+def needs_corroboration(found: CrisisResult) -> bool:
+    """A pattern match that stands only when the learned layer corroborates it: not acute, and with a sentence or
+    more around it for that layer to read."""
+    return bool(found) and not found.acute and found.context >= CONTEXT_TO_READ
+
+
 def choose_corroboration(
     texts: Sequence[str], scores: np.ndarray, positive: np.ndarray, threshold: float, keep: float
 ) -> tuple[float, dict]:
     """(floor, figures): the highest P(risk) a non-acute pattern match needs from the learned layer to stand, such
     that at least `keep` of the crisis lines that the patterns and the learned layer catch together (on held-out
-    authors' scores) are still caught. Acute matches (a method, a plan, an attempt) always stand.
+    authors' scores) are still caught. Acute matches (a method, a plan, an attempt) and matches with too little
+    around them to read (needs_corroboration) always stand.
 
     Why: the patterns read words, not context; on fresh sets their non-acute matches (想死, 不想活, 自杀 in a
     question about warning signs, a novel, locking away a relative's pills) were most of the hard-negative false
@@ -278,14 +291,14 @@ def choose_corroboration(
     the floor that removes most of the false ones. figures: recall and false-positive rate of the union and of the
     corroborated union on the same scores."""
     found = [detect(t) for t in texts]
-    acute = np.array([bool(f) and f.acute for f in found])
-    gated = np.array([bool(f) and not f.acute for f in found])
+    gated = np.array([needs_corroboration(f) for f in found])
+    standing = np.array([bool(f) for f in found]) & ~gated
     learned = scores >= threshold
-    union = acute | gated | learned
+    union = standing | gated | learned
     at_stake = np.sort(scores[positive & gated & ~learned])  # crises only a non-acute pattern catches
     lose = int(math.floor((1.0 - keep) * (union & positive).sum() + 1e-9))
     floor = float(at_stake[lose]) if lose < len(at_stake) else threshold
-    kept = acute | learned | (gated & (scores >= floor))
+    kept = standing | learned | (gated & (scores >= floor))
 
     def rates(flagged: np.ndarray) -> dict:
         return {"recall": round(float(flagged[positive].mean()), 4),

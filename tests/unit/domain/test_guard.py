@@ -253,7 +253,7 @@ def _chat(*turns: str) -> list[dict]:
 def test_a_crisis_reply_starts_with_the_block_and_the_first_reply_carries_the_disclaimer():
     guard = CrisisGuard(salt="t")
     v = guard.check_user_turn(_chat("活着好累，想解脱。"), conversation_id="c1")
-    assert v == Verdict(True, "wish_to_be_dead", True, "patterns")
+    assert (v.crisis, v.construct, v.latest_turn, v.source) == (True, "wish_to_be_dead", True, "patterns")
     first = guard.wrap_reply("我听到你说很累。", v, first_reply=True)
     assert first.startswith(CRISIS_BLOCK) and first.endswith(DISCLAIMER)
     assert first.index(CRISIS_BLOCK) < first.index("我听到你说很累") < first.index(DISCLAIMER)
