@@ -287,7 +287,9 @@ _REGRESSION_FLOORS = {
     # fresh at c300fc4 with the twelfth round's weights: 287, 183, 170, 214, 15, 7; 16 hard negatives once matches
     # with less than a sentence around them stand without corroboration
     "guard_heldout13": (287, 183, 170, 214, (265, 16), (95, 7)),
-    "guard_heldout14": (283, 176, 180, 216, (268, 11), (92, 2)),  # fresh at 2223408
+    # fresh at 2223408: 283, 176, 180, 216, 11, 2; the patterns after it (an overdose told by the clock,
+    # 用我的命, 让自己结束, scalding on purpose) catch four more crises, two acute
+    "guard_heldout14": (287, 178, 180, 216, (268, 11), (92, 2)),
 }
 
 
